@@ -1,0 +1,1 @@
+"""How tasks are SERVED: backbone, scheduler, batch, sampling and the step loop."""

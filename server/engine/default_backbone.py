@@ -1,0 +1,91 @@
+"""The built-in default backbone: a small Llama (grouped-query attention) with a byte-level tokenizer.
+
+It needs no download: it is created deterministically on first use into a cache directory and then
+loaded through the same `from_pretrained` path as any Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE_NAME = "promptserve-default-llama-v1"
+PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
+BYTE_VOCAB_SIZE = 259
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer whose ids are the UTF-8 bytes (0-255) plus <pad>, <s> and </s>; adds <s> like Llama's."""
+    byte_to_char = bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    vocab.update({"<pad>": PAD_ID, "<s>": BOS_ID, "</s>": EOS_ID})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def default_backbone_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB_SIZE,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+    )
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("PROMPTSERVE_CACHE_DIR") or Path.home() / ".cache" / "promptserve"
+    return Path(root)
+
+
+def ensure_default_backbone(cache_dir: Path | None = None) -> Path:
+    """Return the directory of the default backbone, creating it (atomically) if it is not there yet."""
+    target = (cache_dir or default_cache_dir()) / DEFAULT_BACKBONE_NAME
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("creating the built-in default backbone in %s", target)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
+    try:
+        write_random_backbone(default_backbone_config(), staging, seed=0)
+        os.replace(staging, target)  # a concurrent creator may have won: then keep theirs
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def write_random_backbone(config: LlamaConfig | object, directory: Path, seed: int = 0) -> Path:
+    """Save a model with seeded random weights and the byte tokenizer, loadable by `from_pretrained`."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory

@@ -1,0 +1,39 @@
+"""Typed engine errors; `server.api.errors` maps each one to an HTTP status."""
+
+from prompt_store.errors import InvalidTask, TaskNotFound, TaskTooLarge
+
+
+class EngineError(Exception):
+    """Base class of errors raised by the engine."""
+
+
+class QueueFull(EngineError):
+    """The waiting queue is at capacity; retry after `retry_after` seconds."""
+
+    def __init__(self, num_waiting: int, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"the waiting queue is full ({num_waiting} requests waiting); retry later")
+
+
+class InputTooLong(EngineError):
+    """A request that cannot fit the batch limits even alone."""
+
+
+class InvalidPrompt(EngineError, ValueError):
+    """Bad generation input or parameters (expected vs found in the message)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine is not ready yet, shutting down, or its loop failed."""
+
+
+__all__ = [
+    "EngineError",
+    "EngineUnavailable",
+    "InputTooLong",
+    "InvalidPrompt",
+    "InvalidTask",
+    "QueueFull",
+    "TaskNotFound",
+    "TaskTooLarge",
+]

@@ -1,0 +1,37 @@
+"""The small surface the HTTP layer sees; tests may hand the app a fake that satisfies it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+from prompt_store.types import TaskRecord
+from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
+
+
+class EngineClient(Protocol):
+    def is_ready(self) -> bool: ...
+
+    def info(self) -> EngineInfo: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Called from the engine thread after every step; must be cheap and never raise."""
+        ...
+
+    def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
+        """Store a new task or a new version; returns (record, created). Servable when this returns."""
+        ...
+
+    def delete_task(self, task_id: str) -> None: ...
+
+    def list_tasks(self) -> list[TaskRecord]: ...
+
+    def get_task(self, task_id: str) -> TaskRecord: ...
+
+    def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last one is finished. Closing the iterator aborts the request.
+
+        Raises TaskNotFound, InvalidPrompt, InputTooLong or QueueFull before the first output."""
+        ...

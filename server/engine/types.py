@@ -1,0 +1,131 @@
+"""Plain records crossing the engine's boundary: what a caller submits and what it gets back."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    LENGTH = "length"
+    EOS = "eos_token"
+    STOP = "stop_sequence"
+
+
+class EnsembleMode(str, enum.Enum):
+    VOTE = "vote"
+    MEAN = "mean"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    """One generation request. `task_ids` has one entry (None: the bare backbone) or K ensemble members."""
+
+    inputs: str
+    task_ids: tuple[str | None, ...] = (None,)
+    ensemble: EnsembleMode | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class MemberResult:
+    task_id: str | None
+    task_version: int | None
+    generated_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The final result of a request."""
+
+    generated_text: str
+    finish_reason: FinishReason
+    generated_tokens: int
+    input_tokens: int
+    task_id: str | None
+    task_version: int | None
+    tokens: tuple[Token, ...] = ()
+    members: tuple[MemberResult, ...] | None = None  # ensembles only
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """One event of a request's stream: a new token, the final completion, or an error."""
+
+    request_id: str
+    token: Token | None = None
+    completion: Completion | None = None
+    error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.completion is not None or self.error is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    model_id: str
+    model_type: str
+    dtype: str
+    device: str
+    hidden_size: int
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_virtual_tokens: int
+    version: str
+    num_tasks: int
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    resident_bytes: int = 0
+    num_entries: int = 0
+    num_pinned: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one engine step did, handed to the metrics layer as plain data."""
+
+    batch_size: int
+    num_distinct_tasks: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_waiting: int
+    step_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_steps: int
+    num_tasks: int
+    cache: CacheStats
+    last_step: StepStats | None = None
