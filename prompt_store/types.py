@@ -96,3 +96,15 @@ class DeviceTask:
         if self.prompt_embeds is not None:
             tensors.append(self.prompt_embeds)
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """Counters of the device-side prompt cache, for the metrics layer."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    resident_bytes: int = 0
+    num_entries: int = 0
+    num_pinned: int = 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from prompt_store.types import CacheStats
+
 
 class FinishReason(str, enum.Enum):
     LENGTH = "length"
@@ -97,16 +99,6 @@ class EngineInfo:
     max_virtual_tokens: int
     version: str
     num_tasks: int
-
-
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    resident_bytes: int = 0
-    num_entries: int = 0
-    num_pinned: int = 0
 
 
 @dataclass(frozen=True, slots=True)

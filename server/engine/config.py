@@ -1,0 +1,23 @@
+"""Plain configuration of the engine; the API's settings build it at the edge and pass it down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str | None = None  # local directory or hub id; None: the built-in default backbone
+    store_dir: str = "./store"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
+    max_batch_size: int = 32  # rows in the running batch
+    max_batch_tokens: int = 8192  # KV slots (virtual + input + generated) the running batch may hold
+    max_waiting: int = 1024  # bounded waiting queue: beyond it, QueueFull
+    max_input_tokens: int = 2048  # after tokenization, without virtual tokens
+    max_new_tokens_limit: int = 2048
+    max_virtual_tokens: int = 256
+    max_adapter_bytes: int = 64 * 1024 * 1024
+    prompt_cache_bytes: int = 256 * 1024 * 1024  # device-side prompt cache budget
+    poll_interval_s: float = 2.0  # picks up tasks written by other processes; 0 disables
+    trust_remote_code: bool = False
