@@ -41,12 +41,12 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
 def default_backbone_config() -> LlamaConfig:
     return LlamaConfig(
         vocab_size=BYTE_VOCAB_SIZE,
-        hidden_size=256,
-        intermediate_size=688,
+        hidden_size=128,
+        intermediate_size=352,
         num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention: two query heads share each KV head
+        max_position_embeddings=1024,
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,

@@ -1,0 +1,189 @@
+"""The engine thread and its asyncio face: an inbox drained at step boundaries, per-request output queues.
+
+Only the engine thread touches the model, the batch, the KV cache and the prompt cache; other threads
+put commands into the inbox. No locks inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+
+from prompt_store.adapter import StoreLimits
+from prompt_store.cache import PromptCache
+from prompt_store.registry import StoreEvent, TaskStore
+from prompt_store.types import TaskRecord
+from server.engine.backbone import Backbone, load_backbone
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.errors import EngineUnavailable
+from server.engine.intake import IntakeLimits, build_request
+from server.engine.request import Request
+from server.engine.scheduler import SchedulerConfig
+from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
+
+logger = logging.getLogger(__name__)
+
+Command = Callable[[], None]
+VERSION = "0.1.0"
+IDLE_WAIT_S = 0.5
+
+
+class AsyncEngine:
+    """Satisfies server.engine.interface.EngineClient."""
+
+    def __init__(self, engine: Engine, store: TaskStore, config: EngineConfig) -> None:
+        self.engine = engine
+        self.store = store
+        self.config = config
+        self.limits = IntakeLimits(config.max_input_tokens, config.max_new_tokens_limit)
+        self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self.run, name="promptserve-engine", daemon=True)
+        self.stopping = threading.Event()
+        store.add_listener(self.on_store_event)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.engine.backbone
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        self.thread.start()
+        if self.config.poll_interval_s > 0:
+            self.store.start_polling(self.config.poll_interval_s)
+
+    def shutdown(self) -> None:
+        self.store.stop_polling()
+        self.stopping.set()
+        self.inbox.put(lambda: None)  # wake the loop
+        self.thread.join(timeout=30)
+
+    def is_ready(self) -> bool:
+        return self.thread.is_alive() and not self.stopping.is_set()
+
+    # ---- the engine thread
+
+    def run(self) -> None:
+        logger.info("engine thread started")
+        while not self.stopping.is_set():
+            self.drain_inbox(block=not self.engine.has_work())
+            if self.engine.has_work() and not self.stopping.is_set():
+                self.step_once()
+        self.drain_inbox(block=False)
+        self.engine.fail_all(EngineUnavailable("the server is shutting down"))
+        logger.info("engine thread stopped")
+
+    def drain_inbox(self, block: bool) -> None:
+        try:
+            command = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
+            while True:
+                command()
+                command = self.inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def step_once(self) -> None:
+        try:
+            self.engine.step()
+        except Exception as error:  # the loop must survive: fail the running requests, keep serving
+            logger.exception("engine step failed; failing the running requests")
+            self.engine.fail_running(EngineUnavailable(f"the engine step failed: {error}"))
+
+    # ---- generation
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
+        if not self.is_ready():
+            raise EngineUnavailable("the engine is not running")
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        sink = partial(loop.call_soon_threadsafe, outputs.put_nowait)
+        prepared = await asyncio.to_thread(build_request, request, self.backbone, self.store, self.limits, sink)
+        self.inbox.put(partial(self.engine.add, prepared))
+        finished = False
+        try:
+            while not finished:
+                output = await outputs.get()
+                if output.error is not None:
+                    finished = True
+                    raise output.error
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.inbox.put(partial(self.engine.abort, prepared.request_id))
+
+    def submit(self, request: Request) -> None:
+        """Hand a prepared request to the engine thread (benchmarks and tests use this directly)."""
+        self.inbox.put(partial(self.engine.add, request))
+
+    # ---- tasks
+
+    def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
+        return self.store.register(task_id, adapter_config, adapter_model)
+
+    def delete_task(self, task_id: str) -> None:
+        self.store.delete(task_id)
+
+    def list_tasks(self) -> list[TaskRecord]:
+        return self.store.list()
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        return self.store.get(task_id)
+
+    def on_store_event(self, event: StoreEvent) -> None:
+        """Old versions leave the device cache once no running row holds them."""
+        keep = event.version if event.kind == "registered" else None
+        self.inbox.put(partial(self.engine.cache.retire, event.task_id, keep))
+
+    # ---- observation (read from other threads; plain ints, no locks needed)
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self.engine.step_listeners.append(listener)
+
+    def info(self) -> EngineInfo:
+        fp = self.backbone.fingerprint
+        return EngineInfo(
+            model_id=self.backbone.model_id,
+            model_type=fp.model_type,
+            dtype=str(self.backbone.dtype).removeprefix("torch."),
+            device=str(self.backbone.device),
+            hidden_size=fp.hidden_size,
+            num_layers=fp.num_layers,
+            num_key_value_heads=fp.num_key_value_heads,
+            head_dim=fp.head_dim,
+            vocab_size=fp.vocab_size,
+            max_batch_size=self.config.max_batch_size,
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_virtual_tokens=self.config.max_virtual_tokens,
+            version=VERSION,
+            num_tasks=len(self.store),
+        )
+
+    def stats(self) -> EngineStats:
+        scheduler = self.engine.scheduler
+        return EngineStats(
+            num_running=len(scheduler.running),
+            num_waiting=len(scheduler.waiting),
+            num_steps=self.engine.num_steps,
+            num_tasks=len(self.store),
+            cache=self.engine.cache.stats(),
+            last_step=self.engine.last_step,
+        )
+
+
+def build_engine(config: EngineConfig) -> AsyncEngine:
+    """Load the backbone, open the store, start the engine thread (blocking: call it off the event loop)."""
+    backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
+    limits = StoreLimits(max_virtual_tokens=config.max_virtual_tokens, max_model_bytes=config.max_adapter_bytes)
+    store = TaskStore(config.store_dir, backbone.fingerprint, limits)
+    cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, config.prompt_cache_bytes)
+    scheduler_config = SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_waiting)
+    engine = AsyncEngine(Engine(backbone, cache, scheduler_config), store, config)
+    engine.start()
+    logger.info("engine ready: %s, %d tasks registered", backbone.model_id, len(store))
+    return engine

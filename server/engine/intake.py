@@ -1,0 +1,99 @@
+"""Turns a caller's GenerateInput into a validated Request: parameters, tokens, task versions, limits.
+
+Runs in the caller's thread (never the engine's), so a bad request fails before it reaches the queue.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from prompt_store.registry import TaskStore
+from prompt_store.types import TaskArtifact
+from server.engine.backbone import Backbone
+from server.engine.detokenizer import IncrementalDecoder
+from server.engine.errors import InputTooLong, InvalidPrompt
+from server.engine.request import OutputSink, Request, Sequence
+from server.engine.types import GenerateInput, SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeLimits:
+    max_input_tokens: int
+    max_new_tokens: int
+
+
+def validate_sampling(params: SamplingParams, limits: IntakeLimits) -> None:
+    checks = [
+        (1 <= params.max_new_tokens <= limits.max_new_tokens, f"max_new_tokens in [1, {limits.max_new_tokens}]",
+         params.max_new_tokens),
+        (math.isfinite(params.temperature) and params.temperature > 0, "temperature > 0", params.temperature),
+        (params.top_k >= 0, "top_k >= 0 (0 disables it)", params.top_k),
+        (0 < params.top_p <= 1, "top_p in (0, 1]", params.top_p),
+        (all(params.stop), "non-empty stop sequences", list(params.stop)),
+    ]  # fmt: skip
+    for ok, expected, found in checks:
+        if not ok:
+            raise InvalidPrompt(f"expected {expected}; found {found!r}")
+
+
+def validate_tasks(request: GenerateInput) -> None:
+    if not request.task_ids:
+        raise InvalidPrompt("expected at least one task id (or null for the bare backbone); found an empty list")
+    if request.ensemble is None and len(request.task_ids) != 1:
+        raise InvalidPrompt(f"expected one task id without an ensemble mode; found {len(request.task_ids)}")
+
+
+def tokenize(backbone: Backbone, text: str, limits: IntakeLimits) -> list[int]:
+    input_ids = list(backbone.tokenizer(text)["input_ids"])
+    if not input_ids:
+        raise InvalidPrompt("expected inputs that tokenize to at least one token; found none")
+    if len(input_ids) > limits.max_input_tokens:
+        raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
+    return input_ids
+
+
+def capped_max_new_tokens(backbone: Backbone, asked: int, num_input: int, tasks: list[TaskArtifact | None]) -> int:
+    """The backbone cannot go past its position limit: cap the new tokens (the finish reason says `length`)."""
+    if backbone.max_positions is None:
+        return asked
+    num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
+    room = backbone.max_positions - num_virtual - num_input
+    if room < 1:
+        raise InputTooLong(
+            f"{num_virtual} virtual + {num_input} input tokens leave no room in the backbone's "
+            f"{backbone.max_positions} positions"
+        )
+    return min(asked, room)
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    if not params.do_sample:
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def build_request(
+    request: GenerateInput, backbone: Backbone, store: TaskStore, limits: IntakeLimits, sink: OutputSink
+) -> Request:
+    """Validate and resolve: every task id to its current version (TaskNotFound if absent)."""
+    validate_tasks(request)
+    validate_sampling(request.sampling, limits)
+    input_ids = tokenize(backbone, request.inputs, limits)
+    tasks = [store.load(task_id) if task_id is not None else None for task_id in request.task_ids]
+    result = Request(
+        request_id=request.request_id or uuid.uuid4().hex,
+        input_ids=input_ids,
+        sampling=request.sampling,
+        max_new_tokens=capped_max_new_tokens(backbone, request.sampling.max_new_tokens, len(input_ids), tasks),
+        sink=sink,
+        ensemble=request.ensemble,
+        generator=make_generator(request.sampling, backbone.device),
+    )
+    result.rows = [Sequence(result, task, IncrementalDecoder(backbone.tokenizer)) for task in tasks]
+    return result

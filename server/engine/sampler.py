@@ -1,0 +1,64 @@
+"""Chooses each row's next token from its logits, with the row's own sampling parameters.
+
+Greedy rows take the argmax; sampled rows draw with their request's own seeded generator, so a row's
+draws never depend on its batch mates. Rows of a `mean` ensemble decide together: one token from the
+average of the members' log-probabilities, fed to every member.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import Request, Sequence
+from server.engine.types import SamplingParams
+
+
+def sample(logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[float]]:
+    """logits [B, V] (float32) -> one token id and its log-probability per row."""
+    logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+    tokens = logits.argmax(dim=-1)  # [B]; greedy unless a row says otherwise
+    for request, indices in rows_by_request(rows):
+        if request.is_lockstep:
+            index = torch.tensor(indices, device=logits.device)
+            mean_logprobs = logprobs.index_select(0, index).mean(dim=0)  # [V]
+            tokens[index] = choose(mean_logprobs, request.sampling, request.generator)
+            logprobs[index] = mean_logprobs  # members report the ensemble's log-probability
+        elif request.sampling.do_sample:
+            for i in indices:
+                tokens[i] = choose(logits[i], request.sampling, request.generator)
+    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
+    return tokens.tolist(), chosen.tolist()
+
+
+def rows_by_request(rows: list[Sequence]) -> list[tuple[Request, list[int]]]:
+    groups: dict[int, tuple[Request, list[int]]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(id(row.request), (row.request, []))[1].append(i)
+    return list(groups.values())
+
+
+def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """scores [V] (logits or log-probabilities) -> a token id tensor."""
+    if not params.do_sample:
+        return scores.argmax()
+    filtered = top_p_filter(top_k_filter(scores / params.temperature, params.top_k), params.top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[0]
+
+
+def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
+    if top_k <= 0 or top_k >= scores.shape[-1]:
+        return scores
+    threshold = torch.topk(scores, top_k).values[-1]
+    return scores.masked_fill(scores < threshold, float("-inf"))
+
+
+def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (always at least one)."""
+    if top_p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, descending=True)
+    cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= top_p  # mass before this token
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
