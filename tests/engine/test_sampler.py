@@ -1,0 +1,52 @@
+"""Sampling filters and seeded reproducibility, on hand-made logits."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.sampler import choose, top_k_filter, top_p_filter
+from server.engine.types import SamplingParams
+
+
+def test_top_k_filter_keeps_k_best():
+    scores = torch.tensor([1.0, 4.0, 3.0, 2.0])
+    kept = torch.isfinite(top_k_filter(scores, 2))
+    assert kept.tolist() == [False, True, True, False]
+
+
+def test_top_k_zero_keeps_everything():
+    scores = torch.tensor([1.0, 4.0, 3.0])
+    assert torch.equal(top_k_filter(scores, 0), scores)
+
+
+def test_top_p_filter_keeps_smallest_set_reaching_p():
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(top_p_filter(scores, 0.8))
+    assert kept.tolist() == [True, True, False, False]
+
+
+def test_top_p_filter_always_keeps_the_best_token():
+    scores = torch.log(torch.tensor([0.9, 0.1]))
+    assert torch.isfinite(top_p_filter(scores, 0.01)).tolist() == [True, False]
+
+
+def test_choose_greedy_is_argmax():
+    assert int(choose(torch.tensor([0.1, 2.0, 0.3]), SamplingParams(), None)) == 1
+
+
+def test_choose_with_same_seed_gives_same_draws():
+    scores = torch.randn(50)
+    params = SamplingParams(do_sample=True, temperature=1.5, top_k=20, top_p=0.9)
+    draws = [
+        [int(choose(scores, params, generator)) for _ in range(20)]
+        for generator in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))
+    ]
+    assert draws[0] == draws[1]
+    assert len(set(draws[0])) > 1  # it really samples
+
+
+def test_choose_never_draws_a_filtered_token():
+    scores = torch.tensor([5.0, 4.0, -1.0, -2.0])
+    params = SamplingParams(do_sample=True, top_k=2)
+    generator = torch.Generator().manual_seed(0)
+    assert {int(choose(scores, params, generator)) for _ in range(200)} <= {0, 1}
