@@ -1,6 +1,10 @@
 """What a task IS: PEFT prompt-learning adapters, validated, stored durably and cached on the device."""
 
+from prompt_store.adapter import TASK_ID_PATTERN, StoreLimits, parse_adapter, validate_task_id
+from prompt_store.cache import PromptCache
 from prompt_store.errors import InvalidTask, StoreError, TaskNotFound, TaskTooLarge
+from prompt_store.materialize import materialize
+from prompt_store.registry import StoreEvent, TaskStore
 from prompt_store.types import (
     BackboneFingerprint,
     CacheStats,
@@ -12,15 +16,23 @@ from prompt_store.types import (
 )
 
 __all__ = [
+    "TASK_ID_PATTERN",
     "BackboneFingerprint",
     "CacheStats",
     "DeviceTask",
     "InvalidTask",
     "Method",
+    "PromptCache",
     "StoreError",
+    "StoreEvent",
+    "StoreLimits",
     "TaskArtifact",
     "TaskKey",
     "TaskNotFound",
     "TaskRecord",
+    "TaskStore",
     "TaskTooLarge",
+    "materialize",
+    "parse_adapter",
+    "validate_task_id",
 ]

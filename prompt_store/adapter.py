@@ -1,0 +1,201 @@
+"""Reads and validates PEFT prompt-learning adapters (`adapter_config.json` + `adapter_model.safetensors`).
+
+Only safetensors is read, never pickle. Every refusal says what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+
+from prompt_store.errors import InvalidTask, TaskTooLarge
+from prompt_store.types import BackboneFingerprint, Method
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_TASK_ID_RE = re.compile(TASK_ID_PATTERN)
+
+CONFIG_NAME = "adapter_config.json"
+MODEL_NAME = "adapter_model.safetensors"
+TENSOR_KEY = "prompt_embeddings"
+
+PEFT_TYPES = {
+    "PROMPT_TUNING": Method.PROMPT_TUNING,
+    "P_TUNING": Method.P_TUNING,
+    "PREFIX_TUNING": Method.PREFIX_TUNING,
+}
+SUPPORTED_TASK_TYPE = "CAUSAL_LM"
+# safetensors dtype codes of floating-point tensors; anything else cannot be a prompt.
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_HEADER_LEN_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    max_virtual_tokens: int = 256
+    max_config_bytes: int = 64 * 1024
+    max_model_bytes: int = 64 * 1024 * 1024
+
+
+def validate_task_id(task_id: str) -> str:
+    """Return the id unchanged, or raise InvalidTask; ids become directory names, so this guards paths too."""
+    # fullmatch: with `$` alone a trailing newline would slip through.
+    if not isinstance(task_id, str) or _TASK_ID_RE.fullmatch(task_id) is None:
+        raise InvalidTask(f"task_id must match {TASK_ID_PATTERN}; found {task_id!r}")
+    return task_id
+
+
+def is_valid_task_id(task_id: str) -> bool:
+    return isinstance(task_id, str) and _TASK_ID_RE.fullmatch(task_id) is not None
+
+
+def parse_adapter(
+    adapter_config: bytes, adapter_model: bytes, fingerprint: BackboneFingerprint, limits: StoreLimits
+) -> tuple[dict[str, Any], torch.Tensor, Method]:
+    """Validate an adapter against the backbone; return its config, its CPU `prompt_embeddings` and its method."""
+    check_sizes(len(adapter_config), len(adapter_model), limits)
+    config = parse_config(adapter_config)
+    method = method_of(config)
+    num_virtual_tokens = virtual_tokens_of(config, limits)
+    check_config_dims(config, method, fingerprint)
+    tensor = load_prompt_tensor(adapter_model)
+    check_tensor_shape(tensor, method, num_virtual_tokens, fingerprint)
+    check_finite(tensor)
+    return config, tensor, method
+
+
+def check_sizes(config_bytes: int, model_bytes: int, limits: StoreLimits) -> None:
+    if config_bytes > limits.max_config_bytes:
+        raise TaskTooLarge(f"{CONFIG_NAME}: expected at most {limits.max_config_bytes} bytes; found {config_bytes}")
+    if model_bytes > limits.max_model_bytes:
+        raise TaskTooLarge(f"{MODEL_NAME}: expected at most {limits.max_model_bytes} bytes; found {model_bytes}")
+
+
+def parse_config(adapter_config: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(adapter_config)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidTask(f"{CONFIG_NAME}: expected a JSON object; found malformed JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidTask(f"{CONFIG_NAME}: expected a JSON object; found {type(config).__name__}")
+    return config
+
+
+def method_of(config: dict[str, Any]) -> Method:
+    peft_type = config.get("peft_type")
+    if peft_type not in PEFT_TYPES:
+        supported = ", ".join(PEFT_TYPES)
+        raise InvalidTask(f"{CONFIG_NAME}: peft_type must be one of {supported}; found {peft_type!r}")
+    task_type = config.get("task_type")
+    if task_type != SUPPORTED_TASK_TYPE:
+        raise InvalidTask(f"{CONFIG_NAME}: task_type must be {SUPPORTED_TASK_TYPE!r}; found {task_type!r}")
+    # PEFT fills a missing value with 1 for a causal LM; 2 would mean an encoder-decoder prompt.
+    submodules = config.get("num_transformer_submodules", 1)
+    if submodules is not None and submodules != 1:
+        raise InvalidTask(f"{CONFIG_NAME}: num_transformer_submodules must be 1 (causal LM); found {submodules!r}")
+    return PEFT_TYPES[peft_type]
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def virtual_tokens_of(config: dict[str, Any], limits: StoreLimits) -> int:
+    num = config.get("num_virtual_tokens")
+    if not _is_int(num) or num < 1:
+        raise InvalidTask(f"{CONFIG_NAME}: num_virtual_tokens must be a positive integer; found {num!r}")
+    if num > limits.max_virtual_tokens:
+        raise TaskTooLarge(
+            f"{CONFIG_NAME}: num_virtual_tokens must be at most {limits.max_virtual_tokens}; found {num}"
+        )
+    return int(num)
+
+
+def expected_config_dims(method: Method, fingerprint: BackboneFingerprint) -> dict[str, tuple[int, str]]:
+    """Config field -> (value the backbone needs, why). A missing field is left to PEFT, which derives the same."""
+    fp = fingerprint
+    if not method.is_prefix:
+        return {"token_dim": (fp.hidden_size, "hidden_size"), "num_layers": (fp.num_layers, "num_layers")}
+    # PEFT views prefixes per KV head: with grouped-query attention these are the KV heads, not the query heads.
+    kv_why = f"num_key_value_heads {fp.num_key_value_heads} x head_dim {fp.head_dim}"
+    return {
+        "token_dim": (fp.kv_dim, kv_why),
+        "num_layers": (fp.num_layers, "num_layers"),
+        "num_attention_heads": (fp.num_key_value_heads, "num_key_value_heads"),
+    }
+
+
+def check_config_dims(config: dict[str, Any], method: Method, fingerprint: BackboneFingerprint) -> None:
+    for name, (expected, why) in expected_config_dims(method, fingerprint).items():
+        found = config.get(name)
+        if found is not None and (not _is_int(found) or found != expected):
+            raise InvalidTask(
+                f"{CONFIG_NAME}: {name} must be {expected} ({why} of the {fingerprint.model_type} backbone); "
+                f"found {found!r}"
+            )
+
+
+def read_safetensors_header(adapter_model: bytes) -> dict[str, Any]:
+    """Parse the JSON header ourselves first: this rejects pickles and other formats before any decoding."""
+    if len(adapter_model) < _HEADER_LEN_BYTES:
+        raise InvalidTask(f"{MODEL_NAME}: expected a safetensors file; found {len(adapter_model)} bytes")
+    header_len = int.from_bytes(adapter_model[:_HEADER_LEN_BYTES], "little")
+    if header_len > len(adapter_model) - _HEADER_LEN_BYTES:
+        raise InvalidTask(
+            f"{MODEL_NAME}: expected a safetensors file (only safetensors is read, never pickle); found a header "
+            f"length of {header_len} in a {len(adapter_model)}-byte file"
+        )
+    try:
+        header = json.loads(adapter_model[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidTask(f"{MODEL_NAME}: expected a safetensors file; found an unreadable header") from None
+    if not isinstance(header, dict):
+        raise InvalidTask(f"{MODEL_NAME}: expected a safetensors header object; found {type(header).__name__}")
+    return header
+
+
+def check_header_entry(header: dict[str, Any]) -> None:
+    keys = sorted(key for key in header if key != "__metadata__")
+    if keys != [TENSOR_KEY]:
+        raise InvalidTask(f"{MODEL_NAME}: expected exactly one tensor {TENSOR_KEY!r}; found {keys}")
+    entry = header[TENSOR_KEY]
+    dtype = entry.get("dtype") if isinstance(entry, dict) else None
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must have a float dtype {FLOAT_DTYPES}; found {dtype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or len(shape) != 2:
+        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be a 2-D tensor; found shape {shape!r}")
+
+
+def load_prompt_tensor(adapter_model: bytes) -> torch.Tensor:
+    check_header_entry(read_safetensors_header(adapter_model))
+    try:
+        tensors = load_safetensors(adapter_model)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
+        raise InvalidTask(f"{MODEL_NAME}: expected a valid safetensors file; found {exc}") from None
+    return tensors[TENSOR_KEY]
+
+
+def expected_tensor_shape(method: Method, num_virtual_tokens: int, fp: BackboneFingerprint) -> tuple[list[int], str]:
+    if not method.is_prefix:
+        return [num_virtual_tokens, fp.hidden_size], "num_virtual_tokens x hidden_size"
+    width = fp.num_layers * 2 * fp.kv_dim
+    why = f"num_virtual_tokens x num_layers {fp.num_layers} * 2 * num_key_value_heads {fp.num_key_value_heads}"
+    return [num_virtual_tokens, width], f"{why} * head_dim {fp.head_dim}"
+
+
+def check_tensor_shape(tensor: torch.Tensor, method: Method, num_virtual_tokens: int, fp: BackboneFingerprint) -> None:
+    expected, why = expected_tensor_shape(method, num_virtual_tokens, fp)
+    if list(tensor.shape) != expected:
+        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must have shape {expected} ({why}); found {list(tensor.shape)}")
+
+
+def check_finite(tensor: torch.Tensor) -> None:
+    num_bad = int((~torch.isfinite(tensor)).sum())
+    if num_bad:
+        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be finite; found {num_bad} NaN or Inf values")

@@ -1,0 +1,39 @@
+"""Turns a validated CPU artifact into the device tensors the model runner consumes.
+
+Prefix layout follows PEFT's `get_prompt`: view(P, 2L, kv_heads, head_dim), permute, layer i = (2i, 2i+1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prompt_store.adapter import check_tensor_shape
+from prompt_store.types import BackboneFingerprint, DeviceTask, TaskArtifact
+
+
+def materialize(
+    artifact: TaskArtifact, fingerprint: BackboneFingerprint, device: torch.device | str, dtype: torch.dtype
+) -> DeviceTask:
+    record = artifact.record
+    num_virtual = record.num_virtual_tokens
+    # Re-checked here because an artifact may come from a store opened with another backbone.
+    check_tensor_shape(artifact.prompt_embeddings, record.method, num_virtual, fingerprint)
+    # Cast and move before reshaping so the permute copy happens on the device.
+    rows = artifact.prompt_embeddings.to(device=device, dtype=dtype)
+    task = DeviceTask(key=artifact.key, method=record.method, num_virtual_tokens=num_virtual)
+    if not record.method.is_prefix:
+        task.prompt_embeds = rows.contiguous()  # [P, hidden]
+        return task
+    task.prefix_keys, task.prefix_values = split_prefix(rows, fingerprint)
+    return task
+
+
+def split_prefix(rows: torch.Tensor, fingerprint: BackboneFingerprint) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """[P, L*2*kv_dim] -> per layer keys and values, each [kv_heads, P, head_dim]."""
+    num_virtual = rows.shape[0]
+    fp = fingerprint
+    kv = rows.view(num_virtual, fp.num_layers * 2, fp.num_key_value_heads, fp.head_dim)  # [P, 2L, kv_heads, head_dim]
+    kv = kv.permute(1, 2, 0, 3).contiguous()  # [2L, kv_heads, P, head_dim]
+    keys = [kv[2 * layer] for layer in range(fp.num_layers)]  # each [kv_heads, P, head_dim], contiguous
+    values = [kv[2 * layer + 1] for layer in range(fp.num_layers)]
+    return keys, values

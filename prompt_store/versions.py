@@ -1,0 +1,166 @@
+"""One immutable task version on disk: staged and committed durably, read back and re-validated on every load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, check_sizes, parse_adapter
+from prompt_store.errors import InvalidTask, StoreError, TaskNotFound
+from prompt_store.fsio import fsync_dir, rename_dir_if_absent, write_dir_durably
+from prompt_store.layout import RECORD_NAME, StoreLayout
+from prompt_store.types import BackboneFingerprint, Method, TaskArtifact, TaskRecord
+
+RECORD_FORMAT = 1
+_MAX_COMMIT_ATTEMPTS = 1000
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedAdapter:
+    """A validated upload, before it has a version number."""
+
+    config_bytes: bytes
+    model_bytes: bytes
+    config: dict[str, Any]
+    prompt_embeddings: torch.Tensor
+    method: Method
+    sha256: str
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.config["num_virtual_tokens"])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.config_bytes) + len(self.model_bytes)
+
+    def record(self, task_id: str, version: int, created_at: str) -> TaskRecord:
+        return TaskRecord(task_id, version, self.method, self.num_virtual_tokens, self.nbytes, self.sha256, created_at)
+
+    def artifact(self, record: TaskRecord) -> TaskArtifact:
+        return TaskArtifact(record=record, config=self.config, prompt_embeddings=self.prompt_embeddings)
+
+
+def parse_upload(
+    config_bytes: bytes, model_bytes: bytes, fingerprint: BackboneFingerprint, limits: StoreLimits
+) -> ParsedAdapter:
+    config, tensor, method = parse_adapter(config_bytes, model_bytes, fingerprint, limits)
+    return ParsedAdapter(config_bytes, model_bytes, config, tensor, method, sha256_hex(model_bytes))
+
+
+def record_json(task_id: str, parsed: ParsedAdapter, created_at: str) -> bytes:
+    # No version inside: the version is the directory name, chosen only at commit time.
+    fields = {
+        "format": RECORD_FORMAT,
+        "task_id": task_id,
+        "method": parsed.method.value,
+        "num_virtual_tokens": parsed.num_virtual_tokens,
+        "bytes": parsed.nbytes,
+        "sha256": parsed.sha256,
+        "created_at": created_at,
+    }
+    return json.dumps(fields, indent=2).encode()
+
+
+def stage_version(layout: StoreLayout, task_id: str, parsed: ParsedAdapter, created_at: str) -> Path:
+    files = {
+        CONFIG_NAME: parsed.config_bytes,
+        MODEL_NAME: parsed.model_bytes,
+        RECORD_NAME: record_json(task_id, parsed, created_at),
+    }
+    return write_dir_durably(layout.tmp_dir, files)
+
+
+def ensure_task_dir(layout: StoreLayout, task_id: str) -> None:
+    task_dir = layout.task_dir(task_id)
+    if task_dir.is_dir():
+        return
+    task_dir.mkdir(exist_ok=True)
+    fsync_dir(layout.tasks_dir)
+
+
+def commit_version(layout: StoreLayout, task_id: str, staging: Path) -> tuple[int, bool]:
+    """Rename a staged version to the next free number; return (version, created: no earlier version existed).
+
+    Callers hold the store lock, but a writer that does not (or a filesystem where flock is advisory only)
+    still cannot clobber a version: the rename fails on an existing directory and we take the next number.
+    """
+    for _ in range(_MAX_COMMIT_ATTEMPTS):
+        existing = layout.versions(task_id)
+        version = max([*existing, layout.tombstone(task_id)]) + 1
+        ensure_task_dir(layout, task_id)
+        try:
+            committed = rename_dir_if_absent(staging, layout.version_dir(task_id, version))
+        except FileNotFoundError:  # the task directory was deleted under us: recreate it
+            continue
+        if committed:
+            fsync_dir(layout.task_dir(task_id))
+            return version, not existing
+    raise StoreError(f"could not commit a version of task {task_id!r} after {_MAX_COMMIT_ATTEMPTS} attempts")
+
+
+def read_adapter_files(directory: Path, limits: StoreLimits) -> tuple[bytes, bytes]:
+    """Read a PEFT adapter directory; sizes are checked before anything is read."""
+    config_path, model_path = directory / CONFIG_NAME, directory / MODEL_NAME
+    if not model_path.is_file():
+        found = sorted(path.name for path in directory.iterdir()) if directory.is_dir() else "no directory"
+        raise InvalidTask(
+            f"{directory}: expected {CONFIG_NAME} and {MODEL_NAME} (only safetensors is read); found {found}"
+        )
+    if not config_path.is_file():
+        raise InvalidTask(f"{directory}: expected {CONFIG_NAME}; it is missing")
+    check_sizes(config_path.stat().st_size, model_path.stat().st_size, limits)
+    return config_path.read_bytes(), model_path.read_bytes()
+
+
+def read_record_fields(version_dir: Path) -> dict[str, Any]:
+    try:
+        fields = json.loads((version_dir / RECORD_NAME).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidTask(
+            f"{version_dir / RECORD_NAME}: expected a JSON object; found malformed JSON ({exc})"
+        ) from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("created_at"), str):
+        raise InvalidTask(
+            f"{version_dir / RECORD_NAME}: expected an object with sha256 and created_at; found {fields!r}"
+        )
+    return fields
+
+
+def read_version(
+    layout: StoreLayout, task_id: str, version: int, fingerprint: BackboneFingerprint, limits: StoreLimits
+) -> TaskArtifact:
+    """Load and re-validate a committed version; TaskNotFound if it is gone, InvalidTask if it is damaged."""
+    version_dir = layout.version_dir(task_id, version)
+    try:
+        fields = read_record_fields(version_dir)
+        config_bytes, model_bytes = read_adapter_files(version_dir, limits)
+    except FileNotFoundError:
+        if not version_dir.is_dir():  # removed by a replacement or a delete, maybe in another process
+            raise TaskNotFound(task_id, version) from None
+        raise InvalidTask(f"{version_dir}: expected {CONFIG_NAME}, {MODEL_NAME} and {RECORD_NAME}") from None
+    except InvalidTask:
+        if not version_dir.is_dir():
+            raise TaskNotFound(task_id, version) from None
+        raise
+    parsed = parse_upload(config_bytes, model_bytes, fingerprint, limits)
+    if parsed.sha256 != fields.get("sha256") or fields.get("task_id", task_id) != task_id:
+        raise InvalidTask(
+            f"{version_dir}: expected sha256 {fields.get('sha256')!r} of task {fields.get('task_id')!r}; "
+            f"found {parsed.sha256!r} in directory of task {task_id!r}"
+        )
+    return parsed.artifact(parsed.record(task_id, version, fields["created_at"]))
