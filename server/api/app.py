@@ -1,0 +1,118 @@
+"""The app factory: routes, error mapping, limits and metrics; the engine is built in the lifespan, off the loop.
+
+`create_app(settings, engine)`: tests hand in an engine (a fake, or a real tiny one); otherwise the lifespan
+builds the real engine in a thread, so /health answers 503 while the model loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from server.api.errors import install_error_handlers
+from server.api.limits import BodyLimitMiddleware
+from server.api.metrics import Metrics
+from server.api.routes import generate, service, tasks
+from server.api.settings import Settings
+from server.api.state import AppState
+from server.engine.interface import EngineClient
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], EngineClient]
+FailureHook = Callable[[BaseException], None]
+Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
+DEMO_MODULE = "server.demo"
+VERSION = "0.1.0"
+
+
+def create_app(
+    settings: Settings | None = None,
+    engine: EngineClient | None = None,
+    *,
+    engine_factory: EngineFactory | None = None,
+    on_engine_failure: FailureHook | None = None,
+) -> FastAPI:
+    """With `engine`, serve it as is (the caller owns it); else build one with `engine_factory` (default: the
+    real engine) at start-up and shut it down at exit. `on_engine_failure` lets the CLI stop the server."""
+    settings = settings or Settings()
+    state = AppState(settings=settings, metrics=Metrics(lambda: state.engine))
+    if engine is not None:
+        state.attach(engine)
+    factory = engine_factory or build_real_engine
+    lifespan = None if engine is not None else engine_lifespan(state, factory, on_engine_failure)
+    app = FastAPI(title="promptserve", version=VERSION, lifespan=lifespan)
+    app.state.promptserve = state
+    for module in (service, tasks, generate):
+        app.include_router(module.router)
+    install_error_handlers(app)
+    app.add_middleware(
+        BodyLimitMiddleware, upload_limit=settings.max_upload_bytes, request_limit=settings.max_request_bytes
+    )
+    return app
+
+
+def engine_lifespan(state: AppState, factory: EngineFactory, on_failure: FailureHook | None) -> Lifespan:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(load_engine(state, factory, on_failure))
+        try:
+            yield
+        finally:
+            await loading  # a model still loading finishes first, so its engine can be shut down cleanly
+            if state.engine is not None:
+                await asyncio.to_thread(shutdown, state.engine)
+
+    return lifespan
+
+
+async def load_engine(state: AppState, factory: EngineFactory, on_failure: FailureHook | None) -> None:
+    try:
+        engine = await asyncio.to_thread(prepare_engine, state.settings, factory)
+    except Exception as exc:
+        logger.exception("the engine failed to start")
+        state.engine_error = f"{type(exc).__name__}: {exc}"
+        if on_failure is not None:
+            on_failure(exc)
+        return
+    state.attach(engine)
+    logger.info("ready: serving %d tasks", len(engine.list_tasks()))
+
+
+def prepare_engine(settings: Settings, factory: EngineFactory) -> EngineClient:
+    """Blocking: build the engine, then seed an empty store with the demo tasks when asked to."""
+    engine = factory(settings)
+    if settings.demo_tasks:
+        register_demo_tasks(engine, settings)
+    return engine
+
+
+def build_real_engine(settings: Settings) -> EngineClient:
+    from server.engine.async_engine import build_engine  # lazy: loads torch and transformers
+
+    return build_engine(settings.engine_config())
+
+
+def register_demo_tasks(engine: EngineClient, settings: Settings) -> None:
+    """First start of the default backbone with an empty store: register the built-in demo tasks (server.demo)."""
+    if settings.model is not None:
+        logger.info("demo tasks are trained for the default backbone; not registering them for %s", settings.model)
+        return
+    if engine.list_tasks():
+        return
+    if importlib.util.find_spec(DEMO_MODULE) is None:
+        logger.warning("no %s module in this build: starting with an empty store", DEMO_MODULE)
+        return
+    importlib.import_module(DEMO_MODULE).register_demo_tasks(engine)
+
+
+def shutdown(engine: EngineClient) -> None:
+    stop = getattr(engine, "shutdown", None)  # not part of EngineClient: the real engine has it
+    if stop is not None:
+        stop()

@@ -1,0 +1,219 @@
+"""The ONE place where engine, store and request errors become HTTP responses `{"error", "error_type"}`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine.errors import (
+    EngineUnavailable,
+    InputTooLong,
+    InvalidPrompt,
+    InvalidTask,
+    QueueFull,
+    TaskNotFound,
+    TaskTooLarge,
+)
+
+logger = logging.getLogger(__name__)
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left
+INTERNAL_MESSAGE = "internal server error; the server log has the details"
+ERROR_TYPE_BY_STATUS = {
+    401: "unauthorized",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    429: "overloaded",
+    503: "unavailable",
+}
+
+
+@dataclass
+class ApiError(Exception):
+    """An error the HTTP layer raises itself; every mapped exception becomes one of these."""
+
+    status: int
+    error_type: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready; nobody reads the response."""
+
+
+class BodyTooLarge(HTTPException):
+    """Raised from `receive` while a body streams in past its limit (an HTTPException so FastAPI re-raises it)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"expected a request body of at most {limit} bytes; found more")
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def not_ready(message: str = "the model is still loading; retry shortly") -> ApiError:
+    return ApiError(503, "unavailable", message, {"Retry-After": "5"})
+
+
+def classify(exc: BaseException) -> ApiError | None:
+    """The status and error_type of a known exception; None for anything unexpected."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, TaskTooLarge | InputTooLong):  # TaskTooLarge is an InvalidTask: test it first
+        return ApiError(413, "too_large", str(exc))
+    if isinstance(exc, InvalidTask | InvalidPrompt):
+        return ApiError(422, "validation", str(exc))
+    if isinstance(exc, TaskNotFound):
+        return ApiError(404, "not_found", str(exc))
+    if isinstance(exc, QueueFull):
+        return ApiError(429, "overloaded", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+    if isinstance(exc, EngineUnavailable):
+        return ApiError(503, "unavailable", str(exc))
+    if isinstance(exc, HTTPException):
+        return from_http_exception(exc)
+    if isinstance(exc, ClientDisconnected):
+        return ApiError(CLIENT_CLOSED_REQUEST, "cancelled", "the client closed the connection")
+    return None
+
+
+def to_api_error(exc: BaseException) -> ApiError:
+    """Map one exception to HTTP; anything unknown is logged and becomes a 500 with a generic message."""
+    error = classify(exc)
+    if error is None:
+        logger.error("unhandled error", exc_info=exc)
+        return ApiError(500, "internal", INTERNAL_MESSAGE)
+    return error
+
+
+def error_type_of(exc: BaseException) -> str:
+    """The error_type an exception maps to, without logging (metrics label outcomes with it)."""
+    error = classify(exc)
+    return "internal" if error is None else error.error_type
+
+
+def from_http_exception(exc: HTTPException) -> ApiError:
+    error_type = ERROR_TYPE_BY_STATUS.get(exc.status_code, "internal" if exc.status_code >= 500 else "validation")
+    return ApiError(exc.status_code, error_type, str(exc.detail), dict(exc.headers or {}))
+
+
+def error_body(error: ApiError) -> dict[str, str]:
+    return {"error": error.message, "error_type": error.error_type}
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+
+
+# ---- request validation: say which field, what was expected, what was found
+
+_FOUND_MAX_CHARS = 80
+
+
+def describe_validation(errors: Sequence[dict[str, Any]]) -> str:
+    return "; ".join(describe_one(error) for error in errors)
+
+
+def describe_one(error: dict[str, Any]) -> str:
+    where = field_name(error.get("loc", ()))
+    kind, message, ctx = error.get("type", ""), str(error.get("msg", "")), error.get("ctx") or {}
+    if kind == "missing":
+        return f"{where}: expected a value; found none (the field is required)"
+    if kind == "json_invalid":
+        return f"body: expected valid JSON; found a decode error ({ctx.get('error', message)})"
+    if kind == "value_error":  # our own validators already say what was expected and found
+        return f"{where}: {message.removeprefix('Value error, ')}"
+    return f"{where}: expected {expected_text(kind, message, ctx)}; found {found_text(error.get('input'))}"
+
+
+def expected_text(kind: str, message: str, ctx: dict[str, Any]) -> str:
+    if kind == "string_pattern_mismatch":
+        return f"a string matching {ctx.get('pattern')}"
+    if kind in ("too_short", "string_too_short"):
+        unit = "character" if kind == "string_too_short" else "item"
+        return f"at least {ctx.get('min_length')} {unit}(s)"
+    expected = message.removeprefix("Input should be ").removeprefix("Value should be ")
+    return expected[:1].lower() + expected[1:]
+
+
+def field_name(loc: Sequence[Any]) -> str:
+    parts = [str(part) for part in loc]
+    if parts and parts[0] == "body":
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def found_text(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= _FOUND_MAX_CHARS else text[: _FOUND_MAX_CHARS - 3] + "..."
+
+
+def validation_status(errors: Sequence[dict[str, Any]]) -> int:
+    """A body that is not JSON at all is a bad request (400); a well-formed but invalid one is 422."""
+    return 400 if errors and all(e.get("type") == "json_invalid" for e in errors) else 422
+
+
+# ---- installation
+
+KNOWN_ERRORS = (ApiError, HTTPException, ClientDisconnected, InvalidTask, TaskNotFound, QueueFull, EngineUnavailable,
+                InputTooLong, InvalidPrompt)  # fmt: skip
+
+
+async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(to_api_error(exc))
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = list(exc.errors())
+    return error_response(ApiError(validation_status(errors), "validation", describe_validation(errors)))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    for exc_type in KNOWN_ERRORS:
+        app.add_exception_handler(exc_type, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_middleware(CatchAllMiddleware)
+
+
+class CatchAllMiddleware:
+    """Anything unexpected becomes a logged 500 `internal` with a generic message (never a stack trace)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:  # a streamed response already has its status line: nothing left to say
+                raise
+            await error_response(to_api_error(exc))(scope, receive, send)

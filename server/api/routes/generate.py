@@ -1,0 +1,42 @@
+"""POST /v1/generate and /v1/generate_stream."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.generation import complete, start_stream, stream_events, tracked
+from server.api.metrics import Metrics
+from server.api.schemas import GenerateRequest, GenerateResponse, StreamEvent
+from server.api.state import get_engine, get_metrics
+from server.engine.interface import EngineClient
+
+router = APIRouter(tags=["generation"])
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": StreamEvent.model_json_schema()}}}}
+
+
+@router.post("/v1/generate", response_model=GenerateResponse)
+async def generate(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineClient = Depends(get_engine),
+    metrics: Metrics = Depends(get_metrics),
+) -> Response:
+    tracker = metrics.start_request("generate")
+    completion = await tracked(request, tracker, complete(engine, body.to_engine_input(), tracker))
+    tracker.finish("success")
+    return JSONResponse(GenerateResponse.of(completion, body.parameters.details).model_dump(mode="json"))
+
+
+@router.post("/v1/generate_stream", response_class=StreamingResponse, responses=SSE_RESPONSE)
+async def generate_stream(
+    body: GenerateRequest,
+    request: Request,
+    engine: EngineClient = Depends(get_engine),
+    metrics: Metrics = Depends(get_metrics),
+) -> Response:
+    tracker = metrics.start_request("generate_stream")
+    first, outputs = await tracked(request, tracker, start_stream(engine, body.to_engine_input()))
+    events = stream_events(first, outputs, body.parameters.details, tracker)
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -1,0 +1,241 @@
+"""Request and response bodies of API.md, and their conversion to and from the engine's plain records."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+
+from prompt_store.types import TaskRecord
+from server.engine.types import (
+    Completion,
+    EngineInfo,
+    EnsembleMode,
+    GenerateInput,
+    MemberResult,
+    SamplingParams,
+    Token,
+)
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+_SAMPLING_DEFAULTS = SamplingParams()
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+def absent_when_none() -> Any:
+    """An optional field left out of the JSON (not written as null) when it has no value."""
+    return Field(None, exclude_if=_is_none)
+
+
+# ---- requests
+
+
+class Parameters(BaseModel):
+    """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields."""
+
+    max_new_tokens: int = Field(_SAMPLING_DEFAULTS.max_new_tokens, ge=1)
+    do_sample: bool = False
+    temperature: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
+    stop: list[Annotated[str, StringConstraints(min_length=1)]] | None = None
+    details: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _positive_when_sampling(cls, value: float | None, info: ValidationInfo) -> float | None:
+        if value is not None and value <= 0 and info.data.get("do_sample"):
+            raise ValueError(f"expected temperature > 0 when do_sample is true; found {value}")
+        return value
+
+    def to_sampling(self) -> SamplingParams:
+        # Greedy decoding ignores the temperature; 0 (the usual "greedy" spelling) must not reach the engine.
+        temperature = self.temperature if self.temperature else _SAMPLING_DEFAULTS.temperature
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=temperature,
+            top_k=_SAMPLING_DEFAULTS.top_k if self.top_k is None else self.top_k,
+            top_p=_SAMPLING_DEFAULTS.top_p if self.top_p is None else self.top_p,
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+        )
+
+
+class GenerateRequest(BaseModel):
+    inputs: str
+    task_id: TaskId | None = None
+    task_ids: list[TaskId] | None = Field(None, min_length=1)
+    ensemble: Literal["vote", "mean"] = "vote"
+    parameters: Parameters = Field(default_factory=Parameters)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> GenerateRequest:
+        if self.task_id is not None and self.task_ids is not None:
+            raise ValueError(
+                f"expected either task_id or task_ids, not both; found task_id={self.task_id!r} "
+                f"and task_ids={self.task_ids!r}"
+            )
+        return self
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.task_ids is not None
+
+    def to_engine_input(self) -> GenerateInput:
+        if self.task_ids is not None:
+            return GenerateInput(
+                inputs=self.inputs,
+                task_ids=tuple(self.task_ids),
+                ensemble=EnsembleMode(self.ensemble),
+                sampling=self.parameters.to_sampling(),
+            )
+        return GenerateInput(inputs=self.inputs, task_ids=(self.task_id,), sampling=self.parameters.to_sampling())
+
+
+# ---- responses
+
+
+class TokenOut(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+    @classmethod
+    def of(cls, token: Token) -> TokenOut:
+        return cls(id=token.id, text=token.text, logprob=token.logprob)
+
+
+class MemberOut(BaseModel):
+    task_id: str | None
+    task_version: int | None
+    generated_text: str
+
+    @classmethod
+    def of(cls, member: MemberResult) -> MemberOut:
+        return cls(task_id=member.task_id, task_version=member.task_version, generated_text=member.generated_text)
+
+
+class Details(BaseModel):
+    finish_reason: Literal["length", "eos_token", "stop_sequence"]
+    generated_tokens: int
+    input_tokens: int
+    task_id: str | None
+    task_version: int | None
+    tokens: list[TokenOut] | None = absent_when_none()  # only when parameters.details is true
+    members: list[MemberOut] | None = absent_when_none()  # ensembles only
+
+    @classmethod
+    def of(cls, completion: Completion, with_tokens: bool) -> Details:
+        members = completion.members
+        return cls(
+            finish_reason=completion.finish_reason.value,
+            generated_tokens=completion.generated_tokens,
+            input_tokens=completion.input_tokens,
+            task_id=completion.task_id,
+            task_version=completion.task_version,
+            tokens=[TokenOut.of(t) for t in completion.tokens] if with_tokens else None,
+            members=None if members is None else [MemberOut.of(m) for m in members],
+        )
+
+
+def details_wanted(completion: Completion, with_tokens: bool) -> Details | None:
+    """API.md: details when parameters.details is true or the request is an ensemble."""
+    if with_tokens or completion.members is not None:
+        return Details.of(completion, with_tokens)
+    return None
+
+
+class GenerateResponse(BaseModel):
+    generated_text: str
+    details: Details | None = absent_when_none()
+
+    @classmethod
+    def of(cls, completion: Completion, with_tokens: bool) -> GenerateResponse:
+        return cls(generated_text=completion.generated_text, details=details_wanted(completion, with_tokens))
+
+
+class StreamToken(BaseModel):
+    id: int
+    text: str
+    logprob: float  # an addition to API.md (TGI sends it too)
+
+    @classmethod
+    def of(cls, token: Token) -> StreamToken:
+        return cls(id=token.id, text=token.text, logprob=token.logprob)
+
+
+class StreamEvent(BaseModel):
+    """One server-sent event; the last one carries generated_text and details."""
+
+    token: StreamToken | None
+    generated_text: str | None = None
+    details: Details | None = None
+
+    @classmethod
+    def of_token(cls, token: Token) -> StreamEvent:
+        return cls(token=StreamToken.of(token))
+
+    @classmethod
+    def final(cls, token: Token | None, completion: Completion, with_tokens: bool) -> StreamEvent:
+        return cls(
+            token=None if token is None else StreamToken.of(token),
+            generated_text=completion.generated_text,
+            details=Details.of(completion, with_tokens),
+        )
+
+
+class TaskOut(BaseModel):
+    task_id: str
+    version: int
+    method: Literal["prompt_tuning", "p_tuning", "prefix_tuning"]
+    num_virtual_tokens: int
+    bytes: int
+    sha256: str
+    created_at: str
+
+    @classmethod
+    def of(cls, record: TaskRecord) -> TaskOut:
+        return cls.model_validate(record.to_dict())
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]
+
+
+class InfoResponse(BaseModel):
+    model_id: str
+    model_type: str
+    dtype: str
+    device: str
+    hidden_size: int
+    num_layers: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    max_batch_size: int
+    max_batch_tokens: int
+    max_virtual_tokens: int
+    version: str
+    num_tasks: int
+
+    @classmethod
+    def of(cls, info: EngineInfo) -> InfoResponse:
+        return cls.model_validate(asdict(info))
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    error_type: Literal[
+        "validation", "unauthorized", "not_found", "conflict", "too_large", "overloaded", "unavailable", "internal"
+    ]

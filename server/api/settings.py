@@ -1,0 +1,74 @@
+"""Settings at the edge (env prefix PROMPTSERVE_); they build the plain EngineConfig passed down to the engine."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from server.engine.config import EngineConfig
+
+_ENGINE = EngineConfig()
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the two uploaded files
+
+
+class Settings(BaseSettings):
+    """Every field reads PROMPTSERVE_<FIELD> from the environment; command-line flags override it."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", extra="ignore")
+
+    # engine
+    model: str | None = _ENGINE.model  # None: the built-in default backbone, offline
+    store_dir: str = _ENGINE.store_dir
+    device: str = _ENGINE.device
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch_size: int = Field(_ENGINE.max_batch_size, ge=1)
+    max_batch_tokens: int = Field(_ENGINE.max_batch_tokens, ge=1)
+    max_waiting: int = Field(_ENGINE.max_waiting, ge=0)
+    max_input_tokens: int = Field(_ENGINE.max_input_tokens, ge=1)
+    max_new_tokens_limit: int = Field(_ENGINE.max_new_tokens_limit, ge=1)
+    max_virtual_tokens: int = Field(_ENGINE.max_virtual_tokens, ge=1)
+    max_adapter_bytes: int = Field(_ENGINE.max_adapter_bytes, ge=1)
+    prompt_cache_bytes: int = Field(_ENGINE.prompt_cache_bytes, ge=0)
+    poll_interval_s: float = Field(_ENGINE.poll_interval_s, ge=0)
+    trust_remote_code: bool = _ENGINE.trust_remote_code
+
+    # HTTP
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = None  # when set, PUT and DELETE need `Authorization: Bearer <token>`
+    max_config_bytes: int = Field(1024 * 1024, ge=1)  # adapter_config.json
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1)  # any body but an upload (JSON generation requests)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # start-up
+    demo_tasks: bool = True  # register the built-in demo tasks on first start with an empty store
+
+    @field_validator("model", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """The most a task upload (both parts) may weigh; larger bodies get 413 before they are read."""
+        return self.max_adapter_bytes + self.max_config_bytes + MULTIPART_OVERHEAD_BYTES
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model,
+            store_dir=self.store_dir,
+            device=self.device,
+            dtype=self.dtype,
+            max_batch_size=self.max_batch_size,
+            max_batch_tokens=self.max_batch_tokens,
+            max_waiting=self.max_waiting,
+            max_input_tokens=self.max_input_tokens,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            max_virtual_tokens=self.max_virtual_tokens,
+            max_adapter_bytes=self.max_adapter_bytes,
+            prompt_cache_bytes=self.prompt_cache_bytes,
+            poll_interval_s=self.poll_interval_s,
+            trust_remote_code=self.trust_remote_code,
+        )

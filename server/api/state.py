@@ -1,0 +1,66 @@
+"""What the routes share: the settings, the engine once it is up, the metrics; and the FastAPI dependencies."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from fastapi import Depends, Request
+
+from server.api.errors import not_ready, unauthorized
+from server.api.metrics import Metrics
+from server.api.settings import Settings
+from server.engine.interface import EngineClient
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    metrics: Metrics
+    engine: EngineClient | None = None
+    engine_error: str | None = None  # why the engine failed to start, if it did
+
+    def attach(self, engine: EngineClient) -> None:
+        engine.add_step_listener(self.metrics.on_step)
+        self.engine = engine
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_ready()
+
+    def unavailable_reason(self) -> str:
+        if self.engine_error is not None:
+            return f"the engine failed to start: {self.engine_error}"
+        if self.engine is None:
+            return "the model is still loading; retry shortly"
+        return "the engine is not running"
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.promptserve
+
+
+def get_metrics(request: Request) -> Metrics:
+    return get_state(request).metrics
+
+
+def get_settings(request: Request) -> Settings:
+    return get_state(request).settings
+
+
+def get_engine(state: AppState = Depends(get_state)) -> EngineClient:
+    if state.engine is None or not state.is_ready:
+        raise not_ready(state.unavailable_reason())
+    return state.engine
+
+
+def require_admin(request: Request, settings: Settings = Depends(get_settings)) -> None:
+    """With an admin token configured, writes need `Authorization: Bearer <token>` (compared in constant time)."""
+    if settings.admin_token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise unauthorized("expected the header 'Authorization: Bearer <admin token>'; found no bearer token")
+    expected = settings.admin_token.get_secret_value().encode()
+    if not hmac.compare_digest(given.strip().encode(), expected):
+        raise unauthorized("expected the server's admin token; found a different bearer token")

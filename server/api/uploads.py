@@ -1,0 +1,72 @@
+"""Reading a task upload: a multipart body with the file parts `adapter_config` and `adapter_model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+from starlette.datastructures import FormData, UploadFile
+
+from server.api.errors import ApiError
+from server.api.settings import Settings
+
+CONFIG_PART, MODEL_PART = "adapter_config", "adapter_model"
+MAX_TEXT_FIELDS = 8  # only so that a text field where a file belongs gets a precise message
+
+UPLOAD_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": [CONFIG_PART, MODEL_PART],
+                    "properties": {
+                        CONFIG_PART: {"type": "string", "format": "binary", "description": "adapter_config.json"},
+                        MODEL_PART: {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterUpload:
+    config: bytes
+    model: bytes
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, "validation", message)
+
+
+async def read_adapter_upload(request: Request, settings: Settings) -> AdapterUpload:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise invalid(
+            f"expected a multipart/form-data body with file parts '{CONFIG_PART}' and '{MODEL_PART}'; "
+            f"found Content-Type {content_type or 'none'!r}"
+        )
+    async with request.form(max_files=2, max_fields=MAX_TEXT_FIELDS) as form:
+        check_parts(form)
+        config = await read_part(form, CONFIG_PART, settings.max_config_bytes)
+        model = await read_part(form, MODEL_PART, settings.max_adapter_bytes)
+    return AdapterUpload(config=config, model=model)
+
+
+def check_parts(form: FormData) -> None:
+    missing = [name for name in (CONFIG_PART, MODEL_PART) if name not in form]
+    if missing:
+        found = sorted(form.keys())
+        raise invalid(f"expected the multipart file parts {missing} (missing); found parts {found}")
+
+
+async def read_part(form: FormData, name: str, limit: int) -> bytes:
+    part = form[name]
+    if not isinstance(part, UploadFile):
+        raise invalid(f"{name}: expected a file part (a filename in its Content-Disposition); found a text field")
+    if part.size is not None and part.size > limit:
+        raise ApiError(413, "too_large", f"{name}: expected at most {limit} bytes; found {part.size}")
+    return await part.read()
