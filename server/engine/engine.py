@@ -141,7 +141,8 @@ class Engine:
         self.scheduler.remove(request)
         if self.batch is not None:
             keep = [i for i, row in enumerate(self.batch.rows) if row.request is not request]
-            self.batch = self.batch.filter(keep) if keep else None
+            if len(keep) < self.batch.size:
+                self.batch = self.batch.filter(keep) if keep else None
         for row in request.rows:
             self.release(row)
 

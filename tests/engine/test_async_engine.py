@@ -1,0 +1,169 @@
+"""The engine thread behind its asyncio face: streaming, abort on close, hot task changes, failure recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prompt_store.errors import TaskNotFound
+from prompt_store.registry import TaskStore
+from server.engine.async_engine import AsyncEngine, build_engine
+from server.engine.config import EngineConfig
+from server.engine.errors import EngineUnavailable
+from server.engine.types import GenerateInput, RequestOutput, SamplingParams
+from tests.fixtures import TinyBackbone
+
+
+@pytest.fixture
+def engine(tiny_llama: TinyBackbone, tmp_path: Path) -> Iterator[AsyncEngine]:
+    config = EngineConfig(model=str(tiny_llama.path), store_dir=str(tmp_path / "s"), device="cpu", poll_interval_s=0)
+    engine = build_engine(config)
+    for kind, adapter_dir in tiny_llama.adapters.items():
+        engine.store.register_dir(kind, adapter_dir)
+    yield engine
+    engine.shutdown()
+
+
+def generate(task_id: str | None, text: str = "hello", max_new_tokens: int = 8, **sampling) -> GenerateInput:
+    return GenerateInput(text, (task_id,), sampling=SamplingParams(max_new_tokens=max_new_tokens, **sampling))
+
+
+async def collect(engine: AsyncEngine, request: GenerateInput) -> list[RequestOutput]:
+    return [output async for output in engine.generate(request)]
+
+
+def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        core = engine.engine
+        if core.cache.num_refs() == 0 and core.batch is None and not core.has_work():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def text_of(outputs: list[RequestOutput]) -> str:
+    return outputs[-1].completion.generated_text
+
+
+def test_generate_streams_each_token_then_the_completion(engine: AsyncEngine):
+    outputs = asyncio.run(collect(engine, generate("prefix", max_new_tokens=6)))
+    tokens = [output.token for output in outputs if output.token is not None]
+    assert len(tokens) == 6 and outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+    assert [t.id for t in tokens] == [t.id for t in outputs[-1].completion.tokens]
+
+
+def test_unknown_task_raises_task_not_found(engine: AsyncEngine):
+    with pytest.raises(TaskNotFound):
+        asyncio.run(collect(engine, generate("no-such-task")))
+
+
+def test_concurrent_requests_equal_their_sequential_results(engine: AsyncEngine):
+    tasks = [record.task_id for record in engine.list_tasks()] + [None]
+    requests = [generate(task, text=f"input {i} " * (i % 3 + 1), max_new_tokens=10) for i, task in enumerate(tasks)]
+    sequential = [text_of(asyncio.run(collect(engine, request))) for request in requests]
+
+    async def together() -> list[list[RequestOutput]]:
+        return await asyncio.gather(*(collect(engine, request) for request in requests))
+
+    assert [text_of(outputs) for outputs in asyncio.run(together())] == sequential
+    assert wait_idle(engine)
+
+
+def test_closing_the_stream_aborts_and_frees_the_row(engine: AsyncEngine):
+    async def read_two_then_close() -> None:
+        stream = engine.generate(generate("prefix", max_new_tokens=200))
+        await anext(stream)
+        await anext(stream)
+        await stream.aclose()
+
+    asyncio.run(read_two_then_close())
+    assert wait_idle(engine)
+
+
+def test_registered_task_is_servable_when_register_returns(engine: AsyncEngine, tiny_llama: TinyBackbone):
+    adapter = tiny_llama.adapters["prompt_tuning"]
+    record, created = engine.register_task(
+        "fresh", (adapter / "adapter_config.json").read_bytes(), (adapter / "adapter_model.safetensors").read_bytes()
+    )
+    assert created and record.version == 1
+    outputs = asyncio.run(collect(engine, generate("fresh", max_new_tokens=3)))
+    assert outputs[-1].completion.task_id == "fresh"
+
+
+def test_replaced_task_running_rows_keep_their_version(engine: AsyncEngine, tiny_llama: TinyBackbone):
+    engine.store.register_dir("moving", tiny_llama.adapters["prefix"])
+
+    async def scenario() -> tuple[list[RequestOutput], list[RequestOutput]]:
+        stream = engine.generate(generate("moving", max_new_tokens=30))
+        first = [await anext(stream)]
+        await asyncio.to_thread(engine.store.register_dir, "moving", tiny_llama.adapters["prompt_tuning"])
+        newer = await collect(engine, generate("moving", max_new_tokens=3))
+        return first + [output async for output in stream], newer
+
+    older, newer = asyncio.run(scenario())
+    assert older[-1].completion.task_version == 1 and older[-1].completion.generated_tokens == 30
+    assert newer[-1].completion.task_version == 2
+    assert wait_idle(engine)
+    assert ("moving", 1) not in engine.engine.cache.entries  # retired once its last row left
+
+
+def test_deleted_task_running_request_finishes(engine: AsyncEngine, tiny_llama: TinyBackbone):
+    engine.store.register_dir("doomed", tiny_llama.adapters["prefix"])
+
+    async def scenario() -> list[RequestOutput]:
+        stream = engine.generate(generate("doomed", max_new_tokens=20))
+        first = [await anext(stream)]
+        await asyncio.to_thread(engine.delete_task, "doomed")
+        return first + [output async for output in stream]
+
+    outputs = asyncio.run(scenario())
+    assert outputs[-1].completion.generated_tokens == 20
+    with pytest.raises(TaskNotFound):
+        asyncio.run(collect(engine, generate("doomed")))
+    assert wait_idle(engine)
+
+
+def test_step_failure_reaches_open_requests_and_engine_keeps_serving(engine: AsyncEngine, monkeypatch):
+    runner = engine.engine.runner
+    real_decode = runner.decode
+    calls = {"n": 0}
+
+    def flaky_decode(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("simulated device error")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "decode", flaky_decode)
+    with pytest.raises(EngineUnavailable, match="simulated device error"):
+        asyncio.run(collect(engine, generate("prefix", max_new_tokens=5)))
+    assert wait_idle(engine)
+    assert asyncio.run(collect(engine, generate("prefix", max_new_tokens=2)))[-1].completion.generated_tokens == 2
+
+
+def test_polling_picks_up_a_task_written_by_another_process(tiny_llama: TinyBackbone, tmp_path: Path):
+    store_dir = tmp_path / "shared-store"
+    config = EngineConfig(model=str(tiny_llama.path), store_dir=str(store_dir), device="cpu", poll_interval_s=0.1)
+    engine = build_engine(config)
+    try:
+        other = TaskStore(store_dir, engine.backbone.fingerprint)  # e.g. a training job or another replica
+        other.register_dir("from-elsewhere", tiny_llama.adapters["prefix_projection"])
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(r.task_id == "from-elsewhere" for r in engine.list_tasks()):
+            time.sleep(0.05)
+        outputs = asyncio.run(collect(engine, generate("from-elsewhere", max_new_tokens=2)))
+        assert outputs[-1].completion.task_id == "from-elsewhere"
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_fails_waiting_requests_and_refuses_new_ones(engine: AsyncEngine):
+    engine.shutdown()
+    assert not engine.is_ready()
+    with pytest.raises(EngineUnavailable):
+        asyncio.run(collect(engine, generate(None)))

@@ -1,0 +1,67 @@
+"""The product's promise: a row's tokens do not depend on its batch mates, and equal PEFT's own generate."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.engine.harness import Harness, peft_generate, token_ids
+from tests.fixtures import ADAPTER_KINDS
+
+TASKS = (*ADAPTER_KINDS, None)
+TEXTS = {
+    "prompt_tuning": "hello world",
+    "p_tuning_mlp": "a",
+    "p_tuning_lstm": "zz top, twice",
+    "prefix": "the quick brown fox",
+    "prefix_projection": "xy",
+    None: "a plain row",
+}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_greedy_tokens_equal_peft_generate_for_each_kind(harness: Harness, task: str | None):
+    expected = peft_generate(harness.tiny, task, TEXTS[task], harness.backbone.tokenizer, max_new_tokens=10)
+    assert token_ids(harness.alone(TEXTS[task], task, max_new_tokens=10)) == expected
+
+
+def test_mixed_batch_tokens_equal_alone_for_every_kind(harness: Harness):
+    alone = {task: token_ids(harness.alone(TEXTS[task], task, max_new_tokens=12)) for task in TASKS}
+    mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=12) for task in TASKS))
+    assert {task: token_ids(c) for task, c in zip(TASKS, mixed, strict=True)} == alone
+    assert harness.is_idle()
+
+
+def test_rows_joining_mid_flight_equal_alone(harness: Harness):
+    alone = {task: token_ids(harness.alone(TEXTS[task], task, max_new_tokens=12)) for task in TASKS}
+    first = [harness.request(TEXTS[task], task, max_new_tokens=12) for task in TASKS[:3]]
+    joiners = {
+        2: [harness.request(TEXTS[t], t, max_new_tokens=12) for t in TASKS[3:5]],
+        5: [harness.request(TEXTS[None])],
+    }
+    joiners[5][0].max_new_tokens = 12
+    completions = harness.run(*first, later=joiners)
+    order = [*TASKS[:3], *TASKS[3:5], None]
+    assert {task: token_ids(c) for task, c in zip(order, completions, strict=True)} == alone
+    assert harness.is_idle()
+
+
+def test_same_task_many_rows_with_different_lengths_equal_alone(harness: Harness):
+    texts = ["a", "longer input text here", "mid length"]
+    alone = [token_ids(harness.alone(text, "prefix", max_new_tokens=9)) for text in texts]
+    mixed = harness.run(*(harness.request(text, "prefix", max_new_tokens=9) for text in texts))
+    assert [token_ids(c) for c in mixed] == alone
+
+
+def test_seeded_sampling_same_alone_and_mixed(harness: Harness):
+    sampling = {"do_sample": True, "temperature": 1.3, "top_k": 50, "top_p": 0.95, "seed": 1234, "max_new_tokens": 12}
+    alone = token_ids(harness.alone("sample me", "prompt_tuning", **sampling))
+    mates = [harness.request(TEXTS[task], task, do_sample=True, max_new_tokens=12) for task in TASKS]
+    mixed = harness.run(*mates[:3], harness.request("sample me", "prompt_tuning", **sampling), *mates[3:])
+    assert token_ids(mixed[3]) == alone
+    again = token_ids(harness.alone("sample me", "prompt_tuning", **sampling))
+    assert again == alone
+
+
+def test_unseeded_sampling_varies(harness: Harness):
+    runs = {tuple(token_ids(harness.alone("x", None, do_sample=True, max_new_tokens=12))) for _ in range(4)}
+    assert len(runs) > 1
