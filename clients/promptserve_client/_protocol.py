@@ -1,0 +1,118 @@
+"""What the sync and async clients share: building each call and reading each answer. No I/O happens here."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from promptserve_client.errors import PromptserveError, make_error
+from promptserve_client.models import StreamEvent
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)  # a long generation is one slow response
+CONFIG_FILE, MODEL_FILE = "adapter_config.json", "adapter_model.safetensors"
+PARAMETER_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop", "details")
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Call:
+    method: str
+    path: str
+    json: dict[str, Any] | None = None
+    files: dict[str, tuple[str, bytes, str]] | None = None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def task_path(task_id: str) -> str:
+    return f"/v1/tasks/{quote(task_id, safe='')}"
+
+
+def register_call(task_id: str, adapter_dir: str | Path) -> Call:
+    config, model = read_adapter(Path(adapter_dir))
+    files = {
+        "adapter_config": (CONFIG_FILE, config, "application/json"),
+        "adapter_model": (MODEL_FILE, model, "application/octet-stream"),
+    }
+    return Call("PUT", task_path(task_id), files=files)
+
+
+def read_adapter(adapter_dir: Path) -> tuple[bytes, bytes]:
+    """The two files of a PEFT prompt-learning adapter saved with `save_pretrained`."""
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"expected a PEFT adapter directory; found no directory at {adapter_dir}")
+    for name in (CONFIG_FILE, MODEL_FILE):
+        if not (adapter_dir / name).is_file():
+            hint = " (pickle is never read: save with safe_serialization=True)" if name == MODEL_FILE else ""
+            found = sorted(p.name for p in adapter_dir.iterdir())
+            raise FileNotFoundError(f"expected {adapter_dir / name}{hint}; found {found}")
+    return (adapter_dir / CONFIG_FILE).read_bytes(), (adapter_dir / MODEL_FILE).read_bytes()
+
+
+def generate_call(
+    inputs: str,
+    task_id: str | None,
+    task_ids: Sequence[str] | None,
+    ensemble: str,
+    parameters: Mapping[str, Any],
+    stream: bool,
+) -> Call:
+    unknown = sorted(set(parameters) - set(PARAMETER_NAMES))
+    if unknown:
+        raise TypeError(f"unknown generation parameters {unknown}; expected some of {list(PARAMETER_NAMES)}")
+    body: dict[str, Any] = {"inputs": inputs, "parameters": dict(parameters)}
+    if task_ids is not None:
+        body.update(task_ids=list(task_ids), ensemble=ensemble)
+    else:
+        body["task_id"] = task_id
+    return Call("POST", "/v1/generate_stream" if stream else "/v1/generate", json=body)
+
+
+# ---- answers
+
+
+def raise_for_error(response: httpx.Response) -> httpx.Response:
+    """Raise the typed error of a non-2xx response (read it first); return the response otherwise."""
+    if response.is_success:
+        return response
+    raise error_of(response)
+
+
+def error_of(response: httpx.Response) -> PromptserveError:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    message = str(body.get("error") or response.text or response.reason_phrase)
+    return make_error(body.get("error_type"), message, response.status_code, retry_after_of(response))
+
+
+def retry_after_of(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def parse(response: httpx.Response, model: type[ModelT]) -> ModelT:
+    return model.model_validate_json(raise_for_error(response).content)
+
+
+def parse_event(data: str) -> StreamEvent:
+    """One event's data; an in-band error (the stream had already started) raises its typed error."""
+    payload = json.loads(data)
+    if "error" in payload:
+        raise make_error(payload.get("error_type"), str(payload["error"]))
+    return StreamEvent.model_validate(payload)
