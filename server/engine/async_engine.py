@@ -101,7 +101,10 @@ class AsyncEngine:
             raise EngineUnavailable("the engine is not running")
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        sink = partial(loop.call_soon_threadsafe, outputs.put_nowait)
+
+        def sink(output: RequestOutput) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(outputs.put_nowait, output)
+
         prepared = await asyncio.to_thread(build_request, request, self.backbone, self.store, self.limits, sink)
         self.inbox.put(partial(self.engine.add, prepared))
         finished = False

@@ -84,7 +84,8 @@ def load_backbone(
     logger.info("loading backbone %s on %s in %s", source, torch_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    model = model.to(torch_device).eval().requires_grad_(False)
+    model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
+    model.eval().requires_grad_(False)
     return Backbone(
         model_id=model_id or "promptserve/default",
         model=model,

@@ -7,6 +7,7 @@ attention mask marks which columns a row really holds (a prefix row's task prefi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -31,11 +32,11 @@ class Batch:
 
     @property
     def keys(self) -> list[torch.Tensor]:
-        return [layer.keys for layer in self.cache.layers]
+        return [cast(Any, layer).keys for layer in self.cache.layers]  # DynamicLayer: [B, kv_heads, L, head_dim]
 
     @property
     def values(self) -> list[torch.Tensor]:
-        return [layer.values for layer in self.cache.layers]
+        return [cast(Any, layer).values for layer in self.cache.layers]
 
     def filter(self, keep: list[int]) -> Batch:
         """The batch with only rows `keep` (in order), without the columns no remaining row uses."""

@@ -1,7 +1,8 @@
 """The built-in default backbone: a small Llama (grouped-query attention) with a byte-level tokenizer.
 
-It needs no download: it is created deterministically on first use into a cache directory and then
-loaded through the same `from_pretrained` path as any Hugging Face model.
+It needs no download: the package ships it pre-trained (made by `python -m server.demo.pretrain`, see
+server/demo) and it loads through the same `from_pretrained` path as any Hugging Face model. Should the
+assets be missing, a random model of the same shape is created deterministically in a cache directory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE_NAME = "promptserve-default-llama-v1"
+DEFAULT_BACKBONE_NAME = "promptserve-random-llama-v2"  # the random fallback's directory in the cache
+PRETRAINED_BACKBONE_DIR = Path(__file__).resolve().parents[1] / "demo" / "assets" / "backbone"
+BACKBONE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 PAD_ID, BOS_ID, EOS_ID = 256, 257, 258
 BYTE_VOCAB_SIZE = 259
 
@@ -59,13 +62,25 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def is_backbone_dir(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in BACKBONE_FILES)
+
+
 def ensure_default_backbone(cache_dir: Path | None = None) -> Path:
-    """Return the directory of the default backbone, creating it (atomically) if it is not there yet."""
+    """Return the directory of the default backbone: the shipped pre-trained one, else the random fallback."""
+    if is_backbone_dir(PRETRAINED_BACKBONE_DIR):
+        return PRETRAINED_BACKBONE_DIR
+    logger.warning("no pre-trained default backbone in %s: using random weights", PRETRAINED_BACKBONE_DIR)
+    return ensure_random_backbone(cache_dir)
+
+
+def ensure_random_backbone(cache_dir: Path | None = None) -> Path:
+    """Return the directory of a seeded random backbone of the default shape, creating it (atomically) if needed."""
     target = (cache_dir or default_cache_dir()) / DEFAULT_BACKBONE_NAME
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    logger.info("creating the built-in default backbone in %s", target)
+    logger.info("creating a random backbone of the default shape in %s", target)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
         write_random_backbone(default_backbone_config(), staging, seed=0)

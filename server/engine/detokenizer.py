@@ -33,7 +33,7 @@ class IncrementalDecoder:
         return full_text[len(prefix_text) :]
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if token_ids else ""
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True)) if token_ids else ""
 
 
 def find_stop(text: str, stop: tuple[str, ...], num_new_chars: int) -> int | None:

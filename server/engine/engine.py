@@ -78,11 +78,11 @@ class Engine:
             for row in request.rows:
                 row.device_task = self.cache.acquire(row.task) if row.task else None
         new_rows = [row for request in requests for row in request.rows]
-        batch, logits = self.runner.prefill(new_rows)
+        prefilled, logits = self.runner.prefill(new_rows)
         self.append_tokens(new_rows, logits)
-        batch = without_finished(batch)
-        if batch is not None:
-            self.batch = batch if self.batch is None else Batch.concatenate(self.batch, batch)
+        joining = without_finished(prefilled)
+        if joining is not None:
+            self.batch = joining if self.batch is None else Batch.concatenate(self.batch, joining)
         return new_rows
 
     def decode(self) -> list[Sequence]:
