@@ -23,9 +23,17 @@ LIMITS = IntakeLimits(max_input_tokens=256, max_new_tokens=256)
 
 
 class Harness:
-    def __init__(self, tiny: TinyBackbone, store_dir: Path, max_batch_size: int = 32, max_waiting: int = 64) -> None:
+    def __init__(
+        self,
+        tiny: TinyBackbone,
+        store_dir: Path,
+        max_batch_size: int = 32,
+        max_waiting: int = 64,
+        device: str = "cpu",
+        dtype: str = "float32",
+    ) -> None:
         self.tiny = tiny
-        self.backbone: Backbone = load_backbone(str(tiny.path), "cpu", "float32")
+        self.backbone: Backbone = load_backbone(str(tiny.path), device, dtype)
         self.store = TaskStore(store_dir, self.backbone.fingerprint)
         for kind, adapter_dir in tiny.adapters.items():
             self.store.register_dir(kind, adapter_dir)
