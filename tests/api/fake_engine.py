@@ -1,0 +1,235 @@
+"""A stand-in for the real engine that satisfies EngineClient faithfully, for tests of the HTTP layer.
+
+Like the real one it streams one output per token and then a separate completion (a vote ensemble streams
+nothing before its answer), raises typed errors on the first `anext`, and treats closing its iterator before
+the completion as an abort, which it records. Each character of a deterministic answer is one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from prompt_store.types import CacheStats, Method, TaskRecord
+from server.engine.errors import (
+    EngineUnavailable,
+    InputTooLong,
+    InvalidPrompt,
+    InvalidTask,
+    QueueFull,
+    TaskNotFound,
+    TaskTooLarge,
+)
+from server.engine.types import (
+    Completion,
+    EngineInfo,
+    EngineStats,
+    EnsembleMode,
+    FinishReason,
+    GenerateInput,
+    MemberResult,
+    RequestOutput,
+    StepStats,
+    Token,
+)
+
+EOS_ID = 0
+LOGPROB = -0.5
+PEFT_METHODS = {
+    "PROMPT_TUNING": Method.PROMPT_TUNING,
+    "P_TUNING": Method.P_TUNING,
+    "PREFIX_TUNING": Method.PREFIX_TUNING,
+}
+
+
+def answer_of(task_id: str | None, inputs: str) -> str:
+    """What a task "generates": its id and the reversed input, so every task answers differently."""
+    return f"{task_id or 'bare'}:{inputs[::-1]}"
+
+
+def adapter_config(method: str = "PROMPT_TUNING", num_virtual_tokens: int = 4) -> bytes:
+    return json.dumps(
+        {"peft_type": method, "task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
+    ).encode()
+
+
+@dataclass(frozen=True)
+class Row:
+    task_id: str | None
+    tokens: list[Token]
+    text: str
+    finish_reason: FinishReason
+
+
+@dataclass
+class FakeEngine:
+    ready: bool = True
+    token_delay_s: float = 0.0
+    hold: bool = False  # while true, requests wait before their first token (to test disconnects)
+    queue_full: bool = False
+    crash_with: Exception | None = None  # raised on the first output: an unexpected engine failure
+    fail_after_tokens: int | None = None  # an engine error in the middle of a stream
+    max_input_chars: int = 200
+    max_new_tokens_limit: int = 512
+    max_adapter_bytes: int = 10_000
+    tasks: dict[str, TaskRecord] = field(default_factory=dict)
+    started: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    requests: list[GenerateInput] = field(default_factory=list)
+    listeners: list[Callable[[StepStats], None]] = field(default_factory=list)
+    num_steps: int = 0
+    ids: itertools.count = field(default_factory=itertools.count)
+
+    # ---- EngineClient: service
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+    def info(self) -> EngineInfo:
+        return EngineInfo(
+            model_id="fake/tiny", model_type="llama", dtype="float32", device="cpu", hidden_size=48, num_layers=2,
+            num_key_value_heads=2, head_dim=8, vocab_size=259, max_batch_size=8, max_batch_tokens=1024,
+            max_virtual_tokens=64, version="0.1.0", num_tasks=len(self.tasks),
+        )  # fmt: skip
+
+    def stats(self) -> EngineStats:
+        running = len(self.started) - len(self.completed) - len(self.aborted)
+        cache = CacheStats(hits=7, misses=2, evictions=1, resident_bytes=4096, num_entries=2, num_pinned=0)
+        return EngineStats(num_running=running, num_waiting=0, num_steps=self.num_steps, num_tasks=len(self.tasks),
+                           cache=cache)  # fmt: skip
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self.listeners.append(listener)
+
+    # ---- EngineClient: tasks
+
+    def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
+        method, num_virtual_tokens = parse_config(adapter_config)
+        if len(adapter_model) > self.max_adapter_bytes:
+            raise TaskTooLarge(
+                f"expected an adapter of at most {self.max_adapter_bytes} bytes; found {len(adapter_model)}"
+            )
+        previous = self.tasks.get(task_id)
+        record = TaskRecord(
+            task_id=task_id, version=previous.version + 1 if previous else 1, method=method,
+            num_virtual_tokens=num_virtual_tokens, bytes=len(adapter_config) + len(adapter_model),
+            sha256=hashlib.sha256(adapter_model).hexdigest(),
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        )  # fmt: skip
+        self.tasks[task_id] = record
+        return record, previous is None
+
+    def add_task(self, task_id: str) -> TaskRecord:
+        return self.register_task(task_id, adapter_config(), b"weights")[0]
+
+    def delete_task(self, task_id: str) -> None:
+        if self.tasks.pop(task_id, None) is None:
+            raise TaskNotFound(task_id)
+
+    def list_tasks(self) -> list[TaskRecord]:
+        return sorted(self.tasks.values(), key=lambda record: record.task_id)
+
+    def get_task(self, task_id: str) -> TaskRecord:
+        if task_id not in self.tasks:
+            raise TaskNotFound(task_id)
+        return self.tasks[task_id]
+
+    # ---- EngineClient: generation
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
+        self.check(request)
+        request_id = f"req-{next(self.ids)}"
+        self.requests.append(request)
+        self.started.append(request_id)
+        finished = False
+        try:
+            while self.hold:
+                await asyncio.sleep(0.005)
+            if self.crash_with is not None:
+                raise self.crash_with
+            rows = [self.decode(request, task_id) for task_id in request.task_ids]
+            answer_row = pick_answer(rows, request.ensemble)
+            if request.ensemble is not EnsembleMode.VOTE:
+                for i, token in enumerate(answer_row.tokens):
+                    await self.step(request, i)
+                    yield RequestOutput(request_id, token=token)
+            finished = True
+            yield RequestOutput(request_id, completion=self.completion(request, rows, answer_row))
+        finally:
+            (self.completed if finished else self.aborted).append(request_id)
+
+    def check(self, request: GenerateInput) -> None:
+        if not self.ready:
+            raise EngineUnavailable("the engine is not running")
+        if request.sampling.max_new_tokens > self.max_new_tokens_limit:
+            raise InvalidPrompt(f"expected max_new_tokens in [1, {self.max_new_tokens_limit}]; "
+                                f"found {request.sampling.max_new_tokens}")  # fmt: skip
+        for task_id in request.task_ids:
+            if task_id is not None and task_id not in self.tasks:
+                raise TaskNotFound(task_id)
+        if len(request.inputs) > self.max_input_chars:
+            raise InputTooLong(f"inputs have {len(request.inputs)} tokens; at most {self.max_input_chars} are accepted")
+        if self.queue_full:
+            raise QueueFull(num_waiting=3, retry_after=2.5)
+
+    async def step(self, request: GenerateInput, index: int) -> None:
+        if self.fail_after_tokens is not None and index >= self.fail_after_tokens:
+            raise EngineUnavailable("the engine step failed: simulated")
+        await asyncio.sleep(self.token_delay_s)
+        self.num_steps += 1
+        stats = StepStats(batch_size=len(request.task_ids), num_distinct_tasks=len(set(request.task_ids) - {None}),
+                          num_prefill_tokens=0, num_decode_tokens=1, num_waiting=0, step_seconds=0.001)  # fmt: skip
+        for listener in self.listeners:
+            listener(stats)
+
+    def decode(self, request: GenerateInput, task_id: str | None) -> Row:
+        text = answer_of(task_id, request.inputs)
+        limit = request.sampling.max_new_tokens
+        tokens = [Token(ord(char), char, LOGPROB) for char in text[:limit]]
+        if len(text) >= limit:
+            return Row(task_id, tokens, text[:limit], FinishReason.LENGTH)
+        return Row(task_id, [*tokens, Token(EOS_ID, "", LOGPROB)], text, FinishReason.EOS)
+
+    def completion(self, request: GenerateInput, rows: list[Row], answer: Row) -> Completion:
+        members = None
+        if request.ensemble is not None:
+            members = tuple(MemberResult(row.task_id, self.version_of(row.task_id), row.text) for row in rows)
+        task_id = None if request.ensemble is EnsembleMode.MEAN else answer.task_id
+        return Completion(
+            generated_text=answer.text,
+            finish_reason=answer.finish_reason,
+            generated_tokens=len(answer.tokens),
+            input_tokens=len(request.inputs) + 1,
+            task_id=task_id,
+            task_version=self.version_of(task_id),
+            tokens=tuple(answer.tokens),
+            members=members,
+        )
+
+    def version_of(self, task_id: str | None) -> int | None:
+        return self.tasks[task_id].version if task_id is not None else None
+
+
+def pick_answer(rows: list[Row], ensemble: EnsembleMode | None) -> Row:
+    if ensemble is EnsembleMode.VOTE:
+        counts = Counter(row.text for row in rows)
+        return max(rows, key=lambda row: counts[row.text])
+    return rows[0]
+
+
+def parse_config(adapter_config: bytes) -> tuple[Method, int]:
+    try:
+        config = json.loads(adapter_config)
+        method = PEFT_METHODS[config["peft_type"]]
+        return method, int(config["num_virtual_tokens"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidTask(
+            f"expected a PEFT prompt-learning adapter_config.json; found {adapter_config[:40]!r} ({exc!r})"
+        ) from exc
