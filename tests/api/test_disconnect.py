@@ -3,53 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 
 from fastapi import FastAPI
 
 from server.api.app import create_app
 from server.api.settings import Settings
 from tests.api.fake_engine import FakeEngine
-
-Message = dict
-TIMEOUT_S = 5.0
-
-
-async def call_until(app: FastAPI, path: str, body: dict, leave_when: Callable[[list[Message]], bool]) -> list[Message]:
-    """POST `body`; the client disconnects once `leave_when(sent messages)` holds. Returns what the app sent."""
-    sent: list[Message] = []
-    left = asyncio.Event()
-    pending = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
-
-    async def receive() -> Message:
-        if pending:
-            return pending.pop()
-        await left.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: Message) -> None:
-        sent.append(message)
-
-    async def watch() -> None:
-        while not leave_when(sent):
-            await asyncio.sleep(0.002)
-        left.set()
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"host", b"test")], "client": ("127.0.0.1", 5000),
-        "server": ("test", 80), "state": {},
-    }  # fmt: skip
-    watcher = asyncio.create_task(watch())
-    await asyncio.wait_for(app(scope, receive, send), TIMEOUT_S)
-    watcher.cancel()
-    return sent
-
-
-def body_chunks(sent: list[Message]) -> list[bytes]:
-    return [m["body"] for m in sent if m["type"] == "http.response.body" and m.get("body")]
+from tests.api.helpers import body_chunks, call_until
 
 
 def slow_app(engine: FakeEngine) -> FastAPI:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from tests.api.fake_engine import FakeEngine, answer_of
+from tests.api.helpers import events_of
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +19,6 @@ def tasks(engine: FakeEngine) -> None:
 
 def stream(client: TestClient, **body: Any) -> Any:
     return client.post("/v1/generate_stream", json={"inputs": "hi", **body})
-
-
-def events_of(text: str) -> list[dict]:
-    """Every event is exactly `data: {json}` followed by a blank line."""
-    assert text.endswith("\n\n")
-    blocks = text[:-2].split("\n\n")
-    assert all(block.startswith("data: ") and "\n" not in block for block in blocks)
-    return [json.loads(block.removeprefix("data: ")) for block in blocks]
 
 
 def test_stream_content_type_is_event_stream(client: TestClient) -> None:

@@ -1,0 +1,124 @@
+"""The API against a real tiny engine (random Llama with GQA, PEFT adapters saved by PEFT itself), on CPU."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.app import create_app
+from server.api.settings import Settings
+from server.engine.async_engine import AsyncEngine, build_engine
+from tests.api.helpers import body_chunks, call_until, events_of
+from tests.fixtures import TinyBackbone
+
+pytestmark = pytest.mark.slow
+
+
+def real_settings(tiny: TinyBackbone, store: Path) -> Settings:
+    return Settings(model=str(tiny.path), store_dir=str(store), device="cpu", poll_interval_s=0, demo_tasks=False)
+
+
+def adapter_files(adapter_dir: Path) -> dict[str, tuple[str, bytes, str]]:
+    return {
+        "adapter_config": (
+            "adapter_config.json",
+            (adapter_dir / "adapter_config.json").read_bytes(),
+            "application/json",
+        ),
+        "adapter_model": ("adapter_model.safetensors", (adapter_dir / "adapter_model.safetensors").read_bytes(), ""),
+    }
+
+
+@pytest.fixture(scope="module")
+def real_engine(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncEngine]:
+    engine = build_engine(real_settings(tiny_llama, tmp_path_factory.mktemp("store")).engine_config())
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def real(real_engine: AsyncEngine, tiny_llama: TinyBackbone) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(demo_tasks=False), real_engine)) as client:
+        for kind in ("prompt_tuning", "prefix"):
+            assert client.put(f"/v1/tasks/{kind}", files=adapter_files(tiny_llama.adapters[kind])).status_code == 201
+        yield client
+
+
+def wait_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while engine.stats().num_running or engine.stats().num_waiting or engine.stats().cache.num_pinned:
+        assert time.monotonic() < deadline, f"engine still busy: {engine.stats()}"
+        time.sleep(0.01)
+
+
+def test_real_lifespan_builds_engine_from_settings(tiny_llama: TinyBackbone, tmp_path: Path) -> None:
+    with TestClient(create_app(real_settings(tiny_llama, tmp_path / "store"))) as client:
+        deadline = time.monotonic() + 60
+        while client.get("/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert client.get("/info").json()["num_key_value_heads"] == 2
+
+
+def test_real_registered_tasks_listed_with_records(real: TestClient) -> None:
+    records = {record["task_id"]: record for record in real.get("/v1/tasks").json()["tasks"]}
+    assert records["prompt_tuning"]["method"] == "prompt_tuning"
+    assert records["prefix"]["method"] == "prefix_tuning"
+    assert records["prefix"]["num_virtual_tokens"] == 3
+
+
+def test_real_generate_under_task_reports_version(real: TestClient) -> None:
+    body = {"inputs": "hello", "task_id": "prefix", "parameters": {"max_new_tokens": 4, "details": True}}
+    details = real.post("/v1/generate", json=body).json()["details"]
+    assert (details["task_id"], details["task_version"]) == ("prefix", 1)
+    assert len(details["tokens"]) == details["generated_tokens"] <= 4
+
+
+def test_real_stream_tokens_match_generate(real: TestClient) -> None:
+    body = {"inputs": "hello", "task_id": "prompt_tuning", "parameters": {"max_new_tokens": 5, "details": True}}
+    answer = real.post("/v1/generate", json=body).json()
+    events = events_of(real.post("/v1/generate_stream", json=body).text)
+    streamed = [event["token"]["id"] for event in events if event["token"] is not None]
+    assert streamed == [token["id"] for token in answer["details"]["tokens"]]
+    assert events[-1]["generated_text"] == answer["generated_text"]
+
+
+def test_real_ensemble_mean_lists_members(real: TestClient) -> None:
+    body = {"inputs": "hi", "task_ids": ["prompt_tuning", "prefix"], "ensemble": "mean",
+            "parameters": {"max_new_tokens": 3}}  # fmt: skip
+    members = real.post("/v1/generate", json=body).json()["details"]["members"]
+    assert [member["task_id"] for member in members] == ["prompt_tuning", "prefix"]
+
+
+def test_real_unknown_ensemble_member_404(real: TestClient) -> None:
+    response = real.post("/v1/generate", json={"inputs": "hi", "task_ids": ["prefix", "missing"]})
+    assert (response.status_code, response.json()["error_type"]) == (404, "not_found")
+
+
+def test_real_invalid_adapter_422(real: TestClient, tiny_llama: TinyBackbone) -> None:
+    files = adapter_files(tiny_llama.adapters["prefix"])
+    files["adapter_model"] = ("adapter_model.safetensors", b"not safetensors", "")
+    response = real.put("/v1/tasks/broken", files=files)
+    assert (response.status_code, response.json()["error_type"]) == (422, "validation")
+
+
+def test_real_stream_disconnect_frees_engine(real: TestClient, real_engine: AsyncEngine) -> None:
+    app = create_app(Settings(demo_tasks=False), real_engine)
+    body = {"inputs": "hello", "task_id": "prefix", "parameters": {"max_new_tokens": 400}}
+    sent = asyncio.run(call_until(app, "/v1/generate_stream", body, lambda sent: len(body_chunks(sent)) >= 2))
+    assert len(body_chunks(sent)) < 400
+    wait_idle(real_engine)
+
+
+def test_real_metrics_record_engine_steps(real: TestClient) -> None:
+    real.post("/v1/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 2}})
+    text = real.get("/metrics").text
+    count = next(line for line in text.splitlines() if line.startswith("promptserve_batch_size_count"))
+    assert float(count.split()[-1]) > 0
+    assert json.loads(real.get("/health").text) == {"status": "ok"}
