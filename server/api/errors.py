@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -103,6 +104,8 @@ def to_api_error(exc: BaseException) -> ApiError:
 
 def error_type_of(exc: BaseException) -> str:
     """The error_type an exception maps to, without logging (metrics label outcomes with it)."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
     error = classify(exc)
     return "internal" if error is None else error.error_type
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import pytest
 
 from promptserve_client import cli as client_cli
@@ -47,3 +50,12 @@ def test_main_lists_commands_on_help(capsys: pytest.CaptureFixture[str]) -> None
 def test_main_exit_2_on_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bogus"]) == 2
     assert "unknown command 'bogus'" in capsys.readouterr().err
+
+
+def test_serve_exits_1_when_model_fails_to_load(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    argv = ["--model", str(tmp_path / "no-model"), "--store", str(tmp_path / "store"), "--port", str(port),
+            "--log-level", "critical"]  # fmt: skip
+    assert cli.serve(argv) == 1
