@@ -88,8 +88,12 @@ async def load_engine(state: AppState, factory: EngineFactory, on_failure: Failu
 def prepare_engine(settings: Settings, factory: EngineFactory) -> EngineClient:
     """Blocking: build the engine, then seed an empty store with the demo tasks when asked to."""
     engine = factory(settings)
-    if settings.demo_tasks:
-        register_demo_tasks(engine, settings)
+    try:
+        if settings.demo_tasks:
+            register_demo_tasks(engine, settings)
+    except BaseException:
+        shutdown(engine)  # the server will not start: stop the engine thread it would never use
+        raise
     return engine
 
 

@@ -130,3 +130,15 @@ def test_demo_tasks_skipped_with_warning_when_module_absent(
     serve_once(Settings(demo_tasks=True), engine)
     assert engine.tasks == {}
     assert "no tests.api.no_such_demo_module module" in caplog.text
+
+
+def test_demo_failure_fails_start_and_stops_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(app_module, "DEMO_MODULE", "tests.api.broken_demo_stub")
+    engine, failures = ShutdownRecorder(), []
+    app = create_app(
+        Settings(demo_tasks=True), engine_factory=lambda settings: engine, on_engine_failure=failures.append
+    )
+    with TestClient(app) as client:
+        wait_until(lambda: bool(failures))
+        assert "demo assets missing" in client.get("/health").json()["error"]
+    assert engine.num_shutdowns == 1
