@@ -29,7 +29,7 @@ def _is_none(value: object) -> bool:
 
 def absent_when_none() -> Any:
     """An optional field left out of the JSON (not written as null) when it has no value."""
-    return Field(None, exclude_if=_is_none)
+    return Field(default=None, exclude_if=_is_none)
 
 
 # ---- requests
@@ -38,12 +38,12 @@ def absent_when_none() -> Any:
 class Parameters(BaseModel):
     """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields."""
 
-    max_new_tokens: int = Field(_SAMPLING_DEFAULTS.max_new_tokens, ge=1)
+    max_new_tokens: int = Field(default=_SAMPLING_DEFAULTS.max_new_tokens, ge=1)
     do_sample: bool = False
-    temperature: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
+    temperature: float | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0)
     stop: list[Annotated[str, StringConstraints(min_length=1)]] | None = None
     details: bool = False
 
@@ -71,9 +71,9 @@ class Parameters(BaseModel):
 class GenerateRequest(BaseModel):
     inputs: str
     task_id: TaskId | None = None
-    task_ids: list[TaskId] | None = Field(None, min_length=1)
+    task_ids: list[TaskId] | None = Field(default=None, min_length=1)
     ensemble: Literal["vote", "mean"] = "vote"
-    parameters: Parameters = Field(default_factory=Parameters)
+    parameters: Parameters = Field(default_factory=lambda: Parameters())
 
     @model_validator(mode="after")
     def _one_target(self) -> GenerateRequest:

@@ -23,23 +23,23 @@ class Settings(BaseSettings):
     store_dir: str = _ENGINE.store_dir
     device: str = _ENGINE.device
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_batch_size: int = Field(_ENGINE.max_batch_size, ge=1)
-    max_batch_tokens: int = Field(_ENGINE.max_batch_tokens, ge=1)
-    max_waiting: int = Field(_ENGINE.max_waiting, ge=0)
-    max_input_tokens: int = Field(_ENGINE.max_input_tokens, ge=1)
-    max_new_tokens_limit: int = Field(_ENGINE.max_new_tokens_limit, ge=1)
-    max_virtual_tokens: int = Field(_ENGINE.max_virtual_tokens, ge=1)
-    max_adapter_bytes: int = Field(_ENGINE.max_adapter_bytes, ge=1)
-    prompt_cache_bytes: int = Field(_ENGINE.prompt_cache_bytes, ge=0)
-    poll_interval_s: float = Field(_ENGINE.poll_interval_s, ge=0)
+    max_batch_size: int = Field(default=_ENGINE.max_batch_size, ge=1)
+    max_batch_tokens: int = Field(default=_ENGINE.max_batch_tokens, ge=1)
+    max_waiting: int = Field(default=_ENGINE.max_waiting, ge=0)
+    max_input_tokens: int = Field(default=_ENGINE.max_input_tokens, ge=1)
+    max_new_tokens_limit: int = Field(default=_ENGINE.max_new_tokens_limit, ge=1)
+    max_virtual_tokens: int = Field(default=_ENGINE.max_virtual_tokens, ge=1)
+    max_adapter_bytes: int = Field(default=_ENGINE.max_adapter_bytes, ge=1)
+    prompt_cache_bytes: int = Field(default=_ENGINE.prompt_cache_bytes, ge=0)
+    poll_interval_s: float = Field(default=_ENGINE.poll_interval_s, ge=0)
     trust_remote_code: bool = _ENGINE.trust_remote_code
 
     # HTTP
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    port: int = Field(default=8000, ge=0, le=65535)
     admin_token: SecretStr | None = None  # when set, PUT and DELETE need `Authorization: Bearer <token>`
-    max_config_bytes: int = Field(1024 * 1024, ge=1)  # adapter_config.json
-    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1)  # any body but an upload (JSON generation requests)
+    max_config_bytes: int = Field(default=1024 * 1024, ge=1)  # adapter_config.json
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1)  # any body but an upload (JSON generation requests)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     # start-up

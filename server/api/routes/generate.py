@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -13,7 +15,9 @@ from server.engine.interface import EngineClient
 
 router = APIRouter(tags=["generation"])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SSE_RESPONSE = {200: {"content": {"text/event-stream": {"schema": StreamEvent.model_json_schema()}}}}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {"schema": StreamEvent.model_json_schema()}}}
+}
 
 
 @router.post("/v1/generate", response_model=GenerateResponse)
