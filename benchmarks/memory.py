@@ -1,0 +1,127 @@
+"""What a task costs to keep: tensor and on-disk bytes per registered task, and the process memory (RSS) that
+1,000 prompt-tuning tasks resident in the device-side prompt cache add, over their tensors' own bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from safetensors.torch import save as save_safetensors
+
+from benchmarks.workload import TaskSpec
+from prompt_store.adapter import CONFIG_NAME, StoreLimits
+from prompt_store.cache import PromptCache
+from prompt_store.registry import TaskStore
+from prompt_store.types import BackboneFingerprint
+
+
+def trimmed_rss() -> int:
+    """RSS after a full collection and, on glibc, handing freed heap pages back (malloc_trim)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return psutil.Process().memory_info().rss
+
+
+def raw_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def disk_usage(path: Path) -> tuple[int, int]:
+    """(apparent bytes of the files, bytes of the blocks they and their directories occupy)."""
+    apparent, allocated = 0, os.stat(path).st_blocks * 512
+    for folder, dirs, files in os.walk(path):
+        for name in dirs:
+            allocated += os.stat(Path(folder) / name).st_blocks * 512
+        for name in files:
+            stat = os.stat(Path(folder) / name)
+            apparent, allocated = apparent + stat.st_size, allocated + stat.st_blocks * 512
+    return apparent, allocated
+
+
+def per_task_bytes(
+    fingerprint: BackboneFingerprint, device: torch.device, dtype: torch.dtype, samples: list[TaskSpec], root: Path
+) -> dict[str, Any]:
+    """For one task of each method: device tensor bytes, upload bytes, and what the store holds on disk."""
+    store = TaskStore(root, fingerprint, StoreLimits(max_virtual_tokens=1024))
+    cache = PromptCache(fingerprint, device, dtype, budget_bytes=1 << 30)
+    result: dict[str, Any] = {}
+    for task in samples:
+        record, _ = store.register_dir(task.task_id, task.adapter_dir)
+        device_task = cache.acquire(store.load(task.task_id))
+        apparent, allocated = disk_usage(store.layout.task_dir(task.task_id))
+        result[task.method] = {
+            "num_virtual_tokens": task.num_virtual_tokens,
+            "tensor_bytes": device_task.nbytes,
+            "upload_bytes": record.bytes,  # adapter_config.json + adapter_model.safetensors
+            "disk_bytes": apparent,  # the version's files: config, safetensors, record.json
+            "disk_allocated_bytes": allocated,  # in filesystem blocks, directories included
+        }
+        cache.release(device_task.key)
+    return result
+
+
+def random_prompt_upload(num_virtual_tokens: int, hidden_size: int, seed: int) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randn((num_virtual_tokens, hidden_size), generator=generator)  # [P, H] float32, as PEFT saves
+    return save_safetensors({"prompt_embeddings": prompt})
+
+
+def resident_task_growth(
+    fingerprint: BackboneFingerprint,
+    device: torch.device,
+    dtype: torch.dtype,
+    prompt_task: TaskSpec,
+    root: Path,
+    num_tasks: int = 1000,
+) -> dict[str, Any]:
+    """Register `num_tasks` prompt-tuning tasks, make them all resident in the prompt cache, and measure RSS."""
+    config_bytes = (prompt_task.adapter_dir / CONFIG_NAME).read_bytes()
+    fp_hidden = fingerprint.hidden_size
+    is_cuda = device.type == "cuda"
+    store = TaskStore(root, fingerprint, StoreLimits(max_virtual_tokens=1024))
+    cache = PromptCache(fingerprint, device, dtype, budget_bytes=1 << 40)
+    # One task through every path first, so one-time costs (lazy imports, first allocations) are not counted.
+    store.register("warm-up", config_bytes, random_prompt_upload(prompt_task.num_virtual_tokens, fp_hidden, num_tasks))
+    cache.release(cache.acquire(store.load("warm-up")).key)
+    rss_before, raw_before = trimmed_rss(), raw_rss()
+    device_before = torch.cuda.memory_allocated(device) if is_cuda else 0
+    started = time.perf_counter()
+    for i in range(num_tasks):
+        upload = random_prompt_upload(prompt_task.num_virtual_tokens, fp_hidden, seed=i)
+        store.register(f"mem-{i:05d}", config_bytes, upload)
+    register_s = time.perf_counter() - started
+    rss_registered = trimmed_rss()
+    started = time.perf_counter()
+    for i in range(num_tasks):
+        device_task = cache.acquire(store.load(f"mem-{i:05d}"))
+        cache.release(device_task.key)  # stays resident: the budget is far away
+    acquire_s = time.perf_counter() - started
+    raw_after, rss_after = raw_rss(), trimmed_rss()
+    tensor_bytes = cache.stats().resident_bytes - cache.entries[("warm-up", 1)].task.nbytes
+    assert cache.stats().num_entries == num_tasks + 1
+    result = {
+        "num_tasks": num_tasks,
+        "num_virtual_tokens": prompt_task.num_virtual_tokens,
+        "tensor_bytes": tensor_bytes,
+        "rss_growth_bytes": rss_after - rss_before,
+        "rss_growth_over_tensor_bytes": (rss_after - rss_before) / tensor_bytes,
+        "rss_growth_over_tensor_bytes_untrimmed": (raw_after - raw_before) / tensor_bytes,
+        "overhead_bytes_per_task": (rss_after - rss_before - tensor_bytes) / num_tasks,
+        "rss_growth_after_register_bytes": rss_registered - rss_before,
+        "register_ms_per_task": 1000 * register_s / num_tasks,
+        "load_and_acquire_ms_per_task": 1000 * acquire_s / num_tasks,
+        "note": "RSS after gc + malloc_trim; '_untrimmed' is the raw RSS difference",
+    }
+    if is_cuda:
+        result["device_growth_over_tensor_bytes"] = (torch.cuda.memory_allocated(device) - device_before) / tensor_bytes
+    del cache, store
+    return result

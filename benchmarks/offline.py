@@ -1,0 +1,368 @@
+"""`python -m benchmarks`: the engine's ratios on a synthetic Llama, measured in one process, A B A B.
+
+mixed_over_uniform      one task per row vs. the same rows on one task per method
+engine_over_peft        the engine vs. PEFT generate per task (one PeftModel per method, set_adapter per task)
+continuous_over_static  continuous batching vs. static batches, varied output lengths, Poisson arrivals
+memory                  bytes per task; RSS growth of 1,000 resident prompt tasks over their tensor bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging as hf_logging
+
+from benchmarks import memory
+from benchmarks.compare import alternate
+from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
+from benchmarks.peft_baseline import PeftServer
+from benchmarks.report import load_average, machine_info, print_table, write_json
+from benchmarks.workload import (
+    PREFIX,
+    PROMPT,
+    TaskSpec,
+    Workload,
+    one_task_per_method,
+    poisson_arrivals,
+    round_robin_workload,
+    shuffled_workload,
+    varied_output_workload,
+    with_arrivals,
+    write_backbone,
+    write_tasks,
+)
+
+SECTIONS = ("mixed", "peft", "static", "memory")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    preset: str
+    num_tasks: int  # half prompt tuning, half prefix tuning; the mixed batch has one row per task
+    num_virtual_tokens: int
+    input_chars: tuple[int, int]  # byte tokenizer: tokens = chars + 1 (<s>)
+    new_tokens: int  # per request, for the mixed and PEFT comparisons
+    mixed_requests_per_task: int
+    peft_num_tasks: int
+    peft_requests_per_task: int
+    peft_max_batch_size: int
+    static_num_requests: int
+    static_new_tokens: tuple[int, int]
+    static_load: float  # Poisson arrival rate, as a multiple of the measured continuous capacity
+    repeats: int
+    memory_num_tasks: int
+
+
+QUICK = Plan(
+    preset="cpu",
+    num_tasks=16,
+    num_virtual_tokens=16,
+    input_chars=(8, 64),
+    new_tokens=32,
+    mixed_requests_per_task=2,
+    peft_num_tasks=16,
+    peft_requests_per_task=4,
+    peft_max_batch_size=32,
+    static_num_requests=48,
+    static_new_tokens=(4, 64),
+    static_load=2.0,
+    repeats=3,
+    memory_num_tasks=1000,
+)
+FULL = replace(
+    QUICK,
+    num_tasks=32,
+    input_chars=(8, 128),
+    new_tokens=48,
+    mixed_requests_per_task=3,
+    static_num_requests=128,
+    static_new_tokens=(8, 128),
+    repeats=5,
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tokens_per_s(run: Any) -> float:
+    return run.tokens_per_s
+
+
+def tokens_per_cpu_s(run: Any) -> float:
+    return run.tokens_per_cpu_s
+
+
+# ---- mixed over uniform
+
+
+def mixed_over_uniform(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, rng: random.Random) -> dict[str, Any]:
+    mixed = round_robin_workload(rng, tasks, plan.mixed_requests_per_task, plan.input_chars, plan.new_tokens)
+    uniform = one_task_per_method(mixed, tasks)
+    rig.set_max_batch_size(plan.num_tasks)
+    paired = alternate(
+        "mixed", lambda: rig.run(mixed), "uniform", lambda: rig.run(uniform), tokens_per_s, plan.repeats, progress=log
+    )
+    return {
+        **paired.summary("tokens_per_s"),
+        "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
+        "definition": (
+            f"mixed: batches of {plan.num_tasks} rows, every row a different task ({plan.num_tasks // 2} prompt "
+            f"tuning + {plan.num_tasks // 2} prefix tuning, {plan.num_virtual_tokens} virtual tokens each); uniform: "
+            "the same requests, each on the first task of its own method (one prompt task, one prefix task), so "
+            "rows, methods and virtual-token counts are identical and only the number of distinct tasks differs"
+        ),
+        "steps": step_notes(paired.runs_a),
+        "workload": workload_notes(mixed, plan.num_tasks),
+    }
+
+
+# ---- engine over PEFT
+
+
+def engine_over_peft(
+    rig: EngineRig, peft: PeftServer, tasks: list[TaskSpec], plan: Plan, rng: random.Random
+) -> dict[str, Any]:
+    chosen = tasks[: plan.peft_num_tasks]
+    workload = shuffled_workload(rng, chosen, plan.peft_requests_per_task, plan.input_chars, plan.new_tokens)
+    rig.set_max_batch_size(plan.peft_max_batch_size)
+    paired = alternate(
+        "engine",
+        lambda: rig.run(workload),
+        "peft",
+        lambda: peft.run(workload),
+        tokens_per_s,
+        plan.repeats,
+        progress=log,
+    )
+    method_of = {t.task_id: t.method for t in chosen}
+    matches = [a == b for a, b in zip(paired.runs_a[-1].token_ids, paired.runs_b[-1].token_ids, strict=True)]
+    return {
+        **paired.summary("tokens_per_s"),
+        "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
+        **match_rates(workload, matches, method_of),
+        "definition": (
+            f"{len(workload.jobs)} requests over {len(chosen)} tasks ({plan.peft_requests_per_task} each, shuffled); "
+            f"engine: max_batch_size {plan.peft_max_batch_size}, every request queued at t=0; PEFT: one PeftModel "
+            "per method over one shared base, load_adapter per task; per task, set_adapter and one left-padded "
+            "greedy generate of its requests, tasks one after another"
+        ),
+        "match_note": (
+            "PEFT's prompt-tuning generate drops position ids, so a left-padded prompt-tuning row sees its virtual "
+            "tokens at other positions than when alone; a task's longest input is not padded in PEFT's batch"
+        ),
+        "steps": step_notes(paired.runs_a),
+        "workload": workload_notes(workload, len(chosen)),
+    }
+
+
+def match_rates(workload: Workload, matches: list[bool], method_of: dict[str, str]) -> dict[str, Any]:
+    longest: dict[str | None, int] = defaultdict(int)
+    for job in workload.jobs:
+        longest[job.task_id] = max(longest[job.task_id], len(job.text))
+    by_method: dict[str, list[bool]] = defaultdict(list)
+    unpadded = []
+    for job, match in zip(workload.jobs, matches, strict=True):
+        by_method[method_of[str(job.task_id)]].append(match)
+        if len(job.text) == longest[job.task_id]:
+            unpadded.append(match)
+    return {
+        "match_rate": sum(matches) / len(matches),
+        "match_rate_by_method": {method: sum(m) / len(m) for method, m in sorted(by_method.items())},
+        "match_rate_unpadded_rows": sum(unpadded) / len(unpadded),
+        "num_requests": len(matches),
+    }
+
+
+# ---- continuous over static
+
+
+def continuous_over_static(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, rng: random.Random) -> dict[str, Any]:
+    at_once = varied_output_workload(rng, tasks, plan.static_num_requests, plan.input_chars, plan.static_new_tokens)
+    rig.set_max_batch_size(plan.num_tasks)
+    calibration = rig.run(at_once)  # also the warm-up
+    rate = plan.static_load * len(at_once.jobs) / calibration.seconds
+    workload = with_arrivals(at_once, poisson_arrivals(rng, len(at_once.jobs), rate))
+    paired = alternate(
+        "continuous",
+        lambda: rig.run(workload, CONTINUOUS),
+        "static",
+        lambda: rig.run(workload, STATIC),
+        tokens_per_s,
+        plan.repeats,
+        warmup=0,
+        progress=log,
+    )
+    low, high = plan.static_new_tokens
+    return {
+        **paired.summary("tokens_per_s"),
+        "definition": (
+            f"{len(workload.jobs)} requests, {low}-{high} new tokens each (uniform), tasks drawn uniformly from "
+            f"{len(tasks)}, Poisson arrivals at {rate:.2f} req/s ({plan.static_load:g}x the continuous capacity "
+            f"measured with everything queued at t=0); max_batch_size {plan.num_tasks}; throughput = generated "
+            "tokens / time until the last request ends. static: whatever has arrived (up to max_batch_size) runs on "
+            "the same engine until its last row ends, then the next batch; finished rows leave the static batch "
+            "(no compute is spent on them), which flatters static batching"
+        ),
+        "latency": {"continuous": latency_stats(paired.runs_a), "static": latency_stats(paired.runs_b)},
+        "steps": {"continuous": step_notes(paired.runs_a), "static": step_notes(paired.runs_b)},
+        "arrival_rate_per_s": rate,
+        "workload": workload_notes(workload, len(tasks)),
+    }
+
+
+def step_notes(runs: list[RunResult]) -> dict[str, float]:
+    """Where the engine's time went, from its StepStats (medians over runs)."""
+
+    def median(field: str) -> float:
+        return statistics.median(getattr(run.steps, field) for run in runs)
+
+    return {
+        "prefill_s": median("prefill_s"),
+        "decode_s": median("decode_s"),
+        "num_prefill_steps": median("num_prefill_steps"),
+        "num_decode_steps": median("num_decode_steps"),
+        "num_prefill_tokens": median("num_prefill_tokens"),
+    }
+
+
+def latency_stats(runs: list[RunResult]) -> dict[str, float]:
+    """Per-run percentiles, then the median over runs."""
+
+    def pct(values: list[float], q: float) -> float:
+        return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+    return {
+        "ttft_p50": statistics.median(pct(run.ttft_s, 50) for run in runs),
+        "ttft_p90": statistics.median(pct(run.ttft_s, 90) for run in runs),
+        "latency_p50": statistics.median(pct(run.latency_s, 50) for run in runs),
+        "latency_p90": statistics.median(pct(run.latency_s, 90) for run in runs),
+    }
+
+
+def workload_notes(workload: Workload, num_tasks: int) -> dict[str, Any]:
+    chars = [len(job.text) for job in workload.jobs]
+    new = [job.max_new_tokens for job in workload.jobs]
+    return {
+        "num_requests": len(workload.jobs),
+        "num_tasks": num_tasks,
+        "input_tokens_min_mean_max": [min(chars) + 1, statistics.mean(chars) + 1, max(chars) + 1],
+        "new_tokens_min_mean_max": [min(new), statistics.mean(new), max(new)],
+        "num_new_tokens": workload.num_new_tokens,
+    }
+
+
+# ---- memory
+
+
+def task_memory(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, root: Path) -> dict[str, Any]:
+    fp, device, dtype = rig.backbone.fingerprint, rig.backbone.device, rig.backbone.dtype
+    samples = [next(t for t in tasks if t.method == method) for method in (PROMPT, PREFIX)]
+    per_task = memory.per_task_bytes(fp, device, dtype, samples, root / "store-sizes")
+    resident = memory.resident_task_growth(fp, device, dtype, samples[0], root / "store-memory", plan.memory_num_tasks)
+    return {"per_task": per_task, "resident": resident}
+
+
+# ---- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | ...")
+    parser.add_argument("--preset", choices=("cpu", "gpu"), help="backbone size (default: by device)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--repeats", type=int, help="measured runs per side (after one warm-up)")
+    parser.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--workdir", type=Path, help="keep the backbone, tasks and stores here (default: a temp dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    plan = QUICK if args.quick else FULL
+    preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
+    plan = replace(plan, preset=preset)
+    if args.repeats:
+        plan = replace(plan, repeats=args.repeats)
+    return plan
+
+
+def quiet_libraries() -> None:
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Position ids are not supported")
+    logging.basicConfig(level=logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    plan = build_plan(args)
+    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="promptserve-bench-") as scratch:
+        root = args.workdir or Path(scratch)
+        return run(args, plan, sections, root)
+
+
+def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) -> int:
+    started = time.perf_counter()
+    rng = random.Random(args.seed)
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    log(f"writing a random {plan.preset} Llama and {plan.num_tasks} PEFT tasks to {root}")
+    backbone_dir = write_backbone(plan.preset, root / "backbone", seed=args.seed)
+    tasks = write_tasks(backbone_dir, root / "tasks", plan.num_tasks, plan.num_virtual_tokens)
+    rig = EngineRig.open(backbone_dir, root / "store", tasks, args.device, dtype, plan.num_tasks)
+    result: dict[str, Any] = {
+        "machine": machine_info(rig.backbone.device, rig.backbone.dtype),
+        "config": {"quick": args.quick, **asdict(plan), "backbone": backbone_summary(rig)},
+        "details": {},
+    }
+    log(f"set up in {time.perf_counter() - started:.0f} s")
+    if "mixed" in sections:
+        log("mixed_over_uniform")
+        result["details"]["mixed_over_uniform"] = mixed_over_uniform(rig, tasks, plan, rng)
+    if "peft" in sections:
+        log("engine_over_peft")
+        peft = PeftServer(backbone_dir, tasks[: plan.peft_num_tasks], args.device, dtype)
+        result["details"]["engine_over_peft"] = engine_over_peft(rig, peft, tasks, plan, rng)
+        del peft
+    if "static" in sections:
+        log("continuous_over_static")
+        result["details"]["continuous_over_static"] = continuous_over_static(rig, tasks, plan, rng)
+    for name, detail in result["details"].items():
+        result[name] = detail["ratio"]
+    if "memory" in sections:
+        log("memory")
+        result["memory"] = task_memory(rig, tasks, plan, root)
+        result["rss_growth_over_tensor_bytes"] = result["memory"]["resident"]["rss_growth_over_tensor_bytes"]
+    result["machine"]["load_average_at_end"] = load_average()
+    result["seconds"] = time.perf_counter() - started
+    print_table(result)
+    print(f"  {result['seconds']:.0f} s in all")
+    if args.json:
+        write_json(result, args.json)
+        print(f"  wrote {args.json}")
+    return 0
+
+
+def backbone_summary(rig: EngineRig) -> dict[str, Any]:
+    fp = rig.backbone.fingerprint
+    num_params = sum(p.numel() for p in rig.backbone.model.parameters())
+    return {**asdict(fp), "num_parameters": num_params}

@@ -1,0 +1,85 @@
+"""How prompt adapters are served today with PEFT: one PeftModel per method over a shared base, every task
+loaded with `load_adapter`; per task, `set_adapter`, then its requests in one left-padded greedy `generate`.
+
+PEFT cannot mix peft types in one PeftModel, so prompt-tuning tasks live in one wrapper and prefix-tuning
+tasks in another; both wrap the same base model (the weights exist once).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from benchmarks.workload import TaskSpec, Workload
+from server.engine.default_backbone import PAD_ID
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(slots=True)
+class PeftRun:
+    seconds: float
+    cpu_seconds: float
+    num_new_tokens: int
+    token_ids: list[list[int]]  # per job, in workload order
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_new_tokens / self.seconds
+
+    @property
+    def tokens_per_cpu_s(self) -> float:
+        return self.num_new_tokens / self.cpu_seconds
+
+
+class PeftServer:
+    def __init__(self, backbone_dir: Path, tasks: list[TaskSpec], device: str, dtype: str) -> None:
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
+        base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.model_of: dict[str, PeftModel] = {}
+        wrappers: dict[str, PeftModel] = {}
+        for task in tasks:
+            model = wrappers.get(task.method)
+            if model is None:
+                model = PeftModel.from_pretrained(base, task.adapter_dir, adapter_name=task.task_id)
+                wrappers[task.method] = model.to(self.device).eval()
+            else:
+                model.load_adapter(task.adapter_dir, adapter_name=task.task_id)
+            self.model_of[task.task_id] = model
+
+    def run(self, workload: Workload) -> PeftRun:
+        """Tasks one after another, in order of first appearance; each task's requests in one batch."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, job in enumerate(workload.jobs):
+            assert job.task_id is not None, "the PEFT baseline serves task requests only"
+            groups[job.task_id].append(i)
+        encoded = {task_id: self.encode([workload.jobs[i].text for i in rows]) for task_id, rows in groups.items()}
+        token_ids: list[list[int]] = [[] for _ in workload.jobs]
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for task_id, rows in groups.items():
+            max_new_tokens = workload.jobs[rows[0]].max_new_tokens
+            assert all(workload.jobs[i].max_new_tokens == max_new_tokens for i in rows)
+            generated = self.generate(task_id, encoded[task_id], max_new_tokens)
+            for i, ids in zip(rows, generated, strict=True):
+                token_ids[i] = ids
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        return PeftRun(seconds, cpu_seconds, sum(map(len, token_ids)), token_ids)
+
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        return {name: tensor.to(self.device) for name, tensor in encoded.items()}
+
+    @torch.inference_mode()
+    def generate(self, task_id: str, encoded: dict[str, torch.Tensor], max_new_tokens: int) -> list[list[int]]:
+        model = self.model_of[task_id]
+        model.set_adapter(task_id)
+        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD_ID)
+        width = encoded["input_ids"].shape[1]
+        return out[:, width:].tolist()  # [B, new]

@@ -1,0 +1,141 @@
+"""The machine a run came from, the readable table of ratios, and the JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+import transformers
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "load_average_at_start": load_average(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+GOALS = {  # name -> (limit, goal, higher_is_better)
+    "mixed_over_uniform": (1.0, 0.95, True),
+    "engine_over_peft": (None, 3.0, True),
+    "continuous_over_static": (None, 1.3, True),
+    "rss_growth_over_tensor_bytes": (None, 1.1, False),
+}
+
+
+def verdict(name: str, value: float) -> str:
+    _, goal, higher = GOALS[name]
+    met = value >= goal if higher else value <= goal
+    return f"{'>=' if higher else '<='} {goal:g}: {'met' if met else 'NOT met'}"
+
+
+RATIOS = ("mixed_over_uniform", "engine_over_peft", "continuous_over_static")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    m, config = result["machine"], result["config"]
+    print()
+    print(f"promptserve benchmarks ({'quick' if config['quick'] else 'full'} run)")
+    cpus = f"{m['cpus_usable']} of {m['cpu_count']} CPUs usable"
+    print(f"  machine: {m['cpu']}, {cpus}, {m['torch_threads']} torch threads")
+    print(f"  torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, python {m['python']}")
+    backbone = config["backbone"]
+    print(
+        f"  device {m['device']} ({m.get('gpu', 'CPU')}), {m['dtype']}; backbone: random Llama "
+        f"'{config['preset']}' preset, {backbone['num_parameters'] / 1e6:.1f}M parameters, "
+        f"{backbone['num_layers']} layers, {backbone['num_attention_heads']}/{backbone['num_key_value_heads']} heads"
+    )
+    print(f"  load average at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}")
+    print()
+    print(f"  {'':30} {'ratio':>7} {'pairs min..max':>15} {'cpu-time':>9}   goal")
+    for name in RATIOS:
+        if name in result:
+            detail = result["details"][name]
+            spread = f"{detail['pair_ratio_min']:.2f}..{detail['pair_ratio_max']:.2f}"
+            cpu = f"{detail['ratio_cpu_time']:.3f}" if "ratio_cpu_time" in detail else "-"
+            print(f"  {name:30} {result[name]:7.3f} {spread:>15} {cpu:>9}   {verdict(name, result[name])}")
+    if "rss_growth_over_tensor_bytes" in result:
+        growth = result["rss_growth_over_tensor_bytes"]
+        print(f"  {'rss_growth_over_tensor_bytes':30} {growth:7.3f} {'':>15} {'':>9}   {verdict(GROWTH, growth)}")
+    print()
+    for name in RATIOS:
+        if name in result:
+            print_detail(name, result["details"][name])
+    if "memory" in result:
+        print_memory(result["memory"])
+
+
+GROWTH = "rss_growth_over_tensor_bytes"
+
+
+def print_detail(name: str, detail: dict[str, Any]) -> None:
+    rates = {key: value for key, value in detail.items() if key.endswith("tokens_per_s")}
+    print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in rates.items()))
+    print(f"    {detail['definition']}")
+    if "match_rate" in detail:
+        by_method = ", ".join(f"{k} {v:.2f}" for k, v in detail["match_rate_by_method"].items())
+        print(
+            f"    greedy outputs identical to PEFT's: {detail['match_rate']:.2f} of requests ({by_method}; "
+            f"rows unpadded in PEFT's batch {detail['match_rate_unpadded_rows']:.2f})"
+        )
+    if "latency" in detail:
+        for side, stats in detail["latency"].items():
+            print(f"    {side}: " + ", ".join(f"{key} {value:.2f}s" for key, value in stats.items()))
+    print()
+
+
+def print_memory(memory: dict[str, Any]) -> None:
+    for method, sizes in memory["per_task"].items():
+        print(
+            f"  one {method} task ({sizes['num_virtual_tokens']} virtual tokens): tensors {sizes['tensor_bytes']:,} B,"
+            f" upload {sizes['upload_bytes']:,} B, on disk {sizes['disk_bytes']:,} B"
+            f" ({sizes['disk_allocated_bytes']:,} B in blocks)"
+        )
+    resident = memory["resident"]
+    print(
+        f"  {resident['num_tasks']:,} resident prompt tasks: tensors {resident['tensor_bytes'] / 2**20:.1f} MiB, "
+        f"RSS +{resident['rss_growth_bytes'] / 2**20:.1f} MiB (x{resident['rss_growth_over_tensor_bytes']:.3f}, "
+        f"{resident['overhead_bytes_per_task']:,.0f} B overhead per task; "
+        f"x{resident['rss_growth_over_tensor_bytes_untrimmed']:.3f} before malloc_trim); "
+        f"register {resident['register_ms_per_task']:.1f} ms/task"
+    )
+    print()
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,181 @@
+"""The benchmarks' synthetic world: a random Llama (GQA) backbone, PEFT-made tasks and requests.
+
+Everything is written to disk and loaded back through `from_pretrained` / the task store, as in the tests.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
+
+PROMPT, PREFIX = "prompt_tuning", "prefix_tuning"
+
+# Llama shapes with grouped-query attention (4 query heads per KV head). The vocabulary is the byte tokenizer's
+# 259 ids, so the LM head is cheap next to a real model's; the layers are what is measured.
+PRESETS: dict[str, dict[str, int]] = {
+    # ~22M parameters: a decode step takes ~10-30 ms on one CPU core, so a comparison runs in seconds.
+    "cpu": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8},
+    # ~1B parameters (TinyLlama's layers): for a GPU.
+    "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
+}
+
+
+def backbone_config(preset: str) -> LlamaConfig:
+    shape = PRESETS[preset]
+    return LlamaConfig(
+        vocab_size=BYTE_VOCAB_SIZE,
+        num_key_value_heads=shape["num_attention_heads"] // 4,
+        max_position_embeddings=4096,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        **shape,
+    )
+
+
+def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
+    """Random weights, except that </s> can never win: every request then runs to its max_new_tokens.
+
+    The EOS row of the LM head is zeroed (its logit is exactly 0 while 258 random logits compete), so output
+    lengths are fixed by the workload, for the engine and for PEFT alike, without touching either's stopping rule.
+    """
+    write_random_backbone(backbone_config(preset), directory, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    with torch.no_grad():
+        model.get_output_embeddings().weight[EOS_ID].zero_()
+    model.save_pretrained(directory)
+    return directory
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    task_id: str
+    method: str  # PROMPT | PREFIX
+    num_virtual_tokens: int
+    adapter_dir: Path
+
+
+def peft_config(method: str, num_virtual_tokens: int) -> PromptTuningConfig | PrefixTuningConfig:
+    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
+    return PromptTuningConfig(**common) if method == PROMPT else PrefixTuningConfig(**common)
+
+
+def write_task(backbone_dir: Path, method: str, num_virtual_tokens: int, out_dir: Path, seed: int) -> Path:
+    """A task as users bring it: PEFT's get_peft_model(...).save_pretrained, with random trained weights."""
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(backbone_dir), peft_config(method, num_virtual_tokens))
+    with torch.no_grad():
+        for param in model.prompt_encoder.parameters():
+            param.normal_(0.0, 1.0)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_tasks(backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int) -> list[TaskSpec]:
+    """Half prompt tuning, half prefix tuning, alternating; every task has the same number of virtual tokens."""
+    tasks = []
+    for i in range(num_tasks):
+        method = PROMPT if i % 2 == 0 else PREFIX
+        task_id = f"{method.split('_')[0]}-{i:03d}"
+        adapter_dir = write_task(backbone_dir, method, num_virtual_tokens, root / task_id, seed=1000 + i)
+        tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
+    return tasks
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One request of a workload: its text, its task (None: the bare backbone) and when it arrives."""
+
+    text: str
+    task_id: str | None
+    max_new_tokens: int
+    arrival_s: float = 0.0  # offset from the start of the run
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    jobs: list[Job]
+    notes: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(job.max_new_tokens for job in self.jobs)
+
+
+def random_text(rng: random.Random, num_chars: int) -> str:
+    """ASCII text: the byte tokenizer gives one token per character (plus <s>)."""
+    alphabet = string.ascii_letters + string.digits + " .,"
+    return "".join(rng.choice(alphabet) for _ in range(num_chars))
+
+
+def input_lengths(rng: random.Random, num: int, low: int, high: int) -> list[int]:
+    return [rng.randint(low, high) for _ in range(num)]
+
+
+def poisson_arrivals(rng: random.Random, num: int, rate: float) -> list[float]:
+    """Arrival offsets (seconds) of a Poisson process with `rate` requests per second; the first at 0."""
+    offsets, now = [], 0.0
+    for _ in range(num):
+        offsets.append(now)
+        now += rng.expovariate(rate)
+    return offsets
+
+
+def with_tasks(workload: Workload, task_of: dict[str | None, str | None], name: str) -> Workload:
+    """The same jobs, each task id mapped through `task_of`."""
+    jobs = [Job(job.text, task_of[job.task_id], job.max_new_tokens, job.arrival_s) for job in workload.jobs]
+    return Workload(name, jobs, dict(workload.notes))
+
+
+# ---- the workloads of the comparisons
+
+
+def round_robin_workload(
+    rng: random.Random, tasks: list[TaskSpec], per_task: int, input_chars: tuple[int, int], new_tokens: int
+) -> Workload:
+    """Requests cycling through the tasks: any `len(tasks)` consecutive requests use every task once."""
+    lengths = input_lengths(rng, len(tasks) * per_task, *input_chars)
+    jobs = [Job(random_text(rng, n), tasks[i % len(tasks)].task_id, new_tokens) for i, n in enumerate(lengths)]
+    return Workload("mixed", jobs)
+
+
+def one_task_per_method(workload: Workload, tasks: list[TaskSpec]) -> Workload:
+    """The same requests, each on the first task of its own method: same rows, methods and virtual tokens."""
+    first_of = {method: next(t.task_id for t in tasks if t.method == method) for method in (PROMPT, PREFIX)}
+    return with_tasks(workload, {t.task_id: first_of[t.method] for t in tasks}, "uniform")
+
+
+def shuffled_workload(
+    rng: random.Random, tasks: list[TaskSpec], per_task: int, input_chars: tuple[int, int], new_tokens: int
+) -> Workload:
+    """`per_task` requests for every task (uniform popularity), in random order."""
+    task_ids = [t.task_id for t in tasks for _ in range(per_task)]
+    rng.shuffle(task_ids)
+    lengths = input_lengths(rng, len(task_ids), *input_chars)
+    jobs = [Job(random_text(rng, n), task_id, new_tokens) for task_id, n in zip(task_ids, lengths, strict=True)]
+    return Workload("shuffled", jobs)
+
+
+def varied_output_workload(
+    rng: random.Random, tasks: list[TaskSpec], num: int, input_chars: tuple[int, int], new_tokens: tuple[int, int]
+) -> Workload:
+    """Tasks drawn uniformly, output lengths uniform in `new_tokens`; everything arrives at t=0."""
+    lengths = input_lengths(rng, num, *input_chars)
+    news = input_lengths(rng, num, *new_tokens)
+    jobs = [Job(random_text(rng, c), rng.choice(tasks).task_id, n) for c, n in zip(lengths, news, strict=True)]
+    return Workload("varied", jobs)
+
+
+def with_arrivals(workload: Workload, arrivals: list[float]) -> Workload:
+    jobs = [Job(job.text, job.task_id, job.max_new_tokens, t) for job, t in zip(workload.jobs, arrivals, strict=True)]
+    return Workload(workload.name, jobs, dict(workload.notes))
