@@ -49,7 +49,13 @@ StoreListener = Callable[[StoreEvent], None]
 class TaskStore:
     """Registers, versions, deletes and loads tasks; safe to share between threads and processes."""
 
-    def __init__(self, root: str | Path, fingerprint: BackboneFingerprint, limits: StoreLimits = StoreLimits()) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        fingerprint: BackboneFingerprint,
+        limits: StoreLimits = StoreLimits(),
+        max_cached_artifacts: int = 256,  # CPU artifacts kept for repeated loads (bounded also by bytes)
+    ) -> None:
         self.layout = StoreLayout(Path(root))
         self.fingerprint = fingerprint
         self.limits = limits
@@ -58,7 +64,7 @@ class TaskStore:
         self._index_lock = threading.Lock()  # short: guards the two fields above
         self._write_lock = threading.Lock()  # orders this process's commits, deletes and rescans
         self._listeners: list[StoreListener] = []
-        self._artifacts = ArtifactLRU()
+        self._artifacts = ArtifactLRU(max_entries=max_cached_artifacts)
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
         self.layout.create_dirs()
