@@ -117,6 +117,4 @@ def register_demo_tasks(engine: EngineClient, settings: Settings) -> None:
 
 
 def shutdown(engine: EngineClient) -> None:
-    stop = getattr(engine, "shutdown", None)  # not part of EngineClient: the real engine has it
-    if stop is not None:
-        stop()
+    engine.shutdown()

@@ -49,6 +49,9 @@ class Metrics:
         self.time_per_output_token = self._histogram(
             "time_per_output_token_seconds", "Mean time between a request's tokens after the first", TOKEN_TIME_BUCKETS
         )
+        self.queue_time = self._histogram(
+            "request_queue_time_seconds", "Submission to the first scheduling in the engine", LATENCY_BUCKETS
+        )
         self.request_prompt_tokens = self._histogram(
             "request_prompt_tokens", "Input tokens of a request", TOKEN_COUNT_BUCKETS
         )
@@ -115,6 +118,7 @@ class RequestTracker:
     def on_completion(self, completion: Completion) -> None:
         self.on_token()  # a vote ensemble streams nothing before its answer
         m = self.metrics
+        m.queue_time.observe(completion.queue_seconds)
         m.request_prompt_tokens.observe(completion.input_tokens)
         m.request_generation_tokens.observe(completion.generated_tokens)
         m.prompt_tokens.inc(completion.input_tokens)

@@ -100,7 +100,8 @@ class Engine:
         for row, token_id, logprob in zip(rows, token_ids, logprobs, strict=True):
             self.append_token(row, token_id, logprob)
         for request in distinct_requests(rows):
-            self.emit_tokens(request)
+            if not request.is_finished:  # a finishing request's last token rides with its completion
+                self.emit_tokens(request)
 
     def append_token(self, row: Sequence, token_id: int, logprob: float) -> None:
         row.output_ids.append(token_id)
@@ -133,7 +134,8 @@ class Engine:
     def complete(self, request: Request) -> None:
         request.status = Status.FINISHED
         self.scheduler.remove(request)
-        request.sink(RequestOutput(request.request_id, completion=build_completion(request)))
+        last_token = None if request.ensemble is EnsembleMode.VOTE else request.rows[0].tokens[-1]
+        request.sink(RequestOutput(request.request_id, token=last_token, completion=build_completion(request)))
 
     def drop(self, request: Request) -> None:
         """Remove a request from wherever it is, freeing its rows' KV and task references."""
@@ -227,6 +229,7 @@ def build_completion(request: Request) -> Completion:
         task_version=task[1],
         tokens=tuple(answer.tokens),
         members=members,
+        queue_seconds=(request.first_scheduled_time or request.arrival_time) - request.arrival_time,
     )
 
 

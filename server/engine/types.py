@@ -67,11 +67,12 @@ class Completion:
     task_version: int | None
     tokens: tuple[Token, ...] = ()
     members: tuple[MemberResult, ...] | None = None  # ensembles only
+    queue_seconds: float = 0.0  # from submission to the first scheduling
 
 
 @dataclass(frozen=True, slots=True)
 class RequestOutput:
-    """One event of a request's stream: a new token, the final completion, or an error."""
+    """One event of a request's stream: a new token, the final completion (with the last token), or an error."""
 
     request_id: str
     token: Token | None = None

@@ -85,12 +85,17 @@ class FakeEngine:
     requests: list[GenerateInput] = field(default_factory=list)
     listeners: list[Callable[[StepStats], None]] = field(default_factory=list)
     num_steps: int = 0
+    num_shutdowns: int = 0
     ids: itertools.count = field(default_factory=itertools.count)
 
     # ---- EngineClient: service
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def shutdown(self) -> None:
+        self.ready = False
+        self.num_shutdowns += 1
 
     def info(self) -> EngineInfo:
         return EngineInfo(

@@ -17,11 +17,7 @@ from tests.api.fake_engine import FakeEngine
 DEMO_STUB = "tests.api.demo_stub"
 
 
-class ShutdownRecorder(FakeEngine):
-    num_shutdowns: int = 0
-
-    def shutdown(self) -> None:
-        self.num_shutdowns += 1
+ShutdownRecorder = FakeEngine  # the fake counts its shutdowns
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:

@@ -33,6 +33,7 @@ def test_metrics_expose_the_serving_series(client: TestClient) -> None:
     expected = {
         "promptserve_requests_total", "promptserve_e2e_request_latency_seconds_count",
         "promptserve_time_to_first_token_seconds_count", "promptserve_time_per_output_token_seconds_count",
+        "promptserve_request_queue_time_seconds_count",
         "promptserve_request_prompt_tokens_count", "promptserve_request_generation_tokens_count",
         "promptserve_prompt_tokens_total", "promptserve_generation_tokens_total",
         "promptserve_num_requests_running", "promptserve_num_requests_waiting", "promptserve_batch_size_count",
