@@ -16,7 +16,7 @@ PROMPT_BYTES = 5 * 48 * 4  # the llama prompt-tuning fixture in float32
 
 @pytest.fixture(scope="module")
 def artifacts(tiny_llama: TinyBackbone, llama_fp, tmp_path_factory) -> dict[str, TaskArtifact]:
-    """Four same-sized prompt tasks a, b, c, d (version 1) and a second version of a."""
+    """Four same-sized prompt tasks a, b, c, d (version 1), a second version of a, and a prefix task."""
     store = TaskStore(tmp_path_factory.mktemp("cache-store"), llama_fp)
     adapter = read_adapter(tiny_llama.adapters["prompt_tuning"])
     for task_id in "abcd":
