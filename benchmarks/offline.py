@@ -28,7 +28,7 @@ from benchmarks import memory
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
 from benchmarks.peft_baseline import PeftServer
-from benchmarks.report import load_average, machine_info, print_table, write_json
+from benchmarks.report import goals, load_average, machine_info, print_table, write_json
 from benchmarks.workload import (
     PREFIX,
     PROMPT,
@@ -62,6 +62,7 @@ class Plan:
     static_new_tokens: tuple[int, int]
     static_load: float  # Poisson arrival rate, as a multiple of the measured continuous capacity
     repeats: int
+    mixed_repeats: int  # its runs are short and its ratio is near 1: more pairs for a steadier median
     memory_num_tasks: int
 
 
@@ -79,6 +80,7 @@ QUICK = Plan(
     static_new_tokens=(4, 64),
     static_load=2.0,
     repeats=3,
+    mixed_repeats=5,
     memory_num_tasks=1000,
 )
 FULL = replace(
@@ -90,6 +92,7 @@ FULL = replace(
     static_num_requests=128,
     static_new_tokens=(8, 128),
     repeats=5,
+    mixed_repeats=7,
 )
 
 
@@ -112,9 +115,8 @@ def mixed_over_uniform(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, rng: r
     mixed = round_robin_workload(rng, tasks, plan.mixed_requests_per_task, plan.input_chars, plan.new_tokens)
     uniform = one_task_per_method(mixed, tasks)
     rig.set_max_batch_size(plan.num_tasks)
-    paired = alternate(
-        "mixed", lambda: rig.run(mixed), "uniform", lambda: rig.run(uniform), tokens_per_s, plan.repeats, progress=log
-    )
+    run_mixed, run_uniform = (lambda: rig.run(mixed)), (lambda: rig.run(uniform))
+    paired = alternate("mixed", run_mixed, "uniform", run_uniform, tokens_per_s, plan.mixed_repeats, progress=log)
     return {
         **paired.summary("tokens_per_s"),
         "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
@@ -286,6 +288,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=("cpu", "gpu"), help="backbone size (default: by device)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--repeats", type=int, help="measured runs per side (after one warm-up)")
+    parser.add_argument("--new-tokens", type=int, help="tokens per request in the mixed and PEFT comparisons")
+    parser.add_argument("--requests-per-task", type=int, help="requests per task in the PEFT comparison")
     parser.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="keep the backbone, tasks and stores here (default: a temp dir)")
@@ -298,7 +302,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
     preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
     plan = replace(plan, preset=preset)
     if args.repeats:
-        plan = replace(plan, repeats=args.repeats)
+        plan = replace(plan, repeats=args.repeats, mixed_repeats=args.repeats)
+    if args.new_tokens:
+        plan = replace(plan, new_tokens=args.new_tokens)
+    if args.requests_per_task:
+        plan = replace(plan, peft_requests_per_task=args.requests_per_task)
     return plan
 
 
@@ -352,6 +360,7 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
         log("memory")
         result["memory"] = task_memory(rig, tasks, plan, root)
         result["rss_growth_over_tensor_bytes"] = result["memory"]["resident"]["rss_growth_over_tensor_bytes"]
+    result["goals"] = goals(result)
     result["machine"]["load_average_at_end"] = load_average()
     result["seconds"] = time.perf_counter() - started
     print_table(result)

@@ -58,6 +58,21 @@ GOALS = {  # name -> (limit, goal, higher_is_better)
 }
 
 
+def goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For the JSON: each measured figure against its goal."""
+    out = {}
+    for name, (_, goal, higher) in GOALS.items():
+        if name in result:
+            value = result[name]
+            out[name] = {
+                "value": value,
+                "goal": goal,
+                "higher_is_better": higher,
+                "met": bool(value >= goal if higher else value <= goal),
+            }
+    return out
+
+
 def verdict(name: str, value: float) -> str:
     _, goal, higher = GOALS[name]
     met = value >= goal if higher else value <= goal

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
 
@@ -69,10 +69,13 @@ def peft_config(method: str, num_virtual_tokens: int) -> PromptTuningConfig | Pr
     return PromptTuningConfig(**common) if method == PROMPT else PrefixTuningConfig(**common)
 
 
-def write_task(backbone_dir: Path, method: str, num_virtual_tokens: int, out_dir: Path, seed: int) -> Path:
-    """A task as users bring it: PEFT's get_peft_model(...).save_pretrained, with random trained weights."""
+def write_task(base: PreTrainedModel, method: str, num_virtual_tokens: int, out_dir: Path, seed: int) -> Path:
+    """A task as users bring it: PEFT's get_peft_model(...).save_pretrained, with random trained weights.
+
+    Prompt learning leaves the base model's weights alone, so one loaded base serves every task's creation.
+    """
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(backbone_dir), peft_config(method, num_virtual_tokens))
+    model = get_peft_model(base, peft_config(method, num_virtual_tokens))
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.normal_(0.0, 1.0)
@@ -82,11 +85,12 @@ def write_task(backbone_dir: Path, method: str, num_virtual_tokens: int, out_dir
 
 def write_tasks(backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int) -> list[TaskSpec]:
     """Half prompt tuning, half prefix tuning, alternating; every task has the same number of virtual tokens."""
+    base = AutoModelForCausalLM.from_pretrained(backbone_dir)
     tasks = []
     for i in range(num_tasks):
         method = PROMPT if i % 2 == 0 else PREFIX
         task_id = f"{method.split('_')[0]}-{i:03d}"
-        adapter_dir = write_task(backbone_dir, method, num_virtual_tokens, root / task_id, seed=1000 + i)
+        adapter_dir = write_task(base, method, num_virtual_tokens, root / task_id, seed=1000 + i)
         tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
     return tasks
 
