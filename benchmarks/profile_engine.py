@@ -17,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--workload", choices=("mixed", "peft", "arrivals"), default="peft")
+    parser.add_argument("--new-tokens", type=int, help="tokens per request (mixed and peft workloads)")
     parser.add_argument("--cprofile", type=int, default=0, metavar="N", help="also print cProfile's top N")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
@@ -144,6 +146,8 @@ def build_workload(name: str, plan: Plan, rig: EngineRig, tasks: list, rng: rand
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.new_tokens:
+        plan = replace(plan, new_tokens=args.new_tokens)
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_libraries()
