@@ -1,0 +1,59 @@
+# syntax=docker/dockerfile:1
+# promptserve: one frozen causal LM serving many prompt-learning tasks. CPU image by default;
+# a CUDA image with:  docker build --build-arg TORCH_VARIANT=cu126 -t promptserve:cuda .
+# (TORCH_VARIANT is a PyTorch wheel index: cpu, cu126, cu128, ... as listed on download.pytorch.org/whl/.)
+
+ARG PYTHON_IMAGE=python:3.11.13-slim-bookworm
+
+# ---- builder: a self-contained virtual environment in /opt/venv ----
+FROM ${PYTHON_IMAGE} AS builder
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
+ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_VARIANT}
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv \
+    && pip install --no-cache-dir "pip==26.3" "setuptools==84.2.1"
+# torch first and from its own index: the default PyPI wheel would pull a multi-GB CUDA build into a CPU image.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY deploy/requirements.txt deploy/requirements.txt
+RUN pip install --no-cache-dir -r deploy/requirements.txt
+COPY pyproject.toml README.md ./
+COPY clients clients
+COPY prompt_store prompt_store
+COPY server server
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip check
+
+# ---- runtime: the virtual environment, a non-root user, two volumes ----
+FROM ${PYTHON_IMAGE} AS runtime
+ARG PROMPTSERVE_UID=10001
+LABEL org.opencontainers.image.title="promptserve" \
+      org.opencontainers.image.description="One frozen causal LM serving many prompt-tuned tasks in one batch" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN groupadd --system --gid "${PROMPTSERVE_UID}" promptserve \
+    && useradd --system --uid "${PROMPTSERVE_UID}" --gid "${PROMPTSERVE_UID}" --create-home \
+       --home-dir /home/promptserve --shell /usr/sbin/nologin promptserve \
+    && mkdir -p /data/store /data/hf \
+    && chown -R "${PROMPTSERVE_UID}:${PROMPTSERVE_UID}" /data
+COPY --from=builder /opt/venv /opt/venv
+# HF_HUB_OFFLINE=1 (set at run time) never touches the network: models must then already be in /data/hf
+# or be a mounted directory. The built-in default model ships inside the image and needs neither.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    HF_HOME=/data/hf \
+    HF_HUB_OFFLINE=0 \
+    PROMPTSERVE_STORE_DIR=/data/store \
+    PROMPTSERVE_CACHE_DIR=/data/hf/promptserve
+USER 10001:10001
+WORKDIR /home/promptserve
+VOLUME ["/data/store", "/data/hf"]
+EXPOSE 8000
+# Loading (or first downloading) a large model takes minutes: failures only count after the start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
+ENTRYPOINT ["promptserve"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
