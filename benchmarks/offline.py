@@ -31,6 +31,7 @@ from benchmarks.peft_baseline import PeftServer
 from benchmarks.report import goals, load_average, machine_info, print_table, write_json
 from benchmarks.workload import (
     PREFIX,
+    PRESETS,
     PROMPT,
     TaskSpec,
     Workload,
@@ -78,7 +79,7 @@ QUICK = Plan(
     peft_max_batch_size=32,
     static_num_requests=48,
     static_new_tokens=(4, 64),
-    static_load=2.0,
+    static_load=4.0,
     repeats=3,
     mixed_repeats=5,
     memory_num_tasks=1000,
@@ -285,8 +286,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | ...")
-    parser.add_argument("--preset", choices=("cpu", "gpu"), help="backbone size (default: by device)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--preset", choices=tuple(PRESETS), help="backbone size (default: by device)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default: 1; 0 leaves torch's default). One thread keeps runs steady on a "
+        "shared machine (two threads on two busy cores slow small-batch forwards many times over) and makes the "
+        "CPU-time ratios meaningful",
+    )
     parser.add_argument("--repeats", type=int, help="measured runs per side (after one warm-up)")
     parser.add_argument("--new-tokens", type=int, help="tokens per request in the mixed and PEFT comparisons")
     parser.add_argument("--requests-per-task", type=int, help="requests per task in the PEFT comparison")
@@ -321,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = build_plan(args)
     sections = set(args.only.split(",")) if args.only else set(SECTIONS)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="promptserve-bench-") as scratch:

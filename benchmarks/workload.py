@@ -23,6 +23,8 @@ PROMPT, PREFIX = "prompt_tuning", "prefix_tuning"
 PRESETS: dict[str, dict[str, int]] = {
     # ~22M parameters: a decode step takes ~10-30 ms on one CPU core, so a comparison runs in seconds.
     "cpu": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8},
+    # ~4M parameters: per-step overhead outweighs the arithmetic, so cost grows slowly with the batch (GPU-like).
+    "cpu-small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 6, "num_attention_heads": 8},
     # ~1B parameters (TinyLlama's layers): for a GPU.
     "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
 }
