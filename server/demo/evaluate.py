@@ -54,7 +54,9 @@ def held_out_inputs(num: int, seed: int = 1234) -> list[str]:
 
 
 @torch.inference_mode()
-def greedy_answers(model: torch.nn.Module, prompts: Sequence[list[int]], max_new_tokens: Sequence[int]) -> list[str]:
+def greedy_answers(
+    model: PreTrainedModel | PeftModel, prompts: Sequence[list[int]], max_new_tokens: Sequence[int]
+) -> list[str]:
     """Greedy answers through `generate`, batching only prompts of equal length; row i stops by max_new_tokens[i].
 
     No padding: PEFT's generate ignores position ids, so a left-padded row would see a gap between its virtual
@@ -66,7 +68,7 @@ def greedy_answers(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
         by_length[len(prompt)].append(index)
     for indices in by_length.values():
         input_ids = torch.tensor([prompts[i] for i in indices])
-        output = model.generate(
+        output = model.generate(  # type: ignore[operator]  # PeftModel.generate is typed through nn.Module
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             max_new_tokens=max(max_new_tokens[i] for i in indices),
@@ -79,7 +81,7 @@ def greedy_answers(model: torch.nn.Module, prompts: Sequence[list[int]], max_new
     return answers
 
 
-def score(model: torch.nn.Module, transformation: str, inputs: list[str], cue: str = "") -> Score:
+def score(model: PreTrainedModel | PeftModel, transformation: str, inputs: list[str], cue: str = "") -> Score:
     expected = [TRANSFORMATIONS[transformation].apply(text) for text in inputs]
     prompts = [[*encode_bytes(cue), BOS_ID, *encode_bytes(text)] for text in inputs]
     # <s> answer </s>, and one token of slack: anything longer cannot be an exact match anyway

@@ -39,7 +39,7 @@ def save_backbone(model: PreTrainedModel, target: Path) -> Path:
     """Stored in bfloat16 (half the bytes); prompts are then trained against these exact rounded weights."""
 
     def build(directory: Path) -> None:
-        model.to(torch.bfloat16).save_pretrained(directory)
+        model.bfloat16().save_pretrained(directory)
         byte_tokenizer().save_pretrained(directory)
 
     return replace_dir(build, target)

@@ -43,13 +43,17 @@ PEAK_LR = {"prompt_tuning": 3e-2, "p_tuning": 3e-3, "prefix_tuning": 3e-3}
 
 
 def peft_config_for(task: DemoTask) -> PeftConfig:
-    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": task.num_virtual_tokens}
+    size = task.num_virtual_tokens
     if task.method == "prompt_tuning":  # initialised from sampled vocabulary embeddings, as Lester et al. advise
-        return PromptTuningConfig(**common, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
+        return PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=size, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB
+        )
     if task.method == "p_tuning":  # MLP reparameterisation; the saved prompt is the MLP's output
-        return PromptEncoderConfig(**common, encoder_hidden_size=128)
+        return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=size, encoder_hidden_size=128)
     if task.method == "prefix_tuning":  # Li & Liang's MLP over the prefix, dropped on save
-        return PrefixTuningConfig(**common, prefix_projection=True, encoder_hidden_size=128)
+        return PrefixTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=size, prefix_projection=True, encoder_hidden_size=128
+        )
     raise ValueError(f"unknown method {task.method!r}")
 
 
@@ -62,7 +66,7 @@ def save_adapter(model: PeftModel, target: Path) -> Path:
     """PEFT's own layout, nothing else: adapter_config.json + adapter_model.safetensors."""
 
     def build(directory: Path) -> None:
-        model.save_pretrained(directory)
+        model.save_pretrained(str(directory))
         (directory / "README.md").unlink(missing_ok=True)
         config_path = directory / "adapter_config.json"
         config = json.loads(config_path.read_text())

@@ -83,7 +83,7 @@ def train_loop(
 ) -> float:
     """AdamW with clipping; returns the mean loss over the last `log_every` steps."""
     optimizer = torch.optim.AdamW(parameters, lr=peak_lr, betas=(0.9, 0.98), weight_decay=weight_decay)
-    start, recent = time.monotonic(), []
+    start, recent = time.monotonic(), list[float]()
     for step in range(num_steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, num_steps, peak_lr, warmup)
