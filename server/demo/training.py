@@ -31,7 +31,7 @@ class Batch:
     labels: torch.Tensor  # [B, T], IGNORE_INDEX where no loss
 
 
-DEFAULT_THREADS = 1  # two threads gave bitwise the same weights, but thrash (20x slower) on a busy 2-core machine
+DEFAULT_THREADS = 1  # two threads gave the same weights wherever compared, but thrash (20x slower) on a busy 2-core box
 
 
 def make_deterministic(seed: int) -> random.Random:
