@@ -38,6 +38,7 @@ class Engine:
         self.num_steps = 0
         self.last_step: StepStats | None = None
         self.step_listeners: list[StepListener] = []
+        self.orphans: list[Request] = []  # requests whose caller could not be reached; dropped after the step
 
     # ---- inbox commands (engine thread)
 
@@ -69,6 +70,7 @@ class Engine:
         else:
             rows, num_prefill, num_decode = self.decode(), 0, self.batch.size if self.batch else 0
         self.postprocess_finished(rows)
+        self.drop_orphans()
         return self.record_step(rows, num_prefill, num_decode, time.perf_counter() - started)
 
     def prefill(self, requests: list[Request]) -> list[Sequence]:
@@ -135,7 +137,7 @@ class Engine:
         request.status = Status.FINISHED
         self.scheduler.remove(request)
         last_token = None if request.ensemble is EnsembleMode.VOTE else request.rows[0].tokens[-1]
-        request.sink(RequestOutput(request.request_id, token=last_token, completion=build_completion(request)))
+        self.deliver(request, RequestOutput(request.request_id, token=last_token, completion=build_completion(request)))
 
     def drop(self, request: Request) -> None:
         """Remove a request from wherever it is, freeing its rows' KV and task references."""
@@ -171,10 +173,24 @@ class Engine:
     def emit_tokens(self, request: Request) -> None:
         if request.ensemble is EnsembleMode.VOTE:
             return  # the answer is known only once every member has finished
-        request.sink(RequestOutput(request.request_id, token=request.rows[0].tokens[-1]))
+        self.deliver(request, RequestOutput(request.request_id, token=request.rows[0].tokens[-1]))
 
     def emit_error(self, request: Request, error: Exception) -> None:
-        request.sink(RequestOutput(request.request_id, error=error))
+        self.deliver(request, RequestOutput(request.request_id, error=error))
+
+    def deliver(self, request: Request, output: RequestOutput) -> None:
+        """Hand an output to the caller; a caller that is gone (its event loop closed) costs only its own request."""
+        try:
+            request.sink(output)
+        except Exception as error:
+            logger.warning("request %s: cannot reach its caller (%s); dropping it", request.request_id, error)
+            self.orphans.append(request)
+
+    def drop_orphans(self) -> None:
+        orphans, self.orphans = self.orphans, []
+        for request in orphans:
+            if request.status is not Status.FINISHED:
+                self.drop(request)
 
     def record_step(self, rows: list[Sequence], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
         self.num_steps += 1

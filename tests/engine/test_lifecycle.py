@@ -119,6 +119,21 @@ def test_step_failure_fails_running_requests_and_frees_everything(harness: Harne
     assert harness.alone("still serving", "prefix", max_new_tokens=3).generated_tokens == 3
 
 
+def test_unreachable_caller_costs_only_its_own_request(harness: Harness):
+    """A caller whose event loop closed makes its sink raise: that request is dropped, its batch mates go on."""
+
+    def gone(output):
+        raise RuntimeError("Event loop is closed")
+
+    alone = harness.alone("mate", "prefix", max_new_tokens=6)
+    mate = harness.request("mate", "prefix", max_new_tokens=6)
+    orphan = harness.request("orphan", "prompt_tuning", max_new_tokens=50)
+    orphan.sink = gone
+    harness.engine.add(orphan)
+    assert token_ids(harness.run(mate)[0]) == token_ids(alone)
+    assert harness.is_idle() and harness.engine.orphans == []
+
+
 def test_request_larger_than_batch_limits_is_refused_not_queued(tiny_llama, tmp_path):
     harness = Harness(tiny_llama, tmp_path / "store", max_batch_size=2)
     request = harness.request("x", "prefix", "prompt_tuning", "p_tuning_mlp", ensemble=EnsembleMode.VOTE)
