@@ -77,6 +77,15 @@ def serve(argv: list[str]) -> int:
 # ---- dispatch
 
 
+def bench(argv: list[str]) -> int:
+    try:
+        from benchmarks.serving import main as bench_main
+    except ImportError as error:
+        print(f"promptserve bench needs the benchmarks package of a source checkout ({error})", file=sys.stderr)
+        return 2
+    return bench_main(argv)
+
+
 def delegate_to_client(name: str) -> Run:
     return lambda argv: client_cli.main([name, *argv], prog="promptserve")
 
@@ -87,6 +96,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("generate text under a task or an ensemble", delegate_to_client("generate")),
     "health": Command("is the server's model loaded?", delegate_to_client("health")),
     "info": Command("the server's model and limits", delegate_to_client("info")),
+    "bench": Command("load-test a running server (request rate, task popularity, TTFT/TPOT)", bench),
 }
 
 

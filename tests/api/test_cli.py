@@ -59,3 +59,9 @@ def test_serve_exits_1_when_model_fails_to_load(tmp_path: Path) -> None:
     argv = ["--model", str(tmp_path / "no-model"), "--store", str(tmp_path / "store"), "--port", str(port),
             "--log-level", "critical"]  # fmt: skip
     assert cli.serve(argv) == 1
+
+
+def test_bench_runs_the_serving_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    """`promptserve bench` is benchmarks.serving: it refuses a remote URL before sending anything."""
+    assert cli.main(["bench", "--url", "http://198.51.100.7:8000", "--num-requests", "1"]) == 2
+    assert "not a loopback address" in capsys.readouterr().err

@@ -1,5 +1,4 @@
-"""Every Docker command the README (and the draft of its Docker section) quotes names files, profiles,
-services and build arguments that exist."""
+"""Every Docker command the README quotes names files, profiles, services and build arguments that exist."""
 
 from __future__ import annotations
 
@@ -7,11 +6,9 @@ import re
 import shlex
 from pathlib import Path
 
-import pytest
-
 from tests.deploy.helpers import BASE_COMPOSE, GPU_COMPOSE, ROOT
 
-DOCS = [ROOT / "README.md", ROOT / "server" / "demo" / "README_SECTION.md"]
+README = ROOT / "README.md"
 GLOBAL_OPTIONS_WITH_VALUE = {"-f", "--file", "--profile", "-p", "--project-name", "--env-file", "--project-directory"}
 COMPOSE_SUBCOMMANDS_WITH_SERVICES = {"up", "logs", "exec", "run", "restart", "stop", "start", "ps", "build", "pull"}
 
@@ -25,6 +22,12 @@ def docker_commands(path: Path) -> list[list[str]]:
             if words[:1] == ["docker"]:
                 commands.append(words)
     return commands
+
+
+def docker_section() -> str:
+    text = README.read_text()
+    start = text.index("\n## Docker\n")
+    return text[start : text.index("\n## ", start + 1)]
 
 
 def compose_text() -> str:
@@ -70,23 +73,22 @@ def check_build_command(words: list[str]) -> None:
         assert build_arg.split("=")[0] in arguments, f"{shlex.join(words)}: the Dockerfile has no ARG {build_arg}"
 
 
-@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_quoted_docker_commands_refer_to_what_exists(path: Path) -> None:
-    for words in docker_commands(path):
+def test_quoted_docker_commands_refer_to_what_exists() -> None:
+    for words in docker_commands(README):
         if words[1:2] == ["compose"]:
             check_compose_command(words)
         elif words[1:2] == ["build"]:
             check_build_command(words)
 
 
-def test_draft_quotes_the_compose_variants() -> None:
-    quoted = {shlex.join(words) for words in docker_commands(DOCS[1])}
+def test_readme_quotes_the_compose_variants() -> None:
+    quoted = {shlex.join(words) for words in docker_commands(README)}
     assert any("docker-compose.gpu.yml" in command for command in quoted)
     assert any("--profile monitoring" in command for command in quoted)
 
 
 def test_every_documented_server_variable_reaches_the_container() -> None:
-    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", DOCS[1].read_text())) - {"PROMPTSERVE_PORT"}
+    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", docker_section())) - {"PROMPTSERVE_PORT"}
     compose = BASE_COMPOSE.read_text()
     missing = {name for name in documented if f"{name}:" not in compose}
     assert not missing, f"documented but not passed to the container by docker-compose.yml: {sorted(missing)}"
@@ -95,7 +97,7 @@ def test_every_documented_server_variable_reaches_the_container() -> None:
 def test_every_documented_server_variable_is_a_setting() -> None:
     from server.api.settings import Settings
 
-    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", DOCS[1].read_text()))
+    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", docker_section()))
     compose = BASE_COMPOSE.read_text() + (ROOT / "Dockerfile").read_text()
     documented |= set(re.findall(r"\b(PROMPTSERVE_[A-Z_]+):", compose))
     fields = {f"PROMPTSERVE_{name.upper()}" for name in Settings.model_fields}
