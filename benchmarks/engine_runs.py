@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from benchmarks.workload import TaskSpec, Workload
@@ -16,6 +16,7 @@ from prompt_store.adapter import StoreLimits
 from prompt_store.cache import PromptCache
 from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone, load_backbone
+from server.engine.config import default_prefill_split_tokens
 from server.engine.engine import Engine
 from server.engine.intake import IntakeLimits, build_request
 from server.engine.request import Request
@@ -84,7 +85,9 @@ class EngineRig:
         for task in tasks:
             store.register_dir(task.task_id, task.adapter_dir)
         cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, budget_bytes=1 << 30)
-        scheduler = SchedulerConfig(max_batch_size, max_batch_tokens=1 << 30, max_waiting=1 << 20)
+        split_tokens = default_prefill_split_tokens(backbone.device.type)
+        scheduler = SchedulerConfig(max_batch_size, max_batch_tokens=1 << 30, max_waiting=1 << 20,
+                                    prefill_split_tokens=split_tokens)  # fmt: skip
         rig = cls(backbone, store, cache, Engine(backbone, cache, scheduler))
         rig.engine.step_listeners.append(lambda stats: rig.steps.add(stats))
         return rig
@@ -93,7 +96,7 @@ class EngineRig:
         """Between runs only (the engine is idle): the scheduler reads its config at every admission."""
         assert not self.engine.has_work()
         config = self.engine.scheduler.config
-        self.engine.scheduler.config = SchedulerConfig(max_batch_size, config.max_batch_tokens, config.max_waiting)
+        self.engine.scheduler.config = replace(config, max_batch_size=max_batch_size)
 
     def build(self, workload: Workload) -> tuple[list[Request], Recorder]:
         recorder = Recorder()

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     prompt_cache_bytes: int = Field(default=_ENGINE.prompt_cache_bytes, ge=0)
     poll_interval_s: float = Field(default=_ENGINE.poll_interval_s, ge=0)
     trust_remote_code: bool = _ENGINE.trust_remote_code
+    prefill_split_tokens: int | None = Field(default=_ENGINE.prefill_split_tokens, ge=0)
+    torch_threads: int | None = Field(default=_ENGINE.torch_threads, ge=1)
 
     # HTTP
     host: str = "127.0.0.1"
@@ -45,7 +47,7 @@ class Settings(BaseSettings):
     # start-up
     demo_tasks: bool = True  # register the built-in demo tasks on first start with an empty store
 
-    @field_validator("model", "admin_token", mode="before")
+    @field_validator("model", "admin_token", "prefill_split_tokens", "torch_threads", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -71,4 +73,6 @@ class Settings(BaseSettings):
             prompt_cache_bytes=self.prompt_cache_bytes,
             poll_interval_s=self.poll_interval_s,
             trust_remote_code=self.trust_remote_code,
+            prefill_split_tokens=self.prefill_split_tokens,
+            torch_threads=self.torch_threads,
         )

@@ -13,12 +13,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
+import torch
+
 from prompt_store.adapter import StoreLimits
 from prompt_store.cache import PromptCache
 from prompt_store.registry import StoreEvent, TaskStore
 from prompt_store.types import TaskRecord
 from server.engine.backbone import Backbone, load_backbone
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, default_prefill_split_tokens
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
 from server.engine.intake import IntakeLimits, build_request
@@ -181,11 +183,16 @@ class AsyncEngine:
 
 def build_engine(config: EngineConfig) -> AsyncEngine:
     """Load the backbone, open the store, start the engine thread (blocking: call it off the event loop)."""
+    if config.torch_threads is not None:
+        torch.set_num_threads(config.torch_threads)
     backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
     limits = StoreLimits(max_virtual_tokens=config.max_virtual_tokens, max_model_bytes=config.max_adapter_bytes)
     store = TaskStore(config.store_dir, backbone.fingerprint, limits)
     cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, config.prompt_cache_bytes)
-    scheduler_config = SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_waiting)
+    split_tokens = config.prefill_split_tokens
+    if split_tokens is None:
+        split_tokens = default_prefill_split_tokens(backbone.device.type)
+    scheduler_config = SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_waiting, split_tokens)
     engine = AsyncEngine(Engine(backbone, cache, scheduler_config), store, config)
     engine.start()
     logger.info("engine ready: %s, %d tasks registered", backbone.model_id, len(store))

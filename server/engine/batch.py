@@ -54,17 +54,19 @@ class Batch:
         )
 
     @staticmethod
-    def concatenate(first: Batch, second: Batch) -> Batch:
-        """One batch holding both: the shorter one is left-padded to the longer KV length."""
-        length = max(first.kv_len, second.kv_len)
+    def concatenate(*batches: Batch) -> Batch:
+        """One batch holding them all, in order: each is left-padded to the longest KV length."""
+        if len(batches) == 1:
+            return batches[0]
+        length = max(batch.kv_len for batch in batches)
         return Batch(
-            rows=first.rows + second.rows,
-            attention_mask=stack_padded(first.attention_mask, second.attention_mask, length),
+            rows=[row for batch in batches for row in batch.rows],
+            attention_mask=stack_padded([batch.attention_mask for batch in batches], length),
             cache=cache_from(
-                [stack_padded(a, b, length) for a, b in zip(first.keys, second.keys, strict=True)],
-                [stack_padded(a, b, length) for a, b in zip(first.values, second.values, strict=True)],
+                [stack_padded(list(layer), length) for layer in zip(*(batch.keys for batch in batches), strict=True)],
+                [stack_padded(list(layer), length) for layer in zip(*(batch.values for batch in batches), strict=True)],
             ),
-            next_positions=torch.cat([first.next_positions, second.next_positions]),
+            next_positions=torch.cat([batch.next_positions for batch in batches]),
         )
 
 
@@ -78,8 +80,8 @@ def select_rows(kv: torch.Tensor, index: torch.Tensor, start: int) -> torch.Tens
     return kv.index_select(0, index)[:, :, start:].contiguous()  # [B', kv_heads, L', head_dim]
 
 
-def stack_padded(first: torch.Tensor, second: torch.Tensor, length: int) -> torch.Tensor:
-    return torch.cat([left_pad(first, length), left_pad(second, length)])  # [B1 + B2, ..., length, ...]
+def stack_padded(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    return torch.cat([left_pad(tensor, length) for tensor in tensors])  # [B1 + B2 + ..., ..., length, ...]
 
 
 def left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -21,3 +21,10 @@ class EngineConfig:
     prompt_cache_bytes: int = 256 * 1024 * 1024  # device-side prompt cache budget
     poll_interval_s: float = 2.0  # picks up tasks written by other processes; 0 disables
     trust_remote_code: bool = False
+    prefill_split_tokens: int | None = None  # padding that pays for one more prefill pass; None: 256 CPU, 2048 GPU
+    torch_threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+
+
+def default_prefill_split_tokens(device: str) -> int:
+    """On a CPU a forward pass costs about its positions, so little padding is worth a pass; a GPU wants big ones."""
+    return 256 if device == "cpu" else 2048

@@ -17,7 +17,7 @@ from server.engine.errors import InputTooLong, QueueFull
 from server.engine.model_runner import ModelRunner, row_input_length
 from server.engine.request import Request, Sequence, Status
 from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import Scheduler, SchedulerConfig, split_by_length
 from server.engine.types import Completion, EnsembleMode, FinishReason, MemberResult, RequestOutput, StepStats, Token
 
 if TYPE_CHECKING:
@@ -74,17 +74,22 @@ class Engine:
         return self.record_step(rows, num_prefill, num_decode, time.perf_counter() - started)
 
     def prefill(self, requests: list[Request]) -> list[Sequence]:
+        """Admitted requests run in passes grouped by length, then join the running batch together."""
         now = time.monotonic()
         for request in requests:
             request.status, request.first_scheduled_time = Status.RUNNING, now
             for row in request.rows:
                 row.device_task = self.cache.acquire(row.task) if row.task else None
-        new_rows = [row for request in requests for row in request.rows]
-        prefilled, logits = self.runner.prefill(new_rows)
-        self.append_tokens(new_rows, logits)
-        joining = without_finished(prefilled)
-        if joining is not None:
-            self.batch = joining if self.batch is None else Batch.concatenate(self.batch, joining)
+        sizes = [(request.num_rows, max(map(row_input_length, request.rows))) for request in requests]
+        joining, new_rows = [self.batch] if self.batch is not None else [], []
+        for indices in split_by_length(sizes, self.scheduler.config.prefill_split_tokens):
+            rows = [row for i in indices for row in requests[i].rows]
+            prefilled, logits = self.runner.prefill(rows)
+            self.append_tokens(rows, logits)
+            new_rows += rows
+            if (unfinished := without_finished(prefilled)) is not None:
+                joining.append(unfinished)
+        self.batch = Batch.concatenate(*joining) if joining else None
         return new_rows
 
     def decode(self) -> list[Sequence]:

@@ -25,6 +25,7 @@ class SchedulerConfig:
     max_batch_size: int  # rows in the running batch
     max_batch_tokens: int  # KV slots reserved by the running batch (virtual + input + max new, per row)
     max_waiting: int  # bounded waiting queue
+    prefill_split_tokens: int = 256  # see split_by_length
 
 
 class Scheduler(Generic[R]):
@@ -90,3 +91,25 @@ class Scheduler(Generic[R]):
             if request.request_id == request_id:
                 return request
         return None
+
+
+def split_by_length(sizes: list[tuple[int, int]], split_tokens: int) -> list[list[int]]:
+    """Group admitted requests into prefill passes so that short inputs are not padded to the longest.
+
+    `sizes[i]` is (rows, longest row's input positions) of request i; a request's rows stay together (an
+    ensemble's members are sampled together). Requests are taken longest first; a new pass starts when the
+    padding it saves, (width of the current pass - this length) x rows still to place, exceeds `split_tokens`:
+    the price of one more forward pass, in positions. Returns passes of request indices, shortest pass first.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][1])
+    rows_left = sum(rows for rows, _ in sizes)
+    passes: list[list[int]] = []
+    width = 0
+    for i in order:
+        rows, length = sizes[i]
+        if not passes or (width - length) * rows_left > split_tokens:
+            passes.append([])
+            width = length
+        passes[-1].append(i)
+        rows_left -= rows
+    return passes[::-1]

@@ -34,3 +34,14 @@ def test_settings_token_hidden_in_repr() -> None:
 def test_settings_upload_limit_covers_both_parts() -> None:
     settings = Settings(max_adapter_bytes=1000, max_config_bytes=100)
     assert settings.max_upload_bytes > 1100
+
+
+def test_engine_tuning_settings_reach_the_engine_and_empty_means_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTSERVE_TORCH_THREADS", "1")
+    monkeypatch.setenv("PROMPTSERVE_PREFILL_SPLIT_TOKENS", "0")
+    config = Settings().engine_config()
+    assert (config.torch_threads, config.prefill_split_tokens) == (1, 0)
+    monkeypatch.setenv("PROMPTSERVE_TORCH_THREADS", "")
+    monkeypatch.setenv("PROMPTSERVE_PREFILL_SPLIT_TOKENS", "")
+    config = Settings().engine_config()
+    assert (config.torch_threads, config.prefill_split_tokens) == (None, None)

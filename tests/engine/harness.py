@@ -31,6 +31,7 @@ class Harness:
         max_waiting: int = 64,
         device: str = "cpu",
         dtype: str = "float32",
+        prefill_split_tokens: int = 256,
     ) -> None:
         self.tiny = tiny
         self.backbone: Backbone = load_backbone(str(tiny.path), device, dtype)
@@ -39,7 +40,9 @@ class Harness:
             self.store.register_dir(kind, adapter_dir)
         fp = self.backbone.fingerprint
         self.cache = PromptCache(fp, self.backbone.device, self.backbone.dtype, budget_bytes=1 << 20)
-        self.engine = Engine(self.backbone, self.cache, SchedulerConfig(max_batch_size, 100_000, max_waiting))
+        self.engine = Engine(
+            self.backbone, self.cache, SchedulerConfig(max_batch_size, 100_000, max_waiting, prefill_split_tokens)
+        )
         self.outputs: dict[str, list[RequestOutput]] = defaultdict(list)
 
     def request(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.scheduler import Scheduler, SchedulerConfig, split_by_length
 
 
 @dataclass(eq=False)
@@ -97,3 +97,36 @@ def test_remove_and_find_cover_waiting_and_running():
     scheduler.remove(second)
     scheduler.remove(first)
     assert scheduler.find("first") is None and not scheduler.has_work()
+
+
+# ---- prefill passes by length
+
+
+def test_equal_lengths_share_one_pass():
+    assert split_by_length([(1, 40)] * 5, split_tokens=0) == [[0, 1, 2, 3, 4]]
+
+
+def test_one_request_is_one_pass():
+    assert split_by_length([(3, 17)], split_tokens=256) == [[0]]
+
+
+def test_short_requests_split_off_when_the_padding_saved_exceeds_the_price_of_a_pass():
+    # widths 100 and 10: keeping them together pads 3 short rows by 90 positions each (270 > 256)
+    sizes = [(1, 100), (1, 10), (1, 100), (2, 10)]
+    assert split_by_length(sizes, split_tokens=256) == [[1, 3], [0, 2]]
+    assert split_by_length(sizes, split_tokens=270) == [[0, 2, 1, 3]]
+
+
+def test_every_request_lands_in_exactly_one_pass_with_its_rows():
+    sizes = [(1 + i % 3, 7 + (i * 37) % 120) for i in range(40)]
+    for split_tokens in (0, 64, 256, 10_000):
+        passes = split_by_length(sizes, split_tokens)
+        assert sorted(i for indices in passes for i in indices) == list(range(40))
+        widths = [max(sizes[i][1] for i in indices) for indices in passes]
+        assert widths == sorted(widths)  # the shortest pass runs first
+
+
+def test_a_larger_price_never_makes_more_passes():
+    sizes = [(1, 7 + (i * 37) % 120) for i in range(32)]
+    counts = [len(split_by_length(sizes, t)) for t in (0, 16, 64, 256, 1024, 1 << 20)]
+    assert counts == sorted(counts, reverse=True) and counts[-1] == 1
