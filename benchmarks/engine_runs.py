@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from benchmarks.workload import TaskSpec, Workload
@@ -19,6 +20,7 @@ from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import default_prefill_split_tokens
 from server.engine.engine import Engine
 from server.engine.intake import IntakeLimits, build_request
+from server.engine.model_runner import virtual_token_kv
 from server.engine.request import Request
 from server.engine.scheduler import SchedulerConfig
 from server.engine.types import GenerateInput, RequestOutput, SamplingParams, StepStats
@@ -84,7 +86,10 @@ class EngineRig:
         store = TaskStore(store_dir, backbone.fingerprint, StoreLimits(max_virtual_tokens=1024))
         for task in tasks:
             store.register_dir(task.task_id, task.adapter_dir)
-        cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, budget_bytes=1 << 30)
+        prepare = partial(virtual_token_kv, backbone)  # as the server does by default
+        cache = PromptCache(
+            backbone.fingerprint, backbone.device, backbone.dtype, budget_bytes=1 << 30, prepare=prepare
+        )
         split_tokens = default_prefill_split_tokens(backbone.device.type)
         scheduler = SchedulerConfig(max_batch_size, max_batch_tokens=1 << 30, max_waiting=1 << 20,
                                     prefill_split_tokens=split_tokens)  # fmt: skip

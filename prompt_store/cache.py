@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,16 @@ class CacheEntry:
 
 class PromptCache:
     def __init__(
-        self, fingerprint: BackboneFingerprint, device: torch.device | str, dtype: torch.dtype, budget_bytes: int
+        self,
+        fingerprint: BackboneFingerprint,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        budget_bytes: int,
+        prepare: Callable[[DeviceTask], DeviceTask] | None = None,
     ) -> None:
+        """`prepare` runs once on each task materialised (the engine turns prompts into their keys and values)."""
         self.fingerprint = fingerprint
+        self.prepare = prepare
         self.device = torch.device(device)
         self.dtype = dtype
         self.budget_bytes = budget_bytes
@@ -105,7 +113,8 @@ class PromptCache:
         )
 
     def _insert(self, artifact: TaskArtifact) -> CacheEntry:
-        entry = CacheEntry(materialize(artifact, self.fingerprint, self.device, self.dtype))
+        task = materialize(artifact, self.fingerprint, self.device, self.dtype)
+        entry = CacheEntry(self.prepare(task) if self.prepare else task)
         self.entries[artifact.key] = entry
         self.resident_bytes += entry.task.nbytes
         return entry

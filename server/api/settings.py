@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(default=_ENGINE.poll_interval_s, ge=0)
     trust_remote_code: bool = _ENGINE.trust_remote_code
     prefill_split_tokens: int | None = Field(default=_ENGINE.prefill_split_tokens, ge=0)
+    cache_prompt_kv: bool = _ENGINE.cache_prompt_kv
     torch_threads: int | None = Field(default=_ENGINE.torch_threads, ge=1)
 
     # HTTP
@@ -74,5 +75,6 @@ class Settings(BaseSettings):
             poll_interval_s=self.poll_interval_s,
             trust_remote_code=self.trust_remote_code,
             prefill_split_tokens=self.prefill_split_tokens,
+            cache_prompt_kv=self.cache_prompt_kv,
             torch_threads=self.torch_threads,
         )

@@ -24,6 +24,7 @@ from server.engine.config import EngineConfig, default_prefill_split_tokens
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
 from server.engine.intake import IntakeLimits, build_request
+from server.engine.model_runner import virtual_token_kv
 from server.engine.request import Request
 from server.engine.scheduler import SchedulerConfig
 from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
@@ -188,7 +189,8 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
     limits = StoreLimits(max_virtual_tokens=config.max_virtual_tokens, max_model_bytes=config.max_adapter_bytes)
     store = TaskStore(config.store_dir, backbone.fingerprint, limits)
-    cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, config.prompt_cache_bytes)
+    prepare = partial(virtual_token_kv, backbone) if config.cache_prompt_kv else None
+    cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, config.prompt_cache_bytes, prepare)
     split_tokens = config.prefill_split_tokens
     if split_tokens is None:
         split_tokens = default_prefill_split_tokens(backbone.device.type)

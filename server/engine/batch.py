@@ -32,11 +32,11 @@ class Batch:
 
     @property
     def keys(self) -> list[torch.Tensor]:
-        return [cast(Any, layer).keys for layer in self.cache.layers]  # DynamicLayer: [B, kv_heads, L, head_dim]
+        return cache_keys(self.cache)
 
     @property
     def values(self) -> list[torch.Tensor]:
-        return [cast(Any, layer).values for layer in self.cache.layers]
+        return cache_values(self.cache)
 
     def filter(self, keep: list[int]) -> Batch:
         """The batch with only rows `keep` (in order), without the columns no remaining row uses."""
@@ -98,3 +98,11 @@ def left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
 def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
     """A cache holding these per-layer tensors; an empty list gives an empty cache the model fills."""
     return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))) if keys else DynamicCache()
+
+
+def cache_keys(cache: DynamicCache) -> list[torch.Tensor]:
+    return [cast(Any, layer).keys for layer in cache.layers]  # DynamicLayer: [B, kv_heads, L, head_dim]
+
+
+def cache_values(cache: DynamicCache) -> list[torch.Tensor]:
+    return [cast(Any, layer).values for layer in cache.layers]

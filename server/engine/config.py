@@ -22,6 +22,7 @@ class EngineConfig:
     poll_interval_s: float = 2.0  # picks up tasks written by other processes; 0 disables
     trust_remote_code: bool = False
     prefill_split_tokens: int | None = None  # padding that pays for one more prefill pass; None: 256 CPU, 2048 GPU
+    cache_prompt_kv: bool = True  # prompt/P-tuning rows reuse their virtual tokens' keys and values (more memory)
     torch_threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
 
 

@@ -66,7 +66,8 @@ class Engine:
         started = time.perf_counter()
         admitted = self.scheduler.schedule()
         if admitted:
-            rows, num_prefill, num_decode = self.prefill(admitted), sum(map(num_prefill_tokens, admitted)), 0
+            rows, num_decode = self.prefill(admitted), 0
+            num_prefill = sum(map(row_input_length, rows))
         else:
             rows, num_prefill, num_decode = self.decode(), 0, self.batch.size if self.batch else 0
         self.postprocess_finished(rows)
@@ -222,10 +223,6 @@ def without_finished(batch: Batch) -> Batch | None:
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:
     return list({id(row.request): row.request for row in rows}.values())
-
-
-def num_prefill_tokens(request: Request) -> int:
-    return sum(row_input_length(row) for row in request.rows)
 
 
 def find_stop_in(row: Sequence, num_new_chars: int) -> int | None:

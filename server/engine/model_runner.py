@@ -9,10 +9,13 @@ Positions come from the attention mask, so a prefix row's tokens continue after 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from prompt_store.types import DeviceTask
 from server.engine.backbone import Backbone
-from server.engine.batch import Batch, cache_from
+from server.engine.batch import Batch, cache_from, cache_keys, cache_values
 from server.engine.request import Sequence
 
 
@@ -93,6 +96,31 @@ class ModelRunner:
                 keys[layer][b, :, start:] = task.prefix_keys[layer]  # [kv_heads, P, head_dim]
                 values[layer][b, :, start:] = task.prefix_values[layer]
         return keys, values
+
+
+@torch.inference_mode()
+def virtual_token_kv(backbone: Backbone, task: DeviceTask) -> DeviceTask:
+    """A prompt task as the keys and values its virtual tokens leave in every layer.
+
+    Virtual tokens come first and attend only to each other, so what they leave in the KV cache is the same for
+    every input: computed once per task version, it turns a prompt row into a prefix row that skips them at
+    prefill. Prefix tasks pass through unchanged.
+    """
+    if task.prompt_embeds is None:
+        return task
+    num_virtual = task.prompt_embeds.shape[0]
+    cache = cache_from([], [])
+    backbone.model(
+        inputs_embeds=task.prompt_embeds[None].to(backbone.dtype),
+        attention_mask=torch.ones((1, num_virtual), dtype=torch.long, device=backbone.device),
+        position_ids=torch.arange(num_virtual, device=backbone.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    keys = [layer[0].contiguous() for layer in cache_keys(cache)]  # [kv_heads, P, head_dim]
+    values = [layer[0].contiguous() for layer in cache_values(cache)]
+    return replace(task, prompt_embeds=None, prefix_keys=keys, prefix_values=values)
 
 
 def row_input_length(row: Sequence) -> int:

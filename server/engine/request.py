@@ -42,6 +42,10 @@ class Sequence:
 
     @property
     def is_prefix(self) -> bool:
+        """Its virtual tokens enter as per-layer keys and values, not as input embeddings: a prefix task, or (once
+        acquired) a prompt task whose virtual tokens' keys and values the prompt cache holds."""
+        if self.device_task is not None:
+            return bool(self.device_task.prefix_keys)
         return self.task is not None and self.task.record.method.is_prefix
 
     @property

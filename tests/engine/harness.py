@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.engine import Engine
 from server.engine.intake import IntakeLimits, build_request
+from server.engine.model_runner import virtual_token_kv
 from server.engine.request import Request
 from server.engine.scheduler import SchedulerConfig
 from server.engine.types import Completion, EnsembleMode, GenerateInput, RequestOutput, SamplingParams
@@ -32,6 +34,7 @@ class Harness:
         device: str = "cpu",
         dtype: str = "float32",
         prefill_split_tokens: int = 256,
+        cache_prompt_kv: bool = True,
     ) -> None:
         self.tiny = tiny
         self.backbone: Backbone = load_backbone(str(tiny.path), device, dtype)
@@ -39,7 +42,8 @@ class Harness:
         for kind, adapter_dir in tiny.adapters.items():
             self.store.register_dir(kind, adapter_dir)
         fp = self.backbone.fingerprint
-        self.cache = PromptCache(fp, self.backbone.device, self.backbone.dtype, budget_bytes=1 << 20)
+        prepare = partial(virtual_token_kv, self.backbone) if cache_prompt_kv else None
+        self.cache = PromptCache(fp, self.backbone.device, self.backbone.dtype, budget_bytes=1 << 20, prepare=prepare)
         self.engine = Engine(
             self.backbone, self.cache, SchedulerConfig(max_batch_size, 100_000, max_waiting, prefill_split_tokens)
         )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from prompt_store.cache import PromptCache
 from prompt_store.registry import TaskStore
-from prompt_store.types import CacheStats, TaskArtifact
+from prompt_store.types import CacheStats, DeviceTask, TaskArtifact, TaskKey
 from tests.fixtures import TinyBackbone
 from tests.prompt_store.helpers import read_adapter
 
@@ -144,3 +146,18 @@ def test_acquire_casts_to_cache_dtype(llama_fp, artifacts):
     task = cache.acquire(artifacts["a"])
     assert task.prompt_embeds is not None and task.prompt_embeds.dtype == torch.bfloat16
     assert cache.stats().resident_bytes == PROMPT_BYTES // 2
+
+
+def test_prepare_runs_once_per_materialisation_and_its_bytes_count(llama_fp, artifacts):
+    prepared: list[TaskKey] = []
+
+    def double(task: DeviceTask) -> DeviceTask:
+        prepared.append(task.key)
+        assert task.prompt_embeds is not None
+        return replace(task, prompt_embeds=torch.cat([task.prompt_embeds, task.prompt_embeds]))
+
+    cache = PromptCache(llama_fp, "cpu", torch.float32, budget_bytes=4 * PROMPT_BYTES, prepare=double)
+    for name in ["a", "a", "b"]:
+        cache.acquire(artifacts[name])
+    assert prepared == [("a", 1), ("b", 1)]
+    assert cache.stats().resident_bytes == 4 * PROMPT_BYTES
