@@ -11,6 +11,7 @@ from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from server.engine.request import Sequence
 
@@ -97,7 +98,74 @@ def left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
 
 def cache_from(keys: list[torch.Tensor], values: list[torch.Tensor]) -> DynamicCache:
     """A cache holding these per-layer tensors; an empty list gives an empty cache the model fills."""
-    return DynamicCache(ddp_cache_data=list(zip(keys, values, strict=True))) if keys else DynamicCache()
+    return GrowingCache(keys, values)
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache whose layers append into spare capacity (GrowingLayer)."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        if keys:
+            layers: list[Any] = [GrowingLayer.holding(k, v) for k, v in zip(keys, values, strict=True)]
+            Cache.__init__(self, layers=layers)
+        else:
+            Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys and values into spare columns of a larger buffer.
+
+    DynamicLayer concatenates, copying every key and value the batch holds at every decode step; here a step writes
+    one column and `keys` / `values` are views of the buffer's filled part. When the buffer is full (or `keys` was
+    replaced, e.g. by `crop`), a new one with room for `SPARE_FRACTION` more (at least `MIN_SPARE` columns) takes
+    over.
+    """
+
+    MIN_SPARE = 32
+    SPARE_FRACTION = 0.25
+
+    key_buffer: torch.Tensor | None = None
+    value_buffer: torch.Tensor | None = None
+
+    @classmethod
+    def holding(cls, keys: torch.Tensor, values: torch.Tensor) -> GrowingLayer:
+        layer = cls()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        return layer
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        if not self.has_room(end):
+            self.grow(key_states, value_states, length, end)
+        assert self.key_buffer is not None and self.value_buffer is not None
+        self.key_buffer[:, :, length:end] = key_states
+        self.value_buffer[:, :, length:end] = value_states
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def has_room(self, end: int) -> bool:
+        buffer, keys = self.key_buffer, self.keys
+        return (
+            buffer is not None and keys is not None and end <= buffer.shape[2] and keys.data_ptr() == buffer.data_ptr()
+        )
+
+    def grow(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, end: int) -> None:
+        capacity = end + max(self.MIN_SPARE, int(end * self.SPARE_FRACTION))
+        self.key_buffer = new_buffer(key_states, capacity)
+        self.value_buffer = new_buffer(value_states, capacity)
+        if length and self.keys is not None and self.values is not None:
+            self.key_buffer[:, :, :length] = self.keys
+            self.value_buffer[:, :, :length] = self.values
+
+
+def new_buffer(like: torch.Tensor, capacity: int) -> torch.Tensor:
+    batch, heads, _, head_dim = like.shape
+    return like.new_empty((batch, heads, capacity, head_dim))
 
 
 def cache_keys(cache: DynamicCache) -> list[torch.Tensor]:
