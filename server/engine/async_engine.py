@@ -85,7 +85,7 @@ class AsyncEngine:
         try:
             command = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
             while True:
-                command()
+                run_command(command)
                 command = self.inbox.get_nowait()
         except queue.Empty:
             return
@@ -180,6 +180,14 @@ class AsyncEngine:
             cache=self.engine.cache.stats(),
             last_step=self.engine.last_step,
         )
+
+
+def run_command(command: Command) -> None:
+    """One inbox command; a failing one is logged and the loop goes on (the next step starts from a sound state)."""
+    try:
+        command()
+    except Exception:
+        logger.exception("engine command failed")
 
 
 def build_engine(config: EngineConfig) -> AsyncEngine:

@@ -146,6 +146,15 @@ def test_step_failure_reaches_open_requests_and_engine_keeps_serving(engine: Asy
     assert asyncio.run(collect(engine, generate("prefix", max_new_tokens=2)))[-1].completion.generated_tokens == 2
 
 
+def test_a_failing_inbox_command_does_not_stop_the_engine_thread(engine: AsyncEngine):
+    def broken() -> None:
+        raise RuntimeError("simulated bug in a command")
+
+    engine.inbox.put(broken)
+    assert asyncio.run(collect(engine, generate("prefix", max_new_tokens=2)))[-1].completion.generated_tokens == 2
+    assert engine.is_ready()
+
+
 def test_polling_picks_up_a_task_written_by_another_process(tiny_llama: TinyBackbone, tmp_path: Path):
     store_dir = tmp_path / "shared-store"
     config = EngineConfig(model=str(tiny_llama.path), store_dir=str(store_dir), device="cpu", poll_interval_s=0.1)
