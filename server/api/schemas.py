@@ -21,6 +21,14 @@ from server.engine.types import (
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 _SAMPLING_DEFAULTS = SamplingParams()
+MAX_SEED = 2**64 - 1  # a torch.Generator seed is an unsigned 64-bit integer
+# Below this, dividing float32 logits by the temperature overflows (or divides by a float32 zero) and the
+# sampler draws from NaN probabilities; vLLM treats temperatures under 1e-5 as greedy for the same reason.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+# The sampler compares float32 probability mass with top_p: a smaller top_p rounds to 0 and drops every token.
+# Every top_p in (0, this] keeps exactly the most likely token (its probability is at least 1/vocab), so
+# raising a smaller one to it changes nothing else.
+FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def _is_none(value: object) -> bool:
@@ -40,18 +48,21 @@ class Parameters(BaseModel):
 
     max_new_tokens: int = Field(default=_SAMPLING_DEFAULTS.max_new_tokens, ge=1)
     do_sample: bool = False
-    temperature: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: list[Annotated[str, StringConstraints(min_length=1)]] | None = None
     details: bool = False
 
     @field_validator("temperature")
     @classmethod
     def _positive_when_sampling(cls, value: float | None, info: ValidationInfo) -> float | None:
-        if value is not None and value <= 0 and info.data.get("do_sample"):
-            raise ValueError(f"expected temperature > 0 when do_sample is true; found {value}")
+        if value is not None and value < MIN_SAMPLING_TEMPERATURE and info.data.get("do_sample"):
+            raise ValueError(
+                f"expected temperature >= {MIN_SAMPLING_TEMPERATURE} when do_sample is true "
+                f"(for greedy decoding set do_sample to false); found {value}"
+            )
         return value
 
     def to_sampling(self) -> SamplingParams:
@@ -62,7 +73,7 @@ class Parameters(BaseModel):
             do_sample=self.do_sample,
             temperature=temperature,
             top_k=_SAMPLING_DEFAULTS.top_k if self.top_k is None else self.top_k,
-            top_p=_SAMPLING_DEFAULTS.top_p if self.top_p is None else self.top_p,
+            top_p=_SAMPLING_DEFAULTS.top_p if self.top_p is None else max(self.top_p, FLOAT32_TINY),
             seed=self.seed,
             stop=tuple(self.stop or ()),
         )
@@ -74,6 +85,19 @@ class GenerateRequest(BaseModel):
     task_ids: list[TaskId] | None = Field(default=None, min_length=1)
     ensemble: Literal["vote", "mean"] = "vote"
     parameters: Parameters = Field(default_factory=lambda: Parameters())
+
+    @field_validator("inputs")
+    @classmethod
+    def _encodable(cls, value: str) -> str:
+        """JSON may escape a lone UTF-16 surrogate (\\ud800); no tokenizer can encode one."""
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"expected valid Unicode text; found a lone surrogate {value[exc.start]!r} at character {exc.start} "
+                "(a JSON \\ud800-\\udfff escape that is not half of a pair)"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> GenerateRequest:

@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
+from server.api.schemas import FLOAT32_TINY
 from server.api.settings import Settings
 from server.engine.types import EnsembleMode, SamplingParams
 from tests.api.fake_engine import FakeEngine, answer_of
@@ -130,6 +131,42 @@ def test_generate_400_when_body_not_json(client: TestClient) -> None:
     assert response.status_code == 400
     assert response.json()["error_type"] == "validation"
     assert "JSON" in response.json()["error"]
+
+
+def test_generate_422_when_inputs_hold_a_lone_surrogate(client: TestClient, engine: FakeEngine) -> None:
+    body = b'{"inputs": "ab\\ud800", "task_id": "a"}'  # valid JSON, but no UTF-8 text: tokenizers raise on it
+    response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("inputs: expected valid Unicode text; found a lone surrogate")
+    assert engine.requests == []
+    assert generate(client, inputs="ab\U0001f600").status_code == 200  # a surrogate pair is one emoji: fine
+
+
+@pytest.mark.parametrize(
+    ("parameters", "found"),
+    [
+        (b'{"seed": 18446744073709551616}', "found 18446744073709551616"),  # torch.Generator overflows past 2**64-1
+        (b'{"do_sample": true, "temperature": 1e-300}', "found 1e-300"),  # logits / it overflow: NaN probabilities
+        (b'{"do_sample": true, "temperature": Infinity}', "expected a finite number; found Infinity"),
+        (b'{"do_sample": true, "top_p": NaN}', "expected a finite number; found NaN"),
+    ],
+)
+def test_generate_422_when_sampling_parameter_would_break_the_sampler(
+    client: TestClient, engine: FakeEngine, parameters: bytes, found: str
+) -> None:
+    body = b'{"inputs": "x", "parameters": ' + parameters + b"}"
+    response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("parameters.") and found in response.json()["error"]
+    assert engine.requests == []
+
+
+def test_generate_accepts_the_extreme_sampling_parameters_that_work(client: TestClient, engine: FakeEngine) -> None:
+    parameters = {"do_sample": True, "temperature": 1e-5, "top_p": 1e-300, "seed": 2**64 - 1}
+    assert generate(client, parameters=parameters).status_code == 200
+    sampling = engine.requests[-1].sampling
+    assert (sampling.temperature, sampling.seed) == (1e-5, 2**64 - 1)
+    assert sampling.top_p == FLOAT32_TINY  # a float32 0 would drop every token; this keeps the top one, as asked
 
 
 def test_generate_422_when_engine_rejects_parameters(client: TestClient, engine: FakeEngine) -> None:
