@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi import HTTPException as FastApiHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -181,13 +182,50 @@ KNOWN_ERRORS = (ApiError, HTTPException, ClientDisconnected, InvalidTask, TaskNo
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
+    if type(exc) in (HTTPException, FastApiHTTPException):  # raised by the framework itself, with terse details
+        return error_response(describe_framework_error(request, exc))
     return error_response(to_api_error(exc))
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
+    if not_json_body(errors):
+        content_type = request.headers.get("content-type")
+        found = f"Content-Type {content_type!r}" if content_type else "no Content-Type header"
+        message = f"body: expected a JSON object sent with Content-Type application/json; found {found}"
+        return error_response(ApiError(422, "validation", message))
     return error_response(ApiError(validation_status(errors), "validation", describe_validation(errors)))
+
+
+def not_json_body(errors: Sequence[dict[str, Any]]) -> bool:
+    """FastAPI hands a body that is not declared as JSON to the model as raw bytes; say so, not `found b'...'`."""
+    return any(tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), bytes) for e in errors)
+
+
+def describe_framework_error(request: Request, exc: HTTPException) -> ApiError:
+    """Starlette's and FastAPI's own errors ("Not Found", "Method Not Allowed", "There was an error parsing the
+    body") rewritten to say what was expected and what was found."""
+    error = from_http_exception(exc)
+    method, path = request.method, request.url.path
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        error.message = f"expected a route of the promptserve API (see /docs); found {method} {path}"
+    elif exc.status_code == 405:
+        allowed = error.headers.get("Allow") or error.headers.get("allow") or "another method"
+        error.message = f"expected {allowed} for {path}; found {method}"
+    elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        error.message = describe_unparsable_body(exc.__cause__)
+    return error
+
+
+def describe_unparsable_body(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        found = f"byte 0x{cause.object[cause.start]:02x} at offset {cause.start}, which is not {cause.encoding}"
+        return f"body: expected JSON text encoded as UTF-8; found {found}"
+    if isinstance(cause, RecursionError):
+        return "body: expected JSON nested less deeply; found nesting deeper than the parser's recursion limit"
+    found = "an unreadable body" if cause is None else f"an unreadable body ({type(cause).__name__})"
+    return f"body: expected a JSON object; found {found}"
 
 
 def install_error_handlers(app: FastAPI) -> None:

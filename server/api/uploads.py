@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
 
-from server.api.errors import ApiError
+from server.api.errors import ApiError, BodyTooLarge
 from server.api.settings import Settings
 
 CONFIG_PART, MODEL_PART = "adapter_config", "adapter_model"
@@ -44,16 +45,33 @@ def invalid(message: str) -> ApiError:
 
 async def read_adapter_upload(request: Request, settings: Settings) -> AdapterUpload:
     content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
+    if not content_type.lower().startswith("multipart/form-data"):
         raise invalid(
             f"expected a multipart/form-data body with file parts '{CONFIG_PART}' and '{MODEL_PART}'; "
             f"found Content-Type {content_type or 'none'!r}"
         )
-    async with request.form(max_files=2, max_fields=MAX_TEXT_FIELDS) as form:
+    form = await parse_form(request)
+    try:
         check_parts(form)
         config = await read_part(form, CONFIG_PART, settings.max_config_bytes)
         model = await read_part(form, MODEL_PART, settings.max_adapter_bytes)
+    finally:
+        await form.close()
     return AdapterUpload(config=config, model=model)
+
+
+async def parse_form(request: Request) -> FormData:
+    try:
+        return await request.form(max_files=2, max_fields=MAX_TEXT_FIELDS)
+    except BodyTooLarge:
+        raise
+    except HTTPException as exc:  # Starlette's multipart parser: "Missing boundary in multipart." and the like
+        raise ApiError(
+            400,
+            "validation",
+            f"expected a multipart/form-data body with exactly the file parts '{CONFIG_PART}' and '{MODEL_PART}'; "
+            f"found a body the multipart parser refused ({exc.detail})",
+        ) from None
 
 
 def check_parts(form: FormData) -> None:

@@ -133,6 +133,30 @@ def test_generate_400_when_body_not_json(client: TestClient) -> None:
     assert "JSON" in response.json()["error"]
 
 
+def test_generate_400_naming_the_byte_when_body_not_utf8(client: TestClient, engine: FakeEngine) -> None:
+    response = client.post("/v1/generate", content=b'{"inputs": "\xff"}', headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "body: expected JSON text encoded as UTF-8; found byte 0xff at offset 12, which is not utf-8",
+        "error_type": "validation",
+    }
+    assert engine.requests == []
+
+
+def test_generate_400_when_json_nested_too_deep(client: TestClient) -> None:
+    response = client.post("/v1/generate", content=b"[" * 100_000, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "nesting deeper than the parser's recursion limit" in response.json()["error"]
+
+
+def test_generate_422_naming_content_type_when_body_not_json(client: TestClient) -> None:
+    response = client.post("/v1/generate", content=b'{"inputs": "x"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 422
+    assert response.json()["error"] == (
+        "body: expected a JSON object sent with Content-Type application/json; found Content-Type 'text/plain'"
+    )
+
+
 def test_generate_422_when_inputs_hold_a_lone_surrogate(client: TestClient, engine: FakeEngine) -> None:
     body = b'{"inputs": "ab\\ud800", "task_id": "a"}'  # valid JSON, but no UTF-8 text: tokenizers raise on it
     response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})

@@ -39,9 +39,12 @@ def test_unknown_route_404_with_error_body(client: TestClient) -> None:
     response = client.get("/v2/nothing")
     assert response.status_code == 404
     assert response.json()["error_type"] == "not_found"
+    assert response.json()["error"] == "expected a route of the promptserve API (see /docs); found GET /v2/nothing"
 
 
 def test_wrong_method_405_with_error_body(client: TestClient) -> None:
     response = client.post("/health")
     assert response.status_code == 405
     assert set(response.json()) == {"error", "error_type"}
+    assert response.json()["error"] == "expected GET for /health; found POST"
+    assert response.headers["allow"] == "GET"

@@ -137,3 +137,18 @@ def test_put_task_413_when_config_part_over_its_limit(engine: FakeEngine) -> Non
         response = client.put("/v1/tasks/a", files=upload(config=b" " * 101))
     assert response.status_code == 413
     assert "adapter_config" in response.json()["error"]
+
+
+def test_put_task_400_saying_what_the_multipart_parser_refused(client: TestClient, engine: FakeEngine) -> None:
+    response = client.put("/v1/tasks/a", content=b"xx", headers={"content-type": "multipart/form-data"})
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "expected a multipart/form-data body with exactly the file parts 'adapter_config' and "
+        "'adapter_model'; found a body the multipart parser refused (Missing boundary in multipart.)",
+        "error_type": "validation",
+    }
+    files = [*upload().items(), ("extra", ("extra.bin", b"x"))]
+    response = client.put("/v1/tasks/a", files=files)
+    assert response.status_code == 400
+    assert "Too many files" in response.json()["error"]
+    assert engine.tasks == {}
