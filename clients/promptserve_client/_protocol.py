@@ -12,7 +12,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from promptserve_client.errors import PromptserveError, make_error
+from promptserve_client.errors import PromptserveError, ValidationError, make_error
 from promptserve_client.models import StreamEvent
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -35,7 +35,15 @@ def auth_headers(token: str | None) -> dict[str, str]:
 
 
 def task_path(task_id: str) -> str:
-    return f"/v1/tasks/{quote(task_id, safe='')}"
+    """The task's URL path, every character of the id escaped; the server judges the id itself.
+
+    `quote` leaves dots alone, and a URL drops the dot segments `.` and `..` (`/v1/tasks/.` is `/v1/tasks`):
+    they are escaped too, so that the server sees, and refuses, the id that was given.
+    """
+    if not task_id:
+        raise ValidationError("expected a task id of at least one character; found ''")
+    escaped = quote(task_id, safe="")
+    return f"/v1/tasks/{escaped.replace('.', '%2E') if task_id in ('.', '..') else escaped}"
 
 
 def register_call(task_id: str, adapter_dir: str | Path) -> Call:

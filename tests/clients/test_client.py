@@ -139,3 +139,11 @@ def test_internal_error_when_engine_crashes(client: Client, engine: FakeEngine) 
     engine.crash_with = RuntimeError("boom")
     with pytest.raises(InternalError):
         client.generate("hi")
+
+
+@pytest.mark.parametrize("task_id", [".", ".."])
+def test_dot_task_id_validation_error_from_server_not_another_route(client: Client, task_id: str) -> None:
+    with pytest.raises(ValidationError, match=f'found "{task_id}"'):  # not the task list, nor a 404 for /v1
+        client.get_task(task_id)
+    with pytest.raises(ValidationError, match=f'found "{task_id}"'):
+        client.delete_task(task_id)

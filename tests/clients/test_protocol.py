@@ -27,6 +27,17 @@ def test_task_path_escapes_id() -> None:
     assert task_path("a/b") == "/v1/tasks/a%2Fb"
 
 
+@pytest.mark.parametrize("task_id", [".", ".."])
+def test_task_path_escapes_dot_segments_a_url_would_drop(task_id: str) -> None:
+    path = task_path(task_id)
+    assert httpx.URL(f"http://x{path}").path == f"/v1/tasks/{task_id}"  # not /v1/tasks or /v1
+
+
+def test_task_path_validation_error_when_id_empty() -> None:
+    with pytest.raises(ValidationError, match="found ''"):
+        task_path("")
+
+
 def test_read_adapter_error_when_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no directory"):
         read_adapter(tmp_path / "missing")
