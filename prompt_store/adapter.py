@@ -79,7 +79,7 @@ def check_sizes(config_bytes: int, model_bytes: int, limits: StoreLimits) -> Non
 def parse_config(adapter_config: bytes) -> dict[str, Any]:
     try:
         config = json.loads(adapter_config)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # malformed, not UTF-8, too deeply nested, an over-long integer
         raise InvalidTask(f"{CONFIG_NAME}: expected a JSON object; found malformed JSON ({exc})") from None
     if not isinstance(config, dict):
         raise InvalidTask(f"{CONFIG_NAME}: expected a JSON object; found {type(config).__name__}")
@@ -88,7 +88,7 @@ def parse_config(adapter_config: bytes) -> dict[str, Any]:
 
 def method_of(config: dict[str, Any]) -> Method:
     peft_type = config.get("peft_type")
-    if peft_type not in PEFT_TYPES:
+    if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         supported = ", ".join(PEFT_TYPES)
         raise InvalidTask(f"{CONFIG_NAME}: peft_type must be one of {supported}; found {peft_type!r}")
     task_type = config.get("task_type")
@@ -152,7 +152,7 @@ def read_safetensors_header(adapter_model: bytes) -> dict[str, Any]:
         )
     try:
         header = json.loads(adapter_model[_HEADER_LEN_BYTES : _HEADER_LEN_BYTES + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):
         raise InvalidTask(f"{MODEL_NAME}: expected a safetensors file; found an unreadable header") from None
     if not isinstance(header, dict):
         raise InvalidTask(f"{MODEL_NAME}: expected a safetensors header object; found {type(header).__name__}")

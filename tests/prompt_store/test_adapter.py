@@ -102,7 +102,9 @@ def test_parse_adapter_refuses_prefix_heads_that_are_not_kv_heads(llama_fp, pref
     assert "num_attention_heads must be 2" in message and "found 6" in message
 
 
-@pytest.mark.parametrize("peft_type", ["LORA", "IA3", "ADALORA", "MULTITASK_PROMPT_TUNING", None])
+@pytest.mark.parametrize(
+    "peft_type", ["LORA", "IA3", "ADALORA", "MULTITASK_PROMPT_TUNING", None, ["PROMPT_TUNING"], {}]
+)
 def test_parse_adapter_refuses_unsupported_peft_type(llama_fp, prompt_parts, peft_type):
     config, tensor = prompt_parts
     message = refuse(llama_fp, with_fields(config, peft_type=peft_type), model_bytes(tensor))
@@ -186,7 +188,18 @@ def test_parse_adapter_refuses_truncated_safetensors(llama_fp, prompt_parts):
     assert "expected a valid safetensors file" in message
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe\x00", b'"PROMPT_TUNING"'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b"\xff\xfe\x00",
+        b'"PROMPT_TUNING"',
+        b"[" * 50_000,
+        b'{"num_virtual_tokens": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["malformed", "array", "not-utf8", "string", "deeply-nested", "over-long-integer"],
+)
 def test_parse_adapter_refuses_config_that_is_not_a_json_object(llama_fp, prompt_parts, raw):
     _, tensor = prompt_parts
     with pytest.raises(InvalidTask, match="expected a JSON object; found"):
