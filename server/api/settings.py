@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=_ENGINE.max_new_tokens_limit, ge=1)
     max_virtual_tokens: int = Field(default=_ENGINE.max_virtual_tokens, ge=1)
     max_adapter_bytes: int = Field(default=_ENGINE.max_adapter_bytes, ge=1)
+    max_config_bytes: int = Field(default=_ENGINE.max_config_bytes, ge=1)
     prompt_cache_bytes: int = Field(default=_ENGINE.prompt_cache_bytes, ge=0)
     poll_interval_s: float = Field(default=_ENGINE.poll_interval_s, ge=0)
     trust_remote_code: bool = _ENGINE.trust_remote_code
@@ -41,7 +42,6 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     admin_token: SecretStr | None = None  # when set, PUT and DELETE need `Authorization: Bearer <token>`
-    max_config_bytes: int = Field(default=1024 * 1024, ge=1)  # adapter_config.json
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1)  # any body but an upload (JSON generation requests)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
@@ -71,6 +71,7 @@ class Settings(BaseSettings):
             max_new_tokens_limit=self.max_new_tokens_limit,
             max_virtual_tokens=self.max_virtual_tokens,
             max_adapter_bytes=self.max_adapter_bytes,
+            max_config_bytes=self.max_config_bytes,
             prompt_cache_bytes=self.prompt_cache_bytes,
             poll_interval_s=self.poll_interval_s,
             trust_remote_code=self.trust_remote_code,

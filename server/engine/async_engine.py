@@ -195,7 +195,7 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
-    limits = StoreLimits(max_virtual_tokens=config.max_virtual_tokens, max_model_bytes=config.max_adapter_bytes)
+    limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes)
     store = TaskStore(config.store_dir, backbone.fingerprint, limits)
     prepare = partial(virtual_token_kv, backbone) if config.cache_prompt_kv else None
     cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, config.prompt_cache_bytes, prepare)

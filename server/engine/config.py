@@ -17,7 +17,8 @@ class EngineConfig:
     max_input_tokens: int = 2048  # after tokenization, without virtual tokens
     max_new_tokens_limit: int = 2048
     max_virtual_tokens: int = 256
-    max_adapter_bytes: int = 64 * 1024 * 1024
+    max_adapter_bytes: int = 64 * 1024 * 1024  # adapter_model.safetensors
+    max_config_bytes: int = 64 * 1024  # adapter_config.json
     prompt_cache_bytes: int = 256 * 1024 * 1024  # device-side prompt cache budget
     poll_interval_s: float = 2.0  # picks up tasks written by other processes; 0 disables
     trust_remote_code: bool = False
