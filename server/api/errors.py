@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.errors import (
     EngineUnavailable,
+    GenerationFailed,
     InputTooLong,
     InvalidPrompt,
     InvalidTask,
@@ -87,6 +88,8 @@ def classify(exc: BaseException) -> ApiError | None:
         return ApiError(429, "overloaded", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
     if isinstance(exc, EngineUnavailable):
         return ApiError(503, "unavailable", str(exc))
+    if isinstance(exc, GenerationFailed):
+        return ApiError(500, "internal", str(exc))
     if isinstance(exc, HTTPException):
         return from_http_exception(exc)
     if isinstance(exc, ClientDisconnected):
@@ -178,7 +181,7 @@ def validation_status(errors: Sequence[dict[str, Any]]) -> int:
 # ---- installation
 
 KNOWN_ERRORS = (ApiError, HTTPException, ClientDisconnected, InvalidTask, TaskNotFound, QueueFull, EngineUnavailable,
-                InputTooLong, InvalidPrompt)  # fmt: skip
+                InputTooLong, InvalidPrompt, GenerationFailed)  # fmt: skip
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:

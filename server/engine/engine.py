@@ -13,7 +13,7 @@ import torch
 from server.engine.backbone import Backbone
 from server.engine.batch import Batch
 from server.engine.detokenizer import find_stop
-from server.engine.errors import InputTooLong, QueueFull
+from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
 from server.engine.model_runner import ModelRunner, row_input_length
 from server.engine.request import Request, Sequence, Status
 from server.engine.sampler import sample
@@ -38,7 +38,7 @@ class Engine:
         self.num_steps = 0
         self.last_step: StepStats | None = None
         self.step_listeners: list[StepListener] = []
-        self.orphans: list[Request] = []  # requests whose caller could not be reached; dropped after the step
+        self.leaving: list[Request] = []  # failed, or their caller cannot be reached: dropped after the step
 
     # ---- inbox commands (engine thread)
 
@@ -71,7 +71,7 @@ class Engine:
         else:
             rows, num_prefill, num_decode = self.decode(), 0, self.batch.size if self.batch else 0
         self.postprocess_finished(rows)
-        self.drop_orphans()
+        self.drop_leaving()
         return self.record_step(rows, num_prefill, num_decode, time.perf_counter() - started)
 
     def prefill(self, requests: list[Request]) -> list[Sequence]:
@@ -104,12 +104,30 @@ class Engine:
         return rows
 
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        rows, logits = self.fail_broken_rows(rows, logits)
         token_ids, logprobs = sample(logits, rows)
         for row, token_id, logprob in zip(rows, token_ids, logprobs, strict=True):
             self.append_token(row, token_id, logprob)
         for request in distinct_requests(rows):
             if not request.is_finished:  # a finishing request's last token rides with its completion
                 self.emit_tokens(request)
+
+    def fail_broken_rows(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Rows whose logits are not finite (a task's values overflow the backbone's dtype) fail their own request;
+        the rest of the batch samples on."""
+        broken = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
+        if not bool(broken.any()):
+            return rows, logits
+        failing = {id(rows[i].request): rows[i] for i in broken.nonzero().flatten().tolist()}
+        for row in failing.values():
+            task = f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
+            error = GenerationFailed(
+                f"expected finite logits; found NaN or infinity under {task}: its values overflow the backbone's "
+                f"{str(self.backbone.dtype).removeprefix('torch.')} activations"
+            )
+            self.fail(row.request, error)
+        keep = [i for i, row in enumerate(rows) if id(row.request) not in failing]
+        return [rows[i] for i in keep], logits[keep]
 
     def append_token(self, row: Sequence, token_id: int, logprob: float) -> None:
         row.output_ids.append(token_id)
@@ -190,11 +208,16 @@ class Engine:
             request.sink(output)
         except Exception as error:
             logger.warning("request %s: cannot reach its caller (%s); dropping it", request.request_id, error)
-            self.orphans.append(request)
+            self.leaving.append(request)
 
-    def drop_orphans(self) -> None:
-        orphans, self.orphans = self.orphans, []
-        for request in orphans:
+    def fail(self, request: Request, error: Exception) -> None:
+        """One request fails mid-step; it leaves the batch once the step is over."""
+        self.emit_error(request, error)
+        self.leaving.append(request)
+
+    def drop_leaving(self) -> None:
+        leaving, self.leaving = self.leaving, []
+        for request in leaving:
             if request.status is not Status.FINISHED:
                 self.drop(request)
 

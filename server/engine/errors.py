@@ -23,6 +23,10 @@ class InvalidPrompt(EngineError, ValueError):
     """Bad generation input or parameters (expected vs found in the message)."""
 
 
+class GenerationFailed(EngineError):
+    """One request could not go on (e.g. its task drives the model to NaN); its batch mates are unaffected."""
+
+
 class EngineUnavailable(EngineError):
     """The engine is not ready yet, shutting down, or its loop failed."""
 
@@ -30,6 +34,7 @@ class EngineUnavailable(EngineError):
 __all__ = [
     "EngineError",
     "EngineUnavailable",
+    "GenerationFailed",
     "InputTooLong",
     "InvalidPrompt",
     "InvalidTask",

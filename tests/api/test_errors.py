@@ -7,6 +7,7 @@ import pytest
 from server.api.errors import describe_one, to_api_error
 from server.engine.errors import (
     EngineUnavailable,
+    GenerationFailed,
     InputTooLong,
     InvalidPrompt,
     InvalidTask,
@@ -27,6 +28,7 @@ from server.engine.errors import (
         (QueueFull(10, retry_after=0.2), 429, "overloaded"),
         (EngineUnavailable("stopping"), 503, "unavailable"),
         (RuntimeError("boom"), 500, "internal"),
+        (GenerationFailed("NaN logits"), 500, "internal"),
     ],
 )
 def test_error_maps_to_status_and_type(exc: Exception, status: int, error_type: str) -> None:
@@ -48,3 +50,10 @@ def test_validation_message_names_field_expected_found() -> None:
     error = {"type": "greater_than_equal", "loc": ("body", "parameters", "top_k"), "msg": "Input should be "
              "greater than or equal to 0", "input": -3, "ctx": {"ge": 0}}  # fmt: skip
     assert describe_one(error) == "parameters.top_k: expected greater than or equal to 0; found -3"
+
+
+def test_generation_failure_keeps_its_message() -> None:
+    """Unlike an unexpected exception, it says what went wrong (which task overflowed)."""
+    assert to_api_error(GenerationFailed("expected finite logits; found NaN")).message == (
+        "expected finite logits; found NaN"
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.engine.errors import InputTooLong, QueueFull
+from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
 from server.engine.types import EnsembleMode, FinishReason
 from tests.engine.harness import Harness, token_ids
 
@@ -131,7 +131,7 @@ def test_unreachable_caller_costs_only_its_own_request(harness: Harness):
     orphan.sink = gone
     harness.engine.add(orphan)
     assert token_ids(harness.run(mate)[0]) == token_ids(alone)
-    assert harness.is_idle() and harness.engine.orphans == []
+    assert harness.is_idle() and harness.engine.leaving == []
 
 
 def test_request_larger_than_batch_limits_is_refused_not_queued(tiny_llama, tmp_path):
@@ -149,3 +149,32 @@ def test_full_waiting_queue_refuses_with_queue_full(tiny_llama, tmp_path):
         harness.engine.add(request)
     assert isinstance(harness.outputs[requests[2].request_id][-1].error, QueueFull)
     assert len(harness.engine.scheduler.waiting) == 2
+
+
+def test_non_finite_logits_fail_only_their_own_request(harness: Harness, monkeypatch):
+    """A task whose values overflow the activations gives NaN logits: that request fails, its batch mates go on."""
+    alone = harness.alone("mate", "prefix", max_new_tokens=6)
+    mate = harness.request("mate", "prefix", max_new_tokens=6)
+    doomed = [
+        harness.request("boom", "prompt_tuning", do_sample=True, max_new_tokens=6),
+        harness.request("boom", "prefix", "prompt_tuning", ensemble=EnsembleMode.MEAN, max_new_tokens=6),
+    ]
+    real_decode = harness.engine.runner.decode
+
+    def poisoned_decode(batch, token_ids):
+        grown, logits = real_decode(batch, token_ids)
+        logits = logits.clone()
+        for i, row in enumerate(grown.rows):
+            if row.request in doomed and row.task_id == "prompt_tuning":
+                logits[i, 0] = float("nan")
+        return grown, logits
+
+    monkeypatch.setattr(harness.engine.runner, "decode", poisoned_decode)
+    for request in doomed:
+        harness.engine.add(request)
+    assert token_ids(harness.run(mate)[0]) == token_ids(alone)
+    for request in doomed:
+        error = harness.outputs[request.request_id][-1].error
+        assert isinstance(error, GenerationFailed)
+        assert "task 'prompt_tuning' version 1" in str(error) and "NaN or infinity" in str(error)
+    assert harness.is_idle()
