@@ -12,6 +12,8 @@ import torch
 from server.engine.request import Request, Sequence
 from server.engine.types import SamplingParams
 
+MIN_TEMPERATURE = 1e-5  # sampling this cold is greedy in all but name (vLLM's threshold too)
+
 
 def sample(logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[float]]:
     """logits [B, V] (float32) -> one token id and its log-probability per row."""
@@ -41,7 +43,8 @@ def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """scores [V] (logits or log-probabilities) -> a token id tensor."""
     if not params.do_sample:
         return scores.argmax()
-    filtered = top_p_filter(top_k_filter(scores / params.temperature, params.top_k), params.top_p)
+    temperature = max(params.temperature, MIN_TEMPERATURE)  # below it, scores / temperature overflows to inf
+    filtered = top_p_filter(top_k_filter(scores / temperature, params.top_k), params.top_p)
     probs = torch.softmax(filtered, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)[0]
 
@@ -60,5 +63,6 @@ def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_scores, order = torch.sort(scores, descending=True)
     cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
     drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= top_p  # mass before this token
+    drop_sorted[0] = False  # the most likely token stays, even when top_p rounds to 0 in float32
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))

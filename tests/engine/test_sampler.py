@@ -50,3 +50,15 @@ def test_choose_never_draws_a_filtered_token():
     params = SamplingParams(do_sample=True, top_k=2)
     generator = torch.Generator().manual_seed(0)
     assert {int(choose(scores, params, generator)) for _ in range(200)} <= {0, 1}
+
+
+def test_extreme_parameters_still_draw_the_best_token():
+    """A temperature or top_p too small for float32 must not turn the probabilities into NaN."""
+    scores = torch.tensor([0.5, 2.0, 1.0])
+    generator = torch.Generator().manual_seed(0)
+    for params in (
+        SamplingParams(do_sample=True, temperature=1e-300),
+        SamplingParams(do_sample=True, top_p=1e-300),
+        SamplingParams(do_sample=True, temperature=1e-300, top_p=1e-300),
+    ):
+        assert int(choose(scores, params, generator)) == 1
