@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from prompt_store.types import TaskRecord
 from server.engine.types import (
@@ -44,7 +44,10 @@ def absent_when_none() -> Any:
 
 
 class Parameters(BaseModel):
-    """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields."""
+    """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields.
+    Strict: "5" is not a number and "yes" not a boolean (a typo should be an error, not a guess)."""
+
+    model_config = ConfigDict(strict=True)
 
     max_new_tokens: int = Field(default=_SAMPLING_DEFAULTS.max_new_tokens, ge=1)
     do_sample: bool = False
@@ -80,6 +83,8 @@ class Parameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     inputs: str
     task_id: TaskId | None = None
     task_ids: list[TaskId] | None = Field(default=None, min_length=1)

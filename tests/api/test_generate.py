@@ -110,6 +110,11 @@ def test_generate_404_when_ensemble_member_unknown(client: TestClient) -> None:
         ({"task_id": "a", "task_ids": ["b"]}, "task_id", "found task_id='a'"),
         ({"ensemble": "max", "task_ids": ["a"]}, "ensemble", 'found "max"'),
         ({"inputs": None}, "inputs", "found null"),
+        ({"parameters": {"max_new_tokens": "5"}}, "parameters.max_new_tokens", 'found "5"'),
+        ({"parameters": {"max_new_tokens": True}}, "parameters.max_new_tokens", "found true"),
+        ({"parameters": {"do_sample": "yes"}}, "parameters.do_sample", 'found "yes"'),
+        ({"parameters": {"seed": "1"}}, "parameters.seed", 'found "1"'),
+        ({"inputs": 5}, "inputs", "found 5"),
     ],
 )
 def test_generate_422_naming_field_expected_and_found(client: TestClient, body: dict, field: str, found: str) -> None:
