@@ -73,6 +73,8 @@ class Timers:
         self.wrap(runner, "decode", "decode (runner, total)")
         self.wrap(model, "forward", "model forward")
         self.wrap(cache_utils.DynamicLayer, "update", "  KV append (DynamicLayer.update: torch.cat)")
+        self.wrap(batch.GrowingLayer, "update", "  KV append (GrowingLayer.update)")
+        self.wrap(batch.GrowingLayer, "grow", "    KV grow (copy into a larger buffer)")
         self.wrap(modeling_llama, "create_causal_mask", "  causal mask (create_causal_mask)")
         self.wrap(runner, "input_embeds", "input embeds (prompt rows)")
         self.wrap(runner, "prefix_kv", "prefix KV (prefix rows)")
@@ -82,7 +84,7 @@ class Timers:
         self.wrap(engine, "sample", "sampling")
         self.wrap(engine.Engine, "append_token", "append_token (detokenize, stop check)")
         self.wrap(rig.engine.scheduler, "schedule", "scheduler")
-        self.wrap(rig.cache, "acquire", "prompt cache acquire")
+        self.wrap(rig.cache, "acquire", "prompt cache acquire (virtual-token KV on a miss)")
         try:
             yield
         finally:
@@ -113,7 +115,7 @@ TOP_LEVEL = {
     "sampling",
     "append_token (detokenize, stop check)",
     "scheduler",
-    "prompt cache acquire",
+    "prompt cache acquire (virtual-token KV on a miss)",
 }
 
 
