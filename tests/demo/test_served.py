@@ -12,7 +12,7 @@ import pytest
 from server.demo import register_demo_tasks
 from server.engine.async_engine import AsyncEngine, build_engine
 from server.engine.config import EngineConfig
-from server.engine.types import GenerateInput, SamplingParams, StepStats
+from server.engine.types import Completion, EnsembleMode, GenerateInput, SamplingParams, StepStats
 from tests.demo.test_outputs import README_EXAMPLE
 
 pytestmark = pytest.mark.slow
@@ -43,3 +43,20 @@ def test_demo_tasks_answer_differently_in_one_mixed_batch(engine: AsyncEngine) -
     assert sorted(register_demo_tasks(engine)) == sorted(k for k in README_EXAMPLE if k)
     assert asyncio.run(answer_all(engine)) == README_EXAMPLE
     assert max(step.num_distinct_tasks for step in steps) >= 3
+
+
+def test_the_readme_ensemble_votes_for_the_majority(engine: AsyncEngine) -> None:
+    register_demo_tasks(engine)
+    request = GenerateInput(
+        "hello world", ("upper", "reverse", "upper"), EnsembleMode.VOTE, SamplingParams(max_new_tokens=32)
+    )
+    completion = asyncio.run(collect_last(engine, request))
+    assert completion.generated_text == README_EXAMPLE["upper"]
+    assert completion.members is not None
+    assert [m.generated_text for m in completion.members] == [README_EXAMPLE[t] for t in ("upper", "reverse", "upper")]
+
+
+async def collect_last(engine: AsyncEngine, request: GenerateInput) -> Completion:
+    outputs = [output async for output in engine.generate(request)]
+    assert outputs[-1].completion is not None
+    return outputs[-1].completion
