@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
 
 from prompt_store.types import TaskRecord
+from server.engine.sampler import MIN_TEMPERATURE
 from server.engine.types import (
     Completion,
     EngineInfo,
@@ -22,9 +23,8 @@ TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 _SAMPLING_DEFAULTS = SamplingParams()
 MAX_SEED = 2**64 - 1  # a torch.Generator seed is an unsigned 64-bit integer
-# Below this, dividing float32 logits by the temperature overflows (or divides by a float32 zero) and the
-# sampler draws from NaN probabilities; vLLM treats temperatures under 1e-5 as greedy for the same reason.
-MIN_SAMPLING_TEMPERATURE = 1e-5
+# Sampling colder than the sampler's floor would be greedy in disguise: the API says so instead of guessing.
+MIN_SAMPLING_TEMPERATURE = MIN_TEMPERATURE
 # The sampler compares float32 probability mass with top_p: a smaller top_p rounds to 0 and drops every token.
 # Every top_p in (0, this] keeps exactly the most likely token (its probability is at least 1/vocab), so
 # raising a smaller one to it changes nothing else.

@@ -139,7 +139,8 @@ class GrowingLayer(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length, end = self.get_seq_length(), self.get_seq_length() + key_states.shape[-2]
+        length = self.get_seq_length()
+        end = length + key_states.shape[-2]
         if not self.has_room(end):
             self.grow(key_states, value_states, length, end)
         assert self.key_buffer is not None and self.value_buffer is not None
