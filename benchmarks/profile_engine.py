@@ -1,6 +1,6 @@
 """`python -m benchmarks.profile_engine`: where an engine step's time goes, on the benchmarks' CPU workloads.
 
-Light timers wrap the engine's pieces (model forward, KV-cache appends inside it, batch filter / concatenate,
+Light timers wrap the engine's pieces (model forward, KV writes and attention inside it, batch filter / concatenate,
 input building, sampling, detokenization, the scheduler); what no timer covers is the step's own Python.
 `--cprofile N` also prints cProfile's top N functions (cProfile slows Python code, so its shares run high).
 """
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import cache_utils
-from transformers.models.llama import modeling_llama
 
 from benchmarks.engine_runs import CONTINUOUS, EngineRig
 from benchmarks.offline import FULL, QUICK, Plan, quiet_libraries
@@ -36,7 +34,7 @@ from benchmarks.workload import (
     write_backbone,
     write_tasks,
 )
-from server.engine import batch, engine, model_runner
+from server.engine import attention, batch, engine, model_runner
 
 Totals = dict[str, list[float]]  # name -> [seconds, calls]
 
@@ -72,10 +70,10 @@ class Timers:
         self.wrap(runner, "prefill", "prefill (runner, total)")
         self.wrap(runner, "decode", "decode (runner, total)")
         self.wrap(model, "forward", "model forward")
-        self.wrap(cache_utils.DynamicLayer, "update", "  KV append (DynamicLayer.update: torch.cat)")
-        self.wrap(batch.GrowingLayer, "update", "  KV append (GrowingLayer.update)")
-        self.wrap(batch.GrowingLayer, "grow", "    KV grow (copy into a larger buffer)")
-        self.wrap(modeling_llama, "create_causal_mask", "  causal mask (create_causal_mask)")
+        self.wrap(attention.StepKV, "write", "  KV write (StepKV.write)")
+        self.wrap(attention.StepKV, "build_mask", "  attention mask (StepKV.build_mask)")
+        self.wrap(attention, "scaled_dot_product_attention", "  attention (SDPA over the engine's KV)")
+        self.wrap(batch.Batch, "with_room", "KV grow (copy into a larger buffer when full)")
         self.wrap(runner, "input_embeds", "input embeds (prompt rows)")
         self.wrap(runner, "prefix_kv", "prefix KV (prefix rows)")
         self.wrap(model_runner, "prefill_mask", "prefill mask")
@@ -108,6 +106,7 @@ def print_breakdown(totals: Totals, wall_s: float, num_tokens: int) -> None:
 TOP_LEVEL = {
     "model forward",
     "input embeds (prompt rows)",
+    "KV grow (copy into a larger buffer when full)",
     "prefix KV (prefix rows)",
     "prefill mask",
     "Batch.filter (rows leave)",

@@ -1,4 +1,4 @@
-"""Measure each demo task's exact-match accuracy on held-out inputs (greedy, transformers + PEFT generate).
+"""Measure each demo task's exact-match accuracy on held-out inputs (greedy, through PEFT's forward).
 
 Run: `python -m server.demo.evaluate`. Inputs are drawn from the side of the hash split that no training step
 ever saw. For reference it also scores the backbone given the instruction phrase instead of the prompt, and the
@@ -30,7 +30,8 @@ from server.demo.tasks import (
     sample_input,
 )
 from server.demo.training import BACKBONE_DIR, DEFAULT_THREADS, TASKS_DIR
-from server.engine.default_backbone import BOS_ID, EOS_ID, PAD_ID
+from server.engine.default_backbone import BOS_ID, EOS_ID
+from server.engine.reference import forward_logits, greedy_uncached
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,14 +54,14 @@ def held_out_inputs(num: int, seed: int = 1234) -> list[str]:
     return [sample_input(rng, held_out=True) for _ in range(num)]
 
 
-@torch.inference_mode()
 def greedy_answers(
     model: PreTrainedModel | PeftModel, prompts: Sequence[list[int]], max_new_tokens: Sequence[int]
 ) -> list[str]:
-    """Greedy answers through `generate`, batching only prompts of equal length; row i stops by max_new_tokens[i].
+    """Greedy answers, batching only prompts of equal length; row i stops by max_new_tokens[i].
 
-    No padding: PEFT's generate ignores position ids, so a left-padded row would see a gap between its virtual
-    tokens and its input that it never saw in training (the server computes positions from the mask instead).
+    PEFT's forward over the whole sequence at every step (server.engine.reference), not `generate`: PEFT 0.21's
+    generate is wrong on transformers 5.24 and later. No padding: PEFT ignores position ids, so a left-padded row
+    would see a gap between its virtual tokens and its input that it never saw in training.
     """
     answers = [""] * len(prompts)
     by_length: dict[int, list[int]] = defaultdict(list)
@@ -68,16 +69,10 @@ def greedy_answers(
         by_length[len(prompt)].append(index)
     for indices in by_length.values():
         input_ids = torch.tensor([prompts[i] for i in indices])
-        output = model.generate(  # type: ignore[operator]  # PeftModel.generate is typed through nn.Module
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max(max_new_tokens[i] for i in indices),
-            do_sample=False,
-            eos_token_id=EOS_ID,
-            pad_token_id=PAD_ID,
-        )
-        for i, row in zip(indices, output, strict=True):
-            answers[i] = decode_answer(row[input_ids.shape[1] :][: max_new_tokens[i]].tolist())
+        limit = max(max_new_tokens[i] for i in indices)
+        generated = greedy_uncached(forward_logits(model), input_ids, limit, {EOS_ID})
+        for i, tokens in zip(indices, generated, strict=True):
+            answers[i] = decode_answer(tokens[: max_new_tokens[i]])
     return answers
 
 

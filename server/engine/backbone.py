@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prompt_store.types import BackboneFingerprint
+from server.engine.attention import ATTENTION_NAME
 from server.engine.default_backbone import ensure_default_backbone
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def load_backbone(
     torch_dtype = resolve_dtype(dtype, torch_device)
     logger.info("loading backbone %s on %s in %s", source, torch_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code
+    )
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
     model.eval().requires_grad_(False)
     return Backbone(

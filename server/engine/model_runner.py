@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from transformers import PreTrainedModel
 
 from prompt_store.types import DeviceTask
+from server.engine.attention import ATTENTION_NAME, KV_KWARG, StepKV
 from server.engine.backbone import Backbone
-from server.engine.batch import Batch, cache_from, cache_keys, cache_values
+from server.engine.batch import Batch, new_kv, step_kv
 from server.engine.request import Sequence
 
 
@@ -34,34 +36,24 @@ class ModelRunner:
         past_len = max((row.num_virtual_tokens for row in rows if row.is_prefix), default=0)
         attention_mask = prefill_mask(rows, lengths, past_len).to(self.device)  # [B, past + T]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]  # [B, T]
-        keys, values = self.prefix_kv(rows, past_len)
-        cache = cache_from(keys, values)
-        logits = self.model(
-            inputs_embeds=self.input_embeds(rows, lengths),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        batch = Batch(rows, attention_mask, cache, next_positions=attention_mask.sum(-1))
-        return batch, logits[:, -1].float()
+        keys, values = self.prefix_kv(rows, past_len, attention_mask.shape[1])
+        kv = step_kv(keys, values, attention_mask, past_len, position_ids)
+        logits = self.forward(kv, inputs_embeds=self.input_embeds(rows, lengths), position_ids=position_ids)
+        batch = Batch(rows, attention_mask, keys, values, next_positions=attention_mask.sum(-1))
+        return batch, logits
 
     @torch.inference_mode()
     def decode(self, batch: Batch, token_ids: torch.Tensor) -> tuple[Batch, torch.Tensor]:
-        """Feed each row its last token; the cache grows by one column. Returns logits [B, V]."""
-        ones = batch.attention_mask.new_ones((batch.size, 1))
-        attention_mask = torch.cat([batch.attention_mask, ones], dim=1)  # [B, L + 1]
-        logits = self.model(
-            input_ids=token_ids.to(self.device)[:, None],
-            attention_mask=attention_mask,
-            position_ids=batch.next_positions[:, None],
-            past_key_values=batch.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits
-        grown = Batch(batch.rows, attention_mask, batch.cache, next_positions=batch.next_positions + 1)
-        return grown, logits[:, -1].float()
+        """Feed each row its last token; the batch grows by one column. Returns logits [B, V]."""
+        grown, kv = batch.decode_kv()
+        logits = self.forward(
+            kv, input_ids=token_ids.to(self.device)[:, None], position_ids=batch.next_positions[:, None]
+        )
+        return grown, logits
+
+    def forward(self, kv: StepKV, **inputs: torch.Tensor) -> torch.Tensor:
+        """One pass of the backbone over the engine's keys and values; the last position's logits [B, V]."""
+        return run_backbone(self.model, self.num_layers, kv, **inputs)
 
     def input_embeds(self, rows: list[Sequence], lengths: list[int]) -> torch.Tensor:
         """[B, T, H]: each row right-aligned; a prompt row's virtual tokens sit just before its input."""
@@ -78,24 +70,36 @@ class ModelRunner:
                 embeds[b, start : start + prompt.shape[0]] = prompt.to(embeds.dtype)
         return embeds
 
-    def prefix_kv(self, rows: list[Sequence], past_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per layer [B, kv_heads, past_len, head_dim]: each prefix row's task prefix, right-aligned."""
-        if past_len == 0:
-            return [], []
+    def prefix_kv(
+        self, rows: list[Sequence], past_len: int, length: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per layer buffers for `length` columns [B, kv_heads, capacity, head_dim]: each prefix row's task prefix
+        right-aligned in the first `past_len`, the rest zero."""
         fp = self.backbone.fingerprint
-        shape = (len(rows), fp.num_key_value_heads, past_len, fp.head_dim)
-        dtype = self.backbone.dtype
-        keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(self.num_layers)]
+        like = torch.empty((), dtype=self.backbone.dtype, device=self.device)
+        keys = [new_kv(like, len(rows), fp.num_key_value_heads, length, fp.head_dim) for _ in range(self.num_layers)]
+        values = [new_kv(like, len(rows), fp.num_key_value_heads, length, fp.head_dim) for _ in range(self.num_layers)]
         for b, row in enumerate(rows):
             task = row.device_task
             if task is None or not task.prefix_keys:
                 continue
             start = past_len - task.num_virtual_tokens
             for layer in range(self.num_layers):
-                keys[layer][b, :, start:] = task.prefix_keys[layer]  # [kv_heads, P, head_dim]
-                values[layer][b, :, start:] = task.prefix_values[layer]
+                keys[layer][b, :, start:past_len] = task.prefix_keys[layer]  # [kv_heads, P, head_dim]
+                values[layer][b, :, start:past_len] = task.prefix_values[layer]
         return keys, values
+
+
+def run_backbone(model: PreTrainedModel, num_layers: int, kv: StepKV, **inputs: torch.Tensor) -> torch.Tensor:
+    """One forward pass without a transformers cache: attention reads and writes `kv`. Returns logits [B, V]."""
+    logits = model(**inputs, use_cache=False, logits_to_keep=1, **{KV_KWARG: kv}).logits
+    if kv.num_layers_written != num_layers:
+        raise RuntimeError(
+            f"{type(model).__name__}: {kv.num_layers_written} of {num_layers} layers ran their attention through "
+            f"the {ATTENTION_NAME!r} AttentionInterface function; promptserve serves only models whose every "
+            "attention layer does"
+        )
+    return logits[:, -1].float()
 
 
 @torch.inference_mode()
@@ -108,19 +112,19 @@ def virtual_token_kv(backbone: Backbone, task: DeviceTask) -> DeviceTask:
     """
     if task.prompt_embeds is None:
         return task
-    num_virtual = task.prompt_embeds.shape[0]
-    cache = cache_from([], [])
-    backbone.model(
-        inputs_embeds=task.prompt_embeds[None].to(backbone.dtype),
-        attention_mask=torch.ones((1, num_virtual), dtype=torch.long, device=backbone.device),
-        position_ids=torch.arange(num_virtual, device=backbone.device)[None],
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
+    fp, num_virtual = backbone.fingerprint, task.prompt_embeds.shape[0]
+    embeds = task.prompt_embeds[None].to(backbone.dtype)  # [1, P, H]
+    keys = [new_kv(embeds, 1, fp.num_key_value_heads, num_virtual, fp.head_dim) for _ in range(fp.num_layers)]
+    values = [new_kv(embeds, 1, fp.num_key_value_heads, num_virtual, fp.head_dim) for _ in range(fp.num_layers)]
+    positions = torch.arange(num_virtual, device=backbone.device)[None]  # [1, P]
+    kv = step_kv(keys, values, torch.ones_like(positions), 0, positions)
+    run_backbone(backbone.model, fp.num_layers, kv, inputs_embeds=embeds, position_ids=positions)
+    return replace(
+        task,
+        prompt_embeds=None,
+        prefix_keys=[k[0, :, :num_virtual].contiguous() for k in keys],  # [kv_heads, P, head_dim]
+        prefix_values=[v[0, :, :num_virtual].contiguous() for v in values],
     )
-    keys = [layer[0].contiguous() for layer in cache_keys(cache)]  # [kv_heads, P, head_dim]
-    values = [layer[0].contiguous() for layer in cache_values(cache)]
-    return replace(task, prompt_embeds=None, prefix_keys=keys, prefix_values=values)
 
 
 def row_input_length(row: Sequence) -> int:

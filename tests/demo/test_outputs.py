@@ -1,5 +1,5 @@
 """The demo tasks do what the README says on held-out inputs: same frozen backbone, different task, different
-output (greedy, through transformers + PEFT `generate`)."""
+output (greedy, through PEFT's forward without a cache, as `server.demo.evaluate` scores them)."""
 
 from __future__ import annotations
 

@@ -6,10 +6,6 @@ from collections import defaultdict
 from functools import partial
 from pathlib import Path
 
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-
 from prompt_store.cache import PromptCache
 from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone, load_backbone
@@ -93,14 +89,3 @@ class Harness:
 
 def token_ids(completion: Completion) -> list[int]:
     return [token.id for token in completion.tokens]
-
-
-def peft_generate(tiny: TinyBackbone, task_kind: str | None, text: str, tokenizer, max_new_tokens: int) -> list[int]:
-    """PEFT's own generate for one request alone (greedy, stopping at EOS like the engine)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
-    if task_kind is not None:
-        model = PeftModel.from_pretrained(model, tiny.adapters[task_kind]).eval()
-    encoded = tokenizer(text, return_tensors="pt")
-    with torch.inference_mode():
-        out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=256)
-    return out[0, encoded["input_ids"].shape[1] :].tolist()

@@ -1,4 +1,7 @@
-"""The store speaks PEFT both ways: what it holds loads back into PEFT unchanged, and materialises as PEFT would."""
+"""The store speaks PEFT both ways: what it holds loads back into PEFT unchanged, and materialises as PEFT would.
+
+Greedy tokens come from PEFT's forward without a cache (not its `generate`), checked against the papers'
+definitions and against the bare backbone, so a reference that lost the adapter cannot pass."""
 
 from __future__ import annotations
 
@@ -11,26 +14,15 @@ from transformers import AutoModelForCausalLM
 
 from prompt_store.materialize import materialize
 from prompt_store.registry import TaskStore
-from tests.fixtures import ADAPTER_KINDS, BOS_ID, PAD_ID, TinyBackbone
+from tests.fixtures import ADAPTER_KINDS, BOS_ID, TinyBackbone
 from tests.prompt_store.helpers import fingerprint_of
+from tests.reference import by_definition_greedy, peft_greedy, peft_model
+
+INPUT_IDS = [BOS_ID, 72, 105, 33, 32, 119]
 
 
-def peft_model(backbone: TinyBackbone, adapter_dir: Path) -> PeftModel:
-    base = AutoModelForCausalLM.from_pretrained(backbone.path)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
-
-
-def peft_generate(model: PeftModel) -> list[int]:
-    input_ids = torch.tensor([[BOS_ID, 72, 105, 33, 32, 119]])
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=6,
-            do_sample=False,
-            pad_token_id=PAD_ID,
-        )
-    return output[0].tolist()
+def stored_model(backbone: TinyBackbone, adapter_dir: Path) -> PeftModel:
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone.path), adapter_dir).eval()
 
 
 @pytest.fixture
@@ -39,18 +31,24 @@ def store(tiny_backbone: TinyBackbone, tmp_path: Path) -> TaskStore:
 
 
 @pytest.mark.parametrize("kind", ADAPTER_KINDS)
-def test_version_dir_generates_like_original_adapter_every_kind(tiny_backbone: TinyBackbone, store, kind):
+def test_version_dir_generates_like_original_adapter_and_by_definition_every_kind(
+    tiny_backbone: TinyBackbone, store, kind
+):
     record, _ = store.register_dir(kind, tiny_backbone.adapters[kind])
-    stored = peft_generate(peft_model(tiny_backbone, store.version_dir(kind, record.version)))
-    original = peft_generate(peft_model(tiny_backbone, tiny_backbone.adapters[kind]))
-    assert stored == original
+    stored = peft_greedy(stored_model(tiny_backbone, store.version_dir(kind, record.version)), INPUT_IDS, 8)
+    original = peft_greedy(peft_model(tiny_backbone, kind), INPUT_IDS, 8)
+    task = materialize(store.load(kind), store.fingerprint, "cpu", torch.float32)
+    by_definition = by_definition_greedy(tiny_backbone, task, INPUT_IDS, 8)
+    assert stored == original == by_definition
+    # the adapter matters: a reference (or a store) that dropped it would give the bare backbone's tokens
+    assert stored != peft_greedy(peft_model(tiny_backbone, None), INPUT_IDS, 8)
 
 
 @pytest.mark.parametrize("kind", ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm"])
 def test_materialize_prompt_equals_peft_get_prompt(tiny_backbone: TinyBackbone, store, kind):
     store.register_dir(kind, tiny_backbone.adapters[kind])
     task = materialize(store.load(kind), store.fingerprint, "cpu", torch.float32)
-    expected = peft_model(tiny_backbone, tiny_backbone.adapters[kind]).get_prompt(batch_size=1)[0]  # [P, hidden]
+    expected = peft_model(tiny_backbone, kind).get_prompt(batch_size=1)[0]  # [P, hidden]
     assert task.prompt_embeds is not None and task.prompt_embeds.is_contiguous()
     assert torch.equal(task.prompt_embeds, expected)
     assert not task.prefix_keys and not task.prefix_values
@@ -60,7 +58,7 @@ def test_materialize_prompt_equals_peft_get_prompt(tiny_backbone: TinyBackbone, 
 def test_materialize_prefix_equals_peft_past_key_values(tiny_backbone: TinyBackbone, store, kind):
     store.register_dir(kind, tiny_backbone.adapters[kind])
     task = materialize(store.load(kind), store.fingerprint, "cpu", torch.float32)
-    cache = peft_model(tiny_backbone, tiny_backbone.adapters[kind]).get_prompt(batch_size=1)
+    cache = peft_model(tiny_backbone, kind).get_prompt(batch_size=1)
     fp = store.fingerprint
     assert task.prompt_embeds is None and len(task.prefix_keys) == len(task.prefix_values) == fp.num_layers
     for layer in range(fp.num_layers):

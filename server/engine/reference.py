@@ -1,0 +1,44 @@
+"""Greedy decoding by the book: the whole sequence through a model's forward at every step, no cache.
+
+The yardstick the engine is held to (its start-up self-check, the tests, the demo's evaluation). Nothing here
+depends on how a cache reaches a model or on `generate`, so it cannot share a bug in that plumbing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+
+import torch
+
+LogitsOf = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, T] -> logits [B, T', V], the last T' for the last id
+
+
+def forward_logits(model: Callable[..., object]) -> LogitsOf:
+    """A model (a transformers or PEFT causal LM) as a LogitsOf: the whole sequence every time, every position kept."""
+
+    def logits_of(input_ids: torch.Tensor) -> torch.Tensor:
+        output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        return output.logits  # type: ignore[attr-defined]
+
+    return logits_of
+
+
+@torch.inference_mode()
+def greedy_uncached(
+    logits_of: LogitsOf, input_ids: torch.Tensor, max_new_tokens: int, eos_token_ids: Collection[int]
+) -> list[list[int]]:
+    """Each row's greedy tokens after `input_ids` [B, T] (rows of one length), through its first EOS."""
+    generated: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    for _ in range(max_new_tokens):
+        next_ids = logits_of(input_ids)[:, -1].argmax(dim=-1)  # [B]
+        for row, token in zip(generated, next_ids.tolist(), strict=True):
+            if not is_done(row, eos_token_ids):
+                row.append(token)
+        if all(is_done(row, eos_token_ids) for row in generated):
+            break
+        input_ids = torch.cat([input_ids, next_ids[:, None].to(input_ids.device)], dim=1)  # [B, T + 1]
+    return generated
+
+
+def is_done(tokens: list[int], eos_token_ids: Collection[int]) -> bool:
+    return bool(tokens) and tokens[-1] in eos_token_ids
