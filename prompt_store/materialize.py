@@ -37,3 +37,9 @@ def split_prefix(rows: torch.Tensor, fingerprint: BackboneFingerprint) -> tuple[
     keys = [kv[2 * layer] for layer in range(fp.num_layers)]  # each [kv_heads, P, head_dim], contiguous
     values = [kv[2 * layer + 1] for layer in range(fp.num_layers)]
     return keys, values
+
+
+def join_prefix(keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of `split_prefix`: per layer [kv_heads, P, head_dim] keys and values -> PEFT's [P, L*2*kv_dim]."""
+    kv = torch.stack([t for pair in zip(keys, values, strict=True) for t in pair])  # [2L, kv_heads, P, head_dim]
+    return kv.permute(2, 0, 1, 3).reshape(kv.shape[2], -1)  # [P, 2L * kv_heads * head_dim]

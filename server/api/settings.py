@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     prefill_split_tokens: int | None = Field(default=_ENGINE.prefill_split_tokens, ge=0)
     cache_prompt_kv: bool = _ENGINE.cache_prompt_kv
     torch_threads: int | None = Field(default=_ENGINE.torch_threads, ge=1)
+    self_check: bool = _ENGINE.self_check
 
     # HTTP
     host: str = "127.0.0.1"
@@ -78,4 +79,5 @@ class Settings(BaseSettings):
             prefill_split_tokens=self.prefill_split_tokens,
             cache_prompt_kv=self.cache_prompt_kv,
             torch_threads=self.torch_threads,
+            self_check=self.self_check,
         )

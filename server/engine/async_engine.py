@@ -27,6 +27,7 @@ from server.engine.intake import IntakeLimits, build_request
 from server.engine.model_runner import virtual_token_kv
 from server.engine.request import Request
 from server.engine.scheduler import SchedulerConfig
+from server.engine.selfcheck import self_check
 from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
 
 logger = logging.getLogger(__name__)
@@ -203,7 +204,10 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     if split_tokens is None:
         split_tokens = default_prefill_split_tokens(backbone.device.type)
     scheduler_config = SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_waiting, split_tokens)
-    engine = AsyncEngine(Engine(backbone, cache, scheduler_config), store, config)
+    core = Engine(backbone, cache, scheduler_config)
+    if config.self_check:
+        self_check(core)
+    engine = AsyncEngine(core, store, config)
     engine.start()
     logger.info("engine ready: %s, %d tasks registered", backbone.model_id, len(store))
     return engine

@@ -25,6 +25,7 @@ class EngineConfig:
     prefill_split_tokens: int | None = None  # padding that pays for one more prefill pass; None: 256 CPU, 2048 GPU
     cache_prompt_kv: bool = True  # prompt/P-tuning rows reuse their virtual tokens' keys and values (more memory)
     torch_threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    self_check: bool = True  # before ready: the engine's tokens equal the backbone's own (server.engine.selfcheck)
 
 
 def default_prefill_split_tokens(device: str) -> int:

@@ -12,7 +12,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from prompt_store.materialize import materialize
+from prompt_store.materialize import join_prefix, materialize, split_prefix
 from prompt_store.registry import TaskStore
 from tests.fixtures import ADAPTER_KINDS, BOS_ID, TinyBackbone
 from tests.prompt_store.helpers import fingerprint_of
@@ -84,3 +84,8 @@ def test_materialize_places_tensors_on_cuda(tiny_llama: TinyBackbone, tmp_path: 
     store.register_dir("prompt", tiny_llama.adapters["prompt_tuning"])
     task = materialize(store.load("prompt"), store.fingerprint, "cuda", torch.bfloat16)
     assert task.prompt_embeds is not None and task.prompt_embeds.device.type == "cuda"
+
+
+def test_join_prefix_inverts_split_prefix(llama_fp):
+    rows = torch.randn((3, llama_fp.num_layers * 2 * llama_fp.kv_dim))
+    assert torch.equal(join_prefix(*split_prefix(rows, llama_fp)), rows)

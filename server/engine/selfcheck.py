@@ -1,0 +1,159 @@
+"""The start-up self-check: before the server reports ready, the engine must decode like the backbone itself.
+
+A plain row, a prompt row and a prefix row (random virtual tokens: embeddings of random vocabulary tokens, and the
+keys and values such embeddings leave) run together through the engine, greedy. The backbone then reads the same
+tokens in one uncached forward with its stock eager attention, the virtual tokens given as input embeddings. Each
+token the engine chose must be the backbone's greedy choice too, and have the same log-probability, up to the
+dtype's rounding. A backbone the engine cannot serve exactly fails here, by name, instead of answering wrongly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from prompt_store.materialize import join_prefix
+from prompt_store.types import DeviceTask, Method, TaskArtifact, TaskRecord
+from server.engine.attention import ATTENTION_NAME
+from server.engine.backbone import Backbone
+from server.engine.detokenizer import IncrementalDecoder
+from server.engine.engine import Engine
+from server.engine.errors import EngineError
+from server.engine.model_runner import virtual_token_kv
+from server.engine.request import Request, Sequence
+from server.engine.types import RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+TEXT = "promptserve checks itself"
+NUM_VIRTUAL_TOKENS = 4
+NUM_NEW_TOKENS = 4
+SEED = 1234
+TASK_ID = "promptserve.self-check"  # version 0: stored versions start at 1, so it can never shadow a user's task
+REFERENCE_ATTENTION = "eager"
+
+
+class SelfCheckFailed(EngineError):
+    """The engine's tokens differ from the backbone's own on this backbone and these library versions."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckRow:
+    name: str
+    task: TaskArtifact | None
+    virtual_embeds: torch.Tensor | None  # [P, H]: what the backbone reads before the input for this row
+
+
+def self_check(engine: Engine) -> float:
+    """Run the check on the engine (before its thread starts); returns its seconds, raises SelfCheckFailed."""
+    started = time.perf_counter()
+    backbone = engine.backbone
+    input_ids = list(backbone.tokenizer(TEXT)["input_ids"])
+    rows = check_rows(backbone)
+    try:
+        outputs = run_through_engine(engine, input_ids, rows)
+    finally:
+        engine.cache.retire(TASK_ID + ".prompt", None)
+        engine.cache.retire(TASK_ID + ".prefix", None)
+    for row in rows:
+        compare(backbone, row, input_ids, outputs[row.name])
+    seconds = time.perf_counter() - started
+    logger.info("self-check passed on %s: plain, prompt and prefix rows in %.3f s", backbone.model_id, seconds)
+    return seconds
+
+
+def check_rows(backbone: Backbone) -> list[CheckRow]:
+    generator = torch.Generator().manual_seed(SEED)
+    prompt = vocabulary_embeds(backbone, generator)
+    prefix_source = vocabulary_embeds(backbone, generator)
+    kv = virtual_token_kv(backbone, DeviceTask(("", 0), Method.PROMPT_TUNING, NUM_VIRTUAL_TOKENS, prefix_source))
+    prefix = join_prefix(kv.prefix_keys, kv.prefix_values).float().cpu()  # [P, L * 2 * kv_dim], as PEFT saves it
+    return [
+        CheckRow("plain", None, None),
+        CheckRow("prompt", artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, prompt.float().cpu()), prompt),
+        CheckRow("prefix", artifact(TASK_ID + ".prefix", Method.PREFIX_TUNING, prefix), prefix_source),
+    ]
+
+
+def vocabulary_embeds(backbone: Backbone, generator: torch.Generator) -> torch.Tensor:
+    """[P, H]: the input embeddings of random vocabulary tokens (the sampled-vocabulary init of Lester et al.)."""
+    token_ids = torch.randint(0, backbone.fingerprint.vocab_size, (NUM_VIRTUAL_TOKENS,), generator=generator)
+    with torch.inference_mode():
+        return backbone.model.get_input_embeddings()(token_ids.to(backbone.device))
+
+
+def artifact(task_id: str, method: Method, prompt_embeddings: torch.Tensor) -> TaskArtifact:
+    record = TaskRecord(task_id, 0, method, NUM_VIRTUAL_TOKENS, bytes=0, sha256="", created_at="")
+    return TaskArtifact(record, {}, prompt_embeddings)
+
+
+def run_through_engine(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -> dict[str, RequestOutput]:
+    """Every row at once, greedy, through the engine's own steps; the last output of each."""
+    outputs: dict[str, RequestOutput] = {}
+    for row in rows:
+        request = Request(
+            request_id=f"self-check-{row.name}",
+            input_ids=input_ids,
+            sampling=SamplingParams(max_new_tokens=NUM_NEW_TOKENS),
+            max_new_tokens=NUM_NEW_TOKENS,
+            sink=partial(outputs.__setitem__, row.name),
+        )
+        request.rows = [Sequence(request, row.task, IncrementalDecoder(engine.backbone.tokenizer))]
+        engine.add(request)
+    while engine.has_work():
+        engine.step()
+    return outputs
+
+
+def compare(backbone: Backbone, row: CheckRow, input_ids: list[int], output: RequestOutput) -> None:
+    if output.error is not None or output.completion is None:
+        raise failure(backbone, f"the {row.name} row failed in the engine: {output.error!r}")
+    tokens = output.completion.tokens
+    logprobs = reference_logprobs(backbone, row, input_ids + [token.id for token in tokens[:-1]])
+    expected = logprobs[-len(tokens) :]  # [N, V]: what the backbone gives at each position the engine chose at
+    tolerance = tolerance_of(backbone.dtype)
+    for step, (token, reference) in enumerate(zip(tokens, expected, strict=True)):
+        chosen, best = float(reference[token.id]), float(reference.max())
+        if chosen < best - tolerance or abs(token.logprob - chosen) > tolerance:
+            raise failure(
+                backbone,
+                f"the {row.name} row's token {step + 1} is {token.id} (log-probability {token.logprob:.4f}); the "
+                f"backbone's uncached forward gives it {chosen:.4f}, and {int(reference.argmax())} {best:.4f} "
+                f"(tolerance {tolerance:g})",
+            )
+
+
+@torch.inference_mode()
+def reference_logprobs(backbone: Backbone, row: CheckRow, token_ids: list[int]) -> torch.Tensor:
+    """[T, V] log-probabilities after each token of the row: virtual tokens as embeddings, eager attention."""
+    model = backbone.model
+    embeds = model.get_input_embeddings()(torch.tensor([token_ids], device=backbone.device))  # [1, T, H]
+    if row.virtual_embeds is not None:
+        embeds = torch.cat([row.virtual_embeds[None].to(embeds.dtype), embeds], dim=1)  # [1, P + T, H]
+    positions = torch.arange(embeds.shape[1], device=backbone.device)[None]
+    model.set_attn_implementation(REFERENCE_ATTENTION)
+    try:
+        logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits  # type: ignore[operator]
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def tolerance_of(dtype: torch.dtype) -> float:
+    """Log-probability slack for two correct attentions' rounding: 1e-3 in float32, 32 ulps in half precision."""
+    return max(1e-3, 32 * torch.finfo(dtype).eps)
+
+
+def failure(backbone: Backbone, detail: str) -> SelfCheckFailed:
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("transformers", "torch"))
+    return SelfCheckFailed(
+        f"self-check failed on backbone {backbone.model_id!r} ({backbone.fingerprint.model_type}, "
+        f"{str(backbone.dtype).removeprefix('torch.')}, {backbone.device}) with {versions}: {detail}. The engine would "
+        "not answer as this backbone does; try the versions in requirements.lock, or report it. "
+        "PROMPTSERVE_SELF_CHECK=false skips this check."
+    )
