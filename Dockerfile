@@ -13,14 +13,18 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/${TORCH_VARIANT}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY requirements.lock pyproject.toml ./
+# hadolint ignore=DL3013
 RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir "pip==26.3" "setuptools==84.2.1"
+    && pip install --no-cache-dir -c requirements.lock pip setuptools
 # torch first and from its own index: the default PyPI wheel would pull a multi-GB CUDA build into a CPU image.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-WORKDIR /src
-COPY deploy/requirements.txt deploy/requirements.txt
-RUN pip install --no-cache-dir -r deploy/requirements.txt
-COPY pyproject.toml README.md ./
+# The runtime dependencies (pyproject's list, without the dev extra) at the versions of the lock the suite passed with.
+RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+        > /tmp/runtime.txt \
+    && pip install --no-cache-dir -c requirements.lock -r /tmp/runtime.txt
+COPY README.md ./
 COPY clients clients
 COPY prompt_store prompt_store
 COPY server server

@@ -1,18 +1,22 @@
 # promptserve developer commands. Each target sets up its own virtual environment on first use.
+# Installs come from requirements.lock (exact versions the suite last passed with); `make lock` refreshes it.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+NEWEST := .venv-newest
 ARGS ?=
+# CPU torch, installed on its own and first: an unpinned torch would pull a multi-GB CUDA build.
+TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 
-.PHONY: serve test lint typecheck unit bench clean
+.PHONY: serve test lint typecheck unit bench clean test-newest lock newest-venv
 
-$(STAMP): pyproject.toml clients/pyproject.toml
+$(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -34,5 +38,31 @@ unit: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
 
+# ---- upgrading is a deliberate step: the newest releases pyproject's ranges allow, in a venv of their own
+# (torch stays at the lock's CPU build: the newest PyPI torch is a multi-GB CUDA build)
+
+newest-venv:
+	rm -rf $(NEWEST)
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install -q --upgrade pip setuptools
+	$(NEWEST)/bin/python -m pip install -q "$(TORCH)"
+	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev]" "$(TORCH)"
+	touch $(NEWEST)/.installed
+	@$(NEWEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|safetensors|accelerate)=='
+
+# the engine and store tests on the newest releases (not part of CI)
+test-newest: newest-venv
+	$(NEWEST)/bin/python -m pytest -q tests/engine tests/prompt_store $(ARGS)
+
+# refresh requirements.lock to the newest releases; kept only if the whole suite passes on them
+lock: newest-venv
+	cp $(LOCK) $(LOCK).old
+	$(NEWEST)/bin/python -m pip freeze --all --exclude-editable \
+		| sed -e 's/^\(torch==[^+]*\)+.*/\1/' \
+		| { echo "# Exact versions the suite last passed with (Linux, Python 3.11), written by 'make lock'."; cat; } > $(LOCK)
+	$(MAKE) test VENV=$(NEWEST) || { mv $(LOCK).old $(LOCK); echo "the suite fails on the newest releases: lock kept"; exit 1; }
+	rm $(LOCK).old
+	@echo "$(LOCK) refreshed; review 'git diff $(LOCK)' and commit it"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -11,7 +11,7 @@ import torch
 TaskKey = tuple[str, int]  # (task_id, version)
 
 
-class Method(str, enum.Enum):
+class Method(enum.StrEnum):
     PROMPT_TUNING = "prompt_tuning"
     P_TUNING = "p_tuning"
     PREFIX_TUNING = "prefix_tuning"

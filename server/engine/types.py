@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from prompt_store.types import CacheStats
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     LENGTH = "length"
     EOS = "eos_token"
     STOP = "stop_sequence"
 
 
-class EnsembleMode(str, enum.Enum):
+class EnsembleMode(enum.StrEnum):
     VOTE = "vote"
     MEAN = "mean"
 

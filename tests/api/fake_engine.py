@@ -14,7 +14,7 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prompt_store.types import CacheStats, Method, TaskRecord
 from server.engine.errors import (
@@ -126,7 +126,7 @@ class FakeEngine:
             task_id=task_id, version=previous.version + 1 if previous else 1, method=method,
             num_virtual_tokens=num_virtual_tokens, bytes=len(adapter_config) + len(adapter_model),
             sha256=hashlib.sha256(adapter_model).hexdigest(),
-            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         )  # fmt: skip
         self.tasks[task_id] = record
         return record, previous is None

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-
 import tomllib
+
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -30,8 +30,11 @@ def arguments_of(keyword: str) -> list[str]:
     return [rest for key, rest in instructions() if key == keyword]
 
 
+LOCK = ROOT / "requirements.lock"
+
+
 def pinned_requirements() -> dict[str, str]:
-    lines = (ROOT / "deploy" / "requirements.txt").read_text().splitlines()
+    lines = LOCK.read_text().splitlines()
     pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
     return {canonicalize_name(req.name): str(req.specifier).removeprefix("==") for req in pins}
 
@@ -75,16 +78,17 @@ def test_volumes_and_environment_point_at_the_store_and_hf_cache() -> None:
         assert setting in environment
 
 
-def test_torch_pin_matches_the_makefile() -> None:
-    (pinned,) = re.findall(r"torch==([\w.]+)", (ROOT / "Makefile").read_text())
-    assert f"TORCH_VERSION={pinned}" in arguments_of("ARG")
+def test_torch_pin_matches_the_lock() -> None:
+    assert f"TORCH_VERSION={pinned_requirements()['torch']}" in arguments_of("ARG")
 
 
 def test_base_image_and_build_tools_are_pinned() -> None:
     base = [arg for arg in arguments_of("ARG") if arg.startswith("PYTHON_IMAGE=")]
     assert base and re.fullmatch(r"PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim-\w+", base[0]), base
-    text = DOCKERFILE.read_text()
-    assert re.search(r'"pip==[\d.]+"', text) and re.search(r'"setuptools==[\d.]+"', text)
+    assert {"pip", "setuptools"} <= set(pinned_requirements())
+    runs = arguments_of("RUN")
+    assert any("-c requirements.lock pip setuptools" in run for run in runs), runs
+    assert any("-c requirements.lock -r /tmp/runtime.txt" in run for run in runs), runs
 
 
 def test_copied_paths_exist_and_are_not_dockerignored() -> None:
@@ -103,12 +107,11 @@ def test_demo_assets_are_not_dockerignored() -> None:
     assert "safetensors" not in re.sub(r"#.*", "", patterns)
 
 
-def test_pinned_requirements_satisfy_the_project_dependencies() -> None:
+def test_the_lock_pins_every_dependency_within_its_range() -> None:
     pins = pinned_requirements()
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for dependency in map(Requirement, dependencies):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for dependency in map(Requirement, project["dependencies"] + project["optional-dependencies"]["dev"]):
         name = canonicalize_name(dependency.name)
-        if name == "torch":
-            continue  # installed first, from the PyTorch index of the chosen variant
-        assert name in pins, f"{name} is a dependency but deploy/requirements.txt does not pin it"
+        assert name in pins, f"{name} is a dependency but requirements.lock does not pin it"
         assert dependency.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {dependency}"
+    assert all("+" not in version for version in pins.values()), "local version labels (+cpu) break other variants"

@@ -6,7 +6,7 @@ import hashlib
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -62,8 +62,8 @@ def test_register_new_task_returns_created_record(store, prompt_adapter):
     assert record.bytes == len(prompt_adapter[0]) + len(prompt_adapter[1])
     assert record.sha256 == hashlib.sha256(prompt_adapter[1]).hexdigest()
     created_at = datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))
-    assert record.created_at.endswith("Z") and created_at.tzinfo == timezone.utc
-    assert abs((datetime.now(timezone.utc) - created_at).total_seconds()) < 60
+    assert record.created_at.endswith("Z") and created_at.tzinfo == UTC
+    assert abs((datetime.now(UTC) - created_at).total_seconds()) < 60
 
 
 def test_register_same_id_creates_next_version(store, prompt_adapter, prefix_adapter):
