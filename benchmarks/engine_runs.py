@@ -9,24 +9,21 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 from benchmarks.workload import TaskSpec, Workload
 from prompt_store.adapter import StoreLimits
-from prompt_store.cache import PromptCache
 from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone, load_backbone
-from server.engine.config import default_prefill_split_tokens
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.intake import IntakeLimits, build_request
-from server.engine.model_runner import virtual_token_kv
+from server.engine.intake import IntakeConfig, build_request
 from server.engine.request import Request
-from server.engine.scheduler import SchedulerConfig
 from server.engine.types import GenerateInput, RequestOutput, SamplingParams, StepStats
 
 CONTINUOUS, STATIC = "continuous", "static"
-INTAKE = IntakeLimits(max_input_tokens=4096, max_new_tokens=4096)
+INTAKE = IntakeConfig(max_input_tokens=4096, max_new_tokens=4096)
 
 
 @dataclass(slots=True)
@@ -70,30 +67,33 @@ class StepTotals:
 
 @dataclass
 class EngineRig:
-    """One backbone, store, prompt cache and engine, reused across runs (as a server would)."""
+    """One backbone, store and engine, reused across runs (as a server would); built as the server builds it."""
 
     backbone: Backbone
     store: TaskStore
-    cache: PromptCache
     engine: Engine
     steps: StepTotals = field(default_factory=StepTotals)
 
     @classmethod
     def open(
-        cls, backbone_dir: Path, store_dir: Path, tasks: list[TaskSpec], device: str, dtype: str, max_batch_size: int
+        cls,
+        backbone_dir: Path,
+        store_dir: Path,
+        tasks: list[TaskSpec],
+        device: str,
+        dtype: str,
+        max_batch_size: int,
+        **engine: Any,
     ) -> EngineRig:
-        backbone = load_backbone(str(backbone_dir), device, dtype)
+        """`engine`: EngineConfig fields beyond the defaults (e.g. max_batch_tokens, kv_block_size)."""
+        config = EngineConfig(
+            model=str(backbone_dir), device=device, dtype=dtype, max_batch_size=max_batch_size, **engine
+        )
+        backbone = load_backbone(config.model, device, dtype)
         store = TaskStore(store_dir, backbone.fingerprint, StoreLimits(max_virtual_tokens=1024))
         for task in tasks:
             store.register_dir(task.task_id, task.adapter_dir)
-        prepare = partial(virtual_token_kv, backbone)  # as the server does by default
-        cache = PromptCache(
-            backbone.fingerprint, backbone.device, backbone.dtype, budget_bytes=1 << 30, prepare=prepare
-        )
-        split_tokens = default_prefill_split_tokens(backbone.device.type)
-        scheduler = SchedulerConfig(max_batch_size, max_batch_tokens=1 << 30, max_waiting=1 << 20,
-                                    prefill_split_tokens=split_tokens)  # fmt: skip
-        rig = cls(backbone, store, cache, Engine(backbone, cache, scheduler))
+        rig = cls(backbone, store, Engine(backbone, replace(config, max_waiting=1 << 20)))
         rig.engine.step_listeners.append(lambda stats: rig.steps.add(stats))
         return rig
 
@@ -123,7 +123,7 @@ class EngineRig:
         else:
             self.run_static(requests, arrivals, started)
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-        assert self.cache.num_refs() == 0 and self.engine.batch is None
+        assert self.engine.is_idle() and self.engine.memory.num_task_refs() == 0
         return recorder.result(workload, seconds, cpu_seconds, self.steps)
 
     def run_continuous(self, requests: list[Request], arrivals: list[float], started: float) -> None:

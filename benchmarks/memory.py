@@ -1,5 +1,6 @@
 """What a task costs to keep: tensor and on-disk bytes per registered task, and the process memory (RSS) that
-1,000 prompt-tuning tasks resident in the device-side prompt cache add, over their tensors' own bytes.
+1,000 prompt-tuning tasks resident as device tensors (the task cache's input-embeddings form) add, over their
+tensors' own bytes. Tasks held as keys and values live in the KV pool, allocated once at start: they add nothing.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from safetensors.torch import save as save_safetensors
 
 from benchmarks.workload import TaskSpec
 from prompt_store.adapter import CONFIG_NAME, StoreLimits
-from prompt_store.cache import PromptCache
+from prompt_store.materialize import materialize
 from prompt_store.registry import TaskStore
-from prompt_store.types import BackboneFingerprint
+from prompt_store.types import BackboneFingerprint, DeviceTask
 
 
 def trimmed_rss() -> int:
@@ -52,11 +53,10 @@ def per_task_bytes(
 ) -> dict[str, Any]:
     """For one task of each method: device tensor bytes, upload bytes, and what the store holds on disk."""
     store = TaskStore(root, fingerprint, StoreLimits(max_virtual_tokens=1024))
-    cache = PromptCache(fingerprint, device, dtype, budget_bytes=1 << 30)
     result: dict[str, Any] = {}
     for task in samples:
         record, _ = store.register_dir(task.task_id, task.adapter_dir)
-        device_task = cache.acquire(store.load(task.task_id))
+        device_task = materialize(store.load(task.task_id), fingerprint, device, dtype)
         apparent, allocated = disk_usage(store.layout.task_dir(task.task_id))
         result[task.method] = {
             "num_virtual_tokens": task.num_virtual_tokens,
@@ -65,7 +65,6 @@ def per_task_bytes(
             "disk_bytes": apparent,  # the version's files: config, safetensors, record.json
             "disk_allocated_bytes": allocated,  # in filesystem blocks, directories included
         }
-        cache.release(device_task.key)
     return result
 
 
@@ -83,15 +82,15 @@ def resident_task_growth(
     root: Path,
     num_tasks: int = 1000,
 ) -> dict[str, Any]:
-    """Register `num_tasks` prompt-tuning tasks, make them all resident in the prompt cache, and measure RSS."""
+    """Register `num_tasks` prompt-tuning tasks, make them all resident as device tensors, and measure RSS."""
     config_bytes = (prompt_task.adapter_dir / CONFIG_NAME).read_bytes()
     fp_hidden = fingerprint.hidden_size
     is_cuda = device.type == "cuda"
     store = TaskStore(root, fingerprint, StoreLimits(max_virtual_tokens=1024))
-    cache = PromptCache(fingerprint, device, dtype, budget_bytes=1 << 40)
+    resident: dict[str, DeviceTask] = {}
     # One task through every path first, so one-time costs (lazy imports, first allocations) are not counted.
     store.register("warm-up", config_bytes, random_prompt_upload(prompt_task.num_virtual_tokens, fp_hidden, num_tasks))
-    cache.release(cache.acquire(store.load("warm-up")).key)
+    warm_up = materialize(store.load("warm-up"), fingerprint, device, dtype)
     rss_before, raw_before = trimmed_rss(), raw_rss()
     device_before = torch.cuda.memory_allocated(device) if is_cuda else 0
     started = time.perf_counter()
@@ -102,12 +101,12 @@ def resident_task_growth(
     rss_registered = trimmed_rss()
     started = time.perf_counter()
     for i in range(num_tasks):
-        device_task = cache.acquire(store.load(f"mem-{i:05d}"))
-        cache.release(device_task.key)  # stays resident: the budget is far away
+        task_id = f"mem-{i:05d}"
+        resident[task_id] = materialize(store.load(task_id), fingerprint, device, dtype)
     acquire_s = time.perf_counter() - started
     raw_after, rss_after = raw_rss(), trimmed_rss()
-    tensor_bytes = cache.stats().resident_bytes - cache.entries[("warm-up", 1)].task.nbytes
-    assert cache.stats().num_entries == num_tasks + 1
+    tensor_bytes = sum(task.nbytes for task in resident.values())
+    assert len(resident) == num_tasks and warm_up.nbytes * num_tasks == tensor_bytes
     result = {
         "num_tasks": num_tasks,
         "num_virtual_tokens": prompt_task.num_virtual_tokens,
@@ -123,5 +122,5 @@ def resident_task_growth(
     }
     if is_cuda:
         result["device_growth_over_tensor_bytes"] = (torch.cuda.memory_allocated(device) - device_before) / tensor_bytes
-    del cache, store
+    del resident, store
     return result

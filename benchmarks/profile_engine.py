@@ -1,7 +1,7 @@
 """`python -m benchmarks.profile_engine`: where an engine step's time goes, on the benchmarks' CPU workloads.
 
-Light timers wrap the engine's pieces (model forward, KV writes and attention inside it, batch filter / concatenate,
-input building, sampling, detokenization, the scheduler); what no timer covers is the step's own Python.
+Light timers wrap the engine's pieces (model forward, KV writes, gathers and attention inside it, input and index
+building, sampling, detokenization, the scheduler); what no timer covers is the step's own Python.
 `--cprofile N` also prints cProfile's top N functions (cProfile slows Python code, so its shares run high).
 """
 
@@ -34,7 +34,7 @@ from benchmarks.workload import (
     write_backbone,
     write_tasks,
 )
-from server.engine import attention, batch, engine, model_runner
+from server.engine import attention, engine
 
 Totals = dict[str, list[float]]  # name -> [seconds, calls]
 
@@ -67,22 +67,19 @@ class Timers:
         runner = rig.engine.runner
         model = runner.model
         self.wrap(engine.Engine, "step", "step (total)")
-        self.wrap(runner, "prefill", "prefill (runner, total)")
-        self.wrap(runner, "decode", "decode (runner, total)")
+        self.wrap(runner, "run", "runner (total)")
         self.wrap(model, "forward", "model forward")
-        self.wrap(attention.StepKV, "write", "  KV write (StepKV.write)")
+        self.wrap(attention.StepKV, "write", "  KV write and gather (StepKV.write)")
+        self.wrap(attention.StepKV, "gather", "    KV gather (pool -> padded rows)")
         self.wrap(attention.StepKV, "build_mask", "  attention mask (StepKV.build_mask)")
-        self.wrap(attention, "scaled_dot_product_attention", "  attention (SDPA over the engine's KV)")
-        self.wrap(batch.Batch, "with_room", "KV grow (copy into a larger buffer when full)")
-        self.wrap(runner, "input_embeds", "input embeds (prompt rows)")
-        self.wrap(runner, "prefix_kv", "prefix KV (prefix rows)")
-        self.wrap(model_runner, "prefill_mask", "prefill mask")
-        self.wrap(batch.Batch, "filter", "Batch.filter (rows leave)")
-        self.wrap(batch.Batch, "concatenate", "Batch.concatenate (rows join)")
+        self.wrap(attention, "scaled_dot_product_attention", "  attention (SDPA over the rows' keys)")
+        self.wrap(runner, "input_embeds", "input embeds")
+        self.wrap(runner, "step_kv", "step indices (slots, queries)")
+        self.wrap(runner, "positions", "positions")
         self.wrap(engine, "sample", "sampling")
         self.wrap(engine.Engine, "append_token", "append_token (detokenize, stop check)")
         self.wrap(rig.engine.scheduler, "schedule", "scheduler")
-        self.wrap(rig.cache, "acquire", "prompt cache acquire (virtual-token KV on a miss)")
+        self.wrap(rig.engine.tasks, "fill", "task keys and values (computed on first use)")
         try:
             yield
         finally:
@@ -105,16 +102,13 @@ def print_breakdown(totals: Totals, wall_s: float, num_tokens: int) -> None:
 # Pieces that do not nest inside one another (within a step); the rest of the step is the engine's own Python.
 TOP_LEVEL = {
     "model forward",
-    "input embeds (prompt rows)",
-    "KV grow (copy into a larger buffer when full)",
-    "prefix KV (prefix rows)",
-    "prefill mask",
-    "Batch.filter (rows leave)",
-    "Batch.concatenate (rows join)",
+    "input embeds",
+    "step indices (slots, queries)",
+    "positions",
     "sampling",
     "append_token (detokenize, stop check)",
     "scheduler",
-    "prompt cache acquire (virtual-token KV on a miss)",
+    "task keys and values (computed on first use)",
 }
 
 

@@ -1,7 +1,7 @@
-"""What a task IS: PEFT prompt-learning adapters, validated, stored durably and cached on the device."""
+"""What a task IS: PEFT prompt-learning adapters, validated and stored durably (disk and CPU; the engine owns the
+device side)."""
 
 from prompt_store.adapter import TASK_ID_PATTERN, StoreLimits, parse_adapter, validate_task_id
-from prompt_store.cache import PromptCache
 from prompt_store.errors import InvalidTask, StoreError, TaskNotFound, TaskTooLarge
 from prompt_store.materialize import materialize
 from prompt_store.registry import StoreEvent, TaskStore
@@ -22,7 +22,6 @@ __all__ = [
     "DeviceTask",
     "InvalidTask",
     "Method",
-    "PromptCache",
     "StoreError",
     "StoreEvent",
     "StoreLimits",

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     device: str = _ENGINE.device
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch_size: int = Field(default=_ENGINE.max_batch_size, ge=1)
-    max_batch_tokens: int = Field(default=_ENGINE.max_batch_tokens, ge=1)
+    max_batch_tokens: int | None = Field(default=_ENGINE.max_batch_tokens, ge=1)
     max_waiting: int = Field(default=_ENGINE.max_waiting, ge=0)
     max_input_tokens: int = Field(default=_ENGINE.max_input_tokens, ge=1)
     max_new_tokens_limit: int = Field(default=_ENGINE.max_new_tokens_limit, ge=1)
@@ -34,7 +34,9 @@ class Settings(BaseSettings):
     prompt_cache_bytes: int = Field(default=_ENGINE.prompt_cache_bytes, ge=0)
     poll_interval_s: float = Field(default=_ENGINE.poll_interval_s, ge=0)
     trust_remote_code: bool = _ENGINE.trust_remote_code
-    prefill_split_tokens: int | None = Field(default=_ENGINE.prefill_split_tokens, ge=0)
+    kv_cache_bytes: int | None = Field(default=_ENGINE.kv_cache_bytes, ge=1)
+    kv_cache_memory_fraction: float = Field(default=_ENGINE.kv_cache_memory_fraction, gt=0, le=1)
+    kv_block_size: int = Field(default=_ENGINE.kv_block_size, ge=1)
     cache_prompt_kv: bool = _ENGINE.cache_prompt_kv
     torch_threads: int | None = Field(default=_ENGINE.torch_threads, ge=1)
     self_check: bool = _ENGINE.self_check
@@ -49,7 +51,7 @@ class Settings(BaseSettings):
     # start-up
     demo_tasks: bool = True  # register the built-in demo tasks on first start with an empty store
 
-    @field_validator("model", "admin_token", "prefill_split_tokens", "torch_threads", mode="before")
+    @field_validator("model", "admin_token", "max_batch_tokens", "kv_cache_bytes", "torch_threads", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
@@ -76,7 +78,9 @@ class Settings(BaseSettings):
             prompt_cache_bytes=self.prompt_cache_bytes,
             poll_interval_s=self.poll_interval_s,
             trust_remote_code=self.trust_remote_code,
-            prefill_split_tokens=self.prefill_split_tokens,
+            kv_cache_bytes=self.kv_cache_bytes,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            kv_block_size=self.kv_block_size,
             cache_prompt_kv=self.cache_prompt_kv,
             torch_threads=self.torch_threads,
             self_check=self.self_check,

@@ -16,17 +16,14 @@ from functools import partial
 import torch
 
 from prompt_store.adapter import StoreLimits
-from prompt_store.cache import PromptCache
 from prompt_store.registry import StoreEvent, TaskStore
 from prompt_store.types import TaskRecord
 from server.engine.backbone import Backbone, load_backbone
-from server.engine.config import EngineConfig, default_prefill_split_tokens
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
-from server.engine.intake import IntakeLimits, build_request
-from server.engine.model_runner import virtual_token_kv
+from server.engine.intake import IntakeConfig, build_request
 from server.engine.request import Request
-from server.engine.scheduler import SchedulerConfig
 from server.engine.selfcheck import self_check
 from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
 
@@ -44,7 +41,7 @@ class AsyncEngine:
         self.engine = engine
         self.store = store
         self.config = config
-        self.limits = IntakeLimits(config.max_input_tokens, config.max_new_tokens_limit)
+        self.limits = IntakeConfig(config.max_input_tokens, config.max_new_tokens_limit, config.cache_prompt_kv)
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self.run, name="promptserve-engine", daemon=True)
         self.stopping = threading.Event()
@@ -145,7 +142,7 @@ class AsyncEngine:
     def on_store_event(self, event: StoreEvent) -> None:
         """Old versions leave the device cache once no running row holds them."""
         keep = event.version if event.kind == "registered" else None
-        self.inbox.put(partial(self.engine.cache.retire, event.task_id, keep))
+        self.inbox.put(partial(self.engine.retire_task, event.task_id, keep))
 
     # ---- observation (read from other threads; plain ints, no locks needed)
 
@@ -165,7 +162,7 @@ class AsyncEngine:
             head_dim=fp.head_dim,
             vocab_size=fp.vocab_size,
             max_batch_size=self.config.max_batch_size,
-            max_batch_tokens=self.config.max_batch_tokens,
+            max_batch_tokens=self.engine.scheduler.config.max_step_tokens,
             max_virtual_tokens=self.config.max_virtual_tokens,
             version=VERSION,
             num_tasks=len(self.store),
@@ -178,7 +175,7 @@ class AsyncEngine:
             num_waiting=len(scheduler.waiting),
             num_steps=self.engine.num_steps,
             num_tasks=len(self.store),
-            cache=self.engine.cache.stats(),
+            cache=self.engine.tasks.stats(),
             last_step=self.engine.last_step,
         )
 
@@ -198,13 +195,7 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
     limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes)
     store = TaskStore(config.store_dir, backbone.fingerprint, limits)
-    prepare = partial(virtual_token_kv, backbone) if config.cache_prompt_kv else None
-    cache = PromptCache(backbone.fingerprint, backbone.device, backbone.dtype, config.prompt_cache_bytes, prepare)
-    split_tokens = config.prefill_split_tokens
-    if split_tokens is None:
-        split_tokens = default_prefill_split_tokens(backbone.device.type)
-    scheduler_config = SchedulerConfig(config.max_batch_size, config.max_batch_tokens, config.max_waiting, split_tokens)
-    core = Engine(backbone, cache, scheduler_config)
+    core = Engine(backbone, config)
     if config.self_check:
         self_check(core)
     engine = AsyncEngine(core, store, config)

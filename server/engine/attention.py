@@ -1,9 +1,10 @@
 """Attention over keys and values the engine owns, plugged into unmodified transformers models.
 
 The backbone loads with `attn_implementation=ATTENTION_NAME`, registered in transformers' public `AttentionInterface`.
-The model is called without a cache; each layer computes its new keys and values as usual and hands them to `attend`,
-which stores them in the step's `StepKV` (passed down as the keyword argument `KV_KWARG`) and attends over all the row
-holds. No transformers cache class is used, subclassed or reached into.
+The model is called on one packed stream of tokens (every row's new tokens, no padding) without a cache; each layer
+computes the stream's keys and values as usual and hands them to `attend`, which stores them in the engine's KV pool
+through the step's `StepKV` (passed down as the keyword argument `KV_KWARG`) and attends, row by row, over all the
+row holds. No transformers cache class is used, subclassed or reached into.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 
 ATTENTION_NAME = "promptserve"
 KV_KWARG = "promptserve_kv"
@@ -21,48 +22,61 @@ KV_KWARG = "promptserve_kv"
 
 @dataclass(slots=True)
 class StepKV:
-    """One forward pass's view of the batch's keys and values, and who may attend to what.
+    """One forward pass over the packed token stream: where its new keys and values go and what each row sees.
 
-    Buffers hold per layer [B, kv_heads, capacity, head_dim]; this pass writes its T new columns at `start`.
-    `key_positions` [B, start + T] gives each column's position, `key_valid` [B, start + T] whether the row holds it
-    (left padding does not); `query_positions` [B, T].
+    The stream holds N new tokens of B rows, row after row. Row b's keys are the pool slots
+    `gather_slots[b, :key_lengths[b]]`, in position order (its task's shared prefix, then its own tokens), so a key's
+    column is its position. Its new tokens are the stream's `query_index[b, :num_new[b]]`. Attention runs padded,
+    [B, heads, T_max, L_max], and `output_index` packs the result back into the stream's order.
     """
 
-    keys: list[torch.Tensor]
+    keys: list[torch.Tensor]  # the pool's, per layer [num_slots, kv_heads, head_dim]
     values: list[torch.Tensor]
-    start: int
-    key_positions: torch.Tensor
-    key_valid: torch.Tensor
-    query_positions: torch.Tensor
+    write_slots: torch.Tensor  # [N]
+    gather_slots: torch.Tensor  # [B, L_max]; padding reads slot 0 and is masked
+    key_lengths: torch.Tensor  # [B]
+    query_index: torch.Tensor  # [B, T_max]; padding points at token 0
+    query_positions: torch.Tensor  # [B, T_max]; padding has position 0, so it sees one key and is never empty
+    output_index: torch.Tensor  # [N]: where each stream token sits in [B * T_max]
     num_layers_written: int = 0
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
 
-    @property
-    def end(self) -> int:
-        return self.key_valid.shape[1]
-
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this pass's keys and values [B, kv_heads, T, head_dim]; returns all the layer holds up to `end`."""
-        self.keys[layer][:, :, self.start : self.end] = key
-        self.values[layer][:, :, self.start : self.end] = value
+        """Store the stream's keys and values [1, kv_heads, N, head_dim]; returns every row's [B, kv_heads, L, d]."""
+        self.keys[layer].index_copy_(0, self.write_slots, key[0].transpose(0, 1))
+        self.values[layer].index_copy_(0, self.write_slots, value[0].transpose(0, 1))
         self.num_layers_written += 1
-        return self.keys[layer][:, :, : self.end], self.values[layer][:, :, : self.end]
+        return self.gather(self.keys[layer]), self.gather(self.values[layer])
+
+    def gather(self, pool: torch.Tensor) -> torch.Tensor:
+        rows, length = self.gather_slots.shape
+        picked = pool.index_select(0, self.gather_slots.flatten())  # [B * L_max, kv_heads, head_dim]
+        return picked.view(rows, length, *pool.shape[1:]).transpose(1, 2)  # [B, kv_heads, L_max, head_dim]
+
+    def queries(self, query: torch.Tensor) -> torch.Tensor:
+        """[1, heads, N, head_dim] -> [B, heads, T_max, head_dim]."""
+        rows, width = self.query_index.shape
+        picked = query[0].transpose(0, 1).index_select(0, self.query_index.flatten())  # [B * T_max, heads, d]
+        return picked.view(rows, width, *picked.shape[1:]).transpose(1, 2)
+
+    def outputs(self, output: torch.Tensor) -> torch.Tensor:
+        """[B, heads, T_max, head_dim] -> the stream's [1, N, heads, head_dim]."""
+        rows, heads, width, head_dim = output.shape
+        flat = output.transpose(1, 2).reshape(rows * width, heads, head_dim)
+        return flat.index_select(0, self.output_index)[None]
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, T, end] bool: a query sees the row's own columns at or before its position (within the window)."""
+        """[B, 1, T_max, L_max] bool: a query sees its row's keys at or before its position (within the window)."""
         if sliding_window not in self.masks:
             self.masks[sliding_window] = self.build_mask(sliding_window)
         return self.masks[sliding_window]
 
     def build_mask(self, sliding_window: int | None) -> torch.Tensor:
-        distance = self.query_positions[:, :, None] - self.key_positions[:, None, :]  # [B, T, end]
-        allowed = self.key_valid[:, None, :] & (distance >= 0)
+        columns = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
+        distance = self.query_positions[:, :, None] - columns  # [B, T_max, L_max]
+        allowed = (distance >= 0) & (columns < self.key_lengths[:, None, None])
         if sliding_window is not None:
             allowed &= distance < sliding_window
-        # A padding query sees itself, so no row of the softmax is empty (an empty one is NaN, and NaN poisons)
-        num_new = self.query_positions.shape[1]
-        diagonal = torch.arange(num_new, device=allowed.device)
-        allowed[:, diagonal, self.start + diagonal] = True
         return allowed[:, None]
 
 
@@ -76,7 +90,7 @@ def attend(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """An `AttentionInterface` function: query [B, heads, T, head_dim]; returns [B, T, heads, head_dim]."""
+    """An `AttentionInterface` function: query [1, heads, N, head_dim] (the packed stream); returns [1, N, heads, d]."""
     kv = kwargs.get(KV_KWARG)
     if not isinstance(kv, StepKV):
         raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside the promptserve engine (no {KV_KWARG})")
@@ -85,14 +99,44 @@ def attend(
             raise NotImplementedError(f"this backbone's attention uses {unsupported}, which promptserve cannot serve")
     keys, values = kv.write(module.layer_idx, key, value)  # type: ignore[arg-type]
     output = scaled_dot_product_attention(
-        query,
+        kv.queries(query),
         keys,
         values,
         attn_mask=kv.mask(kwargs.get("sliding_window")),
         scale=scaling,
         enable_gqa=query.shape[1] != keys.shape[1],
-    )  # [B, heads, T, head_dim]
-    return output.transpose(1, 2).contiguous(), None
+    )  # [B, heads, T_max, head_dim]
+    return kv.outputs(output), None
 
 
 AttentionInterface.register(ATTENTION_NAME, attend)
+
+
+def run_backbone(model: PreTrainedModel, kv: StepKV, **inputs: torch.Tensor) -> torch.Tensor:
+    """One forward pass of the packed stream [1, N] over the pool, without a transformers cache; returns the logits
+    the inputs' `logits_to_keep` asks for, [K, V] in float32."""
+    logits = model(**inputs, use_cache=False, **{KV_KWARG: kv}).logits
+    num_layers = model.config.get_text_config().num_hidden_layers
+    if kv.num_layers_written != num_layers:
+        raise RuntimeError(
+            f"{type(model).__name__}: {kv.num_layers_written} of {num_layers} layers ran their attention through "
+            f"the {ATTENTION_NAME!r} AttentionInterface function; promptserve serves only models whose every "
+            "attention layer does"
+        )
+    return logits[0].float()
+
+
+def one_row_kv(keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor) -> StepKV:
+    """A pass of one row whose every token is new: `slots` [T] are its tokens' slots, positions 0..T-1."""
+    num_new = slots.shape[0]
+    positions = torch.arange(num_new, device=slots.device)
+    return StepKV(
+        keys,
+        values,
+        write_slots=slots,
+        gather_slots=slots[None],
+        key_lengths=torch.tensor([num_new], device=slots.device),
+        query_index=positions[None],
+        query_positions=positions[None],
+        output_index=positions,
+    )

@@ -6,22 +6,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
 from server.engine.backbone import Backbone
-from server.engine.batch import Batch
+from server.engine.config import EngineConfig, default_max_batch_tokens
 from server.engine.detokenizer import find_stop
 from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
-from server.engine.model_runner import ModelRunner, row_input_length
+from server.engine.kv_memory import KVMemory
+from server.engine.kv_pool import KVPool, pool_blocks
+from server.engine.model_runner import ModelRunner
 from server.engine.request import Request, Sequence, Status
 from server.engine.sampler import sample
-from server.engine.scheduler import Scheduler, SchedulerConfig, split_by_length
+from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
+from server.engine.task_cache import TaskCache
 from server.engine.types import Completion, EnsembleMode, FinishReason, MemberResult, RequestOutput, StepStats, Token
-
-if TYPE_CHECKING:
-    from prompt_store.cache import PromptCache
 
 logger = logging.getLogger(__name__)
 
@@ -29,13 +28,23 @@ StepListener = Callable[[StepStats], None]
 
 
 class Engine:
-    def __init__(self, backbone: Backbone, cache: PromptCache, scheduler_config: SchedulerConfig) -> None:
+    """The engine core, built from one config: KV pool and memory, device task cache, scheduler, model runner."""
+
+    def __init__(self, backbone: Backbone, config: EngineConfig) -> None:
         self.backbone = backbone
-        self.cache = cache
-        self.runner = ModelRunner(backbone)
-        self.scheduler: Scheduler[Request] = Scheduler(scheduler_config)
-        self.batch: Batch | None = None
+        self.config = config
+        fp, device = backbone.fingerprint, backbone.device
+        num_blocks = pool_blocks(
+            fp, config.kv_block_size, backbone.dtype, device, config.kv_cache_bytes, config.kv_cache_memory_fraction
+        )
+        self.pool = KVPool.allocate(fp, num_blocks, config.kv_block_size, backbone.dtype, device)
+        self.memory = KVMemory(num_blocks, config.kv_block_size)
+        self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes)
+        self.runner = ModelRunner(backbone, self.pool, self.tasks)
+        step_tokens = config.max_batch_tokens or default_max_batch_tokens(device.type)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, step_tokens, config.max_waiting), self.memory)
         self.num_steps = 0
+        self.num_preemptions = 0
         self.last_step: StepStats | None = None
         self.step_listeners: list[StepListener] = []
         self.leaving: list[Request] = []  # failed, or their caller cannot be reached: dropped after the step
@@ -57,51 +66,50 @@ class Engine:
             self.drop(request)
             logger.debug("aborted request %s", request_id)
 
+    def retire_task(self, task_id: str, keep_version: int | None) -> None:
+        self.tasks.retire(task_id, keep_version)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
+
+    def is_idle(self) -> bool:
+        """Nothing queued or running, and every block is free or holds an unused task."""
+        return not self.has_work() and self.memory.num_available_blocks == self.memory.num_blocks
 
     # ---- the step
 
     def step(self) -> StepStats:
         started = time.perf_counter()
-        admitted = self.scheduler.schedule()
-        if admitted:
-            rows, num_decode = self.prefill(admitted), 0
-            num_prefill = sum(map(row_input_length, rows))
-        else:
-            rows, num_prefill, num_decode = self.decode(), 0, self.batch.size if self.batch else 0
+        plan = self.scheduler.schedule()
+        self.num_preemptions += len(plan.preempted)
+        self.start(plan.admitted)
+        rows = self.run(plan.chunks)
         self.postprocess_finished(rows)
         self.drop_leaving()
-        return self.record_step(rows, num_prefill, num_decode, time.perf_counter() - started)
+        num_decode = sum(1 for chunk in plan.chunks if chunk.num_tokens == 1 and chunk.row.output_ids)
+        stats = self.record_step(plan.chunks, plan.num_tokens - num_decode, num_decode, time.perf_counter() - started)
+        return stats
 
-    def prefill(self, requests: list[Request]) -> list[Sequence]:
-        """Admitted requests run in passes grouped by length, then join the running batch together."""
+    def start(self, requests: list[Request]) -> None:
+        """Newly admitted (or resumed) requests: their tasks' keys and values into the pool, if not there yet."""
         now = time.monotonic()
         for request in requests:
-            request.status, request.first_scheduled_time = Status.RUNNING, now
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
             for row in request.rows:
-                row.device_task = self.cache.acquire(row.task) if row.task else None
-        sizes = [(request.num_rows, max(map(row_input_length, request.rows))) for request in requests]
-        joining, new_rows = [self.batch] if self.batch is not None else [], []
-        for indices in split_by_length(sizes, self.scheduler.config.prefill_split_tokens):
-            rows = [row for i in indices for row in requests[i].rows]
-            prefilled, logits = self.runner.prefill(rows)
-            self.append_tokens(rows, logits)
-            new_rows += rows
-            if (unfinished := without_finished(prefilled)) is not None:
-                joining.append(unfinished)
-        self.batch = Batch.concatenate(*joining) if joining else None
-        return new_rows
+                if row.task_blocks is not None and row.task is not None:
+                    self.tasks.fill(row.task_blocks, row.task)
 
-    def decode(self) -> list[Sequence]:
-        if self.batch is None:
+    def run(self, chunks: list[Chunk]) -> list[Sequence]:
+        """One forward pass over the chunks; the rows that reached their last token are sampled. Returns them."""
+        if not chunks:
             return []
-        last_tokens = torch.tensor([row.output_ids[-1] for row in self.batch.rows], dtype=torch.long)
-        self.batch, logits = self.runner.decode(self.batch, last_tokens)
-        rows = self.batch.rows
-        self.append_tokens(rows, logits)
-        self.batch = without_finished(self.batch)
-        return rows
+        logits = self.runner.run(chunks)
+        sampled = [chunk.row for chunk in chunks if chunk.is_last]
+        for chunk in chunks:
+            chunk.row.num_computed += chunk.num_tokens
+        self.append_tokens(sampled, logits)
+        return sampled
 
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         rows, logits = self.fail_broken_rows(rows, logits)
@@ -150,7 +158,7 @@ class Engine:
     def postprocess_finished(self, rows: list[Sequence]) -> None:
         for row in rows:
             if row.is_finished:
-                self.release(row)
+                self.scheduler.free_row(row)
         for request in distinct_requests(rows):
             if request.is_finished and request.status is not Status.FINISHED:
                 self.complete(request)
@@ -164,33 +172,21 @@ class Engine:
         self.deliver(request, RequestOutput(request.request_id, token=last_token, completion=build_completion(request)))
 
     def drop(self, request: Request) -> None:
-        """Remove a request from wherever it is, freeing its rows' KV and task references."""
+        """Remove a request from wherever it is, freeing its rows' blocks and task references."""
         request.status = Status.FINISHED
         self.scheduler.remove(request)
-        if self.batch is not None:
-            keep = [i for i, row in enumerate(self.batch.rows) if row.request is not request]
-            if len(keep) < self.batch.size:
-                self.batch = self.batch.filter(keep) if keep else None
-        for row in request.rows:
-            self.release(row)
 
     def fail_running(self, error: Exception) -> None:
-        """A step failed: every running request gets the error; the engine starts over with an empty batch."""
+        """A step failed: every running request gets the error; the engine starts over with nothing running."""
         for request in list(self.scheduler.running):
             self.drop(request)
             self.emit_error(request, error)
-        self.batch = None
 
     def fail_all(self, error: Exception) -> None:
         self.fail_running(error)
         for request in list(self.scheduler.waiting):
             self.drop(request)
             self.emit_error(request, error)
-
-    def release(self, row: Sequence) -> None:
-        if row.device_task is not None:
-            self.cache.release(row.device_task.key)
-            row.device_task = None
 
     # ---- emitting
 
@@ -221,8 +217,9 @@ class Engine:
             if request.status is not Status.FINISHED:
                 self.drop(request)
 
-    def record_step(self, rows: list[Sequence], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
+    def record_step(self, chunks: list[Chunk], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
         self.num_steps += 1
+        rows = [chunk.row for chunk in chunks]
         stats = StepStats(
             batch_size=len(rows),
             num_distinct_tasks=len({row.task.key for row in rows if row.task}),
@@ -235,13 +232,6 @@ class Engine:
         for listener in self.step_listeners:
             listener(stats)
         return stats
-
-
-def without_finished(batch: Batch) -> Batch | None:
-    keep = [i for i, row in enumerate(batch.rows) if not row.is_finished]
-    if len(keep) == batch.size:
-        return batch
-    return batch.filter(keep) if keep else None
 
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:

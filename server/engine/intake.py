@@ -18,16 +18,18 @@ from server.engine.backbone import Backbone
 from server.engine.detokenizer import IncrementalDecoder
 from server.engine.errors import InputTooLong, InvalidPrompt
 from server.engine.request import OutputSink, Request, Sequence
+from server.engine.task_cache import has_kv_prefix
 from server.engine.types import GenerateInput, SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
-class IntakeLimits:
+class IntakeConfig:
     max_input_tokens: int
     max_new_tokens: int
+    prompts_as_kv: bool = True  # prompt tasks enter rows as their shared keys and values (see task_cache)
 
 
-def validate_sampling(params: SamplingParams, limits: IntakeLimits) -> None:
+def validate_sampling(params: SamplingParams, limits: IntakeConfig) -> None:
     checks = [
         (1 <= params.max_new_tokens <= limits.max_new_tokens, f"max_new_tokens in [1, {limits.max_new_tokens}]",
          params.max_new_tokens),
@@ -48,7 +50,7 @@ def validate_tasks(request: GenerateInput) -> None:
         raise InvalidPrompt(f"expected one task id without an ensemble mode; found {len(request.task_ids)}")
 
 
-def tokenize(backbone: Backbone, text: str, limits: IntakeLimits) -> list[int]:
+def tokenize(backbone: Backbone, text: str, limits: IntakeConfig) -> list[int]:
     input_ids = list(backbone.tokenizer(text)["input_ids"])
     if not input_ids:
         raise InvalidPrompt("expected inputs that tokenize to at least one token; found none")
@@ -78,8 +80,12 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def kv_prefix(task: TaskArtifact | None, config: IntakeConfig) -> bool:
+    return task is not None and has_kv_prefix(task.record.method, config.prompts_as_kv)
+
+
 def build_request(
-    request: GenerateInput, backbone: Backbone, store: TaskStore, limits: IntakeLimits, sink: OutputSink
+    request: GenerateInput, backbone: Backbone, store: TaskStore, limits: IntakeConfig, sink: OutputSink
 ) -> Request:
     """Validate and resolve: every task id to its current version (TaskNotFound if absent)."""
     validate_tasks(request)
@@ -95,5 +101,8 @@ def build_request(
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),
     )
-    result.rows = [Sequence(result, task, IncrementalDecoder(backbone.tokenizer)) for task in tasks]
+    result.rows = [
+        Sequence(result, task, IncrementalDecoder(backbone.tokenizer), has_kv_prefix=kv_prefix(task, limits))
+        for task in tasks
+    ]
     return result

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prompt_store.types import DeviceTask, TaskArtifact
+from prompt_store.types import TaskArtifact
 from server.engine.detokenizer import IncrementalDecoder
+from server.engine.kv_memory import TaskBlocks
 from server.engine.types import EnsembleMode, FinishReason, RequestOutput, SamplingParams, Token
 
 OutputSink = Callable[[RequestOutput], None]
@@ -24,12 +25,21 @@ class Status(enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class Sequence:
-    """One row of the batch: the request's input under one task (or none) and what it generated."""
+    """One row of the batch: the request's input under one task (or none) and what it generated.
+
+    A row's own tokens are its embedded virtual tokens (a prompt task fed as input embeddings), its input and its
+    output so far; `num_computed` of them have keys and values in the row's blocks. A row whose task enters as
+    keys and values (`has_kv_prefix`) attends to the task's shared blocks first, and its own tokens' positions
+    continue after them.
+    """
 
     request: Request
     task: TaskArtifact | None
     decoder: IncrementalDecoder
-    device_task: DeviceTask | None = None  # set while the row holds a prompt-cache reference
+    has_kv_prefix: bool = False  # the task's virtual tokens enter as its shared keys and values, not as embeddings
+    task_blocks: TaskBlocks | None = None  # held while running, when has_kv_prefix
+    block_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     tokens: list[Token] = field(default_factory=list)
@@ -41,12 +51,23 @@ class Sequence:
         return self.task.record.num_virtual_tokens if self.task else 0
 
     @property
-    def is_prefix(self) -> bool:
-        """Its virtual tokens enter as per-layer keys and values, not as input embeddings: a prefix task, or (once
-        acquired) a prompt task whose virtual tokens' keys and values the prompt cache holds."""
-        if self.device_task is not None:
-            return bool(self.device_task.prefix_keys)
-        return self.task is not None and self.task.record.method.is_prefix
+    def num_prefix_tokens(self) -> int:
+        """Positions before the row's own tokens: the task's shared keys and values."""
+        return self.num_virtual_tokens if self.has_kv_prefix else 0
+
+    @property
+    def num_embedded_tokens(self) -> int:
+        """Virtual tokens the row feeds itself as input embeddings (a prompt task not held as keys and values)."""
+        return 0 if self.has_kv_prefix else self.num_virtual_tokens
+
+    @property
+    def num_own_tokens(self) -> int:
+        return self.num_embedded_tokens + self.request.num_input_tokens + len(self.output_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Own tokens still to compute before the row can be sampled."""
+        return self.num_own_tokens - self.num_computed
 
     @property
     def is_finished(self) -> bool:
@@ -80,6 +101,7 @@ class Request:
     generator: torch.Generator | None = None  # seeded sampling; one per request, so batch mates never matter
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+    num_preemptions: int = 0
 
     @property
     def num_input_tokens(self) -> int:
@@ -90,14 +112,17 @@ class Request:
         return len(self.rows)
 
     @property
-    def num_reserved_tokens(self) -> int:
-        """KV slots the request may hold at most: its rows' virtual, input and new tokens."""
-        return sum(row.num_virtual_tokens + self.num_input_tokens + self.max_new_tokens for row in self.rows)
-
-    @property
     def is_lockstep(self) -> bool:
         return self.ensemble is EnsembleMode.MEAN
 
     @property
     def is_finished(self) -> bool:
         return all(row.is_finished for row in self.rows)
+
+    def max_own_tokens(self, row: Sequence) -> int:
+        """The most own tokens a row of this request can hold: embedded virtual, input and every new token."""
+        return row.num_embedded_tokens + self.num_input_tokens + self.max_new_tokens
+
+    def task_tokens(self) -> dict[tuple[str, int], int]:
+        """The distinct tasks whose shared keys and values the rows need: key -> virtual tokens."""
+        return {row.task.key: row.num_virtual_tokens for row in self.rows if row.has_kv_prefix and row.task}

@@ -1,48 +1,66 @@
-"""Admission decisions in plain Python: ints and lists in, decisions out (no torch, no model)."""
+"""What each step computes, in plain Python (no torch, no model): requests and block counts in, a plan out.
+
+A step carries every running row's next token and, within the token budget, prefill chunks: the rest of rows
+still prefilling, then new requests from the head of the queue (FIFO, so a large request is never starved by
+small ones). A long input is split across steps; an arrival never stalls the running rows for a whole prefill.
+When the KV pool cannot hold the step, the newest running requests are preempted: their blocks are freed and
+they wait at the head of the queue, to be recomputed from their tokens (input and output so far) when they fit.
+"""
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from dataclasses import dataclass, field
 
-
-class Schedulable(Protocol):
-    request_id: str
-
-    @property
-    def num_rows(self) -> int: ...
-
-    @property
-    def num_reserved_tokens(self) -> int: ...
-
-
-R = TypeVar("R", bound=Schedulable)
+from server.engine.kv_memory import KVMemory
+from server.engine.request import Request, Sequence, Status
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    max_batch_size: int  # rows in the running batch
-    max_batch_tokens: int  # KV slots reserved by the running batch (virtual + input + max new, per row)
+    max_batch_size: int  # rows running at once
+    max_step_tokens: int  # tokens one step computes: the running rows' next tokens plus prefill chunks
     max_waiting: int  # bounded waiting queue
-    prefill_split_tokens: int = 256  # see split_by_length
 
 
-class Scheduler(Generic[R]):
-    """FIFO: only the head of the queue is admitted, so a large request is never starved by small ones."""
+@dataclass(slots=True)
+class Chunk:
+    """`num_tokens` of a row's own tokens, from its first uncomputed one, computed in this step."""
 
-    def __init__(self, config: SchedulerConfig) -> None:
+    row: Sequence
+    num_tokens: int
+
+    @property
+    def start(self) -> int:
+        return self.row.num_computed
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the row's last token: the row is sampled after this step."""
+        return self.row.num_computed + self.num_tokens == self.row.num_own_tokens
+
+
+@dataclass(slots=True)
+class StepPlan:
+    chunks: list[Chunk] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, memory: KVMemory) -> None:
         self.config = config
-        self.waiting: deque[R] = deque()
-        self.running: list[R] = []
+        self.memory = memory
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is preempted first
 
     @property
     def num_running_rows(self) -> int:
         return sum(request.num_rows for request in self.running)
-
-    @property
-    def num_reserved_tokens(self) -> int:
-        return sum(request.num_reserved_tokens for request in self.running)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -50,66 +68,131 @@ class Scheduler(Generic[R]):
     def is_full(self) -> bool:
         return len(self.waiting) >= self.config.max_waiting
 
-    def why_never_fits(self, request: R) -> str | None:
-        """Why the request could not run even in an empty batch, or None if it can."""
+    def why_never_fits(self, request: Request) -> str | None:
+        """Why the request could not run even alone, or None if it can."""
         if request.num_rows > self.config.max_batch_size:
             return f"the request needs {request.num_rows} batch rows; max_batch_size is {self.config.max_batch_size}"
-        if request.num_reserved_tokens > self.config.max_batch_tokens:
+        if request.is_lockstep and request.num_rows > self.config.max_step_tokens:
+            return f"a mean ensemble of {request.num_rows} rows; max_batch_tokens is {self.config.max_step_tokens}"
+        blocks = self.memory.task_blocks_needed(request.task_tokens())
+        blocks += sum(self.memory.blocks_for(request.max_own_tokens(row)) for row in request.rows)
+        if blocks > self.memory.num_blocks:
+            size = self.memory.block_size
             return (
-                f"the request needs {request.num_reserved_tokens} tokens (virtual + input + max_new_tokens, "
-                f"per row); max_batch_tokens is {self.config.max_batch_tokens}"
+                f"the request needs {blocks * size} KV slots (virtual + input + max_new_tokens, per row, in blocks "
+                f"of {size}); the KV cache holds {self.memory.num_blocks * size}"
             )
         return None
 
-    def add(self, request: R) -> None:
+    def add(self, request: Request) -> None:
         assert not self.is_full() and self.why_never_fits(request) is None
         self.waiting.append(request)
 
-    def can_admit(self, request: R) -> bool:
-        rows = self.num_running_rows + request.num_rows
-        tokens = self.num_reserved_tokens + request.num_reserved_tokens
-        return rows <= self.config.max_batch_size and tokens <= self.config.max_batch_tokens
+    # ---- the plan
 
-    def schedule(self) -> list[R]:
-        """Move waiting requests into the running set, head first, while they fit."""
-        admitted: list[R] = []
-        while self.waiting and self.can_admit(self.waiting[0]):
-            request = self.waiting.popleft()
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        prefilling = [r for r in self.running if any(row.num_remaining > 1 for row in r.rows if not row.is_finished)]
+        decoding = [r for r in self.running if r not in prefilling]
+        for request in [*decoding, *prefilling]:
+            if request.status is Status.RUNNING:
+                self.schedule_running(request, plan)
+        if not plan.preempted:  # memory is short: admitting now would only preempt again
+            self.admit_waiting(plan)
+        return plan
+
+    def schedule_running(self, request: Request, plan: StepPlan) -> None:
+        chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
+        needed = self.blocks_to_grow(chunks)
+        while needed > self.memory.num_available_blocks:
+            victim = self.running[-1]
+            self.preempt(victim, plan)
+            if victim is request:
+                return
+        self.grow(chunks)
+        plan.chunks += chunks
+
+    def admit_waiting(self, plan: StepPlan) -> None:
+        while self.waiting:
+            request = self.waiting[0]
+            if self.num_running_rows + request.num_rows > self.config.max_batch_size:
+                return
+            chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
+            needed = self.memory.task_blocks_needed(request.task_tokens()) + self.blocks_to_grow(chunks)
+            if not chunks or needed > self.memory.num_available_blocks:
+                return
+            self.waiting.popleft()
+            request.status = Status.RUNNING
             self.running.append(request)
-            admitted.append(request)
-        return admitted
+            for row in request.rows:
+                if row.has_kv_prefix and row.task is not None:
+                    row.task_blocks = self.memory.hold_task(row.task.key, row.num_virtual_tokens)
+            self.grow(chunks)
+            plan.chunks += chunks
+            plan.admitted.append(request)
 
-    def remove(self, request: R) -> None:
-        """A request left (finished, aborted or failed), wherever it was."""
+    def chunks_for(self, request: Request, budget: int) -> list[Chunk]:
+        """The request's rows' next tokens within `budget`. A mean ensemble's rows are sampled together, so they
+        reach their last token in the same step or none of them does."""
+        rows = [row for row in request.rows if not row.is_finished]
+        leave = 0
+        if request.is_lockstep and sum(row.num_remaining for row in rows) > budget:
+            leave = 1
+        chunks = []
+        for row in rows:
+            num_tokens = min(row.num_remaining - leave, budget)
+            if num_tokens > 0:
+                chunks.append(Chunk(row, num_tokens))
+                budget -= num_tokens
+        return chunks
+
+    # ---- memory
+
+    def blocks_to_grow(self, chunks: list[Chunk]) -> int:
+        return sum(self.row_blocks_to_grow(chunk) for chunk in chunks)
+
+    def row_blocks_to_grow(self, chunk: Chunk) -> int:
+        row = chunk.row
+        return max(0, self.memory.blocks_for(row.num_computed + chunk.num_tokens) - len(row.block_ids))
+
+    def grow(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            chunk.row.block_ids += self.memory.allocate(self.row_blocks_to_grow(chunk))
+
+    def preempt(self, request: Request, plan: StepPlan) -> None:
+        """Free the request's memory and put it back at the head of the queue, to be recomputed later."""
+        self.running.remove(request)
+        self.free(request)
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        plan.chunks = [chunk for chunk in plan.chunks if chunk.row.request is not request]
+        plan.preempted.append(request)
+
+    def free(self, request: Request) -> None:
+        for row in request.rows:
+            self.free_row(row)
+
+    def free_row(self, row: Sequence) -> None:
+        """Give back the row's blocks and its hold on its task's blocks; its tokens stay."""
+        self.memory.release(row.block_ids)
+        row.block_ids, row.num_computed = [], 0
+        if row.task_blocks is not None:
+            self.memory.release_task(row.task_blocks.key)
+            row.task_blocks = None
+
+    # ---- leaving
+
+    def remove(self, request: Request) -> None:
+        """A request left (finished, aborted or failed), wherever it was; its memory is freed."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.free(request)
 
-    def find(self, request_id: str) -> R | None:
+    def find(self, request_id: str) -> Request | None:
         for request in (*self.running, *self.waiting):
             if request.request_id == request_id:
                 return request
         return None
-
-
-def split_by_length(sizes: list[tuple[int, int]], split_tokens: int) -> list[list[int]]:
-    """Group admitted requests into prefill passes so that short inputs are not padded to the longest.
-
-    `sizes[i]` is (rows, longest row's input positions) of request i; a request's rows stay together (an
-    ensemble's members are sampled together). Requests are taken longest first; a new pass starts when the
-    padding it saves, (width of the current pass - this length) x rows still to place, exceeds `split_tokens`:
-    the price of one more forward pass, in positions. Returns passes of request indices, shortest pass first.
-    """
-    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][1])
-    rows_left = sum(rows for rows, _ in sizes)
-    passes: list[list[int]] = []
-    width = 0
-    for i in order:
-        rows, length = sizes[i]
-        if not passes or (width - length) * rows_left > split_tokens:
-            passes.append([])
-            width = length
-        passes[-1].append(i)
-        rows_left -= rows
-    return passes[::-1]

@@ -18,14 +18,15 @@ from functools import partial
 import torch
 
 from prompt_store.materialize import join_prefix
-from prompt_store.types import DeviceTask, Method, TaskArtifact, TaskRecord
+from prompt_store.types import Method, TaskArtifact, TaskRecord
 from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
 from server.engine.detokenizer import IncrementalDecoder
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
-from server.engine.model_runner import virtual_token_kv
+from server.engine.kv_pool import slots_of
 from server.engine.request import Request, Sequence
+from server.engine.task_cache import has_kv_prefix
 from server.engine.types import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,12 +55,12 @@ def self_check(engine: Engine) -> float:
     started = time.perf_counter()
     backbone = engine.backbone
     input_ids = list(backbone.tokenizer(TEXT)["input_ids"])
-    rows = check_rows(backbone)
+    rows = check_rows(engine)
     try:
         outputs = run_through_engine(engine, input_ids, rows)
     finally:
-        engine.cache.retire(TASK_ID + ".prompt", None)
-        engine.cache.retire(TASK_ID + ".prefix", None)
+        engine.retire_task(TASK_ID + ".prompt", None)
+        engine.retire_task(TASK_ID + ".prefix", None)
     for row in rows:
         compare(backbone, row, input_ids, outputs[row.name])
     seconds = time.perf_counter() - started
@@ -67,12 +68,12 @@ def self_check(engine: Engine) -> float:
     return seconds
 
 
-def check_rows(backbone: Backbone) -> list[CheckRow]:
+def check_rows(engine: Engine) -> list[CheckRow]:
+    backbone = engine.backbone
     generator = torch.Generator().manual_seed(SEED)
     prompt = vocabulary_embeds(backbone, generator)
     prefix_source = vocabulary_embeds(backbone, generator)
-    kv = virtual_token_kv(backbone, DeviceTask(("", 0), Method.PROMPT_TUNING, NUM_VIRTUAL_TOKENS, prefix_source))
-    prefix = join_prefix(kv.prefix_keys, kv.prefix_values).float().cpu()  # [P, L * 2 * kv_dim], as PEFT saves it
+    prefix = join_prefix(*keys_and_values(engine, prefix_source)).float().cpu()  # [P, L * 2 * kv_dim], as PEFT saves
     return [
         CheckRow("plain", None, None),
         CheckRow("prompt", artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, prompt.float().cpu()), prompt),
@@ -85,6 +86,20 @@ def vocabulary_embeds(backbone: Backbone, generator: torch.Generator) -> torch.T
     token_ids = torch.randint(0, backbone.fingerprint.vocab_size, (NUM_VIRTUAL_TOKENS,), generator=generator)
     with torch.inference_mode():
         return backbone.model.get_input_embeddings()(token_ids.to(backbone.device))
+
+
+def keys_and_values(engine: Engine, embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer [kv_heads, P, head_dim]: what these input embeddings [P, H] leave, computed in spare pool blocks."""
+    memory, pool = engine.memory, engine.pool
+    block_ids = memory.allocate(memory.blocks_for(embeds.shape[0]))
+    try:
+        slots = slots_of(block_ids, embeds.shape[0], pool.block_size).to(engine.backbone.device)
+        engine.tasks.compute_prompt_kv(embeds, slots)
+        keys = [layer[slots].transpose(0, 1).clone() for layer in pool.keys]
+        values = [layer[slots].transpose(0, 1).clone() for layer in pool.values]
+    finally:
+        memory.release(block_ids)
+    return keys, values
 
 
 def artifact(task_id: str, method: Method, prompt_embeddings: torch.Tensor) -> TaskArtifact:
@@ -103,7 +118,9 @@ def run_through_engine(engine: Engine, input_ids: list[int], rows: list[CheckRow
             max_new_tokens=NUM_NEW_TOKENS,
             sink=partial(outputs.__setitem__, row.name),
         )
-        request.rows = [Sequence(request, row.task, IncrementalDecoder(engine.backbone.tokenizer))]
+        kv_prefix = row.task is not None and has_kv_prefix(row.task.record.method, engine.config.cache_prompt_kv)
+        decoder = IncrementalDecoder(engine.backbone.tokenizer)
+        request.rows = [Sequence(request, row.task, decoder, has_kv_prefix=kv_prefix)]
         engine.add(request)
     while engine.has_work():
         engine.step()

@@ -37,11 +37,17 @@ def test_settings_upload_limit_covers_both_parts() -> None:
 
 
 def test_engine_tuning_settings_reach_the_engine_and_empty_means_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PROMPTSERVE_TORCH_THREADS", "1")
-    monkeypatch.setenv("PROMPTSERVE_PREFILL_SPLIT_TOKENS", "0")
+    tuning = {"TORCH_THREADS": "1", "MAX_BATCH_TOKENS": "64", "KV_CACHE_BYTES": "1048576", "KV_BLOCK_SIZE": "8"}
+    for name, value in tuning.items():
+        monkeypatch.setenv(f"PROMPTSERVE_{name}", value)
     config = Settings().engine_config()
-    assert (config.torch_threads, config.prefill_split_tokens) == (1, 0)
-    monkeypatch.setenv("PROMPTSERVE_TORCH_THREADS", "")
-    monkeypatch.setenv("PROMPTSERVE_PREFILL_SPLIT_TOKENS", "")
+    assert (config.torch_threads, config.max_batch_tokens, config.kv_cache_bytes, config.kv_block_size) == (
+        1,
+        64,
+        1 << 20,
+        8,
+    )
+    for name in ("TORCH_THREADS", "MAX_BATCH_TOKENS", "KV_CACHE_BYTES"):
+        monkeypatch.setenv(f"PROMPTSERVE_{name}", "")
     config = Settings().engine_config()
-    assert (config.torch_threads, config.prefill_split_tokens) == (None, None)
+    assert (config.torch_threads, config.max_batch_tokens, config.kv_cache_bytes) == (None, None, None)

@@ -1,23 +1,19 @@
-"""Drives the synchronous engine core step by step, with a real store and prompt cache, for exact tests."""
+"""Drives the synchronous engine core step by step, with a real store and KV pool, for exact tests."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from functools import partial
 from pathlib import Path
+from typing import Any
 
-from prompt_store.cache import PromptCache
 from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone, load_backbone
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.intake import IntakeLimits, build_request
-from server.engine.model_runner import virtual_token_kv
+from server.engine.intake import IntakeConfig, build_request
 from server.engine.request import Request
-from server.engine.scheduler import SchedulerConfig
 from server.engine.types import Completion, EnsembleMode, GenerateInput, RequestOutput, SamplingParams
 from tests.fixtures import TinyBackbone
-
-LIMITS = IntakeLimits(max_input_tokens=256, max_new_tokens=256)
 
 
 class Harness:
@@ -25,24 +21,23 @@ class Harness:
         self,
         tiny: TinyBackbone,
         store_dir: Path,
-        max_batch_size: int = 32,
-        max_waiting: int = 64,
         device: str = "cpu",
         dtype: str = "float32",
-        prefill_split_tokens: int = 256,
-        cache_prompt_kv: bool = True,
+        kv_cache_tokens: int = 1 << 15,
+        **config: Any,
     ) -> None:
+        """`config`: EngineConfig fields (max_batch_size, max_batch_tokens, kv_block_size, cache_prompt_kv, ...)."""
         self.tiny = tiny
         self.backbone: Backbone = load_backbone(str(tiny.path), device, dtype)
         self.store = TaskStore(store_dir, self.backbone.fingerprint)
         for kind, adapter_dir in tiny.adapters.items():
             self.store.register_dir(kind, adapter_dir)
         fp = self.backbone.fingerprint
-        prepare = partial(virtual_token_kv, self.backbone) if cache_prompt_kv else None
-        self.cache = PromptCache(fp, self.backbone.device, self.backbone.dtype, budget_bytes=1 << 20, prepare=prepare)
-        self.engine = Engine(
-            self.backbone, self.cache, SchedulerConfig(max_batch_size, 100_000, max_waiting, prefill_split_tokens)
-        )
+        token_bytes = 2 * fp.num_layers * fp.kv_dim * self.backbone.dtype.itemsize
+        defaults = {"max_batch_tokens": 4096, "max_waiting": 64, "kv_cache_bytes": kv_cache_tokens * token_bytes}
+        self.config = EngineConfig(device=device, dtype=dtype, **{**defaults, **config})
+        self.engine = Engine(self.backbone, self.config)
+        self.intake = IntakeConfig(max_input_tokens=256, max_new_tokens=256, prompts_as_kv=self.config.cache_prompt_kv)
         self.outputs: dict[str, list[RequestOutput]] = defaultdict(list)
 
     def request(
@@ -55,7 +50,7 @@ class Harness:
     ) -> Request:
         params = SamplingParams(**{"max_new_tokens": 8, **sampling})  # type: ignore[arg-type]
         generate = GenerateInput(text, tuple(task_ids) or (None,), ensemble, params, request_id)
-        return build_request(generate, self.backbone, self.store, LIMITS, self.sink)
+        return build_request(generate, self.backbone, self.store, self.intake, self.sink)
 
     def sink(self, output: RequestOutput) -> None:
         self.outputs[output.request_id].append(output)
@@ -84,7 +79,7 @@ class Harness:
         return self.run(self.request(text, task_id, **sampling))[0]
 
     def is_idle(self) -> bool:
-        return self.cache.num_refs() == 0 and self.engine.batch is None and not self.engine.has_work()
+        return self.engine.is_idle() and self.engine.memory.num_task_refs() == 0
 
 
 def token_ids(completion: Completion) -> list[int]:

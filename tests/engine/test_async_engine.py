@@ -40,7 +40,7 @@ def wait_idle(engine: AsyncEngine, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         core = engine.engine
-        if core.cache.num_refs() == 0 and core.batch is None and not core.has_work():
+        if core.is_idle() and core.memory.num_task_refs() == 0:
             return True
         time.sleep(0.01)
     return False
@@ -109,7 +109,7 @@ def test_replaced_task_running_rows_keep_their_version(engine: AsyncEngine, tiny
     assert older[-1].completion.task_version == 1 and older[-1].completion.generated_tokens == 30
     assert newer[-1].completion.task_version == 2
     assert wait_idle(engine)
-    assert ("moving", 1) not in engine.engine.cache.entries  # retired once its last row left
+    assert ("moving", 1) not in engine.engine.memory.tasks  # retired once its last row left
 
 
 def test_deleted_task_running_request_finishes(engine: AsyncEngine, tiny_llama: TinyBackbone):
@@ -130,16 +130,16 @@ def test_deleted_task_running_request_finishes(engine: AsyncEngine, tiny_llama: 
 
 def test_step_failure_reaches_open_requests_and_engine_keeps_serving(engine: AsyncEngine, monkeypatch):
     runner = engine.engine.runner
-    real_decode = runner.decode
+    real_run = runner.run
     calls = {"n": 0}
 
-    def flaky_decode(*args, **kwargs):
+    def flaky_run(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("simulated device error")
-        return real_decode(*args, **kwargs)
+        return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "decode", flaky_decode)
+    monkeypatch.setattr(runner, "run", flaky_run)
     with pytest.raises(EngineUnavailable, match="simulated device error"):
         asyncio.run(collect(engine, generate("prefix", max_new_tokens=5)))
     assert wait_idle(engine)

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from server.engine.types import StepStats
 from tests.engine.harness import Harness, token_ids
-from tests.fixtures import ADAPTER_KINDS
+from tests.fixtures import ADAPTER_KINDS, TinyBackbone
 from tests.reference import PEFT_GENERATE_BROKEN, peft_generate, peft_greedy, peft_model
 
 TASKS = (*ADAPTER_KINDS, None)
@@ -87,3 +88,44 @@ def test_seeded_sampling_same_alone_and_mixed(harness: Harness):
 def test_unseeded_sampling_varies(harness: Harness):
     runs = {tuple(token_ids(harness.alone("x", None, do_sample=True, max_new_tokens=12))) for _ in range(4)}
     assert len(runs) > 1
+
+
+def test_chunked_prefill_beside_decoding_rows_equals_peft_forward(tiny_backbone: TinyBackbone, tmp_path):
+    harness = Harness(tiny_backbone, tmp_path / "store", max_batch_tokens=5, kv_block_size=4)
+    steps: list[StepStats] = []
+    harness.engine.step_listeners.append(steps.append)
+    long_text = "a long input, split across steps of five tokens"
+    running = harness.request(TEXTS[None], None, max_new_tokens=30)
+    joining = harness.request(long_text, "prefix", max_new_tokens=8)
+    completions = harness.run(running, later={4: [joining]})
+    cases = [(TEXTS[None], None, 30), (long_text, "prefix", 8)]
+    for completion, (text, task, new) in zip(completions, cases, strict=True):
+        input_ids = harness.backbone.tokenizer(text)["input_ids"]
+        assert token_ids(completion) == peft_greedy(peft_model(harness.tiny, task), input_ids, new)
+    mixed = [s for s in steps if s.num_prefill_tokens and s.num_decode_tokens]
+    assert len(mixed) >= 5 and all(s.num_prefill_tokens + s.num_decode_tokens <= 5 for s in steps)
+    assert harness.is_idle()
+
+
+def test_preempted_requests_resume_with_the_tokens_they_had_alone(tiny_backbone: TinyBackbone, tmp_path):
+    harness = Harness(tiny_backbone, tmp_path / "store", kv_cache_tokens=96, kv_block_size=4)
+    alone = {task: token_ids(harness.alone(TEXTS[task], task, max_new_tokens=30)) for task in TASKS}
+    assert harness.engine.num_preemptions == 0
+    mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=30) for task in TASKS))
+    assert harness.engine.num_preemptions > 0
+    assert {task: token_ids(c) for task, c in zip(TASKS, mixed, strict=True)} == alone
+    assert harness.is_idle()
+
+
+def test_rows_of_one_task_hold_its_keys_and_values_once(tiny_backbone: TinyBackbone, tmp_path):
+    harness = Harness(tiny_backbone, tmp_path / "store", kv_block_size=4)
+    requests = [harness.request(f"row {i}", "prefix_projection", max_new_tokens=4) for i in range(8)]
+    for request in requests:
+        harness.engine.add(request)
+    harness.engine.step()
+    (task,) = harness.engine.memory.tasks.values()
+    running = [request for request in requests if not request.is_finished]  # a random model may end a row early
+    assert task.ref_count == len(running) >= 6
+    assert len(task.block_ids) == harness.engine.memory.blocks_for(task.num_tokens)
+    own = sum(len(row.block_ids) for request in requests for row in request.rows)
+    assert harness.engine.memory.num_free_blocks == harness.engine.memory.num_blocks - len(task.block_ids) - own

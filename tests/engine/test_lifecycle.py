@@ -84,11 +84,13 @@ def test_abort_frees_rows_and_task_references(harness: Harness):
     doomed = harness.request("abort me", "prefix", "prefix_projection", ensemble=EnsembleMode.VOTE, max_new_tokens=50)
     harness.engine.add(keep)
     harness.engine.add(doomed)
+    while doomed not in harness.engine.scheduler.running:
+        harness.engine.step()
     harness.engine.step()
-    harness.engine.step()
-    assert harness.cache.num_refs() == 3
+    refs = harness.engine.memory.num_task_refs()
     harness.engine.abort(doomed.request_id)
-    assert harness.cache.num_refs() == 1 and harness.engine.batch.size == 1
+    assert harness.engine.memory.num_task_refs() == refs - 2  # both members' prefix tasks
+    assert harness.engine.scheduler.running == [keep] and all(not row.block_ids for row in doomed.rows)
     while harness.engine.has_work():
         harness.engine.step()
     assert harness.is_idle()
@@ -106,10 +108,10 @@ def test_step_failure_fails_running_requests_and_frees_everything(harness: Harne
     harness.engine.add(request)
     harness.engine.step()
 
-    def broken_decode(*args, **kwargs):
+    def broken_run(*args, **kwargs):
         raise RuntimeError("device fell over")
 
-    monkeypatch.setattr(harness.engine.runner, "decode", broken_decode)
+    monkeypatch.setattr(harness.engine.runner, "run", broken_run)
     with pytest.raises(RuntimeError):
         harness.engine.step()
     harness.engine.fail_running(RuntimeError("device fell over"))
@@ -159,17 +161,17 @@ def test_non_finite_logits_fail_only_their_own_request(harness: Harness, monkeyp
         harness.request("boom", "prompt_tuning", do_sample=True, max_new_tokens=6),
         harness.request("boom", "prefix", "prompt_tuning", ensemble=EnsembleMode.MEAN, max_new_tokens=6),
     ]
-    real_decode = harness.engine.runner.decode
+    real_run = harness.engine.runner.run
 
-    def poisoned_decode(batch, token_ids):
-        grown, logits = real_decode(batch, token_ids)
-        logits = logits.clone()
-        for i, row in enumerate(grown.rows):
-            if row.request in doomed and row.task_id == "prompt_tuning":
+    def poisoned_run(chunks):
+        logits = real_run(chunks).clone()
+        sampled = [chunk.row for chunk in chunks if chunk.is_last]
+        for i, row in enumerate(sampled):
+            if row.request in doomed and row.task_id == "prompt_tuning" and row.output_ids:
                 logits[i, 0] = float("nan")
-        return grown, logits
+        return logits
 
-    monkeypatch.setattr(harness.engine.runner, "decode", poisoned_decode)
+    monkeypatch.setattr(harness.engine.runner, "run", poisoned_run)
     for request in doomed:
         harness.engine.add(request)
     assert token_ids(harness.run(mate)[0]) == token_ids(alone)

@@ -15,12 +15,11 @@ def test_prompt_task_is_cached_as_keys_and_values_and_prefill_skips_its_virtual_
     harness.engine.step_listeners.append(steps.append)
     request = harness.request("hello world", "prompt_tuning", max_new_tokens=3)
     harness.run(request)
-    (entry,) = harness.cache.entries.values()
-    fp = harness.backbone.fingerprint
-    assert entry.task.prompt_embeds is None and len(entry.task.prefix_keys) == fp.num_layers
-    assert entry.task.prefix_keys[0].shape == (fp.num_key_value_heads, entry.task.num_virtual_tokens, fp.head_dim)
+    (task,) = harness.engine.memory.tasks.values()
+    assert task.is_filled and task.num_tokens == request.rows[0].num_virtual_tokens and task.ref_count == 0
+    assert len(task.block_ids) == harness.engine.memory.blocks_for(task.num_tokens)
     assert steps[0].num_prefill_tokens == request.num_input_tokens
-    assert harness.cache.resident_bytes == entry.task.nbytes
+    assert not harness.engine.tasks.embeddings
 
 
 def test_cached_and_recomputed_virtual_tokens_give_the_same_tokens(tiny_backbone: TinyBackbone, tmp_path):

@@ -1,132 +1,199 @@
-"""The scheduler is plain Python: tested with stand-in requests, no model."""
+"""The scheduler and the KV memory are plain Python: tested with real requests and block counts, no model."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, cast
 
 import pytest
 
-from server.engine.scheduler import Scheduler, SchedulerConfig, split_by_length
+from prompt_store.types import Method, TaskArtifact, TaskRecord
+from server.engine.kv_memory import KVMemory
+from server.engine.request import Request, Sequence, Status
+from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
+from server.engine.types import EnsembleMode, SamplingParams
 
 
-@dataclass(eq=False)
-class FakeRequest:
-    request_id: str
-    num_rows: int = 1
-    num_reserved_tokens: int = 10
+def task(task_id: str, num_virtual: int = 8, version: int = 1) -> TaskArtifact:
+    record = TaskRecord(task_id, version, Method.PREFIX_TUNING, num_virtual, 0, "", "")
+    return TaskArtifact(record, {}, cast(Any, None))
 
 
-def make_scheduler(max_batch_size: int = 4, max_batch_tokens: int = 100, max_waiting: int = 3) -> Scheduler:
-    return Scheduler(SchedulerConfig(max_batch_size, max_batch_tokens, max_waiting))
+def request(
+    name: str, num_input: int = 10, max_new: int = 5, tasks: tuple[TaskArtifact | None, ...] = (None,), **kw: Any
+) -> Request:
+    made = Request(name, list(range(num_input)), SamplingParams(), max_new, sink=lambda output: None, **kw)
+    made.rows = [Sequence(made, t, cast(Any, None), has_kv_prefix=t is not None) for t in tasks]
+    return made
 
 
-def test_schedule_admits_in_arrival_order_when_room():
-    scheduler = make_scheduler()
-    requests = [FakeRequest(str(i)) for i in range(3)]
-    for request in requests:
-        scheduler.add(request)
-    assert scheduler.schedule() == requests
-    assert scheduler.running == requests and not scheduler.waiting
+def scheduler(
+    max_batch_size: int = 8, max_step_tokens: int = 64, max_waiting: int = 8, num_blocks: int = 64, block_size: int = 4
+) -> Scheduler:
+    config = SchedulerConfig(max_batch_size, max_step_tokens, max_waiting)
+    return Scheduler(config, KVMemory(num_blocks, block_size))
 
 
-def test_schedule_stops_at_max_batch_size():
-    scheduler = make_scheduler(max_batch_size=2, max_waiting=5)
-    for i in range(3):
-        scheduler.add(FakeRequest(str(i)))
-    assert [r.request_id for r in scheduler.schedule()] == ["0", "1"]
-    assert [r.request_id for r in scheduler.waiting] == ["2"]
+def sample(plan: StepPlan) -> None:
+    """What the engine does after the forward pass: computed tokens advance, rows at their last token get one."""
+    for chunk in plan.chunks:
+        is_last = chunk.is_last
+        chunk.row.num_computed += chunk.num_tokens
+        if is_last:
+            chunk.row.output_ids.append(7)
 
 
-def test_schedule_stops_at_token_budget():
-    scheduler = make_scheduler(max_batch_tokens=25)
-    for i in range(3):
-        scheduler.add(FakeRequest(str(i), num_reserved_tokens=10))
-    assert len(scheduler.schedule()) == 2
-    assert scheduler.num_reserved_tokens == 20
+def chunk_sizes(plan: StepPlan) -> dict[str, list[int]]:
+    sizes: dict[str, list[int]] = {}
+    for chunk in plan.chunks:
+        sizes.setdefault(chunk.row.request.request_id, []).append(chunk.num_tokens)
+    return sizes
 
 
-def test_schedule_never_skips_the_head_for_smaller_requests():
-    scheduler = make_scheduler(max_batch_tokens=30)
-    scheduler.add(FakeRequest("running", num_reserved_tokens=20))
-    scheduler.schedule()
-    big, small = FakeRequest("big", num_reserved_tokens=20), FakeRequest("small", num_reserved_tokens=5)
-    scheduler.add(big)
-    scheduler.add(small)
-    assert scheduler.schedule() == []  # FIFO: `small` would fit, but it must not starve `big`
-    scheduler.remove(scheduler.running[0])
-    assert scheduler.schedule() == [big, small]
+def test_admits_in_arrival_order_and_prefills_whole_inputs_within_the_budget():
+    s = scheduler()
+    first, second = request("first"), request("second", num_input=20)
+    s.add(first)
+    s.add(second)
+    plan = s.schedule()
+    assert plan.admitted == [first, second] and chunk_sizes(plan) == {"first": [10], "second": [20]}
+    assert all(chunk.is_last for chunk in plan.chunks)
+    assert len(first.rows[0].block_ids) == 3 and len(second.rows[0].block_ids) == 5  # blocks of 4
 
 
-def test_ensemble_rows_count_against_batch_size():
-    scheduler = make_scheduler(max_batch_size=4)
-    scheduler.add(FakeRequest("single"))
-    scheduler.add(FakeRequest("ensemble", num_rows=4))
-    assert [r.request_id for r in scheduler.schedule()] == ["single"]
-    assert scheduler.num_running_rows == 1
+def test_a_long_input_is_split_across_steps_while_running_rows_decode():
+    s = scheduler(max_step_tokens=16)
+    running = request("running", num_input=4)
+    s.add(running)
+    sample(s.schedule())
+    long = request("long", num_input=40)
+    s.add(long)
+    steps = []
+    while long.rows[0].num_remaining > 1 or not long.rows[0].output_ids:
+        plan = s.schedule()
+        steps.append(chunk_sizes(plan))
+        sample(plan)
+    assert steps[0] == {"running": [1], "long": [15]}  # the running row's token first, then the chunk
+    assert [step["long"][0] for step in steps] == [15, 15, 10]
+    assert all(step.get("running") == [1] for step in steps)
+
+
+def test_never_skips_the_head_of_the_queue_for_a_smaller_request():
+    s = scheduler(num_blocks=10)
+    s.add(request("running", num_input=20))  # 5 blocks
+    sample(s.schedule())
+    big, small = request("big", num_input=24), request("small", num_input=4)
+    s.add(big)
+    s.add(small)
+    assert s.schedule().admitted == []  # `small` would fit, but it must not starve `big`
+    s.remove(s.running[0])
+    assert s.schedule().admitted == [big, small]
+
+
+def test_rows_count_against_max_batch_size():
+    s = scheduler(max_batch_size=4)
+    s.add(request("single"))
+    s.add(request("ensemble", tasks=(None,) * 4, ensemble=EnsembleMode.VOTE))
+    assert [r.request_id for r in s.schedule().admitted] == ["single"]
+    assert s.num_running_rows == 1
+
+
+def test_mean_ensemble_rows_reach_their_last_token_in_the_same_step():
+    s = scheduler(max_step_tokens=20)
+    lockstep = request("mean", num_input=12, tasks=(task("a"), task("b")), ensemble=EnsembleMode.MEAN)
+    s.add(lockstep)
+    plan = s.schedule()
+    assert chunk_sizes(plan) == {"mean": [11, 9]} and not any(chunk.is_last for chunk in plan.chunks)
+    sample(plan)
+    plan = s.schedule()
+    assert chunk_sizes(plan) == {"mean": [1, 3]} and all(chunk.is_last for chunk in plan.chunks)
+
+
+def test_memory_pressure_preempts_the_newest_request_and_resumes_it_from_its_tokens():
+    s = scheduler(num_blocks=6)  # 24 slots
+    old, new = request("old", num_input=8, max_new=8), request("new", num_input=8, max_new=8)
+    s.add(old)
+    s.add(new)
+    sample(s.schedule())  # 2 blocks each, 2 free
+    plans = []
+    while not plans or not plans[-1].preempted:  # each row takes a third block; then a fourth does not fit
+        plans.append(s.schedule())
+        sample(plans[-1])
+    plan = plans[-1]
+    assert len(plans) == 5 and plan.preempted == [new] and chunk_sizes(plan) == {"old": [1]}
+    assert new.status is Status.WAITING and s.waiting[0] is new
+    assert new.rows[0].block_ids == [] and new.rows[0].num_computed == 0 and new.rows[0].output_ids  # tokens kept
+    assert new.num_preemptions == 1
+    s.remove(old)
+    plan = s.schedule()
+    assert plan.admitted == [new] and chunk_sizes(plan) == {"new": [new.rows[0].num_own_tokens]}
+
+
+def test_task_blocks_are_held_once_for_every_row_of_the_task_and_freed_by_retire():
+    s = scheduler()
+    shared = task("shared", num_virtual=10)  # 3 blocks
+    rows = [request(f"r{i}", num_input=4, tasks=(shared,)) for i in range(5)]
+    for r in rows:
+        s.add(r)
+    s.schedule()
+    (held,) = s.memory.tasks.values()
+    assert held.ref_count == 5 and len(held.block_ids) == 3
+    assert s.memory.num_free_blocks == 64 - 3 - 5  # the task's blocks once, one own block per row
+    s.memory.retire("shared", None)
+    assert held.is_retired and "shared" in {key[0] for key in s.memory.tasks}  # in use: kept
+    for r in rows:
+        s.remove(r)
+    assert not s.memory.tasks and s.memory.num_free_blocks == 64
+
+
+def test_unused_task_blocks_stay_resident_and_are_evicted_least_recently_used_first():
+    memory = KVMemory(num_blocks=6, block_size=4)
+    for name in ("a", "b"):
+        memory.hold_task((name, 1), 8)
+        memory.release_task((name, 1))
+    memory.hold_task(("a", 1), 8)  # a is used again: b is now the least recently used
+    memory.release_task(("a", 1))
+    assert memory.num_free_blocks == 2 and memory.num_available_blocks == 6
+    memory.allocate(4)
+    assert list(memory.tasks) == [("a", 1)] and memory.num_evictions == 1
+
+
+def test_tasks_in_use_are_never_evicted():
+    memory = KVMemory(num_blocks=4, block_size=4)
+    memory.hold_task(("busy", 1), 8)
+    assert memory.num_available_blocks == 2
+    with pytest.raises(MemoryError):
+        memory.allocate(3)
+
+
+def test_releasing_a_task_not_held_raises():
+    memory = KVMemory(num_blocks=4, block_size=4)
+    with pytest.raises(ValueError, match="expected a reference"):
+        memory.release_task(("nobody", 1))
 
 
 def test_why_never_fits_names_the_limit():
-    scheduler = make_scheduler(max_batch_size=2, max_batch_tokens=50)
-    assert "max_batch_size is 2" in scheduler.why_never_fits(FakeRequest("a", num_rows=3))
-    assert "max_batch_tokens is 50" in scheduler.why_never_fits(FakeRequest("b", num_reserved_tokens=51))
-    assert scheduler.why_never_fits(FakeRequest("c", num_reserved_tokens=50)) is None
+    s = scheduler(max_batch_size=2, num_blocks=8)
+    assert "max_batch_size is 2" in s.why_never_fits(request("wide", tasks=(None,) * 3))
+    assert "the KV cache holds 32" in s.why_never_fits(request("long", num_input=30, max_new=3))
+    assert s.why_never_fits(request("fits", num_input=29, max_new=3)) is None
 
 
-def test_is_full_at_max_waiting():
-    scheduler = make_scheduler(max_waiting=2)
-    scheduler.add(FakeRequest("a"))
-    assert not scheduler.is_full()
-    scheduler.add(FakeRequest("b"))
-    assert scheduler.is_full()
-
-
-def test_add_refuses_when_full():
-    scheduler = make_scheduler(max_waiting=1)
-    scheduler.add(FakeRequest("a"))
+def test_is_full_at_max_waiting_and_add_refuses_then():
+    s = scheduler(max_waiting=1)
+    s.add(request("a"))
+    assert s.is_full()
     with pytest.raises(AssertionError):
-        scheduler.add(FakeRequest("b"))
+        s.add(request("b"))
 
 
-def test_remove_and_find_cover_waiting_and_running():
-    scheduler = make_scheduler(max_batch_size=1)
-    first, second = FakeRequest("first"), FakeRequest("second")
-    scheduler.add(first)
-    scheduler.add(second)
-    scheduler.schedule()
-    assert scheduler.find("first") is first and scheduler.find("second") is second
-    scheduler.remove(second)
-    scheduler.remove(first)
-    assert scheduler.find("first") is None and not scheduler.has_work()
-
-
-# ---- prefill passes by length
-
-
-def test_equal_lengths_share_one_pass():
-    assert split_by_length([(1, 40)] * 5, split_tokens=0) == [[0, 1, 2, 3, 4]]
-
-
-def test_one_request_is_one_pass():
-    assert split_by_length([(3, 17)], split_tokens=256) == [[0]]
-
-
-def test_short_requests_split_off_when_the_padding_saved_exceeds_the_price_of_a_pass():
-    # widths 100 and 10: keeping them together pads 3 short rows by 90 positions each (270 > 256)
-    sizes = [(1, 100), (1, 10), (1, 100), (2, 10)]
-    assert split_by_length(sizes, split_tokens=256) == [[1, 3], [0, 2]]
-    assert split_by_length(sizes, split_tokens=270) == [[0, 2, 1, 3]]
-
-
-def test_every_request_lands_in_exactly_one_pass_with_its_rows():
-    sizes = [(1 + i % 3, 7 + (i * 37) % 120) for i in range(40)]
-    for split_tokens in (0, 64, 256, 10_000):
-        passes = split_by_length(sizes, split_tokens)
-        assert sorted(i for indices in passes for i in indices) == list(range(40))
-        widths = [max(sizes[i][1] for i in indices) for indices in passes]
-        assert widths == sorted(widths)  # the shortest pass runs first
-
-
-def test_a_larger_price_never_makes_more_passes():
-    sizes = [(1, 7 + (i * 37) % 120) for i in range(32)]
-    counts = [len(split_by_length(sizes, t)) for t in (0, 16, 64, 256, 1024, 1 << 20)]
-    assert counts == sorted(counts, reverse=True) and counts[-1] == 1
+def test_remove_and_find_cover_waiting_and_running_and_free_everything():
+    s = scheduler(max_batch_size=1)
+    first, second = request("first", tasks=(task("t"),)), request("second")
+    s.add(first)
+    s.add(second)
+    s.schedule()
+    assert s.find("first") is first and s.find("second") is second
+    s.remove(second)
+    s.remove(first)
+    assert s.find("first") is None and not s.has_work()
+    assert s.memory.num_available_blocks == s.memory.num_blocks and s.memory.num_task_refs() == 0

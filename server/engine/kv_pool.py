@@ -1,0 +1,86 @@
+"""The KV pool: every layer's keys and values for a fixed number of blocks, allocated once when the engine starts.
+
+Slot `block * block_size + offset` holds one token's keys and values in every layer; `KVMemory` says which
+blocks hold what. Sized from a byte budget, or on a GPU from a fraction of the memory left after the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from prompt_store.types import BackboneFingerprint
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_BYTES = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class KVPool:
+    keys: list[torch.Tensor]  # per layer [num_blocks * block_size, kv_heads, head_dim]
+    values: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls, fp: BackboneFingerprint, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> KVPool:
+        shape = (num_blocks * block_size, fp.num_key_value_heads, fp.head_dim)
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(fp.num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(fp.num_layers)]
+        return cls(keys, values, block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.keys[0].shape[0] // self.block_size
+
+    @property
+    def block_bytes(self) -> int:
+        return block_bytes(len(self.keys), self.keys[0][0], self.block_size)
+
+    def write(self, slots: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Per layer [kv_heads, T, head_dim] keys and values into `slots` [T]."""
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            self.keys[layer].index_copy_(0, slots, k.transpose(0, 1).to(self.keys[layer].dtype))
+            self.values[layer].index_copy_(0, slots, v.transpose(0, 1).to(self.values[layer].dtype))
+
+
+def block_bytes(num_layers: int, slot: torch.Tensor, block_size: int) -> int:
+    """Keys and values of one block in every layer; `slot` is one slot of one layer [kv_heads, head_dim]."""
+    return 2 * num_layers * block_size * slot.numel() * slot.element_size()
+
+
+def pool_blocks(
+    fp: BackboneFingerprint,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    budget_bytes: int | None,
+    memory_fraction: float,
+) -> int:
+    """How many blocks the budget holds: `budget_bytes`, else on CUDA `memory_fraction` of the free memory, else
+    1 GiB on a CPU."""
+    slot = torch.empty((fp.num_key_value_heads, fp.head_dim), dtype=dtype)
+    per_block = block_bytes(fp.num_layers, slot, block_size)
+    if budget_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = int(free * memory_fraction)
+        else:
+            budget_bytes = CPU_DEFAULT_BYTES
+    num_blocks = budget_bytes // per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"a KV cache of {budget_bytes} bytes holds no block of {block_size} tokens ({per_block} bytes)"
+        )
+    logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, num_blocks * per_block / 2**20)
+    return num_blocks
+
+
+def slots_of(block_ids: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
+    """[num_tokens]: the slot of each of the first `num_tokens` tokens held in these blocks, in order."""
+    blocks = torch.tensor(block_ids, dtype=torch.long)
+    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
