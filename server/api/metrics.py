@@ -157,11 +157,18 @@ class EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be admitted", stats.num_waiting)
         yield gauge("registered_tasks", "Tasks registered in the store", stats.num_tasks)
         yield counter("engine_steps", "Engine steps run", stats.num_steps)
-        yield counter("prompt_cache_hits", "Device prompt-cache lookups that found the task", cache.hits)
-        yield counter("prompt_cache_misses", "Device prompt-cache lookups that loaded the task", cache.misses)
-        yield counter("prompt_cache_evictions", "Tasks evicted from the device prompt cache", cache.evictions)
-        yield gauge("prompt_cache_resident_bytes", "Bytes held by the device prompt cache", cache.resident_bytes)
-        yield gauge("prompt_cache_entries", "Task versions resident in the device prompt cache", cache.num_entries)
+        yield gauge("kv_cache_used_bytes", "KV pool bytes in blocks held by rows or tasks", stats.kv_cache_used_bytes)
+        yield gauge("kv_cache_capacity_bytes", "KV pool bytes, allocated at start", stats.kv_cache_capacity_bytes)
+        yield counter("num_preemptions", "Requests preempted for memory and recomputed later", stats.num_preemptions)
+        yield counter("prompt_cache_hits", "Task lookups that found the task's tensors on the device", cache.hits)
+        yield counter("prompt_cache_misses", "Task lookups that put the task's tensors on the device", cache.misses)
+        yield counter("prompt_cache_evictions", "Task versions evicted from the device", cache.evictions)
+        yield gauge(
+            "prompt_cache_resident_bytes",
+            "Device bytes of resident tasks (KV blocks, embeddings)",
+            cache.resident_bytes,
+        )
+        yield gauge("prompt_cache_entries", "Task versions resident on the device", cache.num_entries)
         yield gauge("prompt_cache_pinned_entries", "Resident task versions held by running rows", cache.num_pinned)
 
 

@@ -169,14 +169,18 @@ class AsyncEngine:
         )
 
     def stats(self) -> EngineStats:
-        scheduler = self.engine.scheduler
+        engine, scheduler = self.engine, self.engine.scheduler
+        memory, block_bytes = engine.memory, engine.pool.block_bytes
         return EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
-            num_steps=self.engine.num_steps,
+            num_steps=engine.num_steps,
             num_tasks=len(self.store),
-            cache=self.engine.tasks.stats(),
-            last_step=self.engine.last_step,
+            cache=engine.tasks.stats(),
+            last_step=engine.last_step,
+            kv_cache_used_bytes=(memory.num_blocks - memory.num_free_blocks) * block_bytes,
+            kv_cache_capacity_bytes=memory.num_blocks * block_bytes,
+            num_preemptions=engine.num_preemptions,
         )
 
 

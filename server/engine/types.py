@@ -122,3 +122,6 @@ class EngineStats:
     num_tasks: int
     cache: CacheStats
     last_step: StepStats | None = None
+    kv_cache_used_bytes: int = 0  # blocks holding rows' or tasks' keys and values
+    kv_cache_capacity_bytes: int = 0
+    num_preemptions: int = 0

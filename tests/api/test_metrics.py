@@ -40,6 +40,7 @@ def test_metrics_expose_the_serving_series(client: TestClient) -> None:
         "promptserve_batch_distinct_tasks_count", "promptserve_prompt_cache_hits_total",
         "promptserve_prompt_cache_misses_total", "promptserve_prompt_cache_evictions_total",
         "promptserve_prompt_cache_resident_bytes", "promptserve_registered_tasks", "promptserve_ready",
+        "promptserve_kv_cache_used_bytes", "promptserve_kv_cache_capacity_bytes", "promptserve_num_preemptions_total",
     }  # fmt: skip
     assert expected <= names(client)
 

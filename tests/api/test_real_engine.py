@@ -122,3 +122,15 @@ def test_real_metrics_record_engine_steps(real: TestClient) -> None:
     count = next(line for line in text.splitlines() if line.startswith("promptserve_batch_size_count"))
     assert float(count.split()[-1]) > 0
     assert json.loads(real.get("/health").text) == {"status": "ok"}
+
+
+def test_real_metrics_report_the_kv_pool(real: TestClient, real_engine: AsyncEngine) -> None:
+    real.post("/v1/generate", json={"inputs": "x", "task_id": "prefix", "parameters": {"max_new_tokens": 2}})
+    values = {
+        line.split()[0]: float(line.split()[1]) for line in real.get("/metrics").text.splitlines() if line[0] != "#"
+    }
+    pool = real_engine.engine.pool
+    assert values["promptserve_kv_cache_capacity_bytes"] == pool.num_blocks * pool.block_bytes
+    # the prefix task stays resident in its blocks once no row holds it
+    assert 0 < values["promptserve_kv_cache_used_bytes"] < values["promptserve_kv_cache_capacity_bytes"]
+    assert values["promptserve_num_preemptions_total"] == real_engine.engine.num_preemptions
