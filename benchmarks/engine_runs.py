@@ -7,7 +7,7 @@ callers' threads, not the engine's. Arrivals are honoured in wall-clock time.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.intake import IntakeConfig, build_request
 from server.engine.request import Request
-from server.engine.types import GenerateInput, RequestOutput, SamplingParams, StepStats
+from server.engine.types import EngineOutput, GenerateInput, SamplingParams, StepStats
 
 CONTINUOUS, STATIC = "continuous", "static"
 INTAKE = IntakeConfig(max_input_tokens=4096, max_new_tokens=4096)
@@ -158,28 +158,30 @@ class EngineRig:
 
 @dataclass
 class Recorder:
-    """The output sink of every request of one run: first-token and finish times, final token ids."""
+    """The output sink of every request of one run: first-token and finish times, token ids (the engine's own
+    events: turning them into text happens off the engine thread, in the server's event loop)."""
 
     started: float = 0.0
     first_token_at: dict[str, float] = field(default_factory=dict)
     finished_at: dict[str, float] = field(default_factory=dict)
-    outputs: dict[str, RequestOutput] = field(default_factory=dict)
+    token_ids: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+    errors: dict[str, Exception] = field(default_factory=dict)
 
-    def sink(self, output: RequestOutput) -> None:
+    def sink(self, output: EngineOutput) -> None:
         now = time.perf_counter()
         self.first_token_at.setdefault(output.request_id, now)
-        if output.finished:
+        self.token_ids[output.request_id] += [token.id for token in output.tokens]
+        if output.error is not None:
+            self.errors[output.request_id] = output.error
+        if output.finished or output.error is not None:
             self.finished_at[output.request_id] = now
-            self.outputs[output.request_id] = output
 
     def result(self, workload: Workload, seconds: float, cpu_seconds: float, steps: StepTotals) -> RunResult:
         token_ids, ttft, latency, num_new = [], [], [], 0
         for i, job in enumerate(workload.jobs):
-            output = self.outputs[str(i)]
-            if output.error is not None:
-                raise RuntimeError(f"request {i} failed: {output.error!r}")
-            assert output.completion is not None
-            ids = [token.id for token in output.completion.tokens]
+            if str(i) in self.errors:
+                raise RuntimeError(f"request {i} failed: {self.errors[str(i)]!r}")
+            ids = self.token_ids[str(i)]
             token_ids.append(ids)
             num_new += len(ids)
             arrived = self.started + job.arrival_s

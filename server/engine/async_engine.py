@@ -23,9 +23,10 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
 from server.engine.intake import IntakeConfig, build_request
+from server.engine.output import OutputProcessor
 from server.engine.request import Request
 from server.engine.selfcheck import self_check
-from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
+from server.engine.types import EngineInfo, EngineOutput, EngineStats, GenerateInput, RequestOutput, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -98,27 +99,32 @@ class AsyncEngine:
     # ---- generation
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; its tokens become text here, on the caller's loop, not on the engine thread."""
         if not self.is_ready():
             raise EngineUnavailable("the engine is not running")
-        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        events: asyncio.Queue[EngineOutput] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
-        def sink(output: RequestOutput) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(outputs.put_nowait, output)
+        def sink(output: EngineOutput) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, output)
 
         prepared = await asyncio.to_thread(build_request, request, self.backbone, self.store, self.limits, sink)
+        processor = OutputProcessor(prepared, self.backbone.tokenizer)
         self.inbox.put(partial(self.engine.add, prepared))
-        finished = False
+        engine_done = False
         try:
-            while not finished:
-                output = await outputs.get()
-                if output.error is not None:
-                    finished = True
-                    raise output.error
-                finished = output.finished
-                yield output
+            while not processor.is_finished:
+                event = await events.get()
+                engine_done = event.finished or event.error is not None
+                processed = processor.process(event)
+                if processed.stopped_rows and not processed.is_finished:
+                    self.inbox.put(partial(self.engine.stop_rows, prepared.request_id, processed.stopped_rows))
+                for output in processed.outputs:
+                    if output.error is not None:
+                        raise output.error
+                    yield output
         finally:
-            if not finished:
+            if not engine_done:  # the caller left, or a stop sequence ended it before the engine did
                 self.inbox.put(partial(self.engine.abort, prepared.request_id))
 
     def submit(self, request: Request) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
 
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
-from server.engine.detokenizer import find_stop
 from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
@@ -20,7 +19,7 @@ from server.engine.request import Request, Sequence, Status
 from server.engine.sampler import sample
 from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from server.engine.task_cache import TaskCache
-from server.engine.types import Completion, EnsembleMode, FinishReason, MemberResult, RequestOutput, StepStats, Token
+from server.engine.types import EngineOutput, FinishReason, RowToken, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -114,11 +113,12 @@ class Engine:
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         rows, logits = self.fail_broken_rows(rows, logits)
         token_ids, logprobs = sample(logits, rows)
+        new: dict[int, list[RowToken]] = defaultdict(list)
         for row, token_id, logprob in zip(rows, token_ids, logprobs, strict=True):
-            self.append_token(row, token_id, logprob)
+            self.append_token(row, token_id)
+            new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason))
         for request in distinct_requests(rows):
-            if not request.is_finished:  # a finishing request's last token rides with its completion
-                self.emit_tokens(request)
+            self.deliver(request, EngineOutput(request.request_id, tuple(new[id(request)]), request.is_finished))
 
     def fail_broken_rows(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
         """Rows whose logits are not finite (a task's values overflow the backbone's dtype) fail their own request;
@@ -137,22 +137,12 @@ class Engine:
         keep = [i for i, row in enumerate(rows) if id(row.request) not in failing]
         return [rows[i] for i in keep], logits[keep]
 
-    def append_token(self, row: Sequence, token_id: int, logprob: float) -> None:
+    def append_token(self, row: Sequence, token_id: int) -> None:
+        """Token-level endings only: stop sequences are found on the text, off this thread (see output.py)."""
         row.output_ids.append(token_id)
-        row.logprobs.append(logprob)
         if token_id in self.backbone.eos_token_ids:
-            row.tokens.append(Token(token_id, "", logprob))
-            row.text += row.decoder.flush(row.output_ids)
             row.finish_reason = FinishReason.EOS
-            return
-        new_text = row.decoder.next_text(row.output_ids)
-        row.text += new_text
-        row.tokens.append(Token(token_id, new_text, logprob))
-        stop_at = find_stop_in(row, len(new_text))
-        if stop_at is not None:
-            row.text, row.finish_reason = row.text[:stop_at], FinishReason.STOP
         elif len(row.output_ids) >= row.request.max_new_tokens:
-            row.text += row.decoder.flush(row.output_ids)
             row.finish_reason = FinishReason.LENGTH
 
     def postprocess_finished(self, rows: list[Sequence]) -> None:
@@ -161,15 +151,22 @@ class Engine:
                 self.scheduler.free_row(row)
         for request in distinct_requests(rows):
             if request.is_finished and request.status is not Status.FINISHED:
-                self.complete(request)
+                self.drop(request)  # its last output said `finished`
 
     # ---- leaving
 
-    def complete(self, request: Request) -> None:
-        request.status = Status.FINISHED
-        self.scheduler.remove(request)
-        last_token = None if request.ensemble is EnsembleMode.VOTE else request.rows[0].tokens[-1]
-        self.deliver(request, RequestOutput(request.request_id, token=last_token, completion=build_completion(request)))
+    def stop_rows(self, request_id: str, rows: list[int]) -> None:
+        """Rows whose text reached a stop sequence end now; a request left with no row running is dropped."""
+        request = self.scheduler.find(request_id)
+        if request is None:
+            return
+        for index in rows:
+            row = request.rows[index]
+            if not row.is_finished:
+                row.finish_reason = FinishReason.STOP
+                self.scheduler.free_row(row)
+        if request.is_finished:
+            self.drop(request)
 
     def drop(self, request: Request) -> None:
         """Remove a request from wherever it is, freeing its rows' blocks and task references."""
@@ -190,15 +187,10 @@ class Engine:
 
     # ---- emitting
 
-    def emit_tokens(self, request: Request) -> None:
-        if request.ensemble is EnsembleMode.VOTE:
-            return  # the answer is known only once every member has finished
-        self.deliver(request, RequestOutput(request.request_id, token=request.rows[0].tokens[-1]))
-
     def emit_error(self, request: Request, error: Exception) -> None:
-        self.deliver(request, RequestOutput(request.request_id, error=error))
+        self.deliver(request, EngineOutput(request.request_id, error=error))
 
-    def deliver(self, request: Request, output: RequestOutput) -> None:
+    def deliver(self, request: Request, output: EngineOutput) -> None:
         """Hand an output to the caller; a caller that is gone (its event loop closed) costs only its own request."""
         try:
             request.sink(output)
@@ -236,35 +228,3 @@ class Engine:
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:
     return list({id(row.request): row.request for row in rows}.values())
-
-
-def find_stop_in(row: Sequence, num_new_chars: int) -> int | None:
-    stop = row.request.sampling.stop
-    return find_stop(row.text, stop, num_new_chars) if stop and num_new_chars else None
-
-
-def build_completion(request: Request) -> Completion:
-    answer = vote(request.rows) if request.ensemble is EnsembleMode.VOTE else request.rows[0]
-    assert answer.finish_reason is not None
-    members, task = None, (answer.task_id, answer.task_version)
-    if request.ensemble is EnsembleMode.MEAN:
-        task = (None, None)  # the answer comes from all members together
-    if request.ensemble is not None:
-        members = tuple(MemberResult(row.task_id, row.task_version, row.text) for row in request.rows)
-    return Completion(
-        generated_text=answer.text,
-        finish_reason=answer.finish_reason,
-        generated_tokens=len(answer.output_ids),
-        input_tokens=request.num_input_tokens,
-        task_id=task[0],
-        task_version=task[1],
-        tokens=tuple(answer.tokens),
-        members=members,
-        queue_seconds=(request.first_scheduled_time or request.arrival_time) - request.arrival_time,
-    )
-
-
-def vote(rows: list[Sequence]) -> Sequence:
-    """The most frequent text wins; ties go to the higher mean token log-probability (Lester et al. 2021)."""
-    counts = Counter(row.text for row in rows)
-    return max(rows, key=lambda row: (counts[row.text], row.mean_logprob))

@@ -15,7 +15,6 @@ import torch
 from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.detokenizer import IncrementalDecoder
 from server.engine.errors import InputTooLong, InvalidPrompt
 from server.engine.request import OutputSink, Request, Sequence
 from server.engine.task_cache import has_kv_prefix
@@ -101,8 +100,5 @@ def build_request(
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),
     )
-    result.rows = [
-        Sequence(result, task, IncrementalDecoder(backbone.tokenizer), has_kv_prefix=kv_prefix(task, limits))
-        for task in tasks
-    ]
+    result.rows = [Sequence(result, task, i, kv_prefix(task, limits)) for i, task in enumerate(tasks)]
     return result

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 import torch
 
 from prompt_store.types import TaskArtifact
-from server.engine.detokenizer import IncrementalDecoder
 from server.engine.kv_memory import TaskBlocks
-from server.engine.types import EnsembleMode, FinishReason, RequestOutput, SamplingParams, Token
+from server.engine.types import EngineOutput, EnsembleMode, FinishReason, SamplingParams
 
-OutputSink = Callable[[RequestOutput], None]
+OutputSink = Callable[[EngineOutput], None]  # called on the engine thread
 
 
 class Status(enum.Enum):
@@ -25,7 +24,7 @@ class Status(enum.Enum):
 
 @dataclass(eq=False, slots=True)
 class Sequence:
-    """One row of the batch: the request's input under one task (or none) and what it generated.
+    """One row of the batch: the request's input under one task (or none) and the token ids it generated.
 
     A row's own tokens are its embedded virtual tokens (a prompt task fed as input embeddings), its input and its
     output so far; `num_computed` of them have keys and values in the row's blocks. A row whose task enters as
@@ -35,15 +34,12 @@ class Sequence:
 
     request: Request
     task: TaskArtifact | None
-    decoder: IncrementalDecoder
+    index: int = 0  # among the request's rows
     has_kv_prefix: bool = False  # the task's virtual tokens enter as its shared keys and values, not as embeddings
     task_blocks: TaskBlocks | None = None  # held while running, when has_kv_prefix
     block_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     output_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    tokens: list[Token] = field(default_factory=list)
-    text: str = ""
     finish_reason: FinishReason | None = None
 
     @property
@@ -80,10 +76,6 @@ class Sequence:
     @property
     def task_version(self) -> int | None:
         return self.task.record.version if self.task else None
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else float("-inf")
 
 
 @dataclass(eq=False, slots=True)

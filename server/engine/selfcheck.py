@@ -13,7 +13,6 @@ import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -21,13 +20,12 @@ from prompt_store.materialize import join_prefix
 from prompt_store.types import Method, TaskArtifact, TaskRecord
 from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
-from server.engine.detokenizer import IncrementalDecoder
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
 from server.engine.kv_pool import slots_of
 from server.engine.request import Request, Sequence
 from server.engine.task_cache import has_kv_prefix
-from server.engine.types import RequestOutput, SamplingParams
+from server.engine.types import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -107,30 +105,30 @@ def artifact(task_id: str, method: Method, prompt_embeddings: torch.Tensor) -> T
     return TaskArtifact(record, {}, prompt_embeddings)
 
 
-def run_through_engine(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -> dict[str, RequestOutput]:
-    """Every row at once, greedy, through the engine's own steps; the last output of each."""
-    outputs: dict[str, RequestOutput] = {}
+def run_through_engine(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -> dict[str, list[EngineOutput]]:
+    """Every row at once, greedy, through the engine's own steps; each row's outputs."""
+    outputs: dict[str, list[EngineOutput]] = {row.name: [] for row in rows}
     for row in rows:
         request = Request(
             request_id=f"self-check-{row.name}",
             input_ids=input_ids,
             sampling=SamplingParams(max_new_tokens=NUM_NEW_TOKENS),
             max_new_tokens=NUM_NEW_TOKENS,
-            sink=partial(outputs.__setitem__, row.name),
+            sink=outputs[row.name].append,
         )
         kv_prefix = row.task is not None and has_kv_prefix(row.task.record.method, engine.config.cache_prompt_kv)
-        decoder = IncrementalDecoder(engine.backbone.tokenizer)
-        request.rows = [Sequence(request, row.task, decoder, has_kv_prefix=kv_prefix)]
+        request.rows = [Sequence(request, row.task, has_kv_prefix=kv_prefix)]
         engine.add(request)
     while engine.has_work():
         engine.step()
     return outputs
 
 
-def compare(backbone: Backbone, row: CheckRow, input_ids: list[int], output: RequestOutput) -> None:
-    if output.error is not None or output.completion is None:
-        raise failure(backbone, f"the {row.name} row failed in the engine: {output.error!r}")
-    tokens = output.completion.tokens
+def compare(backbone: Backbone, row: CheckRow, input_ids: list[int], outputs: list[EngineOutput]) -> None:
+    errors = [output.error for output in outputs if output.error is not None]
+    if errors or not outputs or not outputs[-1].finished:
+        raise failure(backbone, f"the {row.name} row failed in the engine: {errors[0] if errors else 'no end'!r}")
+    tokens = [token for output in outputs for token in output.tokens]
     logprobs = reference_logprobs(backbone, row, input_ids + [token.id for token in tokens[:-1]])
     expected = logprobs[-len(tokens) :]  # [N, V]: what the backbone gives at each position the engine chose at
     tolerance = tolerance_of(backbone.dtype)

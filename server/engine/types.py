@@ -85,6 +85,26 @@ class RequestOutput:
 
 
 @dataclass(frozen=True, slots=True)
+class RowToken:
+    """A token the engine appended to row `row` of a request, and the token-level ending it reached, if any."""
+
+    row: int
+    id: int
+    logprob: float
+    finish_reason: FinishReason | None = None  # EOS or LENGTH; stop sequences are found on the text, elsewhere
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOutput:
+    """What the engine thread reports for a request after a step: token ids only (text is made elsewhere)."""
+
+    request_id: str
+    tokens: tuple[RowToken, ...] = ()
+    finished: bool = False  # the engine has ended every row and dropped the request
+    error: Exception | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     model_id: str
     model_type: str

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,9 @@ from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.intake import IntakeConfig, build_request
+from server.engine.output import OutputProcessor
 from server.engine.request import Request
-from server.engine.types import Completion, EnsembleMode, GenerateInput, RequestOutput, SamplingParams
+from server.engine.types import Completion, EngineOutput, EnsembleMode, GenerateInput, RequestOutput, SamplingParams
 from tests.fixtures import TinyBackbone
 
 
@@ -39,6 +42,8 @@ class Harness:
         self.engine = Engine(self.backbone, self.config)
         self.intake = IntakeConfig(max_input_tokens=256, max_new_tokens=256, prompts_as_kv=self.config.cache_prompt_kv)
         self.outputs: dict[str, list[RequestOutput]] = defaultdict(list)
+        self.processors: dict[str, OutputProcessor] = {}
+        self.commands: list[Callable[[], None]] = []
 
     def request(
         self,
@@ -50,10 +55,28 @@ class Harness:
     ) -> Request:
         params = SamplingParams(**{"max_new_tokens": 8, **sampling})  # type: ignore[arg-type]
         generate = GenerateInput(text, tuple(task_ids) or (None,), ensemble, params, request_id)
-        return build_request(generate, self.backbone, self.store, self.intake, self.sink)
+        request = build_request(generate, self.backbone, self.store, self.intake, self.sink)
+        self.processors[request.request_id] = OutputProcessor(request, self.backbone.tokenizer)
+        return request
 
-    def sink(self, output: RequestOutput) -> None:
-        self.outputs[output.request_id].append(output)
+    def sink(self, event: EngineOutput) -> None:
+        """What AsyncEngine.generate does, synchronously: text is made here; engine commands wait for the step's
+        end (in the server they cross the inbox, a step or so later too)."""
+        processor = self.processors[event.request_id]
+        was_finished = processor.is_finished
+        processed = processor.process(event)
+        self.outputs[event.request_id] += processed.outputs
+        engine_done = event.finished or event.error is not None
+        if processed.is_finished and not was_finished and not engine_done:
+            self.commands.append(partial(self.engine.abort, event.request_id))
+        elif processed.stopped_rows and not processed.is_finished:
+            self.commands.append(partial(self.engine.stop_rows, event.request_id, processed.stopped_rows))
+
+    def step(self) -> None:
+        self.engine.step()
+        commands, self.commands = self.commands, []
+        for command in commands:
+            command()
 
     def run(self, *requests: Request, later: dict[int, list[Request]] | None = None) -> list[Completion]:
         """Add `requests`, then step until idle; `later[k]` joins after step k (mid-flight)."""
@@ -64,7 +87,7 @@ class Harness:
             for request in (later or {}).get(step, []):
                 self.engine.add(request)
             if self.engine.has_work():
-                self.engine.step()
+                self.step()
             step += 1
         everything = [*requests, *(r for group in (later or {}).values() for r in group)]
         return [self.completion(request.request_id) for request in everything]

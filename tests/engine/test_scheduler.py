@@ -22,7 +22,7 @@ def request(
     name: str, num_input: int = 10, max_new: int = 5, tasks: tuple[TaskArtifact | None, ...] = (None,), **kw: Any
 ) -> Request:
     made = Request(name, list(range(num_input)), SamplingParams(), max_new, sink=lambda output: None, **kw)
-    made.rows = [Sequence(made, t, cast(Any, None), has_kv_prefix=t is not None) for t in tasks]
+    made.rows = [Sequence(made, t, i, has_kv_prefix=t is not None) for i, t in enumerate(tasks)]
     return made
 
 
