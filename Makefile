@@ -35,8 +35,22 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-bench: $(STAMP)
-	$(BIN)/python -m benchmarks $(ARGS)
+# The benchmarks compare with PEFT's own generate, which is wrong on transformers >= 5.24 with PEFT <= 0.21.2
+# (server/engine/reference.py): they run in a venv of the lock with the last transformers where it is right.
+BENCH := .venv-bench
+BENCH_TRANSFORMERS := 5.23.0
+
+$(BENCH)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
+	$(PYTHON) -m venv $(BENCH)
+	grep -v '^transformers==' $(LOCK) > $(BENCH)/constraints.txt
+	$(BENCH)/bin/python -m pip install -q -c $(BENCH)/constraints.txt pip setuptools
+	$(BENCH)/bin/python -m pip install -q "$(TORCH)"
+	$(BENCH)/bin/python -m pip install -q -c $(BENCH)/constraints.txt --no-build-isolation -e ".[dev,plot]" \
+		"transformers==$(BENCH_TRANSFORMERS)"
+	touch $@
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python -m benchmarks $(ARGS)
 
 # ---- upgrading is a deliberate step: the newest releases pyproject's ranges allow, in a venv of their own
 # (torch stays at the lock's CPU build: the newest PyPI torch is a multi-GB CUDA build)
@@ -46,7 +60,7 @@ newest-venv:
 	$(PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install -q --upgrade pip setuptools
 	$(NEWEST)/bin/python -m pip install -q "$(TORCH)"
-	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev]" "$(TORCH)"
+	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,plot]" "$(TORCH)"
 	touch $(NEWEST)/.installed
 	@$(NEWEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|safetensors|accelerate)=='
 
@@ -65,4 +79,4 @@ lock: newest-venv
 	@echo "$(LOCK) refreshed; review 'git diff $(LOCK)' and commit it"
 
 clean:
-	rm -rf $(VENV) $(NEWEST) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) $(BENCH) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

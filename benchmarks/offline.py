@@ -3,6 +3,8 @@
 mixed_over_uniform      one task per row vs. the same rows on one task per method
 engine_over_peft        the engine vs. PEFT generate per task (one PeftModel per method, set_adapter per task)
 continuous_over_static  continuous batching vs. static batches, varied output lengths, Poisson arrivals
+kv_held_over_ideal      KV bytes of 32 running rows of one task with 128 virtual tokens, over the ideal
+tasks                   throughput against the number of distinct tasks, ours beside PEFT's (and a PNG)
 memory                  bytes per task; RSS growth of 1,000 resident prompt tasks over their tensor bytes
 """
 
@@ -27,8 +29,10 @@ from transformers.utils import logging as hf_logging
 from benchmarks import memory
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
+from benchmarks.kv_sharing import kv_held_over_ideal
 from benchmarks.peft_baseline import PeftServer
 from benchmarks.report import goals, load_average, machine_info, print_table, write_json
+from benchmarks.task_sweep import plot, throughput_by_tasks
 from benchmarks.workload import (
     PREFIX,
     PRESETS,
@@ -45,7 +49,7 @@ from benchmarks.workload import (
     write_tasks,
 )
 
-SECTIONS = ("mixed", "peft", "static", "memory")
+SECTIONS = ("mixed", "peft", "static", "kv", "tasks", "memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,8 @@ class Plan:
     repeats: int
     mixed_repeats: int  # its runs are short and its ratio is near 1: more pairs for a steadier median
     memory_num_tasks: int
+    sweep_task_counts: tuple[int, ...]  # distinct tasks in each load of the sweep
+    sweep_num_requests: int
 
 
 QUICK = Plan(
@@ -83,6 +89,8 @@ QUICK = Plan(
     repeats=3,
     mixed_repeats=5,
     memory_num_tasks=1000,
+    sweep_task_counts=(1, 2, 4, 8, 16),
+    sweep_num_requests=32,
 )
 FULL = replace(
     QUICK,
@@ -94,6 +102,8 @@ FULL = replace(
     static_new_tokens=(8, 128),
     repeats=5,
     mixed_repeats=7,
+    sweep_task_counts=(1, 2, 4, 8, 16, 32, 64),
+    sweep_num_requests=64,
 )
 
 
@@ -362,8 +372,14 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
     if "static" in sections:
         log("continuous_over_static")
         result["details"]["continuous_over_static"] = continuous_over_static(rig, tasks, plan, rng)
+    if "kv" in sections:
+        log("kv_held_over_ideal")
+        result["details"]["kv_held_over_ideal"] = kv_held_over_ideal(rig, backbone_dir, root, rng)
     for name, detail in result["details"].items():
         result[name] = detail["ratio"]
+    if "tasks" in sections:
+        log("throughput_by_tasks")
+        result["throughput_by_tasks"] = task_sweep(args, plan, rig, backbone_dir, root, dtype, rng)
     if "memory" in sections:
         log("memory")
         result["memory"] = task_memory(rig, tasks, plan, root)
@@ -377,6 +393,25 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
         write_json(result, args.json)
         print(f"  wrote {args.json}")
     return 0
+
+
+def task_sweep(
+    args: argparse.Namespace, plan: Plan, rig: EngineRig, backbone_dir: Path, root: Path, dtype: str, rng: random.Random
+) -> dict[str, Any]:
+    """As many tasks as the sweep's largest count, registered beside the others; the PNG goes next to the JSON."""
+    count = max(plan.sweep_task_counts)
+    tasks = write_tasks(backbone_dir, root / "sweep-tasks", count, plan.num_virtual_tokens, prefix="sweep")
+    for task in tasks:
+        rig.store.register_dir(task.task_id, task.adapter_dir)
+    peft = PeftServer(backbone_dir, tasks, args.device, dtype)
+    sweep = throughput_by_tasks(
+        rig, peft, tasks, list(plan.sweep_task_counts), plan.sweep_num_requests, plan.input_chars, 32, rng
+    )
+    if args.json:
+        title = f"{rig.backbone.fingerprint.num_layers}-layer {plan.preset} Llama, {rig.backbone.device}"
+        png = plot(sweep, args.json.with_suffix(".png"), title)
+        sweep["png"] = str(png) if png else "matplotlib not installed: pip install -e '.[plot]'"
+    return sweep
 
 
 def backbone_summary(rig: EngineRig) -> dict[str, Any]:

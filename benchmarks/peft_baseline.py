@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.workload import TaskSpec, Workload
 from server.engine.default_backbone import PAD_ID
+from server.engine.reference import peft_generate_broken_reason
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,6 +41,10 @@ class PeftRun:
 
 class PeftServer:
     def __init__(self, backbone_dir: Path, tasks: list[TaskSpec], device: str, dtype: str) -> None:
+        broken = peft_generate_broken_reason()
+        if broken is not None:
+            raise RuntimeError(f"{broken}: it would not be PEFT's real behaviour; `make bench` runs the benchmarks "
+                               "with transformers 5.23.0, where it is right")  # fmt: skip
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
         base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=DTYPES[dtype]).to(self.device).eval()

@@ -34,7 +34,7 @@ from benchmarks.workload import (
     write_backbone,
     write_tasks,
 )
-from server.engine import attention, engine
+from server.engine import attention, engine, model_runner
 
 Totals = dict[str, list[float]]  # name -> [seconds, calls]
 
@@ -74,8 +74,7 @@ class Timers:
         self.wrap(attention.StepKV, "build_mask", "  attention mask (StepKV.build_mask)")
         self.wrap(attention, "scaled_dot_product_attention", "  attention (SDPA over the rows' keys)")
         self.wrap(runner, "input_embeds", "input embeds")
-        self.wrap(runner, "step_kv", "step indices (slots, queries)")
-        self.wrap(runner, "positions", "positions")
+        self.wrap(model_runner.StreamLayout, "of", "stream layout (slots, positions, queries)")
         self.wrap(engine, "sample", "sampling")
         self.wrap(engine.Engine, "append_token", "append_token (detokenize, stop check)")
         self.wrap(rig.engine.scheduler, "schedule", "scheduler")
@@ -103,8 +102,7 @@ def print_breakdown(totals: Totals, wall_s: float, num_tokens: int) -> None:
 TOP_LEVEL = {
     "model forward",
     "input embeds",
-    "step indices (slots, queries)",
-    "positions",
+    "stream layout (slots, positions, queries)",
     "sampling",
     "append_token (detokenize, stop check)",
     "scheduler",

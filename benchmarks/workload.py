@@ -85,13 +85,15 @@ def write_task(base: PreTrainedModel, method: str, num_virtual_tokens: int, out_
     return out_dir
 
 
-def write_tasks(backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int) -> list[TaskSpec]:
+def write_tasks(
+    backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int, prefix: str = ""
+) -> list[TaskSpec]:
     """Half prompt tuning, half prefix tuning, alternating; every task has the same number of virtual tokens."""
     base = AutoModelForCausalLM.from_pretrained(backbone_dir)
     tasks = []
     for i in range(num_tasks):
         method = PROMPT if i % 2 == 0 else PREFIX
-        task_id = f"{method.split('_')[0]}-{i:03d}"
+        task_id = f"{prefix}{method.split('_')[0]}-{i:03d}"
         adapter_dir = write_task(base, method, num_virtual_tokens, root / task_id, seed=1000 + i)
         tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
     return tasks

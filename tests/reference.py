@@ -8,28 +8,17 @@
 
 from __future__ import annotations
 
-from importlib.metadata import version
 from typing import Any
 
 import torch
-from packaging.version import Version
 from peft import PeftModel
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 
 from prompt_store.types import DeviceTask
-from server.engine.reference import LogitsOf, forward_logits, greedy_uncached
+from server.engine.reference import LogitsOf, forward_logits, greedy_uncached, peft_generate_broken_reason
 from tests.fixtures import EOS_ID, PAD_ID, TinyBackbone
 
 DEFINITION_ATTENTION = "tests_by_definition"
-
-
-def peft_generate_broken_reason() -> str | None:
-    """transformers 5.24 renamed the cache argument; PEFT 0.21.2 and older pass the old name to `generate`'s
-    plumbing, so their prompt rows re-inject the virtual tokens at every step and prefix rows lose the prefix."""
-    transformers, peft = Version(version("transformers")), Version(version("peft"))
-    if transformers >= Version("5.24") and peft <= Version("0.21.2"):
-        return f"PEFT {peft}'s generate is wrong on transformers {transformers} (cache argument renamed)"
-    return None
 
 
 PEFT_GENERATE_BROKEN = peft_generate_broken_reason()

@@ -53,22 +53,29 @@ class StepKV:
         picked = pool.index_select(0, self.gather_slots.flatten())  # [B * L_max, kv_heads, head_dim]
         return picked.view(rows, length, *pool.shape[1:]).transpose(1, 2)  # [B, kv_heads, L_max, head_dim]
 
-    def queries(self, query: torch.Tensor) -> torch.Tensor:
-        """[1, heads, N, head_dim] -> [B, heads, T_max, head_dim]."""
+    def queries(self, query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+        """[1, heads, N, d] -> [B, kv_heads, group * T_max, d]: each KV head's query heads stacked as rows, so
+        attention runs per KV head without repeating keys (grouped-query attention)."""
         rows, width = self.query_index.shape
+        _, heads, _, head_dim = query.shape
         picked = query[0].transpose(0, 1).index_select(0, self.query_index.flatten())  # [B * T_max, heads, d]
-        return picked.view(rows, width, *picked.shape[1:]).transpose(1, 2)
+        grouped = picked.view(rows, width, num_kv_heads, heads // num_kv_heads, head_dim)
+        return grouped.permute(0, 2, 3, 1, 4).reshape(rows, num_kv_heads, -1, head_dim)
 
-    def outputs(self, output: torch.Tensor) -> torch.Tensor:
-        """[B, heads, T_max, head_dim] -> the stream's [1, N, heads, head_dim]."""
-        rows, heads, width, head_dim = output.shape
-        flat = output.transpose(1, 2).reshape(rows * width, heads, head_dim)
+    def outputs(self, output: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, kv_heads, group * T_max, d] -> the stream's [1, N, heads, d]."""
+        rows, num_kv_heads, _, head_dim = output.shape
+        width = self.query_index.shape[1]
+        grouped = output.view(rows, num_kv_heads, heads // num_kv_heads, width, head_dim)
+        flat = grouped.permute(0, 3, 1, 2, 4).reshape(rows * width, heads, head_dim)
         return flat.index_select(0, self.output_index)[None]
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, T_max, L_max] bool: a query sees its row's keys at or before its position (within the window)."""
+    def mask(self, sliding_window: int | None, group: int) -> torch.Tensor:
+        """[B, 1, group * T_max, L_max] bool (as `queries` stacks them): a query sees its row's keys at or before
+        its position (within the window)."""
         if sliding_window not in self.masks:
-            self.masks[sliding_window] = self.build_mask(sliding_window)
+            mask = self.build_mask(sliding_window)
+            self.masks[sliding_window] = mask if mask.shape[2] == 1 else mask.repeat(1, 1, group, 1)
         return self.masks[sliding_window]
 
     def build_mask(self, sliding_window: int | None) -> torch.Tensor:
@@ -98,15 +105,15 @@ def attend(
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"this backbone's attention uses {unsupported}, which promptserve cannot serve")
     keys, values = kv.write(module.layer_idx, key, value)  # type: ignore[arg-type]
+    heads, num_kv_heads = query.shape[1], keys.shape[1]
     output = scaled_dot_product_attention(
-        kv.queries(query),
+        kv.queries(query, num_kv_heads),
         keys,
         values,
-        attn_mask=kv.mask(kwargs.get("sliding_window")),
+        attn_mask=kv.mask(kwargs.get("sliding_window"), heads // num_kv_heads),
         scale=scaling,
-        enable_gqa=query.shape[1] != keys.shape[1],
-    )  # [B, heads, T_max, head_dim]
-    return kv.outputs(output), None
+    )  # [B, kv_heads, group * T_max, head_dim]
+    return kv.outputs(output, heads), None
 
 
 AttentionInterface.register(ATTENTION_NAME, attend)

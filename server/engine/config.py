@@ -22,7 +22,7 @@ class EngineConfig:
     prompt_cache_bytes: int = 256 * 1024 * 1024  # prompt tasks held as input embeddings (cache_prompt_kv off)
     kv_cache_bytes: int | None = None  # the KV pool; None: kv_cache_memory_fraction of free GPU memory, 1 GiB on CPU
     kv_cache_memory_fraction: float = 0.8
-    kv_block_size: int = 16  # tokens per KV block
+    kv_block_size: int = 8  # tokens per KV block: a row wastes half a block on average
     poll_interval_s: float = 2.0  # picks up tasks written by other processes; 0 disables
     trust_remote_code: bool = False
     cache_prompt_kv: bool = True  # prompt/P-tuning tasks held as their virtual tokens' keys and values, shared

@@ -13,22 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from server.engine.attention import StepKV, run_backbone
 from server.engine.backbone import Backbone
-from server.engine.kv_pool import KVPool, slots_of
+from server.engine.kv_pool import KVPool
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
 from server.engine.task_cache import TaskCache
-
-
-@dataclass(slots=True)
-class RowSlots:
-    """Pool slots of one chunk's row: all its keys in position order, and where its new tokens go."""
-
-    keys: torch.Tensor  # [L]
-    new: torch.Tensor  # [T]
 
 
 class ModelRunner:
@@ -43,17 +34,26 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
         """Compute every chunk in one pass; returns the logits [K, V] of the rows whose chunk is last, in order."""
-        offsets = [0]
-        for chunk in chunks:
-            offsets.append(offsets[-1] + chunk.num_tokens)
-        kv = self.step_kv(chunks, offsets)
-        keep = [offsets[i + 1] - 1 for i, chunk in enumerate(chunks) if chunk.is_last]
+        layout = StreamLayout.of(chunks, self.pool.block_size)
+        ends = layout.offsets[1:] - 1
+        keep = ends[torch.tensor([chunk.is_last for chunk in chunks])]
+        device = self.device
+        kv = StepKV(
+            self.pool.keys,
+            self.pool.values,
+            write_slots=layout.write_slots.to(device),
+            gather_slots=layout.gather_slots.to(device),
+            key_lengths=layout.key_lengths.to(device),
+            query_index=layout.query_index.to(device),
+            query_positions=layout.query_positions.to(device),
+            output_index=layout.output_index.to(device),
+        )
         return run_backbone(
             self.model,
             kv,
-            inputs_embeds=self.input_embeds(chunks, offsets)[None],  # [1, N, H]
-            position_ids=self.positions(chunks)[None].to(self.device),  # [1, N]
-            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
+            inputs_embeds=self.input_embeds(chunks, layout.offsets.tolist())[None],  # [1, N, H]
+            position_ids=layout.positions[None].to(device),  # [1, N]
+            logits_to_keep=keep.to(device),
         )
 
     def input_embeds(self, chunks: list[Chunk], offsets: list[int]) -> torch.Tensor:
@@ -67,40 +67,65 @@ class ModelRunner:
                 embeds[offset : offset + end - chunk.start] = prompt[chunk.start : end].to(embeds.dtype)
         return embeds
 
-    def positions(self, chunks: list[Chunk]) -> torch.Tensor:
-        """[N]: own token j of a row sits after the row's shared prefix, at num_prefix_tokens + j."""
-        first = [chunk.row.num_prefix_tokens + chunk.start for chunk in chunks]
-        return torch.cat([torch.arange(s, s + chunk.num_tokens) for s, chunk in zip(first, chunks, strict=True)])
 
-    def step_kv(self, chunks: list[Chunk], offsets: list[int]) -> StepKV:
-        rows = [self.row_slots(chunk) for chunk in chunks]
-        num_new = [chunk.num_tokens for chunk in chunks]
-        width = max(num_new)
-        query_index = pad_sequence([torch.arange(o, o + n) for o, n in zip(offsets, num_new, strict=False)], True)
-        end_positions = [len(r.keys) for r in rows]
-        query_positions = pad_sequence(
-            [torch.arange(end - n, end) for end, n in zip(end_positions, num_new, strict=True)], batch_first=True
-        )  # padding: position 0, so every query row sees at least one key
-        output_index = torch.cat([torch.arange(b * width, b * width + n) for b, n in enumerate(num_new)])
-        device = self.device
-        return StepKV(
-            self.pool.keys,
-            self.pool.values,
-            write_slots=torch.cat([r.new for r in rows]).to(device),
-            gather_slots=pad_sequence([r.keys for r in rows], batch_first=True).to(device),
-            key_lengths=torch.tensor(end_positions, device=device),
-            query_index=query_index.to(device),
-            query_positions=query_positions.to(device),
-            output_index=output_index.to(device),
+@dataclass(frozen=True, slots=True)
+class StreamLayout:
+    """Where every token of a step's packed stream lives: built with a few tensor operations, whatever the rows.
+
+    Row b computes its own tokens start_b .. start_b + n_b. Its keys, in position order, are its task's shared
+    prefix (P_b tokens) and then its own tokens 0 .. start_b + n_b; position = P_b + own index = key column.
+    """
+
+    offsets: torch.Tensor  # [B + 1]: row b's tokens are the stream's offsets[b] .. offsets[b + 1]
+    positions: torch.Tensor  # [N]
+    write_slots: torch.Tensor  # [N]
+    gather_slots: torch.Tensor  # [B, L_max]
+    key_lengths: torch.Tensor  # [B]
+    query_index: torch.Tensor  # [B, T_max]
+    query_positions: torch.Tensor  # [B, T_max]
+    output_index: torch.Tensor  # [N]
+
+    @classmethod
+    def of(cls, chunks: list[Chunk], block_size: int) -> StreamLayout:
+        num_new = torch.tensor([chunk.num_tokens for chunk in chunks])
+        starts = torch.tensor([chunk.start for chunk in chunks])
+        prefix = torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks])
+        own_slots = block_slots([chunk.row.block_ids for chunk in chunks], block_size)  # [B, own blocks * size]
+        prefix_slots = block_slots([task_block_ids(chunk.row) for chunk in chunks], block_size)
+        key_lengths = prefix + starts + num_new
+        column = torch.arange(int(key_lengths.max()))[None]  # [1, L_max]
+        own_column = (column - prefix[:, None]).clamp(0, own_slots.shape[1] - 1)
+        gathered = torch.where(
+            column < prefix[:, None],
+            prefix_slots.gather(1, column.clamp(max=prefix_slots.shape[1] - 1).expand(len(chunks), -1)),
+            own_slots.gather(1, own_column),
+        )
+        new = torch.arange(int(num_new.max()))[None]  # [1, T_max]
+        is_new = new < num_new[:, None]  # [B, T_max]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), num_new.cumsum(0)])
+        new_own = (starts[:, None] + new).clamp(max=own_slots.shape[1] - 1)
+        query_positions = torch.where(is_new, prefix[:, None] + starts[:, None] + new, 0)
+        return cls(
+            offsets=offsets,
+            positions=query_positions[is_new],
+            write_slots=own_slots.gather(1, new_own)[is_new],
+            gather_slots=torch.where(column < key_lengths[:, None], gathered, 0),
+            key_lengths=key_lengths,
+            query_index=torch.where(is_new, offsets[:-1, None] + new, 0),
+            query_positions=query_positions,  # padding: position 0, so every query row sees at least one key
+            output_index=(torch.arange(len(chunks))[:, None] * new.shape[1] + new)[is_new],
         )
 
-    def row_slots(self, chunk: Chunk) -> RowSlots:
-        row, size = chunk.row, self.pool.block_size
-        own = slots_of(row.block_ids, chunk.start + chunk.num_tokens, size)  # [start + T]
-        keys = own
-        if row.task_blocks is not None:
-            keys = torch.cat([slots_of(row.task_blocks.block_ids, row.num_prefix_tokens, size), own])
-        return RowSlots(keys=keys, new=own[chunk.start :])
+
+def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
+    """[B, blocks * size]: the slots of each row's blocks in order (rows padded with block 0, at least one)."""
+    width = max(1, *map(len, block_ids))
+    table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids])  # [B, blocks]
+    return (table[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+
+
+def task_block_ids(row: Sequence) -> list[int]:
+    return row.task_blocks.block_ids if row.task_blocks is not None else []
 
 
 def own_token_ids(row: Sequence, start: int, num_tokens: int) -> list[int]:

@@ -7,8 +7,10 @@ depends on how a cache reaches a model or on `generate`, so it cannot share a bu
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from packaging.version import Version
 
 LogitsOf = Callable[[torch.Tensor], torch.Tensor]  # token ids [B, T] -> logits [B, T', V], the last T' for the last id
 
@@ -42,3 +44,19 @@ def greedy_uncached(
 
 def is_done(tokens: list[int], eos_token_ids: Collection[int]) -> bool:
     return bool(tokens) and tokens[-1] in eos_token_ids
+
+
+def peft_generate_broken_reason() -> str | None:
+    """Why PEFT's own `generate` cannot be a reference here, or None where it is known right.
+
+    transformers 5.24 renamed the cache argument of `generate` (`past_key_values` -> `cache`); PEFT 0.21.2 and older
+    read only the old name, so their prompt rows re-inject the virtual tokens at every step and prefix rows lose
+    the prefix. The tests compare with PEFT's forward instead; the benchmarks' PEFT baseline needs a right one.
+    """
+    try:
+        transformers, peft = Version(version("transformers")), Version(version("peft"))
+    except PackageNotFoundError:
+        return "PEFT is not installed"
+    if transformers >= Version("5.24") and peft <= Version("0.21.2"):
+        return f"PEFT {peft}'s generate is wrong on transformers {transformers} (cache argument renamed)"
+    return None

@@ -12,6 +12,7 @@ from server.engine import model_runner
 from server.engine.async_engine import build_engine
 from server.engine.config import EngineConfig
 from server.engine.selfcheck import SelfCheckFailed, self_check
+from server.engine.task_cache import TaskCache
 from tests.engine.harness import Harness
 from tests.fixtures import TinyBackbone
 
@@ -21,20 +22,16 @@ def test_self_check_passes_and_leaves_nothing_behind(harness: Harness):
     assert harness.is_idle() and not harness.engine.memory.tasks and not harness.engine.tasks.embeddings
 
 
-def ignore_prefixes(self, chunk):
-    """Rows attend only to their own tokens: the task's shared keys and values are lost."""
-    slots = original_row_slots(self, chunk)
-    return model_runner.RowSlots(keys=slots.keys[chunk.row.num_prefix_tokens :], new=slots.new)
+def keys_and_values_never_written(self, blocks, artifact):
+    """A task's shared keys and values are lost: its blocks read as zeros."""
+    blocks.is_filled = True
 
 
-original_row_slots = model_runner.ModelRunner.row_slots
-
-
-def test_self_check_names_the_prefix_row_when_prefixes_are_lost(
+def test_self_check_names_the_prefix_row_when_task_keys_and_values_are_lost(
     tiny_backbone: TinyBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     harness = Harness(tiny_backbone, tmp_path / "store")
-    monkeypatch.setattr(model_runner.ModelRunner, "row_slots", ignore_prefixes)
+    monkeypatch.setattr(TaskCache, "fill", keys_and_values_never_written)
     with pytest.raises(SelfCheckFailed, match=r"the (prompt|prefix) row") as failed:
         self_check(harness.engine)
     message = str(failed.value)
@@ -47,10 +44,13 @@ def test_self_check_names_the_plain_row_when_positions_stall(
     tiny_llama: TinyBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     harness = Harness(tiny_llama, tmp_path / "store")
-    positions = model_runner.ModelRunner.positions
-    monkeypatch.setattr(
-        model_runner.ModelRunner, "positions", lambda self, chunks: positions(self, chunks).clamp(max=8)
-    )
+    layout_of = model_runner.StreamLayout.of
+
+    def stalled(chunks, block_size):
+        layout = layout_of(chunks, block_size)
+        return replace(layout, positions=layout.positions.clamp(max=8))
+
+    monkeypatch.setattr(model_runner.StreamLayout, "of", stalled)
     with pytest.raises(SelfCheckFailed, match=r"the plain row's token \d"):
         self_check(harness.engine)
 
@@ -58,7 +58,7 @@ def test_self_check_names_the_plain_row_when_positions_stall(
 def test_a_failed_self_check_stops_the_start_unless_skipped(
     tiny_llama: TinyBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.setattr(model_runner.ModelRunner, "row_slots", ignore_prefixes)
+    monkeypatch.setattr(TaskCache, "fill", keys_and_values_never_written)
     config = EngineConfig(model=str(tiny_llama.path), store_dir=str(tmp_path / "store"), poll_interval_s=0)
     with pytest.raises(SelfCheckFailed, match="PROMPTSERVE_SELF_CHECK=false skips"):
         build_engine(config)
