@@ -21,58 +21,57 @@ KV_KWARG = "promptserve_kv"
 
 
 @dataclass(slots=True)
-class StepKV:
-    """One forward pass over the packed token stream: where its new keys and values go and what each row sees.
+class RowBatch:
+    """Rows attended together, padded to the widest of them: a step puts its decode rows (one new token each) in one
+    and its prefill chunks in another, so a long chunk never pads every decode row to its width.
 
-    The stream holds N new tokens of B rows, row after row. Row b's keys are the pool slots
-    `gather_slots[b, :key_lengths[b]]`, in position order (its task's shared prefix, then its own tokens), so a key's
-    column is its position. Its new tokens are the stream's `query_index[b, :num_new[b]]`. Attention runs padded,
-    [B, heads, T_max, L_max], and `output_index` packs the result back into the stream's order.
+    Row r's keys are the pool slots `gather_slots[r, :key_lengths[r]]`, in position order (its task's shared prefix,
+    then its own tokens), so a key's column is its position. Its new tokens are the stream's `query_index[r]`.
     """
 
-    keys: list[torch.Tensor]  # the pool's, per layer [num_slots, kv_heads, head_dim]
-    values: list[torch.Tensor]
-    write_slots: torch.Tensor  # [N]
-    gather_slots: torch.Tensor  # [B, L_max]; padding reads slot 0 and is masked
-    key_lengths: torch.Tensor  # [B]
-    query_index: torch.Tensor  # [B, T_max]; padding points at token 0
-    query_positions: torch.Tensor  # [B, T_max]; padding has position 0, so it sees one key and is never empty
-    output_index: torch.Tensor  # [N]: where each stream token sits in [B * T_max]
-    num_layers_written: int = 0
+    gather_slots: torch.Tensor  # [R, L]; padding reads slot 0 and is masked
+    key_lengths: torch.Tensor  # [R]
+    query_index: torch.Tensor  # [R, T]; padding points at token 0
+    query_positions: torch.Tensor  # [R, T]; padding has position 0, so it sees one key and is never empty
+    output_index: torch.Tensor  # [n]: where the batch's real tokens sit in [R * T], in the order of stream_index
+    stream_index: torch.Tensor  # [n]: those tokens' places in the stream
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
 
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the stream's keys and values [1, kv_heads, N, head_dim]; returns every row's [B, kv_heads, L, d]."""
-        self.keys[layer].index_copy_(0, self.write_slots, key[0].transpose(0, 1))
-        self.values[layer].index_copy_(0, self.write_slots, value[0].transpose(0, 1))
-        self.num_layers_written += 1
-        return self.gather(self.keys[layer]), self.gather(self.values[layer])
+    def to(self, device: torch.device) -> RowBatch:
+        return RowBatch(
+            gather_slots=self.gather_slots.to(device),
+            key_lengths=self.key_lengths.to(device),
+            query_index=self.query_index.to(device),
+            query_positions=self.query_positions.to(device),
+            output_index=self.output_index.to(device),
+            stream_index=self.stream_index.to(device),
+        )
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
         rows, length = self.gather_slots.shape
-        picked = pool.index_select(0, self.gather_slots.flatten())  # [B * L_max, kv_heads, head_dim]
-        return picked.view(rows, length, *pool.shape[1:]).transpose(1, 2)  # [B, kv_heads, L_max, head_dim]
+        picked = pool.index_select(0, self.gather_slots.flatten())  # [R * L, kv_heads, head_dim]
+        return picked.view(rows, length, *pool.shape[1:]).transpose(1, 2)  # [R, kv_heads, L, head_dim]
 
     def queries(self, query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-        """[1, heads, N, d] -> [B, kv_heads, group * T_max, d]: each KV head's query heads stacked as rows, so
+        """[1, heads, N, d] -> [R, kv_heads, group * T, d]: each KV head's query heads stacked as rows, so
         attention runs per KV head without repeating keys (grouped-query attention)."""
         rows, width = self.query_index.shape
         _, heads, _, head_dim = query.shape
-        picked = query[0].transpose(0, 1).index_select(0, self.query_index.flatten())  # [B * T_max, heads, d]
+        picked = query[0].transpose(0, 1).index_select(0, self.query_index.flatten())  # [R * T, heads, d]
         grouped = picked.view(rows, width, num_kv_heads, heads // num_kv_heads, head_dim)
         return grouped.permute(0, 2, 3, 1, 4).reshape(rows, num_kv_heads, -1, head_dim)
 
     def outputs(self, output: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B, kv_heads, group * T_max, d] -> the stream's [1, N, heads, d]."""
+        """[R, kv_heads, group * T, d] -> [n, heads, d], the batch's real tokens."""
         rows, num_kv_heads, _, head_dim = output.shape
         width = self.query_index.shape[1]
         grouped = output.view(rows, num_kv_heads, heads // num_kv_heads, width, head_dim)
         flat = grouped.permute(0, 3, 1, 2, 4).reshape(rows * width, heads, head_dim)
-        return flat.index_select(0, self.output_index)[None]
+        return flat.index_select(0, self.output_index)
 
     def mask(self, sliding_window: int | None, group: int) -> torch.Tensor:
-        """[B, 1, group * T_max, L_max] bool (as `queries` stacks them): a query sees its row's keys at or before
-        its position (within the window)."""
+        """[R, 1, group * T, L] bool (as `queries` stacks them): a query sees its row's keys at or before its
+        position (within the window)."""
         if sliding_window not in self.masks:
             mask = self.build_mask(sliding_window)
             self.masks[sliding_window] = mask if mask.shape[2] == 1 else mask.repeat(1, 1, group, 1)
@@ -85,6 +84,23 @@ class StepKV:
         if sliding_window is not None:
             allowed &= distance < sliding_window
         return allowed[:, None]
+
+
+@dataclass(slots=True)
+class StepKV:
+    """One forward pass over the packed token stream: where its new keys and values go, and its row batches."""
+
+    keys: list[torch.Tensor]  # the pool's, per layer [num_slots, kv_heads, head_dim]
+    values: list[torch.Tensor]
+    write_slots: torch.Tensor  # [N]
+    batches: list[RowBatch]
+    num_layers_written: int = 0
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store the stream's keys and values [1, kv_heads, N, head_dim] in the pool."""
+        self.keys[layer].index_copy_(0, self.write_slots, key[0].transpose(0, 1))
+        self.values[layer].index_copy_(0, self.write_slots, value[0].transpose(0, 1))
+        self.num_layers_written += 1
 
 
 def attend(
@@ -104,16 +120,21 @@ def attend(
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"this backbone's attention uses {unsupported}, which promptserve cannot serve")
-    keys, values = kv.write(module.layer_idx, key, value)  # type: ignore[arg-type]
-    heads, num_kv_heads = query.shape[1], keys.shape[1]
-    output = scaled_dot_product_attention(
-        kv.queries(query, num_kv_heads),
-        keys,
-        values,
-        attn_mask=kv.mask(kwargs.get("sliding_window"), heads // num_kv_heads),
-        scale=scaling,
-    )  # [B, kv_heads, group * T_max, head_dim]
-    return kv.outputs(output, heads), None
+    layer: int = module.layer_idx  # type: ignore[assignment]
+    kv.write(layer, key, value)
+    _, heads, num_tokens, head_dim = query.shape
+    group = heads // key.shape[1]
+    output = query.new_empty((num_tokens, heads, head_dim))
+    for batch in kv.batches:
+        attended = scaled_dot_product_attention(
+            batch.queries(query, key.shape[1]),
+            batch.gather(kv.keys[layer]),
+            batch.gather(kv.values[layer]),
+            attn_mask=batch.mask(kwargs.get("sliding_window"), group),
+            scale=scaling,
+        )  # [R, kv_heads, group * T, head_dim]
+        output.index_copy_(0, batch.stream_index, batch.outputs(attended, heads))
+    return output[None], None
 
 
 AttentionInterface.register(ATTENTION_NAME, attend)
@@ -137,13 +158,12 @@ def one_row_kv(keys: list[torch.Tensor], values: list[torch.Tensor], slots: torc
     """A pass of one row whose every token is new: `slots` [T] are its tokens' slots, positions 0..T-1."""
     num_new = slots.shape[0]
     positions = torch.arange(num_new, device=slots.device)
-    return StepKV(
-        keys,
-        values,
-        write_slots=slots,
+    batch = RowBatch(
         gather_slots=slots[None],
         key_lengths=torch.tensor([num_new], device=slots.device),
         query_index=positions[None],
         query_positions=positions[None],
         output_index=positions,
+        stream_index=positions,
     )
+    return StepKV(keys, values, write_slots=slots, batches=[batch])

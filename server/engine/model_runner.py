@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.attention import StepKV, run_backbone
+from server.engine.attention import RowBatch, StepKV, run_backbone
 from server.engine.backbone import Backbone
 from server.engine.kv_pool import KVPool
 from server.engine.request import Sequence
@@ -42,11 +42,7 @@ class ModelRunner:
             self.pool.keys,
             self.pool.values,
             write_slots=layout.write_slots.to(device),
-            gather_slots=layout.gather_slots.to(device),
-            key_lengths=layout.key_lengths.to(device),
-            query_index=layout.query_index.to(device),
-            query_positions=layout.query_positions.to(device),
-            output_index=layout.output_index.to(device),
+            batches=[batch.to(device) for batch in layout.batches],
         )
         return run_backbone(
             self.model,
@@ -74,47 +70,79 @@ class StreamLayout:
 
     Row b computes its own tokens start_b .. start_b + n_b. Its keys, in position order, are its task's shared
     prefix (P_b tokens) and then its own tokens 0 .. start_b + n_b; position = P_b + own index = key column.
+    Decode rows (one new token) attend as one batch and prefill chunks as another (see RowBatch).
     """
 
     offsets: torch.Tensor  # [B + 1]: row b's tokens are the stream's offsets[b] .. offsets[b + 1]
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N]
-    gather_slots: torch.Tensor  # [B, L_max]
-    key_lengths: torch.Tensor  # [B]
-    query_index: torch.Tensor  # [B, T_max]
-    query_positions: torch.Tensor  # [B, T_max]
-    output_index: torch.Tensor  # [N]
+    batches: list[RowBatch]
 
     @classmethod
     def of(cls, chunks: list[Chunk], block_size: int) -> StreamLayout:
-        num_new = torch.tensor([chunk.num_tokens for chunk in chunks])
-        starts = torch.tensor([chunk.start for chunk in chunks])
-        prefix = torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks])
-        own_slots = block_slots([chunk.row.block_ids for chunk in chunks], block_size)  # [B, own blocks * size]
-        prefix_slots = block_slots([task_block_ids(chunk.row) for chunk in chunks], block_size)
-        key_lengths = prefix + starts + num_new
-        column = torch.arange(int(key_lengths.max()))[None]  # [1, L_max]
-        own_column = (column - prefix[:, None]).clamp(0, own_slots.shape[1] - 1)
-        gathered = torch.where(
-            column < prefix[:, None],
-            prefix_slots.gather(1, column.clamp(max=prefix_slots.shape[1] - 1).expand(len(chunks), -1)),
-            own_slots.gather(1, own_column),
+        rows = RowTensors(
+            num_new=torch.tensor([chunk.num_tokens for chunk in chunks]),
+            starts=torch.tensor([chunk.start for chunk in chunks]),
+            prefix=torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks]),
+            own_slots=block_slots([chunk.row.block_ids for chunk in chunks], block_size),
+            prefix_slots=block_slots([task_block_ids(chunk.row) for chunk in chunks], block_size),
         )
-        new = torch.arange(int(num_new.max()))[None]  # [1, T_max]
-        is_new = new < num_new[:, None]  # [B, T_max]
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), num_new.cumsum(0)])
-        new_own = (starts[:, None] + new).clamp(max=own_slots.shape[1] - 1)
-        query_positions = torch.where(is_new, prefix[:, None] + starts[:, None] + new, 0)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), rows.num_new.cumsum(0)])
+        new = torch.arange(int(rows.num_new.max()))[None]  # [1, T_max]
+        is_new = new < rows.num_new[:, None]  # [B, T_max]
+        own_new = (rows.starts[:, None] + new).clamp(max=rows.own_slots.shape[1] - 1)
+        is_decode = rows.num_new == 1
         return cls(
             offsets=offsets,
-            positions=query_positions[is_new],
-            write_slots=own_slots.gather(1, new_own)[is_new],
-            gather_slots=torch.where(column < key_lengths[:, None], gathered, 0),
-            key_lengths=key_lengths,
-            query_index=torch.where(is_new, offsets[:-1, None] + new, 0),
-            query_positions=query_positions,  # padding: position 0, so every query row sees at least one key
-            output_index=(torch.arange(len(chunks))[:, None] * new.shape[1] + new)[is_new],
+            positions=(rows.prefix[:, None] + rows.starts[:, None] + new)[is_new],
+            write_slots=rows.own_slots.gather(1, own_new)[is_new],
+            batches=[
+                row_batch(rows.select(selected), offsets[:-1][selected])
+                for selected in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten())
+                if selected.numel()
+            ],
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RowTensors:
+    """Per row of a step: new tokens, first new own token, shared-prefix length, and its slots."""
+
+    num_new: torch.Tensor  # [B]
+    starts: torch.Tensor  # [B]
+    prefix: torch.Tensor  # [B]
+    own_slots: torch.Tensor  # [B, own blocks * block_size]
+    prefix_slots: torch.Tensor  # [B, task blocks * block_size]
+
+    def select(self, index: torch.Tensor) -> RowTensors:
+        return RowTensors(
+            num_new=self.num_new.index_select(0, index),
+            starts=self.starts.index_select(0, index),
+            prefix=self.prefix.index_select(0, index),
+            own_slots=self.own_slots.index_select(0, index),
+            prefix_slots=self.prefix_slots.index_select(0, index),
+        )
+
+
+def row_batch(rows: RowTensors, offsets: torch.Tensor) -> RowBatch:
+    """The attention layout of these rows, whose new tokens start at `offsets` in the stream."""
+    key_lengths = rows.prefix + rows.starts + rows.num_new
+    column = torch.arange(int(key_lengths.max()))[None]  # [1, L]
+    from_prefix = rows.prefix_slots.gather(
+        1, column.clamp(max=rows.prefix_slots.shape[1] - 1).expand(len(rows.num_new), -1)
+    )
+    from_own = rows.own_slots.gather(1, (column - rows.prefix[:, None]).clamp(0, rows.own_slots.shape[1] - 1))
+    gathered = torch.where(column < rows.prefix[:, None], from_prefix, from_own)
+    new = torch.arange(int(rows.num_new.max()))[None]  # [1, T]
+    is_new = new < rows.num_new[:, None]  # [R, T]
+    return RowBatch(
+        gather_slots=torch.where(column < key_lengths[:, None], gathered, 0),
+        key_lengths=key_lengths,
+        query_index=torch.where(is_new, offsets[:, None] + new, 0),
+        query_positions=torch.where(is_new, rows.prefix[:, None] + rows.starts[:, None] + new, 0),
+        output_index=(torch.arange(len(rows.num_new))[:, None] * new.shape[1] + new)[is_new],
+        stream_index=(offsets[:, None] + new)[is_new],
+    )
 
 
 def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
