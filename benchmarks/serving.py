@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--keep-registered", action="store_true", help="do not delete the tasks this run registered")
     add("--admin-token", default=os.environ.get("PROMPTSERVE_ADMIN_TOKEN"), help="for PUT/DELETE (env default)")
     add("--timeout", type=float, default=600.0, help="per-request timeout in seconds")
+    add("--no-stream", dest="stream", action="store_false",
+        help="POST /v1/generate (one response) instead of streaming: throughput only, no TTFT or TPOT")  # fmt: skip
     add("--seed", type=int, default=0)
     add("--json", help="write the results here")
     return parser.parse_args(argv)
@@ -127,6 +129,21 @@ async def stream_generate(client: httpx.AsyncClient, body: dict[str, Any], resul
     if result.error is None and result.latency_s is None:
         result.error = "the stream ended without a final event"
     result.ok = result.error is None
+    return result
+
+
+async def plain_generate(client: httpx.AsyncClient, body: dict[str, Any], result: RequestResult) -> RequestResult:
+    """POST /v1/generate: the whole answer in one response (--no-stream)."""
+    result.start = time.perf_counter()
+    try:
+        response = await client.post("/v1/generate", json=body)
+        if response.status_code != 200:
+            result.error = f"HTTP {response.status_code}: {response.text[:200]}"
+            return result
+        on_event(response.json(), result)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+    result.ok = result.error is None and result.latency_s is not None
     return result
 
 
@@ -306,7 +323,7 @@ class Run:
 
     async def limited(self, limit: asyncio.Semaphore, body: dict[str, Any], result: RequestResult) -> None:
         try:
-            await stream_generate(self.client, body, result)
+            await (stream_generate if self.args.stream else plain_generate)(self.client, body, result)
         finally:
             limit.release()
 
