@@ -253,6 +253,8 @@ class InfoResponse(BaseModel):
     max_virtual_tokens: int
     version: str
     num_tasks: int
+    kv_cache_tokens: int = Field(description="the KV pool's capacity in tokens: rows' own and tasks' shared")
+    kv_block_size: int = Field(description="tokens per KV block")
 
     @classmethod
     def of(cls, info: EngineInfo) -> InfoResponse:

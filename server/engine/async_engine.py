@@ -172,6 +172,8 @@ class AsyncEngine:
             max_virtual_tokens=self.config.max_virtual_tokens,
             version=VERSION,
             num_tasks=len(self.store),
+            kv_cache_tokens=self.engine.memory.num_blocks * self.engine.memory.block_size,
+            kv_block_size=self.engine.memory.block_size,
         )
 
     def stats(self) -> EngineStats:

@@ -120,6 +120,8 @@ class EngineInfo:
     max_virtual_tokens: int
     version: str
     num_tasks: int
+    kv_cache_tokens: int = 0  # the KV pool's capacity, in tokens (rows' own and tasks' shared)
+    kv_block_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)

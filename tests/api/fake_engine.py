@@ -101,7 +101,7 @@ class FakeEngine:
         return EngineInfo(
             model_id="fake/tiny", model_type="llama", dtype="float32", device="cpu", hidden_size=48, num_layers=2,
             num_key_value_heads=2, head_dim=8, vocab_size=259, max_batch_size=8, max_batch_tokens=1024,
-            max_virtual_tokens=64, version="0.1.0", num_tasks=len(self.tasks),
+            max_virtual_tokens=64, version="0.1.0", num_tasks=len(self.tasks), kv_cache_tokens=4096, kv_block_size=8,
         )  # fmt: skip
 
     def stats(self) -> EngineStats:
