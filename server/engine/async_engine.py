@@ -72,10 +72,12 @@ class AsyncEngine:
 
     def run(self) -> None:
         logger.info("engine thread started")
+        computed = True
         while not self.stopping.is_set():
-            self.drain_inbox(block=not self.engine.has_work())
+            # a step that computed nothing (every request waits for memory) waits for news instead of spinning
+            self.drain_inbox(block=not self.engine.has_work() or not computed)
             if self.engine.has_work() and not self.stopping.is_set():
-                self.step_once()
+                computed = self.step_once()
         self.drain_inbox(block=False)
         self.engine.fail_all(EngineUnavailable("the server is shutting down"))
         logger.info("engine thread stopped")
@@ -89,12 +91,14 @@ class AsyncEngine:
         except queue.Empty:
             return
 
-    def step_once(self) -> None:
+    def step_once(self) -> bool:
+        """One step; whether it computed anything."""
         try:
-            self.engine.step()
+            return self.engine.step().batch_size > 0
         except Exception as error:  # the loop must survive: fail the running requests, keep serving
             logger.exception("engine step failed; failing the running requests")
             self.engine.fail_running(EngineUnavailable(f"the engine step failed: {error}"))
+            return True
 
     # ---- generation
 

@@ -29,10 +29,10 @@ class RowBatch:
     then its own tokens), so a key's column is its position. Its new tokens are the stream's `query_index[r]`.
     """
 
-    gather_slots: torch.Tensor  # [R, L]; padding reads slot 0 and is masked
+    gather_slots: torch.Tensor  # [R, L]; padding reads slot 0, in block 0, which is never written: zeros
     key_lengths: torch.Tensor  # [R]
     query_index: torch.Tensor  # [R, T]; padding points at token 0
-    query_positions: torch.Tensor  # [R, T]; padding has position 0, so it sees one key and is never empty
+    query_positions: torch.Tensor  # [R, T]; padding has position 0: it sees one key, so no softmax row is empty
     output_index: torch.Tensor  # [n]: where the batch's real tokens sit in [R * T], in the order of stream_index
     stream_index: torch.Tensor  # [n]: those tokens' places in the stream
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window

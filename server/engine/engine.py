@@ -36,7 +36,7 @@ class Engine:
         num_blocks = pool_blocks(
             fp, config.kv_block_size, backbone.dtype, device, config.kv_cache_bytes, config.kv_cache_memory_fraction
         )
-        self.pool = KVPool.allocate(fp, num_blocks, config.kv_block_size, backbone.dtype, device)
+        self.pool = KVPool.allocate(fp, num_blocks + 1, config.kv_block_size, backbone.dtype, device)  # + block 0
         self.memory = KVMemory(num_blocks, config.kv_block_size)
         self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes)
         self.runner = ModelRunner(backbone, self.pool, self.tasks)

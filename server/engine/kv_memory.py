@@ -1,9 +1,11 @@
 """Which blocks of the KV pool hold what, in plain Python (no torch): rows' own blocks and tasks' shared blocks.
 
-A block holds `block_size` consecutive tokens' keys and values in every layer. A row owns the blocks of its own
-tokens. A task version's virtual tokens live in blocks of their own, held once however many rows use them and
-counted by reference: a task used by no running row stays resident (least recently used first) until its blocks
-are needed, and is never evicted while a row holds it.
+A block holds `block_size` consecutive tokens' keys and values in every layer. Blocks 1..num_blocks are handed
+out; block 0 of the pool is never written, and attention pads with it (a masked column read there is zero, where a
+row's stale or non-finite values could poison the softmax). A row owns the blocks of its own tokens. A task
+version's virtual tokens live in blocks of their own, held once however many rows use them and counted by
+reference: a task used by no running row stays resident (least recently used first) until its blocks are needed,
+and is never evicted while a row holds it.
 """
 
 from __future__ import annotations
@@ -26,25 +28,19 @@ class TaskBlocks:
     is_retired: bool = False  # a newer version or a delete superseded it: freed on its last release
 
 
-@dataclass(slots=True)
-class MemoryStats:
-    num_blocks: int
-    num_free_blocks: int
-    num_task_blocks: int
-    num_evictions: int
-
-
 @dataclass
 class KVMemory:
     num_blocks: int
     block_size: int
     free: list[int] = field(init=False)
     tasks: OrderedDict[TaskKey, TaskBlocks] = field(init=False)  # least recently used first
+    kept_version: dict[str, float] = field(init=False)  # per task id: older versions are retired (inf: all)
     num_evictions: int = 0
 
     def __post_init__(self) -> None:
-        self.free = list(range(self.num_blocks - 1, -1, -1))  # a stack: block 0 is handed out first
+        self.free = list(range(self.num_blocks, 0, -1))  # a stack: block 1 is handed out first
         self.tasks = OrderedDict()
+        self.kept_version = {}
 
     # ---- counting
 
@@ -79,9 +75,9 @@ class KVMemory:
     def num_task_refs(self) -> int:
         return sum(task.ref_count for task in self.tasks.values())
 
-    def stats(self) -> MemoryStats:
-        num_task_blocks = sum(len(task.block_ids) for task in self.tasks.values())
-        return MemoryStats(self.num_blocks, self.num_free_blocks, num_task_blocks, self.num_evictions)
+    def is_superseded(self, key: TaskKey) -> bool:
+        """A newer version was registered, or the task deleted, since requests for this version were built."""
+        return key[1] < self.kept_version.get(key[0], 0)
 
     # ---- rows' own blocks
 
@@ -100,7 +96,7 @@ class KVMemory:
         """A reference to the task's blocks, allocated (unfilled) on first use."""
         task = self.tasks.get(key)
         if task is None:
-            task = TaskBlocks(key, num_tokens, [])
+            task = TaskBlocks(key, num_tokens, [], is_retired=self.is_superseded(key))
             task.ref_count = 1  # protects it from eviction while its own blocks are allocated
             task.block_ids = self.allocate(self.blocks_for(num_tokens))
             self.tasks[key] = task
@@ -119,6 +115,7 @@ class KVMemory:
 
     def retire(self, task_id: str, keep_version: int | None) -> None:
         """Free every version of the task except `keep_version` (None: all) now, or on its last release."""
+        self.kept_version[task_id] = float("inf") if keep_version is None else keep_version
         for key in [key for key in self.tasks if key[0] == task_id and key[1] != keep_version]:
             task = self.tasks[key]
             task.is_retired = True

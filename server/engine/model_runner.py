@@ -55,6 +55,7 @@ class ModelRunner:
     def input_embeds(self, chunks: list[Chunk], offsets: list[int]) -> torch.Tensor:
         """[N, H]: each chunk's own tokens embedded; an embedded-prompt row's virtual tokens from its task."""
         token_ids = [token for chunk in chunks for token in own_token_ids(chunk.row, chunk.start, chunk.num_tokens)]
+        assert len(token_ids) == offsets[-1], "one id per token of the stream"
         embeds = self.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
         for chunk, offset in zip(chunks, offsets, strict=False):
             row, end = chunk.row, min(chunk.start + chunk.num_tokens, chunk.row.num_embedded_tokens)
@@ -161,7 +162,7 @@ def own_token_ids(row: Sequence, start: int, num_tokens: int) -> list[int]:
     embedded, inputs = row.num_embedded_tokens, row.request.input_ids
     ids = [0] * max(0, min(embedded, start + num_tokens) - start)
     first = max(start - embedded, 0)
-    last = start + num_tokens - embedded
+    last = max(start + num_tokens - embedded, 0)  # a chunk may end among the embedded virtual tokens
     ids += inputs[first:last]
     if last > len(inputs):
         ids += row.output_ids[max(first - len(inputs), 0) : last - len(inputs)]

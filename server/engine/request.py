@@ -70,6 +70,11 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
+    def needs_task_blocks(self) -> bool:
+        """It will attend to its task's shared keys and values (a finished row, resumed with its request, won't)."""
+        return self.has_kv_prefix and self.task is not None and not self.is_finished
+
+    @property
     def task_id(self) -> str | None:
         return self.task.record.task_id if self.task else None
 
@@ -93,7 +98,6 @@ class Request:
     generator: torch.Generator | None = None  # seeded sampling; one per request, so batch mates never matter
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
-    num_preemptions: int = 0
 
     @property
     def num_input_tokens(self) -> int:
@@ -116,5 +120,5 @@ class Request:
         return row.num_embedded_tokens + self.num_input_tokens + self.max_new_tokens
 
     def task_tokens(self) -> dict[tuple[str, int], int]:
-        """The distinct tasks whose shared keys and values the rows need: key -> virtual tokens."""
-        return {row.task.key: row.num_virtual_tokens for row in self.rows if row.has_kv_prefix and row.task}
+        """The distinct tasks whose shared keys and values the unfinished rows need: key -> virtual tokens."""
+        return {row.task.key: row.num_virtual_tokens for row in self.rows if row.needs_task_blocks and row.task}

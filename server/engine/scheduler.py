@@ -74,7 +74,8 @@ class Scheduler:
             return f"the request needs {request.num_rows} batch rows; max_batch_size is {self.config.max_batch_size}"
         if request.is_lockstep and request.num_rows > self.config.max_step_tokens:
             return f"a mean ensemble of {request.num_rows} rows; max_batch_tokens is {self.config.max_step_tokens}"
-        blocks = self.memory.task_blocks_needed(request.task_tokens())
+        # every task counted in full, resident or not: the answer must not depend on what else runs now
+        blocks = sum(self.memory.blocks_for(num_tokens) for num_tokens in request.task_tokens().values())
         blocks += sum(self.memory.blocks_for(request.max_own_tokens(row)) for row in request.rows)
         if blocks > self.memory.num_blocks:
             size = self.memory.block_size
@@ -93,6 +94,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         prefilling = [r for r in self.running if any(row.num_remaining > 1 for row in r.rows if not row.is_finished)]
+        # never more decode rows than the budget: each became one by a token of the step before
         decoding = [r for r in self.running if r not in prefilling]
         for request in [*decoding, *prefilling]:
             if request.status is Status.RUNNING:
@@ -125,7 +127,7 @@ class Scheduler:
             request.status = Status.RUNNING
             self.running.append(request)
             for row in request.rows:
-                if row.has_kv_prefix and row.task is not None:
+                if row.needs_task_blocks and row.task is not None:
                     row.task_blocks = self.memory.hold_task(row.task.key, row.num_virtual_tokens)
             self.grow(chunks)
             plan.chunks += chunks
@@ -164,7 +166,6 @@ class Scheduler:
         self.running.remove(request)
         self.free(request)
         request.status = Status.WAITING
-        request.num_preemptions += 1
         self.waiting.appendleft(request)
         plan.chunks = [chunk for chunk in plan.chunks if chunk.row.request is not request]
         plan.preempted.append(request)

@@ -72,8 +72,9 @@ class TaskCache:
         self.num_misses += 1
         task = materialize(artifact, self.backbone.fingerprint, self.backbone.device, self.backbone.dtype)
         assert task.prompt_embeds is not None, "prefix tasks always enter as keys and values"
-        self.embeddings[artifact.key] = task.prompt_embeds
-        self.evict_to_budget()
+        if not self.memory.is_superseded(artifact.key):  # a retired version serves its last rows, uncached
+            self.embeddings[artifact.key] = task.prompt_embeds
+            self.evict_to_budget()
         return task.prompt_embeds
 
     def evict_to_budget(self) -> None:
@@ -94,13 +95,14 @@ class TaskCache:
             del self.embeddings[key]
 
     def stats(self) -> CacheStats:
-        tasks = self.memory.tasks.values()
+        """Read from other threads (metrics): each dict is copied in one C call, which holds the GIL throughout."""
+        tasks, embeddings = list(self.memory.tasks.values()), list(self.embeddings.values())
         task_bytes = sum(len(task.block_ids) for task in tasks) * self.pool.block_bytes
         return CacheStats(
             hits=self.num_hits,
             misses=self.num_misses,
             evictions=self.num_evictions + self.memory.num_evictions,
-            resident_bytes=self.embeddings_bytes + task_bytes,
-            num_entries=len(self.embeddings) + len(tasks),
+            resident_bytes=sum(t.numel() * t.element_size() for t in embeddings) + task_bytes,
+            num_entries=len(embeddings) + len(tasks),
             num_pinned=sum(task.ref_count > 0 for task in tasks),
         )

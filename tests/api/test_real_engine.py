@@ -129,8 +129,8 @@ def test_real_metrics_report_the_kv_pool(real: TestClient, real_engine: AsyncEng
     values = {
         line.split()[0]: float(line.split()[1]) for line in real.get("/metrics").text.splitlines() if line[0] != "#"
     }
-    pool = real_engine.engine.pool
-    assert values["promptserve_kv_cache_capacity_bytes"] == pool.num_blocks * pool.block_bytes
+    engine = real_engine.engine
+    assert values["promptserve_kv_cache_capacity_bytes"] == engine.memory.num_blocks * engine.pool.block_bytes
     # the prefix task stays resident in its blocks once no row holds it
     assert 0 < values["promptserve_kv_cache_used_bytes"] < values["promptserve_kv_cache_capacity_bytes"]
     assert values["promptserve_num_preemptions_total"] == real_engine.engine.num_preemptions

@@ -129,3 +129,9 @@ def test_rows_of_one_task_hold_its_keys_and_values_once(tiny_backbone: TinyBackb
     assert len(task.block_ids) == harness.engine.memory.blocks_for(task.num_tokens)
     own = sum(len(row.block_ids) for request in requests for row in request.rows)
     assert harness.engine.memory.num_free_blocks == harness.engine.memory.num_blocks - len(task.block_ids) - own
+
+
+def test_padding_block_0_holds_zeros_after_mixed_steps(harness: Harness):
+    harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=6) for task in TASKS))
+    size = harness.engine.pool.block_size
+    assert all(not layer[:size].any() for layer in [*harness.engine.pool.keys, *harness.engine.pool.values])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.engine.default_backbone import EOS_ID, byte_tokenizer
+from server.engine.model_runner import own_token_ids
 from server.engine.output import OutputProcessor
 from server.engine.request import Request, Sequence
 from server.engine.types import EngineOutput, EnsembleMode, FinishReason, RowToken, SamplingParams
@@ -68,3 +69,13 @@ def test_the_engine_stops_a_row_its_text_stopped(harness: Harness):
     assert stopped.finish_reason is FinishReason.STOP and token_ids(stopped) == token_ids(free)[: len(stopped.tokens)]
     # the engine heard of it a step later at most, and freed the row
     assert len(request.rows[0].output_ids) <= len(stopped.tokens) + 1 and harness.is_idle()
+
+
+def test_own_token_ids_of_a_chunk_that_ends_among_the_embedded_virtual_tokens():
+    request = Request("r", list(range(100, 130)), SamplingParams(), max_new_tokens=4, sink=lambda e: None)
+    row = Sequence(request, None)
+    row_with_prompt = type("Row", (), {"num_embedded_tokens": 20, "request": request, "output_ids": [7, 8]})()
+    assert own_token_ids(row_with_prompt, 0, 5) == [0] * 5
+    assert own_token_ids(row_with_prompt, 18, 4) == [0, 0, 100, 101]
+    assert own_token_ids(row_with_prompt, 49, 3) == [129, 7, 8]
+    assert own_token_ids(row, 0, 2) == [100, 101]

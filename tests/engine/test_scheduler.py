@@ -10,7 +10,7 @@ from prompt_store.types import Method, TaskArtifact, TaskRecord
 from server.engine.kv_memory import KVMemory
 from server.engine.request import Request, Sequence, Status
 from server.engine.scheduler import Scheduler, SchedulerConfig, StepPlan
-from server.engine.types import EnsembleMode, SamplingParams
+from server.engine.types import EnsembleMode, FinishReason, SamplingParams
 
 
 def task(task_id: str, num_virtual: int = 8, version: int = 1) -> TaskArtifact:
@@ -122,7 +122,6 @@ def test_memory_pressure_preempts_the_newest_request_and_resumes_it_from_its_tok
     assert len(plans) == 5 and plan.preempted == [new] and chunk_sizes(plan) == {"old": [1]}
     assert new.status is Status.WAITING and s.waiting[0] is new
     assert new.rows[0].block_ids == [] and new.rows[0].num_computed == 0 and new.rows[0].output_ids  # tokens kept
-    assert new.num_preemptions == 1
     s.remove(old)
     plan = s.schedule()
     assert plan.admitted == [new] and chunk_sizes(plan) == {"new": [new.rows[0].num_own_tokens]}
@@ -197,3 +196,38 @@ def test_remove_and_find_cover_waiting_and_running_and_free_everything():
     s.remove(first)
     assert s.find("first") is None and not s.has_work()
     assert s.memory.num_available_blocks == s.memory.num_blocks and s.memory.num_task_refs() == 0
+
+
+def test_why_never_fits_counts_tasks_in_full_even_when_resident_and_in_use():
+    s = scheduler(num_blocks=10)
+    shared = task("shared", num_virtual=4)  # 1 block
+    s.add(request("running", num_input=4, tasks=(shared,)))
+    s.schedule()
+    # 1 task block + 40 own tokens (10 blocks) > 10 blocks, whether or not the task is resident now
+    assert "the KV cache holds 40" in s.why_never_fits(request("big", num_input=30, max_new=10, tasks=(shared,)))
+
+
+def test_block_0_is_never_handed_out():
+    memory = KVMemory(num_blocks=4, block_size=4)
+    assert sorted(memory.allocate(4)) == [1, 2, 3, 4] and memory.num_free_blocks == 0
+
+
+def test_finished_rows_do_not_take_their_task_back_when_their_request_resumes():
+    s = scheduler()
+    vote = request("vote", num_input=4, tasks=(task("a"), task("b")), ensemble=EnsembleMode.VOTE)
+    s.add(vote)
+    sample(s.schedule())
+    vote.rows[0].finish_reason = FinishReason.EOS
+    s.free_row(vote.rows[0])
+    s.preempt(vote, StepPlan())
+    plan = s.schedule()
+    assert plan.admitted == [vote] and [c.row for c in plan.chunks] == [vote.rows[1]]
+    assert vote.rows[0].task_blocks is None and s.memory.num_task_refs() == 1
+
+
+def test_a_version_retired_before_its_request_arrives_is_freed_on_its_last_release():
+    memory = KVMemory(num_blocks=8, block_size=4)
+    memory.retire("t", keep_version=2)  # v2 registered; a request built against v1 is still on its way
+    memory.hold_task(("t", 1), 4)
+    memory.release_task(("t", 1))
+    assert not memory.tasks and memory.num_free_blocks == 8
