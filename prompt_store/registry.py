@@ -120,6 +120,12 @@ class TaskStore:
             self._emit([StoreEvent("registered", task_id, version)])
         return record, created
 
+    def validate(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> TaskArtifact:
+        """What `register` would store, checked but not stored: a provisional artifact (version 0)."""
+        validate_task_id(task_id)
+        parsed = parse_upload(adapter_config, adapter_model, self.fingerprint, self.limits)
+        return parsed.artifact(parsed.record(task_id, 0, now_rfc3339()))
+
     def register_dir(self, task_id: str, adapter_dir: str | Path) -> tuple[TaskRecord, bool]:
         """Register a directory written by PEFT's `save_pretrained`."""
         validate_task_id(task_id)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
+from server.api.openapi import install_openapi
 from server.api.routes import generate, service, tasks
 from server.api.settings import Settings
 from server.api.state import AppState
@@ -52,6 +53,7 @@ def create_app(
     for module in (service, tasks, generate):
         app.include_router(module.router)
     install_error_handlers(app)
+    install_openapi(app, settings)
     app.add_middleware(
         BodyLimitMiddleware, upload_limit=settings.max_upload_bytes, request_limit=settings.max_request_bytes
     )

@@ -15,6 +15,7 @@ from fastapi import HTTPException as FastApiHTTPException
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine.errors import (
@@ -32,9 +33,11 @@ logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left
 INTERNAL_MESSAGE = "internal server error; the server log has the details"
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 ERROR_TYPE_BY_STATUS = {
     401: "unauthorized",
     404: "not_found",
+    405: "method_not_allowed",
     409: "conflict",
     413: "too_large",
     429: "overloaded",
@@ -214,11 +217,21 @@ def describe_framework_error(request: Request, exc: HTTPException) -> ApiError:
     if exc.status_code == 404 and exc.detail == "Not Found":
         error.message = f"expected a route of the promptserve API (see /docs); found {method} {path}"
     elif exc.status_code == 405:
-        allowed = error.headers.get("Allow") or error.headers.get("allow") or "another method"
-        error.message = f"expected {allowed} for {path}; found {method}"
+        allowed = allowed_methods(request)
+        error.headers = {"Allow": ", ".join(allowed)}
+        error.message = f"expected {' or '.join(allowed)} for {path}; found {method}"
     elif exc.status_code == 400 and exc.detail == "There was an error parsing the body":
         error.message = describe_unparsable_body(exc.__cause__)
     return error
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route it matched)."""
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in request.app.routes)
+    ]
 
 
 def describe_unparsable_body(cause: BaseException | None) -> str:

@@ -83,7 +83,16 @@ class Parameters(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(strict=True)
+    # task_id and task_ids exclude each other (null counts as absent): said in the schema too
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={
+            "not": {
+                "required": ["task_id", "task_ids"],
+                "properties": {"task_id": {"type": "string"}, "task_ids": {"type": "array"}},
+            }
+        },
+    )
 
     inputs: str
     task_id: TaskId | None = None
@@ -268,5 +277,13 @@ class HealthResponse(BaseModel):
 class ErrorResponse(BaseModel):
     error: str
     error_type: Literal[
-        "validation", "unauthorized", "not_found", "conflict", "too_large", "overloaded", "unavailable", "internal"
+        "validation",
+        "unauthorized",
+        "not_found",
+        "method_not_allowed",
+        "conflict",
+        "too_large",
+        "overloaded",
+        "unavailable",
+        "internal",
     ]

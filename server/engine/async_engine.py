@@ -17,13 +17,14 @@ import torch
 
 from prompt_store.adapter import StoreLimits
 from prompt_store.registry import StoreEvent, TaskStore
-from prompt_store.types import TaskRecord
+from prompt_store.types import TaskArtifact, TaskRecord
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
 from server.engine.intake import IntakeConfig, build_request
 from server.engine.output import OutputProcessor
+from server.engine.probe import PROBE_TIMEOUT_S, Probe
 from server.engine.request import Request
 from server.engine.selfcheck import self_check
 from server.engine.types import EngineInfo, EngineOutput, EngineStats, GenerateInput, RequestOutput, StepStats
@@ -138,7 +139,18 @@ class AsyncEngine:
     # ---- tasks
 
     def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
+        """Validate, run once on the engine (a task that cannot answer is refused), then store durably."""
+        self.probe(self.store.validate(task_id, adapter_config, adapter_model))
         return self.store.register(task_id, adapter_config, adapter_model)
+
+    def probe(self, artifact: TaskArtifact) -> None:
+        """Blocking (a caller's thread): the engine thread runs the probe; then its task leaves the device."""
+        probe = Probe.of(artifact, self.backbone, self.config.cache_prompt_kv)
+        self.inbox.put(partial(self.engine.probe, probe.request))
+        finished = probe.done.wait(PROBE_TIMEOUT_S)
+        self.inbox.put(partial(self.engine.abort, probe.request.request_id))  # a no-op once finished
+        self.inbox.put(partial(self.engine.retire_task, probe.task_id, None))
+        probe.verdict(artifact, finished, self.backbone)
 
     def delete_task(self, task_id: str) -> None:
         self.store.delete(task_id)

@@ -59,6 +59,15 @@ class Engine:
         else:
             self.scheduler.add(request)
 
+    def probe(self, request: Request) -> None:
+        """A request of the engine's own (a new task's probe): at the head of the queue, never refused for a full
+        queue, so a registration does not wait behind the load."""
+        reason = self.scheduler.why_never_fits(request)
+        if reason is not None:
+            self.emit_error(request, InputTooLong(reason))
+        else:
+            self.scheduler.waiting.appendleft(request)
+
     def abort(self, request_id: str) -> None:
         request = self.scheduler.find(request_id)
         if request is not None:

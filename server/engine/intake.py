@@ -79,8 +79,23 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def kv_prefix(task: TaskArtifact | None, config: IntakeConfig) -> bool:
-    return task is not None and has_kv_prefix(task.record.method, config.prompts_as_kv)
+def kv_prefix(task: TaskArtifact | None, prompts_as_kv: bool) -> bool:
+    return task is not None and has_kv_prefix(task.record.method, prompts_as_kv)
+
+
+def single_row_request(
+    request_id: str,
+    input_ids: list[int],
+    task: TaskArtifact | None,
+    prompts_as_kv: bool,
+    max_new_tokens: int,
+    sink: OutputSink,
+) -> Request:
+    """A greedy request of one row, built by the engine itself (its self-check, a new task's probe)."""
+    sampling = SamplingParams(max_new_tokens=max_new_tokens)
+    request = Request(request_id, input_ids, sampling, max_new_tokens, sink)
+    request.rows = [Sequence(request, task, 0, kv_prefix(task, prompts_as_kv))]
+    return request
 
 
 def build_request(
@@ -100,5 +115,5 @@ def build_request(
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),
     )
-    result.rows = [Sequence(result, task, i, kv_prefix(task, limits)) for i, task in enumerate(tasks)]
+    result.rows = [Sequence(result, task, i, kv_prefix(task, limits.prompts_as_kv)) for i, task in enumerate(tasks)]
     return result

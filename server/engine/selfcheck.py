@@ -22,10 +22,9 @@ from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
+from server.engine.intake import single_row_request
 from server.engine.kv_pool import slots_of
-from server.engine.request import Request, Sequence
-from server.engine.task_cache import has_kv_prefix
-from server.engine.types import EngineOutput, SamplingParams
+from server.engine.types import EngineOutput
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +107,10 @@ def artifact(task_id: str, method: Method, prompt_embeddings: torch.Tensor) -> T
 def run_through_engine(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -> dict[str, list[EngineOutput]]:
     """Every row at once, greedy, through the engine's own steps; each row's outputs."""
     outputs: dict[str, list[EngineOutput]] = {row.name: [] for row in rows}
+    as_kv = engine.config.cache_prompt_kv
     for row in rows:
-        request = Request(
-            request_id=f"self-check-{row.name}",
-            input_ids=input_ids,
-            sampling=SamplingParams(max_new_tokens=NUM_NEW_TOKENS),
-            max_new_tokens=NUM_NEW_TOKENS,
-            sink=outputs[row.name].append,
-        )
-        kv_prefix = row.task is not None and has_kv_prefix(row.task.record.method, engine.config.cache_prompt_kv)
-        request.rows = [Sequence(request, row.task, has_kv_prefix=kv_prefix)]
-        engine.add(request)
+        sink = outputs[row.name].append
+        engine.add(single_row_request(f"self-check-{row.name}", input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink))
     while engine.has_work():
         engine.step()
     return outputs

@@ -1,0 +1,98 @@
+"""The OpenAPI document as the server really behaves: every status an operation can send, with the real error body
+(`ErrorResponse`, not FastAPI's `{"detail": ...}`), the stream's event schema, and references that resolve.
+
+FastAPI documents only what a route declares; the errors come from one mapping (errors.py), so this module adds
+them here, per operation, from the dependencies each route has.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from server.api.schemas import ErrorResponse, StreamEvent
+from server.api.settings import Settings
+
+COMPONENT = "#/components/schemas/{model}"
+ERROR_REF = {"$ref": COMPONENT.format(model="ErrorResponse")}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
+
+ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (description, headers)
+    400: ("the body is not JSON (or not UTF-8), or a multipart body the parser refuses", {}),
+    401: (
+        "the server has an admin token and the request does not carry it",
+        {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    ),
+    404: ("the task does not exist", {}),
+    413: ("the body, or the input's tokens, exceed the server's limits", {}),
+    422: ("a field is missing, of the wrong type or out of range; or the adapter does not fit the backbone", {}),
+    429: ("the waiting queue is full", RETRY_AFTER),
+    500: ("an internal error, or a request whose task drives the model to NaN or infinity", {}),
+    503: ("the model is still loading, or the engine stopped", RETRY_AFTER),
+}
+
+# Which statuses each operation can send, beyond its successes (500 on every one).
+OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
+    ("get", "/health"): (503,),
+    ("get", "/info"): (503,),
+    ("get", "/metrics"): (),
+    ("get", "/v1/tasks"): (503,),
+    ("get", "/v1/tasks/{task_id}"): (404, 422, 503),
+    ("put", "/v1/tasks/{task_id}"): (400, 401, 413, 422, 503),
+    ("delete", "/v1/tasks/{task_id}"): (401, 404, 422, 503),
+    ("post", "/v1/generate"): (400, 404, 413, 422, 429, 503),
+    ("post", "/v1/generate_stream"): (400, 404, 413, 422, 429, 503),
+}
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the document
+
+
+def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name in FASTAPI_VALIDATION:
+        schemas.pop(name, None)
+    add_component(schemas, ErrorResponse)
+    add_component(schemas, StreamEvent)
+    state_limits(schemas, settings)
+    for path, operations in document["paths"].items():
+        for method, operation in operations.items():
+            document_errors(operation, OPERATION_ERRORS.get((method, path), ()))
+    stream = document["paths"]["/v1/generate_stream"]["post"]["responses"]["200"]
+    stream["content"] = {"text/event-stream": {"schema": {"$ref": COMPONENT.format(model="StreamEvent")}}}
+    stream["description"] = "server-sent events, `data: <StreamEvent>` each; the last carries generated_text"
+    return document
+
+
+def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    """The server's own limits in the request schema, so that a request the schema allows is one it serves."""
+    schemas["Parameters"]["properties"]["max_new_tokens"]["maximum"] = settings.max_new_tokens_limit
+    task_ids = schemas["GenerateRequest"]["properties"]["task_ids"]["anyOf"][0]
+    task_ids["maxItems"] = settings.max_batch_size
+
+
+def add_component(schemas: dict[str, Any], model: type[Any]) -> None:
+    """The model and every model it uses, as components that `#/components/schemas/...` references reach."""
+    schema = model.model_json_schema(ref_template=COMPONENT)
+    schemas.update(schema.pop("$defs", {}))
+    schemas[model.__name__] = schema
+
+
+def document_errors(operation: dict[str, Any], statuses: tuple[int, ...]) -> None:
+    responses = operation.setdefault("responses", {})
+    for status in (*statuses, 500):
+        description, headers = ERROR_STATUSES[status]
+        response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": ERROR_REF}}}
+        if headers:
+            response["headers"] = headers
+        responses[str(status)] = response
