@@ -19,6 +19,19 @@ COMPONENT = "#/components/schemas/{model}"
 ERROR_REF = {"$ref": COMPONENT.format(model="ErrorResponse")}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
+# One server-sent event (as tools read an event stream: its fields), its data a JSON StreamEvent or ErrorResponse.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [{"$ref": COMPONENT.format(model="StreamEvent")}, ERROR_REF]},
+        },
+        "event": {"type": "string"},
+    },
+}
 
 ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (description, headers)
     400: ("the body is not JSON (or not UTF-8), or a multipart body the parser refuses", {}),
@@ -69,14 +82,19 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         for method, operation in operations.items():
             document_errors(operation, OPERATION_ERRORS.get((method, path), ()))
     stream = document["paths"]["/v1/generate_stream"]["post"]["responses"]["200"]
-    stream["content"] = {"text/event-stream": {"schema": {"$ref": COMPONENT.format(model="StreamEvent")}}}
-    stream["description"] = "server-sent events, `data: <StreamEvent>` each; the last carries generated_text"
+    stream["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    stream["description"] = (
+        "server-sent events, each `data: <StreamEvent>`; the last carries generated_text and details. An error "
+        "after the stream has started arrives as a last `data: <ErrorResponse>`"
+    )
     return document
 
 
 def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     """The server's own limits in the request schema, so that a request the schema allows is one it serves."""
-    schemas["Parameters"]["properties"]["max_new_tokens"]["maximum"] = settings.max_new_tokens_limit
+    max_new_tokens = schemas["Parameters"]["properties"]["max_new_tokens"]
+    max_new_tokens["anyOf"][0]["maximum"] = settings.max_new_tokens_limit
+    max_new_tokens["description"] = f"null or absent: {settings.default_max_new_tokens}"
     task_ids = schemas["GenerateRequest"]["properties"]["task_ids"]["anyOf"][0]
     task_ids["maxItems"] = settings.max_batch_size
 

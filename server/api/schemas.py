@@ -5,7 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from prompt_store.types import TaskRecord
 from server.engine.sampler import MIN_TEMPERATURE
@@ -22,7 +30,9 @@ from server.engine.types import (
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 _SAMPLING_DEFAULTS = SamplingParams()
-MAX_SEED = 2**64 - 1  # a torch.Generator seed is an unsigned 64-bit integer
+# Every integer up to 2**53 - 1 is exact in a double, so every JSON library and schema validator reads a seed (and
+# this bound) as the server does; a torch.Generator would take up to 2**64 - 1.
+MAX_SEED = 2**53 - 1
 # Sampling colder than the sampler's floor would be greedy in disguise: the API says so instead of guessing.
 MIN_SAMPLING_TEMPERATURE = MIN_TEMPERATURE
 # The sampler compares float32 probability mass with top_p: a smaller top_p rounds to 0 and drops every token.
@@ -43,13 +53,26 @@ def absent_when_none() -> Any:
 # ---- requests
 
 
+INTEGERS = ("max_new_tokens", "top_k", "seed")
+
+
 class Parameters(BaseModel):
     """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields.
     Strict: "5" is not a number and "yes" not a boolean (a typo should be an error, not a guess)."""
 
-    model_config = ConfigDict(strict=True)
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={  # the temperature rule below, said in the schema too
+            "if": {"required": ["do_sample"], "properties": {"do_sample": {"const": True}}},
+            "then": {
+                "properties": {
+                    "temperature": {"anyOf": [{"type": "number", "minimum": MIN_TEMPERATURE}, {"type": "null"}]}
+                }
+            },
+        },
+    )
 
-    max_new_tokens: int = Field(default=_SAMPLING_DEFAULTS.max_new_tokens, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)  # None: the server's default (default_max_new_tokens)
     do_sample: bool = False
     temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=0)
@@ -57,6 +80,16 @@ class Parameters(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stop: list[Annotated[str, StringConstraints(min_length=1)]] | None = None
     details: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats_are_integers(cls, data: Any) -> Any:
+        """JSON Schema counts 5.0 as an integer, so the API does too; "5" stays an error (the model is strict)."""
+        if isinstance(data, dict):
+            return {
+                k: int(v) if isinstance(v, float) and v.is_integer() and k in INTEGERS else v for k, v in data.items()
+            }
+        return data
 
     @field_validator("temperature")
     @classmethod
@@ -68,11 +101,11 @@ class Parameters(BaseModel):
             )
         return value
 
-    def to_sampling(self) -> SamplingParams:
+    def to_sampling(self, default_max_new_tokens: int) -> SamplingParams:
         # Greedy decoding ignores the temperature; 0 (the usual "greedy" spelling) must not reach the engine.
         temperature = self.temperature if self.temperature else _SAMPLING_DEFAULTS.temperature
         return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=default_max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
             do_sample=self.do_sample,
             temperature=temperature,
             top_k=_SAMPLING_DEFAULTS.top_k if self.top_k is None else self.top_k,
@@ -126,15 +159,12 @@ class GenerateRequest(BaseModel):
     def is_ensemble(self) -> bool:
         return self.task_ids is not None
 
-    def to_engine_input(self) -> GenerateInput:
+    def to_engine_input(self, default_max_new_tokens: int) -> GenerateInput:
+        sampling = self.parameters.to_sampling(default_max_new_tokens)
         if self.task_ids is not None:
-            return GenerateInput(
-                inputs=self.inputs,
-                task_ids=tuple(self.task_ids),
-                ensemble=EnsembleMode(self.ensemble),
-                sampling=self.parameters.to_sampling(),
-            )
-        return GenerateInput(inputs=self.inputs, task_ids=(self.task_id,), sampling=self.parameters.to_sampling())
+            task_ids, ensemble = tuple(self.task_ids), EnsembleMode(self.ensemble)
+            return GenerateInput(inputs=self.inputs, task_ids=task_ids, ensemble=ensemble, sampling=sampling)
+        return GenerateInput(inputs=self.inputs, task_ids=(self.task_id,), sampling=sampling)
 
 
 # ---- responses

@@ -11,6 +11,7 @@ from server.engine.config import EngineConfig
 
 _ENGINE = EngineConfig()
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the two uploaded files
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class Settings(BaseSettings):
@@ -55,6 +56,11 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        """A request that does not say: 64, or the limit when it is lower."""
+        return min(DEFAULT_MAX_NEW_TOKENS, self.max_new_tokens_limit)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -22,6 +22,7 @@ UPLOAD_OPENAPI = {
                 "schema": {
                     "type": "object",
                     "required": [CONFIG_PART, MODEL_PART],
+                    "additionalProperties": False,
                     "properties": {
                         CONFIG_PART: {"type": "string", "format": "binary", "description": "adapter_config.json"},
                         MODEL_PART: {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
@@ -75,10 +76,14 @@ async def parse_form(request: Request) -> FormData:
 
 
 def check_parts(form: FormData) -> None:
+    """Exactly the two parts (a third file is refused by the parser): anything else is a mistake worth naming."""
+    found = sorted(form.keys())
     missing = [name for name in (CONFIG_PART, MODEL_PART) if name not in form]
     if missing:
-        found = sorted(form.keys())
         raise invalid(f"expected the multipart file parts {missing} (missing); found parts {found}")
+    extra = [name for name in found if name not in (CONFIG_PART, MODEL_PART)]
+    if extra:
+        raise invalid(f"expected only the multipart file parts {[CONFIG_PART, MODEL_PART]}; found also {extra}")
 
 
 async def read_part(form: FormData, name: str, limit: int) -> bytes:

@@ -175,6 +175,7 @@ def test_generate_422_when_inputs_hold_a_lone_surrogate(client: TestClient, engi
     ("parameters", "found"),
     [
         (b'{"seed": 18446744073709551616}', "found 18446744073709551616"),  # torch.Generator overflows past 2**64-1
+        (b'{"seed": 9007199254740992}', "found 9007199254740992"),  # 2**53: not every JSON library reads it exactly
         (b'{"do_sample": true, "temperature": 1e-300}', "found 1e-300"),  # logits / it overflow: NaN probabilities
         (b'{"do_sample": true, "temperature": Infinity}', "expected a finite number; found Infinity"),
         (b'{"do_sample": true, "top_p": NaN}', "expected a finite number; found NaN"),
@@ -191,10 +192,10 @@ def test_generate_422_when_sampling_parameter_would_break_the_sampler(
 
 
 def test_generate_accepts_the_extreme_sampling_parameters_that_work(client: TestClient, engine: FakeEngine) -> None:
-    parameters = {"do_sample": True, "temperature": 1e-5, "top_p": 1e-300, "seed": 2**64 - 1}
+    parameters = {"do_sample": True, "temperature": 1e-5, "top_p": 1e-300, "seed": 2**53 - 1}
     assert generate(client, parameters=parameters).status_code == 200
     sampling = engine.requests[-1].sampling
-    assert (sampling.temperature, sampling.seed) == (1e-5, 2**64 - 1)
+    assert (sampling.temperature, sampling.seed) == (1e-5, 2**53 - 1)
     assert sampling.top_p == FLOAT32_TINY  # a float32 0 would drop every token; this keeps the top one, as asked
 
 

@@ -8,7 +8,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server.api.generation import complete, start_stream, stream_events, tracked
 from server.api.metrics import Metrics
 from server.api.schemas import GenerateRequest, GenerateResponse
-from server.api.state import get_engine, get_metrics
+from server.api.settings import Settings
+from server.api.state import get_engine, get_metrics, get_settings
 from server.engine.interface import EngineClient
 
 router = APIRouter(tags=["generation"])
@@ -21,9 +22,11 @@ async def generate(
     request: Request,
     engine: EngineClient = Depends(get_engine),
     metrics: Metrics = Depends(get_metrics),
+    settings: Settings = Depends(get_settings),
 ) -> Response:
     tracker = metrics.start_request("generate")
-    completion = await tracked(request, tracker, complete(engine, body.to_engine_input(), tracker))
+    generate_input = body.to_engine_input(settings.default_max_new_tokens)
+    completion = await tracked(request, tracker, complete(engine, generate_input, tracker))
     tracker.finish("success")
     return JSONResponse(GenerateResponse.of(completion, body.parameters.details).model_dump(mode="json"))
 
@@ -34,8 +37,10 @@ async def generate_stream(
     request: Request,
     engine: EngineClient = Depends(get_engine),
     metrics: Metrics = Depends(get_metrics),
+    settings: Settings = Depends(get_settings),
 ) -> Response:
     tracker = metrics.start_request("generate_stream")
-    first, outputs = await tracked(request, tracker, start_stream(engine, body.to_engine_input()))
+    generate_input = body.to_engine_input(settings.default_max_new_tokens)
+    first, outputs = await tracked(request, tracker, start_stream(engine, generate_input))
     events = stream_events(first, outputs, body.parameters.details, tracker)
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

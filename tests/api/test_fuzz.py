@@ -1,0 +1,151 @@
+"""Schemathesis, every check, against the real server on a tiny backbone through a real port: the OpenAPI
+document tells the truth (statuses, error bodies, the stream's events, what a valid request is) and nothing
+answers 5xx.
+
+Every phase runs: examples (valid adapters given as examples, so registration is exercised with good input, not
+only bad), coverage, fuzzing and stateful. Two expectations are widened, each for a reason a schema cannot carry:
+a generation request may be 413 (too many tokens: a token count is not a string length), and an upload may be 422
+(an adapter's shapes must fit the backbone, which no JSON Schema of a file part can say).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+import uvicorn
+from schemathesis.config import SchemathesisConfig
+from schemathesis.engine import events
+
+from server.api.app import create_app
+from server.api.settings import Settings
+from tests.fixtures import TinyBackbone
+
+MAX_EXAMPLES = 10
+CONFIG = """
+base-url = "{url}"
+seed = 1
+[checks]
+enabled = true
+[generation]
+max-examples = {max_examples}
+database = "none"
+[[operations]]
+include-path-regex = "^/v1/generate"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "413", "429", "503"]
+[[operations]]
+include-name = "PUT /v1/tasks/{{task_id}}"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "422", "503"]
+"""
+
+
+@dataclass
+class FuzzRun:
+    num_requests: int = 0
+    failures: list[str] = field(default_factory=list)
+    statuses: Counter[tuple[str, int]] = field(default_factory=Counter)
+    checks: set[str] = field(default_factory=set)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server_url(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    settings = Settings(
+        model=str(tiny_llama.path),
+        store_dir=str(tmp_path_factory.mktemp("fuzz-store")),
+        demo_tasks=False,
+        max_new_tokens_limit=8,
+        max_input_tokens=64,
+        max_batch_size=4,
+        poll_interval_s=0,
+        log_level="critical",
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url)
+    for kind, adapter_dir in tiny_llama.adapters.items():
+        httpx.put(f"{url}/v1/tasks/{kind}", files=adapter_files(adapter_dir), timeout=30).raise_for_status()
+    yield url
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def wait_healthy(url: str) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the server at {url} did not turn healthy")
+
+
+def adapter_files(adapter_dir: Path) -> dict[str, bytes]:
+    return {
+        "adapter_config": (adapter_dir / "adapter_config.json").read_bytes(),
+        "adapter_model": (adapter_dir / "adapter_model.safetensors").read_bytes(),
+    }
+
+
+def with_valid_upload_examples(document: dict[str, Any], tiny: TinyBackbone) -> dict[str, Any]:
+    multipart = document["paths"]["/v1/tasks/{task_id}"]["put"]["requestBody"]["content"]["multipart/form-data"]
+    multipart["examples"] = {kind: {"value": adapter_files(tiny.adapters[kind])} for kind in ("prefix", "p_tuning_mlp")}
+    return document
+
+
+def fuzz(url: str, document: dict[str, Any]) -> FuzzRun:
+    config = SchemathesisConfig.from_str(CONFIG.format(url=url, max_examples=MAX_EXAMPLES))
+    run = FuzzRun()
+    for event in schemathesis.engine.from_schema(schemathesis.openapi.from_dict(document, config=config)).execute():
+        if isinstance(event, events.FatalError | events.NonFatalError):
+            run.failures.append(f"{type(event).__name__}: {event}")
+        if not isinstance(event, events.ScenarioFinished):
+            continue
+        recorder = event.recorder
+        run.num_requests += len(recorder.interactions)
+        for interaction in recorder.interactions.values():
+            if interaction.response is not None:
+                path = re.sub(r"/v1/tasks/[^?]+", "/v1/tasks/{id}", interaction.request.uri.split(url, 1)[-1])
+                run.statuses[(f"{interaction.request.method} {path}", interaction.response.status_code)] += 1
+        for checks in recorder.checks.values():
+            for check in checks:
+                run.checks.add(check.name)
+                if check.status.name == "FAILURE" and check.failure_info is not None:
+                    run.failures.append(f"{recorder.label} {check.name}: {str(check.failure_info.failure)[:500]}")
+    return run
+
+
+def test_schemathesis_with_every_check_finds_nothing(server_url: str, tiny_llama: TinyBackbone):
+    logging.getLogger("schemathesis").setLevel(logging.ERROR)
+    document = with_valid_upload_examples(httpx.get(f"{server_url}/openapi.json").json(), tiny_llama)
+    run = fuzz(server_url, document)
+    print(f"schemathesis sent {run.num_requests} requests; checks: {', '.join(sorted(run.checks))}")
+    assert not run.failures, "\n".join(run.failures[:10])
+    assert run.num_requests > 300
+    assert {"positive_data_acceptance", "negative_data_rejection", "response_schema_conformance"} <= run.checks
+    registered = sum(
+        n for (operation, status), n in run.statuses.items() if operation.startswith("PUT") and status < 300
+    )
+    assert registered > 0, "the examples phase should register valid adapters"
+    assert not [key for key in run.statuses if key[1] >= 500]

@@ -1,0 +1,92 @@
+"""GET /openapi.json tells the truth: every status an operation sends with the real error body, references that
+resolve, the stream's events, the one-target rule; and a 405 names every method the path serves."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.openapi import OPERATION_ERRORS
+from tests.api.conftest import upload
+
+
+@pytest.fixture
+def document(client: TestClient) -> dict[str, Any]:
+    return client.get("/openapi.json").json()
+
+
+def test_every_operation_documents_its_error_statuses_with_the_real_error_body(document: dict[str, Any]) -> None:
+    for (method, path), statuses in OPERATION_ERRORS.items():
+        responses = document["paths"][path][method]["responses"]
+        for status in (*statuses, 500):
+            schema = responses[str(status)]["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path, status)
+    error = document["components"]["schemas"]["ErrorResponse"]
+    assert (
+        error["required"] == ["error", "error_type"]
+        and "method_not_allowed" in error["properties"]["error_type"]["enum"]
+    )
+    assert "HTTPValidationError" not in document["components"]["schemas"]  # FastAPI's {"detail": ...} is not sent
+
+
+def test_every_operation_in_the_document_is_in_the_error_table(document: dict[str, Any]) -> None:
+    documented = {(method, path) for path, operations in document["paths"].items() for method in operations}
+    assert documented == set(OPERATION_ERRORS)
+
+
+def test_every_reference_resolves_from_the_document_root(document: dict[str, Any]) -> None:
+    references = set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(document)))
+    assert references and all(ref.startswith("#/components/schemas/") for ref in references)
+    assert {ref.rsplit("/", 1)[1] for ref in references} <= set(document["components"]["schemas"])
+
+
+def test_the_stream_is_documented_as_server_sent_events_of_stream_events_or_errors(document: dict[str, Any]) -> None:
+    content = document["paths"]["/v1/generate_stream"]["post"]["responses"]["200"]["content"]
+    data = content["text/event-stream"]["schema"]["properties"]["data"]
+    assert data["contentMediaType"] == "application/json"
+    assert data["contentSchema"]["anyOf"] == [
+        {"$ref": "#/components/schemas/StreamEvent"},
+        {"$ref": "#/components/schemas/ErrorResponse"},
+    ]
+
+
+def test_task_id_and_task_ids_exclude_each_other_in_the_schema(document: dict[str, Any], client: TestClient) -> None:
+    rule = document["components"]["schemas"]["GenerateRequest"]["not"]
+    assert rule["required"] == ["task_id", "task_ids"]
+    assert rule["properties"] == {"task_id": {"type": "string"}, "task_ids": {"type": "array"}}
+    both = client.post("/v1/generate", json={"inputs": "x", "task_id": "a", "task_ids": ["a"]})
+    assert both.status_code == 422
+    assert client.post("/v1/generate", json={"inputs": "x", "task_id": None, "task_ids": None}).status_code == 200
+
+
+def test_the_schema_states_the_servers_own_limits(client: TestClient, document: dict[str, Any]) -> None:
+    max_new_tokens = document["components"]["schemas"]["Parameters"]["properties"]["max_new_tokens"]["anyOf"][0]
+    assert max_new_tokens == {"type": "integer", "minimum": 1, "maximum": 2048}
+    task_ids = document["components"]["schemas"]["GenerateRequest"]["properties"]["task_ids"]["anyOf"][0]
+    assert task_ids["maxItems"] == 32
+
+
+def test_an_integral_float_is_an_integer_as_json_schema_says(client: TestClient) -> None:
+    parameters = {"max_new_tokens": 3.0, "seed": 7.0, "top_k": 2.0}
+    assert client.post("/v1/generate", json={"inputs": "x", "parameters": parameters}).status_code == 200
+    fractional = client.post("/v1/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 3.5}})
+    assert fractional.status_code == 422
+
+
+def test_405_names_every_method_the_path_serves(client: TestClient) -> None:
+    response = client.post("/v1/tasks/upper")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "GET, PUT, DELETE"
+    assert response.json() == {
+        "error": "expected GET or PUT or DELETE for /v1/tasks/upper; found POST",
+        "error_type": "method_not_allowed",
+    }
+
+
+def test_an_upload_with_an_extra_part_is_422_naming_it(client: TestClient) -> None:
+    extra = client.put("/v1/tasks/a", files=upload(), data={"comment": "hi"})
+    assert extra.status_code == 422 and "found also ['comment']" in extra.json()["error"]
