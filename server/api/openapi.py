@@ -7,6 +7,7 @@ them here, per operation, from the dependencies each route has.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -82,7 +83,7 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
         for method, operation in operations.items():
             document_errors(operation, OPERATION_ERRORS.get((method, path), ()))
     stream = document["paths"]["/v1/generate_stream"]["post"]["responses"]["200"]
-    stream["content"] = {"text/event-stream": {"schema": SSE_EVENT}}
+    stream["content"] = {"text/event-stream": {"schema": copy.deepcopy(SSE_EVENT)}}
     stream["description"] = (
         "server-sent events, each `data: <StreamEvent>`; the last carries generated_text and details. An error "
         "after the stream has started arrives as a last `data: <ErrorResponse>`"
@@ -100,17 +101,20 @@ def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
 
 
 def add_component(schemas: dict[str, Any], model: type[Any]) -> None:
-    """The model and every model it uses, as components that `#/components/schemas/...` references reach."""
+    """The model and every model it uses, as components that `#/components/schemas/...` references reach (FastAPI's
+    own version of a model it already documents is kept)."""
     schema = model.model_json_schema(ref_template=COMPONENT)
-    schemas.update(schema.pop("$defs", {}))
-    schemas[model.__name__] = schema
+    for name, definition in schema.pop("$defs", {}).items():
+        schemas.setdefault(name, definition)
+    schemas.setdefault(model.__name__, schema)
 
 
 def document_errors(operation: dict[str, Any], statuses: tuple[int, ...]) -> None:
     responses = operation.setdefault("responses", {})
     for status in (*statuses, 500):
         description, headers = ERROR_STATUSES[status]
-        response: dict[str, Any] = {"description": description, "content": {"application/json": {"schema": ERROR_REF}}}
+        content = {"application/json": {"schema": dict(ERROR_REF)}}
+        response: dict[str, Any] = {"description": description, "content": content}
         if headers:
-            response["headers"] = headers
+            response["headers"] = copy.deepcopy(headers)
         responses[str(status)] = response

@@ -53,9 +53,6 @@ def absent_when_none() -> Any:
 # ---- requests
 
 
-INTEGERS = ("max_new_tokens", "top_k", "seed")
-
-
 class Parameters(BaseModel):
     """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields.
     Strict: "5" is not a number and "yes" not a boolean (a typo should be an error, not a guess)."""
@@ -85,11 +82,10 @@ class Parameters(BaseModel):
     @classmethod
     def _integral_floats_are_integers(cls, data: Any) -> Any:
         """JSON Schema counts 5.0 as an integer, so the API does too; "5" stays an error (the model is strict)."""
-        if isinstance(data, dict):
-            return {
-                k: int(v) if isinstance(v, float) and v.is_integer() and k in INTEGERS else v for k, v in data.items()
-            }
-        return data
+        if not isinstance(data, dict):
+            return data
+        integers = {name for name, field in cls.model_fields.items() if field.annotation in (int, int | None)}
+        return {k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
 
     @field_validator("temperature")
     @classmethod

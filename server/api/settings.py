@@ -8,10 +8,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from server.engine.config import EngineConfig
+from server.engine.types import SamplingParams
 
 _ENGINE = EngineConfig()
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries and part headers around the two uploaded files
-DEFAULT_MAX_NEW_TOKENS = 64
+DEFAULT_MAX_NEW_TOKENS = SamplingParams().max_new_tokens
 
 
 class Settings(BaseSettings):

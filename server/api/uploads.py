@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -78,6 +79,9 @@ async def parse_form(request: Request) -> FormData:
 def check_parts(form: FormData) -> None:
     """Exactly the two parts (a third file is refused by the parser): anything else is a mistake worth naming."""
     found = sorted(form.keys())
+    repeated = sorted({name for name, count in Counter(name for name, _ in form.multi_items()).items() if count > 1})
+    if repeated:
+        raise invalid(f"expected each multipart part once; found {repeated} more than once")
     missing = [name for name in (CONFIG_PART, MODEL_PART) if name not in form]
     if missing:
         raise invalid(f"expected the multipart file parts {missing} (missing); found parts {found}")

@@ -24,7 +24,7 @@ from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
 from server.engine.intake import IntakeConfig, build_request
 from server.engine.output import OutputProcessor
-from server.engine.probe import PROBE_TIMEOUT_S, Probe
+from server.engine.probe import Probe
 from server.engine.request import Request
 from server.engine.selfcheck import self_check
 from server.engine.types import EngineInfo, EngineOutput, EngineStats, GenerateInput, RequestOutput, StepStats
@@ -144,12 +144,16 @@ class AsyncEngine:
         return self.store.register(task_id, adapter_config, adapter_model)
 
     def probe(self, artifact: TaskArtifact) -> None:
-        """Blocking (a caller's thread): the engine thread runs the probe; then its task leaves the device."""
+        """Blocking (a caller's thread): the engine thread runs the probe rows; their task leaves the device with
+        them (see probe.PROBE_TASK_ID)."""
+        if not self.is_ready():
+            raise EngineUnavailable("the engine is not running")
         probe = Probe.of(artifact, self.backbone, self.config.cache_prompt_kv)
-        self.inbox.put(partial(self.engine.probe, probe.request))
-        finished = probe.done.wait(PROBE_TIMEOUT_S)
-        self.inbox.put(partial(self.engine.abort, probe.request.request_id))  # a no-op once finished
-        self.inbox.put(partial(self.engine.retire_task, probe.task_id, None))
+        for request in probe.requests:
+            self.inbox.put(partial(self.engine.probe, request))
+        finished = probe.wait(self.is_ready)
+        for request in probe.requests:
+            self.inbox.put(partial(self.engine.abort, request.request_id))  # a no-op once finished
         probe.verdict(artifact, finished, self.backbone)
 
     def delete_task(self, task_id: str) -> None:

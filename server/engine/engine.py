@@ -66,7 +66,7 @@ class Engine:
         if reason is not None:
             self.emit_error(request, InputTooLong(reason))
         else:
-            self.scheduler.waiting.appendleft(request)
+            self.scheduler.add_first(request)
 
     def abort(self, request_id: str) -> None:
         request = self.scheduler.find(request_id)

@@ -51,8 +51,12 @@ def validate_tasks(request: GenerateInput) -> None:
 
 def tokenize(backbone: Backbone, text: str, limits: IntakeConfig) -> list[int]:
     input_ids = list(backbone.tokenizer(text)["input_ids"])
-    if not input_ids:
-        raise InvalidPrompt("expected inputs that tokenize to at least one token; found none")
+    if not input_ids:  # an empty input on a tokenizer that adds no <s>: start from its <s> or </s>, as HF does
+        start = backbone.tokenizer.bos_token_id
+        start = backbone.tokenizer.eos_token_id if start is None else start
+        if start is None:
+            raise InvalidPrompt("expected inputs that tokenize to at least one token; found none")
+        input_ids = [start]
     if len(input_ids) > limits.max_input_tokens:
         raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
     return input_ids

@@ -1,74 +1,109 @@
-"""A new task's probe: before a registration is stored, the engine runs the task once on a probe input.
+"""A new task's probe: before a registration is stored, the engine runs the task once on two probe inputs.
 
 A task whose values are finite but make the backbone's activations overflow would be accepted and could never
-answer: its logits come out NaN or infinite, or all equal (the normalisations divide the overflow away and nothing
-of the input is left: every answer is token 0). The probe finds it while the upload can still be refused (422). It
-runs as one row of the engine's own, at the head of the queue, beside whatever else is running.
+answer: its logits come out NaN or infinite, or the overflow swamps the input (the normalisations divide it away)
+and the backbone answers the same thing, to the same log-probability, whatever it is asked. The probe finds either
+while the upload can still be refused (422). Its rows are the engine's own: at the head of the queue and outside
+the batch-size limit, beside whatever is running.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from prompt_store.errors import InvalidTask
+from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.errors import EngineUnavailable, GenerationFailed
+from server.engine.errors import EngineUnavailable, GenerationFailed, InputTooLong
 from server.engine.intake import single_row_request
 from server.engine.request import Request
 from server.engine.types import EngineOutput
 
-PROBE_TEXT = "promptserve probe"
+PROBE_TEXTS = ("promptserve probe", "A different input, 42!")
 PROBE_NEW_TOKENS = 2
 PROBE_TIMEOUT_S = 120.0
-PROBE_TASK_ID = "promptserve.probe"  # with a version of its own per probe (negative: stored ones start at 1)
+WAIT_SLICE_S = 0.25
+# An id the task-id pattern refuses, so no user's task can share it; each probe has its own negative version,
+# which KVMemory counts as superseded from the start: its keys and values go on the probe's last release.
+PROBE_TASK_ID = "#probe"
 probe_versions = itertools.count(1)
 
 
 @dataclass
 class Probe:
-    task_id: str
-    version: int  # never a stored version, never reused: its cache entry cannot be confused with another task's
-    request: Request = field(init=False)
-    outputs: list[EngineOutput] = field(default_factory=list)
+    artifact: TaskArtifact  # the task as the probe runs it: PROBE_TASK_ID, a fresh negative version
+    requests: list[Request] = field(default_factory=list)
+    outputs: dict[str, list[EngineOutput]] = field(default_factory=dict)
     done: threading.Event = field(default_factory=threading.Event)
 
     @classmethod
     def of(cls, artifact: TaskArtifact, backbone: Backbone, prompts_as_kv: bool) -> Probe:
-        probe = cls(PROBE_TASK_ID, -next(probe_versions))
-        task = replace(artifact, record=replace(artifact.record, task_id=probe.task_id, version=probe.version))
-        input_ids = list(backbone.tokenizer(PROBE_TEXT)["input_ids"])
-        request_id = f"{PROBE_TASK_ID}{probe.version}.{uuid.uuid4().hex[:8]}"
-        probe.request = single_row_request(request_id, input_ids, task, prompts_as_kv, PROBE_NEW_TOKENS, probe.sink)
+        record = replace(artifact.record, task_id=PROBE_TASK_ID, version=-next(probe_versions))
+        probe = cls(replace(artifact, record=record))
+        for text in PROBE_TEXTS:
+            input_ids = list(backbone.tokenizer(text)["input_ids"])
+            check_positions(artifact, len(input_ids), backbone)
+            request_id = f"{PROBE_TASK_ID}.{uuid.uuid4().hex[:12]}"
+            probe.outputs[request_id] = []
+            sink = partial_sink(probe, request_id)
+            request = single_row_request(request_id, input_ids, probe.artifact, prompts_as_kv, PROBE_NEW_TOKENS, sink)
+            request.jumps_queue = True
+            probe.requests.append(request)
         return probe
 
-    def sink(self, output: EngineOutput) -> None:  # the engine thread
-        self.outputs.append(output)
-        if output.finished or output.error is not None:
+    def on_output(self, request_id: str, output: EngineOutput) -> None:  # the engine thread
+        self.outputs[request_id].append(output)
+        if all(outputs and (outputs[-1].finished or outputs[-1].error) for outputs in self.outputs.values()):
             self.done.set()
 
+    def wait(self, is_running: Callable[[], bool]) -> bool:
+        """Until both rows answered (True), the timeout passed or the engine stopped (False)."""
+        for _ in range(int(PROBE_TIMEOUT_S / WAIT_SLICE_S)):
+            if self.done.wait(WAIT_SLICE_S):
+                return True
+            if not is_running():
+                return False
+        return False
+
     def verdict(self, artifact: TaskArtifact, finished: bool, backbone: Backbone) -> None:
-        """Nothing if the task answered; InvalidTask if its logits were not finite, or all equal."""
+        """Nothing if the task answered; InvalidTask if it cannot (TaskTooLarge if it does not fit)."""
         if not finished:
-            raise EngineUnavailable(f"the engine did not run the new task's probe within {PROBE_TIMEOUT_S:g} s")
-        error = next((output.error for output in self.outputs if output.error is not None), None)
-        if isinstance(error, GenerationFailed):
-            raise overflow(artifact, backbone, "NaN or infinity")
-        if error is not None:
-            raise error
-        # the chosen (greedy) token's log-probability is -log(vocab) only when every logit is the same
-        uniform = -math.log(backbone.fingerprint.vocab_size) + 1e-4
-        if all(token.logprob <= uniform for output in self.outputs for token in output.tokens):
-            raise overflow(artifact, backbone, "every logit equal (nothing of the input left)")
+            raise EngineUnavailable(f"the engine did not run the new task's probe (within {PROBE_TIMEOUT_S:g} s)")
+        errors = [output.error for outputs in self.outputs.values() for output in outputs if output.error]
+        if any(isinstance(error, GenerationFailed) for error in errors):
+            raise overflow(artifact, backbone, "NaN or infinity in its logits")
+        if any(isinstance(error, InputTooLong) for error in errors):
+            raise TaskTooLarge(f"expected a task whose virtual tokens fit the KV cache; found: {errors[0]}")
+        if errors:
+            raise errors[0]
+        answers = [
+            [(t.id, round(t.logprob, 6)) for o in outputs for t in o.tokens] for outputs in self.outputs.values()
+        ]
+        if answers[0] == answers[1]:
+            raise overflow(artifact, backbone, "the same answer, to the same log-probability, for different inputs")
+
+
+def partial_sink(probe: Probe, request_id: str) -> Callable[[EngineOutput], None]:
+    return lambda output: probe.on_output(request_id, output)
+
+
+def check_positions(artifact: TaskArtifact, num_input: int, backbone: Backbone) -> None:
+    """A task with more virtual tokens than the backbone has positions could never run a row."""
+    num_virtual = artifact.record.num_virtual_tokens
+    if backbone.max_positions is not None and num_virtual + num_input + PROBE_NEW_TOKENS > backbone.max_positions:
+        raise InvalidTask(
+            f"expected a task whose {num_virtual} virtual tokens leave room for an input in the backbone's "
+            f"{backbone.max_positions} positions; found no room"
+        )
 
 
 def overflow(artifact: TaskArtifact, backbone: Backbone, found: str) -> InvalidTask:
     dtype = str(backbone.dtype).removeprefix("torch.")
     return InvalidTask(
-        f"expected a task the backbone can answer under; found {found} when task {artifact.record.task_id!r} ran "
-        f"on a probe input: its values overflow the backbone's {dtype} activations, so it could never answer"
+        f"expected a task the backbone can answer under; found {found} when task {artifact.record.task_id!r} ran on "
+        f"probe inputs: its values overflow the backbone's {dtype} activations, so it could never answer"
     )

@@ -98,6 +98,7 @@ class Request:
     generator: torch.Generator | None = None  # seeded sampling; one per request, so batch mates never matter
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
+    jumps_queue: bool = False  # the engine's own (a new task's probe): first in line, outside the batch-size limit
 
     @property
     def num_input_tokens(self) -> int:

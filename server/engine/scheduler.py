@@ -89,6 +89,11 @@ class Scheduler:
         assert not self.is_full() and self.why_never_fits(request) is None
         self.waiting.append(request)
 
+    def add_first(self, request: Request) -> None:
+        """A request of the engine's own: at the head of the queue, whatever its length."""
+        assert self.why_never_fits(request) is None
+        self.waiting.appendleft(request)
+
     # ---- the plan
 
     def schedule(self) -> StepPlan:
@@ -117,7 +122,7 @@ class Scheduler:
     def admit_waiting(self, plan: StepPlan) -> None:
         while self.waiting:
             request = self.waiting[0]
-            if self.num_running_rows + request.num_rows > self.config.max_batch_size:
+            if self.num_running_rows + request.num_rows > self.config.max_batch_size and not request.jumps_queue:
                 return
             chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
             needed = self.memory.task_blocks_needed(request.task_tokens()) + self.blocks_to_grow(chunks)

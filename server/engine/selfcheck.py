@@ -32,7 +32,7 @@ TEXT = "promptserve checks itself"
 NUM_VIRTUAL_TOKENS = 4
 NUM_NEW_TOKENS = 4
 SEED = 1234
-TASK_ID = "promptserve.self-check"  # version 0: stored versions start at 1, so it can never shadow a user's task
+TASK_ID = "#self-check"  # the task-id pattern refuses it: never a user's task
 REFERENCE_ATTENTION = "eager"
 
 

@@ -12,7 +12,7 @@ import torch
 from prompt_store.errors import InvalidTask
 from server.engine.async_engine import AsyncEngine, build_engine
 from server.engine.config import EngineConfig
-from server.engine.types import GenerateInput, SamplingParams
+from server.engine.types import GenerateInput, SamplingParams, StepStats
 from tests.engine.test_async_engine import collect, wait_idle
 from tests.fixtures import TinyBackbone
 from tests.prompt_store.helpers import adapter_parts, config_bytes, model_bytes
@@ -40,14 +40,17 @@ def upload_filled_with(tiny: TinyBackbone, kind: str, value: float) -> tuple[byt
     return config_bytes(config), model_bytes(torch.full_like(tensor, value))
 
 
+SAME_ANSWER = "the same answer, to the same log-probability, for different inputs"
+
+
 @pytest.mark.parametrize(
     ("kind", "value", "found"),
-    [("prefix", 3e38, "NaN or infinity"), ("prefix", 1e20, r"every logit equal \(nothing of the input left\)")],
+    [("prefix", 3e38, "NaN or infinity in its logits"), ("prefix", 1e20, SAME_ANSWER)],
 )
 def test_a_task_that_overflows_the_backbone_is_refused_and_not_stored(
     engine: AsyncEngine, tiny_llama: TinyBackbone, kind: str, value: float, found: str
 ):
-    with pytest.raises(InvalidTask, match=f"found {found} when task 'overflowing' ran on a probe input"):
+    with pytest.raises(InvalidTask, match=f"found {found} when task 'overflowing' ran on probe inputs"):
         engine.register_task("overflowing", *upload_filled_with(tiny_llama, kind, value))
     assert "overflowing" not in {record.task_id for record in engine.list_tasks()}
     assert wait_idle(engine) and wait_for(lambda: not engine.engine.memory.tasks)  # the probe left nothing behind
@@ -65,16 +68,38 @@ def test_a_prompt_whose_vectors_normalise_away_is_kept_it_answers_like_an_empty_
 
 
 def test_a_good_task_passes_its_probe_while_batch_mates_run(engine: AsyncEngine, tiny_llama: TinyBackbone):
-    async def scenario() -> tuple[str, int]:
-        params = SamplingParams(max_new_tokens=30)
-        running = [output async for output in engine.generate(GenerateInput("a batch mate", sampling=params))]
-        return running[-1].completion.generated_text, running[-1].completion.generated_tokens
+    steps: list[StepStats] = []
+    engine.add_step_listener(steps.append)
+    params = SamplingParams(max_new_tokens=60)
 
-    async def both() -> tuple[tuple[str, int], tuple[object, bool]]:
-        registering = asyncio.to_thread(engine.register_task, "good", *upload_filled_with(tiny_llama, "prefix", 0.5))
-        return await asyncio.gather(scenario(), registering)
+    async def mate_registering_midway() -> tuple[str, tuple[object, bool]]:
+        stream = engine.generate(GenerateInput("a batch mate", sampling=params))
+        first = await anext(stream)
+        registered = await asyncio.to_thread(
+            engine.register_task, "good", *upload_filled_with(tiny_llama, "prefix", 0.5)
+        )
+        rest = [output async for output in stream]
+        return (first.token.text + "".join(o.token.text for o in rest if o.token) if rest else ""), registered
 
-    (text, num_tokens), (record, created) = asyncio.run(both())
-    assert created and record.task_id == "good" and num_tokens <= 30
-    assert asyncio.run(scenario())[0] == text  # the mate's answer did not depend on the probe beside it
+    _, (record, created) = asyncio.run(mate_registering_midway())
+    assert created and record.task_id == "good"
+    assert any(step.batch_size >= 2 and step.num_distinct_tasks == 1 for step in steps)  # probe rows beside the mate
+    alone = asyncio.run(collect(engine, GenerateInput("a batch mate", sampling=params)))
+    mixed = asyncio.run(collect(engine, GenerateInput("a batch mate", sampling=params)))
+    assert alone[-1].completion.generated_text == mixed[-1].completion.generated_text
     assert wait_idle(engine)
+
+
+def test_a_task_whose_virtual_tokens_leave_no_room_for_an_input_is_refused(
+    tiny_gpt2: TinyBackbone, tmp_path_factory: pytest.TempPathFactory
+):
+    store = tmp_path_factory.mktemp("positions")
+    config = EngineConfig(model=str(tiny_gpt2.path), store_dir=str(store), poll_interval_s=0, max_virtual_tokens=1024)
+    engine = build_engine(config)
+    try:
+        adapter, tensor = adapter_parts(tiny_gpt2.adapters["prompt_tuning"])
+        adapter["num_virtual_tokens"] = 510  # the tiny GPT-2 has 512 positions
+        with pytest.raises(InvalidTask, match="leave room for an input in the backbone's 512 positions"):
+            engine.register_task("long", config_bytes(adapter), model_bytes(tensor[:1].repeat(510, 1)))
+    finally:
+        engine.shutdown()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from functools import partial
+from typing import Annotated, Any
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -16,6 +18,17 @@ from server.api.uploads import UPLOAD_OPENAPI, read_adapter_upload
 from server.engine.interface import EngineClient
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+MAX_CONCURRENT_REGISTRATIONS = 4
+
+
+def registrations(app: Any) -> CapacityLimiter:
+    """The app's own limiter for registrations (created on first use, inside the event loop)."""
+    if not hasattr(app.state, "registrations"):
+        app.state.registrations = CapacityLimiter(MAX_CONCURRENT_REGISTRATIONS)
+    limiter: CapacityLimiter = app.state.registrations
+    return limiter
+
+
 TaskIdPath = Annotated[str, Path(pattern=TASK_ID_PATTERN, description="the task's id")]
 
 
@@ -35,7 +48,9 @@ async def put_task(
     metrics: Metrics = Depends(get_metrics),
 ) -> Response:
     upload = await read_adapter_upload(request, settings)
-    record, created = await run_in_threadpool(engine.register_task, task_id, upload.config, upload.model)
+    register = partial(engine.register_task, task_id, upload.config, upload.model)
+    # a registration waits for the engine to probe the task: it must not hold the threads other routes need
+    record, created = await to_thread.run_sync(register, limiter=registrations(request.app))
     metrics.on_task_registered(created)
     return JSONResponse(TaskOut.of(record).model_dump(mode="json"), status_code=201 if created else 200)
 
