@@ -15,17 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from server.demo.tasks import TRANSFORMATIONS, encode_example, sample_input
-from server.demo.training import (
-    BACKBONE_DIR,
-    DEFAULT_THREADS,
-    Batch,
-    Example,
-    bucketed_batches,
-    make_deterministic,
-    replace_dir,
-    train_loop,
-)
-from server.engine.default_backbone import byte_tokenizer, default_backbone_config
+from server.demo.training import BACKBONE_DIR, DEFAULT_THREADS
+from server.engine.default_backbone import PAD_ID, byte_tokenizer, default_backbone_config
+from server.train.loop import Batch, Example, make_deterministic, replace_dir, sampled_batches, train_loop
 
 
 def sample_example(rng: random.Random) -> Example:
@@ -65,16 +57,17 @@ def main() -> None:
     def loss_of(batch: Batch) -> torch.Tensor:
         return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
 
-    train_loop(
+    losses = train_loop(
         list(model.parameters()),
         loss_of,
-        bucketed_batches(lambda: sample_example(rng), rng, args.batch_size, pool=16),
+        sampled_batches(lambda: sample_example(rng), rng, args.batch_size, pool=16, pad_id=PAD_ID),
         args.steps,
         args.lr,
         warmup=100,
         weight_decay=0.01,
     )
-    print(f"pre-trained in {time.monotonic() - start:.0f}s; saved to {save_backbone(model.eval(), args.out)}")
+    print(f"pre-trained in {time.monotonic() - start:.0f}s, final loss {sum(losses[-100:]) / len(losses[-100:]):.4f}")
+    print(f"saved to {save_backbone(model.eval(), args.out)}")
 
 
 if __name__ == "__main__":
