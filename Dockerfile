@@ -20,9 +20,10 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir -c requirements.lock pip setuptools
 # torch first and from its own index: the default PyPI wheel would pull a multi-GB CUDA build into a CPU image.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-# The runtime dependencies (pyproject's list, without the dev extra) at the versions of the lock the suite passed with.
-RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-        > /tmp/runtime.txt \
+# The runtime dependencies and the train extra (`promptserve train` on the image's GPU), without the dev extra, at
+# the versions of the lock the suite passed with.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print(*p['dependencies'], *p['optional-dependencies']['train'], sep='\n')" > /tmp/runtime.txt \
     && pip install --no-cache-dir -c requirements.lock -r /tmp/runtime.txt
 COPY README.md ./
 COPY clients clients

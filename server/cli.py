@@ -88,6 +88,15 @@ def bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def train(argv: list[str]) -> int:
+    try:
+        from server.train.cli import main as train_main
+    except ImportError as error:
+        print(f"promptserve train needs the train extra: pip install 'promptserve[train]' ({error})", file=sys.stderr)
+        return 2
+    return train_main(argv)
+
+
 def delegate_to_client(name: str) -> Run:
     return lambda argv: client_cli.main([name, *argv], prog="promptserve")
 
@@ -98,6 +107,7 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("generate text under a task or an ensemble", delegate_to_client("generate")),
     "health": Command("is the server's model loaded?", delegate_to_client("health")),
     "info": Command("the server's model and limits", delegate_to_client("info")),
+    "train": Command("train a task with PEFT from a JSON Lines file (and register it with --register)", train),
     "bench": Command("load-test a running server (request rate, task popularity, TTFT/TPOT)", bench),
 }
 

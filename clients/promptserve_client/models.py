@@ -79,6 +79,8 @@ class Info(_Model):
     max_virtual_tokens: int
     version: str
     num_tasks: int
+    kv_cache_tokens: int | None = None  # servers before the KV pool do not say
+    kv_block_size: int | None = None
 
 
 class Health(_Model):

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,13 +21,12 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events
 
-from server.api.app import create_app
 from server.api.settings import Settings
 from tests.fixtures import TinyBackbone
+from tests.live_server import live_server
 
 MAX_EXAMPLES = 10
 CONFIG = """
@@ -58,15 +54,8 @@ class FuzzRun:
     checks: set[str] = field(default_factory=set)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server_url(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     settings = Settings(
         model=str(tiny_llama.path),
         store_dir=str(tmp_path_factory.mktemp("fuzz-store")),
@@ -77,28 +66,10 @@ def server_url(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactor
         poll_interval_s=0,
         log_level="critical",
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
-    for kind, adapter_dir in tiny_llama.adapters.items():
-        httpx.put(f"{url}/v1/tasks/{kind}", files=adapter_files(adapter_dir), timeout=30).raise_for_status()
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
-
-
-def wait_healthy(url: str) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"the server at {url} did not turn healthy")
+    with live_server(settings) as url:
+        for kind, adapter_dir in tiny_llama.adapters.items():
+            httpx.put(f"{url}/v1/tasks/{kind}", files=adapter_files(adapter_dir), timeout=30).raise_for_status()
+        yield url
 
 
 def adapter_files(adapter_dir: Path) -> dict[str, bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ import pytest
 
 from promptserve_client import Client, NotFoundError, UnavailableError
 from tests.fixtures import TinyBackbone
+from tests.live_server import free_port
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def promptserve_command() -> list[str]:

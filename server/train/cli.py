@@ -1,0 +1,422 @@
+"""`promptserve train`: a JSON Lines file in, a PEFT adapter directory out, and with --register a task served.
+
+Trains with PEFT on the frozen backbone, with the one loop of server.train.loop. Everything that can refuse the run
+(the data, the output directory, the server and its backbone, the task id, the method on this backbone, the
+adapter's shape under the store's rules) is checked before the first step; Ctrl-C stops it with nothing written.
+The output directory holds adapter_config.json and adapter_model.safetensors (what the store takes), metrics.json
+(exact match before and after, the loss curve) and, with matplotlib, loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, parse_adapter, validate_task_id
+from prompt_store.errors import InvalidTask, TaskTooLarge
+from server.engine.backbone import fingerprint_of, resolve_device, resolve_dtype
+from server.engine.default_backbone import ensure_default_backbone
+from server.train.data import DataError, Pair, encode, held_out_split, read_pairs
+from server.train.evaluate import Score, exact_match
+from server.train.loop import Batch, Example, epoch_batches, make_deterministic, train_loop
+from server.train.methods import METHODS, PEFT_NAMES, Method, peft_config, save_adapter
+
+DEFAULT_MODEL_NAME = "promptserve/default"  # what the server reports as its model id on the built-in backbone
+DEFAULT_STEPS = 300
+MAX_ENCODER_HIDDEN = 512
+SERVED_BACKBONE = ("model_type", "hidden_size", "num_layers", "num_key_value_heads", "head_dim", "vocab_size")
+
+
+class TrainRefused(ValueError):
+    """The run cannot start; the message says what was expected and what was found."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where --register sends the result: the server, its limits and the task id, checked before training."""
+
+    url: str
+    token: str | None
+    task_id: str
+    max_virtual_tokens: int
+    backbone: dict[str, Any]  # the server's model, as /info describes it
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """Everything the run needs, built (and checked) before the first step."""
+
+    model: Any  # the PeftModel over the frozen backbone
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    method: Method
+    num_virtual_tokens: int
+    learning_rate: float
+    rng: random.Random
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    method: str
+    num_virtual_tokens: int
+    learning_rate: float
+    steps: int
+    batch_size: int
+    seed: int
+    num_train: int
+    num_eval: int
+    exact_match: float | None
+    base_exact_match: float | None
+    trainable_parameters: int
+    seconds: float
+    loss_first: float
+    loss_last: float
+
+
+# ---- arguments
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; found {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number; found {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1; found {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="promptserve train", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="local directory or Hugging Face id of the backbone (default: the built-in one)")
+    p.add_argument("--method", required=True, choices=tuple(METHODS))
+    p.add_argument("--data", required=True, type=Path, help='JSON Lines: {"input": ..., "output": ...} a line')
+    p.add_argument(
+        "--output", required=True, type=Path, help="the adapter directory to write (a previous one is replaced)"
+    )
+    p.add_argument("--eval", type=Path, help="held-out pairs (default: a random --eval-fraction of --data)")
+    p.add_argument("--eval-fraction", type=fraction, default=0.1)
+    p.add_argument("--num-virtual-tokens", type=positive_int, help="default: 20")
+    p.add_argument(
+        "--learning-rate", type=positive_float, help="default: 3e-2 for prompt, 3e-3 for p-tuning and prefix"
+    )
+    p.add_argument(
+        "--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULT_STEPS}, or what --epochs makes)"
+    )
+    p.add_argument("--epochs", type=positive_float, help="passes over the training pairs, instead of --steps")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--warmup", type=int, default=30, help="warm-up steps (at most half the steps)")
+    mlp = f"p-tuning's and prefix's MLP width (default: the hidden size, at most {MAX_ENCODER_HIDDEN})"
+    p.add_argument("--encoder-hidden-size", type=positive_int, help=mlp)
+    p.add_argument("--seed", type=int, default=0, help="the same seed, data and versions give the same adapter")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when not on a terminal)")
+    p.add_argument("--register", metavar="URL", help="register the result with the server at URL")
+    p.add_argument("--task-id", help="the id to register it under (default: the output directory's name)")
+    p.add_argument("--token", default=os.environ.get("PROMPTSERVE_ADMIN_TOKEN"),
+                   help="the server's admin token (default: $PROMPTSERVE_ADMIN_TOKEN)")  # fmt: skip
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parser().parse_args(argv)
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        train_pairs, eval_pairs = load_pairs(args)
+        check_output(args.output)
+        target = check_server(args)
+        setup = prepare(args, target)
+        summary = fit(args, setup, train_pairs, eval_pairs)
+    except (DataError, TrainRefused) as error:
+        print(f"promptserve train: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"promptserve train: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
+    report(summary, args.output)
+    return 0 if target is None else register(target, args.output)
+
+
+def quiet_libraries() -> None:
+    """The libraries' deprecation notes and loading bars are for their developers, not for this command's user."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+# ---- before training: everything that could refuse the run
+
+
+def load_pairs(args: argparse.Namespace) -> tuple[list[Pair], list[Pair]]:
+    pairs = read_pairs(args.data)
+    if args.eval is not None:
+        return pairs, read_pairs(args.eval)
+    return held_out_split(pairs, args.eval_fraction, random.Random(args.seed))
+
+
+def check_output(output: Path) -> None:
+    """The output is replaced as a whole, so it must be absent, empty or an adapter directory: never `--output .`."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise TrainRefused(f"expected --output to be a directory or absent; found a file at {output}")
+    if any(output.iterdir()) and not (output / CONFIG_NAME).is_file():
+        raise TrainRefused(
+            f"expected --output to be absent, empty or a previous adapter directory (it is replaced); "
+            f"found {output} holding other files and no {CONFIG_NAME}"
+        )
+
+
+def check_server(args: argparse.Namespace) -> Target | None:
+    """With --register: a server that answers, and an id it takes; None without --register."""
+    if args.register is None:
+        return None
+    task_id = args.task_id or args.output.resolve().name
+    try:
+        validate_task_id(task_id)
+    except InvalidTask as error:
+        hint = "" if args.task_id else " (the output directory's name; give --task-id)"
+        raise TrainRefused(f"{error}{hint}") from None
+    from promptserve_client import Client, PromptserveError
+
+    try:
+        with Client(args.register, token=args.token) as client:
+            info = client.info()
+    except (PromptserveError, httpx.HTTPError) as error:
+        raise TrainRefused(f"expected a promptserve server at {args.register}; found: {error}") from None
+    backbone = {name: getattr(info, name) for name in SERVED_BACKBONE}
+    return Target(args.register, args.token, task_id, info.max_virtual_tokens, backbone)
+
+
+def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
+    """The frozen backbone under the method's PEFT model, and proof that what it saves, the server takes."""
+    source = args.model or str(ensure_default_backbone())
+    device = resolve_device(args.device)
+    rng = make_deterministic(args.seed)  # before PEFT initialises the prompt
+    tokenizer, backbone = load_frozen(source, resolve_dtype(args.dtype, device), device)
+    if target is not None:
+        check_same_backbone(backbone, target)
+    method = METHODS[args.method]
+    num_virtual = args.num_virtual_tokens or method.num_virtual_tokens
+    hidden = backbone.config.get_text_config().hidden_size
+    config = peft_config(method.name, num_virtual, args.encoder_hidden_size or min(hidden, MAX_ENCODER_HIDDEN))
+    model = wrap(backbone, config, method, device)
+    limits = StoreLimits(max_virtual_tokens=target.max_virtual_tokens) if target else StoreLimits()
+    check_storable(model, backbone, limits)
+    learning_rate = args.learning_rate or method.learning_rate
+    return Setup(model, tokenizer, device, method, num_virtual, learning_rate, rng)
+
+
+def load_frozen(source: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, PreTrainedModel]:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError, KeyError) as error:
+        raise TrainRefused(
+            f"expected a causal LM (a directory or Hugging Face id) at {source}; found: {error}"
+        ) from None
+    model.to(device)  # type: ignore[arg-type]
+    return tokenizer, model.eval().requires_grad_(False)
+
+
+def check_same_backbone(backbone: PreTrainedModel, target: Target) -> None:
+    fingerprint = fingerprint_of(backbone)
+    mine = {name: getattr(fingerprint, name) for name in SERVED_BACKBONE}
+    if mine != target.backbone:
+        raise TrainRefused(
+            f"expected the server at {target.url} to serve this backbone {mine}; found {target.backbone}"
+        )
+
+
+def wrap(backbone: PreTrainedModel, config: Any, method: Method, device: torch.device) -> Any:
+    from peft import get_peft_model
+
+    try:
+        model = get_peft_model(backbone, config)
+    except (ValueError, TypeError, AttributeError, KeyError, NotImplementedError) as error:
+        model_type = backbone.config.model_type
+        raise TrainRefused(
+            f"expected a backbone that takes --method {method.name}; found {model_type}: {error}"
+        ) from None
+    return model.to(device)
+
+
+def check_storable(model: Any, backbone: PreTrainedModel, limits: StoreLimits) -> None:
+    """Save the untrained adapter and read it back as the store would: a shape the store refuses fails now."""
+    with tempfile.TemporaryDirectory(prefix="promptserve-train-") as directory:
+        model.save_pretrained(directory)
+        config, weights = (Path(directory) / name for name in (CONFIG_NAME, MODEL_NAME))
+        try:
+            parse_adapter(config.read_bytes(), weights.read_bytes(), fingerprint_of(backbone), limits)
+        except (InvalidTask, TaskTooLarge) as error:
+            raise TrainRefused(f"expected an adapter the server takes; this one would be refused: {error}") from None
+
+
+# ---- training
+
+
+def fit(args: argparse.Namespace, setup: Setup, train_pairs: list[Pair], eval_pairs: list[Pair]) -> Summary:
+    model, tokenizer, device = setup.model, setup.tokenizer, setup.device
+    base = exact_match(model.get_base_model(), tokenizer, eval_pairs, device)
+    examples = [encode(pair, tokenizer) for pair in train_pairs]
+    check_lengths(examples, model, setup.num_virtual_tokens)
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    steps = num_steps(args, len(examples))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print(f"training {setup.method.name} on {len(examples)} pairs for {steps} steps on {device}", flush=True)
+    model.train()
+    started = time.monotonic()
+    losses = train_loop(
+        trainable,
+        loss_function(model, device),
+        epoch_batches(examples, setup.rng, args.batch_size, pad_id),
+        steps,
+        setup.learning_rate,
+        warmup=min(args.warmup, steps // 2),
+        progress=False if args.quiet else None,
+    )
+    seconds = time.monotonic() - started
+    model.eval()
+    trained = exact_match(model, tokenizer, eval_pairs, device)
+    summary = Summary(
+        setup.method.name, setup.num_virtual_tokens, setup.learning_rate, steps, args.batch_size, args.seed,
+        len(train_pairs), len(eval_pairs), trained.exact_match, base.exact_match,
+        sum(p.numel() for p in trainable), seconds, mean(losses[:10]), mean(losses[-10:]),
+    )  # fmt: skip
+    base_name = args.model or DEFAULT_MODEL_NAME
+    save_adapter(model, args.output, base_name, extra=metrics_writer(summary, losses, trained))
+    return summary
+
+
+def check_lengths(examples: list[Example], model: Any, num_virtual_tokens: int) -> None:
+    """Prompt tuning and P-tuning put their virtual tokens in the backbone's positions; a pair must fit beside them."""
+    config = model.get_base_model().config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is None:
+        return
+    longest = max(range(len(examples)), key=lambda index: len(examples[index][0]))
+    if len(examples[longest][0]) + num_virtual_tokens > limit:
+        raise TrainRefused(
+            f"expected every pair to fit the backbone's {limit} positions with {num_virtual_tokens} virtual tokens; "
+            f"found training pair {longest + 1} of {len(examples[longest][0])} tokens"
+        )
+
+
+def num_steps(args: argparse.Namespace, num_examples: int) -> int:
+    if args.steps:
+        return int(args.steps)
+    if args.epochs:
+        return max(1, math.ceil(args.epochs * num_examples / args.batch_size))
+    return DEFAULT_STEPS
+
+
+def loss_function(model: Any, device: torch.device) -> Callable[[Batch], torch.Tensor]:
+    def loss_of(batch: Batch) -> torch.Tensor:
+        return model(  # type: ignore[no-any-return]
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            labels=batch.labels.to(device),
+        ).loss
+
+    return loss_of
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# ---- after training
+
+
+def metrics_writer(summary: Summary, losses: list[float], score: Score) -> Callable[[Path], None]:
+    def write(directory: Path) -> None:
+        misses = [{"input": i, "expected": e, "got": g} for i, e, g in score.examples]
+        record = {**asdict(summary), "method_peft": PEFT_NAMES[summary.method], "loss_curve": losses, "misses": misses}
+        (directory / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+        plot_losses(losses, directory / "loss.png")
+
+    return write
+
+
+def plot_losses(losses: list[float], path: Path) -> None:
+    """The loss curve as a PNG, when matplotlib is installed (`pip install 'promptserve[plot]'`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axes.plot(range(1, len(losses) + 1), losses, linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("training loss")
+    axes.set_yscale("log")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def report(summary: Summary, output: Path) -> None:
+    print(
+        f"trained {summary.method} ({summary.num_virtual_tokens} virtual tokens, {summary.trainable_parameters:,} "
+        f"trainable parameters) for {summary.steps} steps in {summary.seconds:.1f} s; "
+        f"loss {summary.loss_first:.3f} -> {summary.loss_last:.3f}"
+    )
+    if summary.exact_match is None or summary.base_exact_match is None:
+        print("no held-out pairs to score (give --eval, or more than one pair)")
+    else:
+        print(
+            f"exact match on {summary.num_eval} held-out pairs: {summary.exact_match:.1%} "
+            f"(the backbone without the task: {summary.base_exact_match:.1%})"
+        )
+    print(f"wrote {output} (adapter_config.json, adapter_model.safetensors, metrics.json)")
+
+
+def register(target: Target, output: Path) -> int:
+    from promptserve_client import Client, PromptserveError
+
+    try:
+        with Client(target.url, token=target.token) as client:
+            record = client.register_task(target.task_id, output)
+    except (PromptserveError, httpx.HTTPError) as error:
+        print(
+            f"promptserve train: the server at {target.url} did not register the task: {error}\n"
+            f"the adapter is kept: promptserve tasks add {target.task_id} {output} --url {target.url}",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(record.model_dump(mode="json"), indent=2))
+    return 0

@@ -1,0 +1,258 @@
+"""`promptserve train` end to end on the tiny fixtures: it learns, it is repeatable, it refuses before training
+what would fail later, Ctrl-C writes nothing, and --register serves the task through a real port."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peft import PeftModel
+from pydantic import SecretStr
+from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
+from transformers.utils import logging as transformers_logging
+
+from prompt_store.adapter import StoreLimits, parse_adapter
+from promptserve_client import Client
+from server.api.settings import Settings
+from server.cli import main as promptserve
+from server.engine.backbone import fingerprint_of
+from server.train import cli as train_cli
+from tests.fixtures import TinyBackbone
+from tests.live_server import free_port, live_server
+from tests.reference import peft_greedy
+
+WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
+TOKEN = "train-test-token"
+
+
+@pytest.fixture(autouse=True)
+def restore_transformers_logging() -> Iterator[None]:
+    """The command quiets transformers' logging for its user; the rest of the suite keeps the default."""
+    verbosity = transformers_logging.get_verbosity()
+    yield
+    transformers_logging.set_verbosity(verbosity)
+    transformers_logging.enable_progress_bar()
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    """A task the random backbone cannot do: answer `<s>ok` to anything."""
+    rng = random.Random(0)
+    lines = [{"input": " ".join(rng.choices(WORDS, k=rng.randint(1, 3))), "output": "<s>ok"} for _ in range(48)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def train(backbone: TinyBackbone, data: Path, output: Path, *extra: str) -> int:
+    argv = ["train", "--model", str(backbone.path), "--data", str(data), "--output", str(output), "--quiet"]
+    return promptserve([*argv, "--steps", "100", "--batch-size", "8", "--warmup", "5", *extra])
+
+
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: Any, **kwargs: Any) -> list[float]:
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_cli, "train_loop", fail)
+
+
+@pytest.mark.parametrize("method", ["prompt", "p-tuning", "prefix"])
+def test_a_short_run_learns_and_writes_what_the_store_takes(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "task"
+    assert train(tiny_llama, data, output, "--method", method, "--num-virtual-tokens", "4") == 0
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert len(metrics["loss_curve"]) == metrics["steps"] == 100
+    assert metrics["loss_last"] < metrics["loss_first"] / 2, metrics["loss_curve"]
+    assert metrics["num_train"] + metrics["num_eval"] == 48 and metrics["num_eval"] == 5
+    assert 0 <= metrics["base_exact_match"] <= metrics["exact_match"] <= 1
+    assert (output / "loss.png").read_bytes().startswith(b"\x89PNG")
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama.path)
+    config, _, _ = parse_adapter(
+        (output / "adapter_config.json").read_bytes(),
+        (output / "adapter_model.safetensors").read_bytes(),
+        fingerprint_of(model),
+        StoreLimits(),
+    )
+    assert config["num_virtual_tokens"] == 4 and config["base_model_name_or_path"] == str(tiny_llama.path)
+    out = capsys.readouterr().out
+    assert f"trained {method} (4 virtual tokens" in out and "exact match on 5 held-out pairs" in out
+
+
+def test_the_same_seed_gives_the_same_adapter(tiny_llama: TinyBackbone, data: Path, tmp_path: Path) -> None:
+    weights = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert train(tiny_llama, data, tmp_path / name, "--method", "p-tuning", "--steps", "5", "--seed", seed) == 0
+        weights.append((tmp_path / name / "adapter_model.safetensors").read_bytes())
+    assert weights[0] == weights[1] != weights[2]
+
+
+def test_an_eval_file_replaces_the_split(tiny_llama: TinyBackbone, data: Path, tmp_path: Path) -> None:
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text('{"input": "cat", "output": "<s>ok"}\n{"input": "sun", "output": "<s>ok"}\n')
+    assert train(tiny_llama, data, tmp_path / "task", "--method", "prompt", "--eval", str(held_out)) == 0
+    metrics = json.loads((tmp_path / "task" / "metrics.json").read_text())
+    assert (metrics["num_train"], metrics["num_eval"]) == (48, 2)
+
+
+def test_ctrl_c_writes_nothing_and_keeps_a_previous_output(
+    tiny_llama: TinyBackbone,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / "task"
+    assert train(tiny_llama, data, output, "--method", "prompt", "--steps", "2") == 0
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    for where in ("train_loop", "plot_losses"):  # while training, and half-way through writing the output
+        monkeypatch.setattr(train_cli, where, interrupted)
+        assert train(tiny_llama, data, output, "--method", "prompt") == 130
+        assert "interrupted" in capsys.readouterr().err
+        assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+        assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []
+        monkeypatch.undo()
+    monkeypatch.setattr(train_cli, "train_loop", interrupted)
+    assert train(tiny_llama, data, tmp_path / "new", "--method", "prompt") == 130
+    assert not (tmp_path / "new").exists()
+
+
+def write_t5(root: Path) -> Path:
+    config = T5Config(vocab_size=300, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    T5ForConditionalGeneration(config).save_pretrained(root / "t5")
+    return root / "t5"
+
+
+def refusal(capsys: pytest.CaptureFixture[str], tiny: TinyBackbone, data: Path, output: Path, *extra: str) -> str:
+    assert train(tiny, data, output, "--method", "prompt", *extra) == 2
+    return capsys.readouterr().err
+
+
+def test_refusals_come_before_training(
+    tiny_llama: TinyBackbone,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    no_training(monkeypatch)
+    out = tmp_path / "task"
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "found none" in refusal(capsys, tiny_llama, tmp_path / "empty.jsonl", out)
+    (tmp_path / "bad.jsonl").write_text('{"input": "a", "output": "b"}\n{"input": "a", "output": 1}\n')
+    assert "bad.jsonl line 2: expected a string field 'output'; found int" in refusal(
+        capsys, tiny_llama, tmp_path / "bad.jsonl", out
+    )
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert "holding other files" in refusal(capsys, tiny_llama, data, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert "found a file" in refusal(capsys, tiny_llama, data, data)
+    t5 = TinyBackbone("t5", write_t5(tmp_path))
+    assert "expected a causal LM" in refusal(capsys, t5, data, out)
+    assert "num_virtual_tokens must be at most 256; found 300" in refusal(
+        capsys, tiny_llama, data, out, "--num-virtual-tokens", "300"
+    )
+    (tmp_path / "long.jsonl").write_text(json.dumps({"input": "x" * 600, "output": "y"}) + "\n")
+    assert "expected every pair to fit the backbone's 512 positions" in refusal(
+        capsys, tiny_llama, tmp_path / "long.jsonl", out, "--eval", str(data)
+    )
+    assert not out.exists()
+
+
+def served(tiny: TinyBackbone, tmp_path: Path, **overrides: Any) -> Any:
+    settings = Settings(
+        model=str(tiny.path),
+        store_dir=str(tmp_path / f"store-{free_port()}"),
+        demo_tasks=False,
+        poll_interval_s=0,
+        log_level="critical",
+        admin_token=SecretStr(TOKEN),
+        **overrides,
+    )
+    return live_server(settings)
+
+
+def test_register_serves_the_task_when_the_command_returns(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "ok-task"
+    with served(tiny_llama, tmp_path) as url:
+        assert train(tiny_llama, data, output, "--method", "prefix", "--register", url, "--token", TOKEN) == 0
+        out = capsys.readouterr().out
+        record = json.loads(out[out.index("\n{") :])
+        assert record["task_id"] == "ok-task" and record["version"] == 1 and record["method"] == "prefix_tuning"
+        with Client(url) as client:
+            answer = client.generate("cat dog", task_id="ok-task", max_new_tokens=6, details=True)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama.path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama.path), output).eval()
+    expected = peft_greedy(model, tokenizer("cat dog")["input_ids"], 6)
+    assert answer.details is not None and [token.id for token in answer.details.tokens or []] == expected
+
+
+def test_register_refusals_come_before_training(
+    tiny_llama: TinyBackbone, tiny_gpt2: TinyBackbone, data: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    no_training(monkeypatch)
+    out = tmp_path / "task"
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    assert f"expected a promptserve server at {unreachable}" in refusal(
+        capsys, tiny_llama, data, out, "--register", unreachable
+    )
+    with served(tiny_gpt2, tmp_path) as url:
+        assert f"expected the server at {url} to serve this backbone" in refusal(
+            capsys, tiny_llama, data, out, "--register", url
+        )
+    with served(tiny_llama, tmp_path, max_virtual_tokens=8) as url:
+        assert "num_virtual_tokens must be at most 8; found 20" in refusal(
+            capsys, tiny_llama, data, out, "--register", url
+        )
+        assert "task_id must match" in refusal(capsys, tiny_llama, data, out, "--register", url, "--task-id=-x")
+        assert "give --task-id" in refusal(capsys, tiny_llama, data, tmp_path / ".hidden", "--register", url)
+    assert not out.exists()
+
+
+def test_a_refused_registration_keeps_the_adapter_and_says_how_to_register_it(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "task"
+    with served(tiny_llama, tmp_path) as url:
+        assert (
+            train(tiny_llama, data, output, "--method", "prompt", "--steps", "2", "--register", url, "--token", "wrong")
+            == 1
+        )
+    error = capsys.readouterr().err
+    assert "did not register the task" in error and f"promptserve tasks add task {output} --url {url}" in error
+    assert (output / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sigint_in_a_real_process_stops_with_nothing_written(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "task"
+    command = [sys.executable, "-m", "server.cli", "train", "--model", str(tiny_llama.path), "--data", str(data),
+               "--output", str(output), "--method", "prefix", "--steps", "1000000"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith("training prefix on 43 pairs for 1000000 steps")
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [data]
