@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    rng = make_deterministic(args.seed)
+    rng = make_deterministic(args.seed, strict=True)
     model = AutoModelForCausalLM.from_config(default_backbone_config())
     model.train()
     print(f"pre-training a {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M-parameter Llama (GQA)")

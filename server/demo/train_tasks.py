@@ -33,7 +33,7 @@ def sample_example(task: DemoTask, rng: random.Random) -> Example:
 
 
 def train_task(task: DemoTask, backbone_dir: Path, out_dir: Path, steps: int, batch_size: int, seed: int) -> Path:
-    rng = make_deterministic(seed)
+    rng = make_deterministic(seed, strict=True)
     backbone = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=torch.float32)
     method = METHODS[METHOD_OF[task.method]]
     config = peft_config(method.name, task.num_virtual_tokens, ENCODER_HIDDEN_SIZE)

@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
@@ -49,14 +50,19 @@ def validate_tasks(request: GenerateInput) -> None:
         raise InvalidPrompt(f"expected one task id without an ensemble mode; found {len(request.task_ids)}")
 
 
-def tokenize(backbone: Backbone, text: str, limits: IntakeConfig) -> list[int]:
-    input_ids = list(backbone.tokenizer(text)["input_ids"])
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A request's input as token ids (`promptserve train` encodes its data with this too)."""
+    input_ids = list(tokenizer(text)["input_ids"])
     if not input_ids:  # an empty input on a tokenizer that adds no <s>: start from its <s> or </s>, as HF does
-        start = backbone.tokenizer.bos_token_id
-        start = backbone.tokenizer.eos_token_id if start is None else start
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
             raise InvalidPrompt("expected inputs that tokenize to at least one token; found none")
         input_ids = [start]
+    return input_ids
+
+
+def tokenize(backbone: Backbone, text: str, limits: IntakeConfig) -> list[int]:
+    input_ids = prompt_ids(backbone.tokenizer, text)
     if len(input_ids) > limits.max_input_tokens:
         raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
     return input_ids

@@ -1,10 +1,11 @@
 """`promptserve train`: a JSON Lines file in, a PEFT adapter directory out, and with --register a task served.
 
 Trains with PEFT on the frozen backbone, with the one loop of server.train.loop. Everything that can refuse the run
-(the data, the output directory, the server and its backbone, the task id, the method on this backbone, the
-adapter's shape under the store's rules) is checked before the first step; Ctrl-C stops it with nothing written.
-The output directory holds adapter_config.json and adapter_model.safetensors (what the store takes), metrics.json
-(exact match before and after, the loss curve) and, with matplotlib, loss.png.
+(the data, the output directory, the device, the server, its token and its backbone, the task id, the method on
+this backbone, the adapter's shape under the store's rules, every pair's length) is checked before the first
+step; Ctrl-C stops it with nothing written. The output directory holds adapter_config.json and
+adapter_model.safetensors (what the store takes), metrics.json (exact match before and after, the loss curve)
+and, with matplotlib, loss.png.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -30,21 +32,22 @@ from transformers.utils import logging as transformers_logging
 
 from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, parse_adapter, validate_task_id
 from prompt_store.errors import InvalidTask, TaskTooLarge
-from server.engine.backbone import fingerprint_of, resolve_device, resolve_dtype
+from server.engine.backbone import eos_token_ids, fingerprint_of, max_positions_of, resolve_device, resolve_dtype
 from server.engine.default_backbone import ensure_default_backbone
-from server.train.data import DataError, Pair, encode, held_out_split, read_pairs
-from server.train.evaluate import Score, exact_match
-from server.train.loop import Batch, Example, epoch_batches, make_deterministic, train_loop
+from server.train.data import DataError, Pair, encode, held_out_split, input_ids, output_ids, read_pairs
+from server.train.evaluate import SLACK, Score, exact_match
+from server.train.loop import Batch, Diverged, Example, epoch_batches, make_deterministic, train_loop
 from server.train.methods import METHODS, PEFT_NAMES, Method, peft_config, save_adapter
 
 DEFAULT_MODEL_NAME = "promptserve/default"  # what the server reports as its model id on the built-in backbone
 DEFAULT_STEPS = 300
 MAX_ENCODER_HIDDEN = 512
 SERVED_BACKBONE = ("model_type", "hidden_size", "num_layers", "num_key_value_heads", "head_dim", "vocab_size")
+OUTPUT_FILES = frozenset({CONFIG_NAME, MODEL_NAME, "metrics.json", "loss.png", "README.md"})
 
 
 class TrainRefused(ValueError):
-    """The run cannot start; the message says what was expected and what was found."""
+    """The run cannot start, or its result cannot be kept; the message says what was expected and found."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +67,12 @@ class Setup:
 
     model: Any  # the PeftModel over the frozen backbone
     tokenizer: PreTrainedTokenizerBase
+    eos_token_ids: frozenset[int]  # where the server stops a row
     device: torch.device
     method: Method
     num_virtual_tokens: int
     learning_rate: float
+    limits: StoreLimits
     rng: random.Random
 
 
@@ -99,6 +104,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def natural(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer; found {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or math.isinf(value):
@@ -123,23 +135,23 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval", type=Path, help="held-out pairs (default: a random --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=fraction, default=0.1)
+    p.add_argument("--max-eval", type=positive_int, default=500, help="held-out pairs scored at most")
     p.add_argument("--num-virtual-tokens", type=positive_int, help="default: 20")
     p.add_argument(
         "--learning-rate", type=positive_float, help="default: 3e-2 for prompt, 3e-3 for p-tuning and prefix"
     )
-    p.add_argument(
-        "--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULT_STEPS}, or what --epochs makes)"
-    )
-    p.add_argument("--epochs", type=positive_float, help="passes over the training pairs, instead of --steps")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULT_STEPS})")
+    length.add_argument("--epochs", type=positive_float, help="passes over the training pairs, instead of --steps")
     p.add_argument("--batch-size", type=positive_int, default=16)
-    p.add_argument("--warmup", type=int, default=30, help="warm-up steps (at most half the steps)")
+    p.add_argument("--warmup", type=natural, default=30, help="warm-up steps (at most half the steps)")
     mlp = f"p-tuning's and prefix's MLP width (default: the hidden size, at most {MAX_ENCODER_HIDDEN})"
     p.add_argument("--encoder-hidden-size", type=positive_int, help=mlp)
     p.add_argument("--seed", type=int, default=0, help="the same seed, data and versions give the same adapter")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when not on a terminal)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (there are none when not on a terminal)")
     p.add_argument("--register", metavar="URL", help="register the result with the server at URL")
     p.add_argument("--task-id", help="the id to register it under (default: the output directory's name)")
     p.add_argument("--token", default=os.environ.get("PROMPTSERVE_ADMIN_TOKEN"),
@@ -149,23 +161,33 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str]) -> int:
     args = parser().parse_args(argv)
+    args.output = args.output.absolute()
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        train_pairs, eval_pairs = load_pairs(args)
-        check_output(args.output)
-        target = check_server(args)
-        setup = prepare(args, target)
-        summary = fit(args, setup, train_pairs, eval_pairs)
-    except (DataError, TrainRefused) as error:
+        target, summary = train(args)
+    except (DataError, TrainRefused, Diverged) as error:
         print(f"promptserve train: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"promptserve train: interrupted; {args.output} was not written", file=sys.stderr)
         return 130
-    report(summary, args.output)
-    return 0 if target is None else register(target, args.output)
+    try:
+        report(summary, args.output)
+        return 0 if target is None else register(target, args.output)
+    except KeyboardInterrupt:
+        print(f"promptserve train: interrupted; {args.output} was written, not registered", file=sys.stderr)
+        return 130
+
+
+def train(args: argparse.Namespace) -> tuple[Target | None, Summary]:
+    """Everything up to the adapter written: checks first, then the run."""
+    train_pairs, eval_pairs = load_pairs(args)
+    check_output(args.output)
+    target = check_server(args)
+    setup = prepare(args, target)
+    return target, fit(args, setup, train_pairs, eval_pairs)
 
 
 def quiet_libraries() -> None:
@@ -180,40 +202,55 @@ def quiet_libraries() -> None:
 
 def load_pairs(args: argparse.Namespace) -> tuple[list[Pair], list[Pair]]:
     pairs = read_pairs(args.data)
-    if args.eval is not None:
-        return pairs, read_pairs(args.eval)
-    return held_out_split(pairs, args.eval_fraction, random.Random(args.seed))
+    rng = random.Random(args.seed)
+    if args.eval is None:
+        return held_out_split(pairs, args.eval_fraction, rng, args.max_eval)
+    held_out = read_pairs(args.eval)
+    return pairs, held_out if len(held_out) <= args.max_eval else rng.sample(held_out, args.max_eval)
 
 
 def check_output(output: Path) -> None:
-    """The output is replaced as a whole, so it must be absent, empty or an adapter directory: never `--output .`."""
-    if not output.exists():
-        return
-    if not output.is_dir():
+    """The output is replaced as a whole: it must be absent, or a directory of its own holding only what this
+    command writes, and its parent must take a new directory."""
+    if output == Path.cwd() or output in Path.cwd().parents:
+        raise TrainRefused(f"expected --output to name a directory of its own; found the working directory {output}")
+    if output.exists() and not output.is_dir():
         raise TrainRefused(f"expected --output to be a directory or absent; found a file at {output}")
-    if any(output.iterdir()) and not (output / CONFIG_NAME).is_file():
-        raise TrainRefused(
-            f"expected --output to be absent, empty or a previous adapter directory (it is replaced); "
-            f"found {output} holding other files and no {CONFIG_NAME}"
-        )
+    if output.is_dir():
+        others = sorted(path.name for path in output.iterdir() if path.name not in OUTPUT_FILES)
+        if others:
+            raise TrainRefused(
+                f"expected --output to be absent or a previous adapter directory (it is replaced as a whole); "
+                f"found {output} holding {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}"
+            )
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=output.parent).cleanup()
+    except OSError as error:
+        raise TrainRefused(f"expected to write a directory beside {output}; found: {error}") from None
 
 
 def check_server(args: argparse.Namespace) -> Target | None:
-    """With --register: a server that answers, and an id it takes; None without --register."""
+    """With --register: a server that answers, takes the token, and will take the id; None without --register."""
     if args.register is None:
         return None
-    task_id = args.task_id or args.output.resolve().name
+    task_id = args.task_id or args.output.name
     try:
         validate_task_id(task_id)
     except InvalidTask as error:
         hint = "" if args.task_id else " (the output directory's name; give --task-id)"
         raise TrainRefused(f"{error}{hint}") from None
-    from promptserve_client import Client, PromptserveError
+    from promptserve_client import Client, NotFoundError, PromptserveError, UnauthorizedError
 
     try:
         with Client(args.register, token=args.token) as client:
             info = client.info()
-    except (PromptserveError, httpx.HTTPError) as error:
+            client.delete_task(f"promptserve-train-{uuid.uuid4().hex}")  # no such task: 404, or 401 for the token
+    except NotFoundError:
+        pass
+    except UnauthorizedError as error:
+        raise TrainRefused(f"expected an admin token the server at {args.register} takes (--token); {error}") from None
+    except (PromptserveError, httpx.HTTPError, httpx.InvalidURL) as error:
         raise TrainRefused(f"expected a promptserve server at {args.register}; found: {error}") from None
     backbone = {name: getattr(info, name) for name in SERVED_BACKBONE}
     return Target(args.register, args.token, task_id, info.max_virtual_tokens, backbone)
@@ -222,7 +259,7 @@ def check_server(args: argparse.Namespace) -> Target | None:
 def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
     """The frozen backbone under the method's PEFT model, and proof that what it saves, the server takes."""
     source = args.model or str(ensure_default_backbone())
-    device = resolve_device(args.device)
+    device = checked_device(args.device)
     rng = make_deterministic(args.seed)  # before PEFT initialises the prompt
     tokenizer, backbone = load_frozen(source, resolve_dtype(args.dtype, device), device)
     if target is not None:
@@ -233,9 +270,23 @@ def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
     config = peft_config(method.name, num_virtual, args.encoder_hidden_size or min(hidden, MAX_ENCODER_HIDDEN))
     model = wrap(backbone, config, method, device)
     limits = StoreLimits(max_virtual_tokens=target.max_virtual_tokens) if target else StoreLimits()
-    check_storable(model, backbone, limits)
+    with tempfile.TemporaryDirectory(prefix="promptserve-train-") as directory:
+        model.save_pretrained(directory)  # the untrained adapter: a shape the store refuses fails now
+        check_storable(Path(directory), backbone, limits)
     learning_rate = args.learning_rate or method.learning_rate
-    return Setup(model, tokenizer, device, method, num_virtual, learning_rate, rng)
+    eos = eos_token_ids(backbone, tokenizer)
+    return Setup(model, tokenizer, eos, device, method, num_virtual, learning_rate, limits, rng)
+
+
+def checked_device(name: str) -> torch.device:
+    try:
+        device = resolve_device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        raise TrainRefused(
+            f"expected a device this machine has (auto, cpu, cuda, cuda:N); found {name!r}: {error}"
+        ) from None
+    return device
 
 
 def load_frozen(source: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, PreTrainedModel]:
@@ -272,73 +323,74 @@ def wrap(backbone: PreTrainedModel, config: Any, method: Method, device: torch.d
     return model.to(device)
 
 
-def check_storable(model: Any, backbone: PreTrainedModel, limits: StoreLimits) -> None:
-    """Save the untrained adapter and read it back as the store would: a shape the store refuses fails now."""
-    with tempfile.TemporaryDirectory(prefix="promptserve-train-") as directory:
-        model.save_pretrained(directory)
-        config, weights = (Path(directory) / name for name in (CONFIG_NAME, MODEL_NAME))
-        try:
-            parse_adapter(config.read_bytes(), weights.read_bytes(), fingerprint_of(backbone), limits)
-        except (InvalidTask, TaskTooLarge) as error:
-            raise TrainRefused(f"expected an adapter the server takes; this one would be refused: {error}") from None
+def check_storable(directory: Path, backbone: PreTrainedModel, limits: StoreLimits) -> None:
+    """Read an adapter directory back as the store would."""
+    config, weights = (directory / name for name in (CONFIG_NAME, MODEL_NAME))
+    try:
+        parse_adapter(config.read_bytes(), weights.read_bytes(), fingerprint_of(backbone), limits)
+    except (InvalidTask, TaskTooLarge) as error:
+        raise TrainRefused(f"expected an adapter the server takes; this one would be refused: {error}") from None
+
+
+def encode_all(setup: Setup, train_pairs: list[Pair], eval_pairs: list[Pair]) -> list[Example]:
+    """The training examples; every pair, trained on or scored, must fit the backbone beside the virtual tokens."""
+    limit = max_positions_of(setup.model.get_base_model())
+    examples = [encode(pair, setup.tokenizer, setup.eos_token_ids) for pair in train_pairs]
+    needs = [(pair, len(ids)) for pair, (ids, _) in zip(train_pairs, examples, strict=True)]
+    slack = SLACK if setup.eos_token_ids else 0
+    for pair in eval_pairs:
+        answer = output_ids(pair, setup.tokenizer, setup.eos_token_ids)
+        needs.append((pair, len(input_ids(pair, setup.tokenizer)) + len(answer) + slack))
+    for pair, length in needs:
+        if limit is not None and length + setup.num_virtual_tokens > limit:
+            raise DataError(
+                f"{pair.where}: expected a pair that fits the backbone's {limit} positions beside "
+                f"{setup.num_virtual_tokens} virtual tokens; found one of {length} tokens"
+            )
+    return examples
 
 
 # ---- training
 
 
 def fit(args: argparse.Namespace, setup: Setup, train_pairs: list[Pair], eval_pairs: list[Pair]) -> Summary:
-    model, tokenizer, device = setup.model, setup.tokenizer, setup.device
-    base = exact_match(model.get_base_model(), tokenizer, eval_pairs, device)
-    examples = [encode(pair, tokenizer) for pair in train_pairs]
-    check_lengths(examples, model, setup.num_virtual_tokens)
+    model, tokenizer, eos = setup.model, setup.tokenizer, setup.eos_token_ids
+    progress = False if args.quiet else None
+    examples = encode_all(setup, train_pairs, eval_pairs)
+    base = exact_match(model.get_base_model(), tokenizer, eval_pairs, eos, progress)
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     steps = num_steps(args, len(examples))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    print(f"training {setup.method.name} on {len(examples)} pairs for {steps} steps on {device}", flush=True)
+    print(f"training {setup.method.name} on {len(examples)} pairs for {steps} steps on {setup.device}", flush=True)
     model.train()
     started = time.monotonic()
     losses = train_loop(
         trainable,
-        loss_function(model, device),
+        loss_function(model, setup.device),
         epoch_batches(examples, setup.rng, args.batch_size, pad_id),
         steps,
         setup.learning_rate,
         warmup=min(args.warmup, steps // 2),
-        progress=False if args.quiet else None,
+        progress=progress,
     )
     seconds = time.monotonic() - started
     model.eval()
-    trained = exact_match(model, tokenizer, eval_pairs, device)
+    trained = exact_match(model, tokenizer, eval_pairs, eos, progress)
+    window = max(1, min(10, len(losses) // 2))
     summary = Summary(
         setup.method.name, setup.num_virtual_tokens, setup.learning_rate, steps, args.batch_size, args.seed,
         len(train_pairs), len(eval_pairs), trained.exact_match, base.exact_match,
-        sum(p.numel() for p in trainable), seconds, mean(losses[:10]), mean(losses[-10:]),
+        sum(p.numel() for p in trainable), seconds, mean(losses[:window]), mean(losses[-window:]),
     )  # fmt: skip
     base_name = args.model or DEFAULT_MODEL_NAME
-    save_adapter(model, args.output, base_name, extra=metrics_writer(summary, losses, trained))
+    save_adapter(model, args.output, base_name, extra=outputs_writer(setup, summary, losses, trained))
     return summary
 
 
-def check_lengths(examples: list[Example], model: Any, num_virtual_tokens: int) -> None:
-    """Prompt tuning and P-tuning put their virtual tokens in the backbone's positions; a pair must fit beside them."""
-    config = model.get_base_model().config.get_text_config()
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit is None:
-        return
-    longest = max(range(len(examples)), key=lambda index: len(examples[index][0]))
-    if len(examples[longest][0]) + num_virtual_tokens > limit:
-        raise TrainRefused(
-            f"expected every pair to fit the backbone's {limit} positions with {num_virtual_tokens} virtual tokens; "
-            f"found training pair {longest + 1} of {len(examples[longest][0])} tokens"
-        )
-
-
 def num_steps(args: argparse.Namespace, num_examples: int) -> int:
-    if args.steps:
-        return int(args.steps)
     if args.epochs:
         return max(1, math.ceil(args.epochs * num_examples / args.batch_size))
-    return DEFAULT_STEPS
+    return int(args.steps or DEFAULT_STEPS)
 
 
 def loss_function(model: Any, device: torch.device) -> Callable[[Batch], torch.Tensor]:
@@ -359,8 +411,11 @@ def mean(values: list[float]) -> float:
 # ---- after training
 
 
-def metrics_writer(summary: Summary, losses: list[float], score: Score) -> Callable[[Path], None]:
+def outputs_writer(setup: Setup, summary: Summary, losses: list[float], score: Score) -> Callable[[Path], None]:
+    """What goes beside the adapter, once the trained adapter itself reads back as the store would take it."""
+
     def write(directory: Path) -> None:
+        check_storable(directory, setup.model.get_base_model(), setup.limits)
         misses = [{"input": i, "expected": e, "got": g} for i, e, g in score.examples]
         record = {**asdict(summary), "method_peft": PEFT_NAMES[summary.method], "loss_curve": losses, "misses": misses}
         (directory / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")

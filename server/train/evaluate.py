@@ -1,19 +1,21 @@
-"""Exact match on held-out pairs: greedy answers through the model's forward (server.engine.reference), decoded
-as the server decodes them, compared with the expected output as the server would show it (ends stripped)."""
+"""Exact match on held-out pairs: greedy answers through the model's forward (server.engine.reference's loop),
+decoded as the server decodes them, compared with the expected output as the server would show it."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.reference import forward_logits, greedy_uncached
-from server.train.data import Pair
+from server.engine.reference import LogitsOf, greedy_uncached
+from server.train.data import Pair, input_ids, output_ids
 
 ROWS = 64  # prompts decoded together at most
+SLACK = 4  # tokens past the expected answer's length: a longer answer is wrong whatever follows
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,19 +30,22 @@ class Score:
 
 
 def exact_match(
-    model: Callable[..., object], tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], device: torch.device
+    model: Callable[..., object],
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Pair],
+    eos_token_ids: Collection[int],
+    progress: bool | None = None,
 ) -> Score:
-    """Prompts of one length are decoded together; each row stops after its expected length plus a little."""
-    answers = greedy_answers(model, tokenizer, pairs, device)
-    expected = [as_served(pair.output, tokenizer) for pair in pairs]
+    answers = greedy_answers(model, tokenizer, pairs, eos_token_ids, progress)
+    expected = [as_served(pair, tokenizer, eos_token_ids) for pair in pairs]
     rows = zip(pairs, expected, answers, strict=True)
     misses = [(pair.input, want, got) for pair, want, got in rows if got.strip() != want.strip()]
     return Score(len(pairs) - len(misses), len(pairs), tuple(misses[:3]))
 
 
-def as_served(text: str, tokenizer: PreTrainedTokenizerBase) -> str:
+def as_served(pair: Pair, tokenizer: PreTrainedTokenizerBase, eos_token_ids: Collection[int]) -> str:
     """The expected output as the server would return it: special tokens in it (a separator) are not shown."""
-    return decode(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    return decode(tokenizer, output_ids(pair, tokenizer, eos_token_ids))
 
 
 def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
@@ -49,21 +54,39 @@ def decode(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> str:
     return text
 
 
+def last_logits(model: Callable[..., object]) -> LogitsOf:
+    """The model's next-token logits for the whole sequence each time (no cache), keeping the last position only."""
+
+    def logits_of(ids: torch.Tensor) -> torch.Tensor:
+        output = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=1)
+        return output.logits  # type: ignore[attr-defined,no-any-return]
+
+    return logits_of
+
+
 @torch.inference_mode()
 def greedy_answers(
-    model: Callable[..., object], tokenizer: PreTrainedTokenizerBase, pairs: list[Pair], device: torch.device
+    model: Callable[..., object],
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: list[Pair],
+    eos_token_ids: Collection[int],
+    progress: bool | None = None,
 ) -> list[str]:
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    prompts = [list(tokenizer(pair.input)["input_ids"]) for pair in pairs]
-    limits = [len(tokenizer(pair.output, add_special_tokens=False)["input_ids"]) + 4 for pair in pairs]
+    """Prompts of one length are decoded together. Each row stops at an end-of-sequence token the server stops
+    at, or a little past the expected answer's length; with no such token, at exactly that length."""
+    device = next(model.parameters()).device  # type: ignore[attr-defined]
+    prompts = [input_ids(pair, tokenizer) for pair in pairs]
+    slack = SLACK if eos_token_ids else 0
+    limits = [len(output_ids(pair, tokenizer, eos_token_ids)) + slack for pair in pairs]
     by_length: dict[int, list[int]] = defaultdict(list)
     for index, prompt in enumerate(prompts):
         by_length[len(prompt)].append(index)
-    answers = [""] * len(pairs)
     groups = [same[start : start + ROWS] for same in by_length.values() for start in range(0, len(same), ROWS)]
-    for indices in groups:
-        input_ids = torch.tensor([prompts[i] for i in indices], device=device)
-        generated = greedy_uncached(forward_logits(model), input_ids, max(limits[i] for i in indices), eos)
+    answers = [""] * len(pairs)
+    disable = None if progress is None else not progress
+    for indices in tqdm(groups, desc="evaluating", unit="batch", disable=disable, leave=False):
+        ids = torch.tensor([prompts[i] for i in indices], device=device)
+        generated = greedy_uncached(last_logits(model), ids, max(limits[i] for i in indices), eos_token_ids)
         for i, tokens in zip(indices, generated, strict=True):
             answers[i] = decode(tokenizer, tokens[: limits[i]])
     return answers

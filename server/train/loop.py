@@ -5,6 +5,7 @@ bar, and atomic output. `promptserve train` and the demo's own pre-training and 
 from __future__ import annotations
 
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -27,10 +28,18 @@ class Batch:
     labels: torch.Tensor  # [B, T], IGNORE_INDEX where no loss
 
 
-def make_deterministic(seed: int) -> random.Random:
-    """Seed torch and return the Python RNG that draws the data: same seed, same weights, bit for bit."""
+class Diverged(ArithmeticError):
+    """The loss stopped being a finite number; the message says at which step."""
+
+
+def make_deterministic(seed: int, strict: bool = False) -> random.Random:
+    """Seed torch and return the Python RNG that draws the data: same seed, same weights, bit for bit.
+
+    `strict`: fail on an operation with no deterministic implementation (the demo's CPU scripts) rather than
+    warn (`promptserve train` on whatever GPU it meets)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS repeats itself only with a fixed workspace
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # warn, not fail, on a GPU op with no such mode
+    torch.use_deterministic_algorithms(True, warn_only=not strict)
     return random.Random(seed)
 
 
@@ -90,8 +99,9 @@ def train_loop(
     weight_decay: float = 0.0,
     progress: bool | None = None,
 ) -> list[float]:
-    """AdamW with gradient clipping; returns every step's loss. `progress`: a bar with the loss and steps per
-    second (None: only on a terminal). Ctrl-C propagates: the caller writes nothing it had not finished."""
+    """AdamW with gradient clipping; returns every step's loss, or raises Diverged on one that is not finite.
+    `progress`: a bar with the loss and steps per second (None: only on a terminal). Ctrl-C propagates: the
+    caller writes nothing it had not finished."""
     optimizer = torch.optim.AdamW(parameters, lr=peak_lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     losses: list[float] = []
     disable = None if progress is None else not progress
@@ -105,6 +115,8 @@ def train_loop(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                raise Diverged(f"the loss became {losses[-1]} at step {step + 1}; try a lower learning rate")
             recent = losses[-50:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", refresh=False)
             bar.update()

@@ -3,6 +3,7 @@ what would fail later, Ctrl-C writes nothing, and --register serves the task thr
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import signal
@@ -14,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from peft import PeftModel
 from pydantic import SecretStr
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
 from transformers.utils import logging as transformers_logging
 
 from prompt_store.adapter import StoreLimits, parse_adapter
-from promptserve_client import Client
+from promptserve_client import Client, ConflictError
 from server.api.settings import Settings
 from server.cli import main as promptserve
 from server.engine.backbone import fingerprint_of
@@ -156,21 +158,34 @@ def test_refusals_come_before_training(
     assert "bad.jsonl line 2: expected a string field 'output'; found int" in refusal(
         capsys, tiny_llama, tmp_path / "bad.jsonl", out
     )
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    assert "holding other files" in refusal(capsys, tiny_llama, data, tmp_path / "mine")
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "bad.jsonl").write_text('{"input": "a", "output": "b</s>c"}\n')
+    assert "bad.jsonl line 1: expected an output without the end-of-sequence token" in refusal(
+        capsys, tiny_llama, tmp_path / "bad.jsonl", out
+    )
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "adapter_config.json").write_text("{}")  # an adapter beside a user's own files is not ours to replace
+    assert f"found {mine} holding notes.txt" in refusal(capsys, tiny_llama, data, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
     assert "found a file" in refusal(capsys, tiny_llama, data, data)
+    assert "expected to write a directory beside" in refusal(capsys, tiny_llama, data, data / "sub")
     t5 = TinyBackbone("t5", write_t5(tmp_path))
     assert "expected a causal LM" in refusal(capsys, t5, data, out)
     assert "num_virtual_tokens must be at most 256; found 300" in refusal(
         capsys, tiny_llama, data, out, "--num-virtual-tokens", "300"
     )
-    (tmp_path / "long.jsonl").write_text(json.dumps({"input": "x" * 600, "output": "y"}) + "\n")
-    assert "expected every pair to fit the backbone's 512 positions" in refusal(
-        capsys, tiny_llama, tmp_path / "long.jsonl", out, "--eval", str(data)
-    )
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"input": "x" * n, "output": "y"}) + "\n" for n in (3, 4, 490)))
+    expected = f"{long} line 3: expected a pair that fits the backbone's 512 positions beside 20 virtual tokens"
+    assert expected in refusal(capsys, tiny_llama, long, out, "--eval", str(data))
+    assert expected in refusal(capsys, tiny_llama, data, out, "--eval", str(long))  # scored pairs too
+    if not torch.cuda.is_available():
+        assert "expected a device this machine has" in refusal(capsys, tiny_llama, data, out, "--device", "cuda")
+    assert "expected a device this machine has" in refusal(capsys, tiny_llama, data, out, "--device", "gpu")
     assert not out.exists()
+    monkeypatch.chdir(tmp_path)
+    assert "found the working directory" in refusal(capsys, tiny_llama, data, Path("."))
 
 
 def served(tiny: TinyBackbone, tmp_path: Path, **overrides: Any) -> Any:
@@ -213,31 +228,76 @@ def test_register_refusals_come_before_training(
     assert f"expected a promptserve server at {unreachable}" in refusal(
         capsys, tiny_llama, data, out, "--register", unreachable
     )
+    bad_url = "http://[::1"
+    assert f"expected a promptserve server at {bad_url}" in refusal(
+        capsys, tiny_llama, data, out, "--register", bad_url
+    )
     with served(tiny_gpt2, tmp_path) as url:
         assert f"expected the server at {url} to serve this backbone" in refusal(
-            capsys, tiny_llama, data, out, "--register", url
+            capsys, tiny_llama, data, out, "--register", url, "--token", TOKEN
         )
     with served(tiny_llama, tmp_path, max_virtual_tokens=8) as url:
-        assert "num_virtual_tokens must be at most 8; found 20" in refusal(
-            capsys, tiny_llama, data, out, "--register", url
-        )
-        assert "task_id must match" in refusal(capsys, tiny_llama, data, out, "--register", url, "--task-id=-x")
-        assert "give --task-id" in refusal(capsys, tiny_llama, data, tmp_path / ".hidden", "--register", url)
+        assert "expected an admin token the server" in refusal(capsys, tiny_llama, data, out, "--register", url)
+        register = ["--register", url, "--token", TOKEN]
+        assert "num_virtual_tokens must be at most 8; found 20" in refusal(capsys, tiny_llama, data, out, *register)
+        assert "task_id must match" in refusal(capsys, tiny_llama, data, out, *register, "--task-id=-x")
+        assert "give --task-id" in refusal(capsys, tiny_llama, data, tmp_path / ".hidden", *register)
     assert not out.exists()
 
 
 def test_a_refused_registration_keeps_the_adapter_and_says_how_to_register_it(
-    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_llama: TinyBackbone,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    def refused(self: Client, task_id: str, adapter_dir: Path) -> None:
+        raise ConflictError("the store is being replaced", 409)  # what checks before training cannot foresee
+
+    monkeypatch.setattr(Client, "register_task", refused)
     output = tmp_path / "task"
     with served(tiny_llama, tmp_path) as url:
-        assert (
-            train(tiny_llama, data, output, "--method", "prompt", "--steps", "2", "--register", url, "--token", "wrong")
-            == 1
-        )
+        assert train(tiny_llama, data, output, "--method", "prompt", "--register", url, "--token", TOKEN) == 1
     error = capsys.readouterr().err
-    assert "did not register the task" in error and f"promptserve tasks add task {output} --url {url}" in error
+    assert "did not register the task: the store is being replaced" in error
+    assert f"promptserve tasks add task {output} --url {url}" in error
     assert (output / "adapter_model.safetensors").exists()
+
+
+def test_a_diverged_run_writes_nothing(
+    tiny_llama: TinyBackbone,
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    output = tmp_path / "task"
+    assert train(tiny_llama, data, output, "--method", "prompt", "--steps", "2") == 0
+    before = (output / "adapter_model.safetensors").read_bytes()
+    real_loss = train_cli.loss_function
+
+    def diverging(model: Any, device: torch.device) -> Any:  # the 7th step's loss is NaN
+        loss_of, steps = real_loss(model, device), itertools.count(1)
+
+        def loss(batch: Any) -> torch.Tensor:
+            return loss_of(batch) * (float("nan") if next(steps) == 7 else 1.0)
+
+        return loss
+
+    monkeypatch.setattr(train_cli, "loss_function", diverging)
+    assert train(tiny_llama, data, output, "--method", "prompt") == 2
+    assert "the loss became nan at step 7; try a lower learning rate" in capsys.readouterr().err
+    assert (output / "adapter_model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("flags", [["--warmup", "-1"], ["--epochs", "1"], ["--eval-fraction", "1"]])
+def test_flags_out_of_range_are_usage_errors(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, flags: list[str]
+) -> None:  # the helper passes --steps: --epochs with it is one too many
+    with pytest.raises(SystemExit) as exit_:
+        train(tiny_llama, data, tmp_path / "task", "--method", "prompt", *flags)
+    assert exit_.value.code == 2
 
 
 @pytest.mark.slow
