@@ -24,6 +24,11 @@ class ArtifactLRU:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def keys(self) -> list[TaskKey]:
+        """The task versions held now, least recently used first (a snapshot: safe from any thread)."""
+        with self._lock:
+            return list(self._entries)
+
     def get(self, key: TaskKey) -> TaskArtifact | None:
         with self._lock:
             artifact = self._entries.get(key)

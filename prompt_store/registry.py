@@ -218,6 +218,10 @@ class TaskStore:
         self._artifacts.put(artifact)
         return artifact
 
+    def cached_keys(self) -> builtins.list[TaskKey]:
+        """Task versions parsed and held in CPU memory, so their next load skips the disk (metrics' host tier)."""
+        return self._artifacts.keys()
+
     def version_dir(self, task_id: str, version: int) -> Path:
         """The PEFT adapter directory of a version (`PeftModel.from_pretrained` loads it)."""
         if not is_valid_task_id(task_id) or not self.layout.version_dir(task_id, version).is_dir():

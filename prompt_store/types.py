@@ -108,3 +108,4 @@ class CacheStats:
     resident_bytes: int = 0
     num_entries: int = 0
     num_pinned: int = 0
+    resident_tasks: tuple[TaskKey, ...] = ()  # users' task versions held on the device (the engine's own left out)

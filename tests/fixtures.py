@@ -5,6 +5,8 @@ Everything is saved to disk and loaded back through `from_pretrained`, exactly a
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,12 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
 
+# A chat template as chat models ship one (in tokenizer_config.json), refusing roles it does not know.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unexpected role ' + m['role']) }}{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 ADAPTER_KINDS = ("prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix", "prefix_projection")
 
 
@@ -103,3 +111,12 @@ def build_tiny_backbone(arch: str, root: Path) -> TinyBackbone:
         out = root / f"{arch}-{kind}"
         backbone.adapters[kind] = write_peft_adapter(path, kind, out, VIRTUAL_TOKENS[kind], seed=seed)
     return backbone
+
+
+def with_chat_template(backbone_dir: Path, out_dir: Path) -> Path:
+    """A copy of a backbone whose tokenizer has CHAT_TEMPLATE."""
+    shutil.copytree(backbone_dir, out_dir)
+    config_file = out_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
+    return out_dir

@@ -19,7 +19,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
-from server.api.routes import generate, service, tasks
+from server.api.routes import generate, openai, service, tasks
 from server.api.settings import Settings
 from server.api.state import AppState
 from server.engine.interface import EngineClient
@@ -43,14 +43,14 @@ def create_app(
     """With `engine`, serve it as is (the caller owns it); else build one with `engine_factory` (default: the
     real engine) at start-up and shut it down at exit. `on_engine_failure` lets the CLI stop the server."""
     settings = settings or Settings()
-    state = AppState(settings=settings, metrics=Metrics(lambda: state.engine))
+    state = AppState(settings=settings, metrics=Metrics(lambda: state.engine, settings.metrics_max_tasks))
     if engine is not None:
         state.attach(engine)
     factory = engine_factory or build_real_engine
     lifespan = None if engine is not None else engine_lifespan(state, factory, on_engine_failure)
     app = FastAPI(title="promptserve", version=VERSION, lifespan=lifespan)
     app.state.promptserve = state
-    for module in (service, tasks, generate):
+    for module in (service, tasks, generate, openai):
         app.include_router(module.router)
     install_error_handlers(app)
     install_openapi(app, settings)

@@ -1,4 +1,5 @@
-"""The ONE place where engine, store and request errors become HTTP responses `{"error", "error_type"}`."""
+"""The ONE place where engine, store and request errors become HTTP responses: `{"error", "error_type"}`, or on the
+OpenAI-compatible routes OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
 
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ class ApiError(Exception):
     error_type: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    param: str | None = None  # the request field at fault, when one is (OpenAI's `param`)
+    code: str | None = None  # a finer reason than error_type (OpenAI's `code`, e.g. model_not_found)
 
     def __str__(self) -> str:
         return self.message
@@ -126,8 +129,43 @@ def error_body(error: ApiError) -> dict[str, str]:
     return {"error": error.message, "error_type": error.error_type}
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(error: ApiError, path: str = "") -> JSONResponse:
+    """The error in the shape of the route at `path`."""
+    if is_openai_path(path):
+        return openai_error_response(error)
     return JSONResponse(error_body(error), status_code=error.status, headers=error.headers)
+
+
+# ---- OpenAI's shape, on the OpenAI-compatible routes
+
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+RETRYABLE_STATUSES = (408, 409, 429, 503)  # what the openai client retries, less 500: ours are not transient
+OPENAI_TYPE_BY_STATUS = {401: "authentication_error", 429: "rate_limit_error"}
+
+
+def is_openai_path(path: str) -> bool:
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in OPENAI_PATHS)
+
+
+def openai_status(error: ApiError) -> int:
+    """OpenAI answers every invalid request with 400, where the native routes say 422."""
+    return 400 if error.status == 422 else error.status
+
+
+def openai_error_body(error: ApiError) -> dict[str, dict[str, str | None]]:
+    status = openai_status(error)
+    error_type = OPENAI_TYPE_BY_STATUS.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": error.message, "type": error_type, "param": error.param,
+                      "code": error.code or error.error_type}}  # fmt: skip
+
+
+def openai_error_response(error: ApiError) -> JSONResponse:
+    """With `x-should-retry: false` where a retry cannot help, so the openai client does not retry in vain."""
+    status = openai_status(error)
+    headers = dict(error.headers)
+    if status not in RETRYABLE_STATUSES:
+        headers["x-should-retry"] = "false"
+    return JSONResponse(openai_error_body(error), status_code=status, headers=headers)
 
 
 # ---- request validation: say which field, what was expected, what was found
@@ -188,9 +226,9 @@ KNOWN_ERRORS = (ApiError, HTTPException, ClientDisconnected, InvalidTask, TaskNo
 
 
 async def _on_api_error(request: Request, exc: Exception) -> JSONResponse:
-    if type(exc) in (HTTPException, FastApiHTTPException):  # raised by the framework itself, with terse details
-        return error_response(describe_framework_error(request, exc))
-    return error_response(to_api_error(exc))
+    if isinstance(exc, HTTPException) and type(exc) in (HTTPException, FastApiHTTPException):  # the framework's own
+        return error_response(describe_framework_error(request, exc), request.url.path)
+    return error_response(to_api_error(exc), request.url.path)
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -200,8 +238,15 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
         content_type = request.headers.get("content-type")
         found = f"Content-Type {content_type!r}" if content_type else "no Content-Type header"
         message = f"body: expected a JSON object sent with Content-Type application/json; found {found}"
-        return error_response(ApiError(422, "validation", message))
-    return error_response(ApiError(validation_status(errors), "validation", describe_validation(errors)))
+        return error_response(ApiError(422, "validation", message), request.url.path)
+    error = ApiError(validation_status(errors), "validation", describe_validation(errors), param=first_field(errors))
+    return error_response(error, request.url.path)
+
+
+def first_field(errors: Sequence[dict[str, Any]]) -> str | None:
+    """The first field at fault (OpenAI's `param`); None when the body as a whole is."""
+    name = field_name(errors[0].get("loc", ())) if errors else "body"
+    return None if name == "body" else name
 
 
 def not_json_body(errors: Sequence[dict[str, Any]]) -> bool:
@@ -273,4 +318,4 @@ class CatchAllMiddleware:
         except Exception as exc:
             if started:  # a streamed response already has its status line: nothing left to say
                 raise
-            await error_response(to_api_error(exc))(scope, receive, send)
+            await error_response(to_api_error(exc), scope["path"])(scope, receive, send)

@@ -27,7 +27,7 @@ class BodyLimitMiddleware:
         declared = declared_length(scope)
         if declared is not None and declared > limit:
             found = f"expected a request body of at most {limit} bytes; found Content-Length {declared}"
-            await error_response(ApiError(413, "too_large", found))(scope, receive, send)
+            await error_response(ApiError(413, "too_large", found), scope["path"])(scope, receive, send)
             return
         await self.app(scope, counting(receive, limit), send)
 

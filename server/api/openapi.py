@@ -13,11 +13,14 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server.api.errors import is_openai_path
+from server.api.openai_schemas import ChatChunk, CompletionResponse, OpenAIErrorResponse
 from server.api.schemas import ErrorResponse, StreamEvent
 from server.api.settings import Settings
 
 COMPONENT = "#/components/schemas/{model}"
 ERROR_REF = {"$ref": COMPONENT.format(model="ErrorResponse")}
+OPENAI_ERROR_REF = {"$ref": COMPONENT.format(model="OpenAIErrorResponse")}
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 FASTAPI_VALIDATION = ("HTTPValidationError", "ValidationError")
 # One server-sent event (as tools read an event stream: its fields), its data a JSON StreamEvent or ErrorResponse.
@@ -34,13 +37,22 @@ SSE_EVENT = {
     },
 }
 
+
+def openai_sse_event(chunk: str) -> dict[str, Any]:
+    """An OpenAI stream's event: a JSON chunk, an error, or the closing `[DONE]`."""
+    data = {"anyOf": [{"$ref": COMPONENT.format(model=chunk)}, OPENAI_ERROR_REF, {"const": "[DONE]"}]}
+    return {"type": "object", "required": ["data"], "properties": {"data": {"type": "string", "contentSchema": data}}}
+
+
+OPENAI_STREAMS = {"/v1/completions": "CompletionResponse", "/v1/chat/completions": "ChatChunk"}
 ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (description, headers)
     400: ("the body is not JSON (or not UTF-8), or a multipart body the parser refuses", {}),
     401: (
         "the server has an admin token and the request does not carry it",
         {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     ),
-    404: ("the task does not exist", {}),
+    404: ("the task (or the model, on the OpenAI routes) does not exist", {}),
+    409: ("the task id is the served backbone's name", {}),
     413: ("the body, or the input's tokens, exceed the server's limits", {}),
     422: ("a field is missing, of the wrong type or out of range; or the adapter does not fit the backbone", {}),
     429: ("the waiting queue is full", RETRY_AFTER),
@@ -55,10 +67,14 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/metrics"): (),
     ("get", "/v1/tasks"): (503,),
     ("get", "/v1/tasks/{task_id}"): (404, 422, 503),
-    ("put", "/v1/tasks/{task_id}"): (400, 401, 413, 422, 503),
+    ("put", "/v1/tasks/{task_id}"): (400, 401, 409, 413, 422, 503),
     ("delete", "/v1/tasks/{task_id}"): (401, 404, 422, 503),
     ("post", "/v1/generate"): (400, 404, 413, 422, 429, 503),
     ("post", "/v1/generate_stream"): (400, 404, 413, 422, 429, 503),
+    ("get", "/v1/models"): (503,),
+    ("get", "/v1/models/{model}"): (404, 503),
+    ("post", "/v1/completions"): (400, 404, 413, 429, 503),  # OpenAI says 400 where the native routes say 422
+    ("post", "/v1/chat/completions"): (400, 404, 413, 429, 503),
 }
 
 
@@ -76,12 +92,14 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for name in FASTAPI_VALIDATION:
         schemas.pop(name, None)
-    add_component(schemas, ErrorResponse)
-    add_component(schemas, StreamEvent)
+    for model in (ErrorResponse, StreamEvent, OpenAIErrorResponse, CompletionResponse, ChatChunk):
+        add_component(schemas, model)
     state_limits(schemas, settings)
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
-            document_errors(operation, OPERATION_ERRORS.get((method, path), ()))
+            error_ref = OPENAI_ERROR_REF if is_openai_path(path) else ERROR_REF
+            document_errors(operation, OPERATION_ERRORS.get((method, path), ()), error_ref)
+    document_openai_streams(document)
     stream = document["paths"]["/v1/generate_stream"]["post"]["responses"]["200"]
     stream["content"] = {"text/event-stream": {"schema": copy.deepcopy(SSE_EVENT)}}
     stream["description"] = (
@@ -91,6 +109,17 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     return document
 
 
+def document_openai_streams(document: dict[str, Any]) -> None:
+    """With `stream: true` the OpenAI routes answer with data-only server-sent events."""
+    for path, chunk in OPENAI_STREAMS.items():
+        ok = document["paths"][path]["post"]["responses"]["200"]
+        ok["content"]["text/event-stream"] = {"schema": openai_sse_event(chunk)}
+        ok["description"] = (
+            f"JSON, or with `stream: true` server-sent events `data: <{chunk}>` ending with `data: [DONE]`; an error "
+            "after the stream has started arrives as `data: <OpenAIErrorResponse>`"
+        )
+
+
 def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     """The server's own limits in the request schema, so that a request the schema allows is one it serves."""
     max_new_tokens = schemas["Parameters"]["properties"]["max_new_tokens"]
@@ -98,6 +127,15 @@ def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     max_new_tokens["description"] = f"null or absent: {settings.default_max_new_tokens}"
     task_ids = schemas["GenerateRequest"]["properties"]["task_ids"]["anyOf"][0]
     task_ids["maxItems"] = settings.max_batch_size
+    for request in ("CompletionRequest", "ChatRequest"):
+        properties = schemas[request]["properties"]
+        properties["n"]["maximum"] = settings.max_batch_size
+        properties["task_ids"]["anyOf"][0]["maxItems"] = settings.max_batch_size
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in properties:
+                properties[name]["anyOf"][0]["maximum"] = settings.max_new_tokens_limit
+    prompts = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]
+    prompts["maxItems"] = settings.max_batch_size
 
 
 def add_component(schemas: dict[str, Any], model: type[Any]) -> None:
@@ -109,11 +147,13 @@ def add_component(schemas: dict[str, Any], model: type[Any]) -> None:
     schemas.setdefault(model.__name__, schema)
 
 
-def document_errors(operation: dict[str, Any], statuses: tuple[int, ...]) -> None:
+def document_errors(operation: dict[str, Any], statuses: tuple[int, ...], error_ref: dict[str, str]) -> None:
     responses = operation.setdefault("responses", {})
+    if 422 not in statuses:
+        responses.pop("422", None)  # FastAPI's own (HTTPValidationError); the OpenAI routes answer 400 instead
     for status in (*statuses, 500):
         description, headers = ERROR_STATUSES[status]
-        content = {"application/json": {"schema": dict(ERROR_REF)}}
+        content = {"application/json": {"schema": dict(error_ref)}}
         response: dict[str, Any] = {"description": description, "content": content}
         if headers:
             response["headers"] = copy.deepcopy(headers)

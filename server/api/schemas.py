@@ -45,6 +45,18 @@ def _is_none(value: object) -> bool:
     return value is None
 
 
+def encodable(value: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate (\\ud800); no tokenizer can encode one."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"expected valid Unicode text; found a lone surrogate {value[exc.start]!r} at character {exc.start} "
+            "(a JSON \\ud800-\\udfff escape that is not half of a pair)"
+        ) from None
+    return value
+
+
 def absent_when_none() -> Any:
     """An optional field left out of the JSON (not written as null) when it has no value."""
     return Field(default=None, exclude_if=_is_none)
@@ -132,15 +144,7 @@ class GenerateRequest(BaseModel):
     @field_validator("inputs")
     @classmethod
     def _encodable(cls, value: str) -> str:
-        """JSON may escape a lone UTF-16 surrogate (\\ud800); no tokenizer can encode one."""
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"expected valid Unicode text; found a lone surrogate {value[exc.start]!r} at character {exc.start} "
-                "(a JSON \\ud800-\\udfff escape that is not half of a pair)"
-            ) from None
-        return value
+        return encodable(value)
 
     @model_validator(mode="after")
     def _one_target(self) -> GenerateRequest:

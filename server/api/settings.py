@@ -49,11 +49,21 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = None  # when set, PUT and DELETE need `Authorization: Bearer <token>`
     max_request_bytes: int = Field(default=4 * 1024 * 1024, ge=1)  # any body but an upload (JSON generation requests)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    metrics_max_tasks: int = Field(default=100, ge=0)  # tasks with a `task` label of their own; later ones: _other
+    served_model_name: str | None = None  # the backbone's id on the OpenAI routes; None: the model's own id
 
     # start-up
     demo_tasks: bool = True  # register the built-in demo tasks on first start with an empty store
 
-    @field_validator("model", "admin_token", "max_batch_tokens", "kv_cache_bytes", "torch_threads", mode="before")
+    @field_validator(
+        "model",
+        "admin_token",
+        "served_model_name",
+        "max_batch_tokens",
+        "kv_cache_bytes",
+        "torch_threads",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value

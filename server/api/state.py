@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
 
@@ -19,6 +20,7 @@ class AppState:
     metrics: Metrics
     engine: EngineClient | None = None
     engine_error: str | None = None  # why the engine failed to start, if it did
+    created: int = field(default_factory=lambda: int(time.time()))  # the backbone's `created` in /v1/models
 
     def attach(self, engine: EngineClient) -> None:
         engine.add_step_listener(self.metrics.on_step)
@@ -64,3 +66,8 @@ def require_admin(request: Request, settings: Settings = Depends(get_settings)) 
     expected = settings.admin_token.get_secret_value().encode()
     if not hmac.compare_digest(given.strip().encode(), expected):
         raise unauthorized("expected the server's admin token; found a different bearer token")
+
+
+def served_model_name(settings: Settings, engine: EngineClient) -> str:
+    """The backbone's id on the OpenAI routes (`model`): the setting, else the model's own id."""
+    return settings.served_model_name or engine.info().model_id

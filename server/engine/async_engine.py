@@ -22,7 +22,7 @@ from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
-from server.engine.intake import IntakeConfig, build_request
+from server.engine.intake import IntakeConfig, build_request, render_chat
 from server.engine.output import OutputProcessor
 from server.engine.probe import Probe
 from server.engine.request import Request
@@ -132,6 +132,9 @@ class AsyncEngine:
             if not engine_done:  # the caller left, or a stop sequence ended it before the engine did
                 self.inbox.put(partial(self.engine.abort, prepared.request_id))
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return render_chat(self.backbone.tokenizer, messages)
+
     def submit(self, request: Request) -> None:
         """Hand a prepared request to the engine thread (benchmarks and tests use this directly)."""
         self.inbox.put(partial(self.engine.add, request))
@@ -209,6 +212,7 @@ class AsyncEngine:
             kv_cache_used_bytes=(memory.num_blocks - memory.num_free_blocks) * block_bytes,
             kv_cache_capacity_bytes=memory.num_blocks * block_bytes,
             num_preemptions=engine.num_preemptions,
+            host_tasks=tuple(self.store.cached_keys()),
         )
 
 

@@ -121,11 +121,11 @@ class Engine:
 
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         rows, logits = self.fail_broken_rows(rows, logits)
-        token_ids, logprobs = sample(logits, rows)
+        sampled = sample(logits, rows)
         new: dict[int, list[RowToken]] = defaultdict(list)
-        for row, token_id, logprob in zip(rows, token_ids, logprobs, strict=True):
+        for row, token_id, logprob, top in zip(rows, sampled.token_ids, sampled.logprobs, sampled.top, strict=True):
             self.append_token(row, token_id)
-            new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason))
+            new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason, top))
         for request in distinct_requests(rows):
             self.deliver(request, EngineOutput(request.request_id, tuple(new[id(request)]), request.is_finished))
 
@@ -228,6 +228,7 @@ class Engine:
             num_decode_tokens=num_decode,
             num_waiting=len(self.scheduler.waiting),
             step_seconds=seconds,
+            cache_events=self.tasks.take_events(),
         )
         self.last_step = stats
         for listener in self.step_listeners:

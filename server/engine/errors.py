@@ -23,6 +23,10 @@ class InvalidPrompt(EngineError, ValueError):
     """Bad generation input or parameters (expected vs found in the message)."""
 
 
+class NoChatTemplate(InvalidPrompt):
+    """Chat messages for a backbone whose tokenizer has no chat template."""
+
+
 class GenerationFailed(EngineError):
     """One request could not go on (e.g. its task drives the model to NaN); its batch mates are unaffected."""
 
@@ -38,6 +42,7 @@ __all__ = [
     "InputTooLong",
     "InvalidPrompt",
     "InvalidTask",
+    "NoChatTemplate",
     "QueueFull",
     "TaskNotFound",
     "TaskTooLarge",

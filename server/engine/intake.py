@@ -10,14 +10,16 @@ import secrets
 import uuid
 from dataclasses import dataclass
 
+import jinja2
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.errors import InputTooLong, InvalidPrompt
+from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate
 from server.engine.request import OutputSink, Request, Sequence
+from server.engine.sampler import MAX_TOP_LOGPROBS
 from server.engine.task_cache import has_kv_prefix
 from server.engine.types import GenerateInput, SamplingParams
 
@@ -37,6 +39,8 @@ def validate_sampling(params: SamplingParams, limits: IntakeConfig) -> None:
         (params.top_k >= 0, "top_k >= 0 (0 disables it)", params.top_k),
         (0 < params.top_p <= 1, "top_p in (0, 1]", params.top_p),
         (all(params.stop), "non-empty stop sequences", list(params.stop)),
+        (0 <= params.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs in [0, {MAX_TOP_LOGPROBS}]",
+         params.top_logprobs),
     ]  # fmt: skip
     for ok, expected, found in checks:
         if not ok:
@@ -50,9 +54,9 @@ def validate_tasks(request: GenerateInput) -> None:
         raise InvalidPrompt(f"expected one task id without an ensemble mode; found {len(request.task_ids)}")
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str, add_special_tokens: bool = True) -> list[int]:
     """A request's input as token ids (`promptserve train` encodes its data with this too)."""
-    input_ids = list(tokenizer(text)["input_ids"])
+    input_ids = list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
     if not input_ids:  # an empty input on a tokenizer that adds no <s>: start from its <s> or </s>, as HF does
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         if start is None:
@@ -61,8 +65,22 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return input_ids
 
 
-def tokenize(backbone: Backbone, text: str, limits: IntakeConfig) -> list[int]:
-    input_ids = prompt_ids(backbone.tokenizer, text)
+def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """Chat messages as the backbone's chat template writes them, ending where the assistant's answer starts. The
+    text holds the template's special tokens: tokenize it with add_special_tokens=False (as vLLM does)."""
+    if not tokenizer.chat_template:
+        raise NoChatTemplate(
+            "expected a backbone whose tokenizer has a chat template (tokenizer_config.json 'chat_template' or "
+            "chat_template.jinja); found none: use /v1/completions with plain text"
+        )
+    try:
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    except jinja2.TemplateError as exc:  # templates refuse what they cannot render (raise_exception)
+        raise InvalidPrompt(f"messages: expected what the backbone's chat template accepts; it says: {exc}") from None
+
+
+def tokenize(backbone: Backbone, text: str, limits: IntakeConfig, add_special_tokens: bool = True) -> list[int]:
+    input_ids = prompt_ids(backbone.tokenizer, text, add_special_tokens)
     if len(input_ids) > limits.max_input_tokens:
         raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
     return input_ids
@@ -114,7 +132,7 @@ def build_request(
     """Validate and resolve: every task id to its current version (TaskNotFound if absent)."""
     validate_tasks(request)
     validate_sampling(request.sampling, limits)
-    input_ids = tokenize(backbone, request.inputs, limits)
+    input_ids = tokenize(backbone, request.inputs, limits, request.add_special_tokens)
     tasks = [store.load(task_id) if task_id is not None else None for task_id in request.task_ids]
     result = Request(
         request_id=request.request_id or uuid.uuid4().hex,

@@ -34,6 +34,11 @@ class EngineClient(Protocol):
 
     def get_task(self, task_id: str) -> TaskRecord: ...
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """The backbone's chat template applied to messages ({"role", "content"}), ready for the answer; raises
+        NoChatTemplate without a template, InvalidPrompt when the template refuses the messages."""
+        ...
+
     def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; the last one is finished. Closing the iterator aborts the request.
 

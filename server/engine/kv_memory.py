@@ -36,6 +36,7 @@ class KVMemory:
     tasks: OrderedDict[TaskKey, TaskBlocks] = field(init=False)  # least recently used first
     kept_version: dict[str, float] = field(init=False)  # per task id: older versions are retired (inf: all)
     num_evictions: int = 0
+    evicted: list[TaskKey] = field(default_factory=list)  # since the last take_evicted, for per-task metrics
 
     def __post_init__(self) -> None:
         self.free = list(range(self.num_blocks, 0, -1))  # a stack: block 1 is handed out first
@@ -128,6 +129,12 @@ class KVMemory:
             raise MemoryError("the KV pool is full and every resident task is in use")
         self.drop_task(key)
         self.num_evictions += 1
+        self.evicted.append(key)
+
+    def take_evicted(self) -> list[TaskKey]:
+        """The task versions evicted since the last call (the engine drains them once a step)."""
+        evicted, self.evicted = self.evicted, []
+        return evicted
 
     def drop_task(self, key: TaskKey) -> None:
         self.release(self.tasks.pop(key).block_ids)

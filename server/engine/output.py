@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from server.engine.detokenizer import IncrementalDecoder, find_stop
 from server.engine.request import Request
 from server.engine.types import (
+    Alternative,
     Completion,
     EngineOutput,
     EnsembleMode,
@@ -54,6 +55,7 @@ class Processed:
 class OutputProcessor:
     def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase) -> None:
         self.request = request
+        self.tokenizer = tokenizer
         self.rows = [RowText(row.task_id, row.task_version, IncrementalDecoder(tokenizer)) for row in request.rows]
         self.is_finished = False
 
@@ -73,13 +75,13 @@ class OutputProcessor:
             return False
         row.token_ids.append(token.id)
         if token.finish_reason is FinishReason.EOS:
-            row.tokens.append(Token(token.id, "", token.logprob))
+            row.tokens.append(Token(token.id, "", token.logprob, self.alternatives(token)))
             row.text += row.decoder.flush(row.token_ids)
             row.finish_reason = FinishReason.EOS
             return False
         new_text = row.decoder.next_text(row.token_ids)
         row.text += new_text
-        row.tokens.append(Token(token.id, new_text, token.logprob))
+        row.tokens.append(Token(token.id, new_text, token.logprob, self.alternatives(token)))
         stop_at = find_stop(row.text, self.request.sampling.stop, len(new_text)) if new_text else None
         if stop_at is not None:
             row.text, row.finish_reason = row.text[:stop_at], FinishReason.STOP
@@ -88,6 +90,10 @@ class OutputProcessor:
             row.text += row.decoder.flush(row.token_ids)
             row.finish_reason = FinishReason.LENGTH
         return False
+
+    def alternatives(self, token: RowToken) -> tuple[Alternative, ...]:
+        """Each alternative's text is its token decoded alone, special tokens included (vLLM's choice too)."""
+        return tuple(Alternative(i, str(self.tokenizer.decode([i])), logprob) for i, logprob in token.top)
 
     def outputs(self, tokens: tuple[RowToken, ...]) -> list[RequestOutput]:
         """A streamed token (not for a vote: its answer is known only at the end), or the completion."""
@@ -121,6 +127,7 @@ class OutputProcessor:
             tokens=tuple(answer.tokens),
             members=members,
             queue_seconds=started - request.arrival_time,
+            virtual_tokens=sum(row.num_virtual_tokens for row in request.rows),
         )
 
 

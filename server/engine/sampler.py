@@ -7,16 +7,29 @@ average of the members' log-probabilities, fed to every member.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from server.engine.request import Request, Sequence
 from server.engine.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-5  # sampling this cold is greedy in all but name (vLLM's threshold too)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions' top_logprobs
 
 
-def sample(logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[float]]:
-    """logits [B, V] (float32) -> one token id and its log-probability per row."""
+@dataclass(frozen=True, slots=True)
+class Sampled:
+    """Per row: the chosen token, its log-probability, and the most likely tokens when the row asks for them."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top: list[tuple[tuple[int, float], ...]]
+
+
+def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
+    """logits [B, V] (float32) -> one token per row. Log-probabilities are the model's own (before temperature,
+    top-k and top-p), as vLLM and OpenAI report them; a `mean` ensemble reports the members' average."""
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     tokens = logits.argmax(dim=-1)  # [B]; greedy unless a row says otherwise
     for request, indices in rows_by_request(rows):
@@ -29,7 +42,17 @@ def sample(logits: torch.Tensor, rows: list[Sequence]) -> tuple[list[int], list[
             for i in indices:
                 tokens[i] = choose(logits[i], request.sampling, request.generator)
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
-    return tokens.tolist(), chosen.tolist()
+    return Sampled(tokens.tolist(), chosen.tolist(), most_likely(logprobs, rows))
+
+
+def most_likely(logprobs: torch.Tensor, rows: list[Sequence]) -> list[tuple[tuple[int, float], ...]]:
+    """Each row's `top_logprobs` most likely tokens (one top-k over the batch, at the largest k asked for)."""
+    wanted = [row.request.sampling.top_logprobs for row in rows]
+    k = min(max(wanted, default=0), logprobs.shape[-1])
+    if k == 0:
+        return [() for _ in rows]
+    values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
+    return [tuple(zip(ids[i][:n], values[i][:n], strict=True)) for i, n in enumerate(wanted)]
 
 
 def rows_by_request(rows: list[Sequence]) -> list[tuple[Request, list[int]]]:

@@ -12,22 +12,30 @@ used first, within a byte budget). Which form a row's task takes is decided when
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 import torch
 
+from prompt_store.adapter import is_valid_task_id
 from prompt_store.materialize import materialize
 from prompt_store.types import CacheStats, Method, TaskArtifact, TaskKey
 from server.engine.attention import one_row_kv, run_backbone
 from server.engine.backbone import Backbone
 from server.engine.kv_memory import KVMemory, TaskBlocks
 from server.engine.kv_pool import KVPool, slots_of
+from server.engine.types import TaskCacheEvents, TaskLoad
 
 logger = logging.getLogger(__name__)
 
 
 def has_kv_prefix(method: Method, prompts_as_kv: bool) -> bool:
     return method.is_prefix or prompts_as_kv
+
+
+def is_user_task(key: TaskKey) -> bool:
+    """The engine's own tasks (a registration's probe, the self-check) have ids the task-id pattern refuses."""
+    return is_valid_task_id(key[0])
 
 
 class TaskCache:
@@ -40,13 +48,18 @@ class TaskCache:
         self.num_hits = 0
         self.num_misses = 0
         self.num_evictions = 0
+        # since the last take_events (once a step): what per-task metrics are made of
+        self.hits: list[TaskKey] = []
+        self.loads: list[TaskLoad] = []
+        self.evicted: list[TaskKey] = []
 
     def fill(self, blocks: TaskBlocks, artifact: TaskArtifact) -> None:
         """Write the task's virtual tokens' keys and values into its blocks, unless they are there already."""
         if blocks.is_filled:
-            self.num_hits += 1
+            self.record_hit(artifact.key)
             return
         self.num_misses += 1
+        started = time.perf_counter()
         task = materialize(artifact, self.backbone.fingerprint, self.backbone.device, self.backbone.dtype)
         slots = slots_of(blocks.block_ids, blocks.num_tokens, self.pool.block_size).to(self.backbone.device)
         if task.prompt_embeds is not None:
@@ -54,6 +67,18 @@ class TaskCache:
         else:
             self.pool.write(slots, task.prefix_keys, task.prefix_values)
         blocks.is_filled = True
+        self.record_load(artifact.key, started)
+
+    def record_hit(self, key: TaskKey) -> None:
+        self.num_hits += 1
+        self.hits.append(key)
+
+    def record_load(self, key: TaskKey, started: float) -> None:
+        """A load's time includes its device work: on a GPU, where kernels run asynchronously, wait for it (a miss
+        is rare, and the step waits for the device at its end anyway)."""
+        if self.backbone.device.type == "cuda":
+            torch.cuda.synchronize(self.backbone.device)
+        self.loads.append(TaskLoad(key, time.perf_counter() - started))
 
     @torch.inference_mode()
     def compute_prompt_kv(self, prompt_embeds: torch.Tensor, slots: torch.Tensor) -> None:
@@ -66,12 +91,14 @@ class TaskCache:
         """[P, H]: a prompt task's vectors, for rows that feed them as input embeddings."""
         embeds = self.embeddings.get(artifact.key)
         if embeds is not None:
-            self.num_hits += 1
+            self.record_hit(artifact.key)
             self.embeddings.move_to_end(artifact.key)
             return embeds
         self.num_misses += 1
+        started = time.perf_counter()
         task = materialize(artifact, self.backbone.fingerprint, self.backbone.device, self.backbone.dtype)
         assert task.prompt_embeds is not None, "prefix tasks always enter as keys and values"
+        self.record_load(artifact.key, started)
         if not self.memory.is_superseded(artifact.key):  # a retired version serves its last rows, uncached
             self.embeddings[artifact.key] = task.prompt_embeds
             self.evict_to_budget()
@@ -80,8 +107,9 @@ class TaskCache:
     def evict_to_budget(self) -> None:
         """Rows running on an evicted task keep its tensor alive; a later row materialises it again."""
         while self.embeddings_bytes > self.budget_bytes and len(self.embeddings) > 1:
-            self.embeddings.popitem(last=False)
+            key, _ = self.embeddings.popitem(last=False)
             self.num_evictions += 1
+            self.evicted.append(key)
 
     @property
     def embeddings_bytes(self) -> int:
@@ -94,15 +122,27 @@ class TaskCache:
         for key in [key for key in self.embeddings if key[0] == task_id and key[1] != keep_version]:
             del self.embeddings[key]
 
+    def take_events(self) -> TaskCacheEvents:
+        """The users' tasks' hits, loads and evictions since the last call (the engine takes them once a step)."""
+        hits, loads, evicted = self.hits, self.loads, self.evicted + self.memory.take_evicted()
+        self.hits, self.loads, self.evicted = [], [], []
+        return TaskCacheEvents(
+            hits=tuple(filter(is_user_task, hits)),
+            loads=tuple(load for load in loads if is_user_task(load.key)),
+            evictions=tuple(filter(is_user_task, evicted)),
+        )
+
     def stats(self) -> CacheStats:
         """Read from other threads (metrics): each dict is copied in one C call, which holds the GIL throughout."""
-        tasks, embeddings = list(self.memory.tasks.values()), list(self.embeddings.values())
+        tasks, embeddings = list(self.memory.tasks.values()), list(self.embeddings.items())
         task_bytes = sum(len(task.block_ids) for task in tasks) * self.pool.block_bytes
+        resident = {task.key for task in tasks if task.is_filled} | {key for key, _ in embeddings}
         return CacheStats(
             hits=self.num_hits,
             misses=self.num_misses,
             evictions=self.num_evictions + self.memory.num_evictions,
-            resident_bytes=sum(t.numel() * t.element_size() for t in embeddings) + task_bytes,
+            resident_bytes=sum(t.numel() * t.element_size() for _, t in embeddings) + task_bytes,
             num_entries=len(embeddings) + len(tasks),
             num_pinned=sum(task.ref_count > 0 for task in tasks),
+            resident_tasks=tuple(sorted(filter(is_user_task, resident))),
         )

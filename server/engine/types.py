@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from prompt_store.types import CacheStats
+from prompt_store.types import CacheStats, TaskKey
 
 
 class FinishReason(enum.StrEnum):
@@ -28,6 +28,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # report this many most likely alternatives with each token (0: none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +40,24 @@ class GenerateInput:
     ensemble: EnsembleMode | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
+    add_special_tokens: bool = True  # False for text that already holds them (a rendered chat template)
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """One of the most likely tokens at a position, with its text decoded on its own."""
+
+    id: int
+    text: str
+    logprob: float
 
 
 @dataclass(frozen=True, slots=True)
 class Token:
     id: int
-    text: str
+    text: str  # the text this token added to the output (empty while a character is incomplete)
     logprob: float
+    top: tuple[Alternative, ...] = ()  # the sampling's top_logprobs most likely tokens, most likely first
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +80,7 @@ class Completion:
     tokens: tuple[Token, ...] = ()
     members: tuple[MemberResult, ...] | None = None  # ensembles only
     queue_seconds: float = 0.0  # from submission to the first scheduling
+    virtual_tokens: int = 0  # in front of the request's rows (every member's, for an ensemble)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +105,7 @@ class RowToken:
     id: int
     logprob: float
     finish_reason: FinishReason | None = None  # EOS or LENGTH; stop sequences are found on the text, elsewhere
+    top: tuple[tuple[int, float], ...] = ()  # (id, log-probability) of the most likely tokens, when asked for
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +139,24 @@ class EngineInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskLoad:
+    """A task version put on the device (a cache miss), and how long that took, its device work included."""
+
+    key: TaskKey
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCacheEvents:
+    """What the device task cache did in one step, per task version: users' tasks only (the engine's own probe
+    and self-check tasks are left out). Events rather than totals, so the metrics layer bounds the labels."""
+
+    hits: tuple[TaskKey, ...] = ()  # lookups that found the task version on the device
+    loads: tuple[TaskLoad, ...] = ()  # lookups that missed and put it there
+    evictions: tuple[TaskKey, ...] = ()  # task versions no row held, dropped to make room
+
+
+@dataclass(frozen=True, slots=True)
 class StepStats:
     """What one engine step did, handed to the metrics layer as plain data."""
 
@@ -134,6 +166,7 @@ class StepStats:
     num_decode_tokens: int
     num_waiting: int
     step_seconds: float
+    cache_events: TaskCacheEvents = TaskCacheEvents()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,3 +180,4 @@ class EngineStats:
     kv_cache_used_bytes: int = 0  # blocks holding rows' or tasks' keys and values
     kv_cache_capacity_bytes: int = 0
     num_preemptions: int = 0
+    host_tasks: tuple[TaskKey, ...] = ()  # task versions parsed in CPU memory (the store's LRU); others are on disk

@@ -22,6 +22,7 @@ from server.engine.errors import (
     InputTooLong,
     InvalidPrompt,
     InvalidTask,
+    NoChatTemplate,
     QueueFull,
     TaskNotFound,
     TaskTooLarge,
@@ -36,6 +37,8 @@ from server.engine.types import (
     MemberResult,
     RequestOutput,
     StepStats,
+    TaskCacheEvents,
+    TaskLoad,
     Token,
 )
 
@@ -87,6 +90,8 @@ class FakeEngine:
     num_steps: int = 0
     num_shutdowns: int = 0
     ids: itertools.count = field(default_factory=itertools.count)
+    on_device: set[str] = field(default_factory=set)  # tasks a request has "loaded"; never evicted
+    has_chat_template: bool = False
 
     # ---- EngineClient: service
 
@@ -106,9 +111,11 @@ class FakeEngine:
 
     def stats(self) -> EngineStats:
         running = len(self.started) - len(self.completed) - len(self.aborted)
-        cache = CacheStats(hits=7, misses=2, evictions=1, resident_bytes=4096, num_entries=2, num_pinned=0)
+        device = tuple(sorted(self.tasks[t].key for t in self.on_device if t in self.tasks))
+        cache = CacheStats(hits=7, misses=2, evictions=1, resident_bytes=4096, num_entries=2, num_pinned=0,
+                           resident_tasks=device)  # fmt: skip
         return EngineStats(num_running=running, num_waiting=0, num_steps=self.num_steps, num_tasks=len(self.tasks),
-                           cache=cache)  # fmt: skip
+                           cache=cache, host_tasks=tuple(sorted(r.key for r in self.tasks.values())))  # fmt: skip
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self.listeners.append(listener)
@@ -147,6 +154,11 @@ class FakeEngine:
         return self.tasks[task_id]
 
     # ---- EngineClient: generation
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not self.has_chat_template:
+            raise NoChatTemplate("expected a backbone whose tokenizer has a chat template; found none")
+        return "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:
         self.check(request)
@@ -190,9 +202,21 @@ class FakeEngine:
         await asyncio.sleep(self.token_delay_s)
         self.num_steps += 1
         stats = StepStats(batch_size=len(request.task_ids), num_distinct_tasks=len(set(request.task_ids) - {None}),
-                          num_prefill_tokens=0, num_decode_tokens=1, num_waiting=0, step_seconds=0.001)  # fmt: skip
+                          num_prefill_tokens=0, num_decode_tokens=1, num_waiting=0, step_seconds=0.001,
+                          cache_events=self.cache_events(request) if index == 0 else TaskCacheEvents())  # fmt: skip
         for listener in self.listeners:
             listener(stats)
+
+    def cache_events(self, request: GenerateInput) -> TaskCacheEvents:
+        """As the real engine's first step of a request: each member row's task is a hit, or a load the first time."""
+        hits, loads = [], []
+        for key in [self.tasks[task_id].key for task_id in request.task_ids if task_id is not None]:
+            if key[0] in self.on_device:
+                hits.append(key)
+            else:
+                loads.append(TaskLoad(key, 0.002))
+                self.on_device.add(key[0])
+        return TaskCacheEvents(hits=tuple(hits), loads=tuple(loads))
 
     def decode(self, request: GenerateInput, task_id: str | None) -> Row:
         text = answer_of(task_id, request.inputs)

@@ -1,4 +1,4 @@
-"""Helpers shared by the API tests: a raw ASGI call whose client leaves on cue, and an SSE body parser."""
+"""Helpers shared by the API tests: a raw ASGI call whose client leaves on cue, SSE and Prometheus parsers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import json
 from collections.abc import Callable
 
 from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 
 Message = dict
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 TIMEOUT_S = 5.0
 
 
@@ -54,3 +56,9 @@ def events_of(text: str) -> list[dict]:
     blocks = text[:-2].split("\n\n")
     assert all(block.startswith("data: ") and "\n" not in block for block in blocks)
     return [json.loads(block.removeprefix("data: ")) for block in blocks]
+
+
+def metric_samples(text: str) -> Samples:
+    """Prometheus text as {(sample name, its labels sorted): value}."""
+    families = text_string_to_metric_families(text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}

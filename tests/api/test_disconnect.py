@@ -47,7 +47,7 @@ def test_generate_disconnect_counted_as_cancelled() -> None:
     app = slow_app(engine)
     asyncio.run(call_until(app, "/v1/generate", {"inputs": "x"}, lambda sent: bool(engine.started)))
     metrics = app.state.promptserve.metrics
-    assert metrics.requests.labels(endpoint="generate", outcome="cancelled")._value.get() == 1
+    assert metrics.requests.labels(endpoint="generate", task="_backbone", outcome="cancelled")._value.get() == 1
 
 
 def test_generate_client_staying_gets_answer() -> None:
@@ -56,3 +56,25 @@ def test_generate_client_staying_gets_answer() -> None:
     sent = asyncio.run(call_until(app, "/v1/generate", {"inputs": "x"}, lambda sent: False))
     assert sent[0]["status"] == 200
     assert (len(engine.completed), engine.aborted) == (1, [])
+
+
+def test_openai_stream_disconnect_midway_aborts_every_choice() -> None:
+    engine = FakeEngine()
+    app = slow_app(engine)
+    body = {"model": "a", "prompt": "a long input for many tokens", "n": 3, "stream": True, "temperature": 0}
+    sent = asyncio.run(call_until(app, "/v1/completions", body, lambda sent: len(body_chunks(sent)) >= 5))
+    assert sent[0]["status"] == 200
+    assert (len(engine.aborted), engine.completed) == (3, [])
+
+
+def test_openai_completion_disconnect_while_pending_aborts_every_choice() -> None:
+    engine = FakeEngine(hold=True)
+    app = slow_app(engine)
+    body = {"model": "a", "prompt": ["x", "y"], "n": 2}
+    asyncio.run(call_until(app, "/v1/completions", body, lambda sent: len(engine.started) == 4))
+    assert (len(engine.aborted), engine.completed) == (4, [])
+    metrics = app.state.promptserve.metrics
+    cancelled = metrics.registry.get_sample_value(
+        "promptserve_requests_total", {"endpoint": "completions", "task": "_other", "outcome": "cancelled"}
+    )  # "_other": a request that never produced output does not take a task label of its own
+    assert cancelled == 4

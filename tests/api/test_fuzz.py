@@ -25,7 +25,7 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import events
 
 from server.api.settings import Settings
-from tests.fixtures import TinyBackbone
+from tests.fixtures import TinyBackbone, with_chat_template
 from tests.live_server import live_server
 
 MAX_EXAMPLES = 10
@@ -41,9 +41,32 @@ database = "none"
 include-path-regex = "^/v1/generate"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "413", "429", "503"]
 [[operations]]
+include-path-regex = "^/v1/(chat/)?completions$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "429", "503"]
+[[operations]]
+include-path-regex = "^/v1/models/"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "503"]
+[[operations]]
 include-name = "PUT /v1/tasks/{{task_id}}"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "422", "503"]
 """
+
+
+OPENAI_EXAMPLES = {
+    "/v1/completions": {
+        "task": {"model": "prefix", "prompt": ["hi", "there"], "max_tokens": 4, "n": 2, "logprobs": 2},
+        "stream": {"model": "prompt_tuning", "prompt": "hi", "stream": True, "stream_options": {"include_usage": True}},
+    },
+    "/v1/chat/completions": {
+        "task": {
+            "model": "prefix",
+            "messages": [{"role": "user", "content": "hi"}],
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+        "stream": {"model": "p_tuning_mlp", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+    },
+}
 
 
 @dataclass
@@ -56,8 +79,9 @@ class FuzzRun:
 
 @pytest.fixture(scope="module")
 def server_url(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    backbone = with_chat_template(tiny_llama.path, tmp_path_factory.mktemp("fuzz-chat") / "llama")
     settings = Settings(
-        model=str(tiny_llama.path),
+        model=str(backbone),
         store_dir=str(tmp_path_factory.mktemp("fuzz-store")),
         demo_tasks=False,
         max_new_tokens_limit=8,
@@ -80,8 +104,12 @@ def adapter_files(adapter_dir: Path) -> dict[str, bytes]:
 
 
 def with_valid_upload_examples(document: dict[str, Any], tiny: TinyBackbone) -> dict[str, Any]:
+    """Examples a random string cannot stumble on: valid adapters, and OpenAI requests naming a registered task."""
     multipart = document["paths"]["/v1/tasks/{task_id}"]["put"]["requestBody"]["content"]["multipart/form-data"]
     multipart["examples"] = {kind: {"value": adapter_files(tiny.adapters[kind])} for kind in ("prefix", "p_tuning_mlp")}
+    for path, body in OPENAI_EXAMPLES.items():
+        content = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        content["examples"] = {name: {"value": value} for name, value in body.items()}
     return document
 
 
@@ -119,4 +147,6 @@ def test_schemathesis_with_every_check_finds_nothing(server_url: str, tiny_llama
         n for (operation, status), n in run.statuses.items() if operation.startswith("PUT") and status < 300
     )
     assert registered > 0, "the examples phase should register valid adapters"
+    for operation in ("POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models"):
+        assert sum(n for (op, status), n in run.statuses.items() if op == operation and status < 300), operation
     assert not [key for key in run.statuses if key[1] >= 500]

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import create_app
 from server.api.settings import Settings
 from tests.api.conftest import upload
 from tests.api.fake_engine import FakeEngine
+from tests.api.helpers import Samples, metric_samples
 
 
-def samples(client: TestClient) -> dict[tuple[str, tuple], float]:
+def samples(client: TestClient) -> Samples:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    families = text_string_to_metric_families(response.text)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+    return metric_samples(response.text)
 
 
 def names(client: TestClient) -> set[str]:
@@ -52,14 +51,14 @@ def test_metrics_count_requests_by_outcome(client: TestClient, engine: FakeEngin
     client.post("/v1/generate_stream", json={"inputs": "x"})
     values = samples(client)
     total = "promptserve_requests_total"
-    assert values[(total, (("endpoint", "generate"), ("outcome", "success")))] == 1
-    assert values[(total, (("endpoint", "generate"), ("outcome", "not_found")))] == 1
-    assert values[(total, (("endpoint", "generate_stream"), ("outcome", "success")))] == 1
+    assert values[(total, (("endpoint", "generate"), ("outcome", "success"), ("task", "a")))] == 1
+    assert values[(total, (("endpoint", "generate"), ("outcome", "not_found"), ("task", "_other")))] == 1
+    assert values[(total, (("endpoint", "generate_stream"), ("outcome", "success"), ("task", "_backbone")))] == 1
 
 
 def test_metrics_count_generated_tokens(client: TestClient) -> None:
     client.post("/v1/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 3}})
-    assert samples(client)[("promptserve_generation_tokens_total", ())] == 3
+    assert samples(client)[("promptserve_generation_tokens_total", (("task", "_backbone"),))] == 3
 
 
 def test_metrics_batch_shape_from_step_listener(client: TestClient, engine: FakeEngine) -> None:
@@ -92,5 +91,123 @@ def test_metrics_separate_per_app(engine: FakeEngine) -> None:
     first = TestClient(create_app(Settings(demo_tasks=False), engine))
     second = TestClient(create_app(Settings(demo_tasks=False), FakeEngine()))
     first.post("/v1/generate", json={"inputs": "x"})
-    assert ("promptserve_generation_tokens_total", ()) in samples(first)
-    assert samples(second)[("promptserve_generation_tokens_total", ())] == 0
+    assert ("promptserve_generation_tokens_total", (("task", "_backbone"),)) in samples(first)
+    assert "promptserve_generation_tokens_total" not in names(second)
+
+
+# ---- per task
+
+
+def by_task(values: Samples, name: str, **others: str) -> dict[str | None, float]:
+    """A series' values keyed by task, among its samples whose other labels are `others`."""
+    found = {}
+    for (sample, label_items), value in values.items():
+        labels = dict(label_items)
+        task = labels.pop("task", None)
+        if sample == name and labels == others:
+            found[task] = value
+    return found
+
+
+SUCCESS = {"endpoint": "generate", "outcome": "success"}
+
+
+def limited_client(engine: FakeEngine, max_tasks: int) -> TestClient:
+    return TestClient(create_app(Settings(demo_tasks=False, metrics_max_tasks=max_tasks), engine))
+
+
+def generate(client: TestClient, task_id: str | None, max_new_tokens: int = 2) -> None:
+    body = {"inputs": "x", "task_id": task_id, "parameters": {"max_new_tokens": max_new_tokens}}
+    assert client.post("/v1/generate", json=body).status_code == 200
+
+
+def test_metrics_label_request_series_by_task(client: TestClient, engine: FakeEngine) -> None:
+    engine.add_task("a")
+    engine.add_task("b")
+    generate(client, "a", max_new_tokens=3)
+    generate(client, "a", max_new_tokens=3)
+    generate(client, "b", max_new_tokens=2)
+    values = samples(client)
+    assert by_task(values, "promptserve_requests_total", **SUCCESS) == {"a": 2, "b": 1}
+    assert by_task(values, "promptserve_generation_tokens_total") == {"a": 6, "b": 2}
+    assert by_task(values, "promptserve_prompt_tokens_total") == {"a": 4, "b": 2}
+    assert by_task(values, "promptserve_e2e_request_latency_seconds_count", endpoint="generate") == {"a": 2, "b": 1}
+    assert by_task(values, "promptserve_time_to_first_token_seconds_count") == {"a": 2, "b": 1}
+    assert by_task(values, "promptserve_time_per_output_token_seconds_count") == {"a": 2, "b": 1}
+
+
+def test_metrics_label_bare_backbone_apart_from_tasks(client: TestClient, engine: FakeEngine) -> None:
+    engine.add_task("a")
+    generate(client, None, max_new_tokens=3)
+    generate(client, "a", max_new_tokens=2)
+    values = samples(client)
+    assert by_task(values, "promptserve_requests_total", **SUCCESS) == {"_backbone": 1, "a": 1}
+    assert by_task(values, "promptserve_generation_tokens_total") == {"_backbone": 3, "a": 2}
+
+
+def test_metrics_count_tasks_past_the_limit_as_other(engine: FakeEngine) -> None:
+    for task_id in ("a", "b", "c", "d"):
+        engine.add_task(task_id)
+    with limited_client(engine, max_tasks=2) as client:
+        for task_id, max_new_tokens in (("a", 1), ("b", 2), ("c", 3), ("d", 4), ("a", 1)):
+            generate(client, task_id, max_new_tokens)
+        generate(client, None)  # the backbone never takes a slot
+        values = samples(client)
+    assert by_task(values, "promptserve_requests_total", **SUCCESS) == {"a": 2, "b": 1, "_other": 2, "_backbone": 1}
+    assert by_task(values, "promptserve_generation_tokens_total") == {"a": 2, "b": 2, "_other": 7, "_backbone": 2}
+    assert by_task(values, "promptserve_task_cache_misses_total") == {"a": 1, "b": 1, "_other": 2}
+
+
+def test_metrics_count_an_ensemble_once_and_its_members_in_the_cache(client: TestClient, engine: FakeEngine) -> None:
+    engine.add_task("a")
+    engine.add_task("b")
+    body = {"inputs": "x", "task_ids": ["a", "b"], "ensemble": "mean", "parameters": {"max_new_tokens": 2}}
+    assert client.post("/v1/generate", json=body).status_code == 200
+    values = samples(client)
+    assert by_task(values, "promptserve_requests_total", **SUCCESS) == {"_ensemble": 1}
+    assert by_task(values, "promptserve_generation_tokens_total") == {"_ensemble": 2}
+    assert by_task(values, "promptserve_task_cache_misses_total") == {"a": 1, "b": 1}
+
+
+def test_metrics_request_failing_before_output_takes_no_label(engine: FakeEngine) -> None:
+    engine.add_task("a")
+    with limited_client(engine, max_tasks=1) as client:
+        assert client.post("/v1/generate", json={"inputs": "x", "task_id": "typo"}).status_code == 404
+        generate(client, "a")
+        values = samples(client)
+    total = "promptserve_requests_total"
+    assert values[(total, (("endpoint", "generate"), ("outcome", "not_found"), ("task", "_other")))] == 1
+    assert values[(total, (("endpoint", "generate"), ("outcome", "success"), ("task", "a")))] == 1
+
+
+def test_metrics_task_cache_series_from_step_events(client: TestClient, engine: FakeEngine) -> None:
+    engine.add_task("a")
+    generate(client, "a")
+    generate(client, "a")
+    values = samples(client)
+    assert by_task(values, "promptserve_task_cache_misses_total") == {"a": 1}
+    assert by_task(values, "promptserve_task_cache_hits_total") == {"a": 1}
+    assert by_task(values, "promptserve_task_cache_evictions_total") == {"a": 0}  # defined before the first one
+    assert by_task(values, "promptserve_task_load_seconds_count") == {"a": 1}
+    assert by_task(values, "promptserve_task_load_seconds_sum") == {"a": 0.002}
+
+
+def test_metrics_resident_versions_by_tier(engine: FakeEngine) -> None:
+    engine.add_task("a")
+    engine.add_task("a")  # version 2
+    engine.add_task("b")
+    engine.add_task("c")
+    with limited_client(engine, max_tasks=3) as client:
+        generate(client, "a")
+        generate(client, "b")
+        values = samples(client)
+    resident = {
+        (labels["task"], labels["version"], labels["tier"]): value
+        for (name, label_items), value in values.items()
+        if name == "promptserve_resident_task_versions" and (labels := dict(label_items))
+    }
+    # c was never asked for: residency gives it no label of its own, and as _other it keeps no version either
+    assert resident == {
+        ("a", "2", "device"): 1, ("b", "1", "device"): 1,
+        ("a", "2", "host"): 1, ("b", "1", "host"): 1, ("_other", "_other", "host"): 1,
+    }  # fmt: skip

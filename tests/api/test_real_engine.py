@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from server.api.app import create_app
 from server.api.settings import Settings
 from server.engine.async_engine import AsyncEngine, build_engine
-from tests.api.helpers import body_chunks, call_until, events_of
+from tests.api.helpers import body_chunks, call_until, events_of, metric_samples
 from tests.fixtures import TinyBackbone
 
 pytestmark = pytest.mark.slow
@@ -57,12 +57,16 @@ def wait_idle(engine: AsyncEngine, timeout_s: float = 10.0) -> None:
         time.sleep(0.01)
 
 
+def wait_healthy(client: TestClient, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while client.get("/health").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_real_lifespan_builds_engine_from_settings(tiny_llama: TinyBackbone, tmp_path: Path) -> None:
     with TestClient(create_app(real_settings(tiny_llama, tmp_path / "store"))) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_healthy(client)
         assert client.get("/info").json()["num_key_value_heads"] == 2
 
 
@@ -134,3 +138,38 @@ def test_real_metrics_report_the_kv_pool(real: TestClient, real_engine: AsyncEng
     # the prefix task stays resident in its blocks once no row holds it
     assert 0 < values["promptserve_kv_cache_used_bytes"] < values["promptserve_kv_cache_capacity_bytes"]
     assert values["promptserve_num_preemptions_total"] == real_engine.engine.num_preemptions
+
+
+def test_real_metrics_follow_a_task_onto_the_device(real: TestClient) -> None:
+    body = {"inputs": "x", "task_id": "prefix", "parameters": {"max_new_tokens": 2}}
+    for _ in range(2):
+        assert real.post("/v1/generate", json=body).status_code == 200
+    values = metric_samples(real.get("/metrics").text)
+    task = (("task", "prefix"),)
+    misses = values[("promptserve_task_cache_misses_total", task)]
+    assert misses >= 1 and values[("promptserve_task_cache_hits_total", task)] >= 1  # the second request hits
+    assert values[("promptserve_task_load_seconds_count", task)] == misses
+    assert values[("promptserve_task_load_seconds_sum", task)] > 0
+    for tier in ("device", "host"):
+        labels = (("task", "prefix"), ("tier", tier), ("version", "1"))
+        assert values[("promptserve_resident_task_versions", labels)] == 1
+
+
+def test_real_metrics_count_an_eviction(tiny_llama: TinyBackbone, tmp_path: Path) -> None:
+    """Prompt tasks as input embeddings within a 1-byte budget: the second one pushes the first out."""
+    settings = real_settings(tiny_llama, tmp_path / "store").model_copy(
+        update={"cache_prompt_kv": False, "prompt_cache_bytes": 1}
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_healthy(client)
+        for kind in ("prompt_tuning", "p_tuning_mlp"):
+            assert client.put(f"/v1/tasks/{kind}", files=adapter_files(tiny_llama.adapters[kind])).status_code == 201
+            body = {"inputs": "x", "task_id": kind, "parameters": {"max_new_tokens": 2}}
+            assert client.post("/v1/generate", json=body).status_code == 200
+        values = metric_samples(client.get("/metrics").text)
+    evictions = "promptserve_task_cache_evictions_total"
+    assert values[(evictions, (("task", "prompt_tuning"),))] == 1
+    assert values[(evictions, (("task", "p_tuning_mlp"),))] == 0
+    on_device = [labels for (name, labels) in values if name == "promptserve_resident_task_versions"
+                 and ("tier", "device") in labels]  # fmt: skip
+    assert on_device == [(("task", "p_tuning_mlp"), ("tier", "device"), ("version", "1"))]

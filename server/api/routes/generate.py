@@ -24,8 +24,8 @@ async def generate(
     metrics: Metrics = Depends(get_metrics),
     settings: Settings = Depends(get_settings),
 ) -> Response:
-    tracker = metrics.start_request("generate")
     generate_input = body.to_engine_input(settings.default_max_new_tokens)
+    tracker = metrics.start_request("generate", generate_input.task_ids)
     completion = await tracked(request, tracker, complete(engine, generate_input, tracker))
     tracker.finish("success")
     return JSONResponse(GenerateResponse.of(completion, body.parameters.details).model_dump(mode="json"))
@@ -39,8 +39,8 @@ async def generate_stream(
     metrics: Metrics = Depends(get_metrics),
     settings: Settings = Depends(get_settings),
 ) -> Response:
-    tracker = metrics.start_request("generate_stream")
     generate_input = body.to_engine_input(settings.default_max_new_tokens)
+    tracker = metrics.start_request("generate_stream", generate_input.task_ids)
     first, outputs = await tracked(request, tracker, start_stream(engine, generate_input))
     events = stream_events(first, outputs, body.parameters.details, tracker)
     return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from server.api.errors import ApiError
 from server.api.metrics import Metrics
 from server.api.schemas import TASK_ID_PATTERN, TaskList, TaskOut
 from server.api.settings import Settings
-from server.api.state import get_engine, get_metrics, get_settings, require_admin
+from server.api.state import get_engine, get_metrics, get_settings, require_admin, served_model_name
 from server.api.uploads import UPLOAD_OPENAPI, read_adapter_upload
 from server.engine.interface import EngineClient
 
@@ -47,12 +48,24 @@ async def put_task(
     settings: Settings = Depends(get_settings),
     metrics: Metrics = Depends(get_metrics),
 ) -> Response:
+    refuse_backbone_name(task_id, served_model_name(settings, engine))
     upload = await read_adapter_upload(request, settings)
     register = partial(engine.register_task, task_id, upload.config, upload.model)
     # a registration waits for the engine to probe the task: it must not hold the threads other routes need
     record, created = await to_thread.run_sync(register, limiter=registrations(request.app))
     metrics.on_task_registered(created)
     return JSONResponse(TaskOut.of(record).model_dump(mode="json"), status_code=201 if created else 200)
+
+
+def refuse_backbone_name(task_id: str, backbone: str) -> None:
+    """`model` set to the backbone's id means the bare backbone on the OpenAI routes: no task may take that id."""
+    if task_id == backbone:
+        raise ApiError(
+            409,
+            "conflict",
+            f"task_id: expected an id other than the served backbone's (model {backbone!r} on the OpenAI routes is the "
+            f"bare backbone); found {task_id!r}",
+        )
 
 
 @router.get("", response_model=TaskList)

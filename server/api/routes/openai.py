@@ -1,0 +1,259 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions (errors in OpenAI's shape)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, AsyncIterator
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server.api.metrics import Metrics
+from server.api.openai_generation import (
+    DONE,
+    Choice,
+    Delta,
+    Params,
+    check_choices,
+    complete_all,
+    error_event,
+    finish_all,
+    max_new_tokens,
+    model_not_found,
+    openai_errors,
+    plan,
+    resolve_model,
+    run_tracked,
+    sse_json,
+    start_all,
+    start_trackers,
+    stream_choices,
+    targets,
+)
+from server.api.openai_schemas import (
+    ChatChoice,
+    ChatChunk,
+    ChatChunkChoice,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessageOut,
+    ChatRequest,
+    ChatResponse,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+    Usage,
+    finish_reason,
+    new_id,
+    now,
+)
+from server.api.routes.generate import SSE_HEADERS
+from server.api.settings import Settings
+from server.api.state import AppState, get_engine, get_metrics, get_settings, get_state, served_model_name
+from server.engine.interface import EngineClient
+from server.engine.types import Completion, GenerateInput
+
+router = APIRouter(tags=["openai"])
+
+
+# ---- models
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(
+    engine: EngineClient = Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+    state: AppState = Depends(get_state),
+) -> ModelList:
+    backbone = served_model_name(settings, engine)
+    tasks = [ModelCard.task(record, backbone) for record in engine.list_tasks()]
+    return ModelList(data=[ModelCard.backbone(backbone, state.created), *tasks])
+
+
+@router.get("/v1/models/{model:path}", response_model=ModelCard)
+async def get_model(
+    model: str,
+    engine: EngineClient = Depends(get_engine),
+    settings: Settings = Depends(get_settings),
+    state: AppState = Depends(get_state),
+) -> ModelCard:
+    backbone = served_model_name(settings, engine)
+    if not model:
+        raise model_not_found(model, backbone)
+    record = resolve_model(model, backbone, engine)
+    return ModelCard.backbone(backbone, state.created) if record is None else ModelCard.task(record, backbone)
+
+
+# ---- completions
+
+
+@router.post("/v1/completions", response_model=CompletionResponse)  # its events: openapi.py
+async def completions(
+    body: CompletionRequest,
+    request: Request,
+    engine: EngineClient = Depends(get_engine),
+    metrics: Metrics = Depends(get_metrics),
+    settings: Settings = Depends(get_settings),
+) -> Response:
+    new_tokens = max_new_tokens(body.max_tokens, "max_tokens", settings)
+    choices = choices_of(body, body.prompts, new_tokens, body.logprobs or 0, True, settings, engine)
+    trackers = start_trackers(metrics, "completions", choices)
+    if body.stream:
+        started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "prompt"))
+        events = completion_events(body, choices, stream_choices(started, choices, trackers))
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "prompt"))
+    finish_all(trackers, "success")
+    return JSONResponse(completion_response(body, choices, results).model_dump(mode="json"))
+
+
+def choices_of(
+    body: SamplingFields,
+    texts: list[str],
+    new_tokens: int,
+    top_logprobs: int,
+    add_special_tokens: bool,
+    settings: Settings,
+    engine: EngineClient,
+) -> list[Choice]:
+    task_ids, ensemble = targets(body, served_model_name(settings, engine), engine)
+    check_choices(len(texts), body.n, settings)
+
+    def build(text: str, j: int) -> GenerateInput:
+        sampling = body.sampling(new_tokens, j, top_logprobs)
+        return GenerateInput(text, task_ids, ensemble, sampling, add_special_tokens=add_special_tokens)
+
+    return plan(texts, body.n, build)
+
+
+def params(body: SamplingFields, input_param: str) -> Params:
+    return Params(input_param, "model" if body.task_ids is None else "task_ids")
+
+
+def usage_of(n: int, results: list[Completion]) -> Usage:
+    """The prompt counted once per prompt (its first choice), every choice's tokens counted."""
+    return Usage.of(results[::n], results)
+
+
+def completion_response(
+    body: CompletionRequest, choices: list[Choice], results: list[Completion]
+) -> CompletionResponse:
+    prompts = body.prompts
+    out = []
+    for choice, result in zip(choices, results, strict=True):
+        echo = prompts[choice.prompt_index] if body.echo else ""
+        logprobs = None if body.logprobs is None else CompletionLogprobs.of(list(result.tokens), len(echo))
+        text = echo + result.generated_text
+        out.append(
+            CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=finish_reason(result))
+        )
+    return CompletionResponse(
+        id=new_id("cmpl"), created=now(), model=body.model, choices=out, usage=usage_of(body.n, results)
+    )
+
+
+async def completion_events(
+    body: CompletionRequest, choices: list[Choice], deltas: AsyncGenerator[tuple[Choice, Delta], None]
+) -> AsyncIterator[str]:
+    """Data-only events: a chunk per delta, the usage chunk when asked for, then [DONE]; a late error in-band."""
+    chunk = CompletionResponse(id=new_id("cmpl"), created=now(), model=body.model, choices=[])
+    offsets = [len(body.prompts[c.prompt_index]) if body.echo else 0 for c in choices]
+    results: list[Completion | None] = [None] * len(choices)
+    try:
+        if body.echo:
+            for c in choices:
+                chunk.choices = [CompletionChoice(index=c.index, text=body.prompts[c.prompt_index])]
+                yield sse_json(chunk.model_dump_json())
+        async for choice, delta in deltas:
+            if not (delta.text or delta.tokens or delta.completion):
+                continue
+            logprobs = None if body.logprobs is None else CompletionLogprobs.of(delta.tokens, offsets[choice.index])
+            offsets[choice.index] += sum(len(token.text) for token in delta.tokens)
+            reason = None if delta.completion is None else finish_reason(delta.completion)
+            chunk.choices = [
+                CompletionChoice(index=choice.index, text=delta.text, logprobs=logprobs, finish_reason=reason)
+            ]
+            yield sse_json(chunk.model_dump_json())
+            results[choice.index] = delta.completion
+        if body.include_usage:
+            chunk.choices, chunk.usage = [], usage_of(body.n, [r for r in results if r is not None])
+            yield sse_json(chunk.model_dump_json())
+    except Exception as exc:  # the status line is already sent: report it in-band, as OpenAI does
+        yield error_event(exc)
+    finally:
+        await deltas.aclose()  # a client that left: its engine requests are aborted now, not at collection
+    yield DONE
+
+
+# ---- chat completions
+
+
+@router.post("/v1/chat/completions", response_model=ChatResponse)  # its events: openapi.py
+async def chat_completions(
+    body: ChatRequest,
+    request: Request,
+    engine: EngineClient = Depends(get_engine),
+    metrics: Metrics = Depends(get_metrics),
+    settings: Settings = Depends(get_settings),
+) -> Response:
+    new_tokens = max_new_tokens(body.asked_max_tokens, "max_tokens", settings)
+    with openai_errors(Params("messages")):
+        text = engine.render_chat([message.for_template() for message in body.messages])
+    choices = choices_of(body, [text], new_tokens, body.num_top_logprobs, False, settings, engine)
+    trackers = start_trackers(metrics, "chat_completions", choices)
+    if body.stream:
+        started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "messages"))
+        events = chat_events(body, choices, stream_choices(started, choices, trackers))
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+    results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "messages"))
+    finish_all(trackers, "success")
+    return JSONResponse(chat_response(body, choices, results).model_dump(mode="json"))
+
+
+def chat_response(body: ChatRequest, choices: list[Choice], results: list[Completion]) -> ChatResponse:
+    out = [
+        ChatChoice(
+            index=choice.index,
+            message=ChatMessageOut(content=result.generated_text),
+            logprobs=ChatLogprobs.of(list(result.tokens)) if body.logprobs else None,
+            finish_reason=finish_reason(result),
+        )
+        for choice, result in zip(choices, results, strict=True)
+    ]
+    return ChatResponse(
+        id=new_id("chatcmpl"), created=now(), model=body.model, choices=out, usage=usage_of(body.n, results)
+    )
+
+
+async def chat_events(
+    body: ChatRequest, choices: list[Choice], deltas: AsyncGenerator[tuple[Choice, Delta], None]
+) -> AsyncIterator[str]:
+    """A role chunk per choice, then content deltas (the last with its finish_reason), usage, [DONE]."""
+    chunk = ChatChunk(id=new_id("chatcmpl"), created=now(), model=body.model, choices=[])
+    results: list[Completion | None] = [None] * len(choices)
+    try:
+        for c in choices:
+            chunk.choices = [ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]
+            yield sse_json(chunk.model_dump_json())
+        async for choice, delta in deltas:
+            if not (delta.text or delta.tokens or delta.completion):
+                continue
+            logprobs = ChatLogprobs.of(delta.tokens) if body.logprobs else None
+            reason = None if delta.completion is None else finish_reason(delta.completion)
+            content = ChatDelta(content=delta.text) if delta.text or reason is None else ChatDelta()
+            chunk.choices = [
+                ChatChunkChoice(index=choice.index, delta=content, logprobs=logprobs, finish_reason=reason)
+            ]
+            yield sse_json(chunk.model_dump_json())
+            results[choice.index] = delta.completion
+        if body.include_usage:
+            chunk.choices, chunk.usage = [], usage_of(body.n, [r for r in results if r is not None])
+            yield sse_json(chunk.model_dump_json())
+    except Exception as exc:  # the status line is already sent: report it in-band, as OpenAI does
+        yield error_event(exc)
+    finally:
+        await deltas.aclose()  # a client that left: its engine requests are aborted now, not at collection
+    yield DONE

@@ -1,0 +1,331 @@
+"""The OpenAI-compatible routes against the fake engine, through the official `openai` client (TestClient is an
+httpx.Client, so the client runs its real code over the app): model resolution, /v1/models, the error shape and
+the client's exception types, retries, and the stream's framing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from server.api.app import create_app
+from server.api.settings import Settings
+from tests.api.fake_engine import FakeEngine, answer_of
+
+BACKBONE = "fake/tiny"
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    fake = FakeEngine(has_chat_template=True)
+    for task_id in ("upper", "reverse", "other"):
+        fake.add_task(task_id)
+    return fake
+
+
+@pytest.fixture
+def http(engine: FakeEngine) -> Iterator[TestClient]:
+    with TestClient(create_app(Settings(demo_tasks=False, max_batch_size=8), engine)) as client:
+        yield client
+
+
+@pytest.fixture
+def client(http: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", http_client=http, max_retries=2)
+
+
+# ---- model resolution
+
+
+@pytest.mark.parametrize(
+    ("model", "task_id"),
+    [("upper", "upper"), (f"{BACKBONE}:upper", "upper"), (BACKBONE, None), (f"{BACKBONE}:reverse", "reverse")],
+)
+def test_model_names_a_task_or_the_bare_backbone(client: openai.OpenAI, engine: FakeEngine, model, task_id):
+    completion = client.completions.create(model=model, prompt="hello", max_tokens=20, temperature=0)
+    assert completion.choices[0].text == answer_of(task_id, "hello")
+    assert completion.model == model
+    assert engine.requests[-1].task_ids == (task_id,)
+
+
+@pytest.mark.parametrize("model", ["nope", f"{BACKBONE}:nope", "other-backbone:upper", "bad id!"])
+def test_an_unknown_model_is_404_model_not_found(client: openai.OpenAI, model: str):
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.completions.create(model=model, prompt="hello")
+    error = raised.value
+    assert error.code == "model_not_found" and error.param == "model"
+    assert BACKBONE in error.message and repr(model) in error.message
+
+
+def test_models_lists_the_backbone_and_every_task_the_instant_they_change(client: openai.OpenAI, engine):
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {BACKBONE, "upper", "reverse", "other"}
+    backbone, upper = models[BACKBONE].model_dump(), models["upper"].model_dump()
+    assert backbone["parent"] is None and backbone["root"] == BACKBONE and backbone["owned_by"] == "promptserve"
+    assert upper["parent"] == BACKBONE and upper["version"] == 1 and upper["method"] == "prompt_tuning"
+    assert upper["num_virtual_tokens"] == engine.tasks["upper"].num_virtual_tokens
+    assert isinstance(upper["created"], int) and upper["created"] > 1_700_000_000
+    engine.add_task("fresh")
+    assert "fresh" in {m.id for m in client.models.list()}
+    assert client.models.retrieve("fresh").id == "fresh"
+    assert client.models.retrieve(BACKBONE).id == BACKBONE
+    engine.delete_task("fresh")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("fresh")
+
+
+def test_served_model_name_renames_the_backbone(engine: FakeEngine):
+    with TestClient(create_app(Settings(demo_tasks=False, served_model_name="base"), engine)) as http:
+        client = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", http_client=http)
+        assert "base" in {m.id for m in client.models.list()}
+        text = client.completions.create(model="base:upper", prompt="hi", temperature=0, max_tokens=8).choices[0].text
+        assert text == answer_of("upper", "hi")
+
+
+# ---- requests
+
+
+def test_a_list_of_prompts_times_n_in_openai_order_with_usage(client: openai.OpenAI, engine: FakeEngine):
+    completion = client.completions.create(model="upper", prompt=["ab", "cde"], n=2, max_tokens=20, temperature=0)
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    ab, cde = answer_of("upper", "ab"), answer_of("upper", "cde")
+    assert [c.text for c in completion.choices] == [ab, ab, cde, cde]
+    usage = completion.usage
+    assert usage is not None
+    assert usage.prompt_tokens == (2 + 1) + (3 + 1)  # once per prompt, not per choice (the fake adds one token)
+    assert usage.completion_tokens == 2 * (len(ab) + 1) + 2 * (len(cde) + 1)  # every choice, EOS included
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert [r.sampling.seed for r in engine.requests[-4:]] == [None] * 4
+
+
+def test_seeds_of_choices_follow_the_request_seed(client: openai.OpenAI, engine: FakeEngine):
+    client.completions.create(model="upper", prompt="ab", n=3, seed=7, temperature=0.8, top_p=0.9, max_tokens=4)
+    sampling = [r.sampling for r in engine.requests[-3:]]
+    assert [s.seed for s in sampling] == [7, 8, 9]
+    assert all(s.do_sample and s.temperature == 0.8 and s.top_p == 0.9 for s in sampling)
+
+
+def test_openai_defaults_sample_and_temperature_zero_is_greedy(client: openai.OpenAI, engine: FakeEngine):
+    client.completions.create(model="upper", prompt="ab")
+    assert engine.requests[-1].sampling.do_sample and engine.requests[-1].sampling.temperature == 1.0
+    client.completions.create(model="upper", prompt="ab", temperature=0)
+    assert not engine.requests[-1].sampling.do_sample
+
+
+def test_finish_reasons_are_stop_and_length(client: openai.OpenAI):
+    assert client.completions.create(model="upper", prompt="ab", max_tokens=20).choices[0].finish_reason == "stop"
+    assert client.completions.create(model="upper", prompt="abc", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_echo_prepends_the_prompt(client: openai.OpenAI):
+    text = client.completions.create(model="upper", prompt="ab", echo=True, max_tokens=20).choices[0].text
+    assert text == "ab" + answer_of("upper", "ab")
+
+
+def test_an_ensemble_through_extra_body(client: openai.OpenAI, engine: FakeEngine):
+    completion = client.completions.create(
+        model=BACKBONE, prompt="abc", temperature=0, extra_body={"task_ids": ["upper", "reverse", "upper"]}
+    )
+    assert completion.choices[0].text == answer_of("upper", "abc")  # the vote
+    assert engine.requests[-1].task_ids == ("upper", "reverse", "upper")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="upper", prompt="abc", extra_body={"task_ids": ["upper"]})
+    assert raised.value.param == "model"
+
+
+# ---- errors in OpenAI's shape
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "max_tokens": 100_000}, "max_tokens"),
+        ({"prompt": "x", "n": 9}, "n"),  # over the batch size (8)
+        ({"prompt": ["a", "b", "c"], "n": 3}, "n"),
+        ({"prompt": "x", "logprobs": 6}, "logprobs"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": [1, 2, 3]}, None),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": "x", "frequency_penalty": 0.5}, None),
+        ({"prompt": "x", "logprobs": 1, "echo": True}, None),
+        ({"prompt": "x", "best_of": 3}, None),
+        ({}, "prompt"),
+    ],
+)
+def test_bad_parameters_are_400_naming_the_field(client: openai.OpenAI, body: dict, param: str | None):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.post("/completions", body={"model": "upper", **body}, cast_to=object)
+    error = raised.value
+    assert error.status_code == 400 and error.type == "invalid_request_error"
+    assert error.param == param
+    assert "expected" in error.message and "found" in error.message
+
+
+def test_error_bodies_have_openai_shape_and_say_when_not_to_retry(http: TestClient):
+    response = http.post("/v1/completions", json={"model": "upper", "prompt": "x", "n": 0})
+    assert response.status_code == 400
+    assert set(response.json()) == {"error"}
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert response.headers["x-should-retry"] == "false"
+    native = http.post("/v1/generate", json={"inputs": "x", "parameters": {"max_new_tokens": 0}})
+    assert native.status_code == 422 and set(native.json()) == {"error", "error_type"}  # elsewhere: the native shape
+
+
+def test_an_input_too_long_is_context_length_exceeded(client: openai.OpenAI):
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.completions.create(model="upper", prompt="x" * 500)
+    assert raised.value.code == "context_length_exceeded" and raised.value.param == "prompt"
+
+
+def test_a_full_queue_is_a_rate_limit_error_with_retry_after(client: openai.OpenAI, http: TestClient, engine):
+    engine.queue_full = True
+    response = http.post("/v1/completions", json={"model": "upper", "prompt": "x"})
+    assert response.status_code == 429 and response.headers["retry-after"] == "3"
+    assert "x-should-retry" not in response.headers
+    with pytest.raises(openai.RateLimitError):
+        client.with_options(max_retries=0).completions.create(model="upper", prompt="x")
+
+
+def test_an_internal_error_is_not_retried(client: openai.OpenAI, engine: FakeEngine):
+    engine.crash_with = RuntimeError("boom")
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.completions.create(model="upper", prompt="x")
+    assert "boom" not in raised.value.message
+    assert len(engine.started) == 1  # x-should-retry: false, despite max_retries=2
+
+
+def test_unavailable_while_loading_is_503_with_retry_after(engine: FakeEngine):
+    engine.ready = False
+    with TestClient(create_app(Settings(demo_tasks=False), engine)) as http:
+        response = http.get("/v1/models")
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert response.json()["error"]["type"] == "server_error"
+
+
+def test_unknown_routes_under_models_and_wrong_methods_use_the_openai_shape(http: TestClient):
+    response = http.get("/v1/completions")
+    assert response.status_code == 405 and "error" in response.json() and "message" in response.json()["error"]
+
+
+# ---- streams
+
+
+def test_a_stream_adds_up_to_the_answer_with_usage_last(client: openai.OpenAI):
+    stream = client.completions.create(
+        model="upper",
+        prompt=["ab", "xyz"],
+        n=2,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        max_tokens=20,
+    )
+    chunks = list(stream)
+    texts: dict[int, str] = {}
+    reasons = {}
+    for chunk in chunks[:-1]:
+        assert chunk.usage is None
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    ab, xyz = answer_of("upper", "ab"), answer_of("upper", "xyz")
+    assert texts == {0: ab, 1: ab, 2: xyz, 3: xyz}
+    assert reasons == dict.fromkeys(range(4), "stop")
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 2 * (len(ab) + 1) + 2 * (len(xyz) + 1)
+
+
+def test_the_stream_is_data_only_and_ends_with_done(http: TestClient):
+    with http.stream("POST", "/v1/completions", json={"model": "upper", "prompt": "ab", "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[0][6:])["object"] == "text_completion"
+
+
+def test_an_error_after_the_stream_started_is_raised_by_the_client(client: openai.OpenAI, engine: FakeEngine):
+    engine.fail_after_tokens = 1
+    with pytest.raises(openai.APIError) as raised:
+        list(client.completions.create(model="upper", prompt="abcdef", stream=True))
+    assert "simulated" in raised.value.message
+
+
+def test_an_early_stream_error_keeps_its_status(client: openai.OpenAI):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="ab", stream=True)
+
+
+def test_a_failing_choice_closes_the_others(client: openai.OpenAI, engine: FakeEngine):
+    engine.fail_after_tokens = 2
+    with pytest.raises(openai.InternalServerError):  # 503: the engine step failed
+        client.with_options(max_retries=0).completions.create(model="upper", prompt="abcdef", n=3)
+    assert len(engine.aborted) + len(engine.completed) == len(engine.started) == 3
+
+
+# ---- chat
+
+
+def test_chat_renders_the_template_and_tokenizes_without_adding_specials(client: openai.OpenAI, engine):
+    chat = client.chat.completions.create(
+        model="upper",
+        messages=[
+            {"role": "system", "content": "be loud"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        ],
+        temperature=0,
+        max_tokens=50,
+    )
+    request = engine.requests[-1]
+    assert request.inputs == "<system>be loud\n<user>hi\n<assistant>"
+    assert not request.add_special_tokens
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == answer_of("upper", request.inputs)
+    assert chat.object == "chat.completion" and chat.usage is not None
+
+
+def test_chat_streams_a_role_then_content(client: openai.OpenAI):
+    chunks = list(client.chat.completions.create(
+        model="upper", messages=[{"role": "user", "content": "ab"}], temperature=0, stream=True, n=2
+    ))  # fmt: skip
+    roles = [c.choices[0].delta.role for c in chunks if c.choices[0].delta.role]
+    assert roles == ["assistant", "assistant"]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == 1)
+    assert text == answer_of("upper", "<user>ab\n<assistant>")
+
+
+def test_chat_without_a_template_is_400(engine: FakeEngine):
+    engine.has_chat_template = False
+    with TestClient(create_app(Settings(demo_tasks=False), engine)) as http:
+        client = openai.OpenAI(base_url=f"{http.base_url}/v1", api_key="unused", http_client=http)
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.chat.completions.create(model="upper", messages=[{"role": "user", "content": "hi"}])
+    assert raised.value.code == "no_chat_template" and "chat template" in raised.value.message
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"response_format": {"type": "json_object"}},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": []},
+        {"top_logprobs": 2},
+    ],
+)
+def test_chat_refuses_what_it_cannot_do(client: openai.OpenAI, extra: dict):
+    body = {"model": "upper", "messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(openai.BadRequestError):
+        client.post("/chat/completions", body=body, cast_to=object)
+
+
+def test_no_task_may_take_the_backbones_name(engine: FakeEngine):
+    with TestClient(create_app(Settings(demo_tasks=False, served_model_name="base"), engine)) as http:
+        files = {"adapter_config": b"{}", "adapter_model": b"x"}
+        response = http.put("/v1/tasks/base", files=files)
+    assert response.status_code == 409 and response.json()["error_type"] == "conflict"
+    assert "base" not in engine.tasks
