@@ -29,7 +29,6 @@ PEFT_TYPES = {
     "P_TUNING": Method.P_TUNING,
     "PREFIX_TUNING": Method.PREFIX_TUNING,
 }
-SUPPORTED_TASK_TYPE = "CAUSAL_LM"
 # safetensors dtype codes of floating-point tensors; anything else cannot be a prompt.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _HEADER_LEN_BYTES = 8
@@ -60,7 +59,7 @@ def parse_adapter(
     """Validate an adapter against the backbone; return its config, its CPU `prompt_embeddings` and its method."""
     check_sizes(len(adapter_config), len(adapter_model), limits)
     config = parse_config(adapter_config)
-    method = method_of(config)
+    method = method_of(config, fingerprint)
     num_virtual_tokens = virtual_tokens_of(config, limits)
     check_config_dims(config, method, fingerprint)
     tensor = load_prompt_tensor(adapter_model)
@@ -86,18 +85,24 @@ def parse_config(adapter_config: bytes) -> dict[str, Any]:
     return config
 
 
-def method_of(config: dict[str, Any]) -> Method:
+def method_of(config: dict[str, Any], fingerprint: BackboneFingerprint) -> Method:
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         supported = ", ".join(PEFT_TYPES)
         raise InvalidTask(f"{CONFIG_NAME}: peft_type must be one of {supported}; found {peft_type!r}")
     task_type = config.get("task_type")
-    if task_type != SUPPORTED_TASK_TYPE:
-        raise InvalidTask(f"{CONFIG_NAME}: task_type must be {SUPPORTED_TASK_TYPE!r}; found {task_type!r}")
-    # PEFT fills a missing value with 1 for a causal LM; 2 would mean an encoder-decoder prompt.
-    submodules = config.get("num_transformer_submodules", 1)
-    if submodules is not None and submodules != 1:
-        raise InvalidTask(f"{CONFIG_NAME}: num_transformer_submodules must be 1 (causal LM); found {submodules!r}")
+    if task_type != fingerprint.task_type:
+        raise InvalidTask(
+            f"{CONFIG_NAME}: task_type must be {fingerprint.task_type!r} ({fingerprint.kind} "
+            f"{fingerprint.model_type} backbone); found {task_type!r}"
+        )
+    # PEFT fills a missing value with 1 for a causal LM and 2 for an encoder-decoder (encoder and decoder prompts).
+    expected = 2 if fingerprint.is_encoder_decoder else 1
+    submodules = config.get("num_transformer_submodules", expected)
+    if submodules is not None and submodules != expected:
+        raise InvalidTask(
+            f"{CONFIG_NAME}: num_transformer_submodules must be {expected} ({task_type}); found {submodules!r}"
+        )
     return PEFT_TYPES[peft_type]
 
 
@@ -182,6 +187,8 @@ def load_prompt_tensor(adapter_model: bytes) -> torch.Tensor:
 
 
 def expected_tensor_shape(method: Method, num_virtual_tokens: int, fp: BackboneFingerprint) -> tuple[list[int], str]:
+    if not method.is_prefix and fp.is_encoder_decoder:  # PEFT saves an encoder and a decoder prompt
+        return [2 * num_virtual_tokens, fp.hidden_size], "2 * num_virtual_tokens x hidden_size"
     if not method.is_prefix:
         return [num_virtual_tokens, fp.hidden_size], "num_virtual_tokens x hidden_size"
     width = fp.num_layers * 2 * fp.kv_dim

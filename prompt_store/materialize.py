@@ -1,6 +1,12 @@
 """Turns a validated CPU artifact into the device tensors the model runner consumes.
 
 Prefix layout follows PEFT's `get_prompt`: view(P, 2L, kv_heads, head_dim), permute, layer i = (2i, 2i+1).
+
+Encoder-decoder backbones, as PEFT 0.21 uses their adapters (tests/seq2seq_fixtures.py checks it):
+- prompt tuning and P-tuning save 2P virtual tokens, but only the first P reach the model, before the encoder's
+  input; the other P are never used.
+- a prefix reaches the decoder's self-attention only. PEFT doubles the L slots along the layer axis and hands
+  decoder layer l the slot (2 * l) % L (the odd slots would go to cross-attention, whose cache PEFT empties).
 """
 
 from __future__ import annotations
@@ -22,10 +28,21 @@ def materialize(
     rows = artifact.prompt_embeddings.to(device=device, dtype=dtype)
     task = DeviceTask(key=artifact.key, method=record.method, num_virtual_tokens=num_virtual)
     if not record.method.is_prefix:
-        task.prompt_embeds = rows.contiguous()  # [P, hidden]
+        task.prompt_embeds = rows[:num_virtual].contiguous()  # [P, hidden]; a seq2seq adapter's encoder prompt
         return task
     task.prefix_keys, task.prefix_values = split_prefix(rows, fingerprint)
+    if fingerprint.is_encoder_decoder:
+        task.prefix_keys, task.prefix_values = decoder_prefix(task.prefix_keys, task.prefix_values, fingerprint)
     return task
+
+
+def decoder_prefix(
+    keys: list[torch.Tensor], values: list[torch.Tensor], fingerprint: BackboneFingerprint
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per decoder layer, the slot PEFT gives its self-attention: (2 * layer) % L of the L saved ones."""
+    num_slots = len(keys)
+    slots = [(2 * layer) % num_slots for layer in range(fingerprint.num_decoder_layers or num_slots)]
+    return [keys[s] for s in slots], [values[s] for s in slots]
 
 
 def split_prefix(rows: torch.Tensor, fingerprint: BackboneFingerprint) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

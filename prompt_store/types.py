@@ -32,10 +32,21 @@ class BackboneFingerprint:
     num_key_value_heads: int
     head_dim: int
     vocab_size: int
+    is_encoder_decoder: bool = False  # a seq2seq LM (T5, BART): adapters are PEFT SEQ_2_SEQ_LM ones
+    num_decoder_layers: int | None = None  # seq2seq only: the layers a prefix reaches (num_layers is the encoder's)
 
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def task_type(self) -> str:
+        """PEFT's task_type of the adapters this backbone serves."""
+        return "SEQ_2_SEQ_LM" if self.is_encoder_decoder else "CAUSAL_LM"
+
+    @property
+    def kind(self) -> str:
+        return "an encoder-decoder" if self.is_encoder_decoder else "a causal"
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from prompt_store.types import BackboneFingerprint
 from server.engine.attention import ATTENTION_NAME
@@ -58,6 +58,19 @@ def fingerprint_of(model: PreTrainedModel) -> BackboneFingerprint:
         num_key_value_heads=getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        num_decoder_layers=num_decoder_layers(config),
+    )
+
+
+def num_decoder_layers(config: PretrainedConfig) -> int | None:
+    """An encoder-decoder's decoder depth (T5: num_decoder_layers, BART: decoder_layers); None for a causal LM."""
+    if not getattr(config, "is_encoder_decoder", False):
+        return None
+    return (
+        getattr(config, "num_decoder_layers", None)
+        or getattr(config, "decoder_layers", None)
+        or config.num_hidden_layers
     )
 
 
