@@ -81,6 +81,7 @@ class Info(_Model):
     num_tasks: int
     kv_cache_tokens: int | None = None  # servers before the KV pool do not say
     kv_block_size: int | None = None
+    model_kind: str | None = None  # "causal" or "seq2seq" (servers before it did not say)
 
 
 class Health(_Model):

@@ -294,6 +294,10 @@ class InfoResponse(BaseModel):
     num_tasks: int
     kv_cache_tokens: int = Field(description="the KV pool's capacity in tokens: rows' own and tasks' shared")
     kv_block_size: int = Field(description="tokens per KV block")
+    model_kind: Literal["causal", "seq2seq"] = Field(
+        description="causal: a decoder-only LM (CAUSAL_LM adapters); seq2seq: an encoder-decoder such as T5 or BART "
+        "(SEQ_2_SEQ_LM adapters)"
+    )
 
     @classmethod
     def of(cls, info: EngineInfo) -> InfoResponse:

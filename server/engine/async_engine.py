@@ -197,6 +197,7 @@ class AsyncEngine:
             num_tasks=len(self.store),
             kv_cache_tokens=self.engine.memory.num_blocks * self.engine.memory.block_size,
             kv_block_size=self.engine.memory.block_size,
+            model_kind=self.backbone.kind,
         )
 
     def stats(self) -> EngineStats:

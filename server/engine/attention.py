@@ -10,11 +10,14 @@ row holds. No transformers cache class is used, subclassed or reached into.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface, PreTrainedModel
+
+if TYPE_CHECKING:
+    from server.engine.seq2seq import RelativeBias
 
 ATTENTION_NAME = "promptserve"
 KV_KWARG = "promptserve_kv"
@@ -36,6 +39,7 @@ class RowBatch:
     output_index: torch.Tensor  # [n]: where the batch's real tokens sit in [R * T], in the order of stream_index
     stream_index: torch.Tensor  # [n]: those tokens' places in the stream
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+    causal: bool = True  # False: cross-attention, every key of the row is visible
 
     def to(self, device: torch.device) -> RowBatch:
         return RowBatch(
@@ -45,6 +49,7 @@ class RowBatch:
             query_positions=self.query_positions.to(device),
             output_index=self.output_index.to(device),
             stream_index=self.stream_index.to(device),
+            causal=self.causal,
         )
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
@@ -80,7 +85,7 @@ class RowBatch:
     def build_mask(self, sliding_window: int | None) -> torch.Tensor:
         columns = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
         distance = self.query_positions[:, :, None] - columns  # [B, T_max, L_max]
-        allowed = (distance >= 0) & (columns < self.key_lengths[:, None, None])
+        allowed = ((distance >= 0) | (not self.causal)) & (columns < self.key_lengths[:, None, None])
         if sliding_window is not None:
             allowed &= distance < sliding_window
         return allowed[:, None]
@@ -95,12 +100,25 @@ class StepKV:
     write_slots: torch.Tensor  # [N]
     batches: list[RowBatch]
     num_layers_written: int = 0
+    cross: CrossKV | None = None  # an encoder-decoder's step
+    relative_bias: RelativeBias | None = None  # T5's, for decoder self-attention
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the stream's keys and values [1, kv_heads, N, head_dim] in the pool."""
         self.keys[layer].index_copy_(0, self.write_slots, key[0].transpose(0, 1))
         self.values[layer].index_copy_(0, self.write_slots, value[0].transpose(0, 1))
         self.num_layers_written += 1
+
+
+@dataclass(slots=True)
+class CrossKV:
+    """An encoder-decoder step's cross-attention: pool layers `first_layer + l` hold each row's encoder keys and
+    values in the row's own slots; the step writes those of the rows it starts (`write_slots`, in the order of the
+    encoder outputs handed to the model) and attends every row over its own."""
+
+    first_layer: int
+    write_slots: torch.Tensor  # [S_new]
+    batches: list[RowBatch]
 
 
 def attend(
@@ -115,26 +133,85 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     """An `AttentionInterface` function: query [1, heads, N, head_dim] (the packed stream); returns [1, N, heads, d]."""
     kv = kwargs.get(KV_KWARG)
+    if kv is None and not getattr(module, "is_decoder", True):  # an encoder-decoder's encoder: one row, as usual
+        return encoder_attention(query, key, value, attention_mask, scaling, kwargs.get("position_bias"))
     if not isinstance(kv, StepKV):
         raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside the promptserve engine (no {KV_KWARG})")
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"this backbone's attention uses {unsupported}, which promptserve cannot serve")
     layer: int = module.layer_idx  # type: ignore[assignment]
+    if kv.cross is not None and not getattr(module, "is_causal", True):
+        return cross_attention(layer, query, key, value, kv, kv.cross, scaling)
     kv.write(layer, key, value)
+    bias = kv.relative_bias
+    return attend_batches(query, key.shape[1], kv.keys[layer], kv.values[layer], kv.batches, scaling,
+                          kwargs.get("sliding_window"), bias)  # fmt: skip
+
+
+def attend_batches(
+    query: torch.Tensor,
+    num_kv_heads: int,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    batches: list[RowBatch],
+    scaling: float | None,
+    sliding_window: int | None = None,
+    bias: RelativeBias | None = None,
+) -> tuple[torch.Tensor, None]:
+    """Each batch of rows over its keys and values in the pool; returns [1, N, heads, head_dim]."""
     _, heads, num_tokens, head_dim = query.shape
-    group = heads // key.shape[1]
+    group = heads // num_kv_heads
     output = query.new_empty((num_tokens, heads, head_dim))
-    for batch in kv.batches:
+    for batch in batches:
+        mask = batch.mask(sliding_window, group)
+        if bias is not None:  # T5: no grouped heads, so queries are [R, heads, T, d] as the bias is
+            float_mask = bias(batch.query_positions, batch.gather_slots.shape[1]).to(query.dtype)
+            mask = float_mask.masked_fill(~mask, float("-inf"))
         attended = scaled_dot_product_attention(
-            batch.queries(query, key.shape[1]),
-            batch.gather(kv.keys[layer]),
-            batch.gather(kv.values[layer]),
-            attn_mask=batch.mask(kwargs.get("sliding_window"), group),
+            batch.queries(query, num_kv_heads),
+            batch.gather(keys),
+            batch.gather(values),
+            attn_mask=mask,
             scale=scaling,
         )  # [R, kv_heads, group * T, head_dim]
         output.index_copy_(0, batch.stream_index, batch.outputs(attended, heads))
     return output[None], None
+
+
+def cross_attention(
+    layer: int,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv: StepKV,
+    cross: CrossKV,
+    scaling: float | None,
+) -> tuple[torch.Tensor, None]:
+    """Store the starting rows' encoder keys and values (key/value are those of the encoder outputs the step
+    handed the model), then attend every row over its own."""
+    pool_layer = cross.first_layer + layer
+    if cross.write_slots.numel():
+        kv.keys[pool_layer].index_copy_(0, cross.write_slots, key[0].transpose(0, 1))
+        kv.values[pool_layer].index_copy_(0, cross.write_slots, value[0].transpose(0, 1))
+    kv.num_layers_written += 1
+    return attend_batches(query, key.shape[1], kv.keys[pool_layer], kv.values[pool_layer], cross.batches, scaling)
+
+
+def encoder_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    position_bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, None]:
+    """Bidirectional attention over one sequence, with T5's position bias when there is one."""
+    mask = position_bias
+    if attention_mask is not None:
+        mask = attention_mask if mask is None else mask + attention_mask
+    output = scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, attend)
@@ -150,6 +227,18 @@ def run_backbone(model: PreTrainedModel, kv: StepKV, **inputs: torch.Tensor) -> 
             f"{type(model).__name__}: {kv.num_layers_written} of {num_layers} layers ran their attention through "
             f"the {ATTENTION_NAME!r} AttentionInterface function; promptserve serves only models whose every "
             "attention layer does"
+        )
+    return logits[0].float()
+
+
+def run_decoder(model: PreTrainedModel, kv: StepKV, num_layers: int, **inputs: Any) -> torch.Tensor:
+    """An encoder-decoder's decoder pass over the packed stream (`decoder_input_ids` [1, N], `encoder_outputs`):
+    every position's logits [N, V] in float32 (these models compute them all)."""
+    logits = model(**inputs, use_cache=False, **{KV_KWARG: kv}).logits
+    if kv.num_layers_written != 2 * num_layers:
+        raise RuntimeError(
+            f"{type(model).__name__}: {kv.num_layers_written} of {2 * num_layers} decoder attentions ran through the "
+            f"{ATTENTION_NAME!r} AttentionInterface function; promptserve serves only models whose every one does"
         )
     return logits[0].float()
 

@@ -1,4 +1,5 @@
-"""Loads the frozen backbone (any Hugging Face causal LM) and describes it for the prompt store."""
+"""Loads the frozen backbone (a Hugging Face causal LM, or an encoder-decoder such as T5 or BART, detected from its
+config) and describes it for the prompt store."""
 
 from __future__ import annotations
 
@@ -6,11 +7,20 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from prompt_store.types import BackboneFingerprint
 from server.engine.attention import ATTENTION_NAME
 from server.engine.default_backbone import ensure_default_backbone
+from server.engine.seq2seq import Seq2Seq, seq2seq_of
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +37,11 @@ class Backbone:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_positions: int | None  # None: the architecture has no fixed limit we know of
+    seq2seq: Seq2Seq | None = None  # an encoder-decoder (T5, BART): what its decoding needs
+
+    @property
+    def kind(self) -> str:
+        return "seq2seq" if self.seq2seq is not None else "causal"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -97,7 +112,9 @@ def load_backbone(
     torch_dtype = resolve_dtype(dtype, torch_device)
     logger.info("loading backbone %s on %s in %s", source, torch_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = auto.from_pretrained(
         source, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code
     )
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
@@ -111,4 +128,5 @@ def load_backbone(
         dtype=torch_dtype,
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_positions=max_positions_of(model),
+        seq2seq=seq2seq_of(model) if model.config.is_encoder_decoder else None,
     )

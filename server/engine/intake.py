@@ -90,6 +90,8 @@ def capped_max_new_tokens(backbone: Backbone, asked: int, num_input: int, tasks:
     """The backbone cannot go past its position limit: cap the new tokens (the finish reason says `length`)."""
     if backbone.max_positions is None:
         return asked
+    if backbone.seq2seq is not None:
+        return seq2seq_max_new_tokens(backbone.max_positions, asked, num_input, tasks)
     num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
     room = backbone.max_positions - num_virtual - num_input
     if room < 1:
@@ -100,6 +102,22 @@ def capped_max_new_tokens(backbone: Backbone, asked: int, num_input: int, tasks:
     return min(asked, room)
 
 
+def seq2seq_max_new_tokens(max_positions: int, asked: int, num_input: int, tasks: list[TaskArtifact | None]) -> int:
+    """The encoder holds a prompt task's virtual tokens and the input; the decoder a prefix task's and the answer
+    after its start token."""
+    prompts = [t.record.num_virtual_tokens for t in tasks if t and not t.record.method.is_prefix]
+    encoder = max(prompts, default=0) + num_input
+    if encoder > max_positions:
+        raise InputTooLong(
+            f"{encoder - num_input} virtual + {num_input} input tokens exceed the encoder's {max_positions} positions"
+        )
+    prefix = max((t.record.num_virtual_tokens for t in tasks if t and t.record.method.is_prefix), default=0)
+    room = max_positions - prefix - 1
+    if room < 1:
+        raise InputTooLong(f"{prefix} virtual tokens leave no room in the decoder's {max_positions} positions")
+    return min(asked, room)
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if not params.do_sample:
         return None
@@ -107,8 +125,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def kv_prefix(task: TaskArtifact | None, prompts_as_kv: bool) -> bool:
-    return task is not None and has_kv_prefix(task.record.method, prompts_as_kv)
+def kv_prefix(task: TaskArtifact | None, prompts_as_kv: bool, seq2seq: bool = False) -> bool:
+    """An encoder-decoder's prompt tasks go to its encoder: only a prefix enters as keys and values."""
+    return task is not None and has_kv_prefix(task.record.method, prompts_as_kv and not seq2seq)
+
+
+def decoder_start(backbone: Backbone) -> int | None:
+    return backbone.seq2seq.decoder_start_id if backbone.seq2seq is not None else None
 
 
 def single_row_request(
@@ -118,11 +141,13 @@ def single_row_request(
     prompts_as_kv: bool,
     max_new_tokens: int,
     sink: OutputSink,
+    decoder_start_id: int | None = None,
 ) -> Request:
     """A greedy request of one row, built by the engine itself (its self-check, a new task's probe)."""
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    request = Request(request_id, input_ids, sampling, max_new_tokens, sink)
-    request.rows = [Sequence(request, task, 0, kv_prefix(task, prompts_as_kv))]
+    request = Request(request_id, input_ids, sampling, max_new_tokens, sink, decoder_start_id=decoder_start_id)
+    seq2seq = decoder_start_id is not None
+    request.rows = [Sequence(request, task, 0, kv_prefix(task, prompts_as_kv, seq2seq))]
     return request
 
 
@@ -142,6 +167,10 @@ def build_request(
         sink=sink,
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),
+        decoder_start_id=decoder_start(backbone),
     )
-    result.rows = [Sequence(result, task, i, kv_prefix(task, limits.prompts_as_kv)) for i, task in enumerate(tasks)]
+    seq2seq = backbone.seq2seq is not None
+    result.rows = [
+        Sequence(result, task, i, kv_prefix(task, limits.prompts_as_kv, seq2seq)) for i, task in enumerate(tasks)
+    ]
     return result

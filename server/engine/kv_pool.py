@@ -29,8 +29,8 @@ class KVPool:
         cls, fp: BackboneFingerprint, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> KVPool:
         shape = (num_blocks * block_size, fp.num_key_value_heads, fp.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(fp.num_layers)]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(fp.num_layers)]
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(pool_layers(fp))]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(pool_layers(fp))]
         return cls(keys, values, block_size)
 
     @property
@@ -46,6 +46,12 @@ class KVPool:
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             self.keys[layer].index_copy_(0, slots, k.transpose(0, 1).to(self.keys[layer].dtype))
             self.values[layer].index_copy_(0, slots, v.transpose(0, 1).to(self.values[layer].dtype))
+
+
+def pool_layers(fp: BackboneFingerprint) -> int:
+    """A causal LM's layers; an encoder-decoder's decoder layers twice: self-attention, then cross-attention (the
+    row's encoder keys and values, in the row's own slots)."""
+    return 2 * (fp.num_decoder_layers or fp.num_layers) if fp.is_encoder_decoder else fp.num_layers
 
 
 def block_bytes(num_layers: int, slot: torch.Tensor, block_size: int) -> int:
@@ -64,7 +70,7 @@ def pool_blocks(
     """How many blocks the budget holds: `budget_bytes`, else on CUDA `memory_fraction` of the free memory, else
     1 GiB on a CPU."""
     slot = torch.empty((fp.num_key_value_heads, fp.head_dim), dtype=dtype)
-    per_block = block_bytes(fp.num_layers, slot, block_size)
+    per_block = block_bytes(pool_layers(fp), slot, block_size)
     if budget_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)

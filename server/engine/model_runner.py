@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
-from server.engine.attention import RowBatch, StepKV, run_backbone
+from server.engine.attention import CrossKV, RowBatch, StepKV, run_backbone, run_decoder
 from server.engine.backbone import Backbone
-from server.engine.kv_pool import KVPool
+from server.engine.kv_pool import KVPool, slots_of
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
+from server.engine.seq2seq import Seq2Seq, encode
 from server.engine.task_cache import TaskCache
 
 
@@ -44,6 +46,8 @@ class ModelRunner:
             write_slots=layout.write_slots.to(device),
             batches=[batch.to(device) for batch in layout.batches],
         )
+        if self.backbone.seq2seq is not None:
+            return self.run_decoder(chunks, layout, kv, self.backbone.seq2seq)[keep.to(device)]
         return run_backbone(
             self.model,
             kv,
@@ -51,6 +55,44 @@ class ModelRunner:
             position_ids=layout.positions[None].to(device),  # [1, N]
             logits_to_keep=keep.to(device),
         )
+
+    def run_decoder(self, chunks: list[Chunk], layout: StreamLayout, kv: StepKV, seq2seq: Seq2Seq) -> torch.Tensor:
+        """An encoder-decoder's step: the encoder for each row the step starts, then one decoder pass for all rows,
+        which stores the starting rows' cross-attention keys and values in their own slots; logits [N, V]."""
+        starting = [chunk.row for chunk in chunks if chunk.start == 0]
+        encoded = [encode(self.model, self.encoder_input(row)) for row in starting]  # each [S, H]
+        hidden = (
+            torch.cat(encoded) if encoded else torch.zeros(1, self.backbone.fingerprint.hidden_size, device=self.device)
+        )
+        slots = [slots_of(row.block_ids, row.encoder_length, self.pool.block_size) for row in starting]
+        kv.cross = CrossKV(
+            first_layer=seq2seq.num_decoder_layers,
+            write_slots=(torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)).to(self.device),
+            batches=[cross_batch(chunks, layout.offsets, self.pool.block_size).to(self.device)],
+        )
+        kv.relative_bias = seq2seq.relative_bias
+        token_ids = [token for chunk in chunks for token in own_token_ids(chunk.row, chunk.start, chunk.num_tokens)]
+        if seq2seq.positions is not None:
+            seq2seq.positions.positions = layout.positions[None].to(self.device)
+        try:
+            return run_decoder(
+                self.model,
+                kv,
+                seq2seq.num_decoder_layers,
+                decoder_input_ids=torch.tensor([token_ids], device=self.device),
+                encoder_outputs=BaseModelOutput(last_hidden_state=hidden.to(self.backbone.dtype)[None]),
+            )
+        finally:
+            if seq2seq.positions is not None:
+                seq2seq.positions.positions = None
+
+    def encoder_input(self, row: Sequence) -> torch.Tensor:
+        """[S, H]: a prompt task's virtual tokens (as PEFT puts them, before the input), then the input embedded."""
+        embeds = self.embed_tokens(torch.tensor(row.request.input_ids, dtype=torch.long, device=self.device))
+        if row.task is None or row.task.record.method.is_prefix:
+            return embeds
+        prompt = self.tasks.embeddings_of(row.task).to(embeds.dtype)  # [P, H]
+        return torch.cat([prompt, embeds])
 
     def input_embeds(self, chunks: list[Chunk], offsets: list[int]) -> torch.Tensor:
         """[N, H]: each chunk's own tokens embedded; an embedded-prompt row's virtual tokens from its task."""
@@ -146,6 +188,28 @@ def row_batch(rows: RowTensors, offsets: torch.Tensor) -> RowBatch:
     )
 
 
+def cross_batch(chunks: list[Chunk], offsets: torch.Tensor, block_size: int) -> RowBatch:
+    """Cross-attention for every row of the step: its new tokens see all of its encoder keys, slots 0..S-1 of its
+    own blocks in the cross-attention layers."""
+    num_new = torch.tensor([chunk.num_tokens for chunk in chunks])
+    lengths = torch.tensor([chunk.row.encoder_length for chunk in chunks])
+    own_slots = block_slots([chunk.row.block_ids for chunk in chunks], block_size)
+    column = torch.arange(int(lengths.max()))[None]  # [1, S]
+    gathered = own_slots.gather(1, column.clamp(max=own_slots.shape[1] - 1).expand(len(chunks), -1))
+    new = torch.arange(int(num_new.max()))[None]  # [1, T]
+    is_new = new < num_new[:, None]
+    starts = offsets[:-1]
+    return RowBatch(
+        gather_slots=torch.where(column < lengths[:, None], gathered, 0),
+        key_lengths=lengths,
+        query_index=torch.where(is_new, starts[:, None] + new, 0),
+        query_positions=torch.zeros_like(is_new, dtype=torch.long),
+        output_index=(torch.arange(len(chunks))[:, None] * new.shape[1] + new)[is_new],
+        stream_index=(starts[:, None] + new)[is_new],
+        causal=False,
+    )
+
+
 def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
     """[B, blocks * size]: the slots of each row's blocks in order (rows padded with block 0, at least one)."""
     width = max(1, *map(len, block_ids))
@@ -158,7 +222,10 @@ def task_block_ids(row: Sequence) -> list[int]:
 
 
 def own_token_ids(row: Sequence, start: int, num_tokens: int) -> list[int]:
-    """Ids of the row's own tokens start..start+num_tokens (0 for embedded virtual tokens: the task supplies them)."""
+    """Ids of the row's own tokens start..start+num_tokens (0 for embedded virtual tokens: the task supplies them;
+    an encoder-decoder row's are its decoder's: the start token, then the output)."""
+    if row.request.decoder_start_id is not None:
+        return [row.request.decoder_start_id, *row.output_ids][start : start + num_tokens]
     embedded, inputs = row.num_embedded_tokens, row.request.input_ids
     ids = [0] * max(0, min(embedded, start + num_tokens) - start)
     first = max(start - embedded, 0)

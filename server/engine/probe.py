@@ -19,7 +19,7 @@ from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import EngineUnavailable, GenerationFailed, InputTooLong
-from server.engine.intake import single_row_request
+from server.engine.intake import decoder_start, single_row_request
 from server.engine.request import Request
 from server.engine.types import EngineOutput
 
@@ -50,7 +50,8 @@ class Probe:
             request_id = f"{PROBE_TASK_ID}.{uuid.uuid4().hex[:12]}"
             probe.outputs[request_id] = []
             sink = partial_sink(probe, request_id)
-            request = single_row_request(request_id, input_ids, probe.artifact, prompts_as_kv, PROBE_NEW_TOKENS, sink)
+            request = single_row_request(request_id, input_ids, probe.artifact, prompts_as_kv, PROBE_NEW_TOKENS, sink,
+                                         decoder_start(backbone))  # fmt: skip
             request.jumps_queue = True
             probe.requests.append(request)
         return probe

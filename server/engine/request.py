@@ -47,17 +47,34 @@ class Sequence:
         return self.task.record.num_virtual_tokens if self.task else 0
 
     @property
+    def is_seq2seq(self) -> bool:
+        return self.request.decoder_start_id is not None
+
+    @property
+    def encoder_length(self) -> int:
+        """An encoder-decoder row's encoder input: its prompt task's virtual tokens, then the input (0: causal)."""
+        if not self.is_seq2seq:
+            return 0
+        prompt = self.num_virtual_tokens if self.task is not None and not self.task.record.method.is_prefix else 0
+        return prompt + self.request.num_input_tokens
+
+    @property
     def num_prefix_tokens(self) -> int:
         """Positions before the row's own tokens: the task's shared keys and values."""
         return self.num_virtual_tokens if self.has_kv_prefix else 0
 
     @property
     def num_embedded_tokens(self) -> int:
-        """Virtual tokens the row feeds itself as input embeddings (a prompt task not held as keys and values)."""
-        return 0 if self.has_kv_prefix else self.num_virtual_tokens
+        """Virtual tokens the row feeds itself as input embeddings (a prompt task not held as keys and values; an
+        encoder-decoder's prompt goes to its encoder)."""
+        return 0 if self.has_kv_prefix or self.is_seq2seq else self.num_virtual_tokens
 
     @property
     def num_own_tokens(self) -> int:
+        """Tokens with keys and values in the row's own blocks: a causal row's virtual, input and output tokens;
+        an encoder-decoder row's decoder tokens (the start token and the output)."""
+        if self.is_seq2seq:
+            return 1 + len(self.output_ids)
         return self.num_embedded_tokens + self.request.num_input_tokens + len(self.output_ids)
 
     @property
@@ -99,6 +116,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     jumps_queue: bool = False  # the engine's own (a new task's probe): first in line, outside the batch-size limit
+    decoder_start_id: int | None = None  # an encoder-decoder's request: its decoder starts from this token
 
     @property
     def num_input_tokens(self) -> int:
@@ -117,7 +135,10 @@ class Request:
         return all(row.is_finished for row in self.rows)
 
     def max_own_tokens(self, row: Sequence) -> int:
-        """The most own tokens a row of this request can hold: embedded virtual, input and every new token."""
+        """The most slots a row of this request can need: embedded virtual, input and every new token (an
+        encoder-decoder row: its encoder input, or its decoder tokens, whichever is longer)."""
+        if row.is_seq2seq:
+            return max(row.encoder_length, 1 + self.max_new_tokens)
         return row.num_embedded_tokens + self.num_input_tokens + self.max_new_tokens
 
     def task_tokens(self) -> dict[tuple[str, int], int]:

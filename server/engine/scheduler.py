@@ -160,7 +160,8 @@ class Scheduler:
 
     def row_blocks_to_grow(self, chunk: Chunk) -> int:
         row = chunk.row
-        return max(0, self.memory.blocks_for(row.num_computed + chunk.num_tokens) - len(row.block_ids))
+        slots = max(row.num_computed + chunk.num_tokens, row.encoder_length)
+        return max(0, self.memory.blocks_for(slots) - len(row.block_ids))
 
     def grow(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:

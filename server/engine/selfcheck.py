@@ -1,5 +1,8 @@
 """The start-up self-check: before the server reports ready, the engine must decode like the backbone itself.
 
+(An encoder-decoder is checked with a plain and a prompt row, the prompt before the encoder's input; its prefix
+rows are held to PEFT's forward by the tests.)
+
 A plain row, a prompt row and a prefix row (random virtual tokens: embeddings of random vocabulary tokens, and the
 keys and values such embeddings leave) run together through the engine, greedy. The backbone then reads the same
 tokens in one uncached forward with its stock eager attention, the virtual tokens given as input embeddings. Each
@@ -22,7 +25,7 @@ from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
-from server.engine.intake import single_row_request
+from server.engine.intake import decoder_start, single_row_request
 from server.engine.kv_pool import slots_of
 from server.engine.types import EngineOutput
 
@@ -61,7 +64,8 @@ def self_check(engine: Engine) -> float:
     for row in rows:
         compare(backbone, row, input_ids, outputs[row.name])
     seconds = time.perf_counter() - started
-    logger.info("self-check passed on %s: plain, prompt and prefix rows in %.3f s", backbone.model_id, seconds)
+    names = ", ".join(row.name for row in rows)
+    logger.info("self-check passed on %s: %s rows in %.3f s", backbone.model_id, names, seconds)
     return seconds
 
 
@@ -69,6 +73,10 @@ def check_rows(engine: Engine) -> list[CheckRow]:
     backbone = engine.backbone
     generator = torch.Generator().manual_seed(SEED)
     prompt = vocabulary_embeds(backbone, generator)
+    if backbone.seq2seq is not None:  # the prompt before the encoder's input (PEFT saves it twice: 2P rows)
+        saved = torch.cat([prompt, prompt]).float().cpu()
+        return [CheckRow("plain", None, None),
+                CheckRow("prompt", artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, saved), prompt)]  # fmt: skip
     prefix_source = vocabulary_embeds(backbone, generator)
     prefix = join_prefix(*keys_and_values(engine, prefix_source)).float().cpu()  # [P, L * 2 * kv_dim], as PEFT saves
     return [
@@ -110,7 +118,8 @@ def run_through_engine(engine: Engine, input_ids: list[int], rows: list[CheckRow
     as_kv = engine.config.cache_prompt_kv
     for row in rows:
         sink = outputs[row.name].append
-        engine.add(single_row_request(f"self-check-{row.name}", input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink))
+        request_id, start = f"self-check-{row.name}", decoder_start(engine.backbone)
+        engine.add(single_row_request(request_id, input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink, start))
     while engine.has_work():
         engine.step()
     return outputs
@@ -121,8 +130,12 @@ def compare(backbone: Backbone, row: CheckRow, input_ids: list[int], outputs: li
     if errors or not outputs or not outputs[-1].finished:
         raise failure(backbone, f"the {row.name} row failed in the engine: {errors[0] if errors else 'no end'!r}")
     tokens = [token for output in outputs for token in output.tokens]
-    logprobs = reference_logprobs(backbone, row, input_ids + [token.id for token in tokens[:-1]])
-    expected = logprobs[-len(tokens) :]  # [N, V]: what the backbone gives at each position the engine chose at
+    if backbone.seq2seq is not None:
+        decoder_ids = [backbone.seq2seq.decoder_start_id, *(token.id for token in tokens[:-1])]
+        expected = seq2seq_reference_logprobs(backbone, row, input_ids, decoder_ids)
+    else:
+        logprobs = reference_logprobs(backbone, row, input_ids + [token.id for token in tokens[:-1]])
+        expected = logprobs[-len(tokens) :]  # [N, V]: what the backbone gives at each position the engine chose at
     tolerance = tolerance_of(backbone.dtype)
     for step, (token, reference) in enumerate(zip(tokens, expected, strict=True)):
         chosen, best = float(reference[token.id]), float(reference.max())
@@ -146,6 +159,25 @@ def reference_logprobs(backbone: Backbone, row: CheckRow, token_ids: list[int]) 
     model.set_attn_implementation(REFERENCE_ATTENTION)
     try:
         logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits  # type: ignore[operator]
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+@torch.inference_mode()
+def seq2seq_reference_logprobs(
+    backbone: Backbone, row: CheckRow, input_ids: list[int], decoder_ids: list[int]
+) -> torch.Tensor:
+    """[T, V] after each decoder token: the virtual tokens before the encoder's input, eager attention."""
+    model = backbone.model
+    embed = model.get_input_embeddings()
+    encoder_embeds = embed(torch.tensor([input_ids], device=backbone.device))  # [1, S, H]
+    if row.virtual_embeds is not None:
+        encoder_embeds = torch.cat([row.virtual_embeds[None].to(encoder_embeds.dtype), encoder_embeds], dim=1)
+    decoder = torch.tensor([decoder_ids], device=backbone.device)
+    model.set_attn_implementation(REFERENCE_ATTENTION)
+    try:
+        logits = model(inputs_embeds=encoder_embeds, decoder_input_ids=decoder, use_cache=False).logits  # type: ignore[operator]
     finally:
         model.set_attn_implementation(ATTENTION_NAME)
     return torch.log_softmax(logits[0].float(), dim=-1)

@@ -136,6 +136,7 @@ class EngineInfo:
     num_tasks: int
     kv_cache_tokens: int = 0  # the KV pool's capacity, in tokens (rows' own and tasks' shared)
     kv_block_size: int = 0
+    model_kind: str = "causal"  # "causal" or "seq2seq" (an encoder-decoder: T5, BART)
 
 
 @dataclass(frozen=True, slots=True)

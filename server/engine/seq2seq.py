@@ -1,0 +1,115 @@
+"""Encoder-decoder backbones (T5, BART): what the engine needs beyond the attention interface.
+
+A seq2seq row's encoder input is its task's prompt (prompt tuning, P-tuning: PEFT puts it there) and its input; it
+runs once, alone (no padding), when the row is admitted. The decoder runs in the engine's packed steps like a causal
+row: its own tokens are the decoder start token and the answer, with a prefix task's keys and values in front of
+them in self-attention. Cross-attention reads the row's encoder keys and values, written into the row's own blocks
+in the pool's cross-attention layers by the step that starts the row (every decoder layer computes them from the
+encoder output it is handed), so a joining row copies nobody's memory.
+
+Two things transformers computes from the packed stream's shape, not per row, are made per row here:
+- T5's relative position bias (decoder self-attention): computed in `attend` from each row's positions, with the
+  backbone's own bias table and the paper's bucketing.
+- BART's learned decoder positions: a forward hook on the decoder's position embedding returns each token's own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+
+@dataclass(frozen=True, slots=True)
+class RelativeBias:
+    """T5's decoder self-attention bias: a learned value per (bucket of key - query distance, head)."""
+
+    table: torch.nn.Embedding  # [num_buckets, heads]
+    num_buckets: int
+    max_distance: int
+
+    def __call__(self, query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """query_positions [R, T] -> bias [R, heads, T, num_keys] (key column = key position)."""
+        keys = torch.arange(num_keys, device=query_positions.device)
+        buckets = self.bucket(keys[None, None, :] - query_positions[:, :, None])  # [R, T, L]
+        return self.table(buckets).permute(0, 3, 1, 2)
+
+    def bucket(self, relative: torch.Tensor) -> torch.Tensor:
+        """Raffel et al.'s causal bucketing: exact distances up to half the buckets, then log-spaced."""
+        distance = (-relative).clamp(min=0)
+        exact = self.num_buckets // 2
+        scaled = torch.log(distance.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+        large = (exact + (scaled * (self.num_buckets - exact)).to(torch.long)).clamp(max=self.num_buckets - 1)
+        return torch.where(distance < exact, distance, large)
+
+
+@dataclass(slots=True)
+class DecoderPositions:
+    """Learned decoder positions (BART) as a forward hook on the decoder's position embedding: while `positions`
+    is set, the embedding answers for those positions ([1, N], each token's own), not for 0..N-1."""
+
+    embedding: torch.nn.Embedding
+    offset: int
+    positions: torch.Tensor | None = field(default=None)
+
+    def hook(self, module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
+        if self.positions is None:
+            return output
+        return torch.nn.functional.embedding(self.positions + self.offset, self.embedding.weight)
+
+
+@dataclass(frozen=True, slots=True)
+class Seq2Seq:
+    decoder_start_id: int
+    num_decoder_layers: int
+    relative_bias: RelativeBias | None
+    positions: DecoderPositions | None
+
+
+def seq2seq_of(model: PreTrainedModel) -> Seq2Seq:
+    config = model.config
+    decoder_start = getattr(model.generation_config, "decoder_start_token_id", None)
+    decoder_start = decoder_start if decoder_start is not None else config.decoder_start_token_id
+    if decoder_start is None:
+        raise ValueError(f"{type(model).__name__}: expected a decoder_start_token_id in its config; found none")
+    decoder = model.get_decoder()
+    attentions = [m for m in decoder.modules() if hasattr(m, "layer_idx") and getattr(m, "is_decoder", False)]
+    num_layers = sum(1 for m in attentions if getattr(m, "is_causal", False))
+    if not num_layers or len(attentions) != 2 * num_layers:
+        raise ValueError(
+            f"{type(model).__name__}: expected a decoder whose every layer has a self-attention and a cross-attention "
+            f"module (is_decoder, is_causal, layer_idx, as T5 and BART have); found {len(attentions)} attention modules"
+        )
+    return Seq2Seq(int(decoder_start), num_layers, relative_bias_of(decoder, config), decoder_positions_of(decoder))
+
+
+def relative_bias_of(decoder: torch.nn.Module, config: Any) -> RelativeBias | None:
+    """T5's table lives in the decoder's first self-attention (`has_relative_attention_bias`); the others reuse it."""
+    owner = next((m for m in decoder.modules() if getattr(m, "has_relative_attention_bias", False)), None)
+    table = getattr(owner, "relative_attention_bias", None)
+    if not isinstance(table, torch.nn.Embedding):
+        return None
+    return RelativeBias(table, config.relative_attention_num_buckets, config.relative_attention_max_distance)
+
+
+def decoder_positions_of(decoder: torch.nn.Module) -> DecoderPositions | None:
+    embedding = getattr(decoder, "embed_positions", None)
+    if not isinstance(embedding, torch.nn.Embedding):
+        return None
+    positions = DecoderPositions(embedding, int(getattr(embedding, "offset", 0)))
+    embedding.register_forward_hook(positions.hook)
+    return positions
+
+
+@torch.inference_mode()
+def encode(model: PreTrainedModel, embeds: torch.Tensor) -> torch.Tensor:
+    """One row's encoder pass, alone: input embeddings [S, H] -> encoder output [S, H] (attention as transformers
+    computes it, through `attend`'s encoder path)."""
+    output: BaseModelOutput = model.get_encoder()(inputs_embeds=embeds[None])
+    hidden = output.last_hidden_state
+    assert hidden is not None
+    return hidden[0]

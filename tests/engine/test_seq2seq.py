@@ -1,0 +1,105 @@
+"""Encoder-decoder backbones (T5, BART) in the engine: a row's greedy tokens equal the uncached reference over
+PEFT's forward (tests/seq2seq_fixtures.py) for every adapter kind, alone, mixed with every other kind and plain
+rows, and joining mid-flight; and stay so when the pool is small enough to preempt and recompute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine import model_runner
+from server.engine.selfcheck import SelfCheckFailed, self_check
+from tests.engine.harness import Harness, token_ids
+from tests.fixtures import TinyBackbone
+from tests.seq2seq_fixtures import (
+    SEQ2SEQ_ADAPTER_KINDS,
+    SEQ2SEQ_ARCHS,
+    build_tiny_seq2seq_backbone,
+    greedy_seq2seq_reference,
+    load_seq2seq_peft,
+)
+
+TASKS = (*SEQ2SEQ_ADAPTER_KINDS, None)
+TEXTS = {
+    "prompt_tuning": "hello world",
+    "p_tuning_mlp": "a",
+    "prefix": "the quick brown fox",
+    "prefix_projection": "xy",
+    None: "a plain row",
+}
+NEW_TOKENS = 10
+VARIANTS: dict[str, dict[str, object]] = {
+    "roomy": {},
+    "small-pool": {"kv_cache_tokens": 96, "kv_block_size": 4},
+}
+
+
+@pytest.fixture(scope="module", params=SEQ2SEQ_ARCHS)
+def seq2seq(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TinyBackbone:
+    return build_tiny_seq2seq_backbone(request.param, tmp_path_factory.mktemp(f"s2s-engine-{request.param}"))
+
+
+@pytest.fixture(scope="module")
+def expected(seq2seq: TinyBackbone) -> dict[str | None, list[int]]:
+    """Each task's reference tokens for its text."""
+    tokens = {}
+    for task in TASKS:
+        model = load_seq2seq_peft(seq2seq.path, seq2seq.adapters[task] if task else None)
+        input_ids = list(Harness.tokenizer_of(seq2seq)(TEXTS[task])["input_ids"])
+        tokens[task] = greedy_seq2seq_reference(model, input_ids, NEW_TOKENS, model.config.eos_token_id)
+    return tokens
+
+
+@pytest.fixture(params=list(VARIANTS))
+def harness(seq2seq: TinyBackbone, tmp_path: Path, request: pytest.FixtureRequest) -> Harness:
+    return Harness(seq2seq, tmp_path / "store", **VARIANTS[request.param])  # type: ignore[arg-type]
+
+
+def test_the_backbone_is_served_as_seq2seq(harness: Harness):
+    assert harness.backbone.kind == "seq2seq" and harness.backbone.fingerprint.is_encoder_decoder
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_greedy_tokens_equal_the_reference_for_each_kind(harness: Harness, expected, task: str | None):
+    assert token_ids(harness.alone(TEXTS[task], task, max_new_tokens=NEW_TOKENS)) == expected[task]
+
+
+def test_a_mixed_batch_equals_the_reference_for_every_kind(harness: Harness, expected):
+    mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS))
+    assert {task: token_ids(c) for task, c in zip(TASKS, mixed, strict=True)} == expected
+    assert harness.is_idle()
+
+
+def test_rows_joining_mid_flight_equal_the_reference(harness: Harness, expected):
+    first = [harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS[:2]]
+    later = {2: [harness.request(TEXTS[t], t, max_new_tokens=NEW_TOKENS) for t in TASKS[2:4]],
+             5: [harness.request(TEXTS[None], None, max_new_tokens=NEW_TOKENS)]}  # fmt: skip
+    completions = harness.run(*first, later=later)
+    order = [*TASKS[:2], *TASKS[2:4], None]
+    assert {task: token_ids(c) for task, c in zip(order, completions, strict=True)} == expected
+
+
+def test_the_references_differ_by_task(expected):
+    """Every task answers differently, so a row served under another row's task (or none) would fail above."""
+    assert len({tuple(tokens) for tokens in expected.values()}) == len(TASKS)
+
+
+def test_a_small_pool_preempts_and_recomputes_exactly(seq2seq: TinyBackbone, tmp_path: Path, expected):
+    harness = Harness(seq2seq, tmp_path / "store", kv_cache_tokens=40, kv_block_size=4)
+    requests = [harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS]
+    completions = harness.run(*requests)
+    assert harness.engine.num_preemptions > 0
+    assert {task: token_ids(c) for task, c in zip(TASKS, completions, strict=True)} == expected
+
+
+def test_the_self_check_passes_and_catches_a_lost_encoder_output(harness: Harness, monkeypatch: pytest.MonkeyPatch):
+    assert self_check(harness.engine) >= 0
+
+    def nothing_encoded(model: object, embeds: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(embeds)
+
+    monkeypatch.setattr(model_runner, "encode", nothing_encoded)
+    with pytest.raises(SelfCheckFailed, match="self-check failed"):
+        self_check(harness.engine)
