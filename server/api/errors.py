@@ -244,9 +244,10 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 
 def first_field(errors: Sequence[dict[str, Any]]) -> str | None:
-    """The first field at fault (OpenAI's `param`); None when the body as a whole is."""
-    name = field_name(errors[0].get("loc", ())) if errors else "body"
-    return None if name == "body" else name
+    """The top-level field at fault (OpenAI's `param`); None when the body as a whole is."""
+    loc = list(errors[0].get("loc", ())) if errors else []
+    names = [part for part in loc[1:] if isinstance(part, str)] if loc[:1] == ["body"] else []
+    return names[0] if names else None
 
 
 def not_json_body(errors: Sequence[dict[str, Any]]) -> bool:

@@ -88,14 +88,18 @@ def max_new_tokens(asked: int | None, param: str, settings: Settings) -> int:
     return asked
 
 
-def check_choices(num_prompts: int, n: int, settings: Settings) -> None:
-    if num_prompts * n > settings.max_batch_size:
+def check_choices(num_prompts: int, n: int, num_members: int, settings: Settings) -> None:
+    limit = settings.max_batch_size
+    if num_members > limit:
+        raise ApiError(422, "validation", f"task_ids: expected at most {limit} members (the server's batch size); "
+                       f"found {num_members}", param="task_ids")  # fmt: skip
+    if num_prompts * n > limit:
         raise ApiError(
             422,
             "validation",
-            f"n: expected at most {settings.max_batch_size} choices per request (n x prompts, the server's batch "
-            f"size); found {n} x {num_prompts}",
-            param="n",
+            f"n: expected at most {limit} choices per request (n x prompts, the server's batch size); found {n} x "
+            f"{num_prompts}",
+            param="n" if n > 1 else "prompt",
         )
 
 
@@ -225,8 +229,18 @@ async def merged(started: list[tuple[RequestOutput, Outputs]]) -> AsyncGenerator
 
 
 def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could be the start of a stop sequence (they may yet be cut)."""
-    return max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    """How many trailing characters could be the start of a stop sequence (they may yet be cut): the longest end
+    of the text (shorter than the stop) that begins one. Only the text's last len(stop) - 1 characters are read."""
+    longest = 0
+    for stop in stops:
+        tail = text[len(text) - min(len(text), len(stop) - 1) :]
+        start = tail.find(stop[0])
+        while start != -1 and len(tail) - start > longest:
+            if stop.startswith(tail[start:]):
+                longest = len(tail) - start
+                break
+            start = tail.find(stop[0], start + 1)
+    return longest
 
 
 @dataclass
@@ -296,3 +310,22 @@ async def stream_choices(
         raise
     finally:
         finish_all(trackers, outcome)
+
+
+@dataclass
+class Streams:
+    """A streamed request's choices once started: their deltas, and a close that ends them however far the
+    response got (a client may leave before the first delta is asked for)."""
+
+    choices: list[Choice]
+    started: list[tuple[RequestOutput, Outputs]]
+    trackers: list[RequestTracker]
+
+    def deltas(self) -> AsyncGenerator[tuple[Choice, Delta], None]:
+        return stream_choices(self.started, self.choices, self.trackers)
+
+    async def close(self) -> None:
+        """Abort what is still running and count it as cancelled (both no-ops for what has finished)."""
+        for _, outputs in self.started:
+            await close_outputs(outputs)
+        finish_all(self.trackers, "cancelled")

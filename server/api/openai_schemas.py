@@ -11,7 +11,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from prompt_store.types import TaskRecord
 from server.api.schemas import MAX_SEED, TaskId, absent_when_none, encodable
@@ -19,19 +28,27 @@ from server.engine.sampler import MAX_TOP_LOGPROBS, MIN_TEMPERATURE
 from server.engine.types import Completion, EnsembleMode, FinishReason, SamplingParams, Token
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
+MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # a streamed choice checks its held-back text against each stop per token
 OWNER = "promptserve"
-Stop = Annotated[str, StringConstraints(min_length=1)]
-Text = Annotated[str, Field(description="valid Unicode text")]
+Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
+Text = Annotated[str, AfterValidator(encodable)]
 
 
-def unsupported(name: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"{name}: expected {expected} (this server does not support it); found {value!r}")
+def unsupported(value: Any, expected: str) -> ValueError:
+    return ValueError(f"expected {expected} (this server does not support it); found {value!r}")
+
+
+def nulls_are_defaults(data: Any) -> Any:
+    """OpenAI's fields are nullable: a null (what clients that serialize None send) means the default."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False  # a last chunk with `usage` and no choices
+
+    _nulls = model_validator(mode="before")(nulls_are_defaults)
 
 
 class SamplingFields(BaseModel):
@@ -42,9 +59,9 @@ class SamplingFields(BaseModel):
     model: str = Field(min_length=1, description="a task id, `<backbone>:<task>`, or the backbone's id (bare model)")
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(default=None, ge=0, description="vLLM's extension; 0 or null: no top-k filter")
+    top_k: int | None = Field(default=None, ge=-1, description="vLLM's extension; -1, 0 or null: no top-k filter")
     n: int = Field(default=1, ge=1, description="completions per prompt; n x prompts is at most the batch size")
-    stop: Stop | list[Stop] | None = None
+    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="choice i of a prompt samples with seed+i")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -55,21 +72,34 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
 
-    @model_validator(mode="after")
-    def _no_penalties(self) -> SamplingFields:
-        for name in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if value not in (None, 0):
-                raise unsupported(name, value, "0 or null")
-        if self.logit_bias:
-            raise unsupported("logit_bias", self.logit_bias, "null or {}")
-        return self
+    _nulls = model_validator(mode="before")(nulls_are_defaults)
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("expected stream_options only with stream: true; found it without")
+        return value
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, value: float | None) -> float | None:
+        if value not in (None, 0):
+            raise unsupported(value, "0 or null")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise unsupported(value, "null or {}")
+        return value
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling(self, max_new_tokens: int, choice: int, top_logprobs: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int, choice: int, top_logprobs: int | None) -> SamplingParams:
         """OpenAI's defaults: temperature 1 samples; 0 (or below the sampler's floor) is greedy."""
         temperature = 1.0 if self.temperature is None else self.temperature
         do_sample = temperature >= MIN_TEMPERATURE
@@ -78,7 +108,7 @@ class SamplingFields(BaseModel):
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
             temperature=temperature if do_sample else 1.0,
-            top_k=self.top_k or 0,
+            top_k=max(self.top_k or 0, 0),
             top_p=1.0 if self.top_p is None else self.top_p,
             seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=stop,
@@ -98,35 +128,37 @@ class CompletionRequest(SamplingFields):
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_text(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("expected a string or a non-empty list of strings; found []")
-            return [encodable(text) for text in value]
-        return encodable(value)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _token_prompts(cls, data: Any) -> Any:
+    def _text_prompts(cls, value: Any) -> Any:
         """Token-id prompts are OpenAI's too, but a task's tokenizer decides what ids mean: say so plainly."""
-        prompt = data.get("prompt") if isinstance(data, dict) else None
-        if isinstance(prompt, list) and prompt and not all(isinstance(p, str) for p in prompt):
-            raise unsupported("prompt", prompt[:4], "a string or a list of strings (token ids are not accepted)")
-        return data
+        if isinstance(value, list) and not value:
+            raise ValueError("expected a string or a non-empty list of strings; found []")
+        if isinstance(value, list) and not all(isinstance(p, str) for p in value):
+            raise unsupported(value[:4], "a string or a list of strings (token ids are not accepted)")
+        return value
 
-    @model_validator(mode="after")
-    def _supported(self) -> CompletionRequest:
-        if self.best_of not in (None, self.n):
-            raise unsupported("best_of", self.best_of, f"null or n ({self.n})")
-        if self.suffix:
-            raise unsupported("suffix", self.suffix, "null")
-        if self.echo and self.logprobs is not None:
-            raise unsupported(
-                "echo", self.echo, "false when logprobs is set (the prompt's own log-probabilities are not computed)"
-            )
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if value not in (None, n):
+            raise unsupported(value, f"null or n ({n})")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise unsupported(value, "null")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise unsupported(value, "false when logprobs is set (the prompt's own log-probabilities are not computed)")
+        return value
 
     @property
     def prompts(self) -> list[str]:
@@ -145,12 +177,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
-    name: str | None = None
-
-    @field_validator("content")
-    @classmethod
-    def _content_text(cls, value: str | list[TextPart] | None) -> str | list[TextPart] | None:
-        return encodable(value) if isinstance(value, str) else value
+    name: Text | None = None
 
     def for_template(self) -> dict[str, str]:
         """`developer` is OpenAI's newer name for `system`, which chat templates know."""
@@ -169,27 +196,45 @@ class ChatRequest(SamplingFields):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> ChatRequest:
-        if self.tools:
-            raise unsupported("tools", f"{len(self.tools)} tool(s)", "none")
-        if self.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice", self.tool_choice, 'null or "none"')
-        if self.response_format not in (None, {"type": "text"}):
-            raise unsupported("response_format", self.response_format, 'null or {"type": "text"}')
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError(
-                f"top_logprobs: expected logprobs to be true with it; found top_logprobs={self.top_logprobs}"
-            )
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError(f"expected logprobs: true with top_logprobs; found top_logprobs={value} without it")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None) -> list[Any] | None:
+        if value:
+            raise unsupported(f"{len(value)} tool(s)", "none")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: Any) -> Any:
+        if value not in (None, "none"):
+            raise unsupported(value, 'null or "none"')
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value not in (None, {"type": "text"}):
+            raise unsupported(value, 'null or {"type": "text"}')
+        return value
 
     @property
-    def num_top_logprobs(self) -> int:
-        return (self.top_logprobs or 0) if self.logprobs else 0
+    def num_top_logprobs(self) -> int | None:
+        """None: no log-probabilities; 0: the chosen token's; k: and the k most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
-    def asked_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_tokens is None else self.max_tokens
+    def max_tokens_field(self) -> tuple[int | None, str]:
+        """max_completion_tokens (OpenAI's newer name) wins over max_tokens, as OpenAI and vLLM read them."""
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens, "max_completion_tokens"
+        return self.max_tokens, "max_tokens"
 
 
 # ---- responses
@@ -234,7 +279,7 @@ class CompletionLogprobs(BaseModel):
             offsets.append(start)
             start += len(token.text)
         return cls(
-            tokens=[t.text for t in tokens],
+            tokens=[t.piece for t in tokens],
             token_logprobs=[t.logprob for t in tokens],
             top_logprobs=[top_dict(t) for t in tokens],
             text_offset=offsets,
@@ -246,7 +291,7 @@ def top_dict(token: Token) -> dict[str, float]:
     when it is not among them (OpenAI's "up to logprobs + 1")."""
     top = {alt.text: alt.logprob for alt in reversed(token.top)}
     if all(alt.id != token.id for alt in token.top):
-        top.setdefault(token.text, token.logprob)
+        top.setdefault(token.piece, token.logprob)
     return top
 
 
@@ -286,7 +331,7 @@ class TokenLogprob(TopLogprob):
     @classmethod
     def of(cls, token: Token) -> TokenLogprob:
         top = [TopLogprob(token=a.text, logprob=a.logprob, bytes=list(a.text.encode())) for a in token.top]
-        return cls(token=token.text, logprob=token.logprob, bytes=list(token.text.encode()), top_logprobs=top)
+        return cls(token=token.piece, logprob=token.logprob, bytes=list(token.piece.encode()), top_logprobs=top)
 
 
 class ChatLogprobs(BaseModel):

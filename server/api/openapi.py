@@ -147,12 +147,17 @@ def add_component(schemas: dict[str, Any], model: type[Any]) -> None:
     schemas.setdefault(model.__name__, schema)
 
 
+OPENAI_400 = "an invalid request: a field missing, of the wrong type, out of range or unsupported (`param` names it)"
+
+
 def document_errors(operation: dict[str, Any], statuses: tuple[int, ...], error_ref: dict[str, str]) -> None:
     responses = operation.setdefault("responses", {})
     if 422 not in statuses:
         responses.pop("422", None)  # FastAPI's own (HTTPValidationError); the OpenAI routes answer 400 instead
     for status in (*statuses, 500):
         description, headers = ERROR_STATUSES[status]
+        if status == 400 and error_ref == OPENAI_ERROR_REF:
+            description = OPENAI_400
         content = {"application/json": {"schema": dict(error_ref)}}
         response: dict[str, Any] = {"description": description, "content": content}
         if headers:

@@ -39,8 +39,8 @@ def validate_sampling(params: SamplingParams, limits: IntakeConfig) -> None:
         (params.top_k >= 0, "top_k >= 0 (0 disables it)", params.top_k),
         (0 < params.top_p <= 1, "top_p in (0, 1]", params.top_p),
         (all(params.stop), "non-empty stop sequences", list(params.stop)),
-        (0 <= params.top_logprobs <= MAX_TOP_LOGPROBS, f"top_logprobs in [0, {MAX_TOP_LOGPROBS}]",
-         params.top_logprobs),
+        (params.top_logprobs is None or 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS,
+         f"top_logprobs null or in [0, {MAX_TOP_LOGPROBS}]", params.top_logprobs),
     ]  # fmt: skip
     for ok, expected, found in checks:
         if not ok:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.detokenizer import IncrementalDecoder, find_stop
+from server.engine.detokenizer import CONTEXT_TOKENS, IncrementalDecoder, find_stop
 from server.engine.request import Request
 from server.engine.types import (
     Alternative,
@@ -55,8 +55,12 @@ class Processed:
 class OutputProcessor:
     def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase) -> None:
         self.request = request
-        self.tokenizer = tokenizer
-        self.rows = [RowText(row.task_id, row.task_version, IncrementalDecoder(tokenizer)) for row in request.rows]
+        # a causal row's text continues its input; an encoder-decoder's starts the decoder's own sequence
+        context = request.input_ids[-CONTEXT_TOKENS:] if request.decoder_start_id is None else []
+        self.rows = [
+            RowText(row.task_id, row.task_version, IncrementalDecoder(tokenizer, context)) for row in request.rows
+        ]
+        self.with_pieces = request.sampling.top_logprobs is not None
         self.is_finished = False
 
     def process(self, output: EngineOutput) -> Processed:
@@ -74,14 +78,15 @@ class OutputProcessor:
         if row.finish_reason is not None:
             return False
         row.token_ids.append(token.id)
+        piece, top = self.pieces(row, token)
         if token.finish_reason is FinishReason.EOS:
-            row.tokens.append(Token(token.id, "", token.logprob, self.alternatives(token)))
+            row.tokens.append(Token(token.id, "", token.logprob, top, piece))
             row.text += row.decoder.flush(row.token_ids)
             row.finish_reason = FinishReason.EOS
             return False
         new_text = row.decoder.next_text(row.token_ids)
         row.text += new_text
-        row.tokens.append(Token(token.id, new_text, token.logprob, self.alternatives(token)))
+        row.tokens.append(Token(token.id, new_text, token.logprob, top, piece))
         stop_at = find_stop(row.text, self.request.sampling.stop, len(new_text)) if new_text else None
         if stop_at is not None:
             row.text, row.finish_reason = row.text[:stop_at], FinishReason.STOP
@@ -91,9 +96,14 @@ class OutputProcessor:
             row.finish_reason = FinishReason.LENGTH
         return False
 
-    def alternatives(self, token: RowToken) -> tuple[Alternative, ...]:
-        """Each alternative's text is its token decoded alone, special tokens included (vLLM's choice too)."""
-        return tuple(Alternative(i, str(self.tokenizer.decode([i])), logprob) for i, logprob in token.top)
+    def pieces(self, row: RowText, token: RowToken) -> tuple[str, tuple[Alternative, ...]]:
+        """When log-probabilities are asked for: the chosen token and each alternative as text at this position
+        (decoded after the same tokens, so the chosen one reads as it does among the alternatives)."""
+        if not self.with_pieces:
+            return "", ()
+        ids = [token.id, *(i for i, _ in token.top)]
+        chosen, *texts = row.decoder.pieces(ids)
+        return chosen, tuple(Alternative(i, text, lp) for (i, lp), text in zip(token.top, texts, strict=True))
 
     def outputs(self, tokens: tuple[RowToken, ...]) -> list[RequestOutput]:
         """A streamed token (not for a vote: its answer is known only at the end), or the completion."""

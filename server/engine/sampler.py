@@ -47,7 +47,7 @@ def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
 
 def most_likely(logprobs: torch.Tensor, rows: list[Sequence]) -> list[tuple[tuple[int, float], ...]]:
     """Each row's `top_logprobs` most likely tokens (one top-k over the batch, at the largest k asked for)."""
-    wanted = [row.request.sampling.top_logprobs for row in rows]
+    wanted = [row.request.sampling.top_logprobs or 0 for row in rows]
     k = min(max(wanted, default=0), logprobs.shape[-1])
     if k == 0:
         return [() for _ in rows]

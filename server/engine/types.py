@@ -28,7 +28,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    top_logprobs: int = 0  # report this many most likely alternatives with each token (0: none)
+    top_logprobs: int | None = None  # None: plain tokens; k: each token as text and its k most likely alternatives
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +58,7 @@ class Token:
     text: str  # the text this token added to the output (empty while a character is incomplete)
     logprob: float
     top: tuple[Alternative, ...] = ()  # the sampling's top_logprobs most likely tokens, most likely first
+    piece: str = ""  # with top_logprobs set: the token as text in context, special tokens shown (as `top` are)
 
 
 @dataclass(frozen=True, slots=True)

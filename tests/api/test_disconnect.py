@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 
 from fastapi import FastAPI
 
@@ -78,3 +80,41 @@ def test_openai_completion_disconnect_while_pending_aborts_every_choice() -> Non
         "promptserve_requests_total", {"endpoint": "completions", "task": "_other", "outcome": "cancelled"}
     )  # "_other": a request that never produced output does not take a task label of its own
     assert cancelled == 4
+
+
+async def call_with_send_failing_at_first_body(app: FastAPI, path: str, body: dict) -> None:
+    """ASGI 2.4: a server whose client is gone raises OSError from `send` (here at the first body chunk)."""
+    pending = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive() -> dict:
+        if pending:
+            return pending.pop()
+        await asyncio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            raise OSError("the client is gone")
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"host", b"test")], "client": ("127.0.0.1", 5000),
+        "server": ("test", 80), "state": {},
+    }  # fmt: skip
+    with contextlib.suppress(Exception):
+        await app(scope, receive, send)
+
+
+def test_openai_chat_stream_closed_at_its_first_chunk_aborts_and_counts_every_choice() -> None:
+    """The role chunks go out before any delta is asked for: a client gone there still aborts and is counted."""
+    engine = FakeEngine(has_chat_template=True)
+    app = slow_app(engine)
+    body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "n": 2, "stream": True}
+    asyncio.run(call_with_send_failing_at_first_body(app, "/v1/chat/completions", body))
+    assert (len(engine.aborted), engine.completed) == (2, [])
+    metrics = app.state.promptserve.metrics
+    cancelled = metrics.registry.get_sample_value(
+        "promptserve_requests_total", {"endpoint": "chat_completions", "task": "a", "outcome": "cancelled"}
+    )
+    assert cancelled == 2

@@ -148,17 +148,25 @@ def test_an_ensemble_through_extra_body(client: openai.OpenAI, engine: FakeEngin
         ({"prompt": ["a", "b", "c"], "n": 3}, "n"),
         ({"prompt": "x", "logprobs": 6}, "logprobs"),
         ({"prompt": "x", "temperature": 2.5}, "temperature"),
-        ({"prompt": [1, 2, 3]}, None),
+        ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": []}, "prompt"),
-        ({"prompt": "x", "frequency_penalty": 0.5}, None),
-        ({"prompt": "x", "logprobs": 1, "echo": True}, None),
-        ({"prompt": "x", "best_of": 3}, None),
+        ({"prompt": "x", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+        ({"prompt": "x", "best_of": 3}, "best_of"),
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "logit_bias": {"1": 2.0}}, "logit_bias"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
+        ({"prompt": "x", "stop": "s" * 1025}, "stop"),
+        ({"prompt": ["a"] * 9}, "prompt"),
+        ({"prompt": "x", "task_ids": ["upper"] * 9, "model": BACKBONE}, "task_ids"),
+        ("not json", None),
         ({}, "prompt"),
     ],
 )
-def test_bad_parameters_are_400_naming_the_field(client: openai.OpenAI, body: dict, param: str | None):
+def test_bad_parameters_are_400_naming_the_field(client: openai.OpenAI, body: dict | str, param: str | None):
     with pytest.raises(openai.BadRequestError) as raised:
-        client.post("/completions", body={"model": "upper", **body}, cast_to=object)
+        client.post("/completions", body=body if isinstance(body, str) else {"model": "upper", **body}, cast_to=object)
     error = raised.value
     assert error.status_code == 400 and error.type == "invalid_request_error"
     assert error.param == param
@@ -329,3 +337,55 @@ def test_no_task_may_take_the_backbones_name(engine: FakeEngine):
         response = http.put("/v1/tasks/base", files=files)
     assert response.status_code == 409 and response.json()["error_type"] == "conflict"
     assert "base" not in engine.tasks
+
+
+def test_nulls_mean_the_defaults(client: openai.OpenAI, engine: FakeEngine):
+    body = {"model": "upper", "prompt": "ab", "n": None, "stream": None, "echo": None, "ensemble": None,
+            "temperature": 0, "top_k": -1, "max_tokens": 20}  # fmt: skip
+    completion = client.post("/completions", body=body, cast_to=object)
+    assert completion["choices"][0]["text"] == answer_of("upper", "ab")  # type: ignore[index]
+    assert engine.requests[-1].sampling.top_k == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", '{"model": "upper", "prompt": "x \\ud800"}', "prompt"),
+        ("/v1/chat/completions", '{"model": "upper", "messages": [{"role": "user", "content": [{"type": "text", '
+         '"text": "hi \\ud800 there"}]}]}', "messages"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_400_not_500(http: TestClient, path: str, body: str, param: str):
+    response = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+    assert "surrogate" in response.json()["error"]["message"]
+
+
+def test_max_completion_tokens_wins_over_max_tokens(client: openai.OpenAI, engine: FakeEngine):
+    client.chat.completions.create(model="upper", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   max_completion_tokens=5)  # fmt: skip
+    assert engine.requests[-1].sampling.max_new_tokens == 5
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="upper", messages=[{"role": "user", "content": "hi"}],
+                                       max_completion_tokens=100_000)  # fmt: skip
+    assert raised.value.param == "max_completion_tokens"
+
+
+def test_retrieve_answers_with_the_name_asked_for(client: openai.OpenAI):
+    assert client.models.retrieve(f"{BACKBONE}:upper").id == f"{BACKBONE}:upper"
+
+
+def test_an_unknown_model_is_counted(http: TestClient, client: openai.OpenAI):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    metrics = http.get("/metrics").text
+    assert 'promptserve_requests_total{endpoint="completions",outcome="not_found",task="_other"} 1.0' in metrics
+
+
+def test_a_long_stop_costs_no_more_than_its_held_back_text():
+    from server.api.openai_generation import held_back
+
+    assert held_back("hello wor", ("world",)) == 3
+    assert held_back("hello", ("xyz",)) == 0
+    assert held_back("aaaa", ("a" * 1024,)) == 4
+    assert held_back("ab", ("abc", "bcd")) == 2

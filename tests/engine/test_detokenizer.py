@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 from server.engine.default_backbone import byte_tokenizer
 from server.engine.detokenizer import IncrementalDecoder, find_stop
 
@@ -41,3 +44,29 @@ def test_find_stop_picks_the_earliest_sequence():
 
 def test_find_stop_ignores_matches_entirely_in_old_text():
     assert find_stop("stop and more", ("stop",), num_new_chars=3) is None
+
+
+def metaspace_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style vocabulary (Llama-2, Mistral, T5): a word-start token carries "▁", decoded as a space
+    except at the very start of a text."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁hello": 3, "▁world": 4, "!": 5}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_word_start_token_after_the_input_keeps_its_space():
+    tokenizer = metaspace_tokenizer()
+    assert tokenizer.decode([4]) == "world"  # alone, SentencePiece drops the leading space
+    decoder = IncrementalDecoder(tokenizer, context=[1, 3])  # the input "<s> hello"
+    assert decoder.next_text([4]) == " world"
+    assert decoder.next_text([4, 5]) == "!"
+
+
+def test_pieces_read_each_candidate_in_context_special_tokens_shown():
+    tokenizer = metaspace_tokenizer()
+    decoder = IncrementalDecoder(tokenizer, context=[1, 3])
+    assert decoder.pieces([4, 5, 2]) == [" world", "!", "</s>"]
+    decoder.next_text([4])
+    assert decoder.pieces([5]) == ["!"]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from server.api.errors import ApiError
 from server.api.metrics import Metrics
 from server.api.openai_generation import (
     DONE,
     Choice,
-    Delta,
     Params,
+    Streams,
     check_choices,
     complete_all,
     error_event,
@@ -26,7 +27,6 @@ from server.api.openai_generation import (
     sse_json,
     start_all,
     start_trackers,
-    stream_choices,
     targets,
 )
 from server.api.openai_schemas import (
@@ -84,7 +84,8 @@ async def get_model(
     if not model:
         raise model_not_found(model, backbone)
     record = resolve_model(model, backbone, engine)
-    return ModelCard.backbone(backbone, state.created) if record is None else ModelCard.task(record, backbone)
+    card = ModelCard.backbone(backbone, state.created) if record is None else ModelCard.task(record, backbone)
+    return card.model_copy(update={"id": model})  # the name asked for (`<backbone>:<task>` too), as OpenAI answers
 
 
 # ---- completions
@@ -99,11 +100,13 @@ async def completions(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     new_tokens = max_new_tokens(body.max_tokens, "max_tokens", settings)
-    choices = choices_of(body, body.prompts, new_tokens, body.logprobs or 0, True, settings, engine)
+    choices = choices_of(
+        body, body.prompts, new_tokens, body.logprobs, True, settings, engine, (metrics, "completions")
+    )
     trackers = start_trackers(metrics, "completions", choices)
     if body.stream:
         started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "prompt"))
-        events = completion_events(body, choices, stream_choices(started, choices, trackers))
+        events = completion_events(body, Streams(choices, started, trackers))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "prompt"))
     finish_all(trackers, "success")
@@ -114,13 +117,19 @@ def choices_of(
     body: SamplingFields,
     texts: list[str],
     new_tokens: int,
-    top_logprobs: int,
+    top_logprobs: int | None,
     add_special_tokens: bool,
     settings: Settings,
     engine: EngineClient,
+    tracked: tuple[Metrics, str],
 ) -> list[Choice]:
-    task_ids, ensemble = targets(body, served_model_name(settings, engine), engine)
-    check_choices(len(texts), body.n, settings)
+    try:
+        task_ids, ensemble = targets(body, served_model_name(settings, engine), engine)
+    except ApiError as error:  # counted as /v1/generate counts an unknown task: under a label it cannot take
+        metrics, endpoint = tracked
+        metrics.start_request(endpoint, (body.model,)).finish(error.error_type)
+        raise
+    check_choices(len(texts), body.n, len(task_ids), settings)
 
     def build(text: str, j: int) -> GenerateInput:
         sampling = body.sampling(new_tokens, j, top_logprobs)
@@ -155,10 +164,9 @@ def completion_response(
     )
 
 
-async def completion_events(
-    body: CompletionRequest, choices: list[Choice], deltas: AsyncGenerator[tuple[Choice, Delta], None]
-) -> AsyncIterator[str]:
+async def completion_events(body: CompletionRequest, streams: Streams) -> AsyncIterator[str]:
     """Data-only events: a chunk per delta, the usage chunk when asked for, then [DONE]; a late error in-band."""
+    choices, deltas = streams.choices, streams.deltas()
     chunk = CompletionResponse(id=new_id("cmpl"), created=now(), model=body.model, choices=[])
     offsets = [len(body.prompts[c.prompt_index]) if body.echo else 0 for c in choices]
     results: list[Completion | None] = [None] * len(choices)
@@ -183,8 +191,9 @@ async def completion_events(
             yield sse_json(chunk.model_dump_json())
     except Exception as exc:  # the status line is already sent: report it in-band, as OpenAI does
         yield error_event(exc)
-    finally:
-        await deltas.aclose()  # a client that left: its engine requests are aborted now, not at collection
+    finally:  # a client that left: its engine requests are aborted now, not at collection
+        await deltas.aclose()
+        await streams.close()
     yield DONE
 
 
@@ -199,18 +208,29 @@ async def chat_completions(
     metrics: Metrics = Depends(get_metrics),
     settings: Settings = Depends(get_settings),
 ) -> Response:
-    new_tokens = max_new_tokens(body.asked_max_tokens, "max_tokens", settings)
-    with openai_errors(Params("messages")):
-        text = engine.render_chat([message.for_template() for message in body.messages])
-    choices = choices_of(body, [text], new_tokens, body.num_top_logprobs, False, settings, engine)
+    new_tokens = max_new_tokens(*body.max_tokens_field, settings)
+    text = render(engine, body)
+    choices = choices_of(
+        body, [text], new_tokens, body.num_top_logprobs, False, settings, engine, (metrics, "chat_completions")
+    )
     trackers = start_trackers(metrics, "chat_completions", choices)
     if body.stream:
         started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "messages"))
-        events = chat_events(body, choices, stream_choices(started, choices, trackers))
+        events = chat_events(body, Streams(choices, started, trackers))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "messages"))
     finish_all(trackers, "success")
     return JSONResponse(chat_response(body, choices, results).model_dump(mode="json"))
+
+
+def render(engine: EngineClient, body: ChatRequest) -> str:
+    """The messages through the backbone's chat template; what the template refuses is the messages' fault."""
+    try:
+        with openai_errors(Params("messages")):
+            return engine.render_chat([message.for_template() for message in body.messages])
+    except ApiError as error:
+        error.param = "messages"
+        raise
 
 
 def chat_response(body: ChatRequest, choices: list[Choice], results: list[Completion]) -> ChatResponse:
@@ -228,10 +248,9 @@ def chat_response(body: ChatRequest, choices: list[Choice], results: list[Comple
     )
 
 
-async def chat_events(
-    body: ChatRequest, choices: list[Choice], deltas: AsyncGenerator[tuple[Choice, Delta], None]
-) -> AsyncIterator[str]:
+async def chat_events(body: ChatRequest, streams: Streams) -> AsyncIterator[str]:
     """A role chunk per choice, then content deltas (the last with its finish_reason), usage, [DONE]."""
+    choices, deltas = streams.choices, streams.deltas()
     chunk = ChatChunk(id=new_id("chatcmpl"), created=now(), model=body.model, choices=[])
     results: list[Completion | None] = [None] * len(choices)
     try:
@@ -254,6 +273,7 @@ async def chat_events(
             yield sse_json(chunk.model_dump_json())
     except Exception as exc:  # the status line is already sent: report it in-band, as OpenAI does
         yield error_event(exc)
-    finally:
-        await deltas.aclose()  # a client that left: its engine requests are aborted now, not at collection
+    finally:  # a client that left: its engine requests are aborted now, not at collection
+        await deltas.aclose()
+        await streams.close()
     yield DONE
