@@ -4,6 +4,7 @@ adapter of the other kind is a 422 naming both kinds, both ways."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,3 +70,13 @@ def test_a_seq2seq_adapter_on_a_causal_server_is_refused(t5: TinyBackbone, tiny_
         response = httpx.put(f"{causal_url}/v1/tasks/s2s", files=files(t5.adapters["prompt_tuning"]), timeout=60)
     assert response.status_code == 422
     assert "CAUSAL_LM" in response.json()["error"] and "SEQ_2_SEQ_LM" in response.json()["error"]
+
+
+def test_a_stream_carries_the_same_tokens(url: str, t5: TinyBackbone):
+    httpx.put(f"{url}/v1/tasks/streamed", files=files(t5.adapters["p_tuning_mlp"]), timeout=60).raise_for_status()
+    body = {"inputs": "stream me", "task_id": "streamed", "parameters": {"max_new_tokens": NEW_TOKENS, "details": True}}
+    whole = httpx.post(f"{url}/v1/generate", json=body, timeout=60).json()
+    with httpx.stream("POST", f"{url}/v1/generate_stream", json=body, timeout=60) as response:
+        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+    assert [event["token"]["id"] for event in events] == [token["id"] for token in whole["details"]["tokens"]]
+    assert events[-1]["generated_text"] == whole["generated_text"]

@@ -11,6 +11,7 @@ import torch
 
 from server.engine import model_runner
 from server.engine.selfcheck import SelfCheckFailed, self_check
+from server.engine.types import EnsembleMode, FinishReason
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import TinyBackbone
 from tests.seq2seq_fixtures import (
@@ -103,3 +104,27 @@ def test_the_self_check_passes_and_catches_a_lost_encoder_output(harness: Harnes
     monkeypatch.setattr(model_runner, "encode", nothing_encoded)
     with pytest.raises(SelfCheckFailed, match="self-check failed"):
         self_check(harness.engine)
+
+
+def test_seeded_sampling_is_the_same_alone_and_mixed(harness: Harness):
+    sampling = {"do_sample": True, "temperature": 1.3, "top_k": 50, "top_p": 0.95, "seed": 1234, "max_new_tokens": 12}
+    alone = token_ids(harness.alone("sample me", "prompt_tuning", **sampling))
+    mates = [harness.request(TEXTS[task], task, do_sample=True, max_new_tokens=12) for task in TASKS]
+    mixed = harness.run(*mates[:2], harness.request("sample me", "prompt_tuning", **sampling), *mates[2:])
+    assert token_ids(mixed[2]) == alone
+
+
+def test_stop_sequences_and_both_ensemble_modes(harness: Harness):
+    free = harness.alone("abc", "prefix", max_new_tokens=12)
+    stop = free.generated_text[1:3]
+    assert len(stop) == 2, "the fixture should say something"
+    stopped = harness.alone("abc", "prefix", max_new_tokens=12, stop=(stop,))
+    assert stopped.finish_reason is FinishReason.STOP
+    assert stopped.generated_text == free.generated_text[: free.generated_text.index(stop)]
+    harness.store.register_dir("prefix-copy", harness.tiny.adapters["prefix"])
+    vote = harness.run(harness.request("abc", "prefix", "prefix-copy", "prompt_tuning", ensemble=EnsembleMode.VOTE,
+                                       max_new_tokens=12))[0]  # fmt: skip
+    assert vote.generated_text == free.generated_text  # two of three members agree
+    mean = harness.run(harness.request("abc", "prefix", "prefix-copy", ensemble=EnsembleMode.MEAN,
+                                       max_new_tokens=12))[0]  # fmt: skip
+    assert token_ids(mean) == token_ids(free)
