@@ -22,12 +22,21 @@ from pathlib import Path
 import torch
 from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from tokenizers import processors
-from transformers import AutoModelForSeq2SeqLM, BartConfig, PretrainedConfig, PreTrainedTokenizerFast, T5Config
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    BartConfig,
+    MBartConfig,
+    MT5Config,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
 from tests.fixtures import TinyBackbone
 
-SEQ2SEQ_ARCHS = ("t5", "bart")
+SEQ2SEQ_ARCHS = ("t5", "bart", "mt5", "mbart")
+T5_STYLE = ("t5", "mt5")  # relative position bias, inputs end with </s>, decoding starts at <pad>
 SEQ2SEQ_ADAPTER_KINDS = ("prompt_tuning", "p_tuning_mlp", "prefix", "prefix_projection")
 SEQ2SEQ_VIRTUAL_TOKENS = {"prompt_tuning": 5, "p_tuning_mlp": 4, "prefix": 3, "prefix_projection": 6}
 
@@ -78,17 +87,23 @@ def tiny_bart_config() -> BartConfig:
 
 
 def seq2seq_config(arch: str) -> PretrainedConfig:
-    if arch == "t5":
-        return tiny_t5_config()
-    if arch == "bart":
-        return tiny_bart_config()
-    raise ValueError(f"unknown seq2seq arch {arch!r}")
+    """T5 and BART, and their multilingual siblings (mT5, mBART: their own classes, the same conventions)."""
+    configs = {"t5": tiny_t5_config, "bart": tiny_bart_config}
+    if arch not in (*configs, "mt5", "mbart"):
+        raise ValueError(f"unknown seq2seq arch {arch!r}")
+    config = configs[arch.removeprefix("m")]()
+    fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    if arch == "mt5":
+        return MT5Config(**fields)
+    if arch == "mbart":
+        return MBartConfig(**fields)
+    return config
 
 
 def seq2seq_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     """The byte-level tokenizer with the arch's special tokens: T5 appends </s>; BART wraps in <s> ... </s>."""
     tokenizer = byte_tokenizer()
-    single = "$A </s>" if arch == "t5" else "<s> $A </s>"
+    single = "$A </s>" if arch in T5_STYLE else "<s> $A </s>"
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=single, pair=f"{single} $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
     )
@@ -102,7 +117,7 @@ def sharpen_positions(model: torch.nn.Module) -> None:
     decoder position (e.g. forgetting that a prefix shifts BART's positions by P) change the tokens.
     """
     with torch.no_grad():
-        if model.config.model_type == "t5":
+        if model.config.model_type in T5_STYLE:
             model.decoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(20.0)
         else:
             model.model.decoder.embed_positions.weight.mul_(3.0)
