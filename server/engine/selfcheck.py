@@ -12,9 +12,11 @@ dtype's rounding. A backbone the engine cannot serve exactly fails here, by name
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -156,11 +158,8 @@ def reference_logprobs(backbone: Backbone, row: CheckRow, token_ids: list[int]) 
     if row.virtual_embeds is not None:
         embeds = torch.cat([row.virtual_embeds[None].to(embeds.dtype), embeds], dim=1)  # [1, P + T, H]
     positions = torch.arange(embeds.shape[1], device=backbone.device)[None]
-    model.set_attn_implementation(REFERENCE_ATTENTION)
-    try:
+    with stock_attention(model):
         logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits  # type: ignore[operator]
-    finally:
-        model.set_attn_implementation(ATTENTION_NAME)
     return torch.log_softmax(logits[0].float(), dim=-1)
 
 
@@ -175,12 +174,19 @@ def seq2seq_reference_logprobs(
     if row.virtual_embeds is not None:
         encoder_embeds = torch.cat([row.virtual_embeds[None].to(encoder_embeds.dtype), encoder_embeds], dim=1)
     decoder = torch.tensor([decoder_ids], device=backbone.device)
-    model.set_attn_implementation(REFERENCE_ATTENTION)
-    try:
+    with stock_attention(model):
         logits = model(inputs_embeds=encoder_embeds, decoder_input_ids=decoder, use_cache=False).logits  # type: ignore[operator]
-    finally:
-        model.set_attn_implementation(ATTENTION_NAME)
     return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+@contextlib.contextmanager
+def stock_attention(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' own eager attention for the reference forward, the engine's again after it."""
+    model.set_attn_implementation(REFERENCE_ATTENTION)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(ATTENTION_NAME)  # type: ignore[operator]
 
 
 def tolerance_of(dtype: torch.dtype) -> float:

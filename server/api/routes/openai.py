@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from server.api.errors import ApiError
 from server.api.metrics import Metrics
@@ -106,7 +108,8 @@ async def completions(
     trackers = start_trackers(metrics, "completions", choices)
     if body.stream:
         started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "prompt"))
-        events = completion_events(body, Streams(choices, started, trackers))
+        streams = Streams(choices, started, trackers)
+        events = framed(streams, completion_chunks(body, streams))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "prompt"))
     finish_all(trackers, "success")
@@ -164,17 +167,31 @@ def completion_response(
     )
 
 
-async def completion_events(body: CompletionRequest, streams: Streams) -> AsyncIterator[str]:
-    """Data-only events: a chunk per delta, the usage chunk when asked for, then [DONE]; a late error in-band."""
-    choices, deltas = streams.choices, streams.deltas()
+async def framed(streams: Streams, chunks: AsyncGenerator[BaseModel, None]) -> AsyncIterator[str]:
+    """OpenAI's stream framing: each chunk as `data: <json>`, a late error in-band (the status line is already
+    sent), `data: [DONE]` last; the choices' engine requests end with the response, however it ends."""
+    try:
+        async for chunk in chunks:
+            yield sse_json(chunk.model_dump_json())
+    except Exception as exc:
+        yield error_event(exc)
+    finally:  # a client that left: its engine requests are aborted now, not at collection
+        await chunks.aclose()
+        await streams.close()
+    yield DONE
+
+
+async def completion_chunks(body: CompletionRequest, streams: Streams) -> AsyncGenerator[BaseModel, None]:
+    """The prompts when echoed, a chunk per delta, then the usage chunk when asked for."""
+    choices = streams.choices
     chunk = CompletionResponse(id=new_id("cmpl"), created=now(), model=body.model, choices=[])
     offsets = [len(body.prompts[c.prompt_index]) if body.echo else 0 for c in choices]
     results: list[Completion | None] = [None] * len(choices)
-    try:
-        if body.echo:
-            for c in choices:
-                chunk.choices = [CompletionChoice(index=c.index, text=body.prompts[c.prompt_index])]
-                yield sse_json(chunk.model_dump_json())
+    if body.echo:
+        for c in choices:
+            chunk.choices = [CompletionChoice(index=c.index, text=body.prompts[c.prompt_index])]
+            yield chunk
+    async with contextlib.aclosing(streams.deltas()) as deltas:
         async for choice, delta in deltas:
             if not (delta.text or delta.tokens or delta.completion):
                 continue
@@ -184,17 +201,11 @@ async def completion_events(body: CompletionRequest, streams: Streams) -> AsyncI
             chunk.choices = [
                 CompletionChoice(index=choice.index, text=delta.text, logprobs=logprobs, finish_reason=reason)
             ]
-            yield sse_json(chunk.model_dump_json())
+            yield chunk
             results[choice.index] = delta.completion
-        if body.include_usage:
-            chunk.choices, chunk.usage = [], usage_of(body.n, [r for r in results if r is not None])
-            yield sse_json(chunk.model_dump_json())
-    except Exception as exc:  # the status line is already sent: report it in-band, as OpenAI does
-        yield error_event(exc)
-    finally:  # a client that left: its engine requests are aborted now, not at collection
-        await deltas.aclose()
-        await streams.close()
-    yield DONE
+    if body.include_usage:
+        chunk.choices, chunk.usage = [], usage_of(body.n, [r for r in results if r is not None])
+        yield chunk
 
 
 # ---- chat completions
@@ -216,7 +227,8 @@ async def chat_completions(
     trackers = start_trackers(metrics, "chat_completions", choices)
     if body.stream:
         started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "messages"))
-        events = chat_events(body, Streams(choices, started, trackers))
+        streams = Streams(choices, started, trackers)
+        events = framed(streams, chat_chunks(body, streams))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
     results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "messages"))
     finish_all(trackers, "success")
@@ -248,15 +260,15 @@ def chat_response(body: ChatRequest, choices: list[Choice], results: list[Comple
     )
 
 
-async def chat_events(body: ChatRequest, streams: Streams) -> AsyncIterator[str]:
-    """A role chunk per choice, then content deltas (the last with its finish_reason), usage, [DONE]."""
-    choices, deltas = streams.choices, streams.deltas()
+async def chat_chunks(body: ChatRequest, streams: Streams) -> AsyncGenerator[BaseModel, None]:
+    """A role chunk per choice, then content deltas (the last with its finish_reason), then usage when asked for."""
+    choices = streams.choices
     chunk = ChatChunk(id=new_id("chatcmpl"), created=now(), model=body.model, choices=[])
     results: list[Completion | None] = [None] * len(choices)
-    try:
-        for c in choices:
-            chunk.choices = [ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]
-            yield sse_json(chunk.model_dump_json())
+    for c in choices:
+        chunk.choices = [ChatChunkChoice(index=c.index, delta=ChatDelta(role="assistant", content=""))]
+        yield chunk
+    async with contextlib.aclosing(streams.deltas()) as deltas:
         async for choice, delta in deltas:
             if not (delta.text or delta.tokens or delta.completion):
                 continue
@@ -266,14 +278,8 @@ async def chat_events(body: ChatRequest, streams: Streams) -> AsyncIterator[str]
             chunk.choices = [
                 ChatChunkChoice(index=choice.index, delta=content, logprobs=logprobs, finish_reason=reason)
             ]
-            yield sse_json(chunk.model_dump_json())
+            yield chunk
             results[choice.index] = delta.completion
-        if body.include_usage:
-            chunk.choices, chunk.usage = [], usage_of(body.n, [r for r in results if r is not None])
-            yield sse_json(chunk.model_dump_json())
-    except Exception as exc:  # the status line is already sent: report it in-band, as OpenAI does
-        yield error_event(exc)
-    finally:  # a client that left: its engine requests are aborted now, not at collection
-        await deltas.aclose()
-        await streams.close()
-    yield DONE
+    if body.include_usage:
+        chunk.choices, chunk.usage = [], usage_of(body.n, [r for r in results if r is not None])
+        yield chunk
