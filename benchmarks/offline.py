@@ -6,6 +6,10 @@ continuous_over_static  continuous batching vs. static batches, varied output le
 kv_held_over_ideal      KV bytes of 32 running rows of one task with 128 virtual tokens, over the ideal
 tasks                   throughput against the number of distinct tasks, ours beside PEFT's (and a PNG)
 memory                  bytes per task; RSS growth of 1,000 resident prompt tasks over their tensor bytes
+
+`--preset cpu-t5` runs the first two on a random T5 v1.1 with T5-style prompt tuning (PEFT SEQ_2_SEQ_LM tasks, the
+prompt before the encoder's input): mixed is one prompt task per row against every row on one task, and PEFT runs
+its seq2seq `generate` per task. The other sections are Llama-only.
 """
 
 from __future__ import annotations
@@ -37,8 +41,11 @@ from benchmarks.workload import (
     PREFIX,
     PRESETS,
     PROMPT,
+    SEQ2SEQ_PRESETS,
     TaskSpec,
     Workload,
+    is_seq2seq,
+    methods_of,
     one_task_per_method,
     poisson_arrivals,
     round_robin_workload,
@@ -50,14 +57,15 @@ from benchmarks.workload import (
 )
 
 SECTIONS = ("mixed", "peft", "static", "kv", "tasks", "memory")
+SEQ2SEQ_SECTIONS = ("mixed", "peft")
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     preset: str
-    num_tasks: int  # half prompt tuning, half prefix tuning; the mixed batch has one row per task
+    num_tasks: int  # half prompt tuning, half prefix tuning (seq2seq: all prompt tuning); one row per task in mixed
     num_virtual_tokens: int
-    input_chars: tuple[int, int]  # byte tokenizer: tokens = chars + 1 (<s>)
+    input_chars: tuple[int, int]  # byte tokenizer: tokens = chars + 1 (<s>; T5: </s>)
     new_tokens: int  # per request, for the mixed and PEFT comparisons
     mixed_requests_per_task: int
     peft_num_tasks: int
@@ -128,18 +136,26 @@ def mixed_over_uniform(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, rng: r
     rig.set_max_batch_size(plan.num_tasks)
     run_mixed, run_uniform = (lambda: rig.run(mixed)), (lambda: rig.run(uniform))
     paired = alternate("mixed", run_mixed, "uniform", run_uniform, tokens_per_s, plan.mixed_repeats, progress=log)
+    first_tasks = ", ".join(f"one {method.split('_')[0]} task" for method in methods_of(tasks))
     return {
         **paired.summary("tokens_per_s"),
         "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
         "definition": (
-            f"mixed: batches of {plan.num_tasks} rows, every row a different task ({plan.num_tasks // 2} prompt "
-            f"tuning + {plan.num_tasks // 2} prefix tuning, {plan.num_virtual_tokens} virtual tokens each); uniform: "
-            "the same requests, each on the first task of its own method (one prompt task, one prefix task), so "
-            "rows, methods and virtual-token counts are identical and only the number of distinct tasks differs"
+            f"mixed: batches of {plan.num_tasks} rows, every row a different task ({task_mix(tasks)}, "
+            f"{plan.num_virtual_tokens} virtual tokens each); uniform: the same requests, each on the first task of "
+            f"its own method ({first_tasks}), so rows, methods and virtual-token counts are identical and only the "
+            "number of distinct tasks differs"
         ),
         "steps": step_notes(paired.runs_a),
         "workload": workload_notes(mixed, plan.num_tasks),
     }
+
+
+def task_mix(tasks: list[TaskSpec]) -> str:
+    """E.g. '8 prompt tuning + 8 prefix tuning'."""
+    return " + ".join(
+        f"{sum(t.method == method for t in tasks)} {method.replace('_', ' ')}" for method in methods_of(tasks)
+    )
 
 
 # ---- engine over PEFT
@@ -169,16 +185,23 @@ def engine_over_peft(
         "definition": (
             f"{len(workload.jobs)} requests over {len(chosen)} tasks ({plan.peft_requests_per_task} each, shuffled); "
             f"engine: max_batch_size {plan.peft_max_batch_size}, every request queued at t=0; PEFT: one PeftModel "
-            "per method over one shared base, load_adapter per task; per task, set_adapter and one left-padded "
-            "greedy generate of its requests, tasks one after another"
+            f"per method over one shared base, load_adapter per task; per task, set_adapter and one "
+            f"{peft.padding_side}-padded greedy generate of its requests, tasks one after another"
         ),
-        "match_note": (
-            "PEFT's prompt-tuning generate drops position ids, so a left-padded prompt-tuning row sees its virtual "
-            "tokens at other positions than when alone; a task's longest input is not padded in PEFT's batch"
-        ),
+        "match_note": SEQ2SEQ_MATCH_NOTE if peft.seq2seq else CAUSAL_MATCH_NOTE,
         "steps": step_notes(paired.runs_a),
         "workload": workload_notes(workload, len(chosen)),
     }
+
+
+CAUSAL_MATCH_NOTE = (
+    "PEFT's prompt-tuning generate drops position ids, so a left-padded prompt-tuning row sees its virtual "
+    "tokens at other positions than when alone; a task's longest input is not padded in PEFT's batch"
+)
+SEQ2SEQ_MATCH_NOTE = (
+    "PEFT's seq2seq generate puts the task's first P prompt rows before the encoder's input embeddings, the "
+    "engine likewise per row; PEFT pads on the right, after each row's text"
+)
 
 
 def match_rates(workload: Workload, matches: list[bool], method_of: dict[str, str]) -> dict[str, Any]:
@@ -296,7 +319,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | ...")
-    parser.add_argument("--preset", choices=tuple(PRESETS), help="backbone size (default: by device)")
+    parser.add_argument(
+        "--preset",
+        choices=(*PRESETS, *SEQ2SEQ_PRESETS),
+        help=f"backbone size (default: by device); {', '.join(SEQ2SEQ_PRESETS)}: a T5 with prompt tuning, sections "
+        f"{','.join(SEQ2SEQ_SECTIONS)} only",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -338,7 +366,11 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = build_plan(args)
-    sections = set(args.only.split(",")) if args.only else set(SECTIONS)
+    seq2seq = is_seq2seq(plan.preset)
+    sections = set(args.only.split(",")) if args.only else set(SEQ2SEQ_SECTIONS if seq2seq else SECTIONS)
+    if seq2seq and not sections <= set(SEQ2SEQ_SECTIONS):
+        log(f"--preset {plan.preset}: only {','.join(SEQ2SEQ_SECTIONS)} run on a seq2seq backbone")
+        return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -351,9 +383,10 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
     started = time.perf_counter()
     rng = random.Random(args.seed)
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
-    log(f"writing a random {plan.preset} Llama and {plan.num_tasks} PEFT tasks to {root}")
+    seq2seq = is_seq2seq(plan.preset)
+    log(f"writing a random {plan.preset} {'T5' if seq2seq else 'Llama'} and {plan.num_tasks} PEFT tasks to {root}")
     backbone_dir = write_backbone(plan.preset, root / "backbone", seed=args.seed)
-    tasks = write_tasks(backbone_dir, root / "tasks", plan.num_tasks, plan.num_virtual_tokens)
+    tasks = write_tasks(backbone_dir, root / "tasks", plan.num_tasks, plan.num_virtual_tokens, seq2seq=seq2seq)
     rig = EngineRig.open(backbone_dir, root / "store", tasks, args.device, dtype, plan.num_tasks)
     result: dict[str, Any] = {
         "machine": machine_info(rig.backbone.device, rig.backbone.dtype),

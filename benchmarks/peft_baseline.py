@@ -3,6 +3,10 @@ loaded with `load_adapter`; per task, `set_adapter`, then its requests in one le
 
 PEFT cannot mix peft types in one PeftModel, so prompt-tuning tasks live in one wrapper and prefix-tuning
 tasks in another; both wrap the same base model (the weights exist once).
+
+On an encoder-decoder backbone (the seq2seq presets: prompt tuning only) the base is an AutoModelForSeq2SeqLM and
+PEFT's `generate` prepends the task's first P prompt rows to the encoder's input embeddings. Its inputs are padded on
+the right, as T5's are, so padding never comes between the prompt and a row's text.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from benchmarks.workload import TaskSpec, Workload
+from benchmarks.workload import PROMPT, TaskSpec, Workload
 from server.engine.default_backbone import PAD_ID
 from server.engine.reference import peft_generate_broken_reason
 
@@ -41,13 +45,20 @@ class PeftRun:
 
 class PeftServer:
     def __init__(self, backbone_dir: Path, tasks: list[TaskSpec], device: str, dtype: str) -> None:
+        self.seq2seq = bool(getattr(AutoConfig.from_pretrained(backbone_dir), "is_encoder_decoder", False))
         broken = peft_generate_broken_reason()
-        if broken is not None:
+        if self.seq2seq:
+            # The cache renaming does not touch seq2seq prompt tuning: its generate hands the prompt to the encoder
+            # as inputs_embeds and leaves the decoder's cache alone (tests/engine/test_seq2seq_reference.py).
+            assert all(task.method == PROMPT for task in tasks), "seq2seq baseline: prompt tuning only"
+        elif broken is not None:
             raise RuntimeError(f"{broken}: it would not be PEFT's real behaviour; `make bench` runs the benchmarks "
                                "with transformers 5.23.0, where it is right")  # fmt: skip
         self.device = torch.device(device)
+        self.padding_side = "right" if self.seq2seq else "left"
         self.tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
-        base = AutoModelForCausalLM.from_pretrained(backbone_dir, dtype=DTYPES[dtype]).to(self.device).eval()
+        auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
+        base = auto.from_pretrained(backbone_dir, dtype=DTYPES[dtype]).to(self.device).eval()
         self.model_of: dict[str, PeftModel] = {}
         wrappers: dict[str, PeftModel] = {}
         for task in tasks:
@@ -78,7 +89,7 @@ class PeftServer:
         return PeftRun(seconds, cpu_seconds, sum(map(len, token_ids)), token_ids)
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+        encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side=self.padding_side)
         return {name: tensor.to(self.device) for name, tensor in encoded.items()}
 
     @torch.inference_mode()
@@ -86,5 +97,6 @@ class PeftServer:
         model = self.model_of[task_id]
         model.set_adapter(task_id)
         out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD_ID)
-        width = encoded["input_ids"].shape[1]
+        # a causal LM returns the input and the new tokens; a seq2seq LM the decoder start token and the new tokens
+        width = 1 if self.seq2seq else encoded["input_ids"].shape[1]
         return out[:, width:].tolist()  # [B, new]

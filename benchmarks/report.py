@@ -81,6 +81,7 @@ def verdict(name: str, value: float) -> str:
 
 
 RATIOS = ("mixed_over_uniform", "engine_over_peft", "continuous_over_static")
+ARCH_NAMES = {"llama": "Llama", "t5": "T5 v1.1"}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -91,10 +92,13 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"  machine: {m['cpu']}, {cpus}, {m['torch_threads']} torch threads")
     print(f"  torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}, python {m['python']}")
     backbone = config["backbone"]
+    arch, layers = ARCH_NAMES.get(backbone["model_type"], backbone["model_type"]), str(backbone["num_layers"])
+    if backbone.get("num_decoder_layers"):  # an encoder-decoder: encoder + decoder layers
+        layers += f"+{backbone['num_decoder_layers']}"
     print(
-        f"  device {m['device']} ({m.get('gpu', 'CPU')}), {m['dtype']}; backbone: random Llama "
+        f"  device {m['device']} ({m.get('gpu', 'CPU')}), {m['dtype']}; backbone: random {arch} "
         f"'{config['preset']}' preset, {backbone['num_parameters'] / 1e6:.1f}M parameters, "
-        f"{backbone['num_layers']} layers, {backbone['num_attention_heads']}/{backbone['num_key_value_heads']} heads"
+        f"{layers} layers, {backbone['num_attention_heads']}/{backbone['num_key_value_heads']} heads"
     )
     print(f"  load average at start {m['load_average_at_start']}, at end {m.get('load_average_at_end')}")
     print()

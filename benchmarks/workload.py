@@ -1,5 +1,8 @@
 """The benchmarks' synthetic world: a random Llama (GQA) backbone, PEFT-made tasks and requests.
 
+The seq2seq presets swap in a random T5 v1.1 and PEFT `SEQ_2_SEQ_LM` prompt-tuning tasks (T5-style prompt tuning,
+Lester et al. 2021); the workloads are the same.
+
 Everything is written to disk and loaded back through `from_pretrained` / the task store, as in the tests.
 """
 
@@ -12,9 +15,24 @@ from pathlib import Path
 
 import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
+from tokenizers import processors
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    T5Config,
+)
 
-from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
+from server.engine.default_backbone import (
+    BOS_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    PAD_ID,
+    byte_tokenizer,
+    write_random_backbone,
+)
 
 PROMPT, PREFIX = "prompt_tuning", "prefix_tuning"
 
@@ -29,8 +47,20 @@ PRESETS: dict[str, dict[str, int]] = {
     "gpu": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32},
 }
 
+# T5 v1.1 shapes (gated GELU, as Flan-T5 and the LM-adapted T5 of Lester et al.'s prompt tuning), same byte vocabulary.
+SEQ2SEQ_PRESETS: dict[str, dict[str, int]] = {
+    # ~25M parameters (6 encoder + 6 decoder layers), near the `cpu` Llama: the full run takes about 4 minutes.
+    "cpu-t5": {"d_model": 384, "d_kv": 64, "d_ff": 1024, "num_layers": 6, "num_decoder_layers": 6, "num_heads": 6},
+}
 
-def backbone_config(preset: str) -> LlamaConfig:
+
+def is_seq2seq(preset: str) -> bool:
+    return preset in SEQ2SEQ_PRESETS
+
+
+def backbone_config(preset: str) -> LlamaConfig | T5Config:
+    if is_seq2seq(preset):
+        return t5_config(preset)
     shape = PRESETS[preset]
     return LlamaConfig(
         vocab_size=BYTE_VOCAB_SIZE,
@@ -44,14 +74,56 @@ def backbone_config(preset: str) -> LlamaConfig:
     )
 
 
+def t5_config(preset: str) -> T5Config:
+    """T5's conventions: decoding starts at <pad>. `tie_word_embeddings=False` as in Flan-T5's config (transformers
+    still ties the head to the shared embedding; it only drops the d_model**-0.5 scaling of the decoder's output).
+    """
+    return T5Config(
+        vocab_size=BYTE_VOCAB_SIZE,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+        initializer_factor=2.0,  # with the default 1.0 a random T5 answers <pad> forever: the outputs would all match
+        **SEQ2SEQ_PRESETS[preset],
+    )
+
+
+def t5_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte tokenizer as T5's: no <s>, </s> after the input (so still one token per character, plus one)."""
+    tokenizer = byte_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", EOS_ID)]
+    )
+    return tokenizer
+
+
+def write_random_t5(config: T5Config, directory: Path, seed: int) -> Path:
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(directory)
+    t5_tokenizer().save_pretrained(directory)
+    return directory
+
+
 def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
     """Random weights, except that </s> can never win: every request then runs to its max_new_tokens.
 
     The EOS row of the LM head is zeroed (its logit is exactly 0 while 258 random logits compete), so output
     lengths are fixed by the workload, for the engine and for PEFT alike, without touching either's stopping rule.
+    T5's head is its shared embedding, so there </s> at the end of every input also embeds to zeros.
     """
-    write_random_backbone(backbone_config(preset), directory, seed=seed)
-    model = AutoModelForCausalLM.from_pretrained(directory)
+    if is_seq2seq(preset):
+        write_random_t5(t5_config(preset), directory, seed=seed)
+        model = AutoModelForSeq2SeqLM.from_pretrained(directory)
+    else:
+        write_random_backbone(backbone_config(preset), directory, seed=seed)
+        model = AutoModelForCausalLM.from_pretrained(directory)
     with torch.no_grad():
         model.get_output_embeddings().weight[EOS_ID].zero_()
     model.save_pretrained(directory)
@@ -66,8 +138,10 @@ class TaskSpec:
     adapter_dir: Path
 
 
-def peft_config(method: str, num_virtual_tokens: int) -> PromptTuningConfig | PrefixTuningConfig:
-    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
+def peft_config(
+    method: str, num_virtual_tokens: int, task_type: str = "CAUSAL_LM"
+) -> PromptTuningConfig | PrefixTuningConfig:
+    common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens}
     return PromptTuningConfig(**common) if method == PROMPT else PrefixTuningConfig(**common)
 
 
@@ -75,9 +149,11 @@ def write_task(base: PreTrainedModel, method: str, num_virtual_tokens: int, out_
     """A task as users bring it: PEFT's get_peft_model(...).save_pretrained, with random trained weights.
 
     Prompt learning leaves the base model's weights alone, so one loaded base serves every task's creation.
+    On a T5 base the task is `SEQ_2_SEQ_LM`: PEFT saves 2P prompt rows and puts the first P before the encoder input.
     """
     torch.manual_seed(seed)
-    model = get_peft_model(base, peft_config(method, num_virtual_tokens))
+    task_type = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else "CAUSAL_LM"
+    model = get_peft_model(base, peft_config(method, num_virtual_tokens, task_type))
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.normal_(0.0, 1.0)
@@ -86,13 +162,18 @@ def write_task(base: PreTrainedModel, method: str, num_virtual_tokens: int, out_
 
 
 def write_tasks(
-    backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int, prefix: str = ""
+    backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int, prefix: str = "", seq2seq: bool = False
 ) -> list[TaskSpec]:
-    """Half prompt tuning, half prefix tuning, alternating; every task has the same number of virtual tokens."""
-    base = AutoModelForCausalLM.from_pretrained(backbone_dir)
+    """Half prompt tuning, half prefix tuning, alternating; every task has the same number of virtual tokens.
+
+    `seq2seq`: all prompt tuning, on an encoder-decoder backbone (T5-style prompt tuning). PEFT 0.21.2's seq2seq
+    `generate` loses a prefix on transformers 5.24 (tests/seq2seq_fixtures.py): prefix tasks would have no baseline.
+    """
+    base = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(backbone_dir)
+    methods = (PROMPT,) if seq2seq else (PROMPT, PREFIX)
     tasks = []
     for i in range(num_tasks):
-        method = PROMPT if i % 2 == 0 else PREFIX
+        method = methods[i % len(methods)]
         task_id = f"{prefix}{method.split('_')[0]}-{i:03d}"
         adapter_dir = write_task(base, method, num_virtual_tokens, root / task_id, seed=1000 + i)
         tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
@@ -157,9 +238,16 @@ def round_robin_workload(
     return Workload("mixed", jobs)
 
 
+def methods_of(tasks: list[TaskSpec]) -> list[str]:
+    """The tasks' methods, in order of first appearance."""
+    return list(dict.fromkeys(t.method for t in tasks))
+
+
 def one_task_per_method(workload: Workload, tasks: list[TaskSpec]) -> Workload:
-    """The same requests, each on the first task of its own method: same rows, methods and virtual tokens."""
-    first_of = {method: next(t.task_id for t in tasks if t.method == method) for method in (PROMPT, PREFIX)}
+    """The same requests, each on the first task of its own method: same rows, methods and virtual tokens.
+
+    With one method (the seq2seq presets' prompt tuning) that is one task for every request."""
+    first_of = {method: next(t.task_id for t in tasks if t.method == method) for method in methods_of(tasks)}
     return with_tasks(workload, {t.task_id: first_of[t.method] for t in tasks}, "uniform")
 
 

@@ -91,11 +91,11 @@ class Engine:
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
         self.start(plan.admitted)
+        num_decode, num_prefill = decode_and_prefill_tokens(plan.chunks)  # before the step appends tokens
         rows = self.run(plan.chunks)
         self.postprocess_finished(rows)
         self.drop_leaving()
-        num_decode = sum(1 for chunk in plan.chunks if chunk.num_tokens == 1 and chunk.row.output_ids)
-        stats = self.record_step(plan.chunks, plan.num_tokens - num_decode, num_decode, time.perf_counter() - started)
+        stats = self.record_step(plan.chunks, num_prefill, num_decode, time.perf_counter() - started)
         return stats
 
     def start(self, requests: list[Request]) -> None:
@@ -238,3 +238,11 @@ class Engine:
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:
     return list({id(row.request): row.request for row in rows}.values())
+
+
+def decode_and_prefill_tokens(chunks: list[Chunk]) -> tuple[int, int]:
+    """A row's next token after its first is decode; everything else is prefill, an encoder-decoder row's encoder
+    input included (it runs in the step that starts the row)."""
+    num_decode = sum(1 for chunk in chunks if chunk.num_tokens == 1 and chunk.row.output_ids)
+    encoded = sum(chunk.row.encoder_length for chunk in chunks if chunk.start == 0)
+    return num_decode, sum(chunk.num_tokens for chunk in chunks) - num_decode + encoded
