@@ -136,6 +136,13 @@ def expected_config_dims(method: Method, fingerprint: BackboneFingerprint) -> di
 
 
 def check_config_dims(config: dict[str, Any], method: Method, fingerprint: BackboneFingerprint) -> None:
+    decoder_layers = fingerprint.num_decoder_layers or 0
+    if method.is_prefix and fingerprint.is_encoder_decoder and decoder_layers > fingerprint.num_layers:
+        raise InvalidTask(
+            f"{CONFIG_NAME}: prefix tuning on this {fingerprint.model_type} backbone: PEFT provisions a prefix for "
+            f"as many decoder layers as the encoder has ({fingerprint.num_layers}); its decoder has {decoder_layers}, "
+            "so PEFT itself cannot run such an adapter"
+        )
     for name, (expected, why) in expected_config_dims(method, fingerprint).items():
         found = config.get(name)
         if found is not None and (not _is_int(found) or found != expected):

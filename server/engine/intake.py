@@ -112,7 +112,7 @@ def seq2seq_max_new_tokens(max_positions: int, asked: int, num_input: int, tasks
             f"{encoder - num_input} virtual + {num_input} input tokens exceed the encoder's {max_positions} positions"
         )
     prefix = max((t.record.num_virtual_tokens for t in tasks if t and t.record.method.is_prefix), default=0)
-    room = max_positions - prefix - 1
+    room = max_positions - prefix  # the start token sits at position P; the last new token is never fed back
     if room < 1:
         raise InputTooLong(f"{prefix} virtual tokens leave no room in the decoder's {max_positions} positions")
     return min(asked, room)

@@ -134,6 +134,11 @@ class Request:
     def is_finished(self) -> bool:
         return all(row.is_finished for row in self.rows)
 
+    @property
+    def encoder_tokens(self) -> int:
+        """What an encoder-decoder request's encoders compute when its rows start (0 for a causal request)."""
+        return sum(row.encoder_length for row in self.rows if not row.is_finished)
+
     def max_own_tokens(self, row: Sequence) -> int:
         """The most slots a row of this request can need: embedded virtual, input and every new token (an
         encoder-decoder row: its encoder input, or its decoder tokens, whichever is longer)."""

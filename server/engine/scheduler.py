@@ -2,9 +2,11 @@
 
 A step carries every running row's next token and, within the token budget, prefill chunks: the rest of rows
 still prefilling, then new requests from the head of the queue (FIFO, so a large request is never starved by
-small ones). A long input is split across steps; an arrival never stalls the running rows for a whole prefill.
-When the KV pool cannot hold the step, the newest running requests are preempted: their blocks are freed and
-they wait at the head of the queue, to be recomputed from their tokens (input and output so far) when they fit.
+small ones). A long input is split across steps; an arrival never stalls the running rows for a whole prefill
+(an encoder-decoder row's encoder runs whole in the step that starts it and counts against the budget: one larger
+than what is left waits for a step in which it is the first to start). When the KV pool cannot hold the step,
+the newest running requests are preempted: their blocks are freed and they wait at the head of the queue, to be
+recomputed from their tokens (input and output so far) when they fit.
 """
 
 from __future__ import annotations
@@ -45,10 +47,12 @@ class StepPlan:
     chunks: list[Chunk] = field(default_factory=list)
     admitted: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    encoder_tokens: int = 0  # encoder-decoder rows starting this step: their encoders run in it too
 
     @property
     def num_tokens(self) -> int:
-        return sum(chunk.num_tokens for chunk in self.chunks)
+        """What the step computes, against the token budget: the chunks' tokens and the starting encoders'."""
+        return sum(chunk.num_tokens for chunk in self.chunks) + self.encoder_tokens
 
 
 class Scheduler:
@@ -80,8 +84,9 @@ class Scheduler:
         if blocks > self.memory.num_blocks:
             size = self.memory.block_size
             return (
-                f"the request needs {blocks * size} KV slots (virtual + input + max_new_tokens, per row, in blocks "
-                f"of {size}); the KV cache holds {self.memory.num_blocks * size}"
+                f"the request needs {blocks * size} KV slots (per row virtual + input + max_new_tokens; an "
+                f"encoder-decoder's the longer of its encoder input and its answer; in blocks of {size}); the KV "
+                f"cache holds {self.memory.num_blocks * size}"
             )
         return None
 
@@ -124,10 +129,15 @@ class Scheduler:
             request = self.waiting[0]
             if self.num_running_rows + request.num_rows > self.config.max_batch_size and not request.jumps_queue:
                 return
-            chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
+            encoder = request.encoder_tokens
+            if plan.admitted and plan.num_tokens + encoder > self.config.max_step_tokens:
+                return  # an encoder larger than what is left runs in a step of its own (beside the decode rows)
+            budget = self.config.max_step_tokens - plan.num_tokens - encoder
+            chunks = self.chunks_for(request, max(1, budget) if encoder else budget)  # a start token at least
             needed = self.memory.task_blocks_needed(request.task_tokens()) + self.blocks_to_grow(chunks)
             if not chunks or needed > self.memory.num_available_blocks:
                 return
+            plan.encoder_tokens += encoder
             self.waiting.popleft()
             request.status = Status.RUNNING
             self.running.append(request)

@@ -76,6 +76,12 @@ def seq2seq_of(model: PreTrainedModel) -> Seq2Seq:
     decoder_start = decoder_start if decoder_start is not None else config.decoder_start_token_id
     if decoder_start is None:
         raise ValueError(f"{type(model).__name__}: expected a decoder_start_token_id in its config; found none")
+    heads = (getattr(config, "encoder_attention_heads", None), getattr(config, "decoder_attention_heads", None))
+    if None not in heads and heads[0] != heads[1]:
+        raise ValueError(
+            f"{type(model).__name__}: expected an encoder and a decoder with the same attention heads (the KV pool "
+            f"is sized by them); found {heads[0]} and {heads[1]}"
+        )
     decoder = model.get_decoder()
     attentions = [m for m in decoder.modules() if hasattr(m, "layer_idx") and getattr(m, "is_decoder", False)]
     num_layers = sum(1 for m in attentions if getattr(m, "is_causal", False))

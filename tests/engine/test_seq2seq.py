@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForSeq2SeqLM
 
 from server.engine import model_runner
 from server.engine.selfcheck import SelfCheckFailed, self_check
+from server.engine.seq2seq import seq2seq_of
 from server.engine.types import EnsembleMode, FinishReason
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import TinyBackbone
@@ -20,6 +22,7 @@ from tests.seq2seq_fixtures import (
     build_tiny_seq2seq_backbone,
     greedy_seq2seq_reference,
     load_seq2seq_peft,
+    seq2seq_config,
 )
 
 TASKS = (*SEQ2SEQ_ADAPTER_KINDS, None)
@@ -128,3 +131,34 @@ def test_stop_sequences_and_both_ensemble_modes(harness: Harness):
     mean = harness.run(harness.request("abc", "prefix", "prefix-copy", ensemble=EnsembleMode.MEAN,
                                        max_new_tokens=12))[0]  # fmt: skip
     assert token_ids(mean) == token_ids(free)
+
+
+def test_encoders_count_against_the_step_budget(seq2seq: TinyBackbone, tmp_path: Path, monkeypatch, expected):
+    """A step starts encoders only within max_batch_tokens, unless one is the first to start in it."""
+    harness = Harness(seq2seq, tmp_path / "store", max_batch_tokens=16)
+    encoded: list[list[int]] = []
+    real_encode = model_runner.encode
+
+    def counting(model: object, embeds: torch.Tensor) -> torch.Tensor:
+        encoded[-1].append(embeds.shape[0])
+        return real_encode(model, embeds)
+
+    monkeypatch.setattr(model_runner, "encode", counting)
+    requests = [harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS]
+    for request in requests:
+        harness.engine.add(request)
+    while harness.engine.has_work():
+        encoded.append([])
+        harness.step()
+    started = [lengths for lengths in encoded if lengths]
+    assert len(started) > 1, "five encoders of 5 to 24 tokens cannot all start in one 16-token step"
+    assert all(len(lengths) == 1 or sum(lengths) + len(lengths) <= 16 for lengths in started)
+    completions = [harness.completion(request.request_id) for request in requests]
+    assert {task: token_ids(c) for task, c in zip(TASKS, completions, strict=True)} == expected
+
+
+def test_a_decoder_with_other_heads_than_its_encoder_is_refused_at_load():
+    config = seq2seq_config("bart")
+    config.decoder_attention_heads = 2
+    with pytest.raises(ValueError, match="same attention heads"):
+        seq2seq_of(AutoModelForSeq2SeqLM.from_config(config))

@@ -86,3 +86,11 @@ def test_a_prefix_is_what_peft_puts_in_each_decoder_layers_self_attention(seq2se
     for layer, (keys, values) in enumerate(zip(task.prefix_keys, task.prefix_values, strict=True)):
         torch.testing.assert_close(keys, cache.layers[layer].keys[0], rtol=0, atol=0)
         torch.testing.assert_close(values, cache.layers[layer].values[0], rtol=0, atol=0)
+
+
+def test_a_prefix_for_a_decoder_deeper_than_its_encoder_is_refused(seq2seq: TinyBackbone):
+    fp = fingerprint(seq2seq)
+    deeper = BackboneFingerprint(**{**{f: getattr(fp, f) for f in fp.__slots__}, "num_decoder_layers": 3})
+    with pytest.raises(InvalidTask, match="PEFT itself cannot run"):
+        parse(seq2seq.adapters["prefix"], deeper)
+    parse(seq2seq.adapters["prompt_tuning"], deeper)  # prompts go to the encoder: fine
