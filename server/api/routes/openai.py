@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -105,15 +107,34 @@ async def completions(
     choices = choices_of(
         body, body.prompts, new_tokens, body.logprobs, True, settings, engine, (metrics, "completions")
     )
-    trackers = start_trackers(metrics, "completions", choices)
+    route = Route("completions", "prompt", partial(completion_chunks, body), partial(completion_response, body))
+    return await answer(request, engine, metrics, body, choices, route)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What differs between the two generation routes once their choices are planned."""
+
+    endpoint: str  # the metrics' label
+    input_param: str  # the field an input refusal names
+    chunks: Callable[[Streams], AsyncGenerator[BaseModel, None]]  # the stream's chunks
+    response: Callable[[list[Choice], list[Completion]], BaseModel]  # the whole answer
+
+
+async def answer(
+    request: Request, engine: EngineClient, metrics: Metrics, body: SamplingFields, choices: list[Choice], route: Route
+) -> Response:
+    """Run the choices as engine requests: a stream of chunks, or one JSON answer once all are complete."""
+    trackers = start_trackers(metrics, route.endpoint, choices)
+    fields = params(body, route.input_param)
     if body.stream:
-        started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "prompt"))
+        started = await run_tracked(request, trackers, start_all(engine, choices), fields)
         streams = Streams(choices, started, trackers)
-        events = framed(streams, completion_chunks(body, streams))
+        events = framed(streams, route.chunks(streams))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "prompt"))
+    results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), fields)
     finish_all(trackers, "success")
-    return JSONResponse(completion_response(body, choices, results).model_dump(mode="json"))
+    return JSONResponse(route.response(choices, results).model_dump(mode="json"))
 
 
 def choices_of(
@@ -224,15 +245,8 @@ async def chat_completions(
     choices = choices_of(
         body, [text], new_tokens, body.num_top_logprobs, False, settings, engine, (metrics, "chat_completions")
     )
-    trackers = start_trackers(metrics, "chat_completions", choices)
-    if body.stream:
-        started = await run_tracked(request, trackers, start_all(engine, choices), params(body, "messages"))
-        streams = Streams(choices, started, trackers)
-        events = framed(streams, chat_chunks(body, streams))
-        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), params(body, "messages"))
-    finish_all(trackers, "success")
-    return JSONResponse(chat_response(body, choices, results).model_dump(mode="json"))
+    route = Route("chat_completions", "messages", partial(chat_chunks, body), partial(chat_response, body))
+    return await answer(request, engine, metrics, body, choices, route)
 
 
 def render(engine: EngineClient, body: ChatRequest) -> str:
