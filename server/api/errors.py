@@ -92,8 +92,8 @@ def classify(exc: BaseException) -> ApiError | None:
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(429, "overloaded", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
-    if isinstance(exc, EngineUnavailable):
-        return ApiError(503, "unavailable", str(exc))
+    if isinstance(exc, EngineUnavailable):  # stopping or failed: another replica, or this one restarted, may answer
+        return not_ready(str(exc))
     if isinstance(exc, GenerationFailed):
         return ApiError(500, "internal", str(exc))
     if isinstance(exc, HTTPException):

@@ -40,6 +40,12 @@ def test_error_retry_after_at_least_one_second() -> None:
     assert to_api_error(QueueFull(10, retry_after=0.2)).headers["Retry-After"] == "1"
 
 
+def test_an_engine_that_stopped_says_when_to_retry() -> None:
+    """Every 503 carries Retry-After, as the OpenAPI document says (a replica may answer meanwhile)."""
+    error = to_api_error(EngineUnavailable("the engine step failed"))
+    assert error.headers["Retry-After"] == "5" and error.message == "the engine step failed"
+
+
 def test_error_unknown_logged_with_generic_message(caplog: pytest.LogCaptureFixture) -> None:
     error = to_api_error(RuntimeError("secret path /home/x"))
     assert "secret" not in error.message
