@@ -99,18 +99,6 @@ def t5_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def write_random_t5(config: T5Config, directory: Path, seed: int) -> Path:
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForSeq2SeqLM.from_config(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    model.save_pretrained(directory)
-    t5_tokenizer().save_pretrained(directory)
-    return directory
-
-
 def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
     """Random weights, except that </s> can never win: every request then runs to its max_new_tokens.
 
@@ -119,7 +107,7 @@ def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
     T5's head is its shared embedding, so there </s> at the end of every input also embeds to zeros.
     """
     if is_seq2seq(preset):
-        write_random_t5(t5_config(preset), directory, seed=seed)
+        write_random_backbone(t5_config(preset), directory, seed=seed, tokenizer=t5_tokenizer())
         model = AutoModelForSeq2SeqLM.from_pretrained(directory)
     else:
         write_random_backbone(backbone_config(preset), directory, seed=seed)

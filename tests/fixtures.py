@@ -63,8 +63,9 @@ def tiny_gpt2_config() -> GPT2Config:
     )
 
 
-def peft_config(kind: str, num_virtual_tokens: int):
-    common = {"task_type": "CAUSAL_LM", "num_virtual_tokens": num_virtual_tokens}
+def peft_config(kind: str, num_virtual_tokens: int, task_type: str = "CAUSAL_LM"):
+    """One adapter kind as a PEFT config, for any task type (the seq2seq and NLU fixtures use it too)."""
+    common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens}
     if kind == "prompt_tuning":
         return PromptTuningConfig(**common)
     if kind == "p_tuning_mlp":

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import PeftModel, get_peft_model
 from tokenizers import processors
 from transformers import (
     AutoModelForSequenceClassification,
@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
+from tests.fixtures import peft_config
 
 NLU_ARCHS = ("bert", "roberta", "deberta_v2")
 NLU_HEADS = ("seq", "token")
@@ -114,26 +115,13 @@ def write_nlu_backbone(
     return out_dir
 
 
-def nlu_peft_config(head: str, kind: str, num_virtual_tokens: int):
-    common = {"task_type": "SEQ_CLS" if head == "seq" else "TOKEN_CLS", "num_virtual_tokens": num_virtual_tokens}
-    if kind == "prompt_tuning":
-        return PromptTuningConfig(**common)
-    if kind == "p_tuning_mlp":
-        return PromptEncoderConfig(**common, encoder_hidden_size=32)
-    if kind == "prefix":
-        return PrefixTuningConfig(**common)
-    if kind == "prefix_projection":
-        return PrefixTuningConfig(**common, prefix_projection=True, encoder_hidden_size=32)
-    raise ValueError(f"unknown NLU adapter kind {kind!r}")
-
-
 def write_nlu_adapter(
     backbone_dir: Path, head: str, kind: str, out_dir: Path, num_virtual_tokens: int, seed: int
 ) -> Path:
     """Randomise the prompt weights and the task's head (PEFT's `modules_to_save` copy), save with PEFT."""
     torch.manual_seed(seed)
     base = head_class(head).from_pretrained(backbone_dir)
-    model = get_peft_model(base, nlu_peft_config(head, kind, num_virtual_tokens))
+    model = get_peft_model(base, peft_config(kind, num_virtual_tokens, "SEQ_CLS" if head == "seq" else "TOKEN_CLS"))
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.normal_(0.0, 1.0)

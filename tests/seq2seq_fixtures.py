@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import PeftModel, get_peft_model
 from tokenizers import processors
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
-from tests.fixtures import TinyBackbone
+from tests.fixtures import TinyBackbone, peft_config
 
 SEQ2SEQ_ARCHS = ("t5", "bart", "mt5", "mbart")
 T5_STYLE = ("t5", "mt5")  # relative position bias, inputs end with </s>, decoding starts at <pad>
@@ -141,24 +141,11 @@ def write_seq2seq_backbone(arch: str, out_dir: Path, seed: int = 2) -> Path:
     return out_dir
 
 
-def seq2seq_peft_config(kind: str, num_virtual_tokens: int):
-    common = {"task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": num_virtual_tokens}
-    if kind == "prompt_tuning":
-        return PromptTuningConfig(**common)
-    if kind == "p_tuning_mlp":
-        return PromptEncoderConfig(**common, encoder_hidden_size=32)
-    if kind == "prefix":
-        return PrefixTuningConfig(**common)
-    if kind == "prefix_projection":
-        return PrefixTuningConfig(**common, prefix_projection=True, encoder_hidden_size=32)
-    raise ValueError(f"unknown seq2seq adapter kind {kind!r}")
-
-
 def write_seq2seq_adapter(backbone_dir: Path, kind: str, out_dir: Path, num_virtual_tokens: int, seed: int) -> Path:
     """Randomise an adapter's trainable weights (so it matters) and save it with PEFT's own save_pretrained."""
     torch.manual_seed(seed)
     base = AutoModelForSeq2SeqLM.from_pretrained(backbone_dir)
-    model = get_peft_model(base, seq2seq_peft_config(kind, num_virtual_tokens))
+    model = get_peft_model(base, peft_config(kind, num_virtual_tokens, "SEQ_2_SEQ_LM"))
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.normal_(0.0, 1.0)

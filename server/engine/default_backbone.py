@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 logger = logging.getLogger(__name__)
@@ -93,14 +93,18 @@ def ensure_random_backbone(cache_dir: Path | None = None) -> Path:
     return target
 
 
-def write_random_backbone(config: LlamaConfig | object, directory: Path, seed: int = 0) -> Path:
-    """Save a model with seeded random weights and the byte tokenizer, loadable by `from_pretrained`."""
+def write_random_backbone(
+    config: LlamaConfig | object, directory: Path, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None
+) -> Path:
+    """Save a model (causal, or an encoder-decoder when the config says so) with seeded random weights and a
+    tokenizer (the byte tokenizer unless given), loadable by `from_pretrained`."""
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto.from_config(config)
     finally:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
+    (tokenizer or byte_tokenizer()).save_pretrained(directory)
     return directory
