@@ -18,6 +18,7 @@ from promptserve_client.models import StreamEvent
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)  # a long generation is one slow response
 CONFIG_FILE, MODEL_FILE = "adapter_config.json", "adapter_model.safetensors"
+MODEL_CONFIG_FILE, LABELS_FILE = "config.json", "labels.json"  # transformers' config (id2label); the labels part
 PARAMETER_NAMES = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed", "stop", "details")
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -46,12 +47,17 @@ def task_path(task_id: str) -> str:
     return f"/v1/tasks/{escaped.replace('.', '%2E') if task_id in ('.', '..') else escaped}"
 
 
-def register_call(task_id: str, adapter_dir: str | Path) -> Call:
-    config, model = read_adapter(Path(adapter_dir))
+def register_call(task_id: str, adapter_dir: str | Path, labels: Sequence[str] | None = None) -> Call:
+    """The upload; label names from `labels`, else from the directory's config.json (id2label), else none."""
+    adapter_dir = Path(adapter_dir)
+    config, model = read_adapter(adapter_dir)
     files = {
         "adapter_config": (CONFIG_FILE, config, "application/json"),
         "adapter_model": (MODEL_FILE, model, "application/octet-stream"),
     }
+    names = names_of(labels, "labels") if labels is not None else read_label_names(adapter_dir)
+    if names is not None:
+        files["labels"] = (LABELS_FILE, json.dumps(names).encode(), "application/json")
     return Call("PUT", task_path(task_id), files=files)
 
 
@@ -65,6 +71,37 @@ def read_adapter(adapter_dir: Path) -> tuple[bytes, bytes]:
             found = sorted(p.name for p in adapter_dir.iterdir())
             raise FileNotFoundError(f"expected {adapter_dir / name}{hint}; found {found}")
     return (adapter_dir / CONFIG_FILE).read_bytes(), (adapter_dir / MODEL_FILE).read_bytes()
+
+
+def read_label_names(adapter_dir: Path) -> list[str] | None:
+    """The names of `id2label` in a config.json that `model.config.save_pretrained(adapter_dir)` wrote, by id."""
+    path = adapter_dir / MODEL_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(
+            f"{path}: expected a JSON object (a transformers config); found invalid JSON ({exc})"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object (a transformers config); found {type(config).__name__}")
+    id2label = config.get("id2label")
+    return None if id2label is None else labels_of_id2label(id2label, path)
+
+
+def labels_of_id2label(id2label: Any, path: Path) -> list[str]:
+    """Keys "0".."N-1", each once, to names: the list of names, class i at index i."""
+    if not isinstance(id2label, dict) or not id2label:
+        raise ValueError(f'{path}: id2label: expected an object of ids "0".."N-1" to label names; found {id2label!r}')
+    expected = [str(i) for i in range(len(id2label))]
+    if set(id2label) != set(expected):
+        found = sorted(id2label, key=lambda key: (len(key), key))
+        raise ValueError(f"{path}: id2label: expected the ids {expected} (0..N-1, each once); found {found}")
+    not_names = {key: value for key, value in id2label.items() if not isinstance(value, str)}
+    if not_names:
+        raise ValueError(f"{path}: id2label: expected a string label name for every id; found {not_names}")
+    return [id2label[key] for key in expected]
 
 
 def generate_call(
@@ -84,6 +121,43 @@ def generate_call(
     else:
         body["task_id"] = task_id
     return Call("POST", "/v1/generate_stream" if stream else "/v1/generate", json=body)
+
+
+def classify_call(
+    inputs: str | Sequence[str],
+    task_id: str | None,
+    task_ids: Sequence[str] | None,
+    ensemble: str | None,
+    top_k: int | None,
+) -> Call:
+    body: dict[str, Any] = {"inputs": inputs if isinstance(inputs, str) else names_of(inputs, "inputs")}
+    body.update(target_of(task_id, task_ids), parameters={"top_k": top_k})
+    if ensemble is not None:
+        body["ensemble"] = ensemble
+    return Call("POST", "/v1/classify", json=body)
+
+
+def score_call(inputs: str, candidates: Sequence[str], task_id: str | None, task_ids: Sequence[str] | None) -> Call:
+    body = {"inputs": inputs, "candidates": names_of(candidates, "candidates"), **target_of(task_id, task_ids)}
+    return Call("POST", "/v1/score", json=body)
+
+
+def target_of(task_id: str | None, task_ids: Sequence[str] | None) -> dict[str, Any]:
+    """The task fields that were given; the server judges them (both given, an empty list)."""
+    target: dict[str, Any] = {"task_id": task_id}
+    if task_ids is not None:
+        target["task_ids"] = names_of(task_ids, "task_ids")
+    return target
+
+
+def names_of(values: Sequence[str], what: str) -> list[str]:
+    """A list of strings; one string alone is refused, since iterating it would send its characters."""
+    if isinstance(values, str):
+        raise TypeError(f"{what}: expected a list of strings; found the string {values!r}")
+    found = [value for value in values if not isinstance(value, str)]
+    if found:
+        raise TypeError(f"{what}: expected a list of strings; found also {found!r}")
+    return list(values)
 
 
 # ---- answers

@@ -14,14 +14,25 @@ from promptserve_client._protocol import (
     DEFAULT_URL,
     Call,
     auth_headers,
+    classify_call,
     generate_call,
     parse,
     parse_event,
     raise_for_error,
     register_call,
+    score_call,
     task_path,
 )
-from promptserve_client.models import GenerateResponse, Health, Info, StreamEvent, TaskList, TaskRecord
+from promptserve_client.models import (
+    ClassifyResponse,
+    GenerateResponse,
+    Health,
+    Info,
+    ScoreResponse,
+    StreamEvent,
+    TaskList,
+    TaskRecord,
+)
 
 Timeout = float | httpx.Timeout
 
@@ -60,8 +71,9 @@ class Client:
     def info(self) -> Info:
         return parse(self._send(Call("GET", "/info")), Info)
 
-    def register_task(self, task_id: str, adapter_dir: str | Path) -> TaskRecord:
-        return parse(self._send(register_call(task_id, adapter_dir)), TaskRecord)
+    def register_task(self, task_id: str, adapter_dir: str | Path, labels: Sequence[str] | None = None) -> TaskRecord:
+        """Upload a PEFT adapter directory; label names from `labels`, else from its config.json's id2label."""
+        return parse(self._send(register_call(task_id, adapter_dir, labels)), TaskRecord)
 
     def list_tasks(self) -> list[TaskRecord]:
         return parse(self._send(Call("GET", "/v1/tasks")), TaskList).tasks
@@ -100,6 +112,30 @@ class Client:
             for event in source.iter_sse():
                 yield parse_event(event.data)
 
+    def classify(
+        self,
+        inputs: str | Sequence[str],
+        task_id: str | None = None,
+        *,
+        task_ids: Sequence[str] | None = None,
+        ensemble: str | None = None,
+        top_k: int | None = None,
+    ) -> ClassifyResponse:
+        """Labels by score for each input under a SEQ_CLS or TOKEN_CLS task (or an ensemble); top_k None: all."""
+        call = classify_call(inputs, task_id, task_ids, ensemble, top_k)
+        return parse(self._send(call), ClassifyResponse)
+
+    def score(
+        self,
+        inputs: str,
+        candidates: Sequence[str],
+        task_id: str | None = None,
+        *,
+        task_ids: Sequence[str] | None = None,
+    ) -> ScoreResponse:
+        """Each candidate's log-probability after the input (rank classification), in the order given."""
+        return parse(self._send(score_call(inputs, candidates, task_id, task_ids)), ScoreResponse)
+
 
 class AsyncClient:
     """The asyncio twin of `Client`; `http_client` (optional) is any httpx.AsyncClient."""
@@ -135,8 +171,11 @@ class AsyncClient:
     async def info(self) -> Info:
         return parse(await self._send(Call("GET", "/info")), Info)
 
-    async def register_task(self, task_id: str, adapter_dir: str | Path) -> TaskRecord:
-        return parse(await self._send(register_call(task_id, adapter_dir)), TaskRecord)
+    async def register_task(
+        self, task_id: str, adapter_dir: str | Path, labels: Sequence[str] | None = None
+    ) -> TaskRecord:
+        """Upload a PEFT adapter directory; label names from `labels`, else from its config.json's id2label."""
+        return parse(await self._send(register_call(task_id, adapter_dir, labels)), TaskRecord)
 
     async def list_tasks(self) -> list[TaskRecord]:
         return parse(await self._send(Call("GET", "/v1/tasks")), TaskList).tasks
@@ -174,3 +213,27 @@ class AsyncClient:
                 raise_for_error(source.response)
             async for event in source.aiter_sse():
                 yield parse_event(event.data)
+
+    async def classify(
+        self,
+        inputs: str | Sequence[str],
+        task_id: str | None = None,
+        *,
+        task_ids: Sequence[str] | None = None,
+        ensemble: str | None = None,
+        top_k: int | None = None,
+    ) -> ClassifyResponse:
+        """Labels by score for each input under a SEQ_CLS or TOKEN_CLS task (or an ensemble); top_k None: all."""
+        call = classify_call(inputs, task_id, task_ids, ensemble, top_k)
+        return parse(await self._send(call), ClassifyResponse)
+
+    async def score(
+        self,
+        inputs: str,
+        candidates: Sequence[str],
+        task_id: str | None = None,
+        *,
+        task_ids: Sequence[str] | None = None,
+    ) -> ScoreResponse:
+        """Each candidate's log-probability after the input (rank classification), in the order given."""
+        return parse(await self._send(score_call(inputs, candidates, task_id, task_ids)), ScoreResponse)

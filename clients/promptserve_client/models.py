@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Model(BaseModel):
@@ -50,6 +51,47 @@ class StreamEvent(_Model):
         return self.generated_text is not None
 
 
+class LabelScore(_Model):
+    """One label of a sequence task's prediction."""
+
+    label: str
+    score: float
+
+
+class TokenLabel(_Model):
+    """One input token's label in a token task's prediction; start and end are character offsets into the input."""
+
+    token: str
+    start: int
+    end: int
+    label: str
+    score: float
+
+
+# TokenLabel tried first: a token entry also has every field of a LabelScore, which would parse it minus the token
+Prediction = list[Annotated[TokenLabel | LabelScore, Field(union_mode="left_to_right")]]
+
+
+class ClassifyResponse(_Model):
+    """One prediction per input, in order: labels by score (highest first), or one entry per token."""
+
+    predictions: list[Prediction]
+
+
+class CandidateScore(_Model):
+    candidate: str
+    logprob: float  # the sum over the candidate's tokens
+    mean_logprob: float
+    num_tokens: int
+
+
+class ScoreResponse(_Model):
+    """One score per candidate, in the order they were given; `best` is the candidate of the highest logprob."""
+
+    scores: list[CandidateScore]
+    best: str
+
+
 class TaskRecord(_Model):
     task_id: str
     version: int
@@ -58,6 +100,8 @@ class TaskRecord(_Model):
     bytes: int
     sha256: str
     created_at: datetime
+    task_type: str | None = None  # CAUSAL_LM | SEQ_2_SEQ_LM | SEQ_CLS | TOKEN_CLS (servers before NLU did not say)
+    labels: list[str] | None = None  # a classification task's label names, class i at index i
 
 
 class TaskList(_Model):
@@ -81,7 +125,8 @@ class Info(_Model):
     num_tasks: int
     kv_cache_tokens: int | None = None  # servers before the KV pool do not say
     kv_block_size: int | None = None
-    model_kind: str | None = None  # "causal" or "seq2seq" (servers before it did not say)
+    model_kind: str | None = None  # causal | seq2seq | encoder (servers before it did not say)
+    endpoints: list[str] | None = None  # the routes this model serves, e.g. "/v1/generate"
 
 
 class Health(_Model):
