@@ -1,4 +1,4 @@
-"""The client's command line: `tasks add|ls|rm`, `generate`, `health`, `info` against a running server.
+"""The client's command line: `tasks add|ls|rm`, `generate`, `classify`, `score`, `health`, `info` against a server.
 
 `promptserve <command>` delegates here too, so every command works against a remote server (--url).
 """
@@ -18,19 +18,21 @@ import httpx
 from promptserve_client._protocol import DEFAULT_URL
 from promptserve_client.client import Client
 from promptserve_client.errors import PromptserveError
-from promptserve_client.models import Details, TaskRecord
+from promptserve_client.models import Details, LabelScore, Prediction, ScoreResponse, TaskRecord, TokenLabel
 
 Handler = Callable[[Client, argparse.Namespace], None]
-COMMANDS = ("tasks", "generate", "health", "info")
+COMMANDS = ("tasks", "generate", "classify", "score", "health", "info")
 
 
 # ---- commands
 
 
 def tasks_add(client: Client, args: argparse.Namespace) -> None:
-    record = client.register_task(args.task_id, args.adapter_dir)
+    record = client.register_task(args.task_id, args.adapter_dir, labels=split_names(args.labels))
     print(f"registered {record.task_id} version {record.version} ({record.method}, "
           f"{record.num_virtual_tokens} virtual tokens, {record.bytes} bytes)")  # fmt: skip
+    if record.labels:
+        print(f"labels: {', '.join(record.labels)}")
 
 
 def tasks_ls(client: Client, args: argparse.Namespace) -> None:
@@ -64,6 +66,23 @@ def generate(client: Client, args: argparse.Namespace) -> None:
         print(format_details(details))
 
 
+def classify(client: Client, args: argparse.Namespace) -> None:
+    target = {"task_ids": split_names(args.tasks), "ensemble": args.ensemble} if args.tasks else {"task_id": args.task}
+    response = client.classify(args.texts, **target, top_k=args.top_k)
+    if args.json:
+        print(json.dumps(response.model_dump(mode="json"), indent=2))
+    else:
+        for prediction in response.predictions:
+            print(format_prediction(prediction))
+
+
+def score(client: Client, args: argparse.Namespace) -> None:
+    candidates: list[str] = args.candidate or split_names(args.candidates) or []  # argparse requires one of them
+    target = {"task_ids": split_names(args.tasks)} if args.tasks else {"task_id": args.task}
+    response = client.score(args.text, candidates, **target)
+    print(json.dumps(response.model_dump(mode="json"), indent=2) if args.json else format_scores(response))
+
+
 def health(client: Client, args: argparse.Namespace) -> None:
     print(client.health().status)
 
@@ -89,9 +108,34 @@ def format_details(details: Details) -> str:
     return json.dumps(details.model_dump(mode="json", exclude_none=True), indent=2)
 
 
+def format_prediction(prediction: Prediction) -> str:
+    """One input's line: `label score` pairs, highest first, or `token/label score` for each token."""
+    return "  ".join(format_entry(entry) for entry in prediction)
+
+
+def format_entry(entry: LabelScore | TokenLabel) -> str:
+    name = f"{entry.token}/{entry.label}" if isinstance(entry, TokenLabel) else entry.label
+    return f"{name} {entry.score:.4f}"
+
+
+def format_scores(response: ScoreResponse) -> str:
+    """One line a candidate, in the order given; `*` marks the best."""
+    width = max((len(s.candidate) for s in response.scores), default=0)
+    return "\n".join(
+        f"{'*' if s.candidate == response.best else ' '} {s.candidate.ljust(width)}  logprob {s.logprob:.4f}  "
+        f"mean {s.mean_logprob:.4f}  ({s.num_tokens} tokens)"
+        for s in response.scores
+    )
+
+
+def split_names(names: str | None) -> list[str] | None:
+    """`a, b,c` -> ["a", "b", "c"]; None stays None."""
+    return None if names is None else [name.strip() for name in names.split(",") if name.strip()]
+
+
 def generation_target(args: argparse.Namespace) -> dict[str, Any]:
     if args.tasks:
-        return {"task_ids": [t.strip() for t in args.tasks.split(",") if t.strip()], "ensemble": args.ensemble}
+        return {"task_ids": split_names(args.tasks), "ensemble": args.ensemble}
     return {"task_id": args.task}
 
 
@@ -135,6 +179,11 @@ def add_tasks_commands(commands: argparse._SubParsersAction, common: argparse.Ar
     add = sub.add_parser("add", parents=[common], help="register a PEFT adapter directory (or a new version)")
     add.add_argument("task_id")
     add.add_argument("adapter_dir", type=Path, help="holds adapter_config.json and adapter_model.safetensors")
+    add.add_argument(
+        "--labels",
+        help="comma-separated label names of a classification task, class 0 first "
+        "(default: the id2label of a config.json in adapter_dir, if there is one)",
+    )
     add.set_defaults(handler=tasks_add)
     ls = sub.add_parser("ls", parents=[common], help="list the registered tasks")
     ls.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -163,12 +212,52 @@ def add_generate_command(commands: argparse._SubParsersAction, common: argparse.
     gen.set_defaults(handler=generate)
 
 
+def add_target_options(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--task", help="task id")
+    target.add_argument("--tasks", help="comma-separated task ids: a prompt ensemble")
+    parser.add_argument("--json", action="store_true", help="print the server's JSON answer")
+
+
+def add_classify_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    cls = commands.add_parser(
+        "classify",
+        parents=[common],
+        help="label texts under a SEQ_CLS or TOKEN_CLS task or an ensemble",
+        description="Prints one line per text, in order: `label score` pairs, highest first "
+        "(a sequence task), or `token/label score` for each token (a token task).",
+    )
+    cls.add_argument("texts", nargs="+", metavar="text")
+    add_target_options(cls)
+    cls.add_argument("--ensemble", choices=("mean",), help="how an ensemble's members combine (default: the server's)")
+    cls.add_argument("--top-k", type=int, help="the k best labels (default: every label)")
+    cls.set_defaults(handler=classify)
+
+
+def add_score_command(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    sc = commands.add_parser(
+        "score",
+        parents=[common],
+        help="rank candidate answers by log-probability under a generation task",
+        description="Prints one line per candidate, in order, with its summed and mean token log-probability; "
+        "`*` marks the best.",
+    )
+    sc.add_argument("text")
+    candidates = sc.add_mutually_exclusive_group(required=True)
+    candidates.add_argument("--candidate", action="append", help="a candidate answer (repeatable)")
+    candidates.add_argument("--candidates", help="comma-separated candidate answers")
+    add_target_options(sc)
+    sc.set_defaults(handler=score)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "promptserve-client", description="Talk to a promptserve server.")
     common = connection_options()
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     add_tasks_commands(commands, common)
     add_generate_command(commands, common)
+    add_classify_command(commands, common)
+    add_score_command(commands, common)
     commands.add_parser("health", parents=[common], help="is the model loaded?").set_defaults(handler=health)
     commands.add_parser("info", parents=[common], help="the model and the server limits").set_defaults(handler=info)
     return parser
@@ -186,7 +275,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None, client: Cli
     except httpx.HTTPError as exc:
         print(f"error: no answer from {args.url}: {exc}", file=sys.stderr)
         return 1
-    except (OSError, TypeError) as exc:
+    except (OSError, TypeError, ValueError) as exc:  # a missing file, a malformed config.json
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
