@@ -95,13 +95,15 @@ def info(client: Client, args: argparse.Namespace) -> None:
 
 
 def format_table(records: Sequence[TaskRecord]) -> str:
-    header = ("TASK_ID", "VERSION", "METHOD", "VIRTUAL_TOKENS", "BYTES", "CREATED_AT")
-    rows = [header] + [
-        (r.task_id, str(r.version), r.method, str(r.num_virtual_tokens), str(r.bytes), r.created_at.isoformat())
-        for r in records
-    ]
+    header = ("TASK_ID", "VERSION", "METHOD", "TASK_TYPE", "VIRTUAL_TOKENS", "BYTES", "CREATED_AT")
+    rows = [header] + [table_row(r) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def table_row(r: TaskRecord) -> tuple[str, ...]:
+    created = r.created_at.isoformat()
+    return (r.task_id, str(r.version), r.method, r.task_type or "-", str(r.num_virtual_tokens), str(r.bytes), created)
 
 
 def format_details(details: Details) -> str:

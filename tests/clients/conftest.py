@@ -1,4 +1,5 @@
-"""The client against the app (fake engine) in process: TestClient for `Client`, ASGITransport for `AsyncClient`."""
+"""The client against the app (fake engine) in process: TestClient for `Client`, ASGITransport for `AsyncClient`;
+`canned_*` against a stand-in server for the routes the app does not serve yet."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from promptserve_client import AsyncClient, Client
 from server.api.app import create_app
 from server.api.settings import Settings
 from tests.api.fake_engine import FakeEngine, adapter_config
+from tests.clients.canned_server import CannedServer
 
 ADMIN_TOKEN = "client-test-token"
 
@@ -68,3 +70,20 @@ def adapter_dir(tmp_path: Path) -> Path:
     (tmp_path / "adapter_config.json").write_bytes(adapter_config("P_TUNING", 6))
     (tmp_path / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
     return tmp_path
+
+
+@pytest.fixture
+def canned() -> CannedServer:
+    return CannedServer()
+
+
+@pytest.fixture
+def canned_client(canned: CannedServer) -> Iterator[Client]:
+    with httpx.Client(transport=httpx.MockTransport(canned), base_url="http://test") as http:
+        yield Client(token=ADMIN_TOKEN, http_client=http)
+
+
+@pytest.fixture
+async def canned_async_client(canned: CannedServer) -> AsyncIterator[AsyncClient]:
+    async with httpx.AsyncClient(transport=httpx.MockTransport(canned), base_url="http://test") as http:
+        yield AsyncClient(token=ADMIN_TOKEN, http_client=http)
