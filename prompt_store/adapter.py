@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from prompt_store.errors import InvalidTask, TaskTooLarge
-from prompt_store.types import BackboneFingerprint, Method
+from prompt_store.types import CLASSIFICATION_TYPES, LABELS_DIM, BackboneFingerprint, HeadSpec, Method
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
@@ -23,6 +23,8 @@ _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
 CONFIG_NAME = "adapter_config.json"
 MODEL_NAME = "adapter_model.safetensors"
 TENSOR_KEY = "prompt_embeddings"
+HEAD_PREFIX = "base_model."  # PEFT saves a head (`modules_to_save`) under the model's own names, after this
+MAX_LABEL_CHARS = 256
 
 PEFT_TYPES = {
     "PROMPT_TUNING": Method.PROMPT_TUNING,
@@ -32,6 +34,18 @@ PEFT_TYPES = {
 # safetensors dtype codes of floating-point tensors; anything else cannot be a prompt.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _HEADER_LEN_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterContent:
+    """A validated adapter: its config, method, task type, prompt tensor and (classification) head and labels."""
+
+    config: dict[str, Any]
+    method: Method
+    task_type: str
+    prompt: torch.Tensor
+    head: dict[str, torch.Tensor]
+    labels: tuple[str, ...] | None  # classification: one name per label (LABEL_i unless given)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,18 +68,32 @@ def is_valid_task_id(task_id: str) -> bool:
 
 
 def parse_adapter(
-    adapter_config: bytes, adapter_model: bytes, fingerprint: BackboneFingerprint, limits: StoreLimits
-) -> tuple[dict[str, Any], torch.Tensor, Method]:
-    """Validate an adapter against the backbone; return its config, its CPU `prompt_embeddings` and its method."""
+    adapter_config: bytes,
+    adapter_model: bytes,
+    fingerprint: BackboneFingerprint,
+    limits: StoreLimits,
+    labels: bytes | None = None,
+) -> AdapterContent:
+    """Validate an adapter (and a classification task's label names) against the backbone."""
     check_sizes(len(adapter_config), len(adapter_model), limits)
     config = parse_config(adapter_config)
-    method = method_of(config, fingerprint)
+    method, task_type = method_of(config, fingerprint)
     num_virtual_tokens = virtual_tokens_of(config, limits)
     check_config_dims(config, method, fingerprint)
-    tensor = load_prompt_tensor(adapter_model)
+    head_spec = fingerprint.head(task_type)
+    tensors = load_tensors(adapter_model, head_spec)
+    tensor = tensors.pop(TENSOR_KEY)
     check_tensor_shape(tensor, method, num_virtual_tokens, fingerprint)
-    check_finite(tensor)
-    return config, tensor, method
+    check_finite(TENSOR_KEY, tensor)
+    if head_spec is None:
+        if labels is not None:
+            raise InvalidTask(
+                f"labels: expected none for a {task_type} task (label names are for {CLASSIFICATION_TYPES}); found some"
+            )
+        return AdapterContent(config, method, task_type, tensor, {}, None)
+    head = {name.removeprefix(HEAD_PREFIX): t for name, t in tensors.items()}
+    num_labels = check_head(head, head_spec)
+    return AdapterContent(config, method, task_type, tensor, head, parse_labels(labels, num_labels))
 
 
 def check_sizes(config_bytes: int, model_bytes: int, limits: StoreLimits) -> None:
@@ -85,25 +113,33 @@ def parse_config(adapter_config: bytes) -> dict[str, Any]:
     return config
 
 
-def method_of(config: dict[str, Any], fingerprint: BackboneFingerprint) -> Method:
+def method_of(config: dict[str, Any], fingerprint: BackboneFingerprint) -> tuple[Method, str]:
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str) or peft_type not in PEFT_TYPES:
         supported = ", ".join(PEFT_TYPES)
         raise InvalidTask(f"{CONFIG_NAME}: peft_type must be one of {supported}; found {peft_type!r}")
     task_type = config.get("task_type")
-    if task_type != fingerprint.task_type:
+    if task_type not in fingerprint.task_types:
+        expected = " or ".join(repr(t) for t in fingerprint.task_types)
         raise InvalidTask(
-            f"{CONFIG_NAME}: task_type must be {fingerprint.task_type!r} ({fingerprint.kind} "
-            f"{fingerprint.model_type} backbone); found {task_type!r}"
+            f"{CONFIG_NAME}: task_type must be {expected} ({fingerprint.kind} {fingerprint.model_type} backbone); "
+            f"found {task_type!r}"
+        )
+    method = PEFT_TYPES[peft_type]
+    if method.is_prefix and not fingerprint.takes_prefix:
+        raise InvalidTask(
+            f"{CONFIG_NAME}: peft_type must be PROMPT_TUNING or P_TUNING on this {fingerprint.model_type} backbone "
+            f"(its attention takes no past keys and values, so PEFT cannot apply a prefix either); found {peft_type!r}"
         )
     # PEFT fills a missing value with 1 for a causal LM and 2 for an encoder-decoder (encoder and decoder prompts).
-    expected = 2 if fingerprint.is_encoder_decoder else 1
-    submodules = config.get("num_transformer_submodules", expected)
-    if submodules is not None and submodules != expected:
+    expected_submodules = 2 if fingerprint.is_encoder_decoder else 1
+    submodules = config.get("num_transformer_submodules", expected_submodules)
+    if submodules is not None and submodules != expected_submodules:
         raise InvalidTask(
-            f"{CONFIG_NAME}: num_transformer_submodules must be {expected} ({task_type}); found {submodules!r}"
+            f"{CONFIG_NAME}: num_transformer_submodules must be {expected_submodules} ({task_type}); "
+            f"found {submodules!r}"
         )
-    return PEFT_TYPES[peft_type]
+    return method, str(task_type)
 
 
 def _is_int(value: object) -> TypeGuard[int]:
@@ -171,26 +207,72 @@ def read_safetensors_header(adapter_model: bytes) -> dict[str, Any]:
     return header
 
 
-def check_header_entry(header: dict[str, Any]) -> None:
+def check_header_entries(header: dict[str, Any], head: HeadSpec | None) -> None:
+    """The prompt tensor and, for a classification task, exactly its head's tensors: 2-D (a bias 1-D), float."""
     keys = sorted(key for key in header if key != "__metadata__")
-    if keys != [TENSOR_KEY]:
-        raise InvalidTask(f"{MODEL_NAME}: expected exactly one tensor {TENSOR_KEY!r}; found {keys}")
-    entry = header[TENSOR_KEY]
-    dtype = entry.get("dtype") if isinstance(entry, dict) else None
-    if dtype not in FLOAT_DTYPES:
-        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must have a float dtype {FLOAT_DTYPES}; found {dtype!r}")
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or len(shape) != 2:
-        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be a 2-D tensor; found shape {shape!r}")
+    expected = [TENSOR_KEY] if head is None else [TENSOR_KEY, *(HEAD_PREFIX + name for name, _ in head.required)]
+    allowed = set(expected) | {HEAD_PREFIX + name for name, _ in head.optional} if head else set(expected)
+    if not set(expected) <= set(keys) or not set(keys) <= allowed:
+        what = f"the tensors {sorted(expected)}" if head else f"exactly one tensor {TENSOR_KEY!r}"
+        optional = f" (and optionally {sorted(allowed - set(expected))})" if allowed - set(expected) else ""
+        hint = "" if head is None else f"; PEFT saves a {head.task_type} task's head when it is in modules_to_save"
+        raise InvalidTask(f"{MODEL_NAME}: expected {what}{optional}; found {keys}{hint}")
+    for key in keys:
+        entry = header[key]
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidTask(f"{MODEL_NAME}: {key} must have a float dtype {FLOAT_DTYPES}; found {dtype!r}")
+        shape = entry.get("shape")
+        if key == TENSOR_KEY and (not isinstance(shape, list) or len(shape) != 2):
+            raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be a 2-D tensor; found shape {shape!r}")
 
 
-def load_prompt_tensor(adapter_model: bytes) -> torch.Tensor:
-    check_header_entry(read_safetensors_header(adapter_model))
+def load_tensors(adapter_model: bytes, head: HeadSpec | None) -> dict[str, torch.Tensor]:
+    check_header_entries(read_safetensors_header(adapter_model), head)
     try:
-        tensors = load_safetensors(adapter_model)
+        return dict(load_safetensors(adapter_model))
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise InvalidTask(f"{MODEL_NAME}: expected a valid safetensors file; found {exc}") from None
-    return tensors[TENSOR_KEY]
+
+
+def check_head(head: dict[str, torch.Tensor], spec: HeadSpec) -> int:
+    """Every head tensor's shape against the backbone's head; returns the number of labels (the same in all)."""
+    shapes = dict(spec.required) | dict(spec.optional)
+    num_labels: int | None = None
+    for name, tensor in sorted(head.items()):
+        expected, found = shapes[name], tuple(tensor.shape)
+        labels = {f for e, f in zip(expected, found, strict=False) if e == LABELS_DIM}
+        fits = len(found) == len(expected) and all(e in (f, LABELS_DIM) for e, f in zip(expected, found, strict=True))
+        if not fits or len(labels) > 1 or (num_labels is not None and labels and labels != {num_labels}):
+            shown = [("num_labels" if e == LABELS_DIM else e) for e in expected]
+            also = f" with num_labels {num_labels} as in the other head tensors" if num_labels is not None else ""
+            raise InvalidTask(f"{MODEL_NAME}: {HEAD_PREFIX}{name} must have shape {shown}{also}; found {list(found)}")
+        if labels:
+            num_labels = labels.pop()
+        check_finite(HEAD_PREFIX + name, tensor)
+    if num_labels is None or num_labels < 1:
+        raise InvalidTask(f"{MODEL_NAME}: expected a head with at least one label; found {num_labels}")
+    return num_labels
+
+
+def parse_labels(labels: bytes | None, num_labels: int) -> tuple[str, ...]:
+    """The label names given at registration (a JSON array of strings, class i at index i), else LABEL_i."""
+    if labels is None:
+        return tuple(f"LABEL_{i}" for i in range(num_labels))
+    try:
+        names = json.loads(labels)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidTask(f"labels: expected a JSON array of label names; found malformed JSON ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and 0 < len(n) <= MAX_LABEL_CHARS for n in names):
+        raise InvalidTask(
+            f"labels: expected a JSON array of non-empty strings (at most {MAX_LABEL_CHARS} characters); "
+            f"found {str(names)[:200]}"
+        )
+    if len(names) != num_labels:
+        raise InvalidTask(f"labels: expected {num_labels} names (the head's number of labels); found {len(names)}")
+    if len(set(names)) != len(names):
+        raise InvalidTask(f"labels: expected distinct names; found {names}")
+    return tuple(names)
 
 
 def expected_tensor_shape(method: Method, num_virtual_tokens: int, fp: BackboneFingerprint) -> tuple[list[int], str]:
@@ -209,7 +291,7 @@ def check_tensor_shape(tensor: torch.Tensor, method: Method, num_virtual_tokens:
         raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must have shape {expected} ({why}); found {list(tensor.shape)}")
 
 
-def check_finite(tensor: torch.Tensor) -> None:
+def check_finite(name: str, tensor: torch.Tensor) -> None:
     num_bad = int((~torch.isfinite(tensor)).sum())
     if num_bad:
-        raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be finite; found {num_bad} NaN or Inf values")
+        raise InvalidTask(f"{MODEL_NAME}: {name} must be finite; found {num_bad} NaN or Inf values")

@@ -1,6 +1,7 @@
 """Where things live in a store directory.
 
 root/tasks/<task_id>/v000001/{adapter_config.json, adapter_model.safetensors, record.json}   complete versions
+                             (+ labels.json: a classification task's label names)
 root/.tmp/<random>/      versions being written (renamed into tasks/ when durable)
 root/.trash/<random>/    deleted tasks and old versions on their way out
 root/.tombstones/<id>    highest version a deleted task reached, so a version number is never reused
@@ -16,6 +17,7 @@ from pathlib import Path
 from prompt_store.adapter import is_valid_task_id
 
 RECORD_NAME = "record.json"
+LABELS_NAME = "labels.json"
 _VERSION_RE = re.compile(r"v(\d{6,})")
 
 

@@ -23,6 +23,7 @@ from prompt_store.lru import ArtifactLRU
 from prompt_store.types import BackboneFingerprint, TaskArtifact, TaskKey, TaskRecord
 from prompt_store.versions import (
     commit_version,
+    labels_of_dir,
     now_rfc3339,
     parse_upload,
     read_adapter_files,
@@ -99,10 +100,13 @@ class TaskStore:
 
     # ---- writes
 
-    def register(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
-        """Validate and durably store a new version; return (record, created: True if the task was new)."""
+    def register(
+        self, task_id: str, adapter_config: bytes, adapter_model: bytes, labels: bytes | None = None
+    ) -> tuple[TaskRecord, bool]:
+        """Validate and durably store a new version; return (record, created: True if the task was new).
+        `labels`: a classification task's label names, a JSON array (default LABEL_0, LABEL_1, ...)."""
         validate_task_id(task_id)
-        parsed = parse_upload(adapter_config, adapter_model, self.fingerprint, self.limits)
+        parsed = parse_upload(adapter_config, adapter_model, self.fingerprint, self.limits, labels)
         created_at = now_rfc3339()
         with file_lock(self.layout.lock_path):
             staging = stage_version(self.layout, task_id, parsed, created_at)
@@ -120,17 +124,20 @@ class TaskStore:
             self._emit([StoreEvent("registered", task_id, version)])
         return record, created
 
-    def validate(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> TaskArtifact:
+    def validate(
+        self, task_id: str, adapter_config: bytes, adapter_model: bytes, labels: bytes | None = None
+    ) -> TaskArtifact:
         """What `register` would store, checked but not stored: a provisional artifact (version 0)."""
         validate_task_id(task_id)
-        parsed = parse_upload(adapter_config, adapter_model, self.fingerprint, self.limits)
+        parsed = parse_upload(adapter_config, adapter_model, self.fingerprint, self.limits, labels)
         return parsed.artifact(parsed.record(task_id, 0, now_rfc3339()))
 
     def register_dir(self, task_id: str, adapter_dir: str | Path) -> tuple[TaskRecord, bool]:
-        """Register a directory written by PEFT's `save_pretrained`."""
+        """Register a directory written by PEFT's `save_pretrained` (label names from a `config.json`'s id2label
+        next to it, if there is one)."""
         validate_task_id(task_id)
         adapter_config, adapter_model = read_adapter_files(Path(adapter_dir), self.limits)
-        return self.register(task_id, adapter_config, adapter_model)
+        return self.register(task_id, adapter_config, adapter_model, labels_of_dir(Path(adapter_dir)))
 
     def _drop_old_versions(self, task_id: str, current: int) -> None:
         older = [version for version in self.layout.versions(task_id) if version < current]

@@ -10,6 +10,11 @@ import torch
 
 TaskKey = tuple[str, int]  # (task_id, version)
 
+# PEFT's task types: generation (a causal LM, an encoder-decoder) and classification (a head on the hidden states)
+CAUSAL_LM, SEQ_2_SEQ_LM, SEQ_CLS, TOKEN_CLS = "CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS"
+CLASSIFICATION_TYPES = (SEQ_CLS, TOKEN_CLS)
+LABELS_DIM = -1  # in a HeadSpec shape: where the task's number of labels goes
+
 
 class Method(enum.StrEnum):
     PROMPT_TUNING = "prompt_tuning"
@@ -19,6 +24,17 @@ class Method(enum.StrEnum):
     @property
     def is_prefix(self) -> bool:
         return self is Method.PREFIX_TUNING
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSpec:
+    """A classification head the backbone can run for a task type: the tensors a PEFT adapter must carry (named as
+    in the head model, PEFT's `base_model.` prefix removed), shapes with LABELS_DIM for the number of labels, and
+    those it may carry (a pooler the backbone's checkpoint has trained weights for)."""
+
+    task_type: str
+    required: tuple[tuple[str, tuple[int, ...]], ...]
+    optional: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +50,9 @@ class BackboneFingerprint:
     vocab_size: int
     is_encoder_decoder: bool = False  # a seq2seq LM (T5, BART): adapters are PEFT SEQ_2_SEQ_LM ones
     num_decoder_layers: int | None = None  # seq2seq only: the layers a prefix reaches (num_layers is the encoder's)
+    is_encoder: bool = False  # an encoder (BERT, RoBERTa, DeBERTa-v2): classification tasks only
+    takes_prefix: bool = True  # False: its attention takes no past keys and values (DeBERTa-v2), no prefix tuning
+    heads: tuple[HeadSpec, ...] = ()  # the classification task types it serves, and their heads
 
     @property
     def kv_dim(self) -> int:
@@ -41,11 +60,22 @@ class BackboneFingerprint:
 
     @property
     def task_type(self) -> str:
-        """PEFT's task_type of the adapters this backbone serves."""
+        """PEFT's task_type of the generation adapters this backbone serves (an encoder serves none)."""
         return "SEQ_2_SEQ_LM" if self.is_encoder_decoder else "CAUSAL_LM"
 
     @property
+    def task_types(self) -> tuple[str, ...]:
+        """Every PEFT task_type it serves: its generation type (not an encoder's), then its heads'."""
+        generation = () if self.is_encoder else (self.task_type,)
+        return (*generation, *(head.task_type for head in self.heads))
+
+    def head(self, task_type: str) -> HeadSpec | None:
+        return next((head for head in self.heads if head.task_type == task_type), None)
+
+    @property
     def kind(self) -> str:
+        if self.is_encoder:
+            return "an encoder"
         return "an encoder-decoder" if self.is_encoder_decoder else "a causal"
 
 
@@ -60,10 +90,16 @@ class TaskRecord:
     bytes: int
     sha256: str
     created_at: str  # RFC 3339, UTC
+    task_type: str = CAUSAL_LM
+    labels: tuple[str, ...] | None = None  # a classification task's label names, by class id
 
     @property
     def key(self) -> TaskKey:
         return (self.task_id, self.version)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task_type in CLASSIFICATION_TYPES
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,16 +110,20 @@ class TaskRecord:
             "bytes": self.bytes,
             "sha256": self.sha256,
             "created_at": self.created_at,
+            "task_type": self.task_type,
+            "labels": list(self.labels) if self.labels is not None else None,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class TaskArtifact:
-    """A validated task version on the CPU: the PEFT config and its `prompt_embeddings` tensor."""
+    """A validated task version on the CPU: the PEFT config, its `prompt_embeddings` tensor and, for a
+    classification task, its head."""
 
     record: TaskRecord
     config: dict[str, Any]
     prompt_embeddings: torch.Tensor  # prompt/P-tuning: [P, hidden]; prefix: [P, num_layers * 2 * kv_dim]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # HeadSpec names -> tensors (classification)
 
     @property
     def key(self) -> TaskKey:
@@ -100,10 +140,11 @@ class DeviceTask:
     prompt_embeds: torch.Tensor | None = None  # [P, hidden]
     prefix_keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, P, head_dim]
     prefix_values: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, P, head_dim]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # a classification task's head
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.prefix_keys, *self.prefix_values]
+        tensors = [*self.prefix_keys, *self.prefix_values, *self.head.values()]
         if self.prompt_embeds is not None:
             tensors.append(self.prompt_embeds)
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -9,13 +9,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, check_sizes, parse_adapter
+from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, AdapterContent, StoreLimits, check_sizes, parse_adapter
 from prompt_store.errors import InvalidTask, StoreError, TaskNotFound
 from prompt_store.fsio import fsync_dir, rename_dir_if_absent, write_dir_durably
-from prompt_store.layout import RECORD_NAME, StoreLayout
-from prompt_store.types import BackboneFingerprint, Method, TaskArtifact, TaskRecord
+from prompt_store.layout import LABELS_NAME, RECORD_NAME, StoreLayout
+from prompt_store.types import BackboneFingerprint, TaskArtifact, TaskRecord
 
 RECORD_FORMAT = 1
 _MAX_COMMIT_ATTEMPTS = 1000
@@ -35,10 +33,12 @@ class ParsedAdapter:
 
     config_bytes: bytes
     model_bytes: bytes
-    config: dict[str, Any]
-    prompt_embeddings: torch.Tensor
-    method: Method
+    content: AdapterContent
     sha256: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.content.config
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -48,18 +48,33 @@ class ParsedAdapter:
     def nbytes(self) -> int:
         return len(self.config_bytes) + len(self.model_bytes)
 
+    @property
+    def labels_bytes(self) -> bytes | None:
+        """The label names as stored next to the adapter (classification tasks only)."""
+        labels = self.content.labels
+        return json.dumps(list(labels)).encode() if labels is not None else None
+
     def record(self, task_id: str, version: int, created_at: str) -> TaskRecord:
-        return TaskRecord(task_id, version, self.method, self.num_virtual_tokens, self.nbytes, self.sha256, created_at)
+        content = self.content
+        return TaskRecord(
+            task_id, version, content.method, self.num_virtual_tokens, self.nbytes, self.sha256, created_at,
+            content.task_type, content.labels,
+        )  # fmt: skip
 
     def artifact(self, record: TaskRecord) -> TaskArtifact:
-        return TaskArtifact(record=record, config=self.config, prompt_embeddings=self.prompt_embeddings)
+        return TaskArtifact(record=record, config=self.config, prompt_embeddings=self.content.prompt,
+                            head=self.content.head)  # fmt: skip
 
 
 def parse_upload(
-    config_bytes: bytes, model_bytes: bytes, fingerprint: BackboneFingerprint, limits: StoreLimits
+    config_bytes: bytes,
+    model_bytes: bytes,
+    fingerprint: BackboneFingerprint,
+    limits: StoreLimits,
+    labels: bytes | None = None,
 ) -> ParsedAdapter:
-    config, tensor, method = parse_adapter(config_bytes, model_bytes, fingerprint, limits)
-    return ParsedAdapter(config_bytes, model_bytes, config, tensor, method, sha256_hex(model_bytes))
+    content = parse_adapter(config_bytes, model_bytes, fingerprint, limits, labels)
+    return ParsedAdapter(config_bytes, model_bytes, content, sha256_hex(model_bytes))
 
 
 def record_json(task_id: str, parsed: ParsedAdapter, created_at: str) -> bytes:
@@ -67,7 +82,8 @@ def record_json(task_id: str, parsed: ParsedAdapter, created_at: str) -> bytes:
     fields = {
         "format": RECORD_FORMAT,
         "task_id": task_id,
-        "method": parsed.method.value,
+        "method": parsed.content.method.value,
+        "task_type": parsed.content.task_type,
         "num_virtual_tokens": parsed.num_virtual_tokens,
         "bytes": parsed.nbytes,
         "sha256": parsed.sha256,
@@ -82,6 +98,8 @@ def stage_version(layout: StoreLayout, task_id: str, parsed: ParsedAdapter, crea
         MODEL_NAME: parsed.model_bytes,
         RECORD_NAME: record_json(task_id, parsed, created_at),
     }
+    if parsed.labels_bytes is not None:
+        files[LABELS_NAME] = parsed.labels_bytes
     return write_dir_durably(layout.tmp_dir, files)
 
 
@@ -111,6 +129,16 @@ def commit_version(layout: StoreLayout, task_id: str, staging: Path) -> tuple[in
             fsync_dir(layout.task_dir(task_id))
             return version, not existing
     raise StoreError(f"could not commit a version of task {task_id!r} after {_MAX_COMMIT_ATTEMPTS} attempts")
+
+
+def read_labels(directory: Path, limits: StoreLimits) -> bytes | None:
+    """A version's label names (`labels.json`, a JSON array), if it has them."""
+    path = directory / LABELS_NAME
+    if not path.is_file():
+        return None
+    if path.stat().st_size > limits.max_config_bytes:
+        raise InvalidTask(f"{path}: expected at most {limits.max_config_bytes} bytes; found {path.stat().st_size}")
+    return path.read_bytes()
 
 
 def read_adapter_files(directory: Path, limits: StoreLimits) -> tuple[bytes, bytes]:
@@ -149,6 +177,7 @@ def read_version(
     try:
         fields = read_record_fields(version_dir)
         config_bytes, model_bytes = read_adapter_files(version_dir, limits)
+        labels = read_labels(version_dir, limits)
     except FileNotFoundError:
         if not version_dir.is_dir():  # removed by a replacement or a delete, maybe in another process
             raise TaskNotFound(task_id, version) from None
@@ -157,10 +186,30 @@ def read_version(
         if not version_dir.is_dir():
             raise TaskNotFound(task_id, version) from None
         raise
-    parsed = parse_upload(config_bytes, model_bytes, fingerprint, limits)
+    parsed = parse_upload(config_bytes, model_bytes, fingerprint, limits, labels)
     if parsed.sha256 != fields.get("sha256") or fields.get("task_id", task_id) != task_id:
         raise InvalidTask(
             f"{version_dir}: expected sha256 {fields.get('sha256')!r} of task {fields.get('task_id')!r}; "
             f"found {parsed.sha256!r} in directory of task {task_id!r}"
         )
     return parsed.artifact(parsed.record(task_id, version, fields["created_at"]))
+
+
+def labels_of_dir(directory: Path) -> bytes | None:
+    """Label names next to an adapter: a `labels.json` array (as the store keeps them), else the `id2label` of a
+    `config.json` (what transformers' `config.save_pretrained` writes); None if there is neither."""
+    if (directory / LABELS_NAME).is_file():
+        return (directory / LABELS_NAME).read_bytes()
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        return None
+    try:
+        id2label = json.loads(config_path.read_bytes()).get("id2label")
+    except (ValueError, AttributeError) as exc:
+        raise InvalidTask(f"{config_path}: expected a JSON object; found {exc}") from None
+    if id2label is None:
+        return None
+    expected = [str(i) for i in range(len(id2label))] if isinstance(id2label, dict) else None
+    if expected is None or sorted(id2label, key=lambda k: (len(k), k)) != expected:
+        raise InvalidTask(f"{config_path}: id2label must map the ids 0..N-1 to names; found {str(id2label)[:200]}")
+    return json.dumps([id2label[key] for key in expected]).encode()

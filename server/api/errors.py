@@ -28,6 +28,7 @@ from server.engine.errors import (
     QueueFull,
     TaskNotFound,
     TaskTooLarge,
+    WrongKind,
 )
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,8 @@ def classify(exc: BaseException) -> ApiError | None:
         return exc
     if isinstance(exc, TaskTooLarge | InputTooLong):  # TaskTooLarge is an InvalidTask: test it first
         return ApiError(413, "too_large", str(exc))
+    if isinstance(exc, WrongKind):
+        return ApiError(400, "validation", str(exc))
     if isinstance(exc, InvalidTask | InvalidPrompt):
         return ApiError(422, "validation", str(exc))
     if isinstance(exc, TaskNotFound):

@@ -65,7 +65,8 @@ class Metrics:
         `_ensemble`), so summing over `task` gives the totals. Queue time and the size histograms stay global."""
         self.requests = self._counter(
             "requests",
-            "Generation requests by endpoint, task and outcome: success, an error_type, or cancelled" + BY_REQUEST,
+            "Requests (generation, classification, scoring) by endpoint, task and outcome: success, an error_type, "
+            "or cancelled" + BY_REQUEST,
             ["endpoint", "task", "outcome"],
         )
         self.e2e_latency = self._histogram(
@@ -199,6 +200,14 @@ class RequestTracker:
             decode_seconds = time.perf_counter() - self.first_token_at
             tpot = decode_seconds / (completion.generated_tokens - 1)
             m.time_per_output_token.labels(task=task).observe(tpot)
+
+    def on_answer(self, input_tokens: int) -> None:
+        """A classification or scoring answer: served (its task may take a label), its input counted as prompt
+        tokens; nothing generated."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.metrics.request_prompt_tokens.observe(input_tokens)
+        self.metrics.prompt_tokens.labels(task=self.task_label()).inc(input_tokens)
 
     def finish(self, outcome: str) -> None:
         if self.is_finished:

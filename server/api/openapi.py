@@ -46,7 +46,11 @@ def openai_sse_event(chunk: str) -> dict[str, Any]:
 
 OPENAI_STREAMS = {"/v1/completions": "CompletionResponse", "/v1/chat/completions": "ChatChunk"}
 ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (description, headers)
-    400: ("the body is not JSON (or not UTF-8), or a multipart body the parser refuses", {}),
+    400: (
+        "the body is not JSON (or not UTF-8), or a multipart body the parser refuses; or a task or backbone of another "
+        "kind than the route serves (a classification task on /v1/generate, a generation task on /v1/classify)",
+        {},
+    ),
     401: (
         "the server has an admin token and the request does not carry it",
         {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
@@ -71,6 +75,8 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("delete", "/v1/tasks/{task_id}"): (401, 404, 422, 503),
     ("post", "/v1/generate"): (400, 404, 413, 422, 429, 503),
     ("post", "/v1/generate_stream"): (400, 404, 413, 422, 429, 503),
+    ("post", "/v1/classify"): (400, 404, 413, 422, 429, 503),
+    ("post", "/v1/score"): (400, 404, 413, 422, 429, 503),
     ("get", "/v1/models"): (503,),
     ("get", "/v1/models/{model}"): (404, 503),
     ("post", "/v1/completions"): (400, 404, 413, 429, 503),  # OpenAI says 400 where the native routes say 422

@@ -65,6 +65,14 @@ def absent_when_none() -> Any:
 # ---- requests
 
 
+def integral_floats_as_integers(model: type[BaseModel], data: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer, so the API does too; "5" stays an error (the models are strict)."""
+    if not isinstance(data, dict):
+        return data
+    integers = {name for name, field in model.model_fields.items() if field.annotation in (int, int | None)}
+    return {k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+
+
 class Parameters(BaseModel):
     """Generation parameters (TGI's names). Null means the default, as TGI clients send nulls for unset fields.
     Strict: "5" is not a number and "yes" not a boolean (a typo should be an error, not a guess)."""
@@ -93,11 +101,7 @@ class Parameters(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _integral_floats_are_integers(cls, data: Any) -> Any:
-        """JSON Schema counts 5.0 as an integer, so the API does too; "5" stays an error (the model is strict)."""
-        if not isinstance(data, dict):
-            return data
-        integers = {name for name, field in cls.model_fields.items() if field.annotation in (int, int | None)}
-        return {k: int(v) if k in integers and isinstance(v, float) and v.is_integer() else v for k, v in data.items()}
+        return integral_floats_as_integers(cls, data)
 
     @field_validator("temperature")
     @classmethod
@@ -267,6 +271,10 @@ class TaskOut(BaseModel):
     bytes: int
     sha256: str
     created_at: str
+    task_type: Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS"] = Field(
+        description="PEFT's task type: generation (CAUSAL_LM, SEQ_2_SEQ_LM) or classification (SEQ_CLS, TOKEN_CLS)"
+    )
+    labels: list[str] | None = Field(description="a classification task's label names, by class id; else null")
 
     @classmethod
     def of(cls, record: TaskRecord) -> TaskOut:
@@ -294,10 +302,12 @@ class InfoResponse(BaseModel):
     num_tasks: int
     kv_cache_tokens: int = Field(description="the KV pool's capacity in tokens: rows' own and tasks' shared")
     kv_block_size: int = Field(description="tokens per KV block")
-    model_kind: Literal["causal", "seq2seq"] = Field(
-        description="causal: a decoder-only LM (CAUSAL_LM adapters); seq2seq: an encoder-decoder such as T5 or BART "
-        "(SEQ_2_SEQ_LM adapters)"
+    model_kind: Literal["causal", "seq2seq", "encoder"] = Field(
+        description="causal: a decoder-only LM (CAUSAL_LM adapters, and SEQ_CLS on its last token); seq2seq: an "
+        "encoder-decoder such as T5 or BART (SEQ_2_SEQ_LM adapters); encoder: BERT, RoBERTa or DeBERTa-v2 "
+        "(SEQ_CLS and TOKEN_CLS adapters, /v1/classify only)"
     )
+    endpoints: list[str] = Field(description="the routes that apply to this backbone, besides the task routes")
 
     @classmethod
     def of(cls, info: EngineInfo) -> InfoResponse:

@@ -1,4 +1,5 @@
-"""Reading a task upload: a multipart body with the file parts `adapter_config` and `adapter_model`."""
+"""Reading a task upload: a multipart body with the file parts `adapter_config` and `adapter_model`, and optionally
+`labels` (a classification task's label names, a JSON array; a file part or a text field)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from starlette.exceptions import HTTPException
 from server.api.errors import ApiError, BodyTooLarge
 from server.api.settings import Settings
 
-CONFIG_PART, MODEL_PART = "adapter_config", "adapter_model"
+CONFIG_PART, MODEL_PART, LABELS_PART = "adapter_config", "adapter_model", "labels"
+PARTS = (CONFIG_PART, MODEL_PART, LABELS_PART)
 MAX_TEXT_FIELDS = 8  # only so that a text field where a file belongs gets a precise message
 
 UPLOAD_OPENAPI = {
@@ -27,6 +29,11 @@ UPLOAD_OPENAPI = {
                     "properties": {
                         CONFIG_PART: {"type": "string", "format": "binary", "description": "adapter_config.json"},
                         MODEL_PART: {"type": "string", "format": "binary", "description": "adapter_model.safetensors"},
+                        LABELS_PART: {
+                            "type": "string",
+                            "description": "SEQ_CLS and TOKEN_CLS tasks: a JSON array of label names, class i at "
+                            'index i (e.g. ["negative", "positive"]); default LABEL_0, LABEL_1, ...',
+                        },
                     },
                 }
             }
@@ -39,6 +46,7 @@ UPLOAD_OPENAPI = {
 class AdapterUpload:
     config: bytes
     model: bytes
+    labels: bytes | None = None
 
 
 def invalid(message: str) -> ApiError:
@@ -57,27 +65,29 @@ async def read_adapter_upload(request: Request, settings: Settings) -> AdapterUp
         check_parts(form)
         config = await read_part(form, CONFIG_PART, settings.max_config_bytes)
         model = await read_part(form, MODEL_PART, settings.max_adapter_bytes)
+        labels = await read_labels(form, settings.max_config_bytes)
     finally:
         await form.close()
-    return AdapterUpload(config=config, model=model)
+    return AdapterUpload(config=config, model=model, labels=labels)
 
 
 async def parse_form(request: Request) -> FormData:
     try:
-        return await request.form(max_files=2, max_fields=MAX_TEXT_FIELDS)
+        return await request.form(max_files=len(PARTS), max_fields=MAX_TEXT_FIELDS)
     except BodyTooLarge:
         raise
     except HTTPException as exc:  # Starlette's multipart parser: "Missing boundary in multipart." and the like
         raise ApiError(
             400,
             "validation",
-            f"expected a multipart/form-data body with exactly the file parts '{CONFIG_PART}' and '{MODEL_PART}'; "
-            f"found a body the multipart parser refused ({exc.detail})",
+            f"expected a multipart/form-data body with the file parts '{CONFIG_PART}' and '{MODEL_PART}' (and "
+            f"optionally '{LABELS_PART}'); found a body the multipart parser refused ({exc.detail})",
         ) from None
 
 
 def check_parts(form: FormData) -> None:
-    """Exactly the two parts (a third file is refused by the parser): anything else is a mistake worth naming."""
+    """The two file parts and maybe labels (a fourth file is refused by the parser): anything else is a mistake
+    worth naming."""
     found = sorted(form.keys())
     repeated = sorted({name for name, count in Counter(name for name, _ in form.multi_items()).items() if count > 1})
     if repeated:
@@ -85,9 +95,9 @@ def check_parts(form: FormData) -> None:
     missing = [name for name in (CONFIG_PART, MODEL_PART) if name not in form]
     if missing:
         raise invalid(f"expected the multipart file parts {missing} (missing); found parts {found}")
-    extra = [name for name in found if name not in (CONFIG_PART, MODEL_PART)]
+    extra = [name for name in found if name not in PARTS]
     if extra:
-        raise invalid(f"expected only the multipart file parts {[CONFIG_PART, MODEL_PART]}; found also {extra}")
+        raise invalid(f"expected only the multipart parts {list(PARTS)} (labels optional); found also {extra}")
 
 
 async def read_part(form: FormData, name: str, limit: int) -> bytes:
@@ -97,3 +107,14 @@ async def read_part(form: FormData, name: str, limit: int) -> bytes:
     if part.size is not None and part.size > limit:
         raise ApiError(413, "too_large", f"{name}: expected at most {limit} bytes; found {part.size}")
     return await part.read()
+
+
+async def read_labels(form: FormData, limit: int) -> bytes | None:
+    """The optional label names, as a file part or a text field."""
+    part = form.get(LABELS_PART)
+    if part is None:
+        return None
+    data = await part.read() if isinstance(part, UploadFile) else part.encode()
+    if len(data) > limit:
+        raise ApiError(413, "too_large", f"{LABELS_PART}: expected at most {limit} bytes; found {len(data)}")
+    return data

@@ -23,11 +23,23 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable
 from server.engine.intake import IntakeConfig, build_request, render_chat
+from server.engine.nlu import Results, plan_classify, plan_score, predictions, scores
 from server.engine.output import OutputProcessor
 from server.engine.probe import Probe
 from server.engine.request import Request
 from server.engine.selfcheck import self_check
-from server.engine.types import EngineInfo, EngineOutput, EngineStats, GenerateInput, RequestOutput, StepStats
+from server.engine.types import (
+    Classification,
+    ClassifyInput,
+    EngineInfo,
+    EngineOutput,
+    EngineStats,
+    GenerateInput,
+    RequestOutput,
+    ScoreInput,
+    Scores,
+    StepStats,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +144,63 @@ class AsyncEngine:
             if not engine_done:  # the caller left, or a stop sequence ended it before the engine did
                 self.inbox.put(partial(self.engine.abort, prepared.request_id))
 
+    # ---- classification and scoring
+
+    async def classify(self, request: ClassifyInput) -> Classification:
+        """Every input's prediction; its rows share the engine's steps with everyone else's."""
+        sinks, results = self.result_sinks(len(request.inputs))
+        plan = await asyncio.to_thread(plan_classify, request, self.backbone, self.store, self.limits, sinks)
+        answers = await self.run_all(plan.requests, results)
+        return Classification(
+            predictions=predictions(plan, request.inputs, answers, request.top_k),
+            task_type=plan.head_type,
+            input_tokens=sum(r.num_input_tokens for r in plan.requests),
+        )
+
+    async def score(self, request: ScoreInput) -> Scores:
+        """Every candidate's log-probability after the input; one engine request per candidate."""
+        sinks, results = self.result_sinks(len(request.candidates))
+        prepared = await asyncio.to_thread(plan_score, request, self.backbone, self.store, self.limits, sinks)
+        answers = await self.run_all(prepared, results)
+        return scores(request.candidates, answers, prepared[0].num_input_tokens)
+
+    def result_sinks(
+        self, count: int
+    ) -> tuple[list[Callable[[EngineOutput], None]], list[asyncio.Queue[EngineOutput]]]:
+        """One queue per engine request, filled from the engine thread."""
+        if not self.is_ready():
+            raise EngineUnavailable("the engine is not running")
+        loop = asyncio.get_running_loop()
+        queues: list[asyncio.Queue[EngineOutput]] = [asyncio.Queue() for _ in range(count)]
+
+        def sink_of(events: asyncio.Queue[EngineOutput]) -> Callable[[EngineOutput], None]:
+            def sink(output: EngineOutput) -> None:  # called on the engine thread
+                loop.call_soon_threadsafe(events.put_nowait, output)
+
+            return sink
+
+        return [sink_of(events) for events in queues], queues
+
+    async def run_all(self, requests: list[Request], queues: list[asyncio.Queue[EngineOutput]]) -> list[Results]:
+        """Hand the requests to the engine in one command (so they join the same step), then collect each one's row
+        results; the first error fails the call and the others are aborted."""
+        self.inbox.put(partial(self.engine.add_all, requests))
+        results: list[Results] = [{} for _ in requests]
+        pending = set(range(len(requests)))
+        try:
+            for i, events in enumerate(queues):
+                while i in pending:
+                    event = await events.get()
+                    if event.error is not None:
+                        raise event.error
+                    results[i].update({result.row: result for result in event.results})
+                    if event.finished:
+                        pending.discard(i)
+        finally:
+            for i in pending:
+                self.inbox.put(partial(self.engine.abort, requests[i].request_id))
+        return results
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return render_chat(self.backbone.tokenizer, messages)
 
@@ -141,10 +210,12 @@ class AsyncEngine:
 
     # ---- tasks
 
-    def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
+    def register_task(
+        self, task_id: str, adapter_config: bytes, adapter_model: bytes, labels: bytes | None = None
+    ) -> tuple[TaskRecord, bool]:
         """Validate, run once on the engine (a task that cannot answer is refused), then store durably."""
-        self.probe(self.store.validate(task_id, adapter_config, adapter_model))
-        return self.store.register(task_id, adapter_config, adapter_model)
+        self.probe(self.store.validate(task_id, adapter_config, adapter_model, labels))
+        return self.store.register(task_id, adapter_config, adapter_model, labels)
 
     def probe(self, artifact: TaskArtifact) -> None:
         """Blocking (a caller's thread): the engine thread runs the probe rows; their task leaves the device with
@@ -198,6 +269,7 @@ class AsyncEngine:
             kv_cache_tokens=self.engine.memory.num_blocks * self.engine.memory.block_size,
             kv_block_size=self.engine.memory.block_size,
             model_kind=self.backbone.kind,
+            endpoints=endpoints(self.backbone),
         )
 
     def stats(self) -> EngineStats:
@@ -215,6 +287,16 @@ class AsyncEngine:
             num_preemptions=engine.num_preemptions,
             host_tasks=tuple(self.store.cached_keys()),
         )
+
+
+GENERATION_ROUTES = ("/v1/generate", "/v1/generate_stream", "/v1/completions", "/v1/chat/completions")
+
+
+def endpoints(backbone: Backbone) -> tuple[str, ...]:
+    """The routes that apply to this backbone (the task routes always do)."""
+    generation = () if backbone.encoder is not None else (*GENERATION_ROUTES, "/v1/score")
+    classification = ("/v1/classify",) if backbone.heads else ()
+    return (*generation, *classification)
 
 
 def run_command(command: Command) -> None:

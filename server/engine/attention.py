@@ -217,18 +217,58 @@ def encoder_attention(
 AttentionInterface.register(ATTENTION_NAME, attend)
 
 
-def run_backbone(model: PreTrainedModel, kv: StepKV, **inputs: torch.Tensor) -> torch.Tensor:
-    """One forward pass of the packed stream [1, N] over the pool, without a transformers cache; returns the logits
-    the inputs' `logits_to_keep` asks for, [K, V] in float32."""
-    logits = model(**inputs, use_cache=False, **{KV_KWARG: kv}).logits
-    num_layers = model.config.get_text_config().num_hidden_layers
+def run_backbone(
+    model: PreTrainedModel, kv: StepKV, hidden_index: torch.Tensor | None = None, **inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass of the packed stream [1, N] over the pool, without a transformers cache: the logits the
+    inputs' `logits_to_keep` asks for, [K, V] in float32, and the final hidden states [M, H] of the tokens at
+    `hidden_index` (read off the base model's output, as transformers' classification heads read it)."""
+    captured: list[torch.Tensor] = []
+    hook = None
+    if hidden_index is not None and hidden_index.numel():
+        hook = model.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0][0, hidden_index]))
+    try:
+        logits = model(**inputs, use_cache=False, **{KV_KWARG: kv}).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    check_layers(model, kv)
+    return logits[0].float(), captured[0] if captured else None
+
+
+def run_encoder(model: torch.nn.Module, kv: StepKV, **inputs: torch.Tensor) -> torch.Tensor:
+    """An encoder's pass over the packed stream [1, N] (bidirectional within each row): hidden states [N, H]."""
+    hidden = model(**inputs, use_cache=False, **{KV_KWARG: kv})[0]
+    check_layers(model, kv)
+    return hidden[0]
+
+
+def check_layers(model: torch.nn.Module, kv: StepKV) -> None:
+    num_layers = model.config.get_text_config().num_hidden_layers  # type: ignore[operator,union-attr]
     if kv.num_layers_written != num_layers:
         raise RuntimeError(
             f"{type(model).__name__}: {kv.num_layers_written} of {num_layers} layers ran their attention through "
             f"the {ATTENTION_NAME!r} AttentionInterface function; promptserve serves only models whose every "
             "attention layer does"
         )
-    return logits[0].float()
+
+
+@torch.inference_mode()
+def routes_attention(encoder: torch.nn.Module) -> bool:
+    """Whether every layer of this (encoder) model attends through the AttentionInterface: one two-token pass."""
+    config = encoder.config.get_text_config()  # type: ignore[operator,union-attr]
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    parameter = next(encoder.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    scratch = [torch.zeros(3, heads, head_dim, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+    kv = one_row_kv(scratch, [t.clone() for t in scratch], torch.arange(1, 3, device=device))
+    kv.batches[0].causal = False
+    try:
+        encoder(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), **{KV_KWARG: kv})
+    except (TypeError, RuntimeError):  # a model that takes no extra keyword, or an attention that refuses it
+        return False
+    return kv.num_layers_written == config.num_hidden_layers
 
 
 def run_decoder(model: PreTrainedModel, kv: StepKV, num_layers: int, **inputs: Any) -> torch.Tensor:

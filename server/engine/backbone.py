@@ -1,25 +1,30 @@
-"""Loads the frozen backbone (a Hugging Face causal LM, or an encoder-decoder such as T5 or BART, detected from its
-config) and describes it for the prompt store."""
+"""Loads the frozen backbone, detected from its config: a Hugging Face causal LM, an encoder-decoder (T5, BART) or an
+encoder (BERT, RoBERTa, DeBERTa-v2: classification only), and describes it for the prompt store."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
-from prompt_store.types import BackboneFingerprint
-from server.engine.attention import ATTENTION_NAME
+from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
+from server.engine.attention import ATTENTION_NAME, routes_attention
 from server.engine.default_backbone import ensure_default_backbone
+from server.engine.heads import BareHead, Head, bare_head, build_head
 from server.engine.seq2seq import Seq2Seq, seq2seq_of
 
 logger = logging.getLogger(__name__)
@@ -38,10 +43,26 @@ class Backbone:
     eos_token_ids: frozenset[int]
     max_positions: int | None  # None: the architecture has no fixed limit we know of
     seq2seq: Seq2Seq | None = None  # an encoder-decoder (T5, BART): what its decoding needs
+    encoder: Encoder | None = None  # an encoder (BERT, RoBERTa, DeBERTa-v2): how its rows run
+    heads: dict[str, Head] = field(default_factory=dict)  # task type -> head (classification task types served)
+    bare_head: BareHead | None = None  # the checkpoint's own trained head: classification with no task
 
     @property
     def kind(self) -> str:
+        if self.encoder is not None:
+            return "encoder"
         return "seq2seq" if self.seq2seq is not None else "causal"
+
+
+@dataclass(frozen=True, slots=True)
+class Encoder:
+    """An encoder's rows: packed into one stream through the engine's attention (`packed`: prefixes apply), or,
+    for an encoder whose attention does not go through transformers' AttentionInterface (DeBERTa-v2), padded into
+    one batch with an attention mask (prompt tasks only). `position_offset`: its first position id (RoBERTa counts
+    from padding_idx + 1)."""
+
+    packed: bool
+    position_offset: int
 
 
 def resolve_device(device: str) -> torch.device:
@@ -59,6 +80,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; found {dtype!r}")
     return DTYPES[dtype]
+
+
+def is_encoder_config(config: PretrainedConfig) -> bool:
+    """An encoder: a masked-LM family used as such (BERT and RoBERTa also have causal variants: is_decoder)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
 
 
 def fingerprint_of(model: PreTrainedModel) -> BackboneFingerprint:
@@ -90,7 +118,7 @@ def num_decoder_layers(config: PretrainedConfig) -> int | None:
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    configured = getattr(model.generation_config, "eos_token_id", None)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is None:
         configured = tokenizer.eos_token_id
     if configured is None:
@@ -106,20 +134,25 @@ def max_positions_of(model: PreTrainedModel) -> int | None:
 def load_backbone(
     model_id: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
 ) -> Backbone:
-    """Load a causal LM frozen and in eval mode; with no model id, the built-in default backbone."""
+    """Load the backbone frozen and in eval mode; with no model id, the built-in default backbone."""
     source = model_id or str(ensure_default_backbone())
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     logger.info("loading backbone %s on %s in %s", source, torch_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(
-        source, dtype=torch_dtype, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code
+    auto = auto_class(config)
+    model, loading = auto.from_pretrained(
+        source,
+        dtype=torch_dtype,
+        attn_implementation=ATTENTION_NAME,
+        trust_remote_code=trust_remote_code,
+        output_loading_info=True,
     )
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
     model.eval().requires_grad_(False)
-    return Backbone(
+    missing = set(loading["missing_keys"])
+    backbone = Backbone(
         model_id=model_id or "promptserve/default",
         model=model,
         tokenizer=tokenizer,
@@ -129,4 +162,44 @@ def load_backbone(
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_positions=max_positions_of(model),
         seq2seq=seq2seq_of(model) if model.config.is_encoder_decoder else None,
+        encoder=encoder_of(model) if is_encoder_config(config) else None,
     )
+    return with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
+
+
+def auto_class(config: PretrainedConfig) -> Any:
+    if getattr(config, "is_encoder_decoder", False):
+        return AutoModelForSeq2SeqLM
+    if not is_encoder_config(config):
+        return AutoModelForCausalLM
+    # an encoder loads with its checkpoint's head (its pooler, and a trained head it can serve with no task)
+    architectures = getattr(config, "architectures", None) or []
+    if any(name.endswith("ForTokenClassification") for name in architectures):
+        return AutoModelForTokenClassification
+    return AutoModelForSequenceClassification
+
+
+def encoder_of(model: PreTrainedModel) -> Encoder:
+    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+    offset = padding_idx + 1 if padding_idx is not None else 0  # RoBERTa's embeddings keep it; BERT's do not
+    return Encoder(packed=routes_attention(model.base_model), position_offset=offset)
+
+
+def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backbone:
+    """The classification heads the backbone serves: an encoder's sequence and token heads, a causal LM's sequence
+    head (PEFT `SEQ_CLS` on a causal LM reads its last token); none on an encoder-decoder."""
+    if backbone.seq2seq is not None:
+        return backbone
+    model, config = backbone.model, backbone.model.config
+    task_types = (SEQ_CLS, TOKEN_CLS) if backbone.encoder is not None else (SEQ_CLS,)
+    heads = {t: head for t in task_types if (head := build_head(config, t, model, missing)) is not None}
+    bare = None
+    if backbone.encoder is not None and loaded_type in heads:
+        bare = bare_head(config, loaded_type, model, heads[loaded_type], missing)
+    fingerprint = replace(
+        backbone.fingerprint,
+        is_encoder=backbone.encoder is not None,
+        takes_prefix=backbone.encoder is None or backbone.encoder.packed,
+        heads=tuple(head.spec for head in heads.values()),
+    )
+    return replace(backbone, fingerprint=fingerprint, heads=heads, bare_head=bare)

@@ -9,17 +9,19 @@ from collections.abc import Callable
 
 import torch
 
+from prompt_store.types import SEQ_CLS, TaskKey
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
 from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
 from server.engine.model_runner import ModelRunner
+from server.engine.readout import Classified, Readout
 from server.engine.request import Request, Sequence, Status
 from server.engine.sampler import sample
 from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from server.engine.task_cache import TaskCache
-from server.engine.types import EngineOutput, FinishReason, RowToken, StepStats
+from server.engine.types import EngineOutput, FinishReason, RowResult, RowToken, StepStats
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,11 @@ class Engine:
             self.emit_error(request, QueueFull(len(self.scheduler.waiting)))
         else:
             self.scheduler.add(request)
+
+    def add_all(self, requests: list[Request]) -> None:
+        """Requests of one call (a classification's inputs, a scoring's candidates): queued together."""
+        for request in requests:
+            self.add(request)
 
     def probe(self, request: Request) -> None:
         """A request of the engine's own (a new task's probe): at the head of the queue, never refused for a full
@@ -109,15 +116,61 @@ class Engine:
                     self.tasks.fill(row.task_blocks, row.task)
 
     def run(self, chunks: list[Chunk]) -> list[Sequence]:
-        """One forward pass over the chunks; the rows that reached their last token are sampled. Returns them."""
+        """One forward pass over the chunks; the rows that reached their last token are sampled, classified or
+        scored. Returns them."""
         if not chunks:
             return []
-        logits = self.runner.run(chunks)
-        sampled = [chunk.row for chunk in chunks if chunk.is_last]
+        readout = Readout.of(chunks)
+        result = self.runner.run(chunks, readout)
         for chunk in chunks:
             chunk.row.num_computed += chunk.num_tokens
-        self.append_tokens(sampled, logits)
-        return sampled
+        if readout.sampled:
+            assert result.logits is not None
+            self.append_tokens(readout.sampled, result.logits[: len(readout.sampled)])
+        if readout.scored:
+            assert result.logits is not None
+            self.record_scores(readout.scored, result.logits[len(readout.sampled) :])
+        if readout.classified:
+            assert result.hidden is not None
+            classify(self.tasks, self.backbone, readout.classified, result.hidden)
+        self.complete(readout.completed)
+        return readout.sampled + readout.completed
+
+    def record_scores(self, scored: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        """Each scored position's log-probability of its target token (a row recomputed after a preemption
+        writes the same values again)."""
+        targets = torch.tensor([row.targets[j] for row, j in scored], device=logits.device)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+        for (row, j), logprob in zip(scored, logprobs, strict=True):
+            if len(row.target_logprobs) != len(row.targets):
+                row.target_logprobs = [0.0] * len(row.targets)
+            row.target_logprobs[j] = logprob
+
+    def complete(self, rows: list[Sequence]) -> None:
+        """Classification and scoring rows computed in full: each answers once; non-finite answers fail their own
+        request (its task's values overflow the backbone's dtype)."""
+        results: dict[int, list[RowResult]] = defaultdict(list)
+        for row in rows:
+            row.done = True
+            result = RowResult(row.index, row.probs, tuple(row.target_logprobs) if row.targets else None)
+            values = row.probs if row.probs is not None else torch.tensor(row.target_logprobs)
+            if not bool(values.isfinite().all()):
+                self.fail(row.request, self.overflow(row))
+            else:
+                results[id(row.request)].append(result)
+        for request in distinct_requests(rows):
+            if request in self.leaving:
+                continue
+            self.deliver(request, EngineOutput(request.request_id, results=tuple(results[id(request)]),
+                                               finished=request.is_finished))  # fmt: skip
+
+    def overflow(self, row: Sequence) -> GenerationFailed:
+        task = f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
+        dtype = str(self.backbone.dtype).removeprefix("torch.")
+        return GenerationFailed(
+            f"expected finite logits; found NaN or infinity under {task}: its values overflow the backbone's {dtype} "
+            "activations"
+        )
 
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         rows, logits = self.fail_broken_rows(rows, logits)
@@ -137,12 +190,7 @@ class Engine:
             return rows, logits
         failing = {id(rows[i].request): rows[i] for i in broken.nonzero().flatten().tolist()}
         for row in failing.values():
-            task = f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
-            error = GenerationFailed(
-                f"expected finite logits; found NaN or infinity under {task}: its values overflow the backbone's "
-                f"{str(self.backbone.dtype).removeprefix('torch.')} activations"
-            )
-            self.fail(row.request, error)
+            self.fail(row.request, self.overflow(row))
         keep = [i for i, row in enumerate(rows) if id(row.request) not in failing]
         return [rows[i] for i in keep], logits[keep]
 
@@ -234,6 +282,29 @@ class Engine:
         for listener in self.step_listeners:
             listener(stats)
         return stats
+
+
+def classify(tasks: TaskCache, backbone: Backbone, classified: list[Classified], hidden: torch.Tensor) -> None:
+    """Each task's head over its rows' hidden states, the rows of one task version in one call; each row keeps its
+    probabilities ([labels] for a sequence task, [input tokens, labels] for a token task) on the CPU."""
+    groups: dict[tuple[TaskKey | None, str | None], list[Classified]] = defaultdict(list)
+    for item in classified:
+        groups[(item.row.task.key if item.row.task else None, item.row.request.head_type)].append(item)
+    for (_, head_type), items in groups.items():
+        assert head_type is not None
+        task, head = items[0].row.task, backbone.heads[head_type]
+        tensors = tasks.head_of(task) if task is not None else bare_tensors(backbone)
+        features = torch.cat([hidden[item.first : item.first + item.count] for item in items])
+        if head_type == SEQ_CLS:
+            features = features[:, None]  # [R, 1, H]: the one token each row's head reads, as the head model's
+        probs = torch.softmax(head.logits(features, tensors), dim=-1).cpu()
+        for item, row_probs in zip(items, probs.split([item.count for item in items]), strict=True):
+            item.row.probs = row_probs[0] if head_type == SEQ_CLS else row_probs
+
+
+def bare_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:
+    assert backbone.bare_head is not None, "intake refuses a classification with no task on a backbone without a head"
+    return backbone.bare_head.tensors
 
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:

@@ -23,6 +23,11 @@ class InvalidPrompt(EngineError, ValueError):
     """Bad generation input or parameters (expected vs found in the message)."""
 
 
+class WrongKind(InvalidPrompt):
+    """A task or backbone of another kind than the route serves (a classification task on /v1/generate, a
+    generation task on /v1/classify, generation on an encoder)."""
+
+
 class NoChatTemplate(InvalidPrompt):
     """Chat messages for a backbone whose tokenizer has no chat template."""
 
@@ -46,4 +51,5 @@ __all__ = [
     "QueueFull",
     "TaskNotFound",
     "TaskTooLarge",
+    "WrongKind",
 ]

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate
+from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate, WrongKind
 from server.engine.request import OutputSink, Request, Sequence
 from server.engine.sampler import MAX_TOP_LOGPROBS
 from server.engine.task_cache import has_kv_prefix
@@ -157,8 +157,19 @@ def build_request(
     """Validate and resolve: every task id to its current version (TaskNotFound if absent)."""
     validate_tasks(request)
     validate_sampling(request.sampling, limits)
+    if backbone.encoder is not None:
+        raise WrongKind(
+            f"expected a generative backbone for generation; this server's backbone ({backbone.model_id}) is an "
+            "encoder: use /v1/classify"
+        )
     input_ids = tokenize(backbone, request.inputs, limits, request.add_special_tokens)
     tasks = [store.load(task_id) if task_id is not None else None for task_id in request.task_ids]
+    for task in tasks:
+        if task is not None and task.record.is_classifier:
+            raise WrongKind(
+                f"expected generation tasks ({backbone.fingerprint.task_type}); task {task.record.task_id!r} is a "
+                f"{task.record.task_type} task: use /v1/classify"
+            )
     result = Request(
         request_id=request.request_id or uuid.uuid4().hex,
         input_ids=input_ids,

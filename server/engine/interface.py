@@ -6,7 +6,17 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from prompt_store.types import TaskRecord
-from server.engine.types import EngineInfo, EngineStats, GenerateInput, RequestOutput, StepStats
+from server.engine.types import (
+    Classification,
+    ClassifyInput,
+    EngineInfo,
+    EngineStats,
+    GenerateInput,
+    RequestOutput,
+    ScoreInput,
+    Scores,
+    StepStats,
+)
 
 
 class EngineClient(Protocol):
@@ -24,8 +34,11 @@ class EngineClient(Protocol):
         """Called from the engine thread after every step; must be cheap and never raise."""
         ...
 
-    def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
-        """Store a new task or a new version; returns (record, created). Servable when this returns."""
+    def register_task(
+        self, task_id: str, adapter_config: bytes, adapter_model: bytes, labels: bytes | None = None
+    ) -> tuple[TaskRecord, bool]:
+        """Store a new task or a new version; returns (record, created). Servable when this returns. `labels`: a
+        classification task's label names (a JSON array)."""
         ...
 
     def delete_task(self, task_id: str) -> None: ...
@@ -37,6 +50,20 @@ class EngineClient(Protocol):
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The backbone's chat template applied to messages ({"role", "content"}), ready for the answer; raises
         NoChatTemplate without a template, InvalidPrompt when the template refuses the messages."""
+        ...
+
+    async def classify(self, request: ClassifyInput) -> Classification:
+        """Every input's prediction under a classification task (or the backbone's own head, or a mean ensemble).
+
+        Raises TaskNotFound, WrongKind (a task of another kind, a backbone without heads), InvalidPrompt,
+        InputTooLong, QueueFull."""
+        ...
+
+    async def score(self, request: ScoreInput) -> Scores:
+        """Every candidate's log-probability after the input, under a generation task (or the bare backbone).
+
+        Raises TaskNotFound, WrongKind (a classification task, an encoder backbone), InvalidPrompt, InputTooLong,
+        QueueFull."""
         ...
 
     def generate(self, request: GenerateInput) -> AsyncIterator[RequestOutput]:

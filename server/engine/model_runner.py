@@ -6,6 +6,10 @@ padding, with each token's position. Three kinds of rows share it:
 - rows whose task is held as keys and values (prefix tasks, and by default prompt tasks): the row's keys start with
   the task's shared blocks, and its own positions continue after them
 - prompt rows fed as embeddings: the task's vectors are the row's first own tokens
+
+An encoder's rows (BERT, RoBERTa) run the same way, each row whole and attending both ways; an encoder whose
+attention does not go through the AttentionInterface (DeBERTa-v2) runs its rows padded into one batch instead. The
+step returns the logits and the final hidden states of the stream positions its `Readout` names.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from server.engine.attention import CrossKV, RowBatch, StepKV, run_backbone, run_decoder
+from server.engine.attention import CrossKV, RowBatch, StepKV, run_backbone, run_decoder, run_encoder
 from server.engine.backbone import Backbone
 from server.engine.kv_pool import KVPool, slots_of
+from server.engine.readout import Readout
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
 from server.engine.seq2seq import Seq2Seq, encode
@@ -34,12 +39,15 @@ class ModelRunner:
         self.embed_tokens = backbone.model.get_input_embeddings()
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Compute every chunk in one pass; returns the logits [K, V] of the rows whose chunk is last, in order."""
-        layout = StreamLayout.of(chunks, self.pool.block_size)
-        ends = layout.offsets[1:] - 1
-        keep = ends[torch.tensor([chunk.is_last for chunk in chunks])]
+    def run(self, chunks: list[Chunk], readout: Readout) -> StepResult:
+        """Compute every chunk in one pass: the logits [K, V] and hidden states [M, H] the readout asks for."""
         device = self.device
+        logit_index = torch.tensor(readout.logit_index, dtype=torch.long, device=device)
+        hidden_index = torch.tensor(readout.hidden_index, dtype=torch.long, device=device)
+        encoder = self.backbone.encoder
+        if encoder is not None and not encoder.packed:
+            return StepResult(None, self.run_padded(chunks)[hidden_index])
+        layout = StreamLayout.of(chunks, self.pool.block_size, causal=encoder is None)
         kv = StepKV(
             self.pool.keys,
             self.pool.values,
@@ -47,14 +55,41 @@ class ModelRunner:
             batches=[batch.to(device) for batch in layout.batches],
         )
         if self.backbone.seq2seq is not None:
-            return self.run_decoder(chunks, layout, kv, self.backbone.seq2seq)[keep.to(device)]
-        return run_backbone(
+            return StepResult(self.run_decoder(chunks, layout, kv, self.backbone.seq2seq)[logit_index], None)
+        embeds = self.input_embeds(chunks, layout.offsets.tolist())[None]  # [1, N, H]
+        if encoder is not None:
+            positions = (layout.positions + encoder.position_offset)[None].to(device)
+            encoded = run_encoder(self.model.base_model, kv, inputs_embeds=embeds, position_ids=positions)
+            return StepResult(None, encoded[hidden_index])
+        logits, hidden = run_backbone(
             self.model,
             kv,
-            inputs_embeds=self.input_embeds(chunks, layout.offsets.tolist())[None],  # [1, N, H]
+            hidden_index,
+            inputs_embeds=embeds,
             position_ids=layout.positions[None].to(device),  # [1, N]
-            logits_to_keep=keep.to(device),
+            logits_to_keep=logit_index,
         )
+        return StepResult(logits, hidden)
+
+    def run_padded(self, chunks: list[Chunk]) -> torch.Tensor:
+        """An encoder without our attention: its rows (each whole) right-padded into one batch with a mask, so rows
+        of different tasks still share one forward pass; hidden states [N, H] in stream order."""
+        rows = [self.row_embeds(chunk.row) for chunk in chunks]
+        width = max(len(row) for row in rows)
+        embeds = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for i, row in enumerate(rows):
+            embeds[i, : len(row)], mask[i, : len(row)] = row, 1
+        hidden = self.model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]  # [B, W, H]
+        return hidden[mask.bool()]
+
+    def row_embeds(self, row: Sequence) -> torch.Tensor:
+        """[T, H]: a row's own tokens embedded, a prompt task's vectors first."""
+        ids = own_token_ids(row, 0, row.num_own_tokens)
+        embeds = self.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
+        if row.num_embedded_tokens and row.task is not None:
+            embeds[: row.num_embedded_tokens] = self.tasks.embeddings_of(row.task).to(embeds.dtype)
+        return embeds
 
     def run_decoder(self, chunks: list[Chunk], layout: StreamLayout, kv: StepKV, seq2seq: Seq2Seq) -> torch.Tensor:
         """An encoder-decoder's step: the encoder for each row the step starts, then one decoder pass for all rows,
@@ -108,6 +143,12 @@ class ModelRunner:
 
 
 @dataclass(frozen=True, slots=True)
+class StepResult:
+    logits: torch.Tensor | None  # [K, V] float32, the readout's logit positions in order (None: an encoder)
+    hidden: torch.Tensor | None  # [M, H], the readout's hidden positions in order
+
+
+@dataclass(frozen=True, slots=True)
 class StreamLayout:
     """Where every token of a step's packed stream lives: built with a few tensor operations, whatever the rows.
 
@@ -122,7 +163,7 @@ class StreamLayout:
     batches: list[RowBatch]
 
     @classmethod
-    def of(cls, chunks: list[Chunk], block_size: int) -> StreamLayout:
+    def of(cls, chunks: list[Chunk], block_size: int, causal: bool = True) -> StreamLayout:
         rows = RowTensors(
             num_new=torch.tensor([chunk.num_tokens for chunk in chunks]),
             starts=torch.tensor([chunk.start for chunk in chunks]),
@@ -140,7 +181,7 @@ class StreamLayout:
             positions=(rows.prefix[:, None] + rows.starts[:, None] + new)[is_new],
             write_slots=rows.own_slots.gather(1, own_new)[is_new],
             batches=[
-                row_batch(rows.select(selected), offsets[:-1][selected])
+                row_batch(rows.select(selected), offsets[:-1][selected], causal)
                 for selected in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten())
                 if selected.numel()
             ],
@@ -167,8 +208,9 @@ class RowTensors:
         )
 
 
-def row_batch(rows: RowTensors, offsets: torch.Tensor) -> RowBatch:
-    """The attention layout of these rows, whose new tokens start at `offsets` in the stream."""
+def row_batch(rows: RowTensors, offsets: torch.Tensor, causal: bool = True) -> RowBatch:
+    """The attention layout of these rows, whose new tokens start at `offsets` in the stream (`causal` False: an
+    encoder's rows, each token seeing all of its row's keys)."""
     key_lengths = rows.prefix + rows.starts + rows.num_new
     column = torch.arange(int(key_lengths.max()))[None]  # [1, L]
     from_prefix = rows.prefix_slots.gather(
@@ -185,6 +227,7 @@ def row_batch(rows: RowTensors, offsets: torch.Tensor) -> RowBatch:
         query_positions=torch.where(is_new, rows.prefix[:, None] + rows.starts[:, None] + new, 0),
         output_index=(torch.arange(len(rows.num_new))[:, None] * new.shape[1] + new)[is_new],
         stream_index=(offsets[:, None] + new)[is_new],
+        causal=causal,
     )
 
 
@@ -225,8 +268,8 @@ def own_token_ids(row: Sequence, start: int, num_tokens: int) -> list[int]:
     """Ids of the row's own tokens start..start+num_tokens (0 for embedded virtual tokens: the task supplies them;
     an encoder-decoder row's are its decoder's: the start token, then the output)."""
     if row.request.decoder_start_id is not None:
-        return [row.request.decoder_start_id, *row.output_ids][start : start + num_tokens]
-    embedded, inputs = row.num_embedded_tokens, row.request.input_ids
+        return [row.request.decoder_start_id, *row.fed_targets, *row.output_ids][start : start + num_tokens]
+    embedded, inputs = row.num_embedded_tokens, row.request.input_ids + row.fed_targets
     ids = [0] * max(0, min(embedded, start + num_tokens) - start)
     first = max(start - embedded, 0)
     last = max(start + num_tokens - embedded, 0)  # a chunk may end among the embedded virtual tokens

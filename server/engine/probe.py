@@ -19,9 +19,9 @@ from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import EngineUnavailable, GenerationFailed, InputTooLong
-from server.engine.intake import decoder_start, single_row_request
-from server.engine.request import Request
-from server.engine.types import EngineOutput
+from server.engine.intake import decoder_start, kv_prefix, single_row_request
+from server.engine.request import Job, OutputSink, Request, Sequence
+from server.engine.types import EngineOutput, SamplingParams
 
 PROBE_TEXTS = ("promptserve probe", "A different input, 42!")
 PROBE_NEW_TOKENS = 2
@@ -50,8 +50,11 @@ class Probe:
             request_id = f"{PROBE_TASK_ID}.{uuid.uuid4().hex[:12]}"
             probe.outputs[request_id] = []
             sink = partial_sink(probe, request_id)
-            request = single_row_request(request_id, input_ids, probe.artifact, prompts_as_kv, PROBE_NEW_TOKENS, sink,
-                                         decoder_start(backbone))  # fmt: skip
+            if artifact.record.is_classifier:
+                request = classify_request(request_id, input_ids, probe.artifact, prompts_as_kv, sink, backbone)
+            else:
+                request = single_row_request(request_id, input_ids, probe.artifact, prompts_as_kv, PROBE_NEW_TOKENS,
+                                             sink, decoder_start(backbone))  # fmt: skip
             request.jumps_queue = True
             probe.requests.append(request)
         return probe
@@ -82,10 +85,23 @@ class Probe:
         if errors:
             raise errors[0]
         answers = [
-            [(t.id, round(t.logprob, 6)) for o in outputs for t in o.tokens] for outputs in self.outputs.values()
+            [(t.id, round(t.logprob, 6)) for o in outputs for t in o.tokens]
+            + [[round(p, 6) for p in r.probs.flatten()[:64].tolist()] for o in outputs for r in o.results]
+            for outputs in self.outputs.values()
         ]
         if answers[0] == answers[1]:
             raise overflow(artifact, backbone, "the same answer, to the same log-probability, for different inputs")
+
+
+def classify_request(
+    request_id: str, input_ids: list[int], task: TaskArtifact, prompts_as_kv: bool, sink: OutputSink, backbone: Backbone
+) -> Request:
+    """A classification task's probe row: its head's probabilities on the probe input."""
+    encoder = backbone.encoder is not None
+    request = Request(request_id, input_ids, SamplingParams(max_new_tokens=1), 0, sink, job=Job.CLASSIFY,
+                      bidirectional=encoder, head_type=task.record.task_type)  # fmt: skip
+    request.rows = [Sequence(request, task, 0, kv_prefix(task, prompts_as_kv and not encoder))]
+    return request
 
 
 def partial_sink(probe: Probe, request_id: str) -> Callable[[EngineOutput], None]:
@@ -95,10 +111,15 @@ def partial_sink(probe: Probe, request_id: str) -> Callable[[EngineOutput], None
 def check_positions(artifact: TaskArtifact, num_input: int, backbone: Backbone) -> None:
     """A task with more virtual tokens than the backbone has positions could never run a row."""
     num_virtual = artifact.record.num_virtual_tokens
-    if backbone.max_positions is not None and num_virtual + num_input + PROBE_NEW_TOKENS > backbone.max_positions:
+    room = (
+        backbone.max_positions - (backbone.encoder.position_offset if backbone.encoder else 0)
+        if backbone.max_positions
+        else None
+    )
+    if room is not None and num_virtual + num_input + PROBE_NEW_TOKENS > room:
         raise InvalidTask(
             f"expected a task whose {num_virtual} virtual tokens leave room for an input in the backbone's "
-            f"{backbone.max_positions} positions; found no room"
+            f"{room} positions; found no room"
         )
 
 

@@ -16,6 +16,15 @@ from server.engine.types import EngineOutput, EnsembleMode, FinishReason, Sampli
 OutputSink = Callable[[EngineOutput], None]  # called on the engine thread
 
 
+class Job(enum.Enum):
+    """What a request asks of its rows: new tokens, a classification head's probabilities, or the log-probability
+    of given tokens (a candidate answer, scored after the input)."""
+
+    GENERATE = "generate"
+    CLASSIFY = "classify"
+    SCORE = "score"
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -41,6 +50,21 @@ class Sequence:
     num_computed: int = 0
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    targets: list[int] = field(default_factory=list)  # SCORE: the candidate's tokens, each scored after the ones before
+    target_logprobs: list[float] = field(default_factory=list)  # SCORE: filled as the row's chunks are computed
+    probs: torch.Tensor | None = None  # CLASSIFY: [labels], or [input tokens, labels] for a token task
+    done: bool = False  # a CLASSIFY or SCORE row whose every token has been computed
+
+    @property
+    def fed_targets(self) -> list[int]:
+        """A scored candidate's tokens fed after the input: all but the last (no position reads its logits)."""
+        return self.targets[:-1]
+
+    @property
+    def scored_from(self) -> int:
+        """The own token whose logits give the first target's log-probability (the input's last; an
+        encoder-decoder's decoder start token); target j's are those of the token j after it."""
+        return 0 if self.is_seq2seq else self.num_embedded_tokens + self.request.num_input_tokens - 1
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -74,8 +98,8 @@ class Sequence:
         """Tokens with keys and values in the row's own blocks: a causal row's virtual, input and output tokens;
         an encoder-decoder row's decoder tokens (the start token and the output)."""
         if self.is_seq2seq:
-            return 1 + len(self.output_ids)
-        return self.num_embedded_tokens + self.request.num_input_tokens + len(self.output_ids)
+            return 1 + len(self.fed_targets) + len(self.output_ids)
+        return self.num_embedded_tokens + self.request.num_input_tokens + len(self.fed_targets) + len(self.output_ids)
 
     @property
     def num_remaining(self) -> int:
@@ -84,7 +108,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.finish_reason is not None
+        return self.finish_reason is not None or self.done
 
     @property
     def needs_task_blocks(self) -> bool:
@@ -117,6 +141,9 @@ class Request:
     first_scheduled_time: float | None = None
     jumps_queue: bool = False  # the engine's own (a new task's probe): first in line, outside the batch-size limit
     decoder_start_id: int | None = None  # an encoder-decoder's request: its decoder starts from this token
+    job: Job = Job.GENERATE
+    bidirectional: bool = False  # an encoder's rows: each computed whole, in one step, its tokens seeing each other
+    head_type: str | None = None  # CLASSIFY: SEQ_CLS or TOKEN_CLS, the task type of its rows' heads
 
     @property
     def num_input_tokens(self) -> int:
@@ -139,12 +166,18 @@ class Request:
         """What an encoder-decoder request's encoders compute when its rows start (0 for a causal request)."""
         return sum(row.encoder_length for row in self.rows if not row.is_finished)
 
+    @property
+    def whole_tokens(self) -> int:
+        """What must all run in the step that starts the request: an encoder-decoder's encoders, an encoder's rows."""
+        rows = sum(row.num_remaining for row in self.rows if not row.is_finished) if self.bidirectional else 0
+        return self.encoder_tokens + rows
+
     def max_own_tokens(self, row: Sequence) -> int:
         """The most slots a row of this request can need: embedded virtual, input and every new token (an
         encoder-decoder row: its encoder input, or its decoder tokens, whichever is longer)."""
         if row.is_seq2seq:
-            return max(row.encoder_length, 1 + self.max_new_tokens)
-        return row.num_embedded_tokens + self.num_input_tokens + self.max_new_tokens
+            return max(row.encoder_length, 1 + len(row.fed_targets) + self.max_new_tokens)
+        return row.num_embedded_tokens + self.num_input_tokens + len(row.fed_targets) + self.max_new_tokens
 
     def task_tokens(self) -> dict[tuple[str, int], int]:
         """The distinct tasks whose shared keys and values the unfinished rows need: key -> virtual tokens."""

@@ -4,7 +4,8 @@ A step carries every running row's next token and, within the token budget, pref
 still prefilling, then new requests from the head of the queue (FIFO, so a large request is never starved by
 small ones). A long input is split across steps; an arrival never stalls the running rows for a whole prefill
 (an encoder-decoder row's encoder runs whole in the step that starts it and counts against the budget: one larger
-than what is left waits for a step in which it is the first to start). When the KV pool cannot hold the step,
+than what is left waits for a step in which it is the first to start; so does an encoder's row, computed whole
+because its tokens attend both ways). When the KV pool cannot hold the step,
 the newest running requests are preempted: their blocks are freed and they wait at the head of the queue, to be
 recomputed from their tokens (input and output so far) when they fit.
 """
@@ -130,7 +131,7 @@ class Scheduler:
             if self.num_running_rows + request.num_rows > self.config.max_batch_size and not request.jumps_queue:
                 return
             encoder = request.encoder_tokens
-            if plan.admitted and plan.num_tokens + encoder > self.config.max_step_tokens:
+            if plan.admitted and plan.num_tokens + request.whole_tokens > self.config.max_step_tokens:
                 return  # an encoder larger than what is left runs in a step of its own (beside the decode rows)
             budget = self.config.max_step_tokens - plan.num_tokens - encoder
             chunks = self.chunks_for(request, max(1, budget) if encoder else budget)  # a start token at least
@@ -157,7 +158,7 @@ class Scheduler:
             leave = 1
         chunks = []
         for row in rows:
-            num_tokens = min(row.num_remaining - leave, budget)
+            num_tokens = row.num_remaining if request.bidirectional else min(row.num_remaining - leave, budget)
             if num_tokens > 0:
                 chunks.append(Chunk(row, num_tokens))
                 budget -= num_tokens

@@ -33,6 +33,10 @@ def has_kv_prefix(method: Method, prompts_as_kv: bool) -> bool:
     return method.is_prefix or prompts_as_kv
 
 
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def is_user_task(key: TaskKey) -> bool:
     """The engine's own tasks (a registration's probe, the self-check) have ids the task-id pattern refuses."""
     return is_valid_task_id(key[0])
@@ -45,6 +49,7 @@ class TaskCache:
         self.memory = memory
         self.budget_bytes = embeddings_budget_bytes
         self.embeddings: OrderedDict[TaskKey, torch.Tensor] = OrderedDict()  # least recently used first
+        self.heads: OrderedDict[TaskKey, dict[str, torch.Tensor]] = OrderedDict()  # classification heads, LRU
         self.num_hits = 0
         self.num_misses = 0
         self.num_evictions = 0
@@ -104,6 +109,21 @@ class TaskCache:
             self.evict_to_budget()
         return task.prompt_embeds
 
+    def head_of(self, artifact: TaskArtifact) -> dict[str, torch.Tensor]:
+        """A classification task's head tensors on the device, in the backbone's dtype (kept, least recently used
+        first, within the same byte budget as prompt vectors)."""
+        head = self.heads.get(artifact.key)
+        if head is not None:
+            self.heads.move_to_end(artifact.key)
+            return head
+        dtype, device = self.backbone.dtype, self.backbone.device
+        head = {name: tensor.to(device=device, dtype=dtype) for name, tensor in artifact.head.items()}
+        if not self.memory.is_superseded(artifact.key):
+            self.heads[artifact.key] = head
+            while sum(nbytes(h) for h in self.heads.values()) > self.budget_bytes and len(self.heads) > 1:
+                self.heads.popitem(last=False)
+        return head
+
     def evict_to_budget(self) -> None:
         """Rows running on an evicted task keep its tensor alive; a later row materialises it again."""
         while self.embeddings_bytes > self.budget_bytes and len(self.embeddings) > 1:
@@ -121,6 +141,8 @@ class TaskCache:
         self.memory.retire(task_id, keep_version)
         for key in [key for key in self.embeddings if key[0] == task_id and key[1] != keep_version]:
             del self.embeddings[key]
+        for key in [key for key in self.heads if key[0] == task_id and key[1] != keep_version]:
+            del self.heads[key]
 
     def take_events(self) -> TaskCacheEvents:
         """The users' tasks' hits, loads and evictions since the last call (the engine takes them once a step)."""

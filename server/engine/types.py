@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from prompt_store.types import CacheStats, TaskKey
 
@@ -110,6 +111,16 @@ class RowToken:
 
 
 @dataclass(frozen=True, slots=True)
+class RowResult:
+    """A classification or scoring row's answer: its head's probabilities (float32, on the CPU: [labels], or
+    [input tokens, labels] for a token task), or its candidate tokens' log-probabilities."""
+
+    row: int
+    probs: Any = None  # torch.Tensor; typed loosely so this module needs no torch
+    logprobs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EngineOutput:
     """What the engine thread reports for a request after a step: token ids only (text is made elsewhere)."""
 
@@ -117,6 +128,7 @@ class EngineOutput:
     tokens: tuple[RowToken, ...] = ()
     finished: bool = False  # the engine has ended every row and dropped the request
     error: Exception | None = None
+    results: tuple[RowResult, ...] = ()  # classification and scoring rows computed in full in the step
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +149,8 @@ class EngineInfo:
     num_tasks: int
     kv_cache_tokens: int = 0  # the KV pool's capacity, in tokens (rows' own and tasks' shared)
     kv_block_size: int = 0
-    model_kind: str = "causal"  # "causal" or "seq2seq" (an encoder-decoder: T5, BART)
+    model_kind: str = "causal"  # "causal", "seq2seq" (an encoder-decoder: T5, BART) or "encoder" (BERT, RoBERTa)
+    endpoints: tuple[str, ...] = ()  # the routes that apply to this backbone
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,3 +196,59 @@ class EngineStats:
     kv_cache_capacity_bytes: int = 0
     num_preemptions: int = 0
     host_tasks: tuple[TaskKey, ...] = ()  # task versions parsed in CPU memory (the store's LRU); others are on disk
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyInput:
+    """A classification request: each input under one task (or the backbone's own head), or a mean ensemble."""
+
+    inputs: tuple[str, ...]
+    task_ids: tuple[str | None, ...] = (None,)
+    ensemble: EnsembleMode | None = None
+    top_k: int | None = None  # a sequence task's labels reported, most likely first (None: every label)
+
+
+@dataclass(frozen=True, slots=True)
+class LabelScore:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLabel:
+    token: str  # the input text the token covers
+    start: int  # character offsets into the input
+    end: int
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    predictions: tuple[tuple[LabelScore, ...] | tuple[TokenLabel, ...], ...]  # one per input, in order
+    task_type: str  # SEQ_CLS or TOKEN_CLS
+    input_tokens: int  # over every input
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreInput:
+    """Rank classification: each candidate's log-probability after the input, under a task or a mean ensemble."""
+
+    inputs: str
+    candidates: tuple[str, ...]
+    task_ids: tuple[str | None, ...] = (None,)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateScore:
+    candidate: str
+    logprob: float  # the sum of its tokens' log-probabilities (an ensemble: the members' mean)
+    mean_logprob: float
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    scores: tuple[CandidateScore, ...]  # in the order of the candidates
+    best: str
+    input_tokens: int

@@ -28,14 +28,20 @@ from server.engine.errors import (
     TaskTooLarge,
 )
 from server.engine.types import (
+    CandidateScore,
+    Classification,
+    ClassifyInput,
     Completion,
     EngineInfo,
     EngineStats,
     EnsembleMode,
     FinishReason,
     GenerateInput,
+    LabelScore,
     MemberResult,
     RequestOutput,
+    ScoreInput,
+    Scores,
     StepStats,
     TaskCacheEvents,
     TaskLoad,
@@ -107,6 +113,8 @@ class FakeEngine:
             model_id="fake/tiny", model_type="llama", dtype="float32", device="cpu", hidden_size=48, num_layers=2,
             num_key_value_heads=2, head_dim=8, vocab_size=259, max_batch_size=8, max_batch_tokens=1024,
             max_virtual_tokens=64, version="0.1.0", num_tasks=len(self.tasks), kv_cache_tokens=4096, kv_block_size=8,
+            endpoints=("/v1/generate", "/v1/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/score",
+                       "/v1/classify"),
         )  # fmt: skip
 
     def stats(self) -> EngineStats:
@@ -122,7 +130,9 @@ class FakeEngine:
 
     # ---- EngineClient: tasks
 
-    def register_task(self, task_id: str, adapter_config: bytes, adapter_model: bytes) -> tuple[TaskRecord, bool]:
+    def register_task(
+        self, task_id: str, adapter_config: bytes, adapter_model: bytes, labels: bytes | None = None
+    ) -> tuple[TaskRecord, bool]:
         method, num_virtual_tokens = parse_config(adapter_config)
         if len(adapter_model) > self.max_adapter_bytes:
             raise TaskTooLarge(
@@ -134,6 +144,7 @@ class FakeEngine:
             num_virtual_tokens=num_virtual_tokens, bytes=len(adapter_config) + len(adapter_model),
             sha256=hashlib.sha256(adapter_model).hexdigest(),
             created_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            labels=tuple(json.loads(labels)) if labels is not None else None,
         )  # fmt: skip
         self.tasks[task_id] = record
         return record, previous is None
@@ -152,6 +163,34 @@ class FakeEngine:
         if task_id not in self.tasks:
             raise TaskNotFound(task_id)
         return self.tasks[task_id]
+
+    # ---- EngineClient: classification and scoring (every task here is a two-label classifier and a generator)
+
+    async def classify(self, request: ClassifyInput) -> Classification:
+        self.check_tasks(request.task_ids)
+        predictions = []
+        for text in request.inputs:
+            positive = (len(text) % 4 + 1) / 5  # deterministic, different per input length
+            labels = (LabelScore("positive", positive), LabelScore("negative", 1 - positive))
+            predictions.append(tuple(sorted(labels, key=lambda entry: -entry.score))[: request.top_k])
+        return Classification(tuple(predictions), "SEQ_CLS", sum(len(text) for text in request.inputs))
+
+    async def score(self, request: ScoreInput) -> Scores:
+        self.check_tasks(request.task_ids)
+        scores = tuple(
+            CandidateScore(candidate, LOGPROB * len(candidate), LOGPROB, len(candidate))
+            for candidate in request.candidates
+        )
+        return Scores(scores, max(scores, key=lambda s: s.logprob).candidate, len(request.inputs))
+
+    def check_tasks(self, task_ids: tuple[str | None, ...]) -> None:
+        if not self.ready:
+            raise EngineUnavailable("the engine is not running")
+        for task_id in task_ids:
+            if task_id is not None and task_id not in self.tasks:
+                raise TaskNotFound(task_id)
+        if self.queue_full:
+            raise QueueFull(num_waiting=3, retry_after=2.5)
 
     # ---- EngineClient: generation
 

@@ -4,8 +4,10 @@ answers 5xx.
 
 Every phase runs: examples (valid adapters given as examples, so registration is exercised with good input, not
 only bad), coverage, fuzzing and stateful. Two expectations are widened, each for a reason a schema cannot carry:
-a generation request may be 413 (too many tokens: a token count is not a string length), and an upload may be 422
-(an adapter's shapes must fit the backbone, which no JSON Schema of a file part can say).
+a generation or scoring request may be 413 (too many tokens: a token count is not a string length), an upload may
+be 422 (an adapter's shapes must fit the backbone, which no JSON Schema of a file part can say), and a
+classification may be 400 (this causal backbone has no head of its own, and its tasks here are generation tasks:
+what kind a task is, no schema can say).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ database = "none"
 include-path-regex = "^/v1/generate"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "413", "429", "503"]
 [[operations]]
+include-path-regex = "^/v1/score$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "413", "429", "503"]
+[[operations]]
+include-path-regex = "^/v1/classify$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "413", "429", "503"]
+[[operations]]
 include-path-regex = "^/v1/(chat/)?completions$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "429", "503"]
 [[operations]]
@@ -52,6 +60,9 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "422", "503"]
 """
 
 
+NATIVE_EXAMPLES = {
+    "/v1/score": {"task": {"inputs": "hi", "candidates": ["yes", "no"], "task_id": "prefix"}},
+}
 OPENAI_EXAMPLES = {
     "/v1/completions": {
         "task": {"model": "prefix", "prompt": ["hi", "there"], "max_tokens": 4, "n": 2, "logprobs": 2},
@@ -107,7 +118,7 @@ def with_valid_upload_examples(document: dict[str, Any], tiny: TinyBackbone) -> 
     """Examples a random string cannot stumble on: valid adapters, and OpenAI requests naming a registered task."""
     multipart = document["paths"]["/v1/tasks/{task_id}"]["put"]["requestBody"]["content"]["multipart/form-data"]
     multipart["examples"] = {kind: {"value": adapter_files(tiny.adapters[kind])} for kind in ("prefix", "p_tuning_mlp")}
-    for path, body in OPENAI_EXAMPLES.items():
+    for path, body in (OPENAI_EXAMPLES | NATIVE_EXAMPLES).items():
         content = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
         content["examples"] = {name: {"value": value} for name, value in body.items()}
     return document
@@ -131,7 +142,8 @@ def fuzz(url: str, document: dict[str, Any]) -> FuzzRun:
             for check in checks:
                 run.checks.add(check.name)
                 if check.status.name == "FAILURE" and check.failure_info is not None:
-                    run.failures.append(f"{recorder.label} {check.name}: {str(check.failure_info.failure)[:500]}")
+                    failure, sample = str(check.failure_info.failure)[:500], check.failure_info.code_sample[:900]
+                    run.failures.append(f"{recorder.label} {check.name}: {failure}\n{sample}")
     return run
 
 

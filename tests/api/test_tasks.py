@@ -9,7 +9,17 @@ from server.api.settings import Settings
 from tests.api.conftest import upload
 from tests.api.fake_engine import FakeEngine, adapter_config
 
-RECORD_FIELDS = {"task_id", "version", "method", "num_virtual_tokens", "bytes", "sha256", "created_at"}
+RECORD_FIELDS = {
+    "task_id",
+    "version",
+    "method",
+    "num_virtual_tokens",
+    "bytes",
+    "sha256",
+    "created_at",
+    "task_type",
+    "labels",
+}
 
 
 def test_put_task_201_with_record_when_new(client: TestClient) -> None:
@@ -143,11 +153,12 @@ def test_put_task_400_saying_what_the_multipart_parser_refused(client: TestClien
     response = client.put("/v1/tasks/a", content=b"xx", headers={"content-type": "multipart/form-data"})
     assert response.status_code == 400
     assert response.json() == {
-        "error": "expected a multipart/form-data body with exactly the file parts 'adapter_config' and "
-        "'adapter_model'; found a body the multipart parser refused (Missing boundary in multipart.)",
+        "error": "expected a multipart/form-data body with the file parts 'adapter_config' and "
+        "'adapter_model' (and optionally 'labels'); found a body the multipart parser refused (Missing boundary in "
+        "multipart.)",
         "error_type": "validation",
     }
-    files = [*upload().items(), ("extra", ("extra.bin", b"x"))]
+    files = [*upload().items(), ("labels", ("labels.json", b"[]")), ("extra", ("extra.bin", b"x"))]
     response = client.put("/v1/tasks/a", files=files)
     assert response.status_code == 400
     assert "Too many files" in response.json()["error"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
@@ -163,13 +165,14 @@ def test_non_finite_logits_fail_only_their_own_request(harness: Harness, monkeyp
     ]
     real_run = harness.engine.runner.run
 
-    def poisoned_run(chunks):
-        logits = real_run(chunks).clone()
+    def poisoned_run(chunks, readout):
+        result = real_run(chunks, readout)
+        logits = result.logits.clone()
         sampled = [chunk.row for chunk in chunks if chunk.is_last]
         for i, row in enumerate(sampled):
             if row.request in doomed and row.task_id == "prompt_tuning" and row.output_ids:
                 logits[i, 0] = float("nan")
-        return logits
+        return replace(result, logits=logits)
 
     monkeypatch.setattr(harness.engine.runner, "run", poisoned_run)
     for request in doomed:

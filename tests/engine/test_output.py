@@ -74,7 +74,9 @@ def test_the_engine_stops_a_row_its_text_stopped(harness: Harness):
 def test_own_token_ids_of_a_chunk_that_ends_among_the_embedded_virtual_tokens():
     request = Request("r", list(range(100, 130)), SamplingParams(), max_new_tokens=4, sink=lambda e: None)
     row = Sequence(request, None)
-    row_with_prompt = type("Row", (), {"num_embedded_tokens": 20, "request": request, "output_ids": [7, 8]})()
+    row_with_prompt = type(
+        "Row", (), {"num_embedded_tokens": 20, "request": request, "output_ids": [7, 8], "fed_targets": []}
+    )()
     assert own_token_ids(row_with_prompt, 0, 5) == [0] * 5
     assert own_token_ids(row_with_prompt, 18, 4) == [0, 0, 100, 101]
     assert own_token_ids(row_with_prompt, 49, 3) == [129, 7, 8]

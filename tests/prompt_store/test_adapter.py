@@ -49,7 +49,9 @@ def with_fields(config: dict, **fields: object) -> dict:
 def test_parse_adapter_accepts_every_peft_kind(tiny_backbone: TinyBackbone, kind: str):
     fp = fingerprint_of(tiny_backbone.path)
     config, tensor = adapter_parts(tiny_backbone.adapters[kind])
-    parsed_config, parsed, method = parse_adapter(config_bytes(config), model_bytes(tensor), fp, StoreLimits())
+    content = parse_adapter(config_bytes(config), model_bytes(tensor), fp, StoreLimits())
+    parsed_config, parsed, method = content.config, content.prompt, content.method
+    assert (content.task_type, content.head, content.labels) == ("CAUSAL_LM", {}, None)
     width = fp.num_layers * 2 * fp.kv_dim if method.is_prefix else fp.hidden_size
     assert method is METHODS[kind]
     assert parsed.shape == (VIRTUAL_TOKENS[kind], width)
@@ -59,7 +61,7 @@ def test_parse_adapter_accepts_every_peft_kind(tiny_backbone: TinyBackbone, kind
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_parse_adapter_accepts_float_dtype_other_than_float32(llama_fp, prompt_parts, dtype):
     config, tensor = prompt_parts
-    _, parsed, _ = parse_adapter(config_bytes(config), model_bytes(tensor.to(dtype)), llama_fp, StoreLimits())
+    parsed = parse_adapter(config_bytes(config), model_bytes(tensor.to(dtype)), llama_fp, StoreLimits()).prompt
     assert parsed.dtype == dtype
 
 

@@ -30,7 +30,8 @@ def fingerprint(backbone: TinyBackbone) -> BackboneFingerprint:
 
 def parse(adapter: Path, fp: BackboneFingerprint) -> tuple[dict, torch.Tensor, Method]:
     config = (adapter / "adapter_config.json").read_bytes()
-    return parse_adapter(config, (adapter / "adapter_model.safetensors").read_bytes(), fp, StoreLimits())
+    content = parse_adapter(config, (adapter / "adapter_model.safetensors").read_bytes(), fp, StoreLimits())
+    return content.config, content.prompt, content.method
 
 
 def artifact(adapter: Path, fp: BackboneFingerprint) -> TaskArtifact:

@@ -79,12 +79,12 @@ def test_a_short_run_learns_and_writes_what_the_store_takes(
     assert 0 <= metrics["base_exact_match"] <= metrics["exact_match"] <= 1
     assert (output / "loss.png").read_bytes().startswith(b"\x89PNG")
     model = AutoModelForCausalLM.from_pretrained(tiny_llama.path)
-    config, _, _ = parse_adapter(
+    config = parse_adapter(
         (output / "adapter_config.json").read_bytes(),
         (output / "adapter_model.safetensors").read_bytes(),
         fingerprint_of(model),
         StoreLimits(),
-    )
+    ).config
     assert config["num_virtual_tokens"] == 4 and config["base_model_name_or_path"] == str(tiny_llama.path)
     out = capsys.readouterr().out
     assert f"trained {method} (4 virtual tokens" in out and "exact match on 5 held-out pairs" in out

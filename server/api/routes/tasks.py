@@ -50,7 +50,7 @@ async def put_task(
 ) -> Response:
     refuse_backbone_name(task_id, served_model_name(settings, engine))
     upload = await read_adapter_upload(request, settings)
-    register = partial(engine.register_task, task_id, upload.config, upload.model)
+    register = partial(engine.register_task, task_id, upload.config, upload.model, upload.labels)
     # a registration waits for the engine to probe the task: it must not hold the threads other routes need
     record, created = await to_thread.run_sync(register, limiter=registrations(request.app))
     metrics.on_task_registered(created)
