@@ -1,7 +1,8 @@
 """The start-up self-check: before the server reports ready, the engine must decode like the backbone itself.
 
 (An encoder-decoder is checked with a plain and a prompt row, the prompt before the encoder's input; its prefix
-rows are held to PEFT's forward by the tests.)
+rows are held to PEFT's forward by the tests. An encoder answers no tokens: its plain and prompt rows' final hidden
+states, which every classification head reads, must equal the backbone's own forward's.)
 
 A plain row, a prompt row and a prefix row (random virtual tokens: embeddings of random vocabulary tokens, and the
 keys and values such embeddings leave) run together through the engine, greedy. The backbone then reads the same
@@ -22,14 +23,17 @@ from dataclasses import dataclass
 import torch
 
 from prompt_store.materialize import join_prefix
-from prompt_store.types import Method, TaskArtifact, TaskRecord
+from prompt_store.types import TOKEN_CLS, Method, TaskArtifact, TaskRecord
 from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
 from server.engine.intake import decoder_start, single_row_request
 from server.engine.kv_pool import slots_of
-from server.engine.types import EngineOutput
+from server.engine.readout import Readout
+from server.engine.request import Job, Request, Sequence
+from server.engine.scheduler import Chunk
+from server.engine.types import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +61,11 @@ def self_check(engine: Engine) -> float:
     started = time.perf_counter()
     backbone = engine.backbone
     input_ids = list(backbone.tokenizer(TEXT)["input_ids"])
+    if backbone.encoder is not None:
+        check_encoder(engine, input_ids)
+        logger.info("self-check passed on %s: plain and prompt rows in %.3f s", backbone.model_id,
+                    time.perf_counter() - started)  # fmt: skip
+        return time.perf_counter() - started
     rows = check_rows(engine)
     try:
         outputs = run_through_engine(engine, input_ids, rows)
@@ -177,6 +186,56 @@ def seq2seq_reference_logprobs(
     with stock_attention(model):
         logits = model(inputs_embeds=encoder_embeds, decoder_input_ids=decoder, use_cache=False).logits  # type: ignore[operator]
     return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+def check_encoder(engine: Engine, input_ids: list[int]) -> None:
+    """A plain and a prompt row through the engine's runner in one pass; each row's hidden states against the
+    backbone's own forward (stock eager attention, its own positions)."""
+    backbone = engine.backbone
+    prompt = vocabulary_embeds(backbone, torch.Generator().manual_seed(SEED))
+    task = artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, prompt.float().cpu())
+    rows = [CheckRow("plain", None, None), CheckRow("prompt", task, prompt)]
+    hidden = encoder_hidden(engine, input_ids, rows)
+    tolerance = tolerance_of(backbone.dtype)
+    for row, got in zip(rows, hidden, strict=True):
+        expected = encoder_reference(backbone, row, input_ids)
+        error = float((got.float() - expected).abs().max())
+        if error > tolerance * max(1.0, float(expected.abs().max())):
+            raise failure(
+                backbone, f"the {row.name} row's hidden states differ from the backbone's by up to {error:.2e}"
+            )
+
+
+def encoder_hidden(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -> list[torch.Tensor]:
+    """Each row's final hidden states [T, H], all rows in one pass of the engine's runner."""
+    request = Request("self-check", input_ids, SamplingParams(max_new_tokens=1), 0, lambda _: None,
+                      job=Job.CLASSIFY, bidirectional=True, head_type=TOKEN_CLS)  # fmt: skip
+    request.rows = [Sequence(request, row.task, i) for i, row in enumerate(rows)]
+    chunks = [Chunk(row, row.num_own_tokens) for row in request.rows]
+    for row in request.rows:
+        row.block_ids = engine.memory.allocate(engine.memory.blocks_for(row.num_own_tokens))
+    try:
+        total = sum(chunk.num_tokens for chunk in chunks)
+        result = engine.runner.run(chunks, Readout(hidden_index=list(range(total))))
+    finally:
+        for row in request.rows:
+            engine.memory.release(row.block_ids)
+        engine.retire_task(TASK_ID + ".prompt", None)
+    assert result.hidden is not None
+    return list(result.hidden.split([chunk.num_tokens for chunk in chunks]))
+
+
+@torch.inference_mode()
+def encoder_reference(backbone: Backbone, row: CheckRow, input_ids: list[int]) -> torch.Tensor:
+    """[T, H]: the encoder's own forward of the row (virtual tokens as input embeddings first), eager attention."""
+    model = backbone.model
+    embeds = model.get_input_embeddings()(torch.tensor([input_ids], device=backbone.device))
+    if row.virtual_embeds is not None:
+        embeds = torch.cat([row.virtual_embeds[None].to(embeds.dtype), embeds], dim=1)
+    packed = backbone.encoder is not None and backbone.encoder.packed
+    with stock_attention(model) if packed else contextlib.nullcontext():  # DeBERTa-v2's attention is its own
+        hidden = model.base_model(inputs_embeds=embeds)[0]  # type: ignore[operator]
+    return hidden[0].float()
 
 
 @contextlib.contextmanager

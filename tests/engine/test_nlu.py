@@ -6,6 +6,7 @@ prefills chunked across steps."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from server.engine.errors import WrongKind
 from server.engine.intake import IntakeConfig
 from server.engine.nlu import Results, plan_classify, plan_score, predictions, scores
 from server.engine.request import Request
+from server.engine.selfcheck import SelfCheckFailed, self_check
 from server.engine.types import ClassifyInput, EngineOutput, EnsembleMode, ScoreInput, StepStats, TokenLabel
 from tests.fixtures import TinyBackbone
 from tests.nlu_fixtures import (
@@ -269,3 +271,12 @@ def test_seq2seq_scores_equal_an_uncached_forward(t5: TinyBackbone, tmp_path: Pa
         logprobs = torch.log_softmax(logits[0].float(), dim=-1)
         expected = sum(float(logprobs[j, token]) for j, token in enumerate(targets))
         assert score.num_tokens == len(targets) and abs(score.logprob - expected) < 1e-4, candidate
+
+
+def test_the_self_check_passes_on_every_encoder_and_catches_wrong_positions(encoder: dict[str, Any]) -> None:
+    backbone = encoder["backbone"]
+    assert self_check(Driver(backbone, encoder["store"]).engine) > 0
+    if encoder["arch"] == "roberta":  # positions counted from 0, not from padding_idx + 1 as RoBERTa's are
+        broken = replace(backbone, encoder=replace(backbone.encoder, position_offset=0))
+        with pytest.raises(SelfCheckFailed, match="the plain row's hidden states differ from the backbone's"):
+            self_check(Driver(broken, encoder["store"]).engine)
