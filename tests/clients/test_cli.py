@@ -29,12 +29,10 @@ def test_cli_tasks_ls_table(client: Client, capsys: pytest.CaptureFixture[str]) 
     assert [line.split()[0] for line in lines[1:]] == ["a", "b"]
 
 
-def test_cli_tasks_ls_task_type_dash_when_server_does_not_say(
-    client: Client, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_cli_tasks_ls_shows_each_task_type(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(client, "tasks", "ls") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[3] == "TASK_TYPE" and lines[1].split()[3] == "-"
+    assert lines[0].split()[3] == "TASK_TYPE" and lines[1].split()[3] == "CAUSAL_LM"
 
 
 def test_cli_tasks_ls_json(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
