@@ -30,7 +30,8 @@ class Command:
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptserve serve",
-        description="Serve one frozen causal LM and its prompt-learning tasks over HTTP (one worker per GPU). "
+        description="Serve one frozen backbone (a causal LM, an encoder-decoder or an encoder) and its prompt-learning "
+        "tasks over HTTP (one worker per GPU). "
         "Every flag defaults to its PROMPTSERVE_<NAME> environment variable, then to the built-in default.",
     )
     parser.add_argument("--model", help="local directory or Hugging Face id (default: the built-in backbone)")
@@ -105,6 +106,8 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("run the server", serve),
     "tasks": Command("register, list and delete tasks on a server", delegate_to_client("tasks")),
     "generate": Command("generate text under a task or an ensemble", delegate_to_client("generate")),
+    "classify": Command("label texts under a SEQ_CLS or TOKEN_CLS task or an ensemble", delegate_to_client("classify")),
+    "score": Command("rank candidate answers by log-probability under a task", delegate_to_client("score")),
     "health": Command("is the server's model loaded?", delegate_to_client("health")),
     "info": Command("the server's model and limits", delegate_to_client("info")),
     "train": Command("train a task with PEFT from a JSON Lines file (and register it with --register)", train),

@@ -33,12 +33,16 @@ def test_serve_rejects_unknown_dtype() -> None:
         cli.serve_settings(["--dtype", "int3"])
 
 
-@pytest.mark.parametrize("command", ["tasks", "generate", "health", "info"])
+@pytest.mark.parametrize("command", ["tasks", "generate", "classify", "score", "health", "info"])
 def test_client_commands_delegate_with_their_args(monkeypatch: pytest.MonkeyPatch, command: str) -> None:
     calls: list[tuple[list[str], str | None]] = []
     monkeypatch.setattr(client_cli, "main", lambda argv, prog=None: calls.append((argv, prog)) or 0)
     assert cli.main([command, "x", "--url", "http://h:1"]) == 0
     assert calls == [([command, "x", "--url", "http://h:1"], "promptserve")]
+
+
+def test_every_client_command_is_a_promptserve_command() -> None:
+    assert set(client_cli.COMMANDS) <= set(cli.COMMANDS)
 
 
 def test_main_lists_commands_on_help(capsys: pytest.CaptureFixture[str]) -> None:

@@ -211,3 +211,33 @@ def test_metrics_resident_versions_by_tier(engine: FakeEngine) -> None:
         ("a", "2", "device"): 1, ("b", "1", "device"): 1,
         ("a", "2", "host"): 1, ("b", "1", "host"): 1, ("_other", "_other", "host"): 1,
     }  # fmt: skip
+
+
+# ---- classification and scoring
+
+
+def test_metrics_count_classify_and_score_by_endpoint_with_input_tokens(client: TestClient, engine: FakeEngine) -> None:
+    engine.add_task("a")
+    score = {"inputs": "wxyz", "candidates": ["y", "n"], "task_id": "a"}
+    assert client.post("/v1/classify", json={"inputs": ["abc", "de"], "task_id": "a"}).status_code == 200
+    assert client.post("/v1/score", json=score).status_code == 200
+    assert client.post("/v1/score", json={"inputs": "x", "candidates": ["y"]}).status_code == 200
+    values = samples(client)
+    total = "promptserve_requests_total"
+    assert by_task(values, total, endpoint="classify", outcome="success") == {"a": 1}
+    assert by_task(values, total, endpoint="score", outcome="success") == {"a": 1, "_backbone": 1}
+    assert by_task(values, "promptserve_prompt_tokens_total") == {"a": 5 + 4, "_backbone": 1}  # the fake: a char each
+    assert by_task(values, "promptserve_e2e_request_latency_seconds_count", endpoint="classify") == {"a": 1}
+    assert not any(by_task(values, "promptserve_generation_tokens_total").values())  # nothing generated
+
+
+def test_metrics_count_classify_ensembles_once_and_failures_by_outcome(client: TestClient, engine: FakeEngine) -> None:
+    engine.add_task("a")
+    engine.add_task("b")
+    assert client.post("/v1/classify", json={"inputs": "x", "task_ids": ["a", "b"]}).status_code == 200
+    assert client.post("/v1/classify", json={"inputs": "x", "task_id": "typo"}).status_code == 404
+    assert client.post("/v1/score", json={"inputs": "x", "candidates": ["y"], "task_id": "typo"}).status_code == 404
+    values = samples(client)
+    assert by_task(values, "promptserve_requests_total", endpoint="classify", outcome="success") == {"_ensemble": 1}
+    assert by_task(values, "promptserve_requests_total", endpoint="classify", outcome="not_found") == {"_other": 1}
+    assert by_task(values, "promptserve_requests_total", endpoint="score", outcome="not_found") == {"_other": 1}

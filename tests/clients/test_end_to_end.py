@@ -1,4 +1,5 @@
-"""End to end: `promptserve serve` in a subprocess on 127.0.0.1, driven by the Python client through a real port."""
+"""End to end: `promptserve serve` in a subprocess on 127.0.0.1 (one for the module), driven through a real port by
+the Python client and the `promptserve` client commands."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from promptserve_client import Client, NotFoundError, UnavailableError
+from promptserve_client import Client, NotFoundError, UnavailableError, ValidationError
+from server import cli
 from tests.fixtures import TinyBackbone
 from tests.live_server import free_port
+from tests.nlu_fixtures import write_nlu_adapter
 
 pytestmark = pytest.mark.slow
 START_TIMEOUT_S = 90.0
@@ -37,8 +40,10 @@ def wait_healthy(client: Client, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"server not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture
-def server(tiny_llama: TinyBackbone, tmp_path: Path) -> Iterator[str]:
+@pytest.fixture(scope="module")
+def server(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One server for the module: each test registers tasks of its own ids."""
+    tmp_path = tmp_path_factory.mktemp("end-to-end")
     port = free_port()
     log = tmp_path / "server.log"
     env = {name: value for name, value in os.environ.items() if not name.startswith("PROMPTSERVE_")}
@@ -80,3 +85,33 @@ def test_end_to_end_register_generate_stream_ensemble(server: str, tiny_llama: T
         client.delete_task("soft")
         with pytest.raises(NotFoundError):
             client.generate("hello", task_id="soft")
+
+
+def test_end_to_end_score_and_classify_on_a_causal_backbone(
+    server: str, tiny_llama: TinyBackbone, tmp_path: Path
+) -> None:
+    yesno = write_nlu_adapter(tiny_llama.path, "seq", "prompt_tuning", tmp_path / "yesno", 4, seed=7)
+    with Client(server, timeout=30.0) as client:
+        assert "/v1/score" in client.info().endpoints
+        client.register_task("scorer", tiny_llama.adapters["prefix"])
+        scored = client.score("Is it true?", ["yes", "no way"], task_id="scorer")
+        assert [s.candidate for s in scored.scores] == ["yes", "no way"]
+        assert [s.num_tokens for s in scored.scores] == [3, 6]  # byte tokens
+        assert scored.best == max(scored.scores, key=lambda s: s.logprob).candidate
+
+        assert client.register_task("yesno", yesno, labels=["no", "yes"]).labels == ["no", "yes"]
+        answer = client.classify(["great", "awful"], task_id="yesno", top_k=1)
+        assert [len(p) for p in answer.predictions] == [1, 1] and answer.predictions[0][0].label in ("no", "yes")
+        with pytest.raises(ValidationError, match="no trained classification head of its own") as refused:
+            client.classify("hi")  # a causal LM's checkpoint has no head of its own
+        assert refused.value.status == 400
+        with pytest.raises(ValidationError, match="is a SEQ_CLS task: use /v1/classify"):
+            client.score("hi", ["a"], task_id="yesno")
+
+
+def test_end_to_end_promptserve_score_and_classify_commands(server: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["score", "Is it true?", "--candidates", "yes,no", "--url", server]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and sum(line.startswith("*") for line in lines) == 1
+    assert cli.main(["classify", "hi", "--url", server]) == 1
+    assert "error (validation): expected a task_id" in capsys.readouterr().err
