@@ -198,6 +198,9 @@ def expected_text(kind: str, message: str, ctx: dict[str, Any]) -> str:
     if kind in ("too_short", "string_too_short"):
         unit = "character" if kind == "string_too_short" else "item"
         return f"at least {ctx.get('min_length')} {unit}(s)"
+    if kind in ("too_long", "string_too_long"):
+        unit = "character" if kind == "string_too_long" else "item"
+        return f"at most {ctx.get('max_length')} {unit}(s)"
     expected = message.removeprefix("Input should be ").removeprefix("Value should be ")
     return expected[:1].lower() + expected[1:]
 

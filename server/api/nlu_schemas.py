@@ -66,6 +66,18 @@ class ClassifyRequest(TargetTasks):
     ensemble: Literal["mean"] = Field(default="mean", description="task_ids: the members' probabilities averaged")
     parameters: ClassifyParameters = Field(default_factory=lambda: ClassifyParameters())
 
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _text_or_texts(cls, value: Any) -> Any:
+        """One message for a wrong type, rather than one per member of the union."""
+        if not isinstance(value, str | list) or (
+            isinstance(value, list) and not all(isinstance(v, str) for v in value)
+        ):
+            raise ValueError(f"expected a string or a list of strings; found {str(value)[:80]}")
+        if isinstance(value, list) and not 1 <= len(value) <= MAX_INPUTS:
+            raise ValueError(f"expected 1 to {MAX_INPUTS} inputs; found {len(value)}")
+        return value
+
     @field_validator("inputs")
     @classmethod
     def _inputs(cls, value: str | list[str]) -> str | list[str]:

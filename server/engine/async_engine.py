@@ -21,7 +21,7 @@ from prompt_store.types import TaskArtifact, TaskRecord
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.errors import EngineUnavailable
+from server.engine.errors import EngineUnavailable, WrongKind
 from server.engine.intake import IntakeConfig, build_request, render_chat
 from server.engine.nlu import Results, plan_classify, plan_score, predictions, scores
 from server.engine.output import OutputProcessor
@@ -202,6 +202,11 @@ class AsyncEngine:
         return results
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if self.backbone.encoder is not None:  # before its chat template: no generation route serves an encoder
+            raise WrongKind(
+                f"expected a generative backbone for chat completions; this server's backbone "
+                f"({self.backbone.model_id}) is an encoder: use /v1/classify"
+            )
         return render_chat(self.backbone.tokenizer, messages)
 
     def submit(self, request: Request) -> None:

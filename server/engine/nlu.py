@@ -81,9 +81,9 @@ def classification_tasks(
             assert task.record.labels is not None
             kinds.append((task.record.task_type, task.record.labels))
     if len(set(kinds)) > 1:
-        raise InvalidPrompt(
-            f"expected ensemble members of one task type with the same labels; found {sorted(set(kinds))}"
-        )
+        found = "; ".join(f"{task_id or 'the backbone'}: {kind} {list(labels)}" for task_id, (kind, labels) in
+                          zip(task_ids, kinds, strict=True))  # fmt: skip
+        raise InvalidPrompt(f"expected ensemble members of one task type with the same label names; found {found}")
     return tasks, kinds[0][0], kinds[0][1]
 
 

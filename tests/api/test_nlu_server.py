@@ -216,7 +216,24 @@ def test_classify_token_task_labels_each_input_token_as_peft(encoder: Served, te
 def test_classify_ensemble_of_sequence_and_token_tasks_is_refused(encoder: Served) -> None:
     response = encoder.client.post("/v1/classify", json={"inputs": "hi", "task_ids": ["sentiment", "tagger"]})
     assert response.status_code == 422
-    assert "SEQ_CLS" in response.json()["error"] and "TOKEN_CLS" in response.json()["error"]
+    assert "expected ensemble members of one task type with the same label names; found sentiment: SEQ_CLS [" in (
+        response.json()["error"]
+    )
+    assert "tagger: TOKEN_CLS [" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"inputs": ["x"] * 257}, "inputs: expected 1 to 256 inputs; found 257"),
+        ({"inputs": []}, "inputs: expected 1 to 256 inputs; found 0"),
+        ({"inputs": 5}, "inputs: expected a string or a list of strings; found 5"),
+        ({"inputs": ["a", 5]}, "inputs: expected a string or a list of strings; found ['a', 5]"),
+    ],
+)
+def test_classify_bad_inputs_get_one_clear_message(encoder: Served, body: dict[str, Any], message: str) -> None:
+    response = encoder.client.post("/v1/classify", json={**body, "task_id": "sentiment"})
+    assert response.status_code == 422 and response.json()["error"].startswith(message), response.json()
 
 
 @pytest.mark.parametrize("target", [{"task_id": "nope"}, {"task_ids": ["sentiment", "nope"]}])
@@ -233,6 +250,7 @@ def test_classify_unknown_task_is_404(encoder: Served, target: dict[str, Any]) -
         ("/v1/generate", {"inputs": "hi", "task_id": "sentiment"}),
         ("/v1/generate_stream", {"inputs": "hi"}),
         ("/v1/completions", {"model": "sentiment", "prompt": "hi"}),
+        ("/v1/chat/completions", {"model": "sentiment", "messages": [{"role": "user", "content": "hi"}]}),
         ("/v1/score", {"inputs": "hi", "candidates": ["a"]}),
     ],
 )
