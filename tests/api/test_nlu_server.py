@@ -216,8 +216,9 @@ def test_classify_token_task_labels_each_input_token_as_peft(encoder: Served, te
 def test_classify_ensemble_of_sequence_and_token_tasks_is_refused(encoder: Served) -> None:
     response = encoder.client.post("/v1/classify", json={"inputs": "hi", "task_ids": ["sentiment", "tagger"]})
     assert response.status_code == 422
-    assert "expected ensemble members of one task type with the same label names; found sentiment: SEQ_CLS [" in (
-        response.json()["error"]
+    assert (
+        "expected ensemble members of one task type with the same label names; found sentiment: SEQ_CLS ["
+        in (response.json()["error"])
     )
     assert "tagger: TOKEN_CLS [" in response.json()["error"]
 
