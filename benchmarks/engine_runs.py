@@ -1,16 +1,20 @@
 """Drives the synchronous engine core over a workload, continuously or in static batches, and times it.
 
 Requests are built (tokenized, task resolved) before the clock starts: in the server that work happens in the
-callers' threads, not the engine's. Arrivals are honoured in wall-clock time.
+callers' threads, not the engine's. Arrivals are honoured in wall-clock time. On an encoder backbone `classify`
+runs a workload as classification requests (one input each), all queued at once.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from benchmarks.workload import TaskSpec, Workload
 from prompt_store.adapter import StoreLimits
@@ -19,8 +23,9 @@ from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.intake import IntakeConfig, build_request
+from server.engine.nlu import Results, plan_classify
 from server.engine.request import Request
-from server.engine.types import EngineOutput, GenerateInput, SamplingParams, StepStats
+from server.engine.types import ClassifyInput, EngineOutput, GenerateInput, SamplingParams, StepStats
 
 CONTINUOUS, STATIC = "continuous", "static"
 INTAKE = IntakeConfig(max_input_tokens=4096, max_new_tokens=4096)
@@ -43,6 +48,23 @@ class RunResult:
     @property
     def tokens_per_cpu_s(self) -> float:
         return self.num_new_tokens / self.cpu_seconds
+
+
+@dataclass(slots=True)
+class ClassifyRun:
+    seconds: float
+    cpu_seconds: float
+    num_inputs: int
+    probs: list[torch.Tensor]  # per job, in workload order: [labels]
+    steps: StepTotals
+
+    @property
+    def inputs_per_s(self) -> float:
+        return self.num_inputs / self.seconds
+
+    @property
+    def inputs_per_cpu_s(self) -> float:
+        return self.num_inputs / self.cpu_seconds
 
 
 @dataclass(slots=True)
@@ -126,6 +148,26 @@ class EngineRig:
         assert self.engine.is_idle() and self.engine.memory.num_task_refs() == 0
         return recorder.result(workload, seconds, cpu_seconds, self.steps)
 
+    def classify(self, workload: Workload) -> ClassifyRun:
+        """Every job a classification request of one input under its task, all queued at t=0."""
+        results: list[Results] = [{} for _ in workload.jobs]
+        errors: list[Exception] = []
+        requests = []
+        for job, rows in zip(workload.jobs, results, strict=True):
+            request = ClassifyInput((job.text,), (job.task_id,))
+            requests += plan_classify(request, self.backbone, self.store, INTAKE, [result_sink(rows, errors)]).requests
+        self.steps = StepTotals()
+        started, cpu_started = time.perf_counter(), time.process_time()
+        self.engine.add_all(requests)
+        while self.engine.has_work():
+            self.engine.step()
+        seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+        assert self.engine.is_idle() and self.engine.memory.num_task_refs() == 0
+        if errors:
+            raise RuntimeError(f"{len(errors)} classification requests failed, the first: {errors[0]!r}")
+        probs = [rows[0].probs for rows in results]
+        return ClassifyRun(seconds, cpu_seconds, len(requests), probs, self.steps)
+
     def run_continuous(self, requests: list[Request], arrivals: list[float], started: float) -> None:
         """Requests join the running batch at the first step boundary after they arrive."""
         pending = deque(sorted(zip(arrivals, requests, strict=True), key=lambda pair: pair[0]))
@@ -188,3 +230,15 @@ class Recorder:
             ttft.append(self.first_token_at[str(i)] - arrived)
             latency.append(self.finished_at[str(i)] - arrived)
         return RunResult(seconds, cpu_seconds, num_new, token_ids, ttft, latency, steps)
+
+
+def result_sink(rows: Results, errors: list[Exception]) -> Callable[[EngineOutput], None]:
+    """A classification input's sink: its rows' results (one row: one task). The engine swallows what a sink
+    raises (a caller that is gone), so errors are kept and raised after the run."""
+
+    def sink(output: EngineOutput) -> None:
+        if output.error is not None:
+            errors.append(output.error)
+        rows.update({result.row: result for result in output.results})
+
+    return sink

@@ -9,7 +9,9 @@ memory                  bytes per task; RSS growth of 1,000 resident prompt task
 
 `--preset cpu-t5` runs the first two on a random T5 v1.1 with T5-style prompt tuning (PEFT SEQ_2_SEQ_LM tasks, the
 prompt before the encoder's input): mixed is one prompt task per row against every row on one task, and PEFT runs
-its seq2seq `generate` per task. The other sections are Llama-only.
+its seq2seq `generate` per task. `--preset cpu-classify` runs the first two as classification on a random BERT-shaped
+encoder with PEFT SEQ_CLS tasks of three kinds, in inputs per second (benchmarks/classification.py). The other
+sections are Llama-only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import argparse
 import logging
 import random
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -30,26 +31,29 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from benchmarks import memory
+from benchmarks import classification, memory
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
 from benchmarks.kv_sharing import kv_held_over_ideal
 from benchmarks.peft_baseline import PeftServer
-from benchmarks.report import goals, load_average, machine_info, print_table, write_json
+from benchmarks.report import backbone_summary, goals, load_average, log, machine_info, print_table, write_json
 from benchmarks.task_sweep import plot, throughput_by_tasks
 from benchmarks.workload import (
+    CLASSIFY_PRESETS,
     PREFIX,
     PRESETS,
     PROMPT,
     SEQ2SEQ_PRESETS,
     TaskSpec,
     Workload,
+    is_classify,
     is_seq2seq,
     methods_of,
     one_task_per_method,
     poisson_arrivals,
     round_robin_workload,
     shuffled_workload,
+    task_mix,
     varied_output_workload,
     with_arrivals,
     write_backbone,
@@ -115,10 +119,6 @@ FULL = replace(
 )
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def tokens_per_s(run: Any) -> float:
     return run.tokens_per_s
 
@@ -149,13 +149,6 @@ def mixed_over_uniform(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, rng: r
         "steps": step_notes(paired.runs_a),
         "workload": workload_notes(mixed, plan.num_tasks),
     }
-
-
-def task_mix(tasks: list[TaskSpec]) -> str:
-    """E.g. '8 prompt tuning + 8 prefix tuning'."""
-    return " + ".join(
-        f"{sum(t.method == method for t in tasks)} {method.replace('_', ' ')}" for method in methods_of(tasks)
-    )
 
 
 # ---- engine over PEFT
@@ -321,9 +314,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | ...")
     parser.add_argument(
         "--preset",
-        choices=(*PRESETS, *SEQ2SEQ_PRESETS),
+        choices=(*PRESETS, *SEQ2SEQ_PRESETS, *CLASSIFY_PRESETS),
         help=f"backbone size (default: by device); {', '.join(SEQ2SEQ_PRESETS)}: a T5 with prompt tuning, sections "
-        f"{','.join(SEQ2SEQ_SECTIONS)} only",
+        f"{','.join(SEQ2SEQ_SECTIONS)} only; {', '.join(CLASSIFY_PRESETS)}: classification on a BERT-shaped encoder "
+        "with prompt-tuning, P-tuning and prefix-tuning (P-Tuning v2) SEQ_CLS tasks, mixed over uniform and the engine "
+        f"over PEFT's per-task forward in inputs/s, sections {','.join(classification.SECTIONS)} only",
     )
     parser.add_argument(
         "--threads",
@@ -335,7 +330,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help="measured runs per side (after one warm-up)")
     parser.add_argument("--new-tokens", type=int, help="tokens per request in the mixed and PEFT comparisons")
-    parser.add_argument("--requests-per-task", type=int, help="requests per task in the PEFT comparison")
+    parser.add_argument(
+        "--requests-per-task", type=int, help="requests per task in the PEFT comparison (classification: in both)"
+    )
     parser.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="keep the backbone, tasks and stores here (default: a temp dir)")
@@ -366,17 +363,28 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     plan = build_plan(args)
-    seq2seq = is_seq2seq(plan.preset)
-    sections = set(args.only.split(",")) if args.only else set(SEQ2SEQ_SECTIONS if seq2seq else SECTIONS)
-    if seq2seq and not sections <= set(SEQ2SEQ_SECTIONS):
-        log(f"--preset {plan.preset}: only {','.join(SEQ2SEQ_SECTIONS)} run on a seq2seq backbone")
+    allowed, backbone = sections_of(plan.preset)
+    sections = set(args.only.split(",")) if args.only else set(allowed)
+    if not sections <= set(allowed):
+        log(f"--preset {plan.preset}: only {','.join(allowed)} run on {backbone}")
         return 2
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="promptserve-bench-") as scratch:
         root = args.workdir or Path(scratch)
+        if is_classify(plan.preset):
+            return classification.run(args, sections, root)
         return run(args, plan, sections, root)
+
+
+def sections_of(preset: str) -> tuple[tuple[str, ...], str]:
+    """The sections a preset can run, and its backbone in words."""
+    if is_classify(preset):
+        return classification.SECTIONS, "an encoder"
+    if is_seq2seq(preset):
+        return SEQ2SEQ_SECTIONS, "a seq2seq backbone"
+    return SECTIONS, "a causal backbone"
 
 
 def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) -> int:
@@ -390,7 +398,7 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
     rig = EngineRig.open(backbone_dir, root / "store", tasks, args.device, dtype, plan.num_tasks)
     result: dict[str, Any] = {
         "machine": machine_info(rig.backbone.device, rig.backbone.dtype),
-        "config": {"quick": args.quick, **asdict(plan), "backbone": backbone_summary(rig)},
+        "config": {"quick": args.quick, **asdict(plan), "backbone": backbone_summary(rig.backbone)},
         "details": {},
     }
     log(f"set up in {time.perf_counter() - started:.0f} s")
@@ -445,9 +453,3 @@ def task_sweep(
         png = plot(sweep, args.json.with_suffix(".png"), title)
         sweep["png"] = str(png) if png else "matplotlib not installed: pip install -e '.[plot]'"
     return sweep
-
-
-def backbone_summary(rig: EngineRig) -> dict[str, Any]:
-    fp = rig.backbone.fingerprint
-    num_params = sum(p.numel() for p in rig.backbone.model.parameters())
-    return {**asdict(fp), "num_parameters": num_params}

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
 import transformers
+
+from server.engine.backbone import Backbone
+
+
+def log(message: str) -> None:
+    """Progress, on stderr: stdout holds the table."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def cpu_model() -> str:
@@ -50,6 +59,11 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     return info
 
 
+def backbone_summary(backbone: Backbone) -> dict[str, Any]:
+    num_params = sum(p.numel() for p in backbone.model.parameters())
+    return {**asdict(backbone.fingerprint), "num_parameters": num_params}
+
+
 GOALS = {  # name -> (limit, goal, higher_is_better)
     "mixed_over_uniform": (1.0, 0.97, True),
     "engine_over_peft": (None, 3.0, True),
@@ -81,7 +95,7 @@ def verdict(name: str, value: float) -> str:
 
 
 RATIOS = ("mixed_over_uniform", "engine_over_peft", "continuous_over_static")
-ARCH_NAMES = {"llama": "Llama", "t5": "T5 v1.1"}
+ARCH_NAMES = {"llama": "Llama", "t5": "T5 v1.1", "bert": "BERT-shaped encoder"}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -131,9 +145,15 @@ GROWTH = "rss_growth_over_tensor_bytes"
 
 
 def print_detail(name: str, detail: dict[str, Any]) -> None:
-    rates = {key: value for key, value in detail.items() if key.endswith("tokens_per_s")}
+    rates = {key: value for key, value in detail.items() if key.endswith("_per_s")}
     print(f"  {name}: " + ", ".join(f"{key} {value:.1f}" for key, value in rates.items()))
     print(f"    {detail['definition']}")
+    if "agreement" in detail:
+        same, diff = detail["agreement"]["same_label_rate"], detail["agreement"]["max_abs_prob_diff"]
+        print(f"    same top label as PEFT's: {same:.2f} of inputs; largest probability difference {diff:.1e}")
+    if "num_tokens" in detail:
+        ours, peft = detail["num_tokens"]["engine"], detail["num_tokens"]["peft"]
+        print(f"    positions computed (virtual tokens included): engine {ours:,}, PEFT {peft:,} (x{peft / ours:.2f})")
     if "match_rate" in detail:
         by_method = ", ".join(f"{k} {v:.2f}" for k, v in detail["match_rate_by_method"].items())
         print(

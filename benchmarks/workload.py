@@ -1,7 +1,9 @@
 """The benchmarks' synthetic world: a random Llama (GQA) backbone, PEFT-made tasks and requests.
 
 The seq2seq presets swap in a random T5 v1.1 and PEFT `SEQ_2_SEQ_LM` prompt-tuning tasks (T5-style prompt tuning,
-Lester et al. 2021); the workloads are the same.
+Lester et al. 2021); the workloads are the same. The classification presets swap in a random BERT-shaped encoder with
+a sequence-classification head and PEFT `SEQ_CLS` tasks of three kinds (prompt tuning, P-tuning, prefix tuning as
+P-Tuning v2 uses it on encoders); their requests are the same jobs, with nothing to generate.
 
 Everything is written to disk and loaded back through `from_pretrained` / the task store, as in the tests.
 """
@@ -14,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from tokenizers import processors
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -35,6 +39,7 @@ from server.engine.default_backbone import (
 )
 
 PROMPT, PREFIX = "prompt_tuning", "prefix_tuning"
+P_TUNING = "p_tuning"  # PEFT's PromptEncoder (an MLP over the virtual tokens; the saved task holds its output)
 
 # Llama shapes with grouped-query attention (4 query heads per KV head). The vocabulary is the byte tokenizer's
 # 259 ids, so the LM head is cheap next to a real model's; the layers are what is measured.
@@ -54,8 +59,21 @@ SEQ2SEQ_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
+# BERT shapes (learned absolute positions, 512 of them), same byte vocabulary, three labels.
+CLASSIFY_PRESETS: dict[str, dict[str, int]] = {
+    # ~11M parameters: the layers of MiniLM-L6-H384 (all-MiniLM-L6-v2, a common small encoder to fine-tune).
+    "cpu-classify": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536},
+}
+CLASSIFY_METHODS = (PROMPT, P_TUNING, PREFIX)
+NUM_LABELS = 3
+
+
 def is_seq2seq(preset: str) -> bool:
     return preset in SEQ2SEQ_PRESETS
+
+
+def is_classify(preset: str) -> bool:
+    return preset in CLASSIFY_PRESETS
 
 
 def backbone_config(preset: str) -> LlamaConfig | T5Config:
@@ -99,6 +117,44 @@ def t5_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def encoder_config(preset: str) -> BertConfig:
+    """`initializer_range` 0.2: with BERT's 0.02 a random encoder's outputs barely depend on the input, so the
+    probabilities compared with PEFT's would agree for any input."""
+    return BertConfig(
+        vocab_size=BYTE_VOCAB_SIZE,
+        max_position_embeddings=512,
+        pad_token_id=PAD_ID,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        num_labels=NUM_LABELS,
+        initializer_range=0.2,
+        **CLASSIFY_PRESETS[preset],
+    )
+
+
+def encoder_tokenizer() -> PreTrainedTokenizerFast:
+    """The byte tokenizer as an encoder's: `<s> text </s>` (<s> plays [CLS], </s> [SEP]), one token per character."""
+    tokenizer = byte_tokenizer()
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
+    )
+    tokenizer.cls_token, tokenizer.sep_token = "<s>", "</s>"
+    return tokenizer
+
+
+def write_encoder_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
+    """A seeded random `AutoModelForSequenceClassification` and its tokenizer, loadable by `from_pretrained`."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(encoder_config(preset))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.save_pretrained(directory)
+    encoder_tokenizer().save_pretrained(directory)
+    return directory
+
+
 def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
     """Random weights, except that </s> can never win: every request then runs to its max_new_tokens.
 
@@ -121,16 +177,24 @@ def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
     task_id: str
-    method: str  # PROMPT | PREFIX
+    method: str  # PROMPT | PREFIX (| P_TUNING on the classification presets)
     num_virtual_tokens: int
     adapter_dir: Path
 
 
 def peft_config(
     method: str, num_virtual_tokens: int, task_type: str = "CAUSAL_LM"
-) -> PromptTuningConfig | PrefixTuningConfig:
+) -> PromptTuningConfig | PromptEncoderConfig | PrefixTuningConfig:
     common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens}
+    if method == P_TUNING:
+        return PromptEncoderConfig(**common, encoder_hidden_size=128)  # PEFT's P-tuning guide uses 128
     return PromptTuningConfig(**common) if method == PROMPT else PrefixTuningConfig(**common)
+
+
+def task_type_of(base: PreTrainedModel) -> str:
+    if base.config.is_encoder_decoder:
+        return "SEQ_2_SEQ_LM"
+    return "SEQ_CLS" if isinstance(base.config, BertConfig) else "CAUSAL_LM"
 
 
 def write_task(base: PreTrainedModel, method: str, num_virtual_tokens: int, out_dir: Path, seed: int) -> Path:
@@ -138,13 +202,16 @@ def write_task(base: PreTrainedModel, method: str, num_virtual_tokens: int, out_
 
     Prompt learning leaves the base model's weights alone, so one loaded base serves every task's creation.
     On a T5 base the task is `SEQ_2_SEQ_LM`: PEFT saves 2P prompt rows and puts the first P before the encoder input.
+    On an encoder it is `SEQ_CLS`: PEFT also trains and saves its own copy of the classifier (`modules_to_save`).
     """
     torch.manual_seed(seed)
-    task_type = "SEQ_2_SEQ_LM" if base.config.is_encoder_decoder else "CAUSAL_LM"
-    model = get_peft_model(base, peft_config(method, num_virtual_tokens, task_type))
+    model = get_peft_model(base, peft_config(method, num_virtual_tokens, task_type_of(base)))
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.normal_(0.0, 1.0)
+        for name, param in model.named_parameters():
+            if ".modules_to_save." in name:  # the task's classifier
+                param.normal_(0.0, 0.5)
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -163,6 +230,20 @@ def write_tasks(
     for i in range(num_tasks):
         method = methods[i % len(methods)]
         task_id = f"{prefix}{method.split('_')[0]}-{i:03d}"
+        adapter_dir = write_task(base, method, num_virtual_tokens, root / task_id, seed=1000 + i)
+        tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
+    return tasks
+
+
+def write_classify_tasks(backbone_dir: Path, root: Path, num_tasks: int, num_virtual_tokens: int) -> list[TaskSpec]:
+    """`SEQ_CLS` tasks cycling through prompt tuning, P-tuning and prefix tuning, each with its own classifier.
+
+    Each task starts from a freshly loaded base: `get_peft_model` wraps the base's classifier in place."""
+    tasks = []
+    for i in range(num_tasks):
+        method = CLASSIFY_METHODS[i % len(CLASSIFY_METHODS)]
+        task_id = f"{method.replace('_tuning', '').replace('_', '')}-{i:03d}"  # prompt-000, ptuning-001, prefix-002
+        base = AutoModelForSequenceClassification.from_pretrained(backbone_dir)
         adapter_dir = write_task(base, method, num_virtual_tokens, root / task_id, seed=1000 + i)
         tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
     return tasks
@@ -229,6 +310,13 @@ def round_robin_workload(
 def methods_of(tasks: list[TaskSpec]) -> list[str]:
     """The tasks' methods, in order of first appearance."""
     return list(dict.fromkeys(t.method for t in tasks))
+
+
+def task_mix(tasks: list[TaskSpec]) -> str:
+    """E.g. '8 prompt tuning + 8 prefix tuning'."""
+    return " + ".join(
+        f"{sum(t.method == method for t in tasks)} {method.replace('_', ' ')}" for method in methods_of(tasks)
+    )
 
 
 def one_task_per_method(workload: Workload, tasks: list[TaskSpec]) -> Workload:
