@@ -11,9 +11,12 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware
@@ -31,6 +34,7 @@ FailureHook = Callable[[BaseException], None]
 Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 DEMO_MODULE = "server.demo"
 VERSION = "0.1.0"
+REPLICA_HEADER = "X-Promptserve-Replica"
 
 
 def create_app(
@@ -39,9 +43,11 @@ def create_app(
     *,
     engine_factory: EngineFactory | None = None,
     on_engine_failure: FailureHook | None = None,
+    replica_id: str | None = None,
 ) -> FastAPI:
     """With `engine`, serve it as is (the caller owns it); else build one with `engine_factory` (default: the
-    real engine) at start-up and shut it down at exit. `on_engine_failure` lets the CLI stop the server."""
+    real engine) at start-up and shut it down at exit. `on_engine_failure` lets the CLI stop the server.
+    Every response names the replica that served it (`replica_id`, default `<hostname>-<pid>`)."""
     settings = settings or Settings()
     state = AppState(settings=settings, metrics=Metrics(lambda: state.engine, settings.metrics_max_tasks))
     if engine is not None:
@@ -57,7 +63,32 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, upload_limit=settings.max_upload_bytes, request_limit=settings.max_request_bytes
     )
+    app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id or default_replica_id())  # outermost
     return app
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ReplicaHeaderMiddleware:
+    """Adds `X-Promptserve-Replica` to every response (errors and streams too): which replica served it."""
+
+    def __init__(self, app: ASGIApp, replica_id: str) -> None:
+        self.app = app
+        self.header = (REPLICA_HEADER.lower().encode(), replica_id.encode())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_named(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
 
 
 def engine_lifespan(state: AppState, factory: EngineFactory, on_failure: FailureHook | None) -> Lifespan:
