@@ -59,23 +59,11 @@ class PeftServer:
         self.tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         base = auto.from_pretrained(backbone_dir, dtype=DTYPES[dtype]).to(self.device).eval()
-        self.model_of: dict[str, PeftModel] = {}
-        wrappers: dict[str, PeftModel] = {}
-        for task in tasks:
-            model = wrappers.get(task.method)
-            if model is None:
-                model = PeftModel.from_pretrained(base, task.adapter_dir, adapter_name=task.task_id)
-                wrappers[task.method] = model.to(self.device).eval()
-            else:
-                model.load_adapter(task.adapter_dir, adapter_name=task.task_id)
-            self.model_of[task.task_id] = model
+        self.model_of = task_models(base, tasks, self.device)
 
     def run(self, workload: Workload) -> PeftRun:
         """Tasks one after another, in order of first appearance; each task's requests in one batch."""
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, job in enumerate(workload.jobs):
-            assert job.task_id is not None, "the PEFT baseline serves task requests only"
-            groups[job.task_id].append(i)
+        groups = rows_by_task(workload)
         encoded = {task_id: self.encode([workload.jobs[i].text for i in rows]) for task_id, rows in groups.items()}
         token_ids: list[list[int]] = [[] for _ in workload.jobs]
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -100,3 +88,28 @@ class PeftServer:
         # a causal LM returns the input and the new tokens; a seq2seq LM the decoder start token and the new tokens
         width = 1 if self.seq2seq else encoded["input_ids"].shape[1]
         return out[:, width:].tolist()  # [B, new]
+
+
+def task_models(base: torch.nn.Module, tasks: list[TaskSpec], device: torch.device) -> dict[str, PeftModel]:
+    """As PEFT users serve many prompt adapters: one PeftModel per method over the shared base (PEFT cannot mix
+    peft types in one model), `load_adapter` for each further task of that method. Task id -> its model."""
+    model_of: dict[str, PeftModel] = {}
+    wrappers: dict[str, PeftModel] = {}
+    for task in tasks:
+        model = wrappers.get(task.method)
+        if model is None:
+            model = PeftModel.from_pretrained(base, task.adapter_dir, adapter_name=task.task_id)
+            wrappers[task.method] = model.to(device).eval()
+        else:
+            model.load_adapter(task.adapter_dir, adapter_name=task.task_id)
+        model_of[task.task_id] = model
+    return model_of
+
+
+def rows_by_task(workload: Workload) -> dict[str, list[int]]:
+    """Each task's requests (indices into the workload), tasks in order of first appearance."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, job in enumerate(workload.jobs):
+        assert job.task_id is not None, "the PEFT baseline serves task requests only"
+        groups[job.task_id].append(i)
+    return groups

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from benchmarks.peft_baseline import DTYPES
+from benchmarks.peft_baseline import DTYPES, rows_by_task, task_models
 from benchmarks.workload import TaskSpec, Workload
 
 
@@ -55,23 +53,11 @@ class PeftClassifier:
         base = base.to(self.device).eval()
         encoder_params = inspect.signature(base.base_model.forward).parameters
         self.cache_name = "cache" if "cache" in encoder_params else "past_key_values"  # renamed in transformers 5.24
-        self.model_of: dict[str, PeftModel] = {}
-        wrappers: dict[str, PeftModel] = {}
-        for task in tasks:
-            model = wrappers.get(task.method)
-            if model is None:
-                model = PeftModel.from_pretrained(base, task.adapter_dir, adapter_name=task.task_id)
-                wrappers[task.method] = model.to(self.device).eval()
-            else:
-                model.load_adapter(task.adapter_dir, adapter_name=task.task_id)
-            self.model_of[task.task_id] = model
+        self.model_of = task_models(base, tasks, self.device)
 
     def run(self, workload: Workload) -> PeftClassifyRun:
         """Tasks one after another, in order of first appearance; each task's inputs in one batch."""
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, job in enumerate(workload.jobs):
-            assert job.task_id is not None, "the PEFT baseline serves task requests only"
-            groups[job.task_id].append(i)
+        groups = rows_by_task(workload)
         encoded = {task_id: self.encode([workload.jobs[i].text for i in rows]) for task_id, rows in groups.items()}
         probs: list[torch.Tensor] = [torch.empty(0)] * len(workload.jobs)
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from server.api.schemas import TaskId, encodable, integral_floats_as_integers
+from server.api.schemas import TargetTasks, encodable, integral_floats_as_integers
 from server.engine.nlu import MAX_CANDIDATES, MAX_INPUTS
 from server.engine.types import (
     Classification,
@@ -20,34 +20,6 @@ from server.engine.types import (
 
 Texts = Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
 Candidate = Annotated[str, StringConstraints(min_length=1)]
-ONE_TARGET: dict[str, Any] = {
-    "not": {
-        "required": ["task_id", "task_ids"],
-        "properties": {"task_id": {"type": "string"}, "task_ids": {"type": "array"}},
-    }
-}
-
-
-class TargetTasks(BaseModel):
-    """task_id (null: the backbone's own) or task_ids (an ensemble), not both."""
-
-    model_config = ConfigDict(strict=True, json_schema_extra=ONE_TARGET)
-
-    task_id: TaskId | None = None
-    task_ids: list[TaskId] | None = Field(default=None, min_length=1)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> TargetTasks:
-        if self.task_id is not None and self.task_ids is not None:
-            raise ValueError(
-                f"expected either task_id or task_ids, not both; found task_id={self.task_id!r} "
-                f"and task_ids={self.task_ids!r}"
-            )
-        return self
-
-    @property
-    def engine_task_ids(self) -> tuple[str | None, ...]:
-        return tuple(self.task_ids) if self.task_ids is not None else (self.task_id,)
 
 
 class ClassifyParameters(BaseModel):

@@ -127,21 +127,38 @@ class Parameters(BaseModel):
         )
 
 
-class GenerateRequest(BaseModel):
-    # task_id and task_ids exclude each other (null counts as absent): said in the schema too
-    model_config = ConfigDict(
-        strict=True,
-        json_schema_extra={
-            "not": {
-                "required": ["task_id", "task_ids"],
-                "properties": {"task_id": {"type": "string"}, "task_ids": {"type": "array"}},
-            }
-        },
-    )
+ONE_TARGET: dict[str, Any] = {
+    "not": {
+        "required": ["task_id", "task_ids"],
+        "properties": {"task_id": {"type": "string"}, "task_ids": {"type": "array"}},
+    }
+}
 
-    inputs: str
+
+class TargetTasks(BaseModel):
+    """task_id (null: the backbone's own) or task_ids (an ensemble), not both."""
+
+    model_config = ConfigDict(strict=True, json_schema_extra=ONE_TARGET)
+
     task_id: TaskId | None = None
     task_ids: list[TaskId] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> TargetTasks:
+        if self.task_id is not None and self.task_ids is not None:
+            raise ValueError(
+                f"expected either task_id or task_ids, not both; found task_id={self.task_id!r} "
+                f"and task_ids={self.task_ids!r}"
+            )
+        return self
+
+    @property
+    def engine_task_ids(self) -> tuple[str | None, ...]:
+        return tuple(self.task_ids) if self.task_ids is not None else (self.task_id,)
+
+
+class GenerateRequest(TargetTasks):
+    inputs: str
     ensemble: Literal["vote", "mean"] = "vote"
     parameters: Parameters = Field(default_factory=lambda: Parameters())
 
@@ -149,15 +166,6 @@ class GenerateRequest(BaseModel):
     @classmethod
     def _encodable(cls, value: str) -> str:
         return encodable(value)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> GenerateRequest:
-        if self.task_id is not None and self.task_ids is not None:
-            raise ValueError(
-                f"expected either task_id or task_ids, not both; found task_id={self.task_id!r} "
-                f"and task_ids={self.task_ids!r}"
-            )
-        return self
 
     @property
     def is_ensemble(self) -> bool:
