@@ -1,0 +1,112 @@
+"""promptserve as a Ray Serve application: N replicas of the same engine and HTTP API behind Ray's HTTP proxy.
+
+Each replica is one process with one engine (one GPU: `ray_actor_options={"num_gpus": 1}`) serving the whole
+FastAPI app of `create_app`, so every route (native, OpenAI, tasks, metrics, streaming) works through the proxy.
+Settings come from the same PROMPTSERVE_* environment (set it with the application's `runtime_env.env_vars`),
+and builder arguments named like a setting override it. All replicas share one task store (a directory every
+node mounts, or object storage): a task registered through any replica is servable on the others.
+
+Task ids are deliberately NOT mapped to Ray's model multiplexing: it would route each task to its own
+replicas and split the mixed-task batches that are the point of the product. Any replica serves any task.
+
+    serve run server.ray_serve:build_app num_replicas=2 num_gpus=0 store_dir=/shared/store
+    serve deploy deploy/ray/serve.yaml
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+
+from server.api.app import build_real_engine, create_app, prepare_engine
+from server.api.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_NAME = "promptserve"
+
+
+class ReplicaOptions(BaseModel):
+    """How Ray runs the replicas (the builder's arguments that are not settings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int | None = Field(default=None, ge=1)  # a fixed count; None: autoscale
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    # ongoing requests per replica the autoscaler aims at: well below max_ongoing_requests, so a replica
+    # scales out while its batch still has room rather than once requests queue
+    target_ongoing_requests: float = Field(default=16, gt=0)
+    # the most requests the proxy hands one replica at once; a batching engine wants many (Ray's default is 5)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    num_gpus: float = Field(default=1, ge=0)  # one GPU per replica; 0 on a CPU-only cluster
+    num_cpus: float = Field(default=1, ge=0)
+    health_check_period_s: float = Field(default=10, gt=0)
+    health_check_timeout_s: float = Field(default=30, gt=0)
+
+    def deployment_options(self) -> dict[str, Any]:
+        scaling: dict[str, Any] = (
+            {"num_replicas": self.num_replicas, "autoscaling_config": None}
+            if self.num_replicas is not None
+            else {
+                "autoscaling_config": {
+                    "min_replicas": self.min_replicas,
+                    "max_replicas": self.max_replicas,
+                    "target_ongoing_requests": self.target_ongoing_requests,
+                }
+            }
+        )
+        return {
+            **scaling,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+
+
+class PromptServe:
+    """One replica: the engine is loaded before the replica takes traffic (Ray routes to it only once its
+    constructor returns), then the unchanged FastAPI app serves it (`http_app`: Ray's wrapper owns `app`)."""
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        settings = Settings(**overrides)  # the replica's own PROMPTSERVE_* environment, then the overrides
+        self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+        self.engine = prepare_engine(settings, build_real_engine)  # blocking: the replica serves nothing yet
+        self.http_app = create_app(settings, self.engine, replica_id=self.replica_id)
+        logger.info("replica %s ready: %d tasks", self.replica_id, len(self.engine.list_tasks()))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self.http_app
+
+    def check_health(self) -> None:
+        """Ray's health check: a replica whose engine stopped is replaced."""
+        state = self.http_app.state.promptserve
+        if not state.is_ready:
+            raise RuntimeError(f"replica {self.replica_id}: {state.unavailable_reason()}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+PromptServeDeployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(PromptServe))
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """The application builder (`serve run server.ray_serve:build_app key=value ...`): arguments named like a
+    setting (store_dir, model, torch_threads, ...) override the environment; the others are ReplicaOptions."""
+    setting_names = set(Settings.model_fields)
+    overrides = {name: value for name, value in args.items() if name in setting_names}
+    Settings(**overrides)  # fail here, in the driver, on a bad setting rather than in every replica
+    options = ReplicaOptions(**{name: value for name, value in args.items() if name not in setting_names})
+    return PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
+
+
+app = build_app({})  # `serve run server.ray_serve:app`: one GPU per replica, autoscaled, settings from the env

@@ -1,0 +1,155 @@
+"""promptserve on Ray Serve: a 2-replica CPU application on this machine, through Ray's HTTP proxy.
+
+Requests spread over both replicas (the replica header says which served each), and a task registered through
+the proxy is served by both replicas with no 404. Also: deploy/ray/serve.yaml is a valid Serve config.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from server.api.app import REPLICA_HEADER, create_app
+from server.api.settings import Settings
+from server.demo import ADAPTER_CONFIG, ADAPTER_MODEL, DEMO_TASKS
+from tests.api.fake_engine import FakeEngine
+from tests.deploy.helpers import ROOT
+from tests.live_server import free_port
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+from server.ray_serve import PromptServe, build_app  # noqa: E402  (needs ray: skipped above without it)
+
+SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve.yaml"
+NUM_REPLICAS = 2
+MAX_TRIES = 60  # requests before concluding the proxy never reaches a replica (it picks among them at random)
+
+
+def cpu_app_args(store_dir: Path) -> dict[str, Any]:
+    """Two CPU replicas of the built-in backbone, one torch thread each, sharing one store directory."""
+    return {
+        "num_replicas": NUM_REPLICAS,
+        "num_gpus": 0,
+        "num_cpus": 1,
+        "store_dir": str(store_dir),
+        "device": "cpu",
+        "demo_tasks": False,
+        "self_check": False,
+        "torch_threads": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cpu_app_args(tmp_path_factory.mktemp("store"))), name="promptserve", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def generate(client: httpx.Client, task_id: str | None) -> httpx.Response:
+    body = {"inputs": "hello", "task_id": task_id, "parameters": {"max_new_tokens": 2}}
+    return client.post("/v1/generate", json=body)
+
+
+@pytest.mark.slow
+def test_requests_spread_over_both_replicas(proxy_url: str) -> None:
+    replicas = set()
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        for _ in range(MAX_TRIES):
+            response = generate(client, None)
+            assert response.status_code == 200, response.text
+            replicas.add(response.headers[REPLICA_HEADER])
+            if len(replicas) == NUM_REPLICAS:
+                break
+    assert len(replicas) == NUM_REPLICAS
+
+
+@pytest.mark.slow
+def test_every_route_kind_answers_through_the_proxy(proxy_url: str) -> None:
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        assert client.get("/health").status_code == 200
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        assert b"promptserve" in client.get("/metrics").content
+        completion = client.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+        assert completion.status_code == 200, completion.text
+        body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+        with client.stream("POST", "/v1/generate_stream", json=body) as stream:
+            events = [line for line in stream.iter_lines() if line.startswith("data:")]
+        assert stream.status_code == 200 and len(events) >= 2
+
+
+@pytest.mark.slow
+def test_task_registered_through_the_proxy_is_served_by_both_replicas(proxy_url: str) -> None:
+    demo = DEMO_TASKS["upper"]
+    files = {
+        "adapter_config": (ADAPTER_CONFIG, (demo / ADAPTER_CONFIG).read_bytes(), "application/json"),
+        "adapter_model": (ADAPTER_MODEL, (demo / ADAPTER_MODEL).read_bytes(), "application/octet-stream"),
+    }
+    statuses: list[int] = []
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        registered = client.put("/v1/tasks/shouty", files=files)
+        assert registered.status_code == 201, registered.text
+        replicas = set()
+        for _ in range(MAX_TRIES):
+            response = generate(client, "shouty")
+            statuses.append(response.status_code)
+            replicas.add(response.headers[REPLICA_HEADER])
+            if len(replicas) == NUM_REPLICAS:
+                break
+            time.sleep(0.02)
+    assert set(statuses) == {200}, f"statuses after registration: {statuses}"
+    assert len(replicas) == NUM_REPLICAS
+
+
+def test_serve_config_is_a_valid_serve_deploy_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "server.ray_serve:build_app"
+
+
+def test_serve_config_args_build_an_autoscaled_gpu_application() -> None:
+    (application,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    deployment = build_app(application["args"])._bound_deployment
+    assert deployment.ray_actor_options["num_gpus"] == 1
+    assert deployment._deployment_config.autoscaling_config.target_ongoing_requests == 16
+
+
+def test_builder_refuses_an_unknown_argument() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        build_app({"num_replica": 2})
+
+
+def replica_over(engine: FakeEngine) -> PromptServe:
+    """A replica object without Ray: its app over a fake engine, as its constructor would leave it."""
+    replica = object.__new__(PromptServe)
+    replica.replica_id, replica.engine = "promptserve#test", engine  # type: ignore[assignment]
+    replica.http_app = create_app(Settings(demo_tasks=False), engine, replica_id=replica.replica_id)
+    return replica
+
+
+def test_check_health_passes_while_the_engine_runs() -> None:
+    replica_over(FakeEngine()).check_health()
+
+
+def test_check_health_raises_once_the_engine_stopped() -> None:
+    engine = FakeEngine()
+    replica = replica_over(engine)
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="the engine is not running"):
+        replica.check_health()
