@@ -20,10 +20,11 @@ RUN python -m venv /opt/venv \
     && pip install --no-cache-dir -c requirements.lock pip setuptools
 # torch first and from its own index: the default PyPI wheel would pull a multi-GB CUDA build into a CPU image.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
-# The runtime dependencies and the train extra (`promptserve train` on the image's GPU), without the dev extra, at
-# the versions of the lock the suite passed with.
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print(*p['dependencies'], *p['optional-dependencies']['train'], sep='\n')" > /tmp/runtime.txt \
+# The runtime dependencies, the train extra (`promptserve train` on the image's GPU) and the s3 extra (a store on
+# object storage: `--store s3://bucket/prefix`), without the dev extra, at the versions of the lock the suite passed
+# with. (Ray Serve images add the ray extra on Ray's own base image: deploy/k8s/ray.)
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; e = p['optional-dependencies']; \
+print(*p['dependencies'], *e['train'], *e['s3'], sep='\n')" > /tmp/runtime.txt \
     && pip install --no-cache-dir -c requirements.lock -r /tmp/runtime.txt
 COPY README.md ./
 COPY clients clients

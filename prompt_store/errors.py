@@ -24,3 +24,7 @@ class TaskNotFound(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class StoreUnavailable(StoreError):
+    """The store's backend cannot be reached or refused the request (an S3 endpoint down, a missing bucket)."""

@@ -1,7 +1,14 @@
-"""The durable task registry: one directory (local disk or a shared volume), many readers and writers.
+"""The durable task registry: one store (a directory, local or shared, or an S3 bucket), many readers and writers.
 
-Disk is the source of truth; the in-memory index is rebuilt at start-up and kept fresh by `refresh` (polling),
+The store is the source of truth; the in-memory index is rebuilt at start-up and kept fresh by `refresh` (polling),
 so tasks written or deleted by other processes show up without a restart.
+
+Consistency between processes (replicas) sharing a store:
+- a registration is servable everywhere as soon as `register` returns: a process that does not know an id looks it
+  up in the store before saying TaskNotFound (rate-limited: see lookups.py);
+- a replacement or deletion elsewhere reaches a process's index within one poll interval (`start_polling`); until
+  then it serves the version it knows. On a directory a load notices sooner (a version removed from disk is never
+  served); on S3 a cached artifact is trusted until the poll, so the window is the poll interval plus one refresh.
 """
 
 from __future__ import annotations
@@ -16,24 +23,17 @@ from pathlib import Path
 from typing import Literal
 
 from prompt_store.adapter import StoreLimits, is_valid_task_id, validate_task_id
-from prompt_store.errors import InvalidTask, TaskNotFound
-from prompt_store.fsio import clear_dir, file_lock, fsync_dir, move_to_trash, remove_tree, replace_file_durably
+from prompt_store.backend import StoreBackend, open_backend
+from prompt_store.errors import InvalidTask, StoreError, TaskNotFound
 from prompt_store.layout import StoreLayout
+from prompt_store.lookups import LookupLimiter
 from prompt_store.lru import ArtifactLRU
 from prompt_store.types import BackboneFingerprint, TaskArtifact, TaskKey, TaskRecord
-from prompt_store.versions import (
-    commit_version,
-    labels_of_dir,
-    now_rfc3339,
-    parse_upload,
-    read_adapter_files,
-    read_version,
-    stage_version,
-)
+from prompt_store.versions import labels_of_dir, now_rfc3339, parse_upload, read_adapter_files
 
 logger = logging.getLogger(__name__)
 
-# Versions kept on disk behind the current one: a replica that has not polled yet may still resolve it.
+# Versions kept in the store behind the current one: a replica that has not polled yet may still resolve it.
 OLD_VERSIONS_KEPT = 1
 
 
@@ -48,16 +48,21 @@ StoreListener = Callable[[StoreEvent], None]
 
 
 class TaskStore:
-    """Registers, versions, deletes and loads tasks; safe to share between threads and processes."""
+    """Registers, versions, deletes and loads tasks; safe to share between threads and processes.
+
+    `location`: a directory (created if missing; the default backend) or `s3://bucket/prefix` (its endpoint,
+    region and credentials from the standard AWS environment variables); StoreError if it cannot be opened.
+    """
 
     def __init__(
         self,
-        root: str | Path,
+        location: str | Path,
         fingerprint: BackboneFingerprint,
         limits: StoreLimits = StoreLimits(),
         max_cached_artifacts: int = 256,  # CPU artifacts kept for repeated loads (bounded also by bytes)
+        lookups: LookupLimiter | None = None,  # rate limits on looking up unknown ids (default: lookups.py's)
     ) -> None:
-        self.layout = StoreLayout(Path(root))
+        self.backend: StoreBackend = open_backend(location)
         self.fingerprint = fingerprint
         self.limits = limits
         self._records: dict[str, TaskRecord] = {}  # task_id -> current version
@@ -68,35 +73,40 @@ class TaskStore:
         self._artifacts = ArtifactLRU(max_entries=max_cached_artifacts)
         self._poller: threading.Thread | None = None
         self._stop_polling = threading.Event()
-        self.layout.create_dirs()
+        self._lookups = LookupLimiter() if lookups is None else lookups
         self._recover()
 
     @property
+    def location(self) -> str:
+        """The path or URI the store was opened on: `TaskStore(store.location, ...)` opens it again."""
+        return self.backend.location
+
+    @property
     def root(self) -> Path:
+        """A directory store's root (StoreError on S3)."""
         return self.layout.root
+
+    @property
+    def layout(self) -> StoreLayout:
+        """A directory store's layout (StoreError on S3)."""
+        layout = getattr(self.backend, "layout", None)
+        if not isinstance(layout, StoreLayout):
+            raise StoreError(f"{self.location} is not a directory store")
+        return layout
 
     # ---- start-up
 
     def _recover(self) -> None:
         started = time.monotonic()
-        with file_lock(self.layout.lock_path):  # no writer is mid-staging while we hold it
-            num_partial = clear_dir(self.layout.tmp_dir) + clear_dir(self.layout.trash_dir)
-            self._remove_empty_task_dirs()
+        num_partial = self.backend.recover()
         self._rescan(None, emit=False)
         logger.info(
             "recovered %d tasks from %s in %.3f s (%d partial writes discarded)",
             len(self),
-            self.root,
+            self.location,
             time.monotonic() - started,
             num_partial,
         )
-
-    def _remove_empty_task_dirs(self) -> None:
-        """A writer killed between creating a task directory and committing into it leaves it empty."""
-        for task_id in self.layout.task_ids():
-            task_dir = self.layout.task_dir(task_id)
-            if task_dir.is_dir() and not any(task_dir.iterdir()):
-                task_dir.rmdir()
 
     # ---- writes
 
@@ -108,16 +118,17 @@ class TaskStore:
         validate_task_id(task_id)
         parsed = parse_upload(adapter_config, adapter_model, self.fingerprint, self.limits, labels)
         created_at = now_rfc3339()
-        with file_lock(self.layout.lock_path):
-            staging = stage_version(self.layout, task_id, parsed, created_at)
+        with self.backend.writing():
+            staged = self.backend.stage(task_id, parsed, created_at)
             try:
                 with self._write_lock:
-                    version, created = commit_version(self.layout, task_id, staging)
+                    version, created = self.backend.commit(task_id, staged)
                     record = parsed.record(task_id, version, created_at)
                     is_changed = self._set_record(task_id, record)
             finally:
-                remove_tree(staging)  # a no-op once committed; clears a failed attempt
+                self.backend.discard(staged)  # a no-op once committed; clears a failed attempt
             self._drop_old_versions(task_id, version)
+        self._lookups.found(task_id)
         self._artifacts.put(parsed.artifact(record))
         logger.info("registered task %r version %d (%s)", task_id, version, record.method.value)
         if is_changed:
@@ -140,51 +151,47 @@ class TaskStore:
         return self.register(task_id, adapter_config, adapter_model, labels_of_dir(Path(adapter_dir)))
 
     def _drop_old_versions(self, task_id: str, current: int) -> None:
-        older = [version for version in self.layout.versions(task_id) if version < current]
+        older = [version for version in self.backend.versions(task_id) if version < current]
         doomed = older[: max(0, len(older) - OLD_VERSIONS_KEPT)]
+        self.backend.drop_versions(task_id, doomed)
         for version in doomed:
-            # Rename first: another process never sees a half-removed version directory.
-            trashed = move_to_trash(self.layout.version_dir(task_id, version), self.layout.trash_dir)
-            if trashed is not None:
-                remove_tree(trashed)
             self._artifacts.discard((task_id, version))
-        if doomed:
-            fsync_dir(self.layout.task_dir(task_id))
 
     def delete(self, task_id: str) -> None:
         """Atomically remove every version of a task; TaskNotFound if there is none."""
         if not is_valid_task_id(task_id):
             raise TaskNotFound(task_id)
-        with file_lock(self.layout.lock_path), self._write_lock:
-            trashed = self._delete_on_disk(task_id)
+        with self.backend.writing(), self._write_lock:
+            # The backend leaves a tombstone, so a later registration continues the numbering: (task_id, version)
+            # keys the device caches, and a reused key would serve the deleted tensors.
+            is_found = self.backend.delete(task_id)
             is_changed = self._set_record(task_id, None)
         self._artifacts.discard_task(task_id)
         if is_changed:
             self._emit([StoreEvent("deleted", task_id, None)])
-        if trashed is None:
+        if not is_found:
             raise TaskNotFound(task_id)
-        remove_tree(trashed)
         logger.info("deleted task %r", task_id)
-
-    def _delete_on_disk(self, task_id: str) -> Path | None:
-        versions = self.layout.versions(task_id)
-        if not versions:
-            return None
-        # The tombstone goes first, so a later registration continues the numbering: (task_id, version)
-        # keys the device caches, and a reused key would serve the deleted tensors.
-        floor = max(*versions, self.layout.tombstone(task_id))
-        tombstone = self.layout.tombstones_dir / task_id
-        replace_file_durably(tombstone, str(floor).encode(), self.layout.tmp_dir)
-        trashed = move_to_trash(self.layout.task_dir(task_id), self.layout.trash_dir)
-        fsync_dir(self.layout.tasks_dir)
-        return trashed
 
     # ---- reads
 
     def get(self, task_id: str) -> TaskRecord:
+        """The current version's record; an id this process does not know is looked up in the store first."""
         with self._index_lock:
             record = self._records.get(task_id)
         if record is None:
+            return self._look_up(task_id)
+        return record
+
+    def _look_up(self, task_id: str) -> TaskRecord:
+        """Rescan one task this process does not know (rate-limited: lookups.py); TaskNotFound if absent."""
+        if not is_valid_task_id(task_id) or not self._lookups.allow(task_id):
+            raise TaskNotFound(task_id)
+        self._rescan([task_id], emit=True)
+        with self._index_lock:
+            record = self._records.get(task_id)
+        if record is None:
+            self._lookups.missed(task_id)
             raise TaskNotFound(task_id)
         return record
 
@@ -211,17 +218,21 @@ class TaskStore:
                 pass  # replaced or deleted by another process since our last scan
             except InvalidTask as exc:
                 self._reject(task_id, record.version, exc)
-        # Disk is the truth: rescan this one task (it may also be new from another process).
-        self._rescan([task_id], emit=True)
-        return self._load_version(task_id, self.get(task_id).version)
+            # The store is the truth: rescan this one task (replaced or deleted by another process).
+            self._rescan([task_id], emit=True)
+            return self._load_version(task_id, self.get(task_id).version)
+        # Unknown here: maybe new from another process (a rate-limited lookup, so no stale 404).
+        return self._load_version(task_id, self._look_up(task_id).version)
 
     def _load_version(self, task_id: str, version: int) -> TaskArtifact:
-        if not self.layout.version_dir(task_id, version).is_dir():
+        # Cheap on a directory (a stat), so a version removed there is never served; on S3 a request per load
+        # would cost more than the poll interval's window it closes.
+        if self.backend.is_local and not self.backend.has_version(task_id, version):
             raise TaskNotFound(task_id, version)
         cached = self._artifacts.get((task_id, version))
         if cached is not None:
             return cached
-        artifact = read_version(self.layout, task_id, version, self.fingerprint, self.limits)
+        artifact = self.backend.read(task_id, version, self.fingerprint, self.limits)
         self._artifacts.put(artifact)
         return artifact
 
@@ -230,15 +241,16 @@ class TaskStore:
         return self._artifacts.keys()
 
     def version_dir(self, task_id: str, version: int) -> Path:
-        """The PEFT adapter directory of a version (`PeftModel.from_pretrained` loads it)."""
-        if not is_valid_task_id(task_id) or not self.layout.version_dir(task_id, version).is_dir():
+        """The PEFT adapter directory of a version (`PeftModel.from_pretrained` loads it); on S3 a local copy,
+        downloaded once into a temporary directory that lives as long as the store."""
+        if not is_valid_task_id(task_id) or not self.backend.has_version(task_id, version):
             raise TaskNotFound(task_id, version)
-        return self.layout.version_dir(task_id, version)
+        return self.backend.version_dir(task_id, version, self.limits)
 
     # ---- hot-loading
 
     def refresh(self) -> bool:
-        """Rescan the directory; True if any task appeared, changed version or disappeared."""
+        """Rescan the store; True if any task appeared, changed version or disappeared."""
         return bool(self._rescan(None, emit=True))
 
     def add_listener(self, listener: StoreListener) -> None:
@@ -269,8 +281,8 @@ class TaskStore:
         while not stop.wait(interval_s):
             try:
                 self.refresh()
-            except Exception:  # a flaky shared volume must not kill hot-loading for good
-                logger.exception("refreshing the task store at %s failed; retrying in %.1f s", self.root, interval_s)
+            except Exception:  # a flaky shared volume or S3 endpoint must not kill hot-loading for good
+                logger.exception("refreshing the task store %s failed; retrying in %.1f s", self.location, interval_s)
 
     # ---- index maintenance
 
@@ -279,14 +291,21 @@ class TaskStore:
             with self._index_lock:
                 known = dict(self._records)
             if task_ids is None:
-                task_ids = sorted(set(self.layout.task_ids()) | set(known))
-            events = [event for task_id in task_ids if (event := self._rescan_task(task_id, known.get(task_id)))]
+                listing = self.backend.listing()
+                task_ids = sorted(set(listing) | set(known))
+            else:
+                listing = {task_id: self.backend.versions(task_id) for task_id in task_ids}
+            events = [
+                event
+                for task_id in task_ids
+                if (event := self._rescan_task(task_id, known.get(task_id), listing.get(task_id, [])))
+            ]
         if emit:
             self._emit(events)
         return events
 
-    def _rescan_task(self, task_id: str, current: TaskRecord | None) -> StoreEvent | None:
-        found = self._newest_valid(task_id, current)
+    def _rescan_task(self, task_id: str, current: TaskRecord | None, versions: builtins.list[int]) -> StoreEvent | None:
+        found = self._newest_valid(task_id, current, versions)
         if not self._set_record(task_id, found):
             return None
         if found is None:
@@ -294,14 +313,14 @@ class TaskStore:
             return StoreEvent("deleted", task_id, None)
         return StoreEvent("registered", task_id, found.version)
 
-    def _newest_valid(self, task_id: str, current: TaskRecord | None) -> TaskRecord | None:
-        for version in reversed(self.layout.versions(task_id)):
+    def _newest_valid(self, task_id: str, current: TaskRecord | None, versions: builtins.list[int]) -> TaskRecord | None:
+        for version in reversed(versions):
             if current is not None and version == current.version:
                 return current
             if (task_id, version) in self._rejected:
                 continue
             try:
-                artifact = read_version(self.layout, task_id, version, self.fingerprint, self.limits)
+                artifact = self.backend.read(task_id, version, self.fingerprint, self.limits)
             except TaskNotFound:
                 continue  # removed while we looked
             except (InvalidTask, OSError) as exc:

@@ -78,8 +78,12 @@ def parse_upload(
 
 
 def record_json(task_id: str, parsed: ParsedAdapter, created_at: str) -> bytes:
-    # No version inside: the version is the directory name, chosen only at commit time.
-    fields = {
+    return json.dumps(record_fields(task_id, parsed, created_at), indent=2).encode()
+
+
+def record_fields(task_id: str, parsed: ParsedAdapter, created_at: str) -> dict[str, Any]:
+    # No version inside: the version is the directory (or manifest) name, chosen only at commit time.
+    return {
         "format": RECORD_FORMAT,
         "task_id": task_id,
         "method": parsed.content.method.value,
@@ -89,7 +93,6 @@ def record_json(task_id: str, parsed: ParsedAdapter, created_at: str) -> bytes:
         "sha256": parsed.sha256,
         "created_at": created_at,
     }
-    return json.dumps(fields, indent=2).encode()
 
 
 def stage_version(layout: StoreLayout, task_id: str, parsed: ParsedAdapter, created_at: str) -> Path:
@@ -186,13 +189,31 @@ def read_version(
         if not version_dir.is_dir():
             raise TaskNotFound(task_id, version) from None
         raise
-    parsed = parse_upload(config_bytes, model_bytes, fingerprint, limits, labels)
-    if parsed.sha256 != fields.get("sha256") or fields.get("task_id", task_id) != task_id:
-        raise InvalidTask(
-            f"{version_dir}: expected sha256 {fields.get('sha256')!r} of task {fields.get('task_id')!r}; "
-            f"found {parsed.sha256!r} in directory of task {task_id!r}"
-        )
-    return parsed.artifact(parsed.record(task_id, version, fields["created_at"]))
+    stored = StoredVersion(task_id, version, fields, config_bytes, model_bytes, labels)
+    return stored.validate(fingerprint, limits, str(version_dir))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVersion:
+    """A committed version's bytes as read back, before re-validation."""
+
+    task_id: str
+    version: int
+    fields: dict[str, Any]  # the record written at registration (sha256, created_at, ...)
+    config_bytes: bytes
+    model_bytes: bytes
+    labels: bytes | None
+
+    def validate(self, fingerprint: BackboneFingerprint, limits: StoreLimits, where: str) -> TaskArtifact:
+        """Re-validate as an upload, and check it is what was registered (sha256 and task id)."""
+        fields, task_id = self.fields, self.task_id
+        parsed = parse_upload(self.config_bytes, self.model_bytes, fingerprint, limits, self.labels)
+        if parsed.sha256 != fields.get("sha256") or fields.get("task_id", task_id) != task_id:
+            raise InvalidTask(
+                f"{where}: expected sha256 {fields.get('sha256')!r} of task {fields.get('task_id')!r}; "
+                f"found {parsed.sha256!r} in the version of task {task_id!r}"
+            )
+        return parsed.artifact(parsed.record(task_id, self.version, fields["created_at"]))
 
 
 def labels_of_dir(directory: Path) -> bytes | None:

@@ -1,0 +1,87 @@
+"""Where task versions live: one interface, two backends (a directory, the default; an S3 bucket for replicas).
+
+A backend owns the durable bytes and the promises about them (atomic, immutable, never-reused versions); the
+registry above it owns the in-memory index, the artifact LRU, polling and listeners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Protocol
+
+from prompt_store.adapter import StoreLimits
+from prompt_store.types import BackboneFingerprint, TaskArtifact
+from prompt_store.versions import ParsedAdapter
+
+S3_SCHEME = "s3://"
+
+
+class StoreBackend(Protocol):
+    is_local: bool  # True: checking a version exists is cheap enough for every load
+
+    @property
+    def location(self) -> str:
+        """The path or URI this backend was opened on (logs, error messages, reopening)."""
+        ...
+
+    def recover(self) -> int:
+        """At start-up: discard what killed writers left behind; return how many leftovers were removed."""
+        ...
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Held around a registration or deletion (a cross-process lock for the directory; nothing on S3)."""
+        ...
+
+    def listing(self) -> dict[str, list[int]]:
+        """Every task's committed versions, ascending (one pass over the store)."""
+        ...
+
+    def versions(self, task_id: str) -> list[int]:
+        """One task's committed versions, ascending; [] if it has none."""
+        ...
+
+    def stage(self, task_id: str, parsed: ParsedAdapter, created_at: str) -> Any:
+        """Write a version's bytes durably, not yet visible; the result is opaque, for `commit` and `discard`."""
+        ...
+
+    def commit(self, task_id: str, staged: Any) -> tuple[int, bool]:
+        """Make a staged version visible, atomically, as the next never-used number: (version, created)."""
+        ...
+
+    def discard(self, staged: Any) -> None:
+        """Remove a staged version that was not committed (a no-op once committed)."""
+        ...
+
+    def drop_versions(self, task_id: str, versions: list[int]) -> None:
+        """Remove old versions (replaced ones), each atomically: a reader sees a whole version or none."""
+        ...
+
+    def delete(self, task_id: str) -> bool:
+        """Remove every version, leaving a tombstone so numbers are never reused; False if there was none."""
+        ...
+
+    def read(self, task_id: str, version: int, fingerprint: BackboneFingerprint, limits: StoreLimits) -> TaskArtifact:
+        """Load and re-validate a version: TaskNotFound if it is gone, InvalidTask if it is damaged."""
+        ...
+
+    def has_version(self, task_id: str, version: int) -> bool: ...
+
+    def version_dir(self, task_id: str, version: int, limits: StoreLimits) -> Path:
+        """A local PEFT adapter directory of a version (S3: downloaded into a local cache once)."""
+        ...
+
+
+def is_s3_uri(location: str | Path) -> bool:
+    return isinstance(location, str) and location.startswith(S3_SCHEME)
+
+
+def open_backend(location: str | Path) -> StoreBackend:
+    """A directory path (created if missing) or `s3://bucket/prefix` (checked: reachable, bucket exists)."""
+    if is_s3_uri(location):
+        from prompt_store.s3 import S3Backend  # boto3 is the optional `s3` extra
+
+        return S3Backend.open(str(location))
+    from prompt_store.directory import DirectoryBackend
+
+    return DirectoryBackend(Path(location))

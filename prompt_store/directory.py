@@ -1,0 +1,93 @@
+"""The directory backend (the default): local disk or a shared volume, fsynced writes and atomic renames.
+
+Writers in every process take the store's flock around staging, committing and deleting; see layout.py for
+where things live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from prompt_store.adapter import StoreLimits
+from prompt_store.fsio import clear_dir, file_lock, fsync_dir, move_to_trash, remove_tree, replace_file_durably
+from prompt_store.layout import StoreLayout
+from prompt_store.types import BackboneFingerprint, TaskArtifact
+from prompt_store.versions import ParsedAdapter, commit_version, read_version, stage_version
+
+
+class DirectoryBackend:
+    is_local = True  # checking a version exists is a stat: every load does, so a version removed is never served
+
+    def __init__(self, root: Path) -> None:
+        self.layout = StoreLayout(root)
+        self.layout.create_dirs()
+
+    @property
+    def location(self) -> str:
+        return str(self.layout.root)
+
+    def recover(self) -> int:
+        with file_lock(self.layout.lock_path):  # no writer is mid-staging while we hold it
+            num_partial = clear_dir(self.layout.tmp_dir) + clear_dir(self.layout.trash_dir)
+            self._remove_empty_task_dirs()
+        return num_partial
+
+    def _remove_empty_task_dirs(self) -> None:
+        """A writer killed between creating a task directory and committing into it leaves it empty."""
+        for task_id in self.layout.task_ids():
+            task_dir = self.layout.task_dir(task_id)
+            if task_dir.is_dir() and not any(task_dir.iterdir()):
+                task_dir.rmdir()
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.layout.lock_path)
+
+    def listing(self) -> dict[str, list[int]]:
+        return {task_id: self.layout.versions(task_id) for task_id in self.layout.task_ids()}
+
+    def versions(self, task_id: str) -> list[int]:
+        return self.layout.versions(task_id)
+
+    def stage(self, task_id: str, parsed: ParsedAdapter, created_at: str) -> Path:
+        return stage_version(self.layout, task_id, parsed, created_at)
+
+    def commit(self, task_id: str, staged: Path) -> tuple[int, bool]:
+        return commit_version(self.layout, task_id, staged)
+
+    def discard(self, staged: Path) -> None:
+        remove_tree(staged)
+
+    def drop_versions(self, task_id: str, versions: list[int]) -> None:
+        for version in versions:
+            # Rename first: another process never sees a half-removed version directory.
+            trashed = move_to_trash(self.layout.version_dir(task_id, version), self.layout.trash_dir)
+            if trashed is not None:
+                remove_tree(trashed)
+        if versions:
+            fsync_dir(self.layout.task_dir(task_id))
+
+    def delete(self, task_id: str) -> bool:
+        versions = self.layout.versions(task_id)
+        if not versions:
+            return False
+        # The tombstone goes first, so a later registration continues the numbering: (task_id, version)
+        # keys the device caches, and a reused key would serve the deleted tensors.
+        floor = max(*versions, self.layout.tombstone(task_id))
+        tombstone = self.layout.tombstones_dir / task_id
+        replace_file_durably(tombstone, str(floor).encode(), self.layout.tmp_dir)
+        trashed = move_to_trash(self.layout.task_dir(task_id), self.layout.trash_dir)
+        fsync_dir(self.layout.tasks_dir)
+        if trashed is None:
+            return False
+        remove_tree(trashed)
+        return True
+
+    def read(self, task_id: str, version: int, fingerprint: BackboneFingerprint, limits: StoreLimits) -> TaskArtifact:
+        return read_version(self.layout, task_id, version, fingerprint, limits)
+
+    def has_version(self, task_id: str, version: int) -> bool:
+        return self.layout.version_dir(task_id, version).is_dir()
+
+    def version_dir(self, task_id: str, version: int, limits: StoreLimits) -> Path:
+        return self.layout.version_dir(task_id, version)

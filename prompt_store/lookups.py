@@ -1,0 +1,73 @@
+"""Rate limits on looking up, in the shared store, a task id this process does not know (no stale 404).
+
+A replica that misses an id asks the store before answering 404, so a task registered through another replica is
+servable at once. A flood of unknown ids must not turn into a flood of store requests (an S3 LIST each), hence a
+token bucket per process and a short negative cache per id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+# Sustained lookups per second per process: an S3 LIST is a few ms on a nearby endpoint, so this costs a replica
+# well under one request-thread's time, and 100 replicas under a flood stay at 2,000 LISTs/s, below S3's
+# 5,500 reads/s per prefix. A directory lookup is a listdir: the same bound is generous there.
+LOOKUPS_PER_S = 20.0
+# Lookups allowed at once after a quiet spell: a client registering a batch of tasks elsewhere, then using them.
+LOOKUP_BURST = 40
+# An id just looked up and not found is answered 404 without asking again for this long: a client retrying one
+# unknown id cannot eat the budget of the others. It is also the one delay a new task can see: a replica that
+# missed the id less than this before the registration returned answers 404 until it expires.
+NEGATIVE_CACHE_S = 0.5
+MAX_NEGATIVE_ENTRIES = 10_000  # bounds memory under a flood of distinct ids (oldest dropped first)
+
+
+class LookupLimiter:
+    """`allow(task_id)` before a lookup, `missed(task_id)` after one that found nothing; thread-safe."""
+
+    def __init__(
+        self,
+        per_second: float = LOOKUPS_PER_S,
+        burst: int = LOOKUP_BURST,
+        negative_s: float = NEGATIVE_CACHE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_second = per_second
+        self.burst = burst
+        self.negative_s = negative_s
+        self.num_refused = 0  # lookups skipped (404 without asking): for logs and tests
+        self._now = clock
+        self._tokens = float(burst)
+        self._refilled = self._now()
+        self._missed: OrderedDict[str, float] = OrderedDict()  # task_id -> when the lookup found nothing
+        self._lock = threading.Lock()
+
+    def allow(self, task_id: str) -> bool:
+        with self._lock:
+            now = self._now()
+            missed = self._missed.get(task_id)
+            if missed is not None and now - missed < self.negative_s:
+                self.num_refused += 1
+                return False
+            self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.per_second)
+            self._refilled = now
+            if self._tokens < 1:
+                self.num_refused += 1
+                return False
+            self._tokens -= 1
+            return True
+
+    def missed(self, task_id: str) -> None:
+        with self._lock:
+            self._missed.pop(task_id, None)
+            self._missed[task_id] = self._now()
+            while len(self._missed) > MAX_NEGATIVE_ENTRIES:
+                self._missed.popitem(last=False)
+
+    def found(self, task_id: str) -> None:
+        """This process registered or found the id: forget a miss."""
+        with self._lock:
+            self._missed.pop(task_id, None)
