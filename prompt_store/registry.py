@@ -313,7 +313,9 @@ class TaskStore:
             return StoreEvent("deleted", task_id, None)
         return StoreEvent("registered", task_id, found.version)
 
-    def _newest_valid(self, task_id: str, current: TaskRecord | None, versions: builtins.list[int]) -> TaskRecord | None:
+    def _newest_valid(
+        self, task_id: str, current: TaskRecord | None, versions: builtins.list[int]
+    ) -> TaskRecord | None:
         for version in reversed(versions):
             if current is not None and version == current.version:
                 return current

@@ -23,6 +23,7 @@ from pathlib import Path
 BUCKET = "promptserve-test"
 ACCESS_KEY, SECRET_KEY = "promptserve-test", "promptserve-test-secret"
 START_TIMEOUT_S = 60.0
+STOP_WAIT_S = 2.0
 # `weed server` components and the port flags each needs (gRPC ports too: their default is the HTTP port + 10000).
 PORT_FLAGS = (
     "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
@@ -48,13 +49,15 @@ class SeaweedS3:
     def __init__(self, weed: str, workdir: Path) -> None:
         self.workdir = workdir
         (workdir / "data").mkdir(parents=True)
-        identities = {"identities": [{"name": "test", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                                      "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]}  # fmt: skip
+        credentials = [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}]
+        actions = ["Admin", "Read", "List", "Tagging", "Write"]
+        identities = {"identities": [{"name": "test", "credentials": credentials, "actions": actions}]}
         (workdir / "s3.json").write_text(json.dumps(identities))
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         self.endpoint = f"http://127.0.0.1:{ports['s3.port']}"
         command = [weed, "server", f"-dir={workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-filer", "-s3",
-                   f"-s3.config={workdir / 's3.json'}", "-master.volumeSizeLimitMB=64", "-volume.max=0", "-volume.preStopSeconds=0",
+                   f"-s3.config={workdir / 's3.json'}", "-master.volumeSizeLimitMB=64", "-volume.max=0",
+                   "-volume.preStopSeconds=0",
                    *(f"-{flag}={port}" for flag, port in ports.items())]  # fmt: skip
         self.log_path = workdir / "weed.log"
         with self.log_path.open("wb") as log:
@@ -79,7 +82,9 @@ class SeaweedS3:
                 break  # any HTTP answer: the gateway is up
             except OSError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"weed's S3 gateway did not answer in {START_TIMEOUT_S} s: {self.log_tail()}")
+                    raise RuntimeError(
+                        f"weed's S3 gateway did not answer in {START_TIMEOUT_S} s: {self.log_tail()}"
+                    ) from None
                 time.sleep(0.1)
         while True:  # the gateway may answer before the filer behind it is ready
             try:
@@ -103,10 +108,12 @@ class SeaweedS3:
         return self.log_path.read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a short wait: weed's components linger ~15 s after stopping, and the data
+        directory is a throwaway temporary one."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=10)
+                self.process.wait(timeout=STOP_WAIT_S)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
