@@ -35,7 +35,9 @@ def serve_parser() -> argparse.ArgumentParser:
         "Every flag defaults to its PROMPTSERVE_<NAME> environment variable, then to the built-in default.",
     )
     parser.add_argument("--model", help="local directory or Hugging Face id (default: the built-in backbone)")
-    parser.add_argument("--store", dest="store_dir", help="task store directory (PROMPTSERVE_STORE_DIR)")
+    parser.add_argument("--store", dest="store_dir",
+                        help="task store: a directory, or s3://bucket/prefix with endpoint, region and credentials "
+                        "from the AWS_* environment variables (PROMPTSERVE_STORE_DIR)")  # fmt: skip
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
 
     # engine
     model: str | None = _ENGINE.model  # None: the built-in default backbone, offline
-    store_dir: str = _ENGINE.store_dir
+    store_dir: str = _ENGINE.store_dir  # a directory or s3://bucket/prefix
     device: str = _ENGINE.device
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_batch_size: int = Field(default=_ENGINE.max_batch_size, ge=1)

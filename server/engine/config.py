@@ -8,7 +8,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str | None = None  # local directory or hub id; None: the built-in default backbone
-    store_dir: str = "./store"
+    store_dir: str = "./store"  # a directory, or s3://bucket/prefix (endpoint and credentials: AWS_* variables)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
     max_batch_size: int = 32  # rows in the running batch
