@@ -1,5 +1,9 @@
 """`python -m benchmarks.bench_store`: the task store's durable write rate, start-up recovery and load times.
 
+`--replicas N --store LOCATION` (a directory or s3://bucket/prefix, AWS_* variables for the endpoint) instead
+times N registrations on one store and, right after each returns, the load of that task on a second store opened
+on the same location (another replica that has not polled): registration -> servable elsewhere.
+
 Adapters are synthetic PEFT files sized for the built-in default backbone (hidden 256, 4 layers, 2 KV heads);
 every registration is fsynced, so the write rate is the disk's fsync rate more than ours. Measures, never asserts.
 """
@@ -101,12 +105,40 @@ def run(root: Path, num_tasks: int, num_virtual_tokens: int) -> None:
     report("materialize (CPU fp32)", bench_materialize(recovered))
 
 
+def percentiles(seconds: list[float]) -> str:
+    ordered = sorted(seconds)
+    p50, p99 = ordered[len(ordered) // 2], ordered[int(0.99 * (len(ordered) - 1))]
+    return f"p50 {1000 * p50:8.2f} ms   p99 {1000 * p99:8.2f} ms   ({len(ordered)} tries)"
+
+
+def run_replicas(location: str, num_tries: int, num_virtual_tokens: int) -> None:
+    writer, replica = TaskStore(location, FINGERPRINT), TaskStore(location, FINGERPRINT)
+    register_s, servable_s = [], []
+    for i in range(num_tries):
+        adapter_config, adapter_model = synthetic_adapter(PEFT_TYPES[i % 3], num_virtual_tokens, seed=i)
+        started = time.perf_counter()
+        writer.register(f"replica-{i:05d}", adapter_config, adapter_model)
+        registered = time.perf_counter()
+        replica.load(f"replica-{i:05d}")  # unknown to it: looked up in the store, never a 404
+        servable_s.append(time.perf_counter() - registered)
+        register_s.append(registered - started)
+    print(f"store {location}: {num_virtual_tokens} virtual tokens")
+    print(f"{'register (durable)':<34} {percentiles(register_s)}")
+    print(f"{'register -> load on another store':<34} {percentiles(servable_s)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-tasks", type=int, default=1000)
     parser.add_argument("--virtual-tokens", type=int, default=20)
     parser.add_argument("--root", type=Path, default=None, help="an empty directory (default: a temporary one)")
+    parser.add_argument("--replicas", type=int, default=0, help="tries of register here -> load on another store")
+    parser.add_argument("--store", default=None, help="with --replicas: a directory or s3://bucket/prefix")
     args = parser.parse_args()
+    if args.replicas:
+        with tempfile.TemporaryDirectory(prefix="bench-store-") as root:
+            run_replicas(args.store or root, args.replicas, args.virtual_tokens)
+        return
     if args.root is not None:
         run(args.root, args.num_tasks, args.virtual_tokens)
         return

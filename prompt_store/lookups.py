@@ -12,12 +12,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-# Sustained lookups per second per process: an S3 LIST is a few ms on a nearby endpoint, so this costs a replica
-# well under one request-thread's time, and 100 replicas under a flood stay at 2,000 LISTs/s, below S3's
-# 5,500 reads/s per prefix. A directory lookup is a listdir: the same bound is generous there.
-LOOKUPS_PER_S = 20.0
+# Sustained lookups per second per process. Only ids registered elsewhere within the last poll interval need one
+# (polling brings the rest), so this must cover one writer registering flat out (~30/s on S3 over loopback, see
+# benchmarks/bench_store.py --replicas); an S3 LIST is a few ms on a nearby endpoint, and 50 replicas under a flood
+# of unknown ids stay at 2,500 LISTs/s, under S3's 5,500 reads/s per prefix. A directory lookup is a listdir.
+LOOKUPS_PER_S = 50.0
 # Lookups allowed at once after a quiet spell: a client registering a batch of tasks elsewhere, then using them.
-LOOKUP_BURST = 40
+LOOKUP_BURST = 100
 # An id just looked up and not found is answered 404 without asking again for this long: a client retrying one
 # unknown id cannot eat the budget of the others. It is also the one delay a new task can see: a replica that
 # missed the id less than this before the registration returned answers 404 until it expires.
