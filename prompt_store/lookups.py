@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 # Sustained lookups per second per process. Only ids registered elsewhere within the last poll interval need one
-# (polling brings the rest), so this must cover one writer registering flat out (~30/s on S3 over loopback, see
+# (polling brings the rest), so this must cover one writer registering flat out (~40/s on S3 over loopback, see
 # benchmarks/bench_store.py --replicas); an S3 LIST is a few ms on a nearby endpoint, and 50 replicas under a flood
 # of unknown ids stay at 2,500 LISTs/s, under S3's 5,500 reads/s per prefix. A directory lookup is a listdir.
 LOOKUPS_PER_S = 50.0
