@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prompt_store.errors import StoreUnavailable
 from server.engine.errors import (
     EngineUnavailable,
     GenerationFailed,
@@ -95,8 +96,8 @@ def classify(exc: BaseException) -> ApiError | None:
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(429, "overloaded", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
-    if isinstance(exc, EngineUnavailable):  # stopping or failed: another replica, or this one restarted, may answer
-        return not_ready(str(exc))
+    if isinstance(exc, EngineUnavailable | StoreUnavailable):  # stopping or failed, or the shared store unreachable:
+        return not_ready(str(exc))  # another replica, or this one a moment later, may answer
     if isinstance(exc, GenerationFailed):
         return ApiError(500, "internal", str(exc))
     if isinstance(exc, HTTPException):
@@ -228,6 +229,7 @@ def validation_status(errors: Sequence[dict[str, Any]]) -> int:
 # ---- installation
 
 KNOWN_ERRORS = (ApiError, HTTPException, ClientDisconnected, InvalidTask, TaskNotFound, QueueFull, EngineUnavailable,
+                StoreUnavailable,
                 InputTooLong, InvalidPrompt, GenerationFailed)  # fmt: skip
 
 

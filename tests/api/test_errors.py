@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from prompt_store.errors import StoreUnavailable
 from server.api.errors import describe_one, to_api_error
 from server.engine.errors import (
     EngineUnavailable,
@@ -14,6 +15,7 @@ from server.engine.errors import (
     QueueFull,
     TaskNotFound,
     TaskTooLarge,
+    WrongKind,
 )
 
 
@@ -27,6 +29,8 @@ from server.engine.errors import (
         (TaskNotFound("x"), 404, "not_found"),
         (QueueFull(10, retry_after=0.2), 429, "overloaded"),
         (EngineUnavailable("stopping"), 503, "unavailable"),
+        (StoreUnavailable("s3://b/p: endpoint unreachable"), 503, "unavailable"),
+        (WrongKind("a SEQ_CLS task on /v1/generate"), 400, "validation"),
         (RuntimeError("boom"), 500, "internal"),
         (GenerationFailed("NaN logits"), 500, "internal"),
     ],

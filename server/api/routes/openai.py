@@ -10,6 +10,7 @@ from functools import partial
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import ApiError
 from server.api.metrics import Metrics
@@ -87,7 +88,7 @@ async def get_model(
     backbone = served_model_name(settings, engine)
     if not model:
         raise model_not_found(model, backbone)
-    record = resolve_model(model, backbone, engine)
+    record = await run_in_threadpool(resolve_model, model, backbone, engine)  # a miss may ask the shared store
     card = ModelCard.backbone(backbone, state.created) if record is None else ModelCard.task(record, backbone)
     return card.model_copy(update={"id": model})  # the name asked for (`<backbone>:<task>` too), as OpenAI answers
 
