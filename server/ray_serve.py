@@ -75,8 +75,11 @@ class PromptServe:
     constructor returns), then the unchanged FastAPI app serves it (`http_app`: Ray's wrapper owns `app`)."""
 
     def __init__(self, overrides: dict[str, Any]) -> None:
+        context = serve.get_replica_context()
+        if context.rank.rank != 0:  # one replica seeds an empty store with the demo tasks, not each (versions 1..N)
+            overrides = {**overrides, "demo_tasks": False}
         settings = Settings(**overrides)  # the replica's own PROMPTSERVE_* environment, then the overrides
-        self.replica_id = serve.get_replica_context().replica_id.to_full_id_str()
+        self.replica_id = context.replica_id.to_full_id_str()
         self.engine = prepare_engine(settings, build_real_engine)  # blocking: the replica serves nothing yet
         self.http_app = create_app(settings, self.engine, replica_id=self.replica_id)
         logger.info("replica %s ready: %d tasks", self.replica_id, len(self.engine.list_tasks()))

@@ -32,14 +32,14 @@ MAX_TRIES = 60  # requests before concluding the proxy never reaches a replica (
 
 
 def cpu_app_args(store_dir: Path) -> dict[str, Any]:
-    """Two CPU replicas of the built-in backbone, one torch thread each, sharing one store directory."""
+    """Two CPU replicas of the built-in backbone, one torch thread each, sharing one (empty) store directory."""
     return {
         "num_replicas": NUM_REPLICAS,
         "num_gpus": 0,
         "num_cpus": 1,
         "store_dir": str(store_dir),
         "device": "cpu",
-        "demo_tasks": False,
+        "demo_tasks": True,
         "self_check": False,
         "torch_threads": 1,
     }
@@ -111,6 +111,14 @@ def test_task_registered_through_the_proxy_is_served_by_both_replicas(proxy_url:
             time.sleep(0.02)
     assert set(statuses) == {200}, f"statuses after registration: {statuses}"
     assert len(replicas) == NUM_REPLICAS
+
+
+@pytest.mark.slow
+def test_demo_tasks_are_registered_once_by_one_replica(proxy_url: str) -> None:
+    # by id, not GET /v1/tasks: a replica's listing learns of another replica's registrations only when it polls
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        versions = {task: client.get(f"/v1/tasks/{task}").json().get("version") for task in DEMO_TASKS}
+    assert versions == dict.fromkeys(DEMO_TASKS, 1)
 
 
 def test_serve_config_is_a_valid_serve_deploy_config() -> None:
