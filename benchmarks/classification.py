@@ -13,7 +13,7 @@ import argparse
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import ClassifyRun, EngineRig
 from benchmarks.peft_classifier import PeftClassifier, PeftClassifyRun
-from benchmarks.report import backbone_summary, goals, load_average, log, machine_info, print_table, write_json
+from benchmarks.report import finish, log, new_result, run_dtype
 from benchmarks.workload import (
     TaskSpec,
     Workload,
@@ -179,17 +179,12 @@ def run(args: argparse.Namespace, sections: set[str], root: Path) -> int:
     started = time.perf_counter()
     plan = build_plan(args)
     rng = random.Random(args.seed)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = run_dtype(args.device, args.dtype)
     log(f"writing a random {plan.preset} encoder and {plan.num_tasks} PEFT SEQ_CLS tasks to {root}")
     backbone_dir = write_encoder_backbone(plan.preset, root / "backbone", seed=args.seed)
     tasks = write_classify_tasks(backbone_dir, root / "tasks", plan.num_tasks, plan.num_virtual_tokens)
     rig = EngineRig.open(backbone_dir, root / "store", tasks, args.device, dtype, plan.max_batch_size)
-    result: dict[str, Any] = {
-        "machine": machine_info(rig.backbone.device, rig.backbone.dtype),
-        "config": {"quick": args.quick, **asdict(plan), "backbone": backbone_summary(rig.backbone)},
-        "details": {},
-    }
-    log(f"set up in {time.perf_counter() - started:.0f} s")
+    result = new_result(rig.backbone, args.quick, plan, started)
     if "mixed" in sections:
         log("mixed_over_uniform")
         result["details"]["mixed_over_uniform"] = mixed_over_uniform(rig, tasks, plan, rng)
@@ -197,14 +192,4 @@ def run(args: argparse.Namespace, sections: set[str], root: Path) -> int:
         log("engine_over_peft")
         peft = PeftClassifier(backbone_dir, tasks, args.device, dtype)
         result["details"]["engine_over_peft"] = engine_over_peft(rig, peft, tasks, plan, rng)
-    for name, detail in result["details"].items():
-        result[name] = detail["ratio"]
-    result["goals"] = goals(result)
-    result["machine"]["load_average_at_end"] = load_average()
-    result["seconds"] = time.perf_counter() - started
-    print_table(result)
-    print(f"  {result['seconds']:.0f} s in all")
-    if args.json:
-        write_json(result, args.json)
-        print(f"  wrote {args.json}")
-    return 0
+    return finish(result, args.json, started)

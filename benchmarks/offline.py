@@ -24,7 +24,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
 from benchmarks.kv_sharing import kv_held_over_ideal
 from benchmarks.peft_baseline import PeftServer
-from benchmarks.report import backbone_summary, goals, load_average, log, machine_info, print_table, write_json
+from benchmarks.report import finish, log, new_result, run_dtype
 from benchmarks.task_sweep import plot, throughput_by_tasks
 from benchmarks.workload import (
     CLASSIFY_PRESETS,
@@ -390,18 +390,13 @@ def sections_of(preset: str) -> tuple[tuple[str, ...], str]:
 def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) -> int:
     started = time.perf_counter()
     rng = random.Random(args.seed)
-    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = run_dtype(args.device, args.dtype)
     seq2seq = is_seq2seq(plan.preset)
     log(f"writing a random {plan.preset} {'T5' if seq2seq else 'Llama'} and {plan.num_tasks} PEFT tasks to {root}")
     backbone_dir = write_backbone(plan.preset, root / "backbone", seed=args.seed)
     tasks = write_tasks(backbone_dir, root / "tasks", plan.num_tasks, plan.num_virtual_tokens, seq2seq=seq2seq)
     rig = EngineRig.open(backbone_dir, root / "store", tasks, args.device, dtype, plan.num_tasks)
-    result: dict[str, Any] = {
-        "machine": machine_info(rig.backbone.device, rig.backbone.dtype),
-        "config": {"quick": args.quick, **asdict(plan), "backbone": backbone_summary(rig.backbone)},
-        "details": {},
-    }
-    log(f"set up in {time.perf_counter() - started:.0f} s")
+    result = new_result(rig.backbone, args.quick, plan, started)
     if "mixed" in sections:
         log("mixed_over_uniform")
         result["details"]["mixed_over_uniform"] = mixed_over_uniform(rig, tasks, plan, rng)
@@ -416,8 +411,6 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
     if "kv" in sections:
         log("kv_held_over_ideal")
         result["details"]["kv_held_over_ideal"] = kv_held_over_ideal(rig, backbone_dir, root, rng)
-    for name, detail in result["details"].items():
-        result[name] = detail["ratio"]
     if "tasks" in sections:
         log("throughput_by_tasks")
         result["throughput_by_tasks"] = task_sweep(args, plan, rig, backbone_dir, root, dtype, rng)
@@ -425,15 +418,7 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
         log("memory")
         result["memory"] = task_memory(rig, tasks, plan, root)
         result["rss_growth_over_tensor_bytes"] = result["memory"]["resident"]["rss_growth_over_tensor_bytes"]
-    result["goals"] = goals(result)
-    result["machine"]["load_average_at_end"] = load_average()
-    result["seconds"] = time.perf_counter() - started
-    print_table(result)
-    print(f"  {result['seconds']:.0f} s in all")
-    if args.json:
-        write_json(result, args.json)
-        print(f"  wrote {args.json}")
-    return 0
+    return finish(result, args.json, started)
 
 
 def task_sweep(

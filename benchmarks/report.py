@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,36 @@ GOALS = {  # name -> (limit, goal, higher_is_better)
     "kv_held_over_ideal": (None, 1.1, False),
     "rss_growth_over_tensor_bytes": (None, 1.1, False),
 }
+
+
+def run_dtype(device: str, dtype: str) -> str:
+    """The benchmark's dtype: bfloat16 on a GPU and float32 on a CPU unless one is asked for."""
+    return dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def new_result(backbone: Backbone, quick: bool, plan: Any, started: float) -> dict[str, Any]:
+    """A run's result before its sections: the machine and the configuration (`plan` a dataclass)."""
+    log(f"set up in {time.perf_counter() - started:.0f} s")
+    return {
+        "machine": machine_info(backbone.device, backbone.dtype),
+        "config": {"quick": quick, **asdict(plan), "backbone": backbone_summary(backbone)},
+        "details": {},
+    }
+
+
+def finish(result: dict[str, Any], json_path: Path | None, started: float) -> int:
+    """Each section's ratio at the top level, the goals, the table; the JSON when asked for."""
+    for name, detail in result["details"].items():
+        result[name] = detail["ratio"]
+    result["goals"] = goals(result)
+    result["machine"]["load_average_at_end"] = load_average()
+    result["seconds"] = time.perf_counter() - started
+    print_table(result)
+    print(f"  {result['seconds']:.0f} s in all")
+    if json_path:
+        write_json(result, json_path)
+        print(f"  wrote {json_path}")
+    return 0
 
 
 def goals(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
