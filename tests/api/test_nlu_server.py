@@ -348,6 +348,12 @@ def test_classify_causal_sequence_task_answers_as_peft(causal: Served) -> None:
         assert_labels_match(prediction, probs, ["no", "yes"])
 
 
+def test_openai_models_list_only_what_the_openai_routes_serve(causal: Served) -> None:
+    ids = {card["id"] for card in causal.client.get("/v1/models").json()["data"]}
+    assert "yesno" not in ids  # a SEQ_CLS task answers on /v1/classify only
+    assert {task_id for task_id in causal.registrations if task_id != "yesno"} <= ids
+
+
 @pytest.mark.parametrize(
     ("path", "body", "expected"),
     [

@@ -74,7 +74,8 @@ async def list_models(
     state: AppState = Depends(get_state),
 ) -> ModelList:
     backbone = served_model_name(settings, engine)
-    tasks = [ModelCard.task(record, backbone) for record in engine.list_tasks()]
+    # the tasks these routes serve: classification tasks answer on /v1/classify only
+    tasks = [ModelCard.task(record, backbone) for record in engine.list_tasks() if not record.is_classifier]
     return ModelList(data=[ModelCard.backbone(backbone, state.created), *tasks])
 
 
