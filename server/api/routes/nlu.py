@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from server.api.generation import tracked
-from server.api.metrics import Metrics
+from server.api.metrics import Metrics, RequestTracker
 from server.api.nlu_schemas import ClassifyRequest, ClassifyResponse, ScoreRequest, ScoreResponse
 from server.api.state import get_engine, get_metrics
 from server.engine.interface import EngineClient
+from server.engine.types import Classification, Scores
 
 router = APIRouter(tags=["classification"])
+Answer = TypeVar("Answer", Classification, Scores)
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
@@ -23,9 +28,7 @@ async def classify(
 ) -> Response:
     classify_input = body.to_engine_input()
     tracker = metrics.start_request("classify", classify_input.task_ids)
-    result = await tracked(request, tracker, engine.classify(classify_input))
-    tracker.on_answer(result.input_tokens)
-    tracker.finish("success")
+    result = await answered(request, tracker, engine.classify(classify_input))
     return JSONResponse(ClassifyResponse.of(result).model_dump(mode="json"))
 
 
@@ -38,7 +41,13 @@ async def score(
 ) -> Response:
     score_input = body.to_engine_input()
     tracker = metrics.start_request("score", score_input.task_ids)
-    result = await tracked(request, tracker, engine.score(score_input))
+    result = await answered(request, tracker, engine.score(score_input))
+    return JSONResponse(ScoreResponse.of(result).model_dump(mode="json"))
+
+
+async def answered(request: Request, tracker: RequestTracker, work: Awaitable[Answer]) -> Answer:
+    """The engine's answer (a disconnect cancels it), recorded: input tokens and the outcome."""
+    result = await tracked(request, tracker, work)
     tracker.on_answer(result.input_tokens)
     tracker.finish("success")
-    return JSONResponse(ScoreResponse.of(result).model_dump(mode="json"))
+    return result
