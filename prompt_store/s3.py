@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, check_sizes
+from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, check_sizes, is_valid_task_id
 from prompt_store.errors import InvalidTask, StoreError, StoreUnavailable, TaskNotFound
 from prompt_store.layout import LABELS_NAME, parse_version_name, version_name
 from prompt_store.types import BackboneFingerprint, TaskArtifact
@@ -56,6 +56,7 @@ class StagedUpload:
     started: float  # time.monotonic() before the first byte went up
     keys: list[str] = field(default_factory=list)
     is_committed: bool = False
+    is_uncertain: bool = False  # the manifest's PUT failed in transit: S3 may have applied it, so keep the data
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -139,7 +140,7 @@ class S3Backend:
 
     def _get(self, key: str, max_bytes: int) -> bytes | None:
         """An object's bytes, None if it does not exist; InvalidTask if it is larger than `max_bytes`."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = self._call("get_object", Bucket=self.bucket, Key=key)
@@ -148,7 +149,10 @@ class S3Backend:
         with contextlib.closing(response["Body"]) as body:
             if response["ContentLength"] > max_bytes:
                 raise InvalidTask(f"{self.uri}: {key}: expected at most {max_bytes} bytes; found more")
-            return bytes(body.read())
+            try:
+                return bytes(body.read())
+            except BotoCoreError as exc:  # a stalled or reset download: the store is unreachable, the data intact
+                raise StoreUnavailable(self._describe("get_object", {"Key": key}, exc)) from exc
 
     def _put(self, key: str, data: bytes, *, if_absent: bool = False) -> bool:
         """Store an object; with `if_absent`, False if the key already exists (someone else created it)."""
@@ -192,7 +196,7 @@ class S3Backend:
         for item in self._list("tasks"):
             match = _MANIFEST_RE.fullmatch(item["Key"])
             version = parse_version_name(match.group(2)) if match else None
-            if match and version is not None:
+            if match and version is not None and is_valid_task_id(match.group(1)):  # skip foreign objects
                 found[match.group(1)].append(version)
         return {task_id: sorted(versions) for task_id, versions in sorted(found.items())}
 
@@ -229,13 +233,27 @@ class S3Backend:
             # listing misses a deleted version, the tombstone read after it has it.
             existing = self.versions(task_id)
             version = max([*existing, self.tombstone(task_id)]) + 1
-            if self._put(self.manifest_key(task_id, version), staged.manifest, if_absent=True):
+            if self._create_manifest(task_id, version, staged):
                 staged.is_committed = True
                 return version, not existing
         raise StoreError(f"could not commit a version of task {task_id!r} after {_MAX_COMMIT_ATTEMPTS} attempts")
 
+    def _create_manifest(self, task_id: str, version: int, staged: StagedUpload) -> bool:
+        """Create version `version` with this upload's manifest; False if another writer holds the number.
+
+        A PUT whose reply was lost is retried by botocore and then fails its condition against itself: a taken
+        number that holds this very manifest (its upload id is unique) is ours."""
+        key = self.manifest_key(task_id, version)
+        try:
+            if self._put(key, staged.manifest, if_absent=True):
+                return True
+        except StoreUnavailable:
+            staged.is_uncertain = True
+            raise
+        return self._get(key, MAX_MANIFEST_BYTES) == staged.manifest
+
     def discard(self, staged: StagedUpload) -> None:
-        if not staged.is_committed:
+        if not staged.is_committed and not staged.is_uncertain:
             with contextlib.suppress(StoreError):  # garbage collection gets what is left
                 self._remove(staged.keys)
 

@@ -172,6 +172,72 @@ def test_polling_survives_transient_errors(store, prompt_adapter, caplog, monkey
     assert "refreshing the task store s3://" in caplog.text and "retrying" in caplog.text
 
 
+class StalledBody:
+    """A get_object body whose download times out after the headers came back (a stalled or reset transfer)."""
+
+    def read(self) -> bytes:
+        from botocore.exceptions import ReadTimeoutError
+
+        raise ReadTimeoutError(endpoint_url="http://s3.example")
+
+    def close(self) -> None:
+        pass
+
+
+def test_stalled_download_is_unavailable_and_never_rejects_the_version(store, prompt_adapter, monkeypatch):
+    replica = TaskStore(store.location, store.fingerprint)
+    store.register("task", *prompt_adapter)
+    client = backend_of(replica).client
+    get_object = client.get_object
+    monkeypatch.setattr(client, "get_object", lambda **kwargs: {**get_object(**kwargs), "Body": StalledBody()})
+    with pytest.raises(StoreUnavailable, match=r"get_object .*Read timeout"):
+        replica.load("task")  # 503 on the request path, not a 500
+    with pytest.raises(StoreUnavailable):
+        replica.refresh()
+    monkeypatch.setattr(client, "get_object", get_object)  # the endpoint is back: the task was not written off
+    assert replica.load("task").key == ("task", 1)
+
+
+def test_manifest_put_retried_after_a_lost_reply_keeps_its_number(store, prompt_adapter, monkeypatch):
+    # S3 applied the conditional PUT but its reply was lost; botocore's retry then fails its own condition (412).
+    backend = backend_of(store)
+    put = backend._put
+
+    def reply_lost(key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if if_absent:
+            put(key, data, if_absent=True)
+        return put(key, data, if_absent=if_absent)
+
+    monkeypatch.setattr(backend, "_put", reply_lost)
+    record, created = store.register("task", *prompt_adapter)
+    assert (record.version, created) == (1, True) and backend.versions("task") == [1]
+
+
+def test_manifest_put_failed_in_transit_keeps_the_upload(store, prompt_adapter, monkeypatch):
+    # The PUT may have been applied before the endpoint went away: deleting the files could break a real version.
+    backend = backend_of(store)
+    put = backend._put
+
+    def endpoint_gone(key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if if_absent:
+            put(key, data, if_absent=True)
+            raise StoreUnavailable("connection reset")
+        return put(key, data, if_absent=if_absent)
+
+    monkeypatch.setattr(backend, "_put", endpoint_gone)
+    with pytest.raises(StoreUnavailable):
+        store.register("task", *prompt_adapter)
+    assert TaskStore(store.location, store.fingerprint).load("task").key == ("task", 1)
+
+
+def test_objects_of_invalid_task_ids_are_not_listed(store, prompt_adapter):
+    store.register("good", *prompt_adapter)
+    backend = backend_of(store)
+    backend.client.put_object(Bucket=backend.bucket, Key=backend.manifest_key("Bad Name!", 1), Body=b"{}")
+    assert backend.listing().keys() == {"good"}
+    assert [record.task_id for record in TaskStore(store.location, store.fingerprint).list()] == ["good"]
+
+
 # ---- a writer SIGKILLed mid-registration
 
 
