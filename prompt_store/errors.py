@@ -28,3 +28,8 @@ class TaskNotFound(StoreError, KeyError):
 
 class StoreUnavailable(StoreError):
     """The store's backend cannot be reached or refused the request (an S3 endpoint down, a missing bucket)."""
+
+
+class LookupThrottled(StoreUnavailable):
+    """A task id this process does not know could not be looked up in the shared store: the lookups' rate limit
+    (prompt_store/lookups.py) is spent. Retryable: the id may exist."""

@@ -27,7 +27,8 @@ MAX_NEGATIVE_ENTRIES = 10_000  # bounds memory under a flood of distinct ids (ol
 
 
 class LookupLimiter:
-    """`allow(task_id)` before a lookup, `missed(task_id)` after one that found nothing; thread-safe."""
+    """Before a lookup, `recently_missed(task_id)` (answer 404 without asking) and `allow()` (False: the budget is
+    spent, answer that the store cannot be asked now); `missed(task_id)` after one that found nothing. Thread-safe."""
 
     def __init__(
         self,
@@ -39,20 +40,25 @@ class LookupLimiter:
         self.per_second = per_second
         self.burst = burst
         self.negative_s = negative_s
-        self.num_refused = 0  # lookups skipped (404 without asking): for logs and tests
+        self.num_refused = 0  # lookups skipped (a recent miss, or the budget spent): for logs and tests
         self._now = clock
         self._tokens = float(burst)
         self._refilled = self._now()
         self._missed: OrderedDict[str, float] = OrderedDict()  # task_id -> when the lookup found nothing
         self._lock = threading.Lock()
 
-    def allow(self, task_id: str) -> bool:
+    def recently_missed(self, task_id: str) -> bool:
+        with self._lock:
+            missed = self._missed.get(task_id)
+            if missed is None or self._now() - missed >= self.negative_s:
+                return False
+            self.num_refused += 1
+            return True
+
+    def allow(self) -> bool:
+        """Take a lookup from the budget; False if it is spent."""
         with self._lock:
             now = self._now()
-            missed = self._missed.get(task_id)
-            if missed is not None and now - missed < self.negative_s:
-                self.num_refused += 1
-                return False
             self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.per_second)
             self._refilled = now
             if self._tokens < 1:

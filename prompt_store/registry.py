@@ -24,7 +24,7 @@ from typing import Literal
 
 from prompt_store.adapter import StoreLimits, is_valid_task_id, validate_task_id
 from prompt_store.backend import StoreBackend, open_backend
-from prompt_store.errors import InvalidTask, StoreError, TaskNotFound
+from prompt_store.errors import InvalidTask, LookupThrottled, StoreError, TaskNotFound
 from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
 from prompt_store.lru import ArtifactLRU
@@ -185,8 +185,13 @@ class TaskStore:
 
     def _look_up(self, task_id: str) -> TaskRecord:
         """Rescan one task this process does not know (rate-limited: lookups.py); TaskNotFound if absent."""
-        if not is_valid_task_id(task_id) or not self._lookups.allow(task_id):
+        if not is_valid_task_id(task_id) or self._lookups.recently_missed(task_id):
             raise TaskNotFound(task_id)
+        if not self._lookups.allow():
+            raise LookupThrottled(
+                f"task {task_id!r} is not known to this replica, which cannot look it up in the store now "
+                f"(over {self._lookups.per_second:g} lookups/s of unknown ids); retry shortly"
+            )
         self._rescan([task_id], emit=True)
         with self._index_lock:
             record = self._records.get(task_id)

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from prompt_store.errors import StoreUnavailable
+from prompt_store.errors import LookupThrottled, StoreUnavailable
 from server.engine.errors import (
     EngineUnavailable,
     GenerationFailed,
@@ -96,6 +96,8 @@ def classify(exc: BaseException) -> ApiError | None:
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(429, "overloaded", str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after)))})
+    if isinstance(exc, LookupThrottled):  # an unknown id under a flood of them: the id may exist, ask again
+        return ApiError(503, "unavailable", str(exc), {"Retry-After": "1"})
     if isinstance(exc, EngineUnavailable | StoreUnavailable):  # stopping or failed, or the shared store unreachable:
         return not_ready(str(exc))  # another replica, or this one a moment later, may answer
     if isinstance(exc, GenerationFailed):
