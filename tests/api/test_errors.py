@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prompt_store.errors import StoreUnavailable
+from prompt_store.errors import LookupThrottled, StoreUnavailable
 from server.api.errors import describe_one, to_api_error
 from server.engine.errors import (
     EngineUnavailable,
@@ -30,6 +30,7 @@ from server.engine.errors import (
         (QueueFull(10, retry_after=0.2), 429, "overloaded"),
         (EngineUnavailable("stopping"), 503, "unavailable"),
         (StoreUnavailable("s3://b/p: endpoint unreachable"), 503, "unavailable"),
+        (LookupThrottled("task 'x' is not known here; retry"), 503, "unavailable"),
         (WrongKind("a SEQ_CLS task on /v1/generate"), 400, "validation"),
         (RuntimeError("boom"), 500, "internal"),
         (GenerationFailed("NaN logits"), 500, "internal"),
@@ -42,6 +43,10 @@ def test_error_maps_to_status_and_type(exc: Exception, status: int, error_type: 
 
 def test_error_retry_after_at_least_one_second() -> None:
     assert to_api_error(QueueFull(10, retry_after=0.2)).headers["Retry-After"] == "1"
+
+
+def test_a_throttled_lookup_says_retry_at_once() -> None:
+    assert to_api_error(LookupThrottled("task 'x' is not known here; retry")).headers["Retry-After"] == "1"
 
 
 def test_an_engine_that_stopped_says_when_to_retry() -> None:

@@ -5,12 +5,17 @@ the client's exception types, retries, and the stream's framing."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from prompt_store.errors import TaskNotFound
+from prompt_store.types import TaskRecord
 from server.api.app import create_app
 from server.api.settings import Settings
 from tests.api.fake_engine import FakeEngine, answer_of
@@ -58,6 +63,34 @@ def test_an_unknown_model_is_404_model_not_found(client: openai.OpenAI, model: s
     error = raised.value
     assert error.code == "model_not_found" and error.param == "model"
     assert BACKBONE in error.message and repr(model) in error.message
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"model": "elsewhere", "prompt": "hi"}),
+        ("/v1/chat/completions", {"model": "elsewhere", "messages": [{"role": "user", "content": "hi"}]}),
+    ],
+)
+def test_a_model_looked_up_in_the_store_blocks_no_other_request(http: TestClient, engine, monkeypatch, path, body):
+    # A replica asks the shared store about an id it does not know (an S3 request): the event loop goes on serving.
+    asked, release = threading.Event(), threading.Event()
+
+    def slow_lookup(task_id: str) -> TaskRecord:
+        asked.set()
+        release.wait(10)
+        raise TaskNotFound(task_id)
+
+    monkeypatch.setattr(engine, "get_task", slow_lookup)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(http.post, path, json=body)
+        assert asked.wait(5)
+        started = time.monotonic()
+        health = http.get("/health")
+        elapsed = time.monotonic() - started
+        release.set()
+        assert pending.result().status_code == 404
+    assert health.status_code == 200 and elapsed < 5
 
 
 def test_models_lists_the_backbone_and_every_task_the_instant_they_change(client: openai.OpenAI, engine):

@@ -106,8 +106,8 @@ async def completions(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     new_tokens = max_new_tokens(body.max_tokens, "max_tokens", settings)
-    choices = choices_of(
-        body, body.prompts, new_tokens, body.logprobs, True, settings, engine, (metrics, "completions")
+    choices = await run_in_threadpool(  # off the event loop: an unknown model may ask the shared store
+        choices_of, body, body.prompts, new_tokens, body.logprobs, True, settings, engine, (metrics, "completions")
     )
     route = Route("completions", "prompt", partial(completion_chunks, body), partial(completion_response, body))
     return await answer(request, engine, metrics, body, choices, route)
@@ -244,8 +244,9 @@ async def chat_completions(
 ) -> Response:
     new_tokens = max_new_tokens(*body.max_tokens_field, settings)
     text = render(engine, body)
-    choices = choices_of(
-        body, [text], new_tokens, body.num_top_logprobs, False, settings, engine, (metrics, "chat_completions")
+    tracked = (metrics, "chat_completions")
+    choices = await run_in_threadpool(  # off the event loop: an unknown model may ask the shared store
+        choices_of, body, [text], new_tokens, body.num_top_logprobs, False, settings, engine, tracked
     )
     route = Route("chat_completions", "messages", partial(chat_chunks, body), partial(chat_response, body))
     return await answer(request, engine, metrics, body, choices, route)
