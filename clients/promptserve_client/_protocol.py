@@ -74,7 +74,10 @@ def read_adapter(adapter_dir: Path) -> tuple[bytes, bytes]:
 
 
 def read_label_names(adapter_dir: Path) -> list[str] | None:
-    """The names of `id2label` in a config.json that `model.config.save_pretrained(adapter_dir)` wrote, by id."""
+    """Label names next to an adapter: a `labels.json` array (a version copied out of a server's store), else the
+    `id2label` of a config.json that `model.config.save_pretrained(adapter_dir)` wrote, by id; None if neither."""
+    if (adapter_dir / LABELS_FILE).is_file():
+        return read_labels_json(adapter_dir / LABELS_FILE)
     path = adapter_dir / MODEL_CONFIG_FILE
     if not path.is_file():
         return None
@@ -88,6 +91,17 @@ def read_label_names(adapter_dir: Path) -> list[str] | None:
         raise ValueError(f"{path}: expected a JSON object (a transformers config); found {type(config).__name__}")
     id2label = config.get("id2label")
     return None if id2label is None else labels_of_id2label(id2label, path)
+
+
+def read_labels_json(path: Path) -> list[str]:
+    expected = "expected a JSON array of label names"
+    try:
+        names = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"{path}: {expected}; found invalid JSON ({exc})") from None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ValueError(f"{path}: {expected}; found {str(names)[:200]}")
+    return names
 
 
 def labels_of_id2label(id2label: Any, path: Path) -> list[str]:

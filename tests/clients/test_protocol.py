@@ -203,6 +203,20 @@ def test_register_call_labels_from_config_id2label_ordered_by_id(adapter_dir: Pa
     assert labels_part(adapter_dir) == ("labels.json", labels, "application/json")  # "10" after "9", not after "1"
 
 
+def test_register_call_labels_json_of_a_stored_version_wins_over_config(adapter_dir: Path) -> None:
+    # A version copied out of a server's store: labels.json is what the server kept (as its register_dir reads it).
+    write_config(adapter_dir, {"id2label": {"0": "a", "1": "b"}})
+    (adapter_dir / "labels.json").write_text(json.dumps(["negative", "positive"]))
+    assert labels_part(adapter_dir) == ("labels.json", ["negative", "positive"], "application/json")
+
+
+@pytest.mark.parametrize("content", ['{"0": "a"}', "[1, 2]", "not json"])
+def test_register_call_value_error_when_labels_json_malformed(adapter_dir: Path, content: str) -> None:
+    (adapter_dir / "labels.json").write_text(content)
+    with pytest.raises(ValueError, match=r"labels\.json: expected a JSON array of label names; found"):
+        register_call("t", adapter_dir)
+
+
 def test_register_call_labels_argument_overrides_config(adapter_dir: Path) -> None:
     write_config(adapter_dir, {"id2label": {"0": "a", "1": "b"}})
     assert labels_part(adapter_dir, ["x", "y"]) == ("labels.json", ["x", "y"], "application/json")
