@@ -98,6 +98,7 @@ def prediction_out(
 class ScoreRequest(TargetTasks):
     inputs: str
     candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    ensemble: Literal["mean"] = Field(default="mean", description="task_ids: the members' logprob averaged")
 
     @field_validator("inputs")
     @classmethod

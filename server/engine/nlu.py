@@ -96,6 +96,11 @@ def plan_classify(
         raise InvalidPrompt(f"expected top_k null or >= 1; found {request.top_k}")
     check_task_ids(request.task_ids, request.ensemble)
     tasks, head_type, labels = classification_tasks(request.task_ids, backbone, store)
+    if head_type != SEQ_CLS and request.top_k is not None:
+        raise InvalidPrompt(
+            f"parameters.top_k: expected null for a {head_type} task (each token answers its best label); "
+            f"found {request.top_k}"
+        )
     plan = ClassifyPlan([], head_type, labels, [], [])
     for text, sink in zip(request.inputs, sinks, strict=True):
         input_ids = tokenize(backbone, text, limits)

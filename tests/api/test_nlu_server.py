@@ -187,6 +187,13 @@ def test_classify_top_k_keeps_the_best_labels(encoder: Served) -> None:
         assert encoder.client.post("/v1/classify", json=body).json()["predictions"] == [p[:k] for p in full]
 
 
+def test_classify_top_k_on_a_token_task_is_refused(encoder: Served) -> None:
+    body = {"inputs": TEXTS, "task_id": "tagger", "parameters": {"top_k": 1}}
+    response = encoder.client.post("/v1/classify", json=body)
+    assert response.status_code == 422
+    assert response.json()["error"].startswith("parameters.top_k: expected null for a TOKEN_CLS task"), response.text
+
+
 def test_classify_a_string_input_is_one_prediction(encoder: Served) -> None:
     one = encoder.client.post("/v1/classify", json={"inputs": TEXTS[2], "task_id": "sentiment"}).json()
     listed = encoder.client.post("/v1/classify", json={"inputs": [TEXTS[2]], "task_id": "sentiment"}).json()
@@ -336,6 +343,12 @@ def test_score_ensemble_averages_the_members_logprobs(causal: Served) -> None:
     per_member = [candidate_logprobs(causal.backbone_dir, causal.adapters[m], "Is it true?") for m in members]
     for i, score in enumerate(answer["scores"]):
         assert abs(score["logprob"] - sum(sum(m[i]) for m in per_member) / 2) < 1e-4, score
+
+
+def test_score_ensemble_other_than_mean_is_refused(causal: Served) -> None:
+    body = {"inputs": "Is it true?", "candidates": CANDIDATES, "task_ids": ["prefix"], "ensemble": "vote"}
+    response = causal.client.post("/v1/score", json=body)
+    assert response.status_code == 422 and "ensemble: " in response.text and "'mean'" in response.text, response.text
 
 
 def test_classify_causal_sequence_task_answers_as_peft(causal: Served) -> None:
