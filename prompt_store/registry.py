@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 # Versions kept in the store behind the current one: a replica that has not polled yet may still resolve it.
 OLD_VERSIONS_KEPT = 1
+# A polling process also clears what killed writers left behind this often, not only at start-up (long-lived
+# replicas would keep an S3 upload orphaned less than an hour before they started until their next restart).
+RECOVER_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +286,20 @@ class TaskStore:
         self.stop_polling()
 
     def _poll(self, interval_s: float, stop: threading.Event) -> None:
+        recovered = time.monotonic()
         while not stop.wait(interval_s):
             try:
                 self.refresh()
+                if time.monotonic() - recovered >= RECOVER_EVERY_S:
+                    recovered = time.monotonic()
+                    self._clear_leftovers()
             except Exception:  # a flaky shared volume or S3 endpoint must not kill hot-loading for good
                 logger.exception("refreshing the task store %s failed; retrying in %.1f s", self.location, interval_s)
+
+    def _clear_leftovers(self) -> None:
+        num_partial = self.backend.recover()  # safe while others write: a directory locks, S3 spares young uploads
+        if num_partial:
+            logger.info("discarded %d partial writes in %s", num_partial, self.location)
 
     # ---- index maintenance
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from prompt_store import registry
 from prompt_store.errors import InvalidTask, TaskNotFound
 from prompt_store.lru import ArtifactLRU
 from prompt_store.materialize import materialize
@@ -227,6 +228,22 @@ def test_recovery_discards_partial_writes(dir_store, prompt_adapter):
     assert [record.task_id for record in reopened.list()] == ["kept"]
     assert not any((store.root / ".tmp").iterdir()) and not any((store.root / ".trash").iterdir())
     assert not (store.root / "tasks" / "empty").exists()
+
+
+def test_polling_discards_partial_writes_every_recover_interval(dir_store, prompt_adapter, monkeypatch):
+    # A long-lived replica clears a killed writer's leftovers without a restart.
+    monkeypatch.setattr(registry, "RECOVER_EVERY_S", 0.0)
+    staged = dir_store.root / ".tmp" / "abc123"
+    staged.mkdir()
+    (staged / "adapter_config.json").write_bytes(prompt_adapter[0])
+    dir_store.start_polling(0.02)
+    try:
+        deadline = time.monotonic() + 5
+        while staged.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        dir_store.stop_polling()
+    assert not staged.exists()
 
 
 def test_recovery_skips_version_with_sha256_mismatch(dir_store, prompt_adapter, caplog):
