@@ -44,7 +44,7 @@ class ReplicaOptions(BaseModel):
     target_ongoing_requests: float = Field(default=16, gt=0)
     # the most requests the proxy hands one replica at once; a batching engine wants many (Ray's default is 5)
     max_ongoing_requests: int = Field(default=64, ge=1)
-    num_gpus: float = Field(default=1, ge=0)  # one GPU per replica; 0 on a CPU-only cluster
+    num_gpus: float = Field(default=1, ge=0)  # one GPU per replica; 0 on a CPU-only cluster; a fraction shares one
     num_cpus: float = Field(default=1, ge=0)
     health_check_period_s: float = Field(default=10, gt=0)
     health_check_timeout_s: float = Field(default=30, gt=0)
@@ -74,11 +74,12 @@ class PromptServe:
     """One replica: the engine is loaded before the replica takes traffic (Ray routes to it only once its
     constructor returns), then the unchanged FastAPI app serves it (`http_app`: Ray's wrapper owns `app`)."""
 
-    def __init__(self, overrides: dict[str, Any]) -> None:
+    def __init__(self, overrides: dict[str, Any], num_gpus: float = 1) -> None:
         context = serve.get_replica_context()
         if context.rank.rank != 0:  # one replica seeds an empty store with the demo tasks, not each (versions 1..N)
             overrides = {**overrides, "demo_tasks": False}
         settings = Settings(**overrides)  # the replica's own PROMPTSERVE_* environment, then the overrides
+        check_gpu_share(settings, num_gpus)
         self.replica_id = context.replica_id.to_full_id_str()
         self.engine = prepare_engine(settings, build_real_engine)  # blocking: the replica serves nothing yet
         self.http_app = create_app(settings, self.engine, replica_id=self.replica_id)
@@ -99,6 +100,17 @@ class PromptServe:
             engine.shutdown()
 
 
+def check_gpu_share(settings: Settings, num_gpus: float) -> None:
+    """Replicas sharing a GPU must be told their KV cache's size: sized from free memory, replicas starting
+    together would each take the same share of it."""
+    if 0 < num_gpus < 1 and settings.kv_cache_bytes is None:
+        raise ValueError(
+            f"num_gpus {num_gpus:g}: expected kv_cache_bytes (PROMPTSERVE_KV_CACHE_BYTES) set to each replica's share "
+            f"of the GPU; found none, and replicas sharing a GPU would each take {settings.kv_cache_memory_fraction:g} "
+            "of the same free memory"
+        )
+
+
 PromptServeDeployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(PromptServe))
 
 
@@ -109,7 +121,7 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides = {name: value for name, value in args.items() if name in setting_names}
     Settings(**overrides)  # fail here, in the driver, on a bad setting rather than in every replica
     options = ReplicaOptions(**{name: value for name, value in args.items() if name not in setting_names})
-    return PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
+    return PromptServeDeployment.options(**options.deployment_options()).bind(overrides, options.num_gpus)
 
 
 app = build_app({})  # `serve run server.ray_serve:app`: one GPU per replica, autoscaled, settings from the env

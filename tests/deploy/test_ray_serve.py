@@ -24,7 +24,7 @@ from tests.live_server import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
-from server.ray_serve import PromptServe, build_app  # noqa: E402  (needs ray: skipped above without it)
+from server.ray_serve import PromptServe, build_app, check_gpu_share  # noqa: E402  (needs ray: skipped above without it)
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve.yaml"
 NUM_REPLICAS = 2
@@ -141,6 +141,14 @@ def test_builder_refuses_an_unknown_argument() -> None:
 
     with pytest.raises(ValidationError):
         build_app({"num_replica": 2})
+
+
+def test_replicas_sharing_a_gpu_need_their_kv_cache_size() -> None:
+    with pytest.raises(ValueError, match=r"num_gpus 0\.5: expected kv_cache_bytes .*found none"):
+        check_gpu_share(Settings(demo_tasks=False), 0.5)
+    check_gpu_share(Settings(demo_tasks=False, kv_cache_bytes=2**30), 0.5)
+    for whole in (0, 1, 2):
+        check_gpu_share(Settings(demo_tasks=False), whole)
 
 
 def replica_over(engine: FakeEngine) -> PromptServe:
