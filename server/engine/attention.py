@@ -9,7 +9,9 @@ row holds. No transformers cache class is used, subclassed or reached into.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,8 +21,22 @@ from transformers import AttentionInterface, PreTrainedModel
 if TYPE_CHECKING:
     from server.engine.seq2seq import RelativeBias
 
+logger = logging.getLogger(__name__)
+
 ATTENTION_NAME = "promptserve"
 KV_KWARG = "promptserve_kv"
+
+
+class Routing(Enum):
+    """How an encoder's attention can run (`attention_routing` probes it)."""
+
+    POOL = "pool"  # every layer through `attend`, over the engine's pool: rows packed
+    STOCK = "stock"  # through the AttentionInterface, but its layers carry no layer_idx (DistilBERT, ALBERT)
+    OWN = "own"  # the model's own attention, outside the interface (DeBERTa-v2)
+
+
+class UnindexedAttention(RuntimeError):
+    """An attention layer calls the AttentionInterface without a `layer_idx`: no pool layer to write."""
 
 
 @dataclass(slots=True)
@@ -140,7 +156,9 @@ def attend(
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"this backbone's attention uses {unsupported}, which promptserve cannot serve")
-    layer: int = module.layer_idx  # type: ignore[assignment]
+    layer: int | None = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise UnindexedAttention(f"{type(module).__name__} calls {ATTENTION_NAME!r} without a layer_idx")
     if kv.cross is not None and not getattr(module, "is_causal", True):
         return cross_attention(layer, query, key, value, kv, kv.cross, scaling)
     kv.write(layer, key, value)
@@ -254,8 +272,8 @@ def check_layers(model: torch.nn.Module, kv: StepKV) -> None:
 
 
 @torch.inference_mode()
-def routes_attention(encoder: torch.nn.Module) -> bool:
-    """Whether every layer of this (encoder) model attends through the AttentionInterface: one two-token pass."""
+def attention_routing(encoder: torch.nn.Module) -> Routing:
+    """How this encoder's attention can run: one two-token pass through the AttentionInterface function."""
     config = encoder.config.get_text_config()  # type: ignore[operator,union-attr]
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -266,9 +284,12 @@ def routes_attention(encoder: torch.nn.Module) -> bool:
     kv.batches[0].causal = False
     try:
         encoder(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), **{KV_KWARG: kv})
-    except (TypeError, RuntimeError):  # a model that takes no extra keyword, or an attention that refuses it
-        return False
-    return kv.num_layers_written == config.num_hidden_layers
+    except UnindexedAttention:
+        return Routing.STOCK
+    except Exception as error:  # whatever the model raised, its attention is not ours to run
+        logger.info("%s attends on its own (%s: %s)", type(encoder).__name__, type(error).__name__, error)
+        return Routing.OWN
+    return Routing.POOL if kv.num_layers_written == config.num_hidden_layers else Routing.OWN
 
 
 def run_decoder(model: PreTrainedModel, kv: StepKV, num_layers: int, **inputs: Any) -> torch.Tensor:

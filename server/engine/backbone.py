@@ -22,13 +22,19 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
-from server.engine.attention import ATTENTION_NAME, routes_attention
+from server.engine.attention import ATTENTION_NAME, Routing, attention_routing
 from server.engine.default_backbone import ensure_default_backbone
+from server.engine.errors import UnsupportedBackbone
 from server.engine.heads import BareHead, Head, bare_head, build_head
 from server.engine.seq2seq import Seq2Seq, seq2seq_of
 
 logger = logging.getLogger(__name__)
 
+STOCK_ATTENTION = "sdpa"
+SERVED_ENCODERS = (
+    "Encoders served: BERT, RoBERTa, ELECTRA (base, large) and DeBERTa-v2 (sequence and token heads), DistilBERT "
+    "(token heads); prefix tuning where the attention takes past keys and values (BERT, RoBERTa, ELECTRA)"
+)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -180,9 +186,26 @@ def auto_class(config: PretrainedConfig) -> Any:
 
 
 def encoder_of(model: PreTrainedModel) -> Encoder:
+    check_input_width(model)
     padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
     offset = padding_idx + 1 if padding_idx is not None else 0  # RoBERTa's embeddings keep it; BERT's do not
-    return Encoder(packed=routes_attention(model.base_model), position_offset=offset)
+    routing = attention_routing(model.base_model)
+    if routing is Routing.STOCK:  # padded rows need transformers' own attention, which reads the padding mask
+        model.set_attn_implementation(STOCK_ATTENTION)  # type: ignore[operator]
+    return Encoder(packed=routing is Routing.POOL, position_offset=offset)
+
+
+def check_input_width(model: PreTrainedModel) -> None:
+    """A prompt task's vectors are hidden_size wide (PEFT's token_dim, as the store checks them): an encoder whose
+    input embeddings are narrower (ALBERT's and ELECTRA-small's embedding_size) could take none of them."""
+    config = model.config.get_text_config()
+    width = model.get_input_embeddings().embedding_dim
+    if width != config.hidden_size:
+        raise UnsupportedBackbone(
+            f"expected an encoder whose input embeddings are as wide as its hidden states ({config.hidden_size}), "
+            f"as prompt tasks' vectors are; found {config.model_type} with {width}-wide input embeddings "
+            f"(embedding_size). {SERVED_ENCODERS}"
+        )
 
 
 def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backbone:
@@ -193,6 +216,11 @@ def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backb
     model, config = backbone.model, backbone.model.config
     task_types = (SEQ_CLS, TOKEN_CLS) if backbone.encoder is not None else (SEQ_CLS,)
     heads = {t: head for t in task_types if (head := build_head(config, t, model, missing)) is not None}
+    if backbone.encoder is not None and not heads:
+        raise UnsupportedBackbone(
+            f"expected an encoder whose sequence or token classification head promptserve can run; found "
+            f"{config.model_type}, whose heads apply layers of their own (see the warnings above). {SERVED_ENCODERS}"
+        )
     bare = None
     if backbone.encoder is not None and loaded_type in heads:
         bare = bare_head(config, loaded_type, model, heads[loaded_type], missing)

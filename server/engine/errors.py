@@ -7,6 +7,10 @@ class EngineError(Exception):
     """Base class of errors raised by the engine."""
 
 
+class UnsupportedBackbone(EngineError, ValueError):
+    """A backbone the engine cannot serve as PEFT would run it; refused at start-up, naming what is served."""
+
+
 class QueueFull(EngineError):
     """The waiting queue is at capacity; retry after `retry_after` seconds."""
 
@@ -51,5 +55,6 @@ __all__ = [
     "QueueFull",
     "TaskNotFound",
     "TaskTooLarge",
+    "UnsupportedBackbone",
     "WrongKind",
 ]

@@ -103,6 +103,10 @@ def build_head(config: PretrainedConfig, task_type: str, loaded: PreTrainedModel
         if name.startswith(module_name + ".")
     ]
     pooler_name = pooler_of(two) if task_type == SEQ_CLS else None
+    if (unrun := unrun_modules(two, module_name, pooler_name)) is not None:
+        logger.warning("no %s head: %s reads its features through %s, which promptserve's heads do not run",
+                       task_type, type(two).__name__, unrun)  # fmt: skip
+        return None
     pooler_shapes = [
         (n, tuple(p.shape)) for n, p in two.named_parameters() if pooler_name and n.startswith(pooler_name + ".")
     ]
@@ -122,6 +126,19 @@ def pooler_of(model: PreTrainedModel) -> str | None:
     base = model.base_model
     if base is not model and isinstance(getattr(base, "pooler", None), torch.nn.Module):
         return f"{model.base_model_prefix}.pooler"
+    return None
+
+
+def unrun_modules(model: PreTrainedModel, module_name: str, pooler_name: str | None) -> str | None:
+    """What a head model applies between its base model and its head module that `Head.logits` would skip: its
+    own layers (DistilBERT's `pre_classifier`), or a bare linear pooler whose activation it applies elsewhere
+    (ALBERT's `pooler_activation`); None if nothing."""
+    run = (f"{model.base_model_prefix}.", f"{module_name}.", *([f"{pooler_name}."] if pooler_name else []))
+    unrun = sorted({name.rsplit(".", 1)[0] for name, _ in model.named_parameters() if not name.startswith(run)})
+    if unrun:
+        return ", ".join(unrun)
+    if pooler_name and isinstance(model.get_submodule(pooler_name), torch.nn.Linear):
+        return f"the bare linear {pooler_name} and an activation outside it"
     return None
 
 
