@@ -63,9 +63,9 @@ class Backbone:
 @dataclass(frozen=True, slots=True)
 class Encoder:
     """An encoder's rows: packed into one stream through the engine's attention (`packed`: prefixes apply), or,
-    for an encoder whose attention does not go through transformers' AttentionInterface (DeBERTa-v2), padded into
-    one batch with an attention mask (prompt tasks only). `position_offset`: its first position id (RoBERTa counts
-    from padding_idx + 1)."""
+    for an encoder whose attention cannot use the pool (DeBERTa-v2's is its own; DistilBERT's layers have no
+    layer_idx, so they run on SDPA), padded into one batch with an attention mask (prompt tasks only).
+    `position_offset`: its first position id (RoBERTa counts from padding_idx + 1)."""
 
     packed: bool
     position_offset: int

@@ -8,7 +8,8 @@ padding, with each token's position. Three kinds of rows share it:
 - prompt rows fed as embeddings: the task's vectors are the row's first own tokens
 
 An encoder's rows (BERT, RoBERTa) run the same way, each row whole and attending both ways; an encoder whose
-attention does not go through the AttentionInterface (DeBERTa-v2) runs its rows padded into one batch instead. The
+attention cannot use the pool (DeBERTa-v2's is its own, DistilBERT's layers have no index) runs its rows padded into
+one batch instead. The
 step returns the logits and the final hidden states of the stream positions its `Readout` names.
 """
 
