@@ -1,4 +1,4 @@
-"""Tiny encoder backbones (BERT, RoBERTa, DeBERTa-v2) with classification heads, and PEFT `SEQ_CLS`/`TOKEN_CLS`
+"""Tiny encoder backbones (BERT, RoBERTa, ELECTRA, DeBERTa-v2) with classification heads, and PEFT `SEQ_CLS`/`TOKEN_CLS`
 adapters of every prompt-learning kind PEFT can apply (issue 13).
 
 As in tests/fixtures.py: random weights from configs, saved with `save_pretrained`, the byte-level tokenizer
@@ -29,6 +29,7 @@ from transformers import (
     AutoModelForTokenClassification,
     BertConfig,
     DebertaV2Config,
+    ElectraConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     RobertaConfig,
@@ -37,7 +38,7 @@ from transformers import (
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
 from tests.fixtures import peft_config
 
-NLU_ARCHS = ("bert", "roberta", "deberta_v2")
+NLU_ARCHS = ("bert", "roberta", "electra", "deberta_v2")
 NLU_HEADS = ("seq", "token")
 NLU_ADAPTER_KINDS = ("prompt_tuning", "p_tuning_mlp", "prefix", "prefix_projection")
 PREFIX_KINDS = ("prefix", "prefix_projection")
@@ -70,6 +71,8 @@ def nlu_config(arch: str, num_labels: int = NUM_LABELS) -> PretrainedConfig:
     if arch == "roberta":
         # RoBERTa's positions start at padding_idx + 1 (257 here): the table must reach past PAD_ID.
         return RobertaConfig(**common, max_position_embeddings=PAD_ID + 1 + MAX_INPUT)
+    if arch == "electra":  # its classification head is a module of its own (dense, gelu, out_proj)
+        return ElectraConfig(**common, embedding_size=HIDDEN, max_position_embeddings=MAX_INPUT)
     if arch == "deberta_v2":
         return DebertaV2Config(
             **common,

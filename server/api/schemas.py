@@ -312,8 +312,8 @@ class InfoResponse(BaseModel):
     kv_block_size: int = Field(description="tokens per KV block")
     model_kind: Literal["causal", "seq2seq", "encoder"] = Field(
         description="causal: a decoder-only LM (CAUSAL_LM adapters, and SEQ_CLS on its last token); seq2seq: an "
-        "encoder-decoder such as T5 or BART (SEQ_2_SEQ_LM adapters); encoder: BERT, RoBERTa or DeBERTa-v2 "
-        "(SEQ_CLS and TOKEN_CLS adapters, /v1/classify only)"
+        "encoder-decoder such as T5 or BART (SEQ_2_SEQ_LM adapters); encoder: BERT, RoBERTa, ELECTRA, DeBERTa-v2 "
+        "(SEQ_CLS and TOKEN_CLS adapters), DistilBERT or ALBERT (TOKEN_CLS); /v1/classify only"
     )
     endpoints: list[str] = Field(description="the routes that apply to this backbone, besides the task routes")
 

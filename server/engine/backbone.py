@@ -1,5 +1,5 @@
 """Loads the frozen backbone, detected from its config: a Hugging Face causal LM, an encoder-decoder (T5, BART) or an
-encoder (BERT, RoBERTa, DeBERTa-v2: classification only), and describes it for the prompt store."""
+encoder (BERT, RoBERTa, ELECTRA, DeBERTa-v2, DistilBERT: classification only), and describes it for the prompt store."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class Backbone:
     eos_token_ids: frozenset[int]
     max_positions: int | None  # None: the architecture has no fixed limit we know of
     seq2seq: Seq2Seq | None = None  # an encoder-decoder (T5, BART): what its decoding needs
-    encoder: Encoder | None = None  # an encoder (BERT, RoBERTa, DeBERTa-v2): how its rows run
+    encoder: Encoder | None = None  # an encoder (BERT, RoBERTa, DeBERTa-v2, ...): how its rows run
     heads: dict[str, Head] = field(default_factory=dict)  # task type -> head (classification task types served)
     bare_head: BareHead | None = None  # the checkpoint's own trained head: classification with no task
 

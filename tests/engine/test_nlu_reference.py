@@ -55,7 +55,7 @@ def test_deberta_v2_takes_no_prefix(built: dict) -> None:
 def test_saved_tensors_and_config(built: dict, head: str) -> None:
     arch = built["arch"]
     _, adapters = built[head]
-    if head == "seq" and arch == "roberta":  # RobertaClassificationHead: dense + tanh + out_proj on <s>
+    if head == "seq" and arch in ("roberta", "electra"):  # a classification head: dense, activation, out_proj
         head_shapes = {
             "base_model.classifier.dense.weight": (HIDDEN, HIDDEN),
             "base_model.classifier.dense.bias": (HIDDEN,),
