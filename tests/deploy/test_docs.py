@@ -14,9 +14,11 @@ COMPOSE_SUBCOMMANDS_WITH_SERVICES = {"up", "logs", "exec", "run", "restart", "st
 
 
 def docker_commands(path: Path) -> list[list[str]]:
-    """`docker ...` lines inside fenced code blocks, comments and continuations handled."""
+    """`docker ...` lines inside fenced shell blocks, comments and continuations handled."""
     commands = []
-    for block in re.findall(r"```[a-z]*\n(.*?)```", path.read_text() if path.is_file() else "", re.S):
+    for language, block in re.findall(r"```([a-z]*)\n(.*?)```", path.read_text() if path.is_file() else "", re.S):
+        if language not in ("", "bash", "sh", "shell", "console"):
+            continue
         for line in re.sub(r"\\\n", " ", block).splitlines():
             words = shlex.split(line, comments=True)
             if words[:1] == ["docker"]:
