@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -198,33 +199,35 @@ def test_stalled_download_is_unavailable_and_never_rejects_the_version(store, pr
     assert replica.load("task").key == ("task", 1)
 
 
+Put = Callable[..., bool]
+
+
+def conditional_puts_applied_then(store: TaskStore, monkeypatch, then: Callable[[Put, str, bytes], bool]) -> None:
+    """Each conditional PUT (a version's manifest) reaches S3 and is applied; its caller sees `then(put, ...)`."""
+    put = backend_of(store)._put
+
+    def applied(key: str, data: bytes, *, if_absent: bool = False) -> bool:
+        if not if_absent:
+            return put(key, data)
+        put(key, data, if_absent=True)
+        return then(put, key, data)
+
+    monkeypatch.setattr(backend_of(store), "_put", applied)
+
+
 def test_manifest_put_retried_after_a_lost_reply_keeps_its_number(store, prompt_adapter, monkeypatch):
-    # S3 applied the conditional PUT but its reply was lost; botocore's retry then fails its own condition (412).
-    backend = backend_of(store)
-    put = backend._put
-
-    def reply_lost(key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        if if_absent:
-            put(key, data, if_absent=True)
-        return put(key, data, if_absent=if_absent)
-
-    monkeypatch.setattr(backend, "_put", reply_lost)
+    # The reply was lost; botocore's retry then fails its own condition (412).
+    conditional_puts_applied_then(store, monkeypatch, lambda put, key, data: put(key, data, if_absent=True))
     record, created = store.register("task", *prompt_adapter)
-    assert (record.version, created) == (1, True) and backend.versions("task") == [1]
+    assert (record.version, created) == (1, True) and backend_of(store).versions("task") == [1]
 
 
 def test_manifest_put_failed_in_transit_keeps_the_upload(store, prompt_adapter, monkeypatch):
     # The PUT may have been applied before the endpoint went away: deleting the files could break a real version.
-    backend = backend_of(store)
-    put = backend._put
+    def endpoint_gone(put: Put, key: str, data: bytes) -> bool:
+        raise StoreUnavailable("connection reset")
 
-    def endpoint_gone(key: str, data: bytes, *, if_absent: bool = False) -> bool:
-        if if_absent:
-            put(key, data, if_absent=True)
-            raise StoreUnavailable("connection reset")
-        return put(key, data, if_absent=if_absent)
-
-    monkeypatch.setattr(backend, "_put", endpoint_gone)
+    conditional_puts_applied_then(store, monkeypatch, endpoint_gone)
     with pytest.raises(StoreUnavailable):
         store.register("task", *prompt_adapter)
     assert TaskStore(store.location, store.fingerprint).load("task").key == ("task", 1)
