@@ -243,14 +243,12 @@ class S3Backend:
 
         A PUT whose reply was lost is retried by botocore and then fails its condition against itself: a taken
         number that holds this very manifest (its upload id is unique) is ours."""
-        key = self.manifest_key(task_id, version)
+        key, manifest = self.manifest_key(task_id, version), staged.manifest
         try:
-            if self._put(key, staged.manifest, if_absent=True):
-                return True
-        except StoreUnavailable:
+            return self._put(key, manifest, if_absent=True) or self._get(key, MAX_MANIFEST_BYTES) == manifest
+        except StoreUnavailable:  # either request may have failed after the PUT was applied
             staged.is_uncertain = True
             raise
-        return self._get(key, MAX_MANIFEST_BYTES) == staged.manifest
 
     def discard(self, staged: StagedUpload) -> None:
         if not staged.is_committed and not staged.is_uncertain:

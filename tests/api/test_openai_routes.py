@@ -14,7 +14,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from prompt_store.errors import TaskNotFound
+from prompt_store.errors import LookupThrottled, TaskNotFound
 from prompt_store.types import TaskRecord
 from server.api.app import create_app
 from server.api.settings import Settings
@@ -413,6 +413,17 @@ def test_an_unknown_model_is_counted(http: TestClient, client: openai.OpenAI):
         client.completions.create(model="nope", prompt="x")
     metrics = http.get("/metrics").text
     assert 'promptserve_requests_total{endpoint="completions",outcome="not_found",task="_other"} 1.0' in metrics
+
+
+def test_an_unknown_model_the_store_cannot_be_asked_about_is_503_and_counted(http: TestClient, engine, monkeypatch):
+    def throttled(task_id: str) -> TaskRecord:
+        raise LookupThrottled(f"task {task_id!r} is not known to this replica; retry shortly")
+
+    monkeypatch.setattr(engine, "get_task", throttled)
+    response = http.post("/v1/completions", json={"model": "elsewhere", "prompt": "x"})
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
+    metrics = http.get("/metrics").text
+    assert 'promptserve_requests_total{endpoint="completions",outcome="unavailable",task="_other"} 1.0' in metrics
 
 
 def test_a_long_stop_costs_no_more_than_its_held_back_text():

@@ -233,6 +233,22 @@ def test_manifest_put_failed_in_transit_keeps_the_upload(store, prompt_adapter, 
     assert TaskStore(store.location, store.fingerprint).load("task").key == ("task", 1)
 
 
+def test_manifest_check_failed_in_transit_keeps_the_upload(store, prompt_adapter, monkeypatch):
+    # The reply was lost, the retry got 412, and reading the number's manifest back failed: it may be ours.
+    def unreadable(key: str, max_bytes: int) -> bytes | None:
+        raise StoreUnavailable("connection reset")
+
+    def reply_lost_then_endpoint_gone(put: Put, key: str, data: bytes) -> bool:
+        monkeypatch.setattr(backend_of(store), "_get", unreadable)
+        return put(key, data, if_absent=True)  # the retry's 412
+
+    conditional_puts_applied_then(store, monkeypatch, reply_lost_then_endpoint_gone)
+    with pytest.raises(StoreUnavailable):
+        store.register("task", *prompt_adapter)
+    monkeypatch.undo()
+    assert TaskStore(store.location, store.fingerprint).load("task").key == ("task", 1)
+
+
 def test_objects_of_invalid_task_ids_are_not_listed(store, prompt_adapter):
     store.register("good", *prompt_adapter)
     backend = backend_of(store)

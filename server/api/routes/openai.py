@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from server.api.errors import ApiError
+from prompt_store.errors import StoreUnavailable
+from server.api.errors import ApiError, error_type_of
 from server.api.metrics import Metrics
 from server.api.openai_generation import (
     DONE,
@@ -151,9 +152,9 @@ def choices_of(
 ) -> list[Choice]:
     try:
         task_ids, ensemble = targets(body, served_model_name(settings, engine), engine)
-    except ApiError as error:  # counted as /v1/generate counts an unknown task: under a label it cannot take
+    except (ApiError, StoreUnavailable) as error:  # counted as /v1/generate counts an unknown task
         metrics, endpoint = tracked
-        metrics.start_request(endpoint, (body.model,)).finish(error.error_type)
+        metrics.start_request(endpoint, (body.model,)).finish(error_type_of(error))
         raise
     check_choices(len(texts), body.n, len(task_ids), settings)
 
