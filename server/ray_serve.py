@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -74,12 +75,13 @@ class PromptServe:
     """One replica: the engine is loaded before the replica takes traffic (Ray routes to it only once its
     constructor returns), then the unchanged FastAPI app serves it (`http_app`: Ray's wrapper owns `app`)."""
 
-    def __init__(self, overrides: dict[str, Any], num_gpus: float = 1) -> None:
+    def __init__(self, overrides: dict[str, Any]) -> None:
         context = serve.get_replica_context()
         if context.rank.rank != 0:  # one replica seeds an empty store with the demo tasks, not each (versions 1..N)
             overrides = {**overrides, "demo_tasks": False}
         settings = Settings(**overrides)  # the replica's own PROMPTSERVE_* environment, then the overrides
-        check_gpu_share(settings, num_gpus)
+        # what Ray gave this replica, however it was configured (builder arguments, a config file's deployments)
+        check_gpu_share(settings, ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
         self.replica_id = context.replica_id.to_full_id_str()
         self.engine = prepare_engine(settings, build_real_engine)  # blocking: the replica serves nothing yet
         self.http_app = create_app(settings, self.engine, replica_id=self.replica_id)
@@ -121,7 +123,7 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides = {name: value for name, value in args.items() if name in setting_names}
     Settings(**overrides)  # fail here, in the driver, on a bad setting rather than in every replica
     options = ReplicaOptions(**{name: value for name, value in args.items() if name not in setting_names})
-    return PromptServeDeployment.options(**options.deployment_options()).bind(overrides, options.num_gpus)
+    return PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
 
 
 app = build_app({})  # `serve run server.ray_serve:app`: one GPU per replica, autoscaled, settings from the env
