@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_replicas", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=64, help="requests per throughput round, sent at once")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--max-ongoing-requests", type=int, help="requests Ray hands a replica at once (default: ray_serve.py's)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="throughput rounds per replica count (alternating)")
     parser.add_argument("--registrations", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -48,8 +51,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def replica_args(store_dir: Path, num_replicas: int) -> dict[str, Any]:
+def replica_args(store_dir: Path, num_replicas: int, max_ongoing_requests: int | None = None) -> dict[str, Any]:
+    ongoing = {} if max_ongoing_requests is None else {"max_ongoing_requests": max_ongoing_requests}
     return {
+        **ongoing,
         "num_replicas": num_replicas,
         "num_gpus": 0,
         "num_cpus": 1,
@@ -108,7 +113,8 @@ def throughput(serve: Any, build_app: Any, url: str, args: argparse.Namespace, r
     for repeat in range(args.repeats):
         for num_replicas in (1, 2):
             store = root / f"store-{num_replicas}-{repeat}"
-            serve.run(build_app(replica_args(store, num_replicas)), name="promptserve", route_prefix="/")
+            app = build_app(replica_args(store, num_replicas, args.max_ongoing_requests))
+            serve.run(app, name="promptserve", route_prefix="/")
             for task in DEMO_TASKS:
                 httpx.put(f"{url}/v1/tasks/{task}", files=demo_files(task), timeout=60).raise_for_status()
             asyncio.run(send_all(url, load[: 4 * num_replicas]))  # warm-up: every replica loads the tasks

@@ -43,8 +43,10 @@ class ReplicaOptions(BaseModel):
     # ongoing requests per replica the autoscaler aims at: well below max_ongoing_requests, so a replica
     # scales out while its batch still has room rather than once requests queue
     target_ongoing_requests: float = Field(default=16, gt=0)
-    # the most requests the proxy hands one replica at once; a batching engine wants many (Ray's default is 5)
-    max_ongoing_requests: int = Field(default=64, ge=1)
+    # the most requests the proxy hands one replica at once; a batching engine wants many (Ray's default is 5), and
+    # what Ray holds back it retries with backoff: 256 at once through 1 replica, 23.4 requests/s at 64 and 62.5 at
+    # 256 (benchmarks/results/ray-replicas-cpu-256-ongoing*.json); beyond it the engine's own queue answers 429
+    max_ongoing_requests: int = Field(default=256, ge=1)
     num_gpus: float = Field(default=1, ge=0)  # one GPU per replica; 0 on a CPU-only cluster; a fraction shares one
     num_cpus: float = Field(default=1, ge=0)
     health_check_period_s: float = Field(default=10, gt=0)
