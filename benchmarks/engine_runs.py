@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.workload import TaskSpec, Workload
+from benchmarks.workload import InputsTimed, TaskSpec, Workload
 from prompt_store.adapter import StoreLimits
 from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone, load_backbone
@@ -51,20 +51,9 @@ class RunResult:
 
 
 @dataclass(slots=True)
-class ClassifyRun:
-    seconds: float
-    cpu_seconds: float
-    num_inputs: int
+class ClassifyRun(InputsTimed):
     probs: list[torch.Tensor]  # per job, in workload order: [labels]
     steps: StepTotals
-
-    @property
-    def inputs_per_s(self) -> float:
-        return self.num_inputs / self.seconds
-
-    @property
-    def inputs_per_cpu_s(self) -> float:
-        return self.num_inputs / self.cpu_seconds
 
 
 @dataclass(slots=True)

@@ -23,24 +23,13 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from benchmarks.peft_baseline import DTYPES, rows_by_task, task_models
-from benchmarks.workload import TaskSpec, Workload
+from benchmarks.workload import InputsTimed, TaskSpec, Workload
 
 
 @dataclass(slots=True)
-class PeftClassifyRun:
-    seconds: float
-    cpu_seconds: float
-    num_inputs: int
+class PeftClassifyRun(InputsTimed):
     num_tokens: int  # positions the batches computed: padding and prompt kinds' virtual tokens included
     probs: list[torch.Tensor]  # per job, in workload order: [labels], on the CPU
-
-    @property
-    def inputs_per_s(self) -> float:
-        return self.num_inputs / self.seconds
-
-    @property
-    def inputs_per_cpu_s(self) -> float:
-        return self.num_inputs / self.cpu_seconds
 
 
 class PeftClassifier:

@@ -351,3 +351,20 @@ def varied_output_workload(
 def with_arrivals(workload: Workload, arrivals: list[float]) -> Workload:
     jobs = [Job(job.text, job.task_id, job.max_new_tokens, t) for job, t in zip(workload.jobs, arrivals, strict=True)]
     return Workload(workload.name, jobs, dict(workload.notes))
+
+
+@dataclass(slots=True)
+class InputsTimed:
+    """A classification run's inputs and its wall and CPU seconds (the engine's and PEFT's records extend it)."""
+
+    seconds: float
+    cpu_seconds: float
+    num_inputs: int
+
+    @property
+    def inputs_per_s(self) -> float:
+        return self.num_inputs / self.seconds
+
+    @property
+    def inputs_per_cpu_s(self) -> float:
+        return self.num_inputs / self.cpu_seconds
