@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, get_peft_model
-from tokenizers import processors
 from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -31,11 +30,11 @@ from transformers import (
     DebertaV2Config,
     ElectraConfig,
     PretrainedConfig,
-    PreTrainedTokenizerFast,
     RobertaConfig,
 )
 
-from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
+from benchmarks.workload import encoder_tokenizer
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 from tests.fixtures import peft_config
 
 NLU_ARCHS = ("bert", "roberta", "electra", "deberta_v2")
@@ -84,16 +83,6 @@ def nlu_config(arch: str, num_labels: int = NUM_LABELS) -> PretrainedConfig:
     raise ValueError(f"unknown NLU arch {arch!r}")
 
 
-def nlu_tokenizer() -> PreTrainedTokenizerFast:
-    """The byte-level tokenizer wrapping inputs in <s> ... </s> (RoBERTa's convention, BERT's [CLS] ... [SEP])."""
-    tokenizer = byte_tokenizer()
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)]
-    )
-    tokenizer.cls_token, tokenizer.sep_token = "<s>", "</s>"
-    return tokenizer
-
-
 def head_class(head: str):
     if head == "seq":
         return AutoModelForSequenceClassification
@@ -114,7 +103,7 @@ def write_nlu_backbone(
     finally:
         torch.random.set_rng_state(generator_state)
     model.save_pretrained(out_dir)
-    nlu_tokenizer().save_pretrained(out_dir)
+    encoder_tokenizer().save_pretrained(out_dir)
     return out_dir
 
 
@@ -160,7 +149,7 @@ def nlu_reference(backbone_dir: Path, adapter_dir: Path | None, texts: list[str]
     gives one row per position as PEFT outputs them: P virtual rows first for prompt tuning / P-tuning, none for
     prefix kinds (and none without an adapter), then one per input token including <s> and </s>."""
     model = load_nlu_peft(backbone_dir, head, adapter_dir)
-    tokenizer = nlu_tokenizer()
+    tokenizer = encoder_tokenizer()
     out = []
     for text in texts:
         ids = torch.tensor([tokenizer(text)["input_ids"]])

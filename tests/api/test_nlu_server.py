@@ -25,9 +25,9 @@ from server.engine.async_engine import build_engine
 from tests.api.helpers import metric_samples
 from tests.fixtures import TinyBackbone
 from tests.nlu_fixtures import (
+    encoder_tokenizer,
     load_nlu_peft,
     nlu_reference,
-    nlu_tokenizer,
     peft_logits,
     write_nlu_adapter,
     write_nlu_backbone,
@@ -212,7 +212,7 @@ def test_classify_token_task_labels_each_input_token_as_peft(encoder: Served, te
     entries = response.json()["predictions"][0]
     assert [(entry["start"], entry["end"]) for entry in entries] == byte_spans(text)  # <s> and </s> left out
     assert [entry["token"] for entry in entries] == [text[start:end] for start, end in byte_spans(text)]
-    num_tokens = len(nlu_tokenizer()(text)["input_ids"])
+    num_tokens = len(encoder_tokenizer()(text)["input_ids"])
     probs = nlu_reference(encoder.backbone_dir, encoder.adapters["tagger"], [text], "token")[0]
     rows = probs[-num_tokens:][1:-1]  # PEFT's rows: the virtual tokens', then <s>, the input's, </s>
     for entry, row in zip(entries, rows, strict=True):

@@ -19,10 +19,10 @@ from tests.nlu_fixtures import (
     NLU_VIRTUAL_TOKENS,
     NUM_LABELS,
     PREFIX_KINDS,
+    encoder_tokenizer,
     load_nlu_peft,
     nlu_kinds,
     nlu_reference,
-    nlu_tokenizer,
     write_nlu_adapter,
     write_nlu_backbone,
 )
@@ -84,7 +84,7 @@ def test_saved_tensors_and_config(built: dict, head: str) -> None:
 def test_every_adapter_matters_and_token_rows_align(built: dict, head: str) -> None:
     backbone, adapters = built[head]
     bare = nlu_reference(backbone, None, TEXTS, head)
-    lengths = [len(nlu_tokenizer()(t)["input_ids"]) for t in TEXTS]
+    lengths = [len(encoder_tokenizer()(t)["input_ids"]) for t in TEXTS]
     for kind, adapter in adapters.items():
         probs = nlu_reference(backbone, adapter, TEXTS, head)
         for p, b, n in zip(probs, bare, lengths, strict=True):
@@ -101,7 +101,7 @@ def test_peft_prefix_forward_is_broken_and_prefix_layout(built: dict) -> None:
     if built["arch"] == "deberta_v2":
         pytest.skip("no prefix tuning on DeBERTa-v2")
     backbone, adapters = built["token"]
-    ids = torch.tensor([nlu_tokenizer()("Hello world")["input_ids"]])
+    ids = torch.tensor([encoder_tokenizer()("Hello world")["input_ids"]])
     n = ids.shape[1]
     for kind in PREFIX_KINDS:
         model = load_nlu_peft(backbone, "token", adapters[kind])

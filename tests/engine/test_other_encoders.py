@@ -36,9 +36,9 @@ from tests.nlu_fixtures import (
     LAYERS,
     NUM_LABELS,
     PAD_ID,
+    encoder_tokenizer,
     nlu_config,
     nlu_reference,
-    nlu_tokenizer,
     write_nlu_adapter,
     write_nlu_backbone,
 )
@@ -59,7 +59,7 @@ def albert_config(embedding_size: int = HIDDEN) -> AlbertConfig:
 def write_encoder(config: PretrainedConfig, out_dir: Path, head: type = AutoModelForTokenClassification) -> Path:
     torch.manual_seed(0)
     head.from_config(config).save_pretrained(out_dir)
-    nlu_tokenizer().save_pretrained(out_dir)
+    encoder_tokenizer().save_pretrained(out_dir)
     return out_dir
 
 
