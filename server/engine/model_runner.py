@@ -9,8 +9,8 @@ padding, with each token's position. Three kinds of rows share it:
 
 An encoder's rows (BERT, RoBERTa) run the same way, each row whole and attending both ways; an encoder whose
 attention cannot use the pool (DeBERTa-v2's is its own, DistilBERT's layers have no index) runs its rows padded into
-one batch instead. The
-step returns the logits and the final hidden states of the stream positions its `Readout` names.
+one batch instead. The step returns the logits and the final hidden states of the stream positions its `Readout`
+names.
 """
 
 from __future__ import annotations
