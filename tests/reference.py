@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from peft import PeftModel
 from transformers import AttentionInterface, AutoModelForCausalLM, PreTrainedModel
 
 from prompt_store.types import DeviceTask
-from server.engine.reference import LogitsOf, forward_logits, greedy_uncached, peft_generate_broken_reason
+from server.engine.reference import LogitsOf, forward_logits, greedy_uncached, is_done, peft_generate_broken_reason
 from tests.fixtures import EOS_ID, PAD_ID, TinyBackbone
 
 DEFINITION_ATTENTION = "tests_by_definition"
@@ -96,3 +97,20 @@ def definition_attention(
 
 
 AttentionInterface.register(DEFINITION_ATTENTION, definition_attention)
+
+
+@torch.inference_mode()
+def greedy_with_logprobs(
+    model: Any, input_ids: list[int], max_new_tokens: int, eos_token_ids: Collection[int]
+) -> tuple[list[int], list[float]]:
+    """One row's greedy tokens (through EOS) and each one's log-probability, from the model's forward over the whole
+    sequence at every step (a PEFT model: its own forward, no cache), in float32."""
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    while len(tokens) < max_new_tokens and not is_done(tokens, eos_token_ids):
+        ids = torch.tensor([input_ids + tokens])
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+        row = logits.float().log_softmax(dim=-1)
+        tokens.append(int(row.argmax()))
+        logprobs.append(float(row.max()))
+    return tokens, logprobs

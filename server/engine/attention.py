@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +34,10 @@ class Routing(Enum):
     POOL = "pool"  # every layer through `attend`, over the engine's pool: rows packed
     STOCK = "stock"  # through the AttentionInterface, but its layers carry no layer_idx (DistilBERT, ALBERT)
     OWN = "own"  # the model's own attention, outside the interface (DeBERTa-v2)
+
+
+class MissingEngineState(RuntimeError):
+    """`attend` was called without the step's `StepKV`: outside the engine, or by a layer that drops its kwargs."""
 
 
 class UnindexedAttention(RuntimeError):
@@ -152,10 +157,13 @@ def attend(
     if kv is None and not getattr(module, "is_decoder", True):  # an encoder-decoder's encoder: one row, as usual
         return encoder_attention(query, key, value, attention_mask, scaling, kwargs.get("position_bias"))
     if not isinstance(kv, StepKV):
-        raise RuntimeError(f"attention {ATTENTION_NAME!r} runs only inside the promptserve engine (no {KV_KWARG})")
-    for unsupported in ("softcap", "s_aux"):
-        if kwargs.get(unsupported) is not None:
-            raise NotImplementedError(f"this backbone's attention uses {unsupported}, which promptserve cannot serve")
+        raise MissingEngineState(
+            f"attention {ATTENTION_NAME!r} runs only inside the promptserve engine (no {KV_KWARG})"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            "this backbone's attention uses attention sinks (s_aux), which promptserve cannot serve"
+        )
     layer: int | None = getattr(module, "layer_idx", None)
     if layer is None:
         raise UnindexedAttention(f"{type(module).__name__} calls {ATTENTION_NAME!r} without a layer_idx")
@@ -164,7 +172,7 @@ def attend(
     kv.write(layer, key, value)
     bias = kv.relative_bias
     return attend_batches(query, key.shape[1], kv.keys[layer], kv.values[layer], kv.batches, scaling,
-                          kwargs.get("sliding_window"), bias)  # fmt: skip
+                          kwargs.get("sliding_window"), bias, kwargs.get("softcap"))  # fmt: skip
 
 
 def attend_batches(
@@ -176,6 +184,7 @@ def attend_batches(
     scaling: float | None,
     sliding_window: int | None = None,
     bias: RelativeBias | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Each batch of rows over its keys and values in the pool; returns [1, N, heads, head_dim]."""
     _, heads, num_tokens, head_dim = query.shape
@@ -186,7 +195,8 @@ def attend_batches(
         if bias is not None:  # T5: no grouped heads, so queries are [R, heads, T, d] as the bias is
             float_mask = bias(batch.query_positions, batch.gather_slots.shape[1]).to(query.dtype)
             mask = float_mask.masked_fill(~mask, float("-inf"))
-        attended = scaled_dot_product_attention(
+        attention = scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
+        attended = attention(
             batch.queries(query, num_kv_heads),
             batch.gather(keys),
             batch.gather(values),
@@ -195,6 +205,24 @@ def attend_batches(
         )  # [R, kv_heads, group * T, head_dim]
         output.index_copy_(0, batch.stream_index, batch.outputs(attended, heads))
     return output[None], None
+
+
+def softcapped_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor,
+    scale: float | None,
+    softcap: float,
+) -> torch.Tensor:
+    """Attention with its logits capped at +-softcap by tanh before the mask (Gemma-2), as its eager attention
+    computes it: query [R, h, Tq, d], key and value [R, h, L, d], a boolean (or additive) mask [R, 1|h, Tq, L]."""
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # [R, h, Tq, L]
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(weights, value)
 
 
 def cross_attention(
@@ -262,10 +290,10 @@ def run_encoder(model: torch.nn.Module, kv: StepKV, **inputs: torch.Tensor) -> t
 
 
 def check_layers(model: torch.nn.Module, kv: StepKV) -> None:
-    num_layers = model.config.get_text_config().num_hidden_layers  # type: ignore[operator,union-attr]
-    if kv.num_layers_written != num_layers:
+    expected = num_layers(model)
+    if kv.num_layers_written != expected:
         raise RuntimeError(
-            f"{type(model).__name__}: {kv.num_layers_written} of {num_layers} layers ran their attention through "
+            f"{type(model).__name__}: {kv.num_layers_written} of {expected} layers ran their attention through "
             f"the {ATTENTION_NAME!r} AttentionInterface function; promptserve serves only models whose every "
             "attention layer does"
         )
@@ -274,22 +302,56 @@ def check_layers(model: torch.nn.Module, kv: StepKV) -> None:
 @torch.inference_mode()
 def attention_routing(encoder: torch.nn.Module) -> Routing:
     """How this encoder's attention can run: one two-token pass through the AttentionInterface function."""
-    config = encoder.config.get_text_config()  # type: ignore[operator,union-attr]
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    parameter = next(encoder.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    scratch = [torch.zeros(3, heads, head_dim, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-    kv = one_row_kv(scratch, [t.clone() for t in scratch], torch.arange(1, 3, device=device))
+    kv = scratch_kv(encoder, num_layers(encoder))
     kv.batches[0].causal = False
     try:
-        encoder(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device), **{KV_KWARG: kv})
+        encoder(input_ids=torch.zeros(1, 2, dtype=torch.long, device=kv.write_slots.device), **{KV_KWARG: kv})
     except UnindexedAttention:
         return Routing.STOCK
     except Exception as error:  # whatever the model raised, its attention is not ours to run
         logger.info("%s attends on its own (%s: %s)", type(encoder).__name__, type(error).__name__, error)
         return Routing.OWN
-    return Routing.POOL if kv.num_layers_written == config.num_hidden_layers else Routing.OWN
+    return Routing.POOL if kv.num_layers_written == num_layers(encoder) else Routing.OWN
+
+
+@torch.inference_mode()
+def unrouted_attention(model: torch.nn.Module) -> str | None:
+    """Why a causal LM's attention does not all run through `attend` (None: it does), from one two-token pass."""
+    kv = scratch_kv(model, num_layers(model))
+    try:
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=kv.write_slots.device), use_cache=False,
+              **{KV_KWARG: kv})  # fmt: skip
+    except UnindexedAttention:
+        return "its attention layers carry no layer index"
+    except MissingEngineState:
+        return "its decoder layers do not pass their keyword arguments on to their attention"
+    except NotImplementedError as error:
+        return str(error)
+    except Exception as error:  # whatever the model raised, its attention is not ours to run
+        logger.debug("%s: the attention probe raised", type(model).__name__, exc_info=error)
+        return f"its forward does not run with an AttentionInterface function ({type(error).__name__} in its own code)"
+    if kv.num_layers_written == 0:
+        return "its attention does not go through transformers' AttentionInterface (it computes its own)"
+    if kv.num_layers_written != num_layers(model):
+        return f"{kv.num_layers_written} of {num_layers(model)} layers attend through transformers' AttentionInterface"
+    return None
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)  # type: ignore[operator,union-attr]
+
+
+def scratch_kv(model: torch.nn.Module, layers: int) -> StepKV:
+    """One two-token row over a scratch pool of `layers` layers (slot 0 is the padding slot), on the model's device
+    and in its dtype, laid out as the pool is (the config's key-value heads and head size)."""
+    config = model.config.get_text_config()  # type: ignore[operator,union-attr]
+    query_heads = config.num_attention_heads
+    heads = getattr(config, "num_key_value_heads", None) or query_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    scratch = [torch.zeros(3, heads, head_dim, device=device, dtype=dtype) for _ in range(layers)]
+    return one_row_kv(scratch, [t.clone() for t in scratch], torch.arange(1, 3, device=device))
 
 
 def run_decoder(model: PreTrainedModel, kv: StepKV, num_layers: int, **inputs: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
-from server.engine.attention import ATTENTION_NAME, Routing, attention_routing
+from server.engine.attention import ATTENTION_NAME, Routing, attention_routing, unrouted_attention
 from server.engine.default_backbone import ensure_default_backbone
 from server.engine.errors import UnsupportedBackbone
 from server.engine.heads import BareHead, Head, bare_head, build_head
@@ -35,6 +35,7 @@ SERVED_ENCODERS = (
     "Encoders served: BERT, RoBERTa, ELECTRA (base, large) and DeBERTa-v2 (sequence and token heads), DistilBERT "
     "(token heads); prefix tuning where the attention takes past keys and values (BERT, RoBERTa, ELECTRA)"
 )
+SERVED_LIST = "served architectures: README#models"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -148,6 +149,7 @@ def load_backbone(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     auto = auto_class(config)
+    refuse_unbuildable(config, auto, trust_remote_code)
     model, loading = auto.from_pretrained(
         source,
         dtype=torch_dtype,
@@ -157,6 +159,8 @@ def load_backbone(
     )
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
     model.eval().requires_grad_(False)
+    if auto is AutoModelForCausalLM and (reason := unrouted_attention(model)) is not None:
+        raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}")
     missing = set(loading["missing_keys"])
     backbone = Backbone(
         model_id=model_id or "promptserve/default",
@@ -183,6 +187,28 @@ def auto_class(config: PretrainedConfig) -> Any:
     if any(name.endswith("ForTokenClassification") for name in architectures):
         return AutoModelForTokenClassification
     return AutoModelForSequenceClassification
+
+
+def architecture_name(config: PretrainedConfig) -> str:
+    architectures = getattr(config, "architectures", None) or []
+    return architectures[0] if architectures else f"a {config.model_type} model"
+
+
+def refuse_unbuildable(config: PretrainedConfig, auto: Any, trust_remote_code: bool) -> None:
+    """Before any weight loads: the model's skeleton, on the meta device, must build with the engine's attention
+    (Falcon's layers pick their attention class from a fixed table, and have no place for it)."""
+    try:
+        with torch.device("meta"):
+            auto.from_config(config, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code)
+    except KeyError as error:
+        if error.args != (ATTENTION_NAME,):
+            raise
+        reason = "its attention layers cannot be replaced (transformers builds them from a fixed table)"
+        raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}") from None
+    except ValueError as error:  # transformers' own refusal of a custom attention function
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = f"transformers cannot build it with a custom attention function ({first_line})"
+        raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}") from None
 
 
 def encoder_of(model: PreTrainedModel) -> Encoder:

@@ -1,0 +1,162 @@
+"""The architecture matrix: a tiny random model of each family people serve, with each family's quirk set explicitly.
+
+Every family is built from transformers' own config class (two layers, hidden 64, the byte vocabulary), with
+weights large enough that positions, biases, norms and scales all move the logits (`strengthen`; the tests assert
+it), saved and loaded back through `from_pretrained`. `tests/engine/test_architectures.py` serves each with every
+adapter kind the engine serves on it, mixed in one batch, and holds tokens and log-probabilities to PEFT's own
+forward without a cache; the README's "Models" table is generated from this list (`models_table`) and a test
+fails when the two disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import PretrainedConfig
+
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+
+CAUSAL_KINDS = ("prompt_tuning", "p_tuning_mlp", "prefix")
+SLIDING_WINDOW = 6  # shorter than the matrix's inputs, so the window decides what a token sees
+LONG_TEXT = "sliding windows see only the last few tokens"  # longer than SLIDING_WINDOW + any prefix
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """One row of the matrix: a config class and its quirk, the adapter kinds served on it, the README's note."""
+
+    name: str
+    config_class: str  # in transformers
+    quirk: dict[str, Any] = field(default_factory=dict)  # the family's defining settings, set explicitly
+    kinds: tuple[str, ...] = CAUSAL_KINDS
+    note: str = ""
+    sizes: dict[str, Any] = field(default_factory=dict)  # size fields under the family's own names
+
+    def config(self) -> PretrainedConfig:
+        config_class = getattr(transformers, self.config_class)
+        common = {
+            "vocab_size": BYTE_VOCAB_SIZE,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+            "bos_token_id": BOS_ID,
+            "eos_token_id": EOS_ID,
+            "pad_token_id": PAD_ID,
+            "tie_word_embeddings": False,
+            "initializer_range": 0.2,
+        }
+        return config_class(**{**common, **self.sizes, **self.quirk})
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+GQA = {"num_key_value_heads": 2}  # grouped-query attention, where the family has it
+
+CAUSAL_FAMILIES: tuple[Family, ...] = (
+    Family("Llama", "LlamaConfig", {**GQA, "rope_parameters": LLAMA3_ROPE}, note="`llama3` RoPE scaling"),
+    Family("Qwen2", "Qwen2Config", GQA),
+    Family("Qwen3", "Qwen3Config", {**GQA, "head_dim": 16}),
+    Family("Mistral", "MistralConfig", {**GQA, "sliding_window": SLIDING_WINDOW}, note="sliding window"),
+    Family(
+        "Mixtral", "MixtralConfig", {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2}, note="mixture of experts"
+    ),
+    Family("Gemma", "GemmaConfig", {**GQA, "head_dim": 16}),
+    Family(
+        "Gemma-2",
+        "Gemma2Config",
+        {
+            **GQA,
+            "head_dim": 16,
+            "sliding_window": SLIDING_WINDOW,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 16,
+        },
+        note="attention logit softcapping, alternating sliding window",
+    ),
+    Family(
+        "Gemma-3",
+        "Gemma3TextConfig",
+        {**GQA, "head_dim": 16, "sliding_window": SLIDING_WINDOW},
+        note="local and global layers, sliding window",
+    ),
+    Family("Phi-3", "Phi3Config", GQA),
+    Family("OLMo-2", "Olmo2Config", GQA),
+    Family(
+        "Granite",
+        "GraniteConfig",
+        {
+            **GQA,
+            "attention_multiplier": 0.3,
+            "residual_multiplier": 0.7,
+            "embedding_multiplier": 2.0,
+            "logits_scaling": 0.5,
+        },
+    ),
+    Family("GPT-NeoX", "GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True}, note="partial RoPE"),
+    Family(
+        "OPT",
+        "OPTConfig",
+        {"ffn_dim": 128, "word_embed_proj_dim": 64, "init_std": 0.2},
+        note="learned positions (offset 2)",
+    ),
+    Family("SmolLM3", "SmolLM3Config", {**GQA, "no_rope_layer_interval": 2}, note="RoPE on some layers only"),
+    Family("GLM", "GlmConfig", {**GQA, "head_dim": 16, "partial_rotary_factor": 0.5}, note="partial RoPE"),
+    Family("GLM-4", "Glm4Config", {**GQA, "head_dim": 16, "partial_rotary_factor": 0.5}, note="partial RoPE"),
+    Family(
+        "Cohere", "CohereConfig", {**GQA, "logit_scale": 0.5, "use_qk_norm": False}, note="parallel block, logit scale"
+    ),
+    Family("GPT-J", "GPTJConfig", {"rotary_dim": 8, "n_positions": 512}, note="partial RoPE, interleaved"),
+    Family("GPT-2", "GPT2Config", {"n_positions": 512, "n_inner": 128}, note="learned positions, Conv1D"),
+)
+
+
+def strengthen(model: torch.nn.Module, seed: int) -> None:
+    """Make every kind of parameter matter: norm weights away from 1, biases away from 0 (a random init leaves
+    them at 1 and 0, so a wrong norm or bias would not move the logits), each family's init kept for the rest."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim != 1:
+                continue
+            noise = torch.randn(parameter.shape, generator=generator) * 0.3
+            if "norm" in name.lower() or "ln" in name.lower():
+                parameter.copy_(parameter + noise)
+            elif name.endswith("bias"):
+                parameter.copy_(noise)
+
+
+def write_family(family: Family, directory: Path, seed: int = 1234) -> Path:
+    """Save a seeded random, strengthened model of the family and the byte tokenizer, for `from_pretrained`."""
+    from transformers import AutoModelForCausalLM
+
+    from server.engine.default_backbone import byte_tokenizer
+
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(family.config())
+    finally:
+        torch.random.set_rng_state(generator_state)
+    strengthen(model, seed)
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def models_table(families: tuple[Family, ...], make_row: Callable[[Family], str]) -> str:
+    return "\n".join(make_row(family) for family in families)

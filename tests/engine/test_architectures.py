@@ -1,0 +1,101 @@
+"""The architecture matrix (tests/architectures.py): each causal family served with every adapter kind, mixed in one
+batch with a plain row, inputs longer than any sliding window, each row's tokens and log-probabilities equal to
+PEFT's own forward without a cache; and each test backbone strong enough that a wrong position, norm, bias or
+quirk would show."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from tests.architectures import CAUSAL_FAMILIES, LONG_TEXT, SLIDING_WINDOW, Family, write_family
+from tests.engine.harness import Harness
+from tests.fixtures import VIRTUAL_TOKENS, TinyBackbone, write_peft_adapter
+from tests.reference import greedy_with_logprobs
+
+NEW_TOKENS = 8
+LOGPROB_TOLERANCE = 1e-4  # float32
+MIN_MOVE = 0.1  # what a wrong position must move some logit by, at least
+
+
+def texts_of(family: Family) -> dict[str | None, str]:
+    """Each row's input: all longer than the sliding window (and its prefix), of different lengths."""
+    return {kind: LONG_TEXT[: 2 * SLIDING_WINDOW + 5 * i] for i, kind in enumerate((*family.kinds, None))}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], TinyBackbone]:
+    """Each family's backbone and adapters, written once for the module."""
+
+    cache: dict[str, TinyBackbone] = {}
+
+    def build(chosen: Family) -> TinyBackbone:
+        if chosen.name in cache:
+            return cache[chosen.name]
+        root = tmp_path_factory.mktemp(f"arch-{chosen.config_class}")
+        tiny = TinyBackbone(chosen.name, write_family(chosen, root / "backbone"))
+        for seed, kind in enumerate(chosen.kinds):
+            tiny.adapters[kind] = write_peft_adapter(tiny.path, kind, root / kind, VIRTUAL_TOKENS[kind], seed=seed)
+        cache[chosen.name] = tiny
+        return tiny
+
+    return build
+
+
+@pytest.fixture(params=CAUSAL_FAMILIES, ids=lambda family: family.name)
+def family(request: pytest.FixtureRequest, built: Callable[[Family], TinyBackbone]) -> tuple[Family, TinyBackbone]:
+    return request.param, built(request.param)
+
+
+def test_every_kind_mixed_in_one_batch_equals_peft_forward(family: tuple[Family, TinyBackbone], tmp_path: Path):
+    chosen, tiny = family
+    harness = Harness(tiny, tmp_path / "store")
+    texts = texts_of(chosen)
+    completions = harness.run(*(harness.request(text, kind, max_new_tokens=NEW_TOKENS) for kind, text in texts.items()))
+    for (kind, text), completion in zip(texts.items(), completions, strict=True):
+        base = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+        model = base if kind is None else PeftModel.from_pretrained(base, tiny.adapters[kind]).eval()
+        input_ids = list(harness.backbone.tokenizer(text)["input_ids"])
+        tokens, logprobs = greedy_with_logprobs(model, input_ids, NEW_TOKENS, harness.backbone.eos_token_ids)
+        assert [token.id for token in completion.tokens] == tokens, f"{chosen.name}, {kind}"
+        served = torch.tensor([token.logprob for token in completion.tokens])
+        torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=LOGPROB_TOLERANCE)
+    assert harness.is_idle()
+
+
+@torch.inference_mode()
+def test_a_wrong_position_moves_the_logits(family: tuple[Family, TinyBackbone]):
+    """The last token one position too far: a backbone this test suite serves must notice."""
+    _, tiny = family
+    model = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+    input_ids = torch.tensor([list(range(65, 65 + 2 * SLIDING_WINDOW))])
+    positions = torch.arange(input_ids.shape[1])[None]
+    shifted = positions.clone()
+    shifted[0, -1] += 1
+    right = model(input_ids=input_ids, position_ids=positions).logits[0, -1]
+    wrong = model(input_ids=input_ids, position_ids=shifted).logits[0, -1]
+    assert (right - wrong).abs().max() >= MIN_MOVE
+
+
+QUIRKS_GREEDY_TOKENS_HARDLY_SEE = {"sliding_window": 4096, "attn_logit_softcapping": None}  # quirk: its "off" value
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    ("chosen", "quirk"),
+    [(f, quirk) for f in CAUSAL_FAMILIES for quirk in QUIRKS_GREEDY_TOKENS_HARDLY_SEE if quirk in f.quirk],
+    ids=lambda value: value.name if isinstance(value, Family) else value,
+)
+def test_the_familys_quirk_moves_the_logits(built: Callable[[Family], TinyBackbone], chosen: Family, quirk: str):
+    """A sliding window or a softcap the engine ignored would show in the log-probabilities the matrix compares."""
+    tiny = built(chosen)
+    input_ids = torch.tensor([list(LONG_TEXT.encode())])
+    with_quirk = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+    without = AutoModelForCausalLM.from_pretrained(tiny.path, **{quirk: QUIRKS_GREEDY_TOKENS_HARDLY_SEE[quirk]}).eval()
+    moved = with_quirk(input_ids=input_ids).logits - without(input_ids=input_ids).logits
+    assert moved.abs().max() >= MIN_MOVE
