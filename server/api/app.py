@@ -25,6 +25,7 @@ from server.api.openapi import install_openapi
 from server.api.routes import generate, nlu, openai, service, tasks
 from server.api.settings import Settings
 from server.api.state import AppState
+from server.engine.errors import EngineError
 from server.engine.interface import EngineClient
 
 logger = logging.getLogger(__name__)
@@ -109,13 +110,23 @@ async def load_engine(state: AppState, factory: EngineFactory, on_failure: Failu
     try:
         engine = await asyncio.to_thread(prepare_engine, state.settings, factory)
     except Exception as exc:
-        logger.exception("the engine failed to start")
+        log_start_failure(exc)
         state.engine_error = f"{type(exc).__name__}: {exc}"
         if on_failure is not None:
             on_failure(exc)
         return
     state.attach(engine)
     logger.info("ready: serving %d tasks", len(engine.list_tasks()))
+
+
+def log_start_failure(error: Exception) -> None:
+    """A refusal the engine explains (an unsupported backbone, a failed self-check) is one line; anything else is
+    unexpected and keeps its traceback."""
+    if isinstance(error, EngineError):
+        logger.error("the engine failed to start: %s", error)
+        logger.debug("the engine's refusal", exc_info=error)
+    else:
+        logger.exception("the engine failed to start")
 
 
 def prepare_engine(settings: Settings, factory: EngineFactory) -> EngineClient:

@@ -162,7 +162,7 @@ def attend(
         )
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError(
-            "this backbone's attention uses attention sinks (s_aux), which promptserve cannot serve"
+            "its attention uses attention sinks (s_aux), which the engine's attention does not compute"
         )
     layer: int | None = getattr(module, "layer_idx", None)
     if layer is None:
@@ -317,7 +317,11 @@ def attention_routing(encoder: torch.nn.Module) -> Routing:
 @torch.inference_mode()
 def unrouted_attention(model: torch.nn.Module) -> str | None:
     """Why a causal LM's attention does not all run through `attend` (None: it does), from one two-token pass."""
-    kv = scratch_kv(model, num_layers(model))
+    try:
+        kv = scratch_kv(model, num_layers(model))
+    except Exception as error:  # e.g. Gemma-4's per-layer head sizes: no one shape for the pool's layers
+        logger.debug("%s: no one attention shape", type(model).__name__, exc_info=error)
+        return "its configuration does not give every layer one attention shape (heads, head size)"
     try:
         model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=kv.write_slots.device), use_cache=False,
               **{KV_KWARG: kv})  # fmt: skip
@@ -329,7 +333,7 @@ def unrouted_attention(model: torch.nn.Module) -> str | None:
         return str(error)
     except Exception as error:  # whatever the model raised, its attention is not ours to run
         logger.debug("%s: the attention probe raised", type(model).__name__, exc_info=error)
-        return f"its forward does not run with an AttentionInterface function ({type(error).__name__} in its own code)"
+        return "its forward fails in its own code when its attention is a custom AttentionInterface function"
     if kv.num_layers_written == 0:
         return "its attention does not go through transformers' AttentionInterface (it computes its own)"
     if kv.num_layers_written != num_layers(model):

@@ -196,19 +196,28 @@ def architecture_name(config: PretrainedConfig) -> str:
 
 def refuse_unbuildable(config: PretrainedConfig, auto: Any, trust_remote_code: bool) -> None:
     """Before any weight loads: the model's skeleton, on the meta device, must build with the engine's attention
-    (Falcon's layers pick their attention class from a fixed table, and have no place for it)."""
+    (Falcon's layers pick their attention class from a fixed table, and have no place for it). Any other failure
+    to build is not judged here: the load that follows reports it as it would."""
     try:
         with torch.device("meta"):
             auto.from_config(config, attn_implementation=ATTENTION_NAME, trust_remote_code=trust_remote_code)
     except KeyError as error:
         if error.args != (ATTENTION_NAME,):
-            raise
+            logger.debug("building %s on the meta device failed", architecture_name(config), exc_info=error)
+            return
         reason = "its attention layers cannot be replaced (transformers builds them from a fixed table)"
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}") from None
-    except ValueError as error:  # transformers' own refusal of a custom attention function
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        reason = f"transformers cannot build it with a custom attention function ({first_line})"
+    except Exception as error:
+        if "attn_implementation" not in str(error) and "attention" not in str(error).lower():
+            logger.debug("building %s on the meta device failed", architecture_name(config), exc_info=error)
+            return
+        reason = f"transformers cannot build it with a custom attention function ({first_line(error)})"
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}") from None
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def encoder_of(model: PreTrainedModel) -> Encoder:
