@@ -51,7 +51,7 @@ def test_self_check_names_the_plain_row_when_positions_stall(
         return replace(layout, positions=layout.positions.clamp(max=8))
 
     monkeypatch.setattr(model_runner.StreamLayout, "of", stalled)
-    with pytest.raises(SelfCheckFailed, match=r"the plain row's token \d"):
+    with pytest.raises(SelfCheckFailed, match=r"token \d of the plain row \(\d+ input tokens\)"):
         self_check(harness.engine)
 
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForSeq2SeqLM
 from server.engine import model_runner
 from server.engine.selfcheck import SelfCheckFailed, self_check
 from server.engine.seq2seq import seq2seq_of
+from server.engine.task_cache import TaskCache
 from server.engine.types import EnsembleMode, FinishReason
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import TinyBackbone
@@ -107,6 +108,26 @@ def test_the_self_check_passes_and_catches_a_lost_encoder_output(harness: Harnes
     monkeypatch.setattr(model_runner, "encode", nothing_encoded)
     with pytest.raises(SelfCheckFailed, match="self-check failed"):
         self_check(harness.engine)
+
+
+def test_the_self_check_catches_an_engine_wrong_only_on_short_inputs(harness: Harness, monkeypatch: pytest.MonkeyPatch):
+    """As a BART was once wrong on "hi" and right on "translate this": a check on one sentence would pass."""
+    encode = model_runner.encode
+
+    def short_inputs_reversed(model: object, embeds: torch.Tensor) -> torch.Tensor:
+        return encode(model, embeds.flip(0) if embeds.shape[0] <= 3 else embeds)
+
+    monkeypatch.setattr(model_runner, "encode", short_inputs_reversed)
+    with pytest.raises(SelfCheckFailed, match=r"of the plain row \(2 input tokens\)"):
+        self_check(harness.engine)
+
+
+def test_the_self_check_holds_prefix_rows_to_the_backbones_cache(harness: Harness, monkeypatch: pytest.MonkeyPatch):
+    """Its prefix rows' keys and values, lost (read as zeros), are caught: they are in the decoder's attention."""
+    monkeypatch.setattr(TaskCache, "fill", lambda self, blocks, artifact: setattr(blocks, "is_filled", True))
+    with pytest.raises(SelfCheckFailed, match=r"the prefix row"):
+        self_check(harness.engine)
+    assert harness.is_idle() and not harness.engine.memory.tasks
 
 
 def test_seeded_sampling_is_the_same_alone_and_mixed(harness: Harness):
