@@ -1,10 +1,10 @@
 """The architecture matrix: a tiny random model of each family people serve, with each family's quirk set explicitly.
 
-Every family is built from transformers' own config class (two layers, hidden 64, the byte vocabulary), with
-weights large enough that positions, biases, norms and scales all move the logits (`strengthen`; the tests assert
-it), saved and loaded back through `from_pretrained`. `tests/engine/test_architectures.py` serves each with every
-adapter kind the engine serves on it, mixed in one batch, and holds tokens and log-probabilities to PEFT's own
-forward without a cache; the README's "Models" table is generated from this list (`models_table`) and a test
+Every causal family is built from transformers' own config class (two layers, hidden 64, the byte vocabulary), with
+weights large enough that positions, biases, norms and scales all move the logits (`tests.fixtures.strengthen`; the
+tests assert it), saved and loaded back through `from_pretrained`. `tests/engine/test_architectures.py` serves each
+with every adapter kind the engine serves on it, mixed in one batch, and holds tokens and log-probabilities to PEFT's
+own forward without a cache. The README's "Models" table is generated from this module (`models_table`) and a test
 fails when the two disagree.
 """
 
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from transformers import PretrainedConfig
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from tests.fixtures import write_strong_backbone
 
 CAUSAL_KINDS = ("prompt_tuning", "p_tuning_mlp", "prefix")
 SLIDING_WINDOW = 6  # shorter than the matrix's inputs, so the window decides what a token sees
@@ -125,37 +125,9 @@ CAUSAL_FAMILIES: tuple[Family, ...] = (
 )
 
 
-def strengthen(model: torch.nn.Module, seed: int) -> None:
-    """Make every kind of parameter matter: norm weights away from 1, biases away from 0 (a random init leaves
-    them at 1 and 0, so a wrong norm or bias would not move the logits), each family's init kept for the rest."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim != 1:
-                continue
-            noise = torch.randn(parameter.shape, generator=generator) * 0.3
-            if "norm" in name.lower() or "ln" in name.lower():
-                parameter.copy_(parameter + noise)
-            elif name.endswith("bias"):
-                parameter.copy_(noise)
-
-
 def write_family(family: Family, directory: Path, seed: int = 1234) -> Path:
     """Save a seeded random, strengthened model of the family and the byte tokenizer, for `from_pretrained`."""
-    from transformers import AutoModelForCausalLM
-
-    from server.engine.default_backbone import byte_tokenizer
-
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(family.config())
-    finally:
-        torch.random.set_rng_state(generator_state)
-    strengthen(model, seed)
-    model.save_pretrained(directory)
-    byte_tokenizer().save_pretrained(directory)
-    return directory
+    return write_strong_backbone(family.config(), directory, seed)
 
 
 def models_table(families: tuple[Family, ...], make_row: Callable[[Family], str]) -> str:

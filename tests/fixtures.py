@@ -9,6 +9,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import (
@@ -18,9 +19,9 @@ from peft import (
     PromptTuningConfig,
     get_peft_model,
 )
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
-from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
 
 # A chat template as chat models ship one (in tokenizer_config.json), refusing roles it does not know.
 CHAT_TEMPLATE = (
@@ -94,6 +95,36 @@ def write_peft_adapter(backbone_dir: Path, kind: str, out_dir: Path, num_virtual
     return out_dir
 
 
+def strengthen(model: torch.nn.Module, seed: int) -> None:
+    """Make every kind of parameter matter: norm weights away from 1, biases away from 0 (a random init leaves
+    them at 1 and 0, so a wrong norm or bias would not move the logits); each family's init keeps the rest."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.ndim != 1:
+                continue
+            noise = torch.randn(parameter.shape, generator=generator) * 0.3
+            if "norm" in name.lower() or "ln" in name.lower():
+                parameter.add_(noise)
+            elif name.endswith("bias"):
+                parameter.copy_(noise)
+
+
+def write_strong_backbone(config: PretrainedConfig, directory: Path, seed: int, auto: Any = None) -> Path:
+    """A seeded random model of `config`, strengthened, saved with the byte tokenizer for `from_pretrained`."""
+    auto = auto or AutoModelForCausalLM
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        model = auto.from_config(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    strengthen(model, seed)
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
 @dataclass
 class TinyBackbone:
     arch: str
@@ -106,7 +137,7 @@ VIRTUAL_TOKENS = {"prompt_tuning": 5, "p_tuning_mlp": 4, "p_tuning_lstm": 3, "pr
 
 def build_tiny_backbone(arch: str, root: Path) -> TinyBackbone:
     config = tiny_llama_config() if arch == "llama" else tiny_gpt2_config()
-    path = write_random_backbone(config, root / arch, seed=1234)
+    path = write_strong_backbone(config, root / arch, seed=1234)
     backbone = TinyBackbone(arch=arch, path=path)
     for seed, kind in enumerate(ADAPTER_KINDS):
         out = root / f"{arch}-{kind}"
@@ -121,3 +152,7 @@ def with_chat_template(backbone_dir: Path, out_dir: Path) -> Path:
     config = json.loads(config_file.read_text())
     config_file.write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
     return out_dir
+
+
+def load_causal(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path).eval()

@@ -35,7 +35,7 @@ from transformers import (
 
 from benchmarks.workload import encoder_tokenizer
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
-from tests.fixtures import peft_config
+from tests.fixtures import peft_config, strengthen
 
 NLU_ARCHS = ("bert", "roberta", "electra", "deberta_v2")
 NLU_HEADS = ("seq", "token")
@@ -102,6 +102,7 @@ def write_nlu_backbone(
         model = head_class(head).from_config(nlu_config(arch, num_labels))
     finally:
         torch.random.set_rng_state(generator_state)
+    strengthen(model, seed)
     model.save_pretrained(out_dir)
     encoder_tokenizer().save_pretrained(out_dir)
     return out_dir

@@ -6,11 +6,12 @@ is compared too wherever it is known to be right."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from server.engine.types import StepStats
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import ADAPTER_KINDS, TinyBackbone
-from tests.reference import PEFT_GENERATE_BROKEN, peft_generate, peft_greedy, peft_model
+from tests.reference import PEFT_GENERATE_BROKEN, greedy_with_logprobs, peft_generate, peft_greedy, peft_model
 
 TASKS = (*ADAPTER_KINDS, None)
 TEXTS = {
@@ -24,10 +25,14 @@ TEXTS = {
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_greedy_tokens_equal_peft_forward_for_each_kind(harness: Harness, task: str | None):
-    input_ids = harness.backbone.tokenizer(TEXTS[task])["input_ids"]
-    expected = peft_greedy(peft_model(harness.tiny, task), input_ids, max_new_tokens=10)
-    assert token_ids(harness.alone(TEXTS[task], task, max_new_tokens=10)) == expected
+def test_greedy_tokens_and_logprobs_equal_peft_forward_for_each_kind(harness: Harness, task: str | None):
+    input_ids = list(harness.backbone.tokenizer(TEXTS[task])["input_ids"])
+    model = peft_model(harness.tiny, task)
+    expected, logprobs = greedy_with_logprobs(model, input_ids, 10, harness.backbone.eos_token_ids)
+    completion = harness.alone(TEXTS[task], task, max_new_tokens=10)
+    assert token_ids(completion) == expected
+    served = torch.tensor([token.logprob for token in completion.tokens])
+    torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=1e-4)
 
 
 @pytest.mark.skipif(PEFT_GENERATE_BROKEN is not None, reason=PEFT_GENERATE_BROKEN or "")

@@ -27,7 +27,7 @@ from server.engine.default_backbone import BYTE_VOCAB_SIZE
 from server.engine.errors import UnsupportedBackbone
 from server.engine.selfcheck import self_check
 from tests.engine.test_nlu import ATOL, TEXTS, Driver
-from tests.fixtures import peft_config
+from tests.fixtures import peft_config, strengthen
 from tests.nlu_fixtures import (
     BOS_ID,
     EOS_ID,
@@ -58,7 +58,9 @@ def albert_config(embedding_size: int = HIDDEN) -> AlbertConfig:
 
 def write_encoder(config: PretrainedConfig, out_dir: Path, head: type = AutoModelForTokenClassification) -> Path:
     torch.manual_seed(0)
-    head.from_config(config).save_pretrained(out_dir)
+    model = head.from_config(config)
+    strengthen(model, seed=0)
+    model.save_pretrained(out_dir)
     encoder_tokenizer().save_pretrained(out_dir)
     return out_dir
 

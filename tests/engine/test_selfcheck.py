@@ -18,7 +18,7 @@ from tests.fixtures import TinyBackbone
 
 
 def test_self_check_passes_and_leaves_nothing_behind(harness: Harness):
-    assert self_check(harness.engine) < 5
+    assert self_check(harness.engine) > 0
     assert harness.is_idle() and not harness.engine.memory.tasks and not harness.engine.tasks.embeddings
 
 

@@ -14,14 +14,14 @@ from server.engine import model_runner
 from server.engine.selfcheck import SelfCheckFailed, self_check
 from server.engine.seq2seq import seq2seq_of
 from server.engine.task_cache import TaskCache
-from server.engine.types import EnsembleMode, FinishReason
+from server.engine.types import Completion, EnsembleMode, FinishReason
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import TinyBackbone
 from tests.seq2seq_fixtures import (
     SEQ2SEQ_ADAPTER_KINDS,
     SEQ2SEQ_ARCHS,
     build_tiny_seq2seq_backbone,
-    greedy_seq2seq_reference,
+    greedy_seq2seq_logprobs,
     load_seq2seq_peft,
     seq2seq_config,
 )
@@ -47,14 +47,20 @@ def seq2seq(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
-def expected(seq2seq: TinyBackbone) -> dict[str | None, list[int]]:
-    """Each task's reference tokens for its text."""
-    tokens = {}
+def references(seq2seq: TinyBackbone) -> dict[str | None, tuple[list[int], list[float]]]:
+    """Each task's reference tokens for its text, and their log-probabilities."""
+    answers = {}
     for task in TASKS:
         model = load_seq2seq_peft(seq2seq.path, seq2seq.adapters[task] if task else None)
         input_ids = list(Harness.tokenizer_of(seq2seq)(TEXTS[task])["input_ids"])
-        tokens[task] = greedy_seq2seq_reference(model, input_ids, NEW_TOKENS, model.config.eos_token_id)
-    return tokens
+        answers[task] = greedy_seq2seq_logprobs(model, input_ids, NEW_TOKENS, model.config.eos_token_id)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def expected(references: dict[str | None, tuple[list[int], list[float]]]) -> dict[str | None, list[int]]:
+    """Each task's reference tokens for its text."""
+    return {task: tokens for task, (tokens, _) in references.items()}
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -71,10 +77,13 @@ def test_greedy_tokens_equal_the_reference_for_each_kind(harness: Harness, expec
     assert token_ids(harness.alone(TEXTS[task], task, max_new_tokens=NEW_TOKENS)) == expected[task]
 
 
-def test_a_mixed_batch_equals_the_reference_for_every_kind(harness: Harness, expected):
+def test_a_mixed_batch_equals_the_reference_in_logprobs_too(harness: Harness, references):
     mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS))
-    assert {task: token_ids(c) for task, c in zip(TASKS, mixed, strict=True)} == expected
-    assert harness.is_idle()
+    for task, completion in zip(TASKS, mixed, strict=True):
+        tokens, logprobs = references[task]
+        assert token_ids(completion) == tokens, task
+        served = torch.tensor([token.logprob for token in completion.tokens])
+        torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=1e-4, msg=str(task))
 
 
 def test_rows_joining_mid_flight_equal_the_reference(harness: Harness, expected):
@@ -138,18 +147,26 @@ def test_seeded_sampling_is_the_same_alone_and_mixed(harness: Harness):
     assert token_ids(mixed[2]) == alone
 
 
+def printable_answer(harness: Harness) -> tuple[str, Completion, str]:
+    """An input whose answer (under the prefix task) has a printable character after its first: a stop for it."""
+    for text in ("abc", "hello world", "the quick brown fox", "xy", "a plain row"):
+        free = harness.alone(text, "prefix", max_new_tokens=12)
+        printable = [c for c in free.generated_text[1:] if c.isprintable() and c != "\ufffd"]
+        if printable:
+            return text, free, printable[0]
+    raise AssertionError("the fixture says nothing printable under its prefix task")
+
+
 def test_stop_sequences_and_both_ensemble_modes(harness: Harness):
-    free = harness.alone("abc", "prefix", max_new_tokens=12)
-    stop = free.generated_text[1:3]
-    assert len(stop) == 2, "the fixture should say something"
-    stopped = harness.alone("abc", "prefix", max_new_tokens=12, stop=(stop,))
+    text, free, stop = printable_answer(harness)
+    stopped = harness.alone(text, "prefix", max_new_tokens=12, stop=(stop,))
     assert stopped.finish_reason is FinishReason.STOP
     assert stopped.generated_text == free.generated_text[: free.generated_text.index(stop)]
     harness.store.register_dir("prefix-copy", harness.tiny.adapters["prefix"])
-    vote = harness.run(harness.request("abc", "prefix", "prefix-copy", "prompt_tuning", ensemble=EnsembleMode.VOTE,
+    vote = harness.run(harness.request(text, "prefix", "prefix-copy", "prompt_tuning", ensemble=EnsembleMode.VOTE,
                                        max_new_tokens=12))[0]  # fmt: skip
     assert vote.generated_text == free.generated_text  # two of three members agree
-    mean = harness.run(harness.request("abc", "prefix", "prefix-copy", ensemble=EnsembleMode.MEAN,
+    mean = harness.run(harness.request(text, "prefix", "prefix-copy", ensemble=EnsembleMode.MEAN,
                                        max_new_tokens=12))[0]  # fmt: skip
     assert token_ids(mean) == token_ids(free)
 
