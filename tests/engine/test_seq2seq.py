@@ -84,6 +84,7 @@ def test_a_mixed_batch_equals_the_reference_in_logprobs_too(harness: Harness, re
         assert token_ids(completion) == tokens, task
         served = torch.tensor([token.logprob for token in completion.tokens])
         torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=1e-4, msg=str(task))
+    assert harness.is_idle()
 
 
 def test_rows_joining_mid_flight_equal_the_reference(harness: Harness, expected):
