@@ -10,7 +10,6 @@ fails when the two disagree.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,5 +129,62 @@ def write_family(family: Family, directory: Path, seed: int = 1234) -> Path:
     return write_strong_backbone(family.config(), directory, seed)
 
 
-def models_table(families: tuple[Family, ...], make_row: Callable[[Family], str]) -> str:
-    return "\n".join(make_row(family) for family in families)
+KIND_NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning", "prefix": "prefix tuning"}
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """A row of the README's "Models" table that is not a causal family built here (its tests name it)."""
+
+    name: str
+    config_class: str
+    served: str  # the adapter kinds and heads served, or "refused"
+    note: str
+
+
+def seq2seq_rows() -> list[Listed]:
+    from tests.seq2seq_fixtures import SEQ2SEQ_ADAPTER_KINDS, SEQ2SEQ_ARCHS, seq2seq_config
+
+    kinds = kind_names(SEQ2SEQ_ADAPTER_KINDS) + " (decoder)"
+    notes = {"t5": "relative position bias per row", "bart": "learned decoder positions per row"}
+    names = {"t5": "T5", "mt5": "mT5", "bart": "BART", "mbart": "mBART"}
+    return [Listed(names[a], type(seq2seq_config(a)).__name__, kinds, notes.get(a.removeprefix("m"), ""))
+            for a in SEQ2SEQ_ARCHS]  # fmt: skip
+
+
+def encoder_rows() -> list[Listed]:
+    from tests.nlu_fixtures import NLU_ARCHS, nlu_config, nlu_kinds
+
+    names = {"bert": "BERT", "roberta": "RoBERTa", "electra": "ELECTRA", "deberta_v2": "DeBERTa-v2"}
+    notes = {"deberta_v2": "its own attention: rows padded, no prefix tasks"}
+    rows = [Listed(names[a], type(nlu_config(a)).__name__, kind_names(nlu_kinds(a)) + "; sequence and token heads",
+                   notes.get(a, "")) for a in NLU_ARCHS]  # fmt: skip
+    distilbert = "layers without a layer index: rows padded on SDPA; its sequence head adds layers of its own"
+    return [*rows, Listed("DistilBERT", "DistilBertConfig", "prompt tuning, P-tuning; token heads", distilbert)]
+
+
+REFUSED = (
+    Listed("Bloom", "BloomConfig", "refused", "ALiBi computed in its own attention, outside the AttentionInterface"),
+    Listed("Falcon", "FalconConfig", "refused", "attention classes from a fixed table (both RoPE and ALiBi variants)"),
+    Listed("MPT", "MptConfig", "refused", "ALiBi computed in its own attention, outside the AttentionInterface"),
+    Listed("StableLM", "StableLmConfig", "refused", "its decoder layers drop the attention's keyword arguments"),
+    Listed("ALBERT", "AlbertConfig", "refused", "input embeddings narrower than its hidden states"),
+)
+
+
+def kind_names(kinds: tuple[str, ...]) -> str:
+    names = [KIND_NAMES[k] for k in kinds if k in KIND_NAMES]
+    return ", ".join(dict.fromkeys(names))
+
+
+def models_table() -> str:
+    """The README's "Models" table: every family the tests serve (exact against PEFT), then those refused."""
+    causal = [Listed(f.name, f.config_class, kind_names(f.kinds), f.note) for f in CAUSAL_FAMILIES]
+    rows = [*causal, *seq2seq_rows(), *encoder_rows(), *REFUSED]
+    lines = ["| family | config class | adapter kinds served | notes |", "|---|---|---|---|"]
+    lines += [f"| {r.name} | `{r.config_class}` | {r.served} | {r.note} |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(models_table())

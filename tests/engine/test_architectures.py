@@ -10,12 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.architectures import CAUSAL_FAMILIES, LONG_TEXT, SLIDING_WINDOW, Family, write_family
+from server.engine.backbone import SERVED_LIST, load_backbone
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from server.engine.errors import UnsupportedBackbone
+from tests.architectures import (
+    CAUSAL_FAMILIES,
+    LONG_TEXT,
+    REFUSED,
+    SLIDING_WINDOW,
+    Family,
+    Listed,
+    models_table,
+    write_family,
+)
 from tests.engine.harness import Harness
-from tests.fixtures import VIRTUAL_TOKENS, TinyBackbone, write_peft_adapter
+from tests.fixtures import VIRTUAL_TOKENS, TinyBackbone, write_peft_adapter, write_strong_backbone
 from tests.reference import greedy_with_logprobs
 
 NEW_TOKENS = 8
@@ -99,3 +112,21 @@ def test_the_familys_quirk_moves_the_logits(built: Callable[[Family], TinyBackbo
     without = AutoModelForCausalLM.from_pretrained(tiny.path, **{quirk: QUIRKS_GREEDY_TOKENS_HARDLY_SEE[quirk]}).eval()
     moved = with_quirk(input_ids=input_ids).logits - without(input_ids=input_ids).logits
     assert moved.abs().max() >= MIN_MOVE
+
+
+def test_the_readmes_models_table_is_the_matrix():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    listed = readme.split("<!-- models:start -->\n", 1)[1].split("\n<!-- models:end -->", 1)[0]
+    assert listed == models_table(), "regenerate it: python -m tests.architectures"
+
+
+@pytest.mark.parametrize("listed", [r for r in REFUSED if r.config_class != "AlbertConfig"], ids=lambda r: r.name)
+def test_a_family_the_readme_lists_as_refused_is_refused_at_load(listed: Listed, tmp_path: Path):
+    """ALBERT's refusal is tested with the encoders (tests/engine/test_other_encoders.py)."""
+    config = getattr(transformers, listed.config_class)(
+        vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID, intermediate_size=128,
+    )  # fmt: skip
+    path = write_strong_backbone(config, tmp_path / listed.name, seed=0)
+    with pytest.raises(UnsupportedBackbone, match=rf"^\w+ForCausalLM: .+; {SERVED_LIST}$"):
+        load_backbone(str(path), "cpu", "float32")
