@@ -71,9 +71,9 @@ def test_a_short_run_learns_and_writes_what_the_store_takes(
     tiny_llama: TinyBackbone, data: Path, tmp_path: Path, method: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "task"
-    assert train(tiny_llama, data, output, "--method", method, "--num-virtual-tokens", "4") == 0
+    assert train(tiny_llama, data, output, "--method", method, "--num-virtual-tokens", "4", "--steps", "150") == 0
     metrics = json.loads((output / "metrics.json").read_text())
-    assert len(metrics["loss_curve"]) == metrics["steps"] == 100
+    assert len(metrics["loss_curve"]) == metrics["steps"] == 150
     assert metrics["loss_last"] < metrics["loss_first"] / 2, metrics["loss_curve"]
     assert metrics["num_train"] + metrics["num_eval"] == 48 and metrics["num_eval"] == 5
     assert 0 <= metrics["base_exact_match"] <= metrics["exact_match"] <= 1
