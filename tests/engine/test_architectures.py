@@ -12,7 +12,8 @@ import pytest
 import torch
 import transformers
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, PreTrainedTokenizerFast
 
 from server.engine.backbone import SERVED_LIST, load_backbone
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
@@ -30,6 +31,7 @@ from tests.architectures import (
 from tests.engine.harness import Harness
 from tests.fixtures import VIRTUAL_TOKENS, TinyBackbone, write_peft_adapter, write_strong_backbone
 from tests.reference import greedy_with_logprobs
+from tests.seq2seq_fixtures import greedy_seq2seq_logprobs
 
 NEW_TOKENS = 8
 LOGPROB_TOLERANCE = 1e-4  # float32
@@ -130,3 +132,41 @@ def test_a_family_the_readme_lists_as_refused_is_refused_at_load(listed: Listed,
     path = write_strong_backbone(config, tmp_path / listed.name, seed=0)
     with pytest.raises(UnsupportedBackbone, match=rf"^\w+ForCausalLM: .+; {SERVED_LIST}$"):
         load_backbone(str(path), "cpu", "float32")
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE vocabulary with its three special tokens first (pad 0, </s> 1, <s> 2), no merges, nothing
+    added around an input: "hi" is [74, 75]."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=byte_level_order)
+    vocab = {"<pad>": 0, "</s>": 1, "<s>": 2, **{char: i + 3 for i, char in enumerate(alphabet)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", bos_token="<s>")
+
+
+def byte_level_order(char: str) -> int:
+    """GPT-2's byte order: printable bytes first, in order, then the others (mapped past 255)."""
+    return ord(char) if ord(char) < 256 else 256 + ord(char)
+
+
+def test_the_reported_bart_answers_as_its_own_forward(tmp_path: Path):
+    """The BART of issue 21 (d_model 64, init_std 0.3, pad = decoder start = 0): greedy, 12 tokens, alone."""
+    config = BartConfig(
+        vocab_size=259, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, init_std=0.3, pad_token_id=0, bos_token_id=2, eos_token_id=1,
+        decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(tmp_path / "bart")
+    tokenizer = byte_level_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "bart")
+    assert tokenizer("hi")["input_ids"] == [74, 75]
+    harness = Harness(TinyBackbone("bart", tmp_path / "bart"), tmp_path / "store")
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "bart").eval()
+    for text in ("hi", "translate this", "a fifty-character input, to be read from the start"):
+        tokens, logprobs = greedy_seq2seq_logprobs(model, tokenizer(text)["input_ids"], 12, eos_id=1)
+        completion = harness.alone(text, None, max_new_tokens=12)
+        assert [token.id for token in completion.tokens] == tokens, text
+        served = torch.tensor([token.logprob for token in completion.tokens])
+        torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=LOGPROB_TOLERANCE)
