@@ -21,7 +21,7 @@ from peft import (
 )
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
-from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer, seeded_model
 
 # A chat template as chat models ship one (in tokenizer_config.json), refusing roles it does not know.
 CHAT_TEMPLATE = (
@@ -112,13 +112,7 @@ def strengthen(model: torch.nn.Module, seed: int) -> None:
 
 def write_strong_backbone(config: PretrainedConfig, directory: Path, seed: int, auto: Any = None) -> Path:
     """A seeded random model of `config`, strengthened, saved with the byte tokenizer for `from_pretrained`."""
-    auto = auto or AutoModelForCausalLM
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = auto.from_config(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = seeded_model(auto or AutoModelForCausalLM, config, seed)
     strengthen(model, seed)
     model.save_pretrained(directory)
     byte_tokenizer().save_pretrained(directory)

@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from benchmarks.workload import encoder_tokenizer
-from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, seeded_model
 from tests.fixtures import peft_config, strengthen
 
 NLU_ARCHS = ("bert", "roberta", "electra", "deberta_v2")
@@ -96,12 +96,7 @@ def write_nlu_backbone(
 ) -> Path:
     """Save a seeded random `AutoModelFor{Sequence,Token}Classification` (its encoder loads with `AutoModel`, the
     random head is the 'bare head') and the tokenizer."""
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = head_class(head).from_config(nlu_config(arch, num_labels))
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = seeded_model(head_class(head), nlu_config(arch, num_labels), seed)
     strengthen(model, seed)
     model.save_pretrained(out_dir)
     encoder_tokenizer().save_pretrained(out_dir)

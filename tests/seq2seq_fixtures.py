@@ -32,7 +32,7 @@ from transformers import (
     T5Config,
 )
 
-from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer
+from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, byte_tokenizer, seeded_model
 from tests.fixtures import TinyBackbone, peft_config, strengthen
 
 SEQ2SEQ_ARCHS = ("t5", "bart", "mt5", "mbart")
@@ -133,12 +133,7 @@ def write_seq2seq_backbone(arch: str, out_dir: Path, seed: int | None = None) ->
     encoder-decoder repeats one token for some input).
     """
     seed = SEEDS[arch] if seed is None else seed
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = AutoModelForSeq2SeqLM.from_config(seq2seq_config(arch))
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = seeded_model(AutoModelForSeq2SeqLM, seq2seq_config(arch), seed)
     sharpen_positions(model)
     strengthen(model, seed)
     model.save_pretrained(out_dir)

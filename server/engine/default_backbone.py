@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -93,18 +94,23 @@ def ensure_random_backbone(cache_dir: Path | None = None) -> Path:
     return target
 
 
+def seeded_model(auto: Any, config: object, seed: int) -> Any:
+    """`auto.from_config(config)` with weights drawn from `seed`, leaving the global random state as it was."""
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return auto.from_config(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
 def write_random_backbone(
     config: LlamaConfig | object, directory: Path, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None
 ) -> Path:
     """Save a model (causal, or an encoder-decoder when the config says so) with seeded random weights and a
     tokenizer (the byte tokenizer unless given), loadable by `from_pretrained`."""
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        model = auto.from_config(config)
-    finally:
-        torch.random.set_rng_state(generator_state)
+    model = seeded_model(auto, config, seed)
     model.save_pretrained(directory)
     (tokenizer or byte_tokenizer()).save_pretrained(directory)
     return directory
