@@ -29,6 +29,7 @@ from server.engine.errors import (
     QueueFull,
     TaskNotFound,
     TaskTooLarge,
+    UnknownToken,
     WrongKind,
 )
 
@@ -88,7 +89,7 @@ def classify(exc: BaseException) -> ApiError | None:
         return exc
     if isinstance(exc, TaskTooLarge | InputTooLong):  # TaskTooLarge is an InvalidTask: test it first
         return ApiError(413, "too_large", str(exc))
-    if isinstance(exc, WrongKind):
+    if isinstance(exc, WrongKind | UnknownToken):
         return ApiError(400, "validation", str(exc))
     if isinstance(exc, InvalidTask | InvalidPrompt):
         return ApiError(422, "validation", str(exc))

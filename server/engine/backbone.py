@@ -55,6 +55,11 @@ class Backbone:
     bare_head: BareHead | None = None  # the checkpoint's own trained head: classification with no task
 
     @property
+    def num_token_ids(self) -> int:
+        """Rows of the model's input embedding table: every token id it can read is below this."""
+        return int(self.model.get_input_embeddings().num_embeddings)
+
+    @property
     def kind(self) -> str:
         if self.encoder is not None:
             return "encoder"
@@ -174,7 +179,28 @@ def load_backbone(
         seq2seq=seq2seq_of(model) if model.config.is_encoder_decoder else None,
         encoder=encoder_of(model) if is_encoder_config(config) else None,
     )
+    warn_unreadable_tokens(backbone)
     return with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
+
+
+def unreadable_token_ids(backbone: Backbone) -> list[int]:
+    """Token ids the tokenizer can produce that have no row in the model's embedding table (tokens added to the
+    tokenizer without `resize_token_embeddings`)."""
+    limit = backbone.num_token_ids
+    return sorted(token_id for token_id in backbone.tokenizer.get_vocab().values() if token_id >= limit)
+
+
+def warn_unreadable_tokens(backbone: Backbone) -> None:
+    """Served anyway: a request holding one of these tokens is refused at intake (400), the rest are served."""
+    unreadable = unreadable_token_ids(backbone)
+    if unreadable:
+        shown = ", ".join(f"{i} ({backbone.tokenizer.convert_ids_to_tokens(i)!r})" for i in unreadable[:10])
+        more = f" and {len(unreadable) - 10} more" if len(unreadable) > 10 else ""
+        logger.warning(
+            "the tokenizer of %s has %d token(s) the model's %d-row embedding table cannot read: %s%s; requests "
+            "holding them are refused",
+            backbone.model_id, len(unreadable), backbone.num_token_ids, shown, more,
+        )  # fmt: skip
 
 
 def auto_class(config: PretrainedConfig) -> Any:

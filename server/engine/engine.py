@@ -6,16 +6,19 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
 
 import torch
 
 from prompt_store.types import SEQ_CLS, TaskKey
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
-from server.engine.errors import GenerationFailed, InputTooLong, QueueFull
+from server.engine.errors import GenerationFailed, InputTooLong, QueueFull, UnknownToken
+from server.engine.intake import check_token_ids
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
-from server.engine.model_runner import ModelRunner
+from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.readout import Classified, Readout
 from server.engine.request import Request, Sequence, Status
 from server.engine.sampler import sample
@@ -26,6 +29,7 @@ from server.engine.types import EngineOutput, FinishReason, RowResult, RowToken,
 logger = logging.getLogger(__name__)
 
 StepListener = Callable[[StepStats], None]
+T = TypeVar("T")
 
 
 class Engine:
@@ -54,12 +58,26 @@ class Engine:
 
     def add(self, request: Request) -> None:
         reason = self.scheduler.why_never_fits(request)
-        if reason is not None:
+        unknown = self.unknown_token(request)
+        if unknown is not None:
+            self.emit_error(request, unknown)
+        elif reason is not None:
             self.emit_error(request, InputTooLong(reason))
         elif self.scheduler.is_full():
             self.emit_error(request, QueueFull(len(self.scheduler.waiting)))
         else:
             self.scheduler.add(request)
+
+    def unknown_token(self, request: Request) -> UnknownToken | None:
+        """Intake checks a request's token ids; this catches any path around it (a token the embedding table has no
+        row for would fail the whole step's pass)."""
+        try:
+            check_token_ids(self.backbone, request.input_ids)
+            for row in request.rows:
+                check_token_ids(self.backbone, row.targets, "candidates")
+        except UnknownToken as error:
+            return error
+        return None
 
     def add_all(self, requests: list[Request]) -> None:
         """Requests of one call (a classification's inputs, a scoring's candidates): queued together."""
@@ -97,13 +115,27 @@ class Engine:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
         self.num_preemptions += len(plan.preempted)
-        self.start(plan.admitted)
-        num_decode, num_prefill = decode_and_prefill_tokens(plan.chunks)  # before the step appends tokens
-        rows = self.run(plan.chunks)
+        chunks, prompts = self.prepare(plan.admitted, plan.chunks)
+        num_decode, num_prefill = decode_and_prefill_tokens(chunks)  # before the step appends tokens
+        rows = self.run(chunks, prompts)
         self.postprocess_finished(rows)
         self.drop_leaving()
-        stats = self.record_step(plan.chunks, num_prefill, num_decode, time.perf_counter() - started)
+        stats = self.record_step(chunks, num_prefill, num_decode, time.perf_counter() - started)
         return stats
+
+    def prepare(self, admitted: list[Request], chunks: list[Chunk]) -> tuple[list[Chunk], Prompts]:
+        """What belongs to one request is made ready before the shared pass (its tasks' keys and values, its prompt
+        vectors); a request whose preparation fails leaves the step with the error, alone."""
+        self.start(admitted)
+        prompts: Prompts = {}
+        for row in self.runner.prompt_rows(chunks):
+            if row.task is not None and row.task.key not in prompts and not self.is_leaving(row.request):
+                vectors = self.guarded(
+                    row.request, f"loading {describe(row)}", partial(self.tasks.embeddings_of, row.task)
+                )
+                if vectors is not None:
+                    prompts[row.task.key] = vectors
+        return [chunk for chunk in chunks if not self.is_leaving(chunk.row.request)], prompts
 
     def start(self, requests: list[Request]) -> None:
         """Newly admitted (or resumed) requests: their tasks' keys and values into the pool, if not there yet."""
@@ -112,16 +144,18 @@ class Engine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             for row in request.rows:
-                if row.task_blocks is not None and row.task is not None:
-                    self.tasks.fill(row.task_blocks, row.task)
+                if row.task_blocks is not None and row.task is not None and not self.is_leaving(request):
+                    self.guarded(
+                        request, f"loading {describe(row)}", partial(self.tasks.fill, row.task_blocks, row.task)
+                    )
 
-    def run(self, chunks: list[Chunk]) -> list[Sequence]:
+    def run(self, chunks: list[Chunk], prompts: Prompts) -> list[Sequence]:
         """One forward pass over the chunks; the rows that reached their last token are sampled, classified or
-        scored. Returns them."""
+        scored, each request's part apart from the others'. Returns them."""
         if not chunks:
             return []
         readout = Readout.of(chunks)
-        result = self.runner.run(chunks, readout)
+        result = self.runner.run(chunks, readout, prompts)
         for chunk in chunks:
             chunk.row.num_computed += chunk.num_tokens
         if readout.sampled:
@@ -132,19 +166,75 @@ class Engine:
             self.record_scores(readout.scored, result.logits[len(readout.sampled) :])
         if readout.classified:
             assert result.hidden is not None
-            classify(self.tasks, self.backbone, readout.classified, result.hidden)
-        self.complete(readout.completed)
+            self.classify(readout.classified, result.hidden)
+        self.complete([row for row in readout.completed if not self.is_leaving(row.request)])
         return readout.sampled + readout.completed
+
+    # ---- one request's part of the step: its failure is its own
+
+    def guarded(self, request: Request, what: str, action: Callable[[], T]) -> T | None:
+        """`action`'s result; if it raises, the request fails (it leaves the batch once the step is over)."""
+        try:
+            return action()
+        except Exception as error:
+            logger.exception("request %s: %s failed; failing this request only", request.request_id, what)
+            self.fail(request, GenerationFailed(f"expected {what} to succeed; found {type(error).__name__}: {error}"))
+            return None
+
+    def isolated(
+        self, count: int, request_of: Callable[[int], Request], action: Callable[[list[int]], T], what: str,
+        reset: Callable[[], None] | None = None,
+    ) -> list[tuple[list[int], T]]:  # fmt: skip
+        """`action` over items 0..count-1 at once; if that raises, again request by request (after `reset`), so the
+        failure is charged to the request that caused it. Returns the parts that succeeded: (items, result)."""
+        everything = list(range(count))
+        try:
+            return [(everything, action(everything))]
+        except Exception as error:
+            logger.warning("%s failed for the whole batch (%s); retrying request by request", what, error)
+        if reset is not None:
+            reset()
+        parts = []
+        for request, items in group_by_request(everything, request_of):
+            result = self.guarded(request, what, partial(action, items))
+            if result is not None:
+                parts.append((items, result))
+        return parts
+
+    def is_leaving(self, request: Request) -> bool:
+        return any(leaving is request for leaving in self.leaving)
 
     def record_scores(self, scored: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
         """Each scored position's log-probability of its target token (a row recomputed after a preemption
         writes the same values again)."""
-        targets = torch.tensor([row.targets[j] for row, j in scored], device=logits.device)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[:, None])[:, 0].tolist()
-        for (row, j), logprob in zip(scored, logprobs, strict=True):
-            if len(row.target_logprobs) != len(row.targets):
-                row.target_logprobs = [0.0] * len(row.targets)
-            row.target_logprobs[j] = logprob
+
+        def logprobs_of(items: list[int]) -> list[float]:
+            targets = torch.tensor([scored[i][0].targets[scored[i][1]] for i in items], device=logits.device)
+            index = torch.tensor(items, device=logits.device)
+            return torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+
+        parts = self.isolated(len(scored), lambda i: scored[i][0].request, logprobs_of, "scoring the candidate")
+        for items, logprobs in parts:
+            for (row, j), logprob in zip([scored[i] for i in items], logprobs, strict=True):
+                if len(row.target_logprobs) != len(row.targets):
+                    row.target_logprobs = [0.0] * len(row.targets)
+                row.target_logprobs[j] = logprob
+
+    def classify(self, classified: list[Classified], hidden: torch.Tensor) -> None:
+        """Each task's head over its rows' hidden states, the rows of one task version in one call; each row keeps
+        its probabilities ([labels] for a sequence task, [input tokens, labels] for a token task) on the CPU."""
+        for group in head_groups(classified):
+            self.classify_group(group, hidden)
+
+    def classify_group(self, group: list[Classified], hidden: torch.Tensor) -> None:
+        def probs_of(items: list[int]) -> torch.Tensor:
+            return head_probs(self.tasks, self.backbone, [group[i] for i in items], hidden)
+
+        parts = self.isolated(len(group), lambda i: group[i].row.request, probs_of, f"{describe(group[0].row)}'s head")
+        for items, probs in parts:
+            chosen = [group[i] for i in items]
+            for item, row_probs in zip(chosen, probs.split([item.count for item in chosen]), strict=True):
+                item.row.probs = row_probs[0] if item.row.request.head_type == SEQ_CLS else row_probs
 
     def complete(self, rows: list[Sequence]) -> None:
         """Classification and scoring rows computed in full: each answers once; non-finite answers fail their own
@@ -165,7 +255,7 @@ class Engine:
                                                finished=request.is_finished))  # fmt: skip
 
     def overflow(self, row: Sequence) -> GenerationFailed:
-        task = f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
+        task = describe(row)
         dtype = str(self.backbone.dtype).removeprefix("torch.")
         return GenerationFailed(
             f"expected finite logits; found NaN or infinity under {task}: its values overflow the backbone's {dtype} "
@@ -174,12 +264,19 @@ class Engine:
 
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         rows, logits = self.fail_broken_rows(rows, logits)
-        sampled = sample(logits, rows)
+        keep_probe_vectors(rows, logits)
+        states = generator_states(rows)
+        parts = self.isolated(
+            len(rows), lambda i: rows[i].request, lambda items: sample(logits[items], [rows[i] for i in items]),
+            "sampling the next token", reset=partial(restore_generators, states),
+        )  # fmt: skip
         new: dict[int, list[RowToken]] = defaultdict(list)
-        for row, token_id, logprob, top in zip(rows, sampled.token_ids, sampled.logprobs, sampled.top, strict=True):
-            self.append_token(row, token_id)
-            new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason, top))
-        for request in distinct_requests(rows):
+        for items, sampled in parts:
+            for i, token_id, logprob, top in zip(items, sampled.token_ids, sampled.logprobs, sampled.top, strict=True):
+                row = rows[i]
+                self.append_token(row, token_id)
+                new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason, top))
+        for request in distinct_requests([rows[i] for items, _ in parts for i in items]):
             self.deliver(request, EngineOutput(request.request_id, tuple(new[id(request)]), request.is_finished))
 
     def fail_broken_rows(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
@@ -284,27 +381,63 @@ class Engine:
         return stats
 
 
-def classify(tasks: TaskCache, backbone: Backbone, classified: list[Classified], hidden: torch.Tensor) -> None:
-    """Each task's head over its rows' hidden states, the rows of one task version in one call; each row keeps its
-    probabilities ([labels] for a sequence task, [input tokens, labels] for a token task) on the CPU."""
+def head_groups(classified: list[Classified]) -> list[list[Classified]]:
+    """The classified rows by task version and head type: each group's head runs in one call."""
     groups: dict[tuple[TaskKey | None, str | None], list[Classified]] = defaultdict(list)
     for item in classified:
         groups[(item.row.task.key if item.row.task else None, item.row.request.head_type)].append(item)
-    for (_, head_type), items in groups.items():
-        assert head_type is not None
-        task, head = items[0].row.task, backbone.heads[head_type]
-        tensors = tasks.head_of(task) if task is not None else bare_tensors(backbone)
-        features = torch.cat([hidden[item.first : item.first + item.count] for item in items])
-        if head_type == SEQ_CLS:
-            features = features[:, None]  # [R, 1, H]: the one token each row's head reads, as the head model's
-        probs = torch.softmax(head.logits(features, tensors), dim=-1).cpu()
-        for item, row_probs in zip(items, probs.split([item.count for item in items]), strict=True):
-            item.row.probs = row_probs[0] if head_type == SEQ_CLS else row_probs
+    return list(groups.values())
+
+
+def head_probs(tasks: TaskCache, backbone: Backbone, items: list[Classified], hidden: torch.Tensor) -> torch.Tensor:
+    """One task's head over its rows' hidden states: probabilities [rows' tokens, labels] on the CPU; a probe's
+    rows keep the last hidden state their head read."""
+    head_type = items[0].row.request.head_type
+    assert head_type is not None
+    task, head = items[0].row.task, backbone.heads[head_type]
+    tensors = tasks.head_of(task) if task is not None else bare_tensors(backbone)
+    features = torch.cat([hidden[item.first : item.first + item.count] for item in items])
+    for item in items:
+        if item.row.request.keeps_probe_vectors:
+            item.row.probe_vector = hidden[item.first + item.count - 1].float().cpu()
+    if head_type == SEQ_CLS:
+        features = features[:, None]  # [R, 1, H]: the one token each row's head reads, as the head model's
+    return torch.softmax(head.logits(features, tensors), dim=-1).cpu()
 
 
 def bare_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:
     assert backbone.bare_head is not None, "intake refuses a classification with no task on a backbone without a head"
     return backbone.bare_head.tensors
+
+
+def describe(row: Sequence) -> str:
+    return f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
+
+
+def group_by_request(items: list[int], request_of: Callable[[int], Request]) -> list[tuple[Request, list[int]]]:
+    groups: dict[int, tuple[Request, list[int]]] = {}
+    for i in items:
+        request = request_of(i)
+        groups.setdefault(id(request), (request, []))[1].append(i)
+    return list(groups.values())
+
+
+def generator_states(rows: list[Sequence]) -> list[tuple[torch.Generator, torch.Tensor]]:
+    """The seeded requests' generator states, so a retried sampling draws what it would have drawn."""
+    generators = {id(row.request.generator): row.request.generator for row in rows if row.request.generator}
+    return [(generator, generator.get_state()) for generator in generators.values() if generator is not None]
+
+
+def restore_generators(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
+    for generator, state in states:
+        generator.set_state(state)
+
+
+def keep_probe_vectors(rows: list[Sequence], logits: torch.Tensor) -> None:
+    """A new task's probe judges its rows by their first logit vectors (see probe.py)."""
+    for row, row_logits in zip(rows, logits, strict=True):
+        if row.request.keeps_probe_vectors and row.probe_vector is None:
+            row.probe_vector = row_logits.float().cpu()
 
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:

@@ -32,6 +32,10 @@ class WrongKind(InvalidPrompt):
     generation task on /v1/classify, generation on an encoder)."""
 
 
+class UnknownToken(InvalidPrompt):
+    """A token id the backbone's embedding table has no row for (a tokenizer with more tokens than its model)."""
+
+
 class NoChatTemplate(InvalidPrompt):
     """Chat messages for a backbone whose tokenizer has no chat template."""
 
@@ -55,6 +59,7 @@ __all__ = [
     "QueueFull",
     "TaskNotFound",
     "TaskTooLarge",
+    "UnknownToken",
     "UnsupportedBackbone",
     "WrongKind",
 ]

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate, WrongKind
+from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate, UnknownToken, WrongKind
 from server.engine.request import OutputSink, Request, Sequence
 from server.engine.sampler import MAX_TOP_LOGPROBS
 from server.engine.task_cache import has_kv_prefix
@@ -79,8 +79,21 @@ def render_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str
         raise InvalidPrompt(f"messages: expected what the backbone's chat template accepts; it says: {exc}") from None
 
 
+def check_token_ids(backbone: Backbone, token_ids: list[int], what: str = "inputs") -> None:
+    """Every id must have a row in the model's embedding table (a tokenizer may know more tokens than its model)."""
+    limit = backbone.num_token_ids
+    unknown = next((token_id for token_id in token_ids if not 0 <= token_id < limit), None)
+    if unknown is not None:
+        token = backbone.tokenizer.convert_ids_to_tokens(unknown) if unknown >= 0 else None
+        raise UnknownToken(
+            f"{what}: expected token ids the model can read (below its embedding table's {limit} rows); found token "
+            f"{unknown}{f' ({token!r})' if token is not None else ''}"
+        )
+
+
 def tokenize(backbone: Backbone, text: str, limits: IntakeConfig, add_special_tokens: bool = True) -> list[int]:
     input_ids = prompt_ids(backbone.tokenizer, text, add_special_tokens)
+    check_token_ids(backbone, input_ids)
     if len(input_ids) > limits.max_input_tokens:
         raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
     return input_ids

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from prompt_store.types import TaskKey
 from server.engine.attention import CrossKV, RowBatch, StepKV, run_backbone, run_decoder, run_encoder
 from server.engine.backbone import Backbone
 from server.engine.kv_pool import KVPool, slots_of
@@ -28,6 +29,8 @@ from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
 from server.engine.seq2seq import Seq2Seq, encode
 from server.engine.task_cache import TaskCache
+
+Prompts = dict[TaskKey, torch.Tensor]  # a step's prompt vectors [P, H], by task version, loaded before the pass
 
 
 class ModelRunner:
@@ -38,10 +41,33 @@ class ModelRunner:
         self.pool = pool
         self.tasks = tasks
         self.embed_tokens = backbone.model.get_input_embeddings()
+        self.prompts: Prompts = {}  # the current step's
+
+    def prompt_rows(self, chunks: list[Chunk]) -> list[Sequence]:
+        """The rows whose prompt task's vectors this step feeds as input embeddings (an encoder-decoder's: to its
+        encoder, in the step that starts the row)."""
+        encoder = self.backbone.encoder
+        if encoder is not None and not encoder.packed:
+            return [chunk.row for chunk in chunks if chunk.row.num_embedded_tokens and chunk.row.task]
+        if self.backbone.seq2seq is not None:
+            starting = [chunk.row for chunk in chunks if chunk.start == 0 and chunk.row.task]
+            return [row for row in starting if row.task and not row.task.record.method.is_prefix]
+        return [chunk.row for chunk in chunks if chunk.start < chunk.row.num_embedded_tokens and chunk.row.task]
+
+    def load_prompts(self, chunks: list[Chunk]) -> Prompts:
+        return {row.task.key: self.tasks.embeddings_of(row.task) for row in self.prompt_rows(chunks) if row.task}
 
     @torch.inference_mode()
-    def run(self, chunks: list[Chunk], readout: Readout) -> StepResult:
-        """Compute every chunk in one pass: the logits [K, V] and hidden states [M, H] the readout asks for."""
+    def run(self, chunks: list[Chunk], readout: Readout, prompts: Prompts | None = None) -> StepResult:
+        """Compute every chunk in one pass: the logits [K, V] and hidden states [M, H] the readout asks for.
+        `prompts`: the vectors of the rows' prompt tasks fed as embeddings (None: loaded here)."""
+        self.prompts = self.load_prompts(chunks) if prompts is None else prompts
+        try:
+            return self.forward(chunks, readout)
+        finally:
+            self.prompts = {}  # a retired task's vectors are not kept past its last step
+
+    def forward(self, chunks: list[Chunk], readout: Readout) -> StepResult:
         device = self.device
         logit_index = torch.tensor(readout.logit_index, dtype=torch.long, device=device)
         hidden_index = torch.tensor(readout.hidden_index, dtype=torch.long, device=device)
@@ -89,7 +115,7 @@ class ModelRunner:
         ids = own_token_ids(row, 0, row.num_own_tokens)
         embeds = self.embed_tokens(torch.tensor(ids, dtype=torch.long, device=self.device))
         if row.num_embedded_tokens and row.task is not None:
-            embeds[: row.num_embedded_tokens] = self.tasks.embeddings_of(row.task).to(embeds.dtype)
+            embeds[: row.num_embedded_tokens] = self.prompts[row.task.key].to(embeds.dtype)
         return embeds
 
     def run_decoder(self, chunks: list[Chunk], layout: StreamLayout, kv: StepKV, seq2seq: Seq2Seq) -> torch.Tensor:
@@ -127,7 +153,7 @@ class ModelRunner:
         embeds = self.embed_tokens(torch.tensor(row.request.input_ids, dtype=torch.long, device=self.device))
         if row.task is None or row.task.record.method.is_prefix:
             return embeds
-        prompt = self.tasks.embeddings_of(row.task).to(embeds.dtype)  # [P, H]
+        prompt = self.prompts[row.task.key].to(embeds.dtype)  # [P, H]
         return torch.cat([prompt, embeds])
 
     def input_embeds(self, chunks: list[Chunk], offsets: list[int]) -> torch.Tensor:
@@ -138,7 +164,7 @@ class ModelRunner:
         for chunk, offset in zip(chunks, offsets, strict=False):
             row, end = chunk.row, min(chunk.start + chunk.num_tokens, chunk.row.num_embedded_tokens)
             if chunk.start < end and row.task is not None:
-                prompt = self.tasks.embeddings_of(row.task)  # [P, H]
+                prompt = self.prompts[row.task.key]  # [P, H]
                 embeds[offset : offset + end - chunk.start] = prompt[chunk.start : end].to(embeds.dtype)
         return embeds
 

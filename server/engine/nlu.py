@@ -16,7 +16,7 @@ from prompt_store.registry import TaskStore
 from prompt_store.types import SEQ_CLS, TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import InputTooLong, InvalidPrompt, WrongKind
-from server.engine.intake import IntakeConfig, decoder_start, kv_prefix, tokenize
+from server.engine.intake import IntakeConfig, check_token_ids, decoder_start, kv_prefix, tokenize
 from server.engine.request import Job, OutputSink, Request, Sequence
 from server.engine.types import (
     CandidateScore,
@@ -199,6 +199,7 @@ def candidate_ids(backbone: Backbone, candidate: str) -> list[int]:
     ids = list(backbone.tokenizer(candidate, add_special_tokens=backbone.seq2seq is not None)["input_ids"])
     if not ids:
         raise InvalidPrompt(f"expected candidates that tokenize to at least one token; found {candidate!r}")
+    check_token_ids(backbone, ids, "candidates")
     return ids
 
 

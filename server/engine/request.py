@@ -54,6 +54,7 @@ class Sequence:
     target_logprobs: list[float] = field(default_factory=list)  # SCORE: filled as the row's chunks are computed
     probs: torch.Tensor | None = None  # CLASSIFY: [labels], or [input tokens, labels] for a token task
     done: bool = False  # a CLASSIFY or SCORE row whose every token has been computed
+    probe_vector: torch.Tensor | None = None  # a probe's row: its first logits [V], or its head's last input [H]
 
     @property
     def fed_targets(self) -> list[int]:
@@ -144,6 +145,7 @@ class Request:
     job: Job = Job.GENERATE
     bidirectional: bool = False  # an encoder's rows: each computed whole, in one step, its tokens seeing each other
     head_type: str | None = None  # CLASSIFY: SEQ_CLS or TOKEN_CLS, the task type of its rows' heads
+    keeps_probe_vectors: bool = False  # a new task's probe: its rows keep what the probe judges (see probe.py)
 
     @property
     def num_input_tokens(self) -> int:

@@ -15,6 +15,7 @@ from server.engine.errors import (
     QueueFull,
     TaskNotFound,
     TaskTooLarge,
+    UnknownToken,
     WrongKind,
 )
 
@@ -32,6 +33,7 @@ from server.engine.errors import (
         (StoreUnavailable("s3://b/p: endpoint unreachable"), 503, "unavailable"),
         (LookupThrottled("task 'x' is not known here; retry"), 503, "unavailable"),
         (WrongKind("a SEQ_CLS task on /v1/generate"), 400, "validation"),
+        (UnknownToken("inputs: found token 259 ('<extra>')"), 400, "validation"),
         (RuntimeError("boom"), 500, "internal"),
         (GenerationFailed("NaN logits"), 500, "internal"),
     ],

@@ -165,8 +165,8 @@ def test_non_finite_logits_fail_only_their_own_request(harness: Harness, monkeyp
     ]
     real_run = harness.engine.runner.run
 
-    def poisoned_run(chunks, readout):
-        result = real_run(chunks, readout)
+    def poisoned_run(chunks, readout, *args):
+        result = real_run(chunks, readout, *args)
         logits = result.logits.clone()
         sampled = [chunk.row for chunk in chunks if chunk.is_last]
         for i, row in enumerate(sampled):
