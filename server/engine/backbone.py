@@ -57,7 +57,9 @@ class Backbone:
     @property
     def num_token_ids(self) -> int:
         """Rows of the model's input embedding table: every token id it can read is below this."""
-        return int(self.model.get_input_embeddings().num_embeddings)
+        weight = self.model.get_input_embeddings().weight  # [vocab, H]
+        assert isinstance(weight, torch.Tensor)
+        return int(weight.shape[0])
 
     @property
     def kind(self) -> str:
