@@ -63,6 +63,7 @@ def serve(argv: list[str]) -> int:
     import uvicorn  # the client commands never need the server's dependencies
 
     from server.api.app import create_app
+    from server.api.serving import build_server
 
     settings = serve_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -73,8 +74,7 @@ def serve(argv: list[str]) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_engine_failure=stop)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level)
-    server = uvicorn.Server(config)
+    server = build_server(app, settings)
     server.run()
     return 1 if app.state.promptserve.engine_error is not None else 0
 

@@ -7,11 +7,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
-import uvicorn
+from fastapi import FastAPI
 
 from server.api.app import create_app
+from server.api.serving import DrainingServer, build_server
 from server.api.settings import Settings
 
 
@@ -36,14 +38,21 @@ def wait_healthy(url: str, timeout_s: float = 60.0) -> None:
 @contextmanager
 def live_server(settings: Settings) -> Iterator[str]:
     """Serve `settings` on 127.0.0.1 until the block ends; yields the base URL once /health answers 200."""
+    with serving(create_app(settings), settings) as (url, _):
+        yield url
+
+
+@contextmanager
+def serving(app: FastAPI, settings: Settings, **config: Any) -> Iterator[tuple[str, DrainingServer]]:
+    """`app` served as `promptserve serve` serves it (build_server), on a free port, in a thread."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="critical"))
+    server = build_server(app, settings, host="127.0.0.1", port=port, log_level="critical", **config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url)
-        yield url
+        yield url, server
     finally:
         server.should_exit = True
         thread.join(timeout=30)

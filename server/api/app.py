@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import install_error_handlers
-from server.api.limits import BodyLimitMiddleware
+from server.api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
 from server.api.routes import generate, nlu, openai, service, tasks
@@ -64,6 +64,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, upload_limit=settings.max_upload_bytes, request_limit=settings.max_request_bytes
     )
+    app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id or default_replica_id())  # outermost
     return app
 

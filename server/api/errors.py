@@ -42,6 +42,7 @@ ERROR_TYPE_BY_STATUS = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     409: "conflict",
     413: "too_large",
     429: "overloaded",
@@ -73,6 +74,17 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"expected a request body of at most {limit} bytes; found more")
+
+
+class BodyTimeout(HTTPException):
+    """Raised from `receive` when a body stops arriving mid-way; the connection closes with the answer."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            408,
+            f"expected the rest of the request body within {timeout_s:g} s of its last part; found nothing more",
+            headers={"Connection": "close"},
+        )
 
 
 def unauthorized(message: str) -> ApiError:

@@ -1,11 +1,14 @@
-"""Request-body size limits, enforced before a body is read into memory (413 `too_large`)."""
+"""Request-body limits: its size, enforced before a body is read into memory (413 `too_large`), and the time
+between its parts (408 `timeout`)."""
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import ApiError, BodyTooLarge, error_response
+from server.api.errors import ApiError, BodyTimeout, BodyTooLarge, error_response
 
 
 class BodyLimitMiddleware:
@@ -50,3 +53,36 @@ def counting(receive: Receive, limit: int) -> Receive:
         return message
 
     return receive_counted
+
+
+class BodyTimeoutMiddleware:
+    """A body must keep arriving: each of its parts within `timeout_s` of the one before (as nginx's
+    client_body_timeout), so a client that declares more than it sends cannot hold a connection."""
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app = app
+        self.timeout_s = timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, timed(receive, self.timeout_s), send)
+
+
+def timed(receive: Receive, timeout_s: float) -> Receive:
+    """`receive` bounded until the body's last part; after it (a stream waiting for the client to leave), not."""
+    body_done = False
+
+    async def receive_timed() -> Message:
+        nonlocal body_done
+        if body_done:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), timeout_s)
+        except TimeoutError:
+            raise BodyTimeout(timeout_s) from None
+        body_done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_timed

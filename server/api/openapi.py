@@ -48,7 +48,8 @@ OPENAI_STREAMS = {"/v1/completions": "CompletionResponse", "/v1/chat/completions
 ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (description, headers)
     400: (
         "the body is not JSON (or not UTF-8), or a multipart body the parser refuses; or a task or backbone of another "
-        "kind than the route serves (a classification task on /v1/generate, a generation task on /v1/classify)",
+        "kind than the route serves (a classification task on /v1/generate, a generation task on /v1/classify); or "
+        "an input token the model's embedding table has no row for",
         {},
     ),
     401: (
@@ -56,6 +57,10 @@ ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (descript
         {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     ),
     404: ("the task (or the model, on the OpenAI routes) does not exist", {}),
+    408: (
+        "the request's headers or body stopped arriving (HEADER_TIMEOUT_S, BODY_TIMEOUT_S); the connection closes",
+        {},
+    ),
     409: ("the task id is the served backbone's name", {}),
     413: ("the body, or the input's tokens, exceed the server's limits", {}),
     422: ("a field is missing, of the wrong type or out of range; or the adapter does not fit the backbone", {}),
@@ -71,16 +76,16 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/metrics"): (),
     ("get", "/v1/tasks"): (503,),
     ("get", "/v1/tasks/{task_id}"): (404, 422, 503),
-    ("put", "/v1/tasks/{task_id}"): (400, 401, 409, 413, 422, 503),
+    ("put", "/v1/tasks/{task_id}"): (400, 401, 408, 409, 413, 422, 503),
     ("delete", "/v1/tasks/{task_id}"): (401, 404, 422, 503),
-    ("post", "/v1/generate"): (400, 404, 413, 422, 429, 503),
-    ("post", "/v1/generate_stream"): (400, 404, 413, 422, 429, 503),
-    ("post", "/v1/classify"): (400, 404, 413, 422, 429, 503),
-    ("post", "/v1/score"): (400, 404, 413, 422, 429, 503),
+    ("post", "/v1/generate"): (400, 404, 408, 413, 422, 429, 503),
+    ("post", "/v1/generate_stream"): (400, 404, 408, 413, 422, 429, 503),
+    ("post", "/v1/classify"): (400, 404, 408, 413, 422, 429, 503),
+    ("post", "/v1/score"): (400, 404, 408, 413, 422, 429, 503),
     ("get", "/v1/models"): (503,),
     ("get", "/v1/models/{model}"): (404, 503),
-    ("post", "/v1/completions"): (400, 404, 413, 429, 503),  # OpenAI says 400 where the native routes say 422
-    ("post", "/v1/chat/completions"): (400, 404, 413, 429, 503),
+    ("post", "/v1/completions"): (400, 404, 408, 413, 429, 503),  # OpenAI says 400 where the native routes say 422
+    ("post", "/v1/chat/completions"): (400, 404, 408, 413, 429, 503),
 }
 
 

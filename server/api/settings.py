@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     metrics_max_tasks: int = Field(default=100, ge=0)  # tasks with a `task` label of their own; later ones: _other
     served_model_name: str | None = None  # the backbone's id on the OpenAI routes; None: the model's own id
+    header_timeout_s: float = Field(default=10.0, gt=0)  # a request's headers must all arrive within this (408)
+    body_timeout_s: float = Field(default=30.0, gt=0)  # each part of a body within this of the one before (408)
+    shutdown_grace_s: float = Field(default=20.0, ge=0)  # on SIGTERM, running requests finish within this, then 503
 
     # start-up
     demo_tasks: bool = True  # register the built-in demo tasks on first start with an empty store

@@ -11,6 +11,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -21,7 +22,7 @@ from prompt_store.types import TaskArtifact, TaskRecord
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.errors import EngineUnavailable, WrongKind
+from server.engine.errors import EngineUnavailable, GenerationFailed, WrongKind
 from server.engine.intake import IntakeConfig, build_request, render_chat
 from server.engine.nlu import Results, plan_classify, plan_score, predictions, scores
 from server.engine.output import OutputProcessor
@@ -43,9 +44,17 @@ from server.engine.types import (
 
 logger = logging.getLogger(__name__)
 
-Command = Callable[[], None]
 VERSION = "0.1.0"
 IDLE_WAIT_S = 0.5
+LIVENESS_CHECK_S = 0.25  # a caller waiting on a stopped engine hears of it within this
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """Work for the engine thread; the requests whose callers wait on it get its failure."""
+
+    run: Callable[[], None]
+    requests: tuple[Request, ...] = ()
 
 
 class AsyncEngine:
@@ -56,7 +65,7 @@ class AsyncEngine:
         self.store = store
         self.config = config
         self.limits = IntakeConfig(config.max_input_tokens, config.max_new_tokens_limit, config.cache_prompt_kv)
-        self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()  # see send
         self.thread = threading.Thread(target=self.run, name="promptserve-engine", daemon=True)
         self.stopping = threading.Event()
         store.add_listener(self.on_store_event)
@@ -75,8 +84,12 @@ class AsyncEngine:
     def shutdown(self) -> None:
         self.store.stop_polling()
         self.stopping.set()
-        self.inbox.put(lambda: None)  # wake the loop
+        self.send(lambda: None)  # wake the loop
         self.thread.join(timeout=30)
+
+    def send(self, action: Callable[[], None], *requests: Request) -> None:
+        """Hand work to the engine thread; if it fails there, `requests` fail with it (their callers hear of it)."""
+        self.inbox.put(Command(action, requests))
 
     def is_ready(self) -> bool:
         return self.thread.is_alive() and not self.stopping.is_set()
@@ -86,20 +99,22 @@ class AsyncEngine:
     def run(self) -> None:
         logger.info("engine thread started")
         computed = True
-        while not self.stopping.is_set():
-            # a step that computed nothing (every request waits for memory) waits for news instead of spinning
-            self.drain_inbox(block=not self.engine.has_work() or not computed)
-            if self.engine.has_work() and not self.stopping.is_set():
-                computed = self.step_once()
-        self.drain_inbox(block=False)
-        self.engine.fail_all(EngineUnavailable("the server is shutting down"))
-        logger.info("engine thread stopped")
+        try:
+            while not self.stopping.is_set():
+                # a step that computed nothing (every request waits for memory) waits for news instead of spinning
+                self.drain_inbox(block=not self.engine.has_work() or not computed)
+                if self.engine.has_work() and not self.stopping.is_set():
+                    computed = self.step_once()
+            self.drain_inbox(block=False)
+        finally:  # stopping, or the loop itself failed: nobody is left waiting
+            self.engine.fail_all(EngineUnavailable("the server is shutting down"))
+            logger.info("engine thread stopped")
 
     def drain_inbox(self, block: bool) -> None:
         try:
             command = self.inbox.get(timeout=IDLE_WAIT_S) if block else self.inbox.get_nowait()
             while True:
-                run_command(command)
+                run_command(self.engine, command)
                 command = self.inbox.get_nowait()
         except queue.Empty:
             return
@@ -127,22 +142,22 @@ class AsyncEngine:
 
         prepared = await asyncio.to_thread(build_request, request, self.backbone, self.store, self.limits, sink)
         processor = OutputProcessor(prepared, self.backbone.tokenizer)
-        self.inbox.put(partial(self.engine.add, prepared))
+        self.send(partial(self.engine.add, prepared), prepared)
         engine_done = False
         try:
             while not processor.is_finished:
-                event = await events.get()
+                event = await self.next_event(events)
                 engine_done = event.finished or event.error is not None
                 processed = processor.process(event)
                 if processed.stopped_rows and not processed.is_finished:
-                    self.inbox.put(partial(self.engine.stop_rows, prepared.request_id, processed.stopped_rows))
+                    self.send(partial(self.engine.stop_rows, prepared.request_id, processed.stopped_rows), prepared)
                 for output in processed.outputs:
                     if output.error is not None:
                         raise output.error
                     yield output
         finally:
             if not engine_done:  # the caller left, or a stop sequence ended it before the engine did
-                self.inbox.put(partial(self.engine.abort, prepared.request_id))
+                self.send(partial(self.engine.abort, prepared.request_id))
 
     # ---- classification and scoring
 
@@ -184,13 +199,13 @@ class AsyncEngine:
     async def run_all(self, requests: list[Request], queues: list[asyncio.Queue[EngineOutput]]) -> list[Results]:
         """Hand the requests to the engine in one command (so they join the same step), then collect each one's row
         results; the first error fails the call and the others are aborted."""
-        self.inbox.put(partial(self.engine.add_all, requests))
+        self.send(partial(self.engine.add_all, requests), *requests)
         results: list[Results] = [{} for _ in requests]
         pending = set(range(len(requests)))
         try:
             for i, events in enumerate(queues):
                 while i in pending:
-                    event = await events.get()
+                    event = await self.next_event(events)
                     if event.error is not None:
                         raise event.error
                     results[i].update({result.row: result for result in event.results})
@@ -198,8 +213,20 @@ class AsyncEngine:
                         pending.discard(i)
         finally:
             for i in pending:
-                self.inbox.put(partial(self.engine.abort, requests[i].request_id))
+                self.send(partial(self.engine.abort, requests[i].request_id))
         return results
+
+    async def next_event(self, events: asyncio.Queue[EngineOutput]) -> EngineOutput:
+        """A request's next output, or EngineUnavailable once the engine thread has stopped: it answers every
+        request it holds as it stops, but a command that reached the inbox after its last look is never run."""
+        while True:
+            if not events.empty():  # the common case, without a timer
+                return events.get_nowait()
+            try:
+                return await asyncio.wait_for(events.get(), LIVENESS_CHECK_S)
+            except TimeoutError:
+                if not self.thread.is_alive() and events.empty():
+                    raise EngineUnavailable("the engine stopped before it answered this request") from None
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if self.backbone.encoder is not None:  # before its chat template: no generation route serves an encoder
@@ -211,7 +238,7 @@ class AsyncEngine:
 
     def submit(self, request: Request) -> None:
         """Hand a prepared request to the engine thread (benchmarks and tests use this directly)."""
-        self.inbox.put(partial(self.engine.add, request))
+        self.send(partial(self.engine.add, request), request)
 
     # ---- tasks
 
@@ -229,10 +256,10 @@ class AsyncEngine:
             raise EngineUnavailable("the engine is not running")
         probe = Probe.of(artifact, self.backbone, self.config.cache_prompt_kv)
         for request in probe.requests:
-            self.inbox.put(partial(self.engine.probe, request))
+            self.send(partial(self.engine.probe, request), request)
         finished = probe.wait(self.is_ready)
         for request in probe.requests:
-            self.inbox.put(partial(self.engine.abort, request.request_id))  # a no-op once finished
+            self.send(partial(self.engine.abort, request.request_id))  # a no-op once finished
         probe.verdict(artifact, finished, self.backbone)
 
     def delete_task(self, task_id: str) -> None:
@@ -247,7 +274,7 @@ class AsyncEngine:
     def on_store_event(self, event: StoreEvent) -> None:
         """Old versions leave the device cache once no running row holds them."""
         keep = event.version if event.kind == "registered" else None
-        self.inbox.put(partial(self.engine.retire_task, event.task_id, keep))
+        self.send(partial(self.engine.retire_task, event.task_id, keep))
 
     # ---- observation (read from other threads; plain ints, no locks needed)
 
@@ -304,12 +331,14 @@ def endpoints(backbone: Backbone) -> tuple[str, ...]:
     return (*generation, *classification)
 
 
-def run_command(command: Command) -> None:
-    """One inbox command; a failing one is logged and the loop goes on (the next step starts from a sound state)."""
+def run_command(engine: Engine, command: Command) -> None:
+    """One inbox command; a failing one fails the requests it carried (their callers get the error, not a wait) and
+    the loop goes on."""
     try:
-        command()
-    except Exception:
-        logger.exception("engine command failed")
+        command.run()
+    except Exception as error:
+        logger.exception("engine command failed; failing the %d request(s) it carried", len(command.requests))
+        engine.refuse(list(command.requests), GenerationFailed(f"the engine could not take the request: {error}"))
 
 
 def build_engine(config: EngineConfig) -> AsyncEngine:

@@ -333,6 +333,13 @@ class Engine:
             self.drop(request)
             self.emit_error(request, error)
 
+    def refuse(self, requests: list[Request], error: Exception) -> None:
+        """Requests a failed command carried: out of the engine, wherever they got to, each told why."""
+        for request in requests:
+            if request.status is not Status.FINISHED:
+                self.drop(request)
+                self.emit_error(request, error)
+
     def fail_all(self, error: Exception) -> None:
         self.fail_running(error)
         for request in list(self.scheduler.waiting):

@@ -13,8 +13,8 @@ from prompt_store.errors import TaskNotFound
 from prompt_store.registry import TaskStore
 from server.engine.async_engine import AsyncEngine, build_engine
 from server.engine.config import EngineConfig
-from server.engine.errors import EngineUnavailable
-from server.engine.types import GenerateInput, RequestOutput, SamplingParams
+from server.engine.errors import EngineUnavailable, GenerationFailed
+from server.engine.types import GenerateInput, RequestOutput, SamplingParams, ScoreInput
 from tests.fixtures import TinyBackbone
 
 
@@ -150,9 +150,49 @@ def test_a_failing_inbox_command_does_not_stop_the_engine_thread(engine: AsyncEn
     def broken() -> None:
         raise RuntimeError("simulated bug in a command")
 
-    engine.inbox.put(broken)
+    engine.send(broken)
     assert asyncio.run(collect(engine, generate("prefix", max_new_tokens=2)))[-1].completion.generated_tokens == 2
     assert engine.is_ready()
+
+
+def failing_once(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def fails_first(*args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(f"simulated bug in Engine.{name}")
+        return real(*args)
+
+    monkeypatch.setattr(target, name, fails_first)
+
+
+def test_a_request_whose_command_fails_gets_the_error_not_a_wait(engine: AsyncEngine, monkeypatch):
+    failing_once(monkeypatch, engine.engine, "add")
+    started = time.monotonic()
+    with pytest.raises(GenerationFailed, match=r"simulated bug in Engine\.add"):
+        asyncio.run(asyncio.wait_for(collect(engine, generate("prefix")), timeout=5))
+    assert time.monotonic() - started < 1
+    assert asyncio.run(collect(engine, generate("prefix", max_new_tokens=2)))[-1].completion.generated_tokens == 2
+    assert wait_idle(engine)
+
+
+def test_a_score_whose_command_fails_gets_the_error_not_a_wait(engine: AsyncEngine, monkeypatch):
+    failing_once(monkeypatch, engine.engine, "add_all")
+    with pytest.raises(GenerationFailed, match=r"simulated bug in Engine\.add_all"):
+        asyncio.run(asyncio.wait_for(engine.score(ScoreInput("is it?", ("yes", "no"))), timeout=5))
+    assert wait_idle(engine)
+
+
+def test_a_request_that_reaches_a_stopped_engine_gets_an_error_within_a_second(engine: AsyncEngine, monkeypatch):
+    """The engine stopped between the request's readiness check and its command (nobody will run the command)."""
+    engine.shutdown()
+    monkeypatch.setattr(engine, "is_ready", lambda: True)
+    started = time.monotonic()
+    with pytest.raises(EngineUnavailable, match="the engine stopped before it answered"):
+        asyncio.run(asyncio.wait_for(collect(engine, generate("prefix")), timeout=5))
+    assert time.monotonic() - started < 1
 
 
 def test_polling_picks_up_a_task_written_by_another_process(tiny_llama: TinyBackbone, tmp_path: Path):
