@@ -14,7 +14,7 @@ import torch
 from prompt_store.types import SEQ_CLS, TaskKey
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
-from server.engine.errors import GenerationFailed, InputTooLong, QueueFull, UnknownToken
+from server.engine.errors import GenerationFailed, InputTooLong, NonFiniteOutput, QueueFull, UnknownToken
 from server.engine.intake import check_token_ids
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
@@ -254,10 +254,10 @@ class Engine:
             self.deliver(request, EngineOutput(request.request_id, results=tuple(results[id(request)]),
                                                finished=request.is_finished))  # fmt: skip
 
-    def overflow(self, row: Sequence) -> GenerationFailed:
+    def overflow(self, row: Sequence) -> NonFiniteOutput:
         task = describe(row)
         dtype = str(self.backbone.dtype).removeprefix("torch.")
-        return GenerationFailed(
+        return NonFiniteOutput(
             f"expected finite logits; found NaN or infinity under {task}: its values overflow the backbone's {dtype} "
             "activations"
         )

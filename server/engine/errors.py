@@ -44,6 +44,10 @@ class GenerationFailed(EngineError):
     """One request could not go on (e.g. its task drives the model to NaN); its batch mates are unaffected."""
 
 
+class NonFiniteOutput(GenerationFailed):
+    """A row's logits or head probabilities came out NaN or infinite: its task's values overflow the backbone."""
+
+
 class EngineUnavailable(EngineError):
     """The engine is not ready yet, shutting down, or its loop failed."""
 
@@ -56,6 +60,7 @@ __all__ = [
     "InvalidPrompt",
     "InvalidTask",
     "NoChatTemplate",
+    "NonFiniteOutput",
     "QueueFull",
     "TaskNotFound",
     "TaskTooLarge",

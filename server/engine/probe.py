@@ -1,10 +1,15 @@
-"""A new task's probe: before a registration is stored, the engine runs the task once on two probe inputs.
+"""A new task's probe: before a registration is stored, the engine runs the task on two probe inputs (and a copy of it
+with its vectors zeroed on the first).
 
 A task whose values are finite but make the backbone's activations overflow would be accepted and could never
-answer: its logits come out NaN or infinite, or the overflow swamps the input (the normalisations divide it away)
-and the backbone answers the same thing, to the same log-probability, whatever it is asked. The probe finds either
-while the upload can still be refused (422). Its rows are the engine's own: at the head of the queue and outside
-the batch-size limit, beside whatever is running.
+answer: its logits or hidden states come out NaN or infinite, or the overflow swamps the input (the normalisations
+divide it away) and the backbone computes the same thing whatever it is asked. The probe finds either while the
+upload can still be refused (422). It judges the computation, not the answer: the two inputs' first logit vectors
+(a classification task: the last hidden state its head reads) must differ by more than the backbone dtype's
+rounding, and differ from the zeroed copy's (vectors whose root-mean-square overflows normalise to zero). A task
+that is merely confident, answers the same text to everything, or classifies sharply still computes from its input,
+and is kept. Its rows are the engine's own: at the head of the queue and outside the
+batch-size limit, beside whatever is running.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.errors import EngineUnavailable, GenerationFailed, InputTooLong
+from server.engine.errors import EngineUnavailable, InputTooLong, NonFiniteOutput
 from server.engine.intake import decoder_start, kv_prefix, single_row_request
 from server.engine.request import Job, OutputSink, Request, Sequence
 from server.engine.types import EngineOutput, SamplingParams
 
 PROBE_TEXTS = ("promptserve probe", "A different input, 42!")
+ROUNDING_UNITS = 16  # vectors closer than this many units in the last place compute nothing from their input
 PROBE_NEW_TOKENS = 2
 PROBE_TIMEOUT_S = 120.0
 WAIT_SLICE_S = 0.25
@@ -42,22 +50,31 @@ class Probe:
 
     @classmethod
     def of(cls, artifact: TaskArtifact, backbone: Backbone, prompts_as_kv: bool) -> Probe:
-        record = replace(artifact.record, task_id=PROBE_TASK_ID, version=-next(probe_versions))
-        probe = cls(replace(artifact, record=record))
-        for text in PROBE_TEXTS:
+        """Three rows: the task on each probe input, and a copy of the task with its vectors zeroed on the first."""
+        probe = cls(as_probe(artifact, artifact.prompt_embeddings))
+        erased = as_probe(artifact, torch.zeros_like(artifact.prompt_embeddings))
+        for text, task in (
+            (PROBE_TEXTS[0], probe.artifact),
+            (PROBE_TEXTS[1], probe.artifact),
+            (PROBE_TEXTS[0], erased),
+        ):
             input_ids = list(backbone.tokenizer(text)["input_ids"])
             check_positions(artifact, len(input_ids), backbone)
-            request_id = f"{PROBE_TASK_ID}.{uuid.uuid4().hex[:12]}"
-            probe.outputs[request_id] = []
-            sink = partial_sink(probe, request_id)
-            if artifact.record.is_classifier:
-                request = classify_request(request_id, input_ids, probe.artifact, prompts_as_kv, sink, backbone)
-            else:
-                request = single_row_request(request_id, input_ids, probe.artifact, prompts_as_kv, PROBE_NEW_TOKENS,
-                                             sink, decoder_start(backbone))  # fmt: skip
-            request.jumps_queue = True
-            probe.requests.append(request)
+            probe.requests.append(probe.request(input_ids, task, backbone, prompts_as_kv))
         return probe
+
+    def request(self, input_ids: list[int], task: TaskArtifact, backbone: Backbone, prompts_as_kv: bool) -> Request:
+        request_id = f"{PROBE_TASK_ID}.{uuid.uuid4().hex[:12]}"
+        self.outputs[request_id] = []
+        sink = partial_sink(self, request_id)
+        if task.record.is_classifier:
+            request = classify_request(request_id, input_ids, task, prompts_as_kv, sink, backbone)
+        else:
+            request = single_row_request(request_id, input_ids, task, prompts_as_kv, PROBE_NEW_TOKENS, sink,
+                                         decoder_start(backbone))  # fmt: skip
+        request.jumps_queue = True
+        request.keeps_probe_vectors = True
+        return request
 
     def on_output(self, request_id: str, output: EngineOutput) -> None:  # the engine thread
         self.outputs[request_id].append(output)
@@ -65,7 +82,7 @@ class Probe:
             self.done.set()
 
     def wait(self, is_running: Callable[[], bool]) -> bool:
-        """Until both rows answered (True), the timeout passed or the engine stopped (False)."""
+        """Until every row answered (True), the timeout passed or the engine stopped (False)."""
         for _ in range(int(PROBE_TIMEOUT_S / WAIT_SLICE_S)):
             if self.done.wait(WAIT_SLICE_S):
                 return True
@@ -78,19 +95,53 @@ class Probe:
         if not finished:
             raise EngineUnavailable(f"the engine did not run the new task's probe (within {PROBE_TIMEOUT_S:g} s)")
         errors = [output.error for outputs in self.outputs.values() for output in outputs if output.error]
-        if any(isinstance(error, GenerationFailed) for error in errors):
+        if any(isinstance(error, NonFiniteOutput) for error in errors):
             raise overflow(artifact, backbone, "NaN or infinity in its logits")
         if any(isinstance(error, InputTooLong) for error in errors):
             raise TaskTooLarge(f"expected a task whose virtual tokens fit the KV cache; found: {errors[0]}")
         if errors:
             raise errors[0]
-        answers = [
-            [(t.id, round(t.logprob, 6)) for o in outputs for t in o.tokens]
-            + [[round(p, 6) for p in r.probs.flatten()[:64].tolist()] for o in outputs for r in o.results]
-            for outputs in self.outputs.values()
-        ]
-        if answers[0] == answers[1]:
-            raise overflow(artifact, backbone, "the same answer, to the same log-probability, for different inputs")
+        judge(artifact, backbone, [request.rows[0].probe_vector for request in self.requests])
+
+
+def as_probe(artifact: TaskArtifact, prompt_embeddings: torch.Tensor) -> TaskArtifact:
+    """The task as a probe runs it: PROBE_TASK_ID, a fresh negative version, these vectors."""
+    record = replace(artifact.record, task_id=PROBE_TASK_ID, version=-next(probe_versions))
+    return replace(artifact, record=record, prompt_embeddings=prompt_embeddings)
+
+
+def judge(artifact: TaskArtifact, backbone: Backbone, vectors: list[torch.Tensor | None]) -> None:
+    """The task computes from its input and from its own values: finite vectors whose two inputs differ by more than
+    rounding in the backbone's dtype, and that differ from a task of zeros' on the same input (a task whose values
+    the normalisations divide to nothing, as an overflowing root-mean-square does, answers as zeros would)."""
+    what = "hidden states" if artifact.record.is_classifier else "logits"
+    first, second, erased = vectors
+    assert first is not None and second is not None and erased is not None, "a probe row that answered has its vector"
+    if not bool(first.isfinite().all() and second.isfinite().all()):
+        raise overflow(artifact, backbone, f"NaN or infinity in its final {what}")
+    if is_same(first, second, backbone.dtype):
+        raise overflow(artifact, backbone, f"the same final {what} for different inputs ({difference(first, second)})")
+    if is_same(first, erased, backbone.dtype):
+        found = f"the same final {what} as a task of zeros on the same input ({difference(first, erased)})"
+        raise overflow(artifact, backbone, f"{found}: its vectors normalise to nothing")
+
+
+def is_same(first: torch.Tensor, second: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Equal to within rounding in `dtype`, relative to the larger values."""
+    return float((first - second).abs().max()) <= tolerance(dtype) * scale(first)
+
+
+def difference(first: torch.Tensor, second: torch.Tensor) -> str:
+    return f"they differ by {float((first - second).abs().max()):.2e} in values up to {scale(first):.3g}"
+
+
+def scale(vector: torch.Tensor) -> float:
+    return max(1.0, float(vector.abs().max()))
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative differences at or below this are rounding: a few units in the last place of the dtype."""
+    return ROUNDING_UNITS * torch.finfo(dtype).eps
 
 
 def classify_request(
