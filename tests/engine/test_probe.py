@@ -120,6 +120,17 @@ def test_a_sharp_classifier_is_kept_though_its_answers_round_to_the_same(
     assert len({prediction[0].label for prediction in answers.predictions}) == 1
 
 
+def test_a_classifier_whose_prompt_normalises_to_nothing_is_refused(
+    engine: AsyncEngine, tiny_llama: TinyBackbone, tmp_path: Path
+):
+    adapter = write_nlu_adapter(tiny_llama.path, "seq", "prompt_tuning", tmp_path / "cls", 4, seed=3)
+    tensors = load((adapter / "adapter_model.safetensors").read_bytes())
+    tensors["prompt_embeddings"] = torch.full_like(tensors["prompt_embeddings"], 1e30)
+    (adapter / "adapter_model.safetensors").write_bytes(save(tensors))
+    with pytest.raises(InvalidTask, match="found the same final hidden states as a task of zeros"):
+        engine.register_task("blank", *read_upload(adapter))
+
+
 def read_upload(adapter: Path) -> tuple[bytes, bytes]:
     return (adapter / "adapter_config.json").read_bytes(), (adapter / "adapter_model.safetensors").read_bytes()
 
