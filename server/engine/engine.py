@@ -14,8 +14,9 @@ import torch
 from prompt_store.types import SEQ_CLS, TaskKey
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
-from server.engine.errors import GenerationFailed, InputTooLong, NonFiniteOutput, QueueFull, UnknownToken
+from server.engine.errors import InputTooLong, NonFiniteOutput, QueueFull, UnknownToken
 from server.engine.intake import check_token_ids
+from server.engine.isolation import generator_states, guarded, isolated, restore_generators
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
 from server.engine.model_runner import ModelRunner, Prompts
@@ -170,36 +171,10 @@ class Engine:
         self.complete([row for row in readout.completed if not self.is_leaving(row.request)])
         return readout.sampled + readout.completed
 
-    # ---- one request's part of the step: its failure is its own
+    # ---- one request's part of the step: its failure is its own (see isolation.py)
 
     def guarded(self, request: Request, what: str, action: Callable[[], T]) -> T | None:
-        """`action`'s result; if it raises, the request fails (it leaves the batch once the step is over)."""
-        try:
-            return action()
-        except Exception as error:
-            logger.exception("request %s: %s failed; failing this request only", request.request_id, what)
-            self.fail(request, GenerationFailed(f"expected {what} to succeed; found {type(error).__name__}: {error}"))
-            return None
-
-    def isolated(
-        self, count: int, request_of: Callable[[int], Request], action: Callable[[list[int]], T], what: str,
-        reset: Callable[[], None] | None = None,
-    ) -> list[tuple[list[int], T]]:  # fmt: skip
-        """`action` over items 0..count-1 at once; if that raises, again request by request (after `reset`), so the
-        failure is charged to the request that caused it. Returns the parts that succeeded: (items, result)."""
-        everything = list(range(count))
-        try:
-            return [(everything, action(everything))]
-        except Exception as error:
-            logger.warning("%s failed for the whole batch (%s); retrying request by request", what, error)
-        if reset is not None:
-            reset()
-        parts = []
-        for request, items in group_by_request(everything, request_of):
-            result = self.guarded(request, what, partial(action, items))
-            if result is not None:
-                parts.append((items, result))
-        return parts
+        return guarded(request, what, action, self.fail)
 
     def is_leaving(self, request: Request) -> bool:
         return any(leaving is request for leaving in self.leaving)
@@ -213,7 +188,7 @@ class Engine:
             index = torch.tensor(items, device=logits.device)
             return torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None])[:, 0].tolist()
 
-        parts = self.isolated(len(scored), lambda i: scored[i][0].request, logprobs_of, "scoring the candidate")
+        parts = isolated(len(scored), lambda i: scored[i][0].request, logprobs_of, "scoring the candidate", self.fail)
         for items, logprobs in parts:
             for (row, j), logprob in zip([scored[i] for i in items], logprobs, strict=True):
                 if len(row.target_logprobs) != len(row.targets):
@@ -230,7 +205,8 @@ class Engine:
         def probs_of(items: list[int]) -> torch.Tensor:
             return head_probs(self.tasks, self.backbone, [group[i] for i in items], hidden)
 
-        parts = self.isolated(len(group), lambda i: group[i].row.request, probs_of, f"{describe(group[0].row)}'s head")
+        what = f"{describe(group[0].row)}'s head"
+        parts = isolated(len(group), lambda i: group[i].row.request, probs_of, what, self.fail)
         for items, probs in parts:
             chosen = [group[i] for i in items]
             for item, row_probs in zip(chosen, probs.split([item.count for item in chosen]), strict=True):
@@ -266,9 +242,9 @@ class Engine:
         rows, logits = self.fail_broken_rows(rows, logits)
         keep_probe_vectors(rows, logits)
         states = generator_states(rows)
-        parts = self.isolated(
+        parts = isolated(
             len(rows), lambda i: rows[i].request, lambda items: sample(logits[items], [rows[i] for i in items]),
-            "sampling the next token", reset=partial(restore_generators, states),
+            "sampling the next token", self.fail, reset=partial(restore_generators, states),
         )  # fmt: skip
         new: dict[int, list[RowToken]] = defaultdict(list)
         for items, sampled in parts:
@@ -419,25 +395,6 @@ def bare_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 def describe(row: Sequence) -> str:
     return f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
-
-
-def group_by_request(items: list[int], request_of: Callable[[int], Request]) -> list[tuple[Request, list[int]]]:
-    groups: dict[int, tuple[Request, list[int]]] = {}
-    for i in items:
-        request = request_of(i)
-        groups.setdefault(id(request), (request, []))[1].append(i)
-    return list(groups.values())
-
-
-def generator_states(rows: list[Sequence]) -> list[tuple[torch.Generator, torch.Tensor]]:
-    """The seeded requests' generator states, so a retried sampling draws what it would have drawn."""
-    generators = {id(row.request.generator): row.request.generator for row in rows if row.request.generator}
-    return [(generator, generator.get_state()) for generator in generators.values() if generator is not None]
-
-
-def restore_generators(states: list[tuple[torch.Generator, torch.Tensor]]) -> None:
-    for generator, state in states:
-        generator.set_state(state)
 
 
 def keep_probe_vectors(rows: list[Sequence], logits: torch.Tensor) -> None:

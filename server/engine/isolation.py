@@ -1,0 +1,74 @@
+"""A fault belongs to the request that caused it: what one request owns in a step (its task's loading, its head,
+its scoring, its sampling) runs guarded, and a failure fails that request alone (with its ensemble siblings, its
+other rows); the rest of the batch goes on as if nothing happened."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import partial
+from typing import TypeVar
+
+import torch
+
+from server.engine.errors import GenerationFailed
+from server.engine.request import Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Fail = Callable[[Request, Exception], None]  # the engine's: the request gets the error, leaves after the step
+
+
+def guarded(request: Request, what: str, action: Callable[[], T], fail: Fail) -> T | None:
+    """`action`'s result; if it raises, `request` fails with what was expected and what was found."""
+    try:
+        return action()
+    except Exception as error:
+        logger.exception("request %s: %s failed; failing this request only", request.request_id, what)
+        fail(request, GenerationFailed(f"expected {what} to succeed; found {type(error).__name__}: {error}"))
+        return None
+
+
+def isolated(
+    count: int, request_of: Callable[[int], Request], action: Callable[[list[int]], T], what: str, fail: Fail,
+    reset: Callable[[], None] | None = None,
+) -> list[tuple[list[int], T]]:  # fmt: skip
+    """`action` over items 0..count-1 at once (the batched path); if that raises, again request by request, after
+    `reset`, so that the failure is charged to the request that caused it. Returns the parts that succeeded, each
+    (its items, its result). `action` must leave no trace when it raises."""
+    everything = list(range(count))
+    try:
+        return [(everything, action(everything))]
+    except Exception as error:
+        logger.warning("%s failed for the whole batch (%s); retrying request by request", what, error)
+    if reset is not None:
+        reset()
+    parts = []
+    for request, items in group_by_request(everything, request_of):
+        result = guarded(request, what, partial(action, items), fail)
+        if result is not None:
+            parts.append((items, result))
+    return parts
+
+
+def group_by_request(items: list[int], request_of: Callable[[int], Request]) -> list[tuple[Request, list[int]]]:
+    groups: dict[int, tuple[Request, list[int]]] = {}
+    for i in items:
+        request = request_of(i)
+        groups.setdefault(id(request), (request, []))[1].append(i)
+    return list(groups.values())
+
+
+GeneratorStates = list[tuple[torch.Generator, torch.Tensor]]
+
+
+def generator_states(rows: list[Sequence]) -> GeneratorStates:
+    """The seeded requests' generator states before a sampling, so that a retry draws what the batch would have."""
+    generators = {id(row.request.generator): row.request.generator for row in rows if row.request.generator}
+    return [(generator, generator.get_state()) for generator in generators.values() if generator is not None]
+
+
+def restore_generators(states: GeneratorStates) -> None:
+    for generator, state in states:
+        generator.set_state(state)
