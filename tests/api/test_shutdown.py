@@ -37,7 +37,7 @@ def test_sigterm_drains_running_requests_within_the_grace_then_answers_the_rest_
         answers[name] = httpx.post(f"{url}/v1/generate", json=body, timeout=30)
 
     with serving(create_app(settings, engine), settings) as (url, server):
-        clients = [threading.Thread(target=ask, args=("short", url, 20)),  # ~0.4 s: inside the grace
+        clients = [threading.Thread(target=ask, args=("short", url, 10)),  # ~0.2 s: inside the grace
                    threading.Thread(target=ask, args=("long", url, 400))]  # ~8 s: past it  # fmt: skip
         for client in clients:
             client.start()

@@ -46,12 +46,12 @@ def served_meanwhile(url: str) -> None:
 
 
 def test_a_body_that_stops_arriving_is_answered_408_and_closed_while_others_are_served(url: str):
+    started = time.monotonic()
     sock = connect(url)
     sock.sendall(
         b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
         b'{"inputs": "'  # and nothing more
     )
-    started = time.monotonic()
     served_meanwhile(url)
     answer = read_all(sock)
     assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 2
@@ -62,9 +62,9 @@ def test_a_body_that_stops_arriving_is_answered_408_and_closed_while_others_are_
 
 
 def test_headers_that_stop_arriving_close_the_connection_while_others_are_served(url: str):
+    started = time.monotonic()
     sock = connect(url)
     sock.sendall(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Ty")  # and nothing more
-    started = time.monotonic()
     served_meanwhile(url)
     answer = read_all(sock)
     assert TIMEOUT_S <= time.monotonic() - started < TIMEOUT_S + 2
@@ -81,8 +81,8 @@ def test_a_kept_alive_connection_idle_longer_than_the_header_timeout_serves_its_
 
 
 def test_a_connection_that_sends_nothing_is_closed(url: str):
-    sock = connect(url)
     started = time.monotonic()
+    sock = connect(url)
     assert read_all(sock) == b"" and time.monotonic() - started < TIMEOUT_S + 2
 
 
