@@ -304,10 +304,13 @@ class Engine:
         self.scheduler.remove(request)
 
     def fail_running(self, error: Exception) -> None:
-        """A step failed: every running request gets the error; the engine starts over with nothing running."""
+        """A step failed: every running request gets the error (but one already failed in the step, which has
+        its own); the engine starts over with nothing running."""
         for request in list(self.scheduler.running):
+            if not self.is_leaving(request):
+                self.emit_error(request, error)
             self.drop(request)
-            self.emit_error(request, error)
+        self.drop_leaving()
 
     def refuse(self, requests: list[Request], error: Exception) -> None:
         """Requests a failed command carried: out of the engine, wherever they got to, each told why."""

@@ -199,3 +199,29 @@ def test_a_token_the_model_cannot_read_is_refused_at_intake_naming_it(
     generate = GenerateInput("hi <extra>", (None,), sampling=SamplingParams(max_new_tokens=2))
     with pytest.raises(UnknownToken, match=rf"found token {backbone.num_token_ids} \('<extra>'\)"):
         build_request(generate, backbone, harness.store, harness.intake, harness.sink)
+
+
+def test_a_request_failed_in_a_step_whose_shared_pass_then_fails_keeps_its_own_error(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+):
+    def failing(artifact: Any, *args: Any) -> Any:
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    def broken_run(*args: Any) -> Any:
+        raise RuntimeError("device fell over")
+
+    mate = harness.request("mate", None, max_new_tokens=20)
+    harness.engine.add(mate)
+    harness.step()
+    doomed = harness.request("doomed", "p_tuning_mlp")
+    harness.engine.add(doomed)
+    monkeypatch.setattr(task_cache, "materialize", failing)
+    monkeypatch.setattr(harness.engine.runner, "run", broken_run)
+    with pytest.raises(RuntimeError, match="device fell over"):
+        harness.engine.step()
+    harness.engine.fail_running(RuntimeError("device fell over"))
+    assert [str(output.error) for output in harness.outputs[doomed.request_id] if output.error] == [
+        str(error_of(harness, doomed))
+    ] and "CUDA out of memory" in str(error_of(harness, doomed))
+    assert "device fell over" in str(error_of(harness, mate))
+    assert harness.is_idle() and harness.engine.leaving == []
