@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.api.settings import Settings
 from server.engine.async_engine import AsyncEngine, build_engine
+from server.engine.types import GenerateInput, SamplingParams
 from tests.api.helpers import body_chunks, call_until, events_of, metric_samples
 from tests.fixtures import TinyBackbone
 
@@ -173,3 +176,45 @@ def test_real_metrics_count_an_eviction(tiny_llama: TinyBackbone, tmp_path: Path
     on_device = [labels for (name, labels) in values if name == "promptserve_resident_task_versions"
                  and ("tier", "device") in labels]  # fmt: skip
     assert on_device == [(("task", "p_tuning_mlp"), ("tier", "device"), ("version", "1"))]
+
+
+def test_a_token_the_model_cannot_read_is_a_400_naming_it_while_streams_run_on(
+    tiny_llama: TinyBackbone, tmp_path: Path
+):
+    """A tokenizer with one token more than the model's embedding table (added without resize_token_embeddings):
+    the request holding it is refused; streams mid-answer beside it finish with the text they have alone."""
+    from transformers import AutoTokenizer
+
+    widened = tmp_path / "widened"
+    shutil.copytree(tiny_llama.path, widened)
+    tokenizer = AutoTokenizer.from_pretrained(widened)
+    tokenizer.add_tokens(["<extra>"], special_tokens=True)
+    tokenizer.save_pretrained(widened)
+    engine = build_engine(real_settings(TinyBackbone("llama", widened), tmp_path / "store").engine_config())
+    body = {"inputs": "a stream", "parameters": {"max_new_tokens": 200}}
+    try:
+        with TestClient(create_app(Settings(demo_tasks=False), engine)) as client:
+            alone = client.post("/v1/generate", json=body).json()["generated_text"]
+
+            async def scenario() -> tuple[list[str], httpx.Response]:
+                started = [asyncio.Event() for _ in range(4)]
+
+                async def stream(first: asyncio.Event) -> str:
+                    request = GenerateInput("a stream", (None,), sampling=SamplingParams(max_new_tokens=200))
+                    async for output in engine.generate(request):
+                        first.set()
+                        if output.completion is not None:
+                            return output.completion.generated_text
+                    raise AssertionError("no completion")
+
+                streams = [asyncio.create_task(stream(first)) for first in started]
+                await asyncio.gather(*(first.wait() for first in started))  # every stream mid-answer
+                bad = await asyncio.to_thread(client.post, "/v1/generate", json={"inputs": "hi <extra>"})
+                return list(await asyncio.gather(*streams)), bad
+
+            texts, bad = asyncio.run(scenario())
+        assert bad.status_code == 400 and bad.json()["error_type"] == "validation"
+        assert f"found token {engine.backbone.num_token_ids} ('<extra>')" in bad.json()["error"]
+        assert texts == [alone] * 4
+    finally:
+        engine.shutdown()
