@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -183,7 +183,7 @@ def attend_batches(
     batches: list[RowBatch],
     scaling: float | None,
     sliding_window: int | None = None,
-    bias: RelativeBias | None = None,
+    bias: Bias | None = None,
     softcap: float | None = None,
 ) -> tuple[torch.Tensor, None]:
     """Each batch of rows over its keys and values in the pool; returns [1, N, heads, head_dim]."""
@@ -192,9 +192,8 @@ def attend_batches(
     output = query.new_empty((num_tokens, heads, head_dim))
     for batch in batches:
         mask = batch.mask(sliding_window, group)
-        if bias is not None:  # T5: no grouped heads, so queries are [R, heads, T, d] as the bias is
-            float_mask = bias(batch.query_positions, batch.gather_slots.shape[1]).to(query.dtype)
-            mask = float_mask.masked_fill(~mask, float("-inf"))
+        if bias is not None:
+            mask = biased_mask(bias, batch, mask, num_kv_heads).to(query.dtype)
         attention = scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
         attended = attention(
             batch.queries(query, num_kv_heads),
@@ -205,6 +204,25 @@ def attend_batches(
         )  # [R, kv_heads, group * T, head_dim]
         output.index_copy_(0, batch.stream_index, batch.outputs(attended, heads))
     return output[None], None
+
+
+class Bias(Protocol):
+    """A per-head additive bias on the attention logits at the rows' positions (T5's relative bias, ALiBi)."""
+
+    def __call__(self, query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """query_positions [R, T] -> [R or 1, heads, T or 1, num_keys] (key column = key position)."""
+        ...
+
+
+def biased_mask(bias: Bias, batch: RowBatch, mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """The bias as an additive mask [R, kv_heads, group * T, L], in the layout `RowBatch.queries` stacks heads in,
+    -inf where the boolean mask [R, 1, group * T or 1, L] hides a key."""
+    rows, width = batch.query_index.shape
+    length = batch.gather_slots.shape[1]
+    per_head = bias(batch.query_positions, length)
+    heads = per_head.shape[1]
+    grouped = per_head.expand(rows, heads, width, length).reshape(rows, num_kv_heads, -1, length)
+    return grouped.float().masked_fill(~mask, float("-inf"))
 
 
 def softcapped_attention(

@@ -22,6 +22,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
+from server.engine import alibi
 from server.engine.attention import ATTENTION_NAME, Routing, attention_routing, unrouted_attention
 from server.engine.default_backbone import ensure_default_backbone
 from server.engine.errors import UnsupportedBackbone
@@ -142,7 +143,11 @@ def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 def max_positions_of(model: PreTrainedModel) -> int | None:
     config = model.config.get_text_config()
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return (
+        getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+        or getattr(config, "max_seq_len", None)  # MPT: its ALiBi table is this long
+    )
 
 
 def load_backbone(
@@ -156,16 +161,22 @@ def load_backbone(
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     auto = auto_class(config)
-    refuse_unbuildable(config, auto, trust_remote_code)
+    if (reason := alibi.refusal(config)) is not None:
+        raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}")
+    own = alibi.stock_attention(config)  # a family whose attention layers the engine wraps (server/engine/alibi.py)
+    if own is None:
+        refuse_unbuildable(config, auto, trust_remote_code)
     model, loading = auto.from_pretrained(
         source,
         dtype=torch_dtype,
-        attn_implementation=ATTENTION_NAME,
+        attn_implementation=own or ATTENTION_NAME,
         trust_remote_code=trust_remote_code,
         output_loading_info=True,
     )
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
     model.eval().requires_grad_(False)
+    if own is not None:
+        alibi.install(model)
     if auto is AutoModelForCausalLM and (reason := unrouted_attention(model)) is not None:
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}")
     missing = set(loading["missing_keys"])

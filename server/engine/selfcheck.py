@@ -27,6 +27,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from prompt_store.materialize import decoder_prefix, join_prefix, split_prefix
 from prompt_store.types import TOKEN_CLS, Method, TaskArtifact, TaskRecord
+from server.engine import alibi
 from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
@@ -286,8 +287,9 @@ def encoder_reference(backbone: Backbone, row: CheckRow, input_ids: list[int]) -
 
 @contextlib.contextmanager
 def stock_attention(model: torch.nn.Module) -> Iterator[None]:
-    """transformers' own eager attention for the reference forward, the engine's again after it."""
-    model.set_attn_implementation(REFERENCE_ATTENTION)  # type: ignore[operator]
+    """transformers' own eager attention for the reference forward (a family the engine wraps: the attention PEFT's
+    forward runs it with), the engine's again after it."""
+    model.set_attn_implementation(alibi.stock_attention(model.config) or REFERENCE_ATTENTION)  # type: ignore[operator]
     try:
         yield
     finally:
