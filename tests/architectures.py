@@ -35,6 +35,8 @@ class Family:
     kinds: tuple[str, ...] = CAUSAL_KINDS
     note: str = ""
     sizes: dict[str, Any] = field(default_factory=dict)  # size fields under the family's own names
+    peft: dict[str, Any] = field(default_factory=dict)  # what PEFT cannot read off the config (MPT's head count)
+    alibi: bool = False  # positions from the keys' order (ALiBi), not from position ids
 
     def config(self) -> PretrainedConfig:
         config_class = getattr(transformers, self.config_class)
@@ -121,6 +123,28 @@ CAUSAL_FAMILIES: tuple[Family, ...] = (
     ),
     Family("GPT-J", "GPTJConfig", {"rotary_dim": 8, "n_positions": 512}, note="partial RoPE, interleaved"),
     Family("GPT-2", "GPT2Config", {"n_positions": 512, "n_inner": 128}, note="learned positions, Conv1D"),
+    Family("Bloom", "BloomConfig", note="ALiBi, in its own attention (wrapped)", alibi=True),
+    Family(
+        "Falcon (ALiBi)",
+        "FalconConfig",
+        {"alibi": True, "multi_query": False, "new_decoder_architecture": False, "parallel_attn": False, "bias": True},
+        note="ALiBi as its default SDPA attention scales it, in its own attention (wrapped)",
+        alibi=True,
+    ),
+    Family(
+        "Falcon (new decoder architecture)",
+        "FalconConfig",
+        {"alibi": False, "new_decoder_architecture": True, "num_kv_heads": 2},
+        note="RoPE, grouped key-value heads held per query head as Falcon does, in its own attention (wrapped)",
+    ),
+    Family(
+        "MPT",
+        "MptConfig",
+        {"max_seq_len": 512, "attn_config": {"clip_qkv": 4.0}},
+        note="ALiBi, `clip_qkv`, in its own attention (wrapped); `qk_ln` and a non-default `alibi_bias_max` refused",
+        peft={"num_attention_heads": 4},
+        alibi=True,
+    ),
 )
 
 
@@ -164,9 +188,7 @@ def encoder_rows() -> list[Listed]:
 
 
 REFUSED = (
-    Listed("Bloom", "BloomConfig", "refused", "ALiBi computed in its own attention, outside the AttentionInterface"),
-    Listed("Falcon", "FalconConfig", "refused", "attention classes from a fixed table (both RoPE and ALiBi variants)"),
-    Listed("MPT", "MptConfig", "refused", "ALiBi computed in its own attention, outside the AttentionInterface"),
+    Listed("Falcon (multi-query)", "FalconConfig", "refused", "one key-value head for all query heads (`multi_query`)"),
     Listed("StableLM", "StableLmConfig", "refused", "its decoder layers drop the attention's keyword arguments"),
     Listed("ALBERT", "AlbertConfig", "refused", "input embeddings narrower than its hidden states"),
 )

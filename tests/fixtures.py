@@ -64,9 +64,10 @@ def tiny_gpt2_config() -> GPT2Config:
     )
 
 
-def peft_config(kind: str, num_virtual_tokens: int, task_type: str = "CAUSAL_LM"):
-    """One adapter kind as a PEFT config, for any task type (the seq2seq and NLU fixtures use it too)."""
-    common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens}
+def peft_config(kind: str, num_virtual_tokens: int, task_type: str = "CAUSAL_LM", **settings: Any):
+    """One adapter kind as a PEFT config, for any task type (the seq2seq and NLU fixtures use it too); `settings`:
+    what PEFT cannot read off the backbone's config (MPT's head count, under its own name n_heads)."""
+    common = {"task_type": task_type, "num_virtual_tokens": num_virtual_tokens, **settings}
     if kind == "prompt_tuning":
         return PromptTuningConfig(**common)
     if kind == "p_tuning_mlp":
@@ -84,10 +85,13 @@ def peft_config(kind: str, num_virtual_tokens: int, task_type: str = "CAUSAL_LM"
     raise ValueError(f"unknown adapter kind {kind!r}")
 
 
-def write_peft_adapter(backbone_dir: Path, kind: str, out_dir: Path, num_virtual_tokens: int, seed: int) -> Path:
+def write_peft_adapter(
+    backbone_dir: Path, kind: str, out_dir: Path, num_virtual_tokens: int, seed: int, **settings: Any
+) -> Path:
     """Randomise an adapter's trainable weights (so it matters) and save it with PEFT's own save_pretrained."""
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(backbone_dir), peft_config(kind, num_virtual_tokens))
+    config = peft_config(kind, num_virtual_tokens, **settings)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(backbone_dir), config)
     with torch.no_grad():
         for param in model.prompt_encoder.parameters():
             param.normal_(0.0, 1.0)

@@ -40,22 +40,26 @@ class AlibiBias:
 
 
 def bloom_slopes(num_heads: int) -> torch.Tensor:
-    """[heads] Press et al.'s slopes, as Bloom and Falcon compute them: the geometric sequence 2^(-8/n)^(1..n) for the
-    largest power of two n <= heads, then every other slope of the sequence for 2n, for the heads left over."""
+    """[heads] Press et al.'s slopes, as Bloom and Falcon compute them (in float32): the geometric sequence
+    (2^(-8/n))^i, i = 1..n, for the largest power of two n <= heads, then its odd terms for 2n, for the heads left."""
     closest = 2 ** math.floor(math.log2(num_heads))
-    slopes = [2 ** (-8 * i / closest) for i in range(1, closest + 1)]
-    extra = [2 ** (-8 * i / (2 * closest)) for i in range(1, 2 * (num_heads - closest), 2)]
-    return torch.tensor(slopes + extra, dtype=torch.float32)
+    slopes = geometric(2 ** (-8 / closest), torch.arange(1, closest + 1))
+    extra = geometric(2 ** (-8 / (2 * closest)), torch.arange(1, 1 + 2 * (num_heads - closest), 2))
+    return torch.cat([slopes, extra])
+
+
+def geometric(base: float, powers: torch.Tensor) -> torch.Tensor:
+    return torch.pow(torch.tensor(base, dtype=torch.float32), powers.to(torch.int32))
 
 
 def mpt_slopes(num_heads: int, bias_max: int = MPT_ALIBI_BIAS_MAX) -> torch.Tensor:
-    """[heads] MPT's slopes: 2^(-bias_max * i / n) for i in 1..n, n the next power of two >= heads; when heads is not
-    a power of two, the odd-numbered slopes first, then the even, the first `heads` of them."""
+    """[heads] MPT's slopes (in float32): 2^(-bias_max * i / n), i = 1..n, n the next power of two >= heads; when
+    heads is not a power of two, the even-indexed i first, then the odd, the first `heads` of them."""
     padded = 2 ** math.ceil(math.log2(num_heads))
-    slopes = [1.0 / 2 ** (i * bias_max / padded) for i in range(1, padded + 1)]
+    slopes = 1.0 / torch.pow(2, torch.arange(1, padded + 1).float() * (bias_max / padded))
     if padded != num_heads:
-        slopes = (slopes[1::2] + slopes[::2])[:num_heads]
-    return torch.tensor(slopes, dtype=torch.float32)
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
 
 
 class EngineState:
@@ -84,13 +88,13 @@ class Family:
         """(parent, attribute) of each attention layer, in layer order."""
         raise NotImplementedError
 
-    def project(self, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
+    def project(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
         raise NotImplementedError
 
-    def bias(self, layer: torch.nn.Module) -> AlibiBias | None:
+    def bias(self, layer: Any) -> AlibiBias | None:
         raise NotImplementedError
 
-    def finish(self, layer: torch.nn.Module, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def finish(self, layer: Any, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
         """The layer's own return value from the attention's output [1, N, heads * head_dim]."""
         raise NotImplementedError
 
@@ -118,14 +122,14 @@ class Bloom(Family):
     def layers(self, model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
         return [(block, "self_attention") for block in model.base_model.h]  # type: ignore[union-attr]
 
-    def project(self, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
+    def project(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
         query, key, value = split_heads(layer.query_key_value(hidden), layer.num_heads, layer.head_dim)
         return QKV(query, key, value, float(layer.inv_norm_factor))
 
-    def bias(self, layer: torch.nn.Module) -> AlibiBias:
+    def bias(self, layer: Any) -> AlibiBias:
         return AlibiBias(bloom_slopes(layer.num_heads))
 
-    def finish(self, layer: torch.nn.Module, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def finish(self, layer: Any, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
         residual = args[0]  # BloomBlock calls its attention as (hidden_states, residual, **keywords)
         return layer.dense(attended) + residual, None
 
@@ -147,7 +151,7 @@ class Falcon(Family):
     def layers(self, model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
         return [(block, "self_attention") for block in model.base_model.h]  # type: ignore[union-attr]
 
-    def project(self, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
+    def project(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
         fused = layer.query_key_value(hidden)  # [1, N, (heads + 2 * kv_heads) * d] or [1, N, heads * 3 * d]
         if layer.new_decoder_architecture:
             query, key, value = self.grouped_heads(fused, layer.num_heads, layer.num_kv_heads, layer.head_dim)
@@ -168,12 +172,12 @@ class Falcon(Family):
         key, value = (grouped[:, :, :, [i]].expand(query.shape) for i in (-2, -1))
         return [x.flatten(2, 3).transpose(1, 2) for x in (query, key, value)]
 
-    def bias(self, layer: torch.nn.Module) -> AlibiBias | None:
+    def bias(self, layer: Any) -> AlibiBias | None:
         if not layer.config.alibi:
             return None
         return AlibiBias(bloom_slopes(layer.num_heads), math.sqrt(layer.head_dim), torch.bfloat16)
 
-    def finish(self, layer: torch.nn.Module, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def finish(self, layer: Any, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return layer.dense(attended), None
 
 
@@ -204,7 +208,7 @@ class Mpt(Family):
     def layers(self, model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
         return [(block, "attn") for block in model.base_model.blocks]  # type: ignore[union-attr]
 
-    def project(self, layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
+    def project(self, layer: Any, hidden: torch.Tensor, kwargs: dict[str, Any]) -> QKV:
         fused = layer.Wqkv(hidden)  # [1, N, 3 * heads * d]
         if layer.clip_qkv:
             fused = fused.clamp(min=-layer.clip_qkv, max=layer.clip_qkv)
@@ -214,10 +218,10 @@ class Mpt(Family):
         )  # each [1, heads, N, d]
         return QKV(query, key, value, float(layer.softmax_scale))
 
-    def bias(self, layer: torch.nn.Module) -> AlibiBias:
+    def bias(self, layer: Any) -> AlibiBias:
         return AlibiBias(mpt_slopes(layer.n_heads))
 
-    def finish(self, layer: torch.nn.Module, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    def finish(self, layer: Any, attended: torch.Tensor, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return layer.out_proj(attended), None
 
 
@@ -228,7 +232,7 @@ class PooledAttention(torch.nn.Module):
     """One attention layer of an adapted family: over the engine's pool while the engine runs the model, the layer's
     own forward otherwise."""
 
-    def __init__(self, layer: torch.nn.Module, index: int, family: Family, state: EngineState) -> None:
+    def __init__(self, layer: Any, index: int, family: Family, state: EngineState) -> None:
         super().__init__()
         self.layer = layer
         self.index = index

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 
 from prompt_store.materialize import decoder_prefix, join_prefix, split_prefix
 from prompt_store.types import TOKEN_CLS, Method, TaskArtifact, TaskRecord
@@ -289,7 +289,8 @@ def encoder_reference(backbone: Backbone, row: CheckRow, input_ids: list[int]) -
 def stock_attention(model: torch.nn.Module) -> Iterator[None]:
     """transformers' own eager attention for the reference forward (a family the engine wraps: the attention PEFT's
     forward runs it with), the engine's again after it."""
-    model.set_attn_implementation(alibi.stock_attention(model.config) or REFERENCE_ATTENTION)  # type: ignore[operator]
+    config: PretrainedConfig = model.config  # type: ignore[assignment]
+    model.set_attn_implementation(alibi.stock_attention(config) or REFERENCE_ATTENTION)  # type: ignore[operator]
     try:
         yield
     finally:

@@ -15,9 +15,11 @@ from peft import PeftModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, PreTrainedTokenizerFast
 
+from server.engine.alibi import AlibiBias
 from server.engine.backbone import SERVED_LIST, load_backbone
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
 from server.engine.errors import UnsupportedBackbone
+from server.engine.selfcheck import SelfCheckFailed, self_check
 from tests.architectures import (
     CAUSAL_FAMILIES,
     LONG_TEXT,
@@ -55,7 +57,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], TinyBa
         root = tmp_path_factory.mktemp(f"arch-{chosen.config_class}")
         tiny = TinyBackbone(chosen.name, write_family(chosen, root / "backbone"))
         for seed, kind in enumerate(chosen.kinds):
-            tiny.adapters[kind] = write_peft_adapter(tiny.path, kind, root / kind, VIRTUAL_TOKENS[kind], seed=seed)
+            tiny.adapters[kind] = write_peft_adapter(
+                tiny.path, kind, root / kind, VIRTUAL_TOKENS[kind], seed=seed, **chosen.peft
+            )
         cache[chosen.name] = tiny
         return tiny
 
@@ -84,9 +88,11 @@ def test_every_kind_mixed_in_one_batch_equals_peft_forward(family: tuple[Family,
 
 
 @torch.inference_mode()
-def test_a_wrong_position_moves_the_logits(family: tuple[Family, TinyBackbone]):
-    """The last token one position too far: a backbone this test suite serves must notice."""
-    _, tiny = family
+@pytest.mark.parametrize("chosen", [f for f in CAUSAL_FAMILIES if not f.alibi], ids=lambda family: family.name)
+def test_a_wrong_position_moves_the_logits(built: Callable[[Family], TinyBackbone], chosen: Family):
+    """The last token one position too far: a backbone this test suite serves must notice (ALiBi families take no
+    position ids: see the next test)."""
+    tiny = built(chosen)
     model = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
     input_ids = torch.tensor([list(range(65, 65 + 2 * SLIDING_WINDOW))])
     positions = torch.arange(input_ids.shape[1])[None]
@@ -95,6 +101,26 @@ def test_a_wrong_position_moves_the_logits(family: tuple[Family, TinyBackbone]):
     right = model(input_ids=input_ids, position_ids=positions).logits[0, -1]
     wrong = model(input_ids=input_ids, position_ids=shifted).logits[0, -1]
     assert (right - wrong).abs().max() >= MIN_MOVE
+
+
+@pytest.mark.parametrize("chosen", [f for f in CAUSAL_FAMILIES if f.alibi], ids=lambda family: family.name)
+def test_a_wrong_alibi_position_fails_the_self_check(
+    built: Callable[[Family], TinyBackbone], chosen: Family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The start-up self-check passes on an ALiBi family, and fails when each row's first key is biased as if it sat
+    one position later: the backbone is strong enough that ALiBi's distances show."""
+    harness = Harness(built(chosen), tmp_path / "store")
+    assert self_check(harness.engine) > 0
+    biased = AlibiBias.__call__
+
+    def first_key_one_off(self: AlibiBias, query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+        bias = biased(self, query_positions, num_keys).clone()  # [1, heads, 1, L]
+        bias[..., 0] = biased(self, query_positions, 2)[..., 1]
+        return bias
+
+    monkeypatch.setattr(AlibiBias, "__call__", first_key_one_off)
+    with pytest.raises(SelfCheckFailed, match="row"):
+        self_check(harness.engine)
 
 
 QUIRKS_GREEDY_TOKENS_HARDLY_SEE = {"sliding_window": 4096, "attn_logit_softcapping": None}  # quirk: its "off" value

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from server.engine import alibi
 from server.engine.attention import ATTENTION_NAME, KV_KWARG, unrouted_attention
 from server.engine.backbone import SERVED_LIST, refuse_unbuildable
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID
@@ -70,15 +71,21 @@ def attends_through_the_interface(class_name: str) -> bool:
 def verdict(config: PretrainedConfig) -> str | NotBuilt | None:
     """What load_backbone decides for this config (None: served), without the weights on disk; NOT_BUILT where the
     tiny config builds on the meta device but not with real weights (the family's own limits, not ours to judge)."""
+    own = alibi.stock_attention(config)  # a family whose attention layers the engine wraps (Bloom, Falcon, MPT)
     try:
-        refuse_unbuildable(config, AutoModelForCausalLM, trust_remote_code=False)
+        if (reason := alibi.refusal(config)) is not None:
+            return f"{config.architectures[0]}: {reason}; {SERVED_LIST}"
+        if own is None:
+            refuse_unbuildable(config, AutoModelForCausalLM, trust_remote_code=False)
     except UnsupportedBackbone as refusal:
         return str(refusal)
     torch.manual_seed(0)
     try:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME).eval()
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=own or ATTENTION_NAME).eval()
     except Exception:
         return NOT_BUILT
+    if own is not None:
+        alibi.install(model)
     reason = unrouted_attention(model)
     return None if reason is None else f"{config.architectures[0]}: {reason}; {SERVED_LIST}"
 
