@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from server.engine.attention import KV_KWARG, StepKV, attend_batches
+from server.engine.attention import ATTENTION_NAME, KV_KWARG, StepKV, attend_batches
 
 MPT_ALIBI_BIAS_MAX = 8  # transformers' MPT builds its bias with 8, whatever its attn_config says
 
@@ -80,6 +80,9 @@ class Family:
 
     model_type: str
     stock_attention = "eager"  # what transformers loads it with by default, so PEFT's forward runs: the reference
+    # while the engine runs it: for a custom attention function transformers builds no mask (nor Falcon its
+    # [heads, N, N] ALiBi mask) over the packed stream, which the wrapped layers would not read
+    engine_attention = ATTENTION_NAME
 
     def refusal(self, config: PretrainedConfig) -> str | None:
         return None
@@ -191,6 +194,7 @@ class Mpt(Family):
     """MPT: scores x softmax_scale + ALiBi; clip_qkv clamps the fused projection as MPT's attention does."""
 
     model_type = "mpt"
+    engine_attention = "eager"  # MptModel's forward needs a mask to exist (it casts it to bool)
 
     def refusal(self, config: PretrainedConfig) -> str | None:
         attn = config.attn_config
@@ -268,6 +272,12 @@ def stock_attention(config: PretrainedConfig) -> str | None:
     return family.stock_attention if family is not None else None
 
 
+def engine_attention(config: PretrainedConfig) -> str:
+    """The attention implementation the model is set to while the engine runs it."""
+    family = family_of(config)
+    return family.engine_attention if family is not None else ATTENTION_NAME
+
+
 def install(model: PreTrainedModel) -> bool:
     """Wrap every attention layer of an adapted family's model; False (nothing done) for any other model."""
     family = family_of(model.config)
@@ -277,4 +287,5 @@ def install(model: PreTrainedModel) -> bool:
     for index, (parent, name) in enumerate(family.layers(model)):
         setattr(parent, name, PooledAttention(getattr(parent, name), index, family, state))
     model.register_forward_pre_hook(state.capture, with_kwargs=True)
+    model.set_attn_implementation(family.engine_attention)
     return True

@@ -28,7 +28,6 @@ from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 from prompt_store.materialize import decoder_prefix, join_prefix, split_prefix
 from prompt_store.types import TOKEN_CLS, Method, TaskArtifact, TaskRecord
 from server.engine import alibi
-from server.engine.attention import ATTENTION_NAME
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
@@ -294,7 +293,7 @@ def stock_attention(model: torch.nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        model.set_attn_implementation(ATTENTION_NAME)  # type: ignore[operator]
+        model.set_attn_implementation(alibi.engine_attention(config))  # type: ignore[operator]
 
 
 def tolerance_of(dtype: torch.dtype) -> float:
