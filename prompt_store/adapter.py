@@ -129,7 +129,7 @@ def method_of(config: dict[str, Any], fingerprint: BackboneFingerprint) -> tuple
     if method.is_prefix and not fingerprint.takes_prefix:
         raise InvalidTask(
             f"{CONFIG_NAME}: peft_type must be PROMPT_TUNING or P_TUNING on this {fingerprint.model_type} backbone "
-            f"(its attention takes no past keys and values, so PEFT cannot apply a prefix either); found {peft_type!r}"
+            f"(PEFT cannot apply a prefix to its attention either); found {peft_type!r}"
         )
     # PEFT fills a missing value with 1 for a causal LM and 2 for an encoder-decoder (encoder and decoder prompts).
     expected_submodules = 2 if fingerprint.is_encoder_decoder else 1

@@ -51,7 +51,7 @@ class BackboneFingerprint:
     is_encoder_decoder: bool = False  # a seq2seq LM (T5, BART): adapters are PEFT SEQ_2_SEQ_LM ones
     num_decoder_layers: int | None = None  # seq2seq only: the layers a prefix reaches (num_layers is the encoder's)
     is_encoder: bool = False  # an encoder (BERT, RoBERTa, DeBERTa-v2): classification tasks only
-    takes_prefix: bool = True  # False: its attention takes no past keys and values (DeBERTa-v2), no prefix tuning
+    takes_prefix: bool = True  # False: PEFT cannot apply a prefix to its attention (DeBERTa-v2, multi-query Falcon)
     heads: tuple[HeadSpec, ...] = ()  # the classification task types it serves, and their heads
 
     @property

@@ -138,6 +138,14 @@ CAUSAL_FAMILIES: tuple[Family, ...] = (
         note="RoPE, grouped key-value heads held per query head as Falcon does, in its own attention (wrapped)",
     ),
     Family(
+        "Falcon (multi-query)",
+        "FalconConfig",
+        {"alibi": False, "multi_query": True, "new_decoder_architecture": False, "parallel_attn": True},
+        kinds=("prompt_tuning", "p_tuning_mlp"),
+        note="RoPE, one key-value head, in its own attention (wrapped); no prefix tasks: PEFT's prefix holds a key "
+        "per query head, its attention one (PEFT's forward fails)",
+    ),
+    Family(
         "MPT",
         "MptConfig",
         {"max_seq_len": 512, "attn_config": {"clip_qkv": 4.0}},
@@ -188,7 +196,6 @@ def encoder_rows() -> list[Listed]:
 
 
 REFUSED = (
-    Listed("Falcon (multi-query)", "FalconConfig", "refused", "one key-value head for all query heads (`multi_query`)"),
     Listed("StableLM", "StableLmConfig", "refused", "its decoder layers drop the attention's keyword arguments"),
     Listed("ALBERT", "AlbertConfig", "refused", "input embeddings narrower than its hidden states"),
 )

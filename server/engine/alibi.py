@@ -87,6 +87,14 @@ class Family:
     def refusal(self, config: PretrainedConfig) -> str | None:
         return None
 
+    def num_kv_heads(self, config: PretrainedConfig) -> int | None:
+        """The key-value heads its layers attend with, where the config does not say (None: it does)."""
+        return None
+
+    def takes_prefix(self, config: PretrainedConfig) -> bool:
+        """Whether PEFT's prefix tuning runs on it."""
+        return True
+
     def layers(self, model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
         """(parent, attribute) of each attention layer, in layer order."""
         raise NotImplementedError
@@ -146,10 +154,19 @@ class Falcon(Family):
     model_type = "falcon"
     stock_attention = "sdpa"
 
-    def refusal(self, config: PretrainedConfig) -> str | None:
-        if config.multi_query and not config.new_decoder_architecture:
-            return "multi-query Falcon (one key-value head for all query heads, multi_query=True) is not served"
-        return None
+    @staticmethod
+    def is_multi_query(config: PretrainedConfig) -> bool:
+        return bool(config.multi_query and not config.new_decoder_architecture)
+
+    def num_kv_heads(self, config: PretrainedConfig) -> int:
+        """One for multi-query Falcon; one per query head otherwise (new_decoder_architecture's grouped heads are
+        repeated per query head, as Falcon's attention and cache hold them)."""
+        return 1 if self.is_multi_query(config) else int(config.num_attention_heads)
+
+    def takes_prefix(self, config: PretrainedConfig) -> bool:
+        """Not multi-query Falcon: PEFT's prefix holds a key per query head, its attention one (PEFT's forward
+        fails)."""
+        return not self.is_multi_query(config)
 
     def layers(self, model: PreTrainedModel) -> list[tuple[torch.nn.Module, str]]:
         return [(block, "self_attention") for block in model.base_model.h]  # type: ignore[union-attr]
@@ -158,6 +175,8 @@ class Falcon(Family):
         fused = layer.query_key_value(hidden)  # [1, N, (heads + 2 * kv_heads) * d] or [1, N, heads * 3 * d]
         if layer.new_decoder_architecture:
             query, key, value = self.grouped_heads(fused, layer.num_heads, layer.num_kv_heads, layer.head_dim)
+        elif layer.multi_query:
+            query, key, value = self.shared_heads(fused, layer.num_heads, layer.head_dim)
         else:
             query, key, value = split_heads(fused, layer.num_heads, layer.head_dim)
         if not layer.config.alibi:
@@ -174,6 +193,13 @@ class Falcon(Family):
         query = grouped[:, :, :, :-2]  # [1, N, kv_heads, group, d]
         key, value = (grouped[:, :, :, [i]].expand(query.shape) for i in (-2, -1))
         return [x.flatten(2, 3).transpose(1, 2) for x in (query, key, value)]
+
+    @staticmethod
+    def shared_heads(fused: torch.Tensor, heads: int, head_dim: int) -> list[torch.Tensor]:
+        """[1, N, (heads + 2) * d] -> query [1, heads, N, d], one key and value [1, 1, N, d] (multi-query)."""
+        batch, length, _ = fused.shape
+        per_head = fused.view(batch, length, heads + 2, head_dim)
+        return [x.transpose(1, 2) for x in (per_head[:, :, :-2], per_head[:, :, -2:-1], per_head[:, :, -1:])]
 
     def bias(self, layer: Any) -> AlibiBias | None:
         if not layer.config.alibi:
@@ -270,6 +296,17 @@ def stock_attention(config: PretrainedConfig) -> str | None:
     SDPA, and its eager attention differs with ALiBi, see `Falcon`); None for any other model."""
     family = family_of(config)
     return family.stock_attention if family is not None else None
+
+
+def num_kv_heads(config: PretrainedConfig) -> int | None:
+    """The key-value heads an adapted family's layers attend with where its config does not say (None: it does)."""
+    family = family_of(config)
+    return family.num_kv_heads(config) if family is not None else None
+
+
+def takes_prefix(config: PretrainedConfig) -> bool:
+    family = family_of(config)
+    return family.takes_prefix(config) if family is not None else True
 
 
 def engine_attention(config: PretrainedConfig) -> str:

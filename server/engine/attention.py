@@ -333,10 +333,11 @@ def attention_routing(encoder: torch.nn.Module) -> Routing:
 
 
 @torch.inference_mode()
-def unrouted_attention(model: torch.nn.Module) -> str | None:
-    """Why a causal LM's attention does not all run through `attend` (None: it does), from one two-token pass."""
+def unrouted_attention(model: torch.nn.Module, kv_heads: int | None = None) -> str | None:
+    """Why a causal LM's attention does not all run through `attend` (None: it does), from one two-token pass
+    (`kv_heads`: the key-value heads its layers attend with, where its config does not say)."""
     try:
-        kv = scratch_kv(model, num_layers(model))
+        kv = scratch_kv(model, num_layers(model), kv_heads)
     except Exception as error:  # e.g. Gemma-4's per-layer head sizes: no one shape for the pool's layers
         logger.debug("%s: no one attention shape", type(model).__name__, exc_info=error)
         return "its configuration does not give every layer one attention shape (heads, head size)"
@@ -363,12 +364,12 @@ def num_layers(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().num_hidden_layers)  # type: ignore[operator,union-attr]
 
 
-def scratch_kv(model: torch.nn.Module, layers: int) -> StepKV:
+def scratch_kv(model: torch.nn.Module, layers: int, kv_heads: int | None = None) -> StepKV:
     """One two-token row over a scratch pool of `layers` layers (slot 0 is the padding slot), on the model's device
-    and in its dtype, laid out as the pool is (the config's key-value heads and head size)."""
+    and in its dtype, laid out as the pool is (the key-value heads and head size of the config, or `kv_heads`)."""
     config = model.config.get_text_config()  # type: ignore[operator,union-attr]
     query_heads = config.num_attention_heads
-    heads = getattr(config, "num_key_value_heads", None) or query_heads
+    heads = kv_heads or getattr(config, "num_key_value_heads", None) or query_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // query_heads
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype

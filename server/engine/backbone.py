@@ -113,7 +113,7 @@ def fingerprint_of(model: PreTrainedModel) -> BackboneFingerprint:
         hidden_size=config.hidden_size,
         num_layers=config.num_hidden_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+        num_key_value_heads=alibi.num_kv_heads(config) or getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
@@ -177,7 +177,7 @@ def load_backbone(
     model.eval().requires_grad_(False)
     if own is not None:
         alibi.install(model)
-    if auto is AutoModelForCausalLM and (reason := unrouted_attention(model)) is not None:
+    if auto is AutoModelForCausalLM and (reason := unrouted_attention(model, alibi.num_kv_heads(config))) is not None:
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}")
     missing = set(loading["missing_keys"])
     backbone = Backbone(
@@ -301,7 +301,7 @@ def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backb
     fingerprint = replace(
         backbone.fingerprint,
         is_encoder=backbone.encoder is not None,
-        takes_prefix=backbone.encoder is None or backbone.encoder.packed,
+        takes_prefix=(backbone.encoder is None or backbone.encoder.packed) and alibi.takes_prefix(config),
         heads=tuple(head.spec for head in heads.values()),
     )
     return replace(backbone, fingerprint=fingerprint, heads=heads, bare_head=bare)

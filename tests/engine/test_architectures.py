@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig
 from server.engine.alibi import AlibiBias
 from server.engine.backbone import SERVED_LIST, load_backbone
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
-from server.engine.errors import UnsupportedBackbone
+from server.engine.errors import InvalidTask, UnsupportedBackbone
 from server.engine.selfcheck import SelfCheckFailed, self_check
 from tests.architectures import (
     CAUSAL_FAMILIES,
@@ -121,6 +121,18 @@ def test_a_wrong_alibi_position_fails_the_self_check(
     monkeypatch.setattr(AlibiBias, "__call__", first_key_one_off)
     with pytest.raises(SelfCheckFailed, match=r"token \d of the (plain|prompt|prefix) row .* the backbone's uncached"):
         self_check(harness.engine)
+
+
+@pytest.mark.parametrize("chosen", [f for f in CAUSAL_FAMILIES if "prefix" not in f.kinds], ids=lambda f: f.name)
+def test_a_prefix_task_is_refused_at_registration_where_peft_cannot_apply_one(
+    built: Callable[[Family], TinyBackbone], chosen: Family, tmp_path: Path
+):
+    tiny = built(chosen)
+    prefix = write_peft_adapter(tiny.path, "prefix", tmp_path / "prefix", VIRTUAL_TOKENS["prefix"], seed=0)
+    harness = Harness(tiny, tmp_path / "store")
+    assert not harness.backbone.fingerprint.takes_prefix
+    with pytest.raises(InvalidTask, match="peft_type must be PROMPT_TUNING or P_TUNING on this"):
+        harness.store.register_dir("prefix", prefix)
 
 
 QUIRKS_GREEDY_TOKENS_HARDLY_SEE = {"sliding_window": 4096, "attn_logit_softcapping": None}  # quirk: its "off" value

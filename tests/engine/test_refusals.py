@@ -86,7 +86,7 @@ def verdict(config: PretrainedConfig) -> str | NotBuilt | None:
         return NOT_BUILT
     if own is not None:
         alibi.install(model)
-    reason = unrouted_attention(model)
+    reason = unrouted_attention(model, alibi.num_kv_heads(config))
     return None if reason is None else f"{config.architectures[0]}: {reason}; {SERVED_LIST}"
 
 
