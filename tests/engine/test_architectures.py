@@ -208,3 +208,16 @@ def test_the_reported_bart_answers_as_its_own_forward(tmp_path: Path):
         assert [token.id for token in completion.tokens] == tokens, text
         served = torch.tensor([token.logprob for token in completion.tokens])
         torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=LOGPROB_TOLERANCE)
+
+
+@torch.inference_mode()
+def test_mpts_clip_qkv_moves_the_logits(built: Callable[[Family], TinyBackbone]):
+    """MPT's clip_qkv bites on the matrix's MPT: an engine that skipped the clamp would show."""
+    tiny = built(next(f for f in CAUSAL_FAMILIES if f.config_class == "MptConfig"))
+    input_ids = torch.tensor([list(LONG_TEXT.encode())])
+    clipped = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+    unclipped = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+    for block in unclipped.base_model.blocks:
+        block.attn.clip_qkv = None
+    moved = clipped(input_ids=input_ids).logits - unclipped(input_ids=input_ids).logits
+    assert moved.abs().max() >= MIN_MOVE
