@@ -23,10 +23,11 @@ from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineUnavailable, GenerationFailed, WrongKind
-from server.engine.intake import IntakeConfig, build_request, render_chat
+from server.engine.intake import IntakeConfig, build_request, check_token_ids, render_chat
 from server.engine.nlu import Results, plan_classify, plan_score, predictions, scores
 from server.engine.output import OutputProcessor
 from server.engine.probe import Probe
+from server.engine.prompt_scoring import plan_prompt_score, prompt_tokens
 from server.engine.request import Request
 from server.engine.selfcheck import self_check
 from server.engine.types import (
@@ -36,10 +37,13 @@ from server.engine.types import (
     EngineOutput,
     EngineStats,
     GenerateInput,
+    PromptScoreInput,
+    PromptToken,
     RequestOutput,
     ScoreInput,
     Scores,
     StepStats,
+    TokenizerInfo,
 )
 
 logger = logging.getLogger(__name__)
@@ -227,6 +231,38 @@ class AsyncEngine:
             except TimeoutError:
                 if not self.thread.is_alive() and events.empty():
                     raise EngineUnavailable("the engine stopped before it answered this request") from None
+
+    async def prompt_logprobs(self, request: PromptScoreInput) -> tuple[PromptToken | None, ...]:
+        """Every prompt token's log-probability after the ones before it (the first: None)."""
+        sinks, queues = self.result_sinks(1)
+        prepared = await asyncio.to_thread(plan_prompt_score, request, self.backbone, self.store, self.limits, sinks[0])
+        if prepared is None:
+            return prompt_tokens(self.backbone, request.token_ids, None)
+        answers = await self.run_all([prepared], queues)
+        return prompt_tokens(self.backbone, request.token_ids, answers[0][0])
+
+    # ---- the tokenizer (vLLM's /tokenize, /detokenize, /tokenizer_info)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.backbone.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        check_token_ids(self.backbone, token_ids, "tokens")
+        return str(self.backbone.tokenizer.decode(token_ids))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        tokenizer = self.backbone.tokenizer
+        max_len = self.backbone.max_positions or self.limits.max_input_tokens + self.limits.max_new_tokens
+        return TokenizerInfo(
+            tokenizer_class=type(tokenizer).__name__,
+            bos_token=tokenizer.bos_token,
+            eos_token=tokenizer.eos_token,
+            pad_token=tokenizer.pad_token,
+            unk_token=tokenizer.unk_token,
+            chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+            max_model_len=max_len,
+            vocab_size=self.backbone.num_token_ids,
+        )
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if self.backbone.encoder is not None:  # before its chat template: no generation route serves an encoder

@@ -21,8 +21,8 @@ from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
 from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.readout import Classified, Readout
-from server.engine.request import Request, Sequence, Status
-from server.engine.sampler import sample
+from server.engine.request import RankedTarget, Request, Sequence, Status
+from server.engine.sampler import sample, suppress_eos
 from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from server.engine.task_cache import TaskCache
 from server.engine.types import EngineOutput, FinishReason, RowResult, RowToken, StepStats
@@ -180,20 +180,26 @@ class Engine:
         return any(leaving is request for leaving in self.leaving)
 
     def record_scores(self, scored: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
-        """Each scored position's log-probability of its target token (a row recomputed after a preemption
-        writes the same values again)."""
+        """Each scored position's log-probability of its target token, and for a request that asks for them
+        (a prompt's log-probabilities) its rank and the most likely tokens; a row recomputed after a preemption
+        writes the same values again."""
 
-        def logprobs_of(items: list[int]) -> list[float]:
+        def logprobs_of(items: list[int]) -> list[tuple[float, RankedTarget]]:
             targets = torch.tensor([scored[i][0].targets[scored[i][1]] for i in items], device=logits.device)
             index = torch.tensor(items, device=logits.device)
-            return torch.log_softmax(logits[index], dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+            logprobs = torch.log_softmax(logits[index], dim=-1)  # [K, V]
+            chosen = logprobs.gather(1, targets[:, None])[:, 0]  # [K]
+            ranked = ranks_and_top(logprobs, chosen, [scored[i][0] for i in items])
+            return list(zip(chosen.tolist(), ranked, strict=True))
 
         parts = isolated(len(scored), lambda i: scored[i][0].request, logprobs_of, "scoring the candidate", self.fail)
-        for items, logprobs in parts:
-            for (row, j), logprob in zip([scored[i] for i in items], logprobs, strict=True):
+        for items, results in parts:
+            for (row, j), (logprob, ranks) in zip([scored[i] for i in items], results, strict=True):
                 if len(row.target_logprobs) != len(row.targets):
                     row.target_logprobs = [0.0] * len(row.targets)
+                    row.target_ranks = [(0, ())] * len(row.targets)
                 row.target_logprobs[j] = logprob
+                row.target_ranks[j] = ranks
 
     def classify(self, classified: list[Classified], hidden: torch.Tensor) -> None:
         """Each task's head over its rows' hidden states, the rows of one task version in one call; each row keeps
@@ -218,7 +224,7 @@ class Engine:
         results: dict[int, list[RowResult]] = defaultdict(list)
         for row in rows:
             row.done = True
-            result = RowResult(row.index, row.probs, tuple(row.target_logprobs) if row.targets else None)
+            result = row_result(row)
             values = row.probs if row.probs is not None else torch.tensor(row.target_logprobs)
             if not bool(values.isfinite().all()):
                 self.fail(row.request, self.overflow(row))
@@ -241,6 +247,7 @@ class Engine:
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         rows, logits = self.fail_broken_rows(rows, logits)
         keep_probe_vectors(rows, logits)
+        logits = suppress_eos(logits, rows, self.backbone.eos_token_ids)  # rows short of their min_tokens
         states = generator_states(rows)
         parts = isolated(
             len(rows), lambda i: rows[i].request, lambda items: sample(logits[items], [rows[i] for i in items]),
@@ -270,7 +277,7 @@ class Engine:
     def append_token(self, row: Sequence, token_id: int) -> None:
         """Token-level endings only: stop sequences are found on the text, off this thread (see output.py)."""
         row.output_ids.append(token_id)
-        if token_id in self.backbone.eos_token_ids:
+        if token_id in self.backbone.eos_token_ids and not row.request.sampling.ignore_eos:
             row.finish_reason = FinishReason.EOS
         elif len(row.output_ids) >= row.request.max_new_tokens:
             row.finish_reason = FinishReason.LENGTH
@@ -389,6 +396,29 @@ def head_probs(tasks: TaskCache, backbone: Backbone, items: list[Classified], hi
     if head_type == SEQ_CLS:
         features = features[:, None]  # [R, 1, H]: the one token each row's head reads, as the head model's
     return torch.softmax(head.logits(features, tensors), dim=-1).cpu()
+
+
+def row_result(row: Sequence) -> RowResult:
+    """A classification or scoring row's answer (a prompt scoring's with each target's rank and alternatives)."""
+    if not row.targets:
+        return RowResult(row.index, row.probs)
+    if row.request.sampling.top_logprobs is None:
+        return RowResult(row.index, logprobs=tuple(row.target_logprobs))
+    ranks = tuple(rank for rank, _ in row.target_ranks)
+    top = tuple(alternatives for _, alternatives in row.target_ranks)
+    return RowResult(row.index, logprobs=tuple(row.target_logprobs), ranks=ranks, top=top)
+
+
+def ranks_and_top(logprobs: torch.Tensor, chosen: torch.Tensor, rows: list[Sequence]) -> list[RankedTarget]:
+    """logprobs [K, V], chosen [K] -> per scored position: the target's rank and the row's `top_logprobs` most
+    likely (id, logprob); (0, ()) for rows that ask for neither (/v1/score's)."""
+    wanted = [row.request.sampling.top_logprobs for row in rows]
+    if all(k is None for k in wanted):
+        return [(0, ())] * len(rows)
+    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist()  # [K]
+    k = min(max(k or 0 for k in wanted), logprobs.shape[-1])
+    values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))  # [K, k]
+    return [(ranks[i], tuple(zip(ids[i][: n or 0], values[i][: n or 0], strict=True))) for i, n in enumerate(wanted)]
 
 
 def bare_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:

@@ -41,6 +41,8 @@ def validate_sampling(params: SamplingParams, limits: IntakeConfig) -> None:
         (all(params.stop), "non-empty stop sequences", list(params.stop)),
         (params.top_logprobs is None or 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS,
          f"top_logprobs null or in [0, {MAX_TOP_LOGPROBS}]", params.top_logprobs),
+        (0 <= params.min_tokens <= params.max_new_tokens,
+         f"min_tokens in [0, max_new_tokens ({params.max_new_tokens})]", params.min_tokens),
     ]  # fmt: skip
     for ok, expected, found in checks:
         if not ok:
@@ -95,6 +97,24 @@ def check_token_ids(backbone: Backbone, token_ids: list[int], what: str = "input
 def tokenize(backbone: Backbone, text: str, limits: IntakeConfig, add_special_tokens: bool = True) -> list[int]:
     input_ids = prompt_ids(backbone.tokenizer, text, add_special_tokens)
     check_token_ids(backbone, input_ids)
+    return check_length(input_ids, limits)
+
+
+def given_ids(backbone: Backbone, token_ids: tuple[int, ...], limits: IntakeConfig) -> list[int]:
+    """A prompt given as token ids: used as they are (no special tokens added), once checked."""
+    if not token_ids:
+        raise InvalidPrompt("expected a prompt of at least one token id; found none")
+    check_token_ids(backbone, list(token_ids), "prompt")
+    return check_length(list(token_ids), limits)
+
+
+def input_ids_of(backbone: Backbone, request: GenerateInput, limits: IntakeConfig) -> list[int]:
+    if request.input_ids is not None:
+        return given_ids(backbone, request.input_ids, limits)
+    return tokenize(backbone, request.inputs, limits, request.add_special_tokens)
+
+
+def check_length(input_ids: list[int], limits: IntakeConfig) -> list[int]:
     if len(input_ids) > limits.max_input_tokens:
         raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
     return input_ids
@@ -176,7 +196,7 @@ def build_request(
             f"expected a generative backbone for generation; this server's backbone ({backbone.model_id}) is an "
             "encoder: use /v1/classify"
         )
-    input_ids = tokenize(backbone, request.inputs, limits, request.add_special_tokens)
+    input_ids = input_ids_of(backbone, request, limits)
     tasks = [store.load(task_id) if task_id is not None else None for task_id in request.task_ids]
     for task in tasks:
         if task is not None and task.record.is_classifier:

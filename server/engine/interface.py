@@ -12,10 +12,13 @@ from server.engine.types import (
     EngineInfo,
     EngineStats,
     GenerateInput,
+    PromptScoreInput,
+    PromptToken,
     RequestOutput,
     ScoreInput,
     Scores,
     StepStats,
+    TokenizerInfo,
 )
 
 
@@ -50,6 +53,24 @@ class EngineClient(Protocol):
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The backbone's chat template applied to messages ({"role", "content"}), ready for the answer; raises
         NoChatTemplate without a template, InvalidPrompt when the template refuses the messages."""
+        ...
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The backbone's token ids for the text (nothing checked against the server's limits)."""
+        ...
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of the token ids; raises InvalidPrompt for an id outside the vocabulary."""
+        ...
+
+    def tokenizer_info(self) -> TokenizerInfo: ...
+
+    async def prompt_logprobs(self, request: PromptScoreInput) -> tuple[PromptToken | None, ...]:
+        """Every prompt token's log-probability after the ones before it (the first: None), its rank and the most
+        likely tokens at its position; its request shares the engine's steps with everyone else's.
+
+        Raises TaskNotFound, WrongKind (a classification task, a backbone that is not causal), InvalidPrompt,
+        InputTooLong, QueueFull."""
         ...
 
     async def classify(self, request: ClassifyInput) -> Classification:

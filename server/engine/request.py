@@ -14,6 +14,7 @@ from server.engine.kv_memory import TaskBlocks
 from server.engine.types import EngineOutput, EnsembleMode, FinishReason, SamplingParams
 
 OutputSink = Callable[[EngineOutput], None]  # called on the engine thread
+RankedTarget = tuple[int, tuple[tuple[int, float], ...]]  # a scored token's rank and the most likely (id, logprob)
 
 
 class Job(enum.Enum):
@@ -52,6 +53,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     targets: list[int] = field(default_factory=list)  # SCORE: the candidate's tokens, each scored after the ones before
     target_logprobs: list[float] = field(default_factory=list)  # SCORE: filled as the row's chunks are computed
+    target_ranks: list[RankedTarget] = field(default_factory=list)  # SCORE of a prompt: with ranks and alternatives
     probs: torch.Tensor | None = None  # CLASSIFY: [labels], or [input tokens, labels] for a token task
     done: bool = False  # a CLASSIFY or SCORE row whose every token has been computed
     probe_vector: torch.Tensor | None = None  # a probe's row: its first logits [V], or its head's last input [H]

@@ -45,6 +45,20 @@ def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
     return Sampled(tokens.tolist(), chosen.tolist(), most_likely(logprobs, rows))
 
 
+def suppress_eos(logits: torch.Tensor, rows: list[Sequence], eos_ids: frozenset[int]) -> torch.Tensor:
+    """logits [B, V]: rows short of their `min_tokens` cannot end yet (vLLM's min_tokens), so their
+    end-of-sequence tokens are masked out; the other rows' logits are untouched."""
+    short = [i for i, row in enumerate(rows) if len(row.output_ids) < row.request.sampling.min_tokens]
+    if not short or not eos_ids:
+        return logits
+    eos = [i for i in sorted(eos_ids) if i < logits.shape[-1]]
+    masked = logits.clone()
+    masked[torch.tensor(short, device=logits.device)[:, None], torch.tensor(eos, device=logits.device)[None]] = float(
+        "-inf"
+    )
+    return masked
+
+
 def most_likely(logprobs: torch.Tensor, rows: list[Sequence]) -> list[tuple[tuple[int, float], ...]]:
     """Each row's `top_logprobs` most likely tokens (one top-k over the batch, at the largest k asked for)."""
     wanted = [row.request.sampling.top_logprobs or 0 for row in rows]

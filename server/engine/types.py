@@ -30,6 +30,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: plain tokens; k: each token as text and its k most likely alternatives
+    ignore_eos: bool = False  # go on past the end-of-sequence token, to max_new_tokens (vLLM's; benchmarks send it)
+    min_tokens: int = 0  # the end-of-sequence token cannot be chosen before this many new tokens (vLLM's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class GenerateInput:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str | None = None
     add_special_tokens: bool = True  # False for text that already holds them (a rendered chat template)
+    input_ids: tuple[int, ...] | None = None  # the input as token ids instead of text (`inputs` is then unused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +114,42 @@ class RowToken:
 
 
 @dataclass(frozen=True, slots=True)
+class PromptToken:
+    """A prompt token's log-probability after the tokens before it, its rank (1: the most likely) and the most
+    likely tokens at its position."""
+
+    id: int
+    text: str
+    logprob: float
+    rank: int
+    top: tuple[Alternative, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PromptScoreInput:
+    """The log-probability of every prompt token after the ones before it, under one task (None: the bare
+    backbone), with the `top_logprobs` most likely tokens at each position."""
+
+    token_ids: tuple[int, ...]
+    task_id: str | None = None
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerInfo:
+    """The backbone's tokenizer as vLLM's /tokenizer_info describes it."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    max_model_len: int  # positions a request's tokens may take (virtual tokens included)
+    vocab_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RowResult:
     """A classification or scoring row's answer: its head's probabilities (float32, on the CPU: [labels], or
     [input tokens, labels] for a token task), or its candidate tokens' log-probabilities."""
@@ -118,6 +157,8 @@ class RowResult:
     row: int
     probs: Any = None  # torch.Tensor; typed loosely so this module needs no torch
     logprobs: tuple[float, ...] | None = None
+    ranks: tuple[int, ...] | None = None  # a prompt scoring's: each target's rank
+    top: tuple[tuple[tuple[int, float], ...], ...] | None = None  # and each position's most likely (id, logprob)
 
 
 @dataclass(frozen=True, slots=True)
