@@ -22,7 +22,7 @@ from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
 from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
-from server.api.routes import generate, nlu, openai, service, tasks
+from server.api.routes import generate, nlu, openai, service, tasks, tokenizer
 from server.api.settings import Settings
 from server.api.state import AppState
 from server.engine.errors import EngineError
@@ -57,7 +57,7 @@ def create_app(
     lifespan = None if engine is not None else engine_lifespan(state, factory, on_engine_failure)
     app = FastAPI(title="promptserve", version=VERSION, lifespan=lifespan)
     app.state.promptserve = state
-    for module in (service, tasks, generate, nlu, openai):
+    for module in (service, tasks, generate, nlu, openai, tokenizer):
         app.include_router(module.router)
     install_error_handlers(app)
     install_openapi(app, settings)

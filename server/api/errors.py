@@ -157,7 +157,7 @@ def error_response(error: ApiError, path: str = "") -> JSONResponse:
 
 # ---- OpenAI's shape, on the OpenAI-compatible routes
 
-OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/tokenizer_info")
 RETRYABLE_STATUSES = (408, 409, 429, 503)  # what the openai client retries, less 500: ours are not transient
 OPENAI_TYPE_BY_STATUS = {401: "authentication_error", 429: "rate_limit_error"}
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -29,6 +29,7 @@ from server.engine.interface import EngineClient
 from server.engine.types import Completion, EnsembleMode, GenerateInput, RequestOutput, Token
 
 T = TypeVar("T")
+P = TypeVar("P")
 Outputs = AsyncIterator[RequestOutput]
 DONE = "data: [DONE]\n\n"
 
@@ -110,7 +111,7 @@ class Choice:
     request: GenerateInput
 
 
-def plan(texts: Sequence[str], n: int, build: Callable[[str, int], GenerateInput]) -> list[Choice]:
+def plan(texts: Sequence[P], n: int, build: Callable[[P, int], GenerateInput]) -> list[Choice]:
     """Choices in OpenAI's order (prompt 0's n choices, then prompt 1's); `build(text, j)` makes choice j's
     request."""
     return [Choice(p * n + j, p, build(text, j)) for p, text in enumerate(texts) for j in range(n)]
@@ -174,8 +175,22 @@ def first_error(group: BaseExceptionGroup) -> BaseException:
     return first_error(error) if isinstance(error, BaseExceptionGroup) else error
 
 
-async def complete_all(engine: EngineClient, choices: list[Choice], trackers: list[RequestTracker]) -> list[Completion]:
-    return await gather_all([complete(engine, c.request, t) for c, t in zip(choices, trackers, strict=True)])
+async def complete_all(
+    engine: EngineClient,
+    choices: list[Choice],
+    trackers: list[RequestTracker],
+    answered: Mapping[int, Completion] | None = None,
+) -> list[Completion]:
+    """Every choice's completion; those `answered` already (by index: an echo with max_tokens 0) run nothing."""
+    answered = answered or {}
+    return await gather_all([
+        already(answered[c.index]) if c.index in answered else complete(engine, c.request, t)
+        for c, t in zip(choices, trackers, strict=True)
+    ])  # fmt: skip
+
+
+async def already(completion: Completion) -> Completion:
+    return completion
 
 
 async def start_all(engine: EngineClient, choices: list[Choice]) -> list[tuple[RequestOutput, Outputs]]:

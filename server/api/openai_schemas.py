@@ -6,6 +6,7 @@ server cannot honour are refused when they ask for something other than their de
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from datetime import datetime
@@ -25,7 +26,9 @@ from pydantic import (
 from prompt_store.types import TaskRecord
 from server.api.schemas import MAX_SEED, TaskId, absent_when_none, encodable
 from server.engine.sampler import MAX_TOP_LOGPROBS, MIN_TEMPERATURE
-from server.engine.types import Completion, EnsembleMode, FinishReason, SamplingParams, Token
+from server.engine.types import Completion, EnsembleMode, FinishReason, PromptToken, SamplingParams, Token
+
+logger = logging.getLogger(__name__)
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions' logprobs
 MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # a streamed choice checks its held-back text against each stop per token
@@ -41,6 +44,24 @@ def unsupported(value: Any, expected: str) -> ValueError:
 def nulls_are_defaults(data: Any) -> Any:
     """OpenAI's fields are nullable: a null (what clients that serialize None send) means the default."""
     return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+LOGGED_UNKNOWN: set[tuple[str, str]] = set()  # (body, field) pairs already logged
+
+
+def log_unknown_fields(model: type[BaseModel], data: Any) -> Any:
+    """Unknown fields are ignored, as vLLM ignores them, but each one's name is logged once per body type: a
+    client that counts on a field this server does not know should be visible in the logs."""
+    if isinstance(data, dict):
+        known = {name for name, info in model.model_fields.items()} | {
+            info.alias for info in model.model_fields.values() if info.alias
+        }
+        for name in data.keys() - known:
+            key = (model.__name__, str(name)[:64])
+            if key not in LOGGED_UNKNOWN:
+                LOGGED_UNKNOWN.add(key)
+                logger.warning("%s: ignoring the unknown field %r (logged once)", model.__name__, key[1])
+    return data
 
 
 class StreamOptions(BaseModel):
@@ -71,8 +92,32 @@ class SamplingFields(BaseModel):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = Field(default=False, description="vLLM's: go on past end of sequence, to max_tokens")
+    min_tokens: int = Field(default=0, ge=0, description="vLLM's: no end of sequence before this many tokens")
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, le=MAX_TOP_LOGPROBS, description="vLLM's: each prompt token's log-probability and the "
+        "k most likely tokens at its position (causal backbones)"
+    )  # fmt: skip
 
     _nulls = model_validator(mode="before")(nulls_are_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        return log_unknown_fields(cls, data)
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self) -> SamplingFields:
+        if self.stream and self.prompt_logprobs is not None:
+            raise unsupported(self.prompt_logprobs, "null when stream is true (as vLLM)")
+        return self
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max(self) -> SamplingFields:
+        maximum = getattr(self, "max_tokens", None)
+        if maximum is not None and self.min_tokens > maximum:
+            raise ValueError(f"expected min_tokens at most max_tokens ({maximum}); found {self.min_tokens}")
+        return self
 
     @field_validator("stream_options")
     @classmethod
@@ -113,6 +158,8 @@ class SamplingFields(BaseModel):
             seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=stop,
             top_logprobs=top_logprobs,
+            ignore_eos=self.ignore_eos,
+            min_tokens=min(self.min_tokens, max_new_tokens),
         )
 
     @property
@@ -120,23 +167,45 @@ class SamplingFields(BaseModel):
         return EnsembleMode(self.ensemble)
 
 
+TokenIds = Annotated[list[int], Field(min_length=1)]
+PromptIn = str | list[int]  # one prompt: text, or token ids
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text] = Field(description="a string, or a list of strings (one choice set per prompt)")
-    max_tokens: int | None = Field(default=None, ge=1, description="null: the server's default")
+    prompt: Text | list[Text] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] | None = Field(
+        default=None,
+        description="a string, a list of strings, token ids, or a list of token-id lists (one choice set per "
+        "prompt); token ids are used as they are (no special tokens added)",
+    )
+    prompt_embeds: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description="vLLM's: base64 of a torch.save'd float tensor [tokens, hidden] (with --enable-prompt-embeds)",
+    )
+    max_tokens: int | None = Field(default=None, ge=0, description="null: the server's default; 0: with echo only")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(default=False, description="the prompt before the completion (with logprobs: its tokens')")
     best_of: int | None = None
     suffix: str | None = None
+    add_special_tokens: bool = Field(default=True, description="vLLM's: the tokenizer's special tokens (<s>) added")
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompts(cls, value: Any) -> Any:
-        """Token-id prompts are OpenAI's too, but a task's tokenizer decides what ids mean: say so plainly."""
+    def _prompt_shapes(cls, value: Any) -> Any:
         if isinstance(value, list) and not value:
-            raise ValueError("expected a string or a non-empty list of strings; found []")
-        if isinstance(value, list) and not all(isinstance(p, str) for p in value):
-            raise unsupported(value[:4], "a string or a list of strings (token ids are not accepted)")
+            raise ValueError("expected a string, token ids, or a non-empty list of either; found []")
         return value
+
+    @model_validator(mode="after")
+    def _one_input(self) -> CompletionRequest:
+        if (self.prompt is None) == (self.prompt_embeds is None):
+            raise ValueError(
+                "expected one of prompt and prompt_embeds; found " + ("both" if self.prompt else "neither")
+            )
+        if self.max_tokens == 0 and (not self.echo or self.stream):
+            raise ValueError("expected max_tokens >= 1, or 0 with echo: true and no stream; found 0")
+        if self.prompt_embeds is not None and (self.echo or self.prompt_logprobs is not None):
+            raise unsupported("echo or prompt_logprobs", "neither with prompt_embeds (their prompt has no tokens)")
+        return self
 
     @field_validator("best_of")
     @classmethod
@@ -153,16 +222,26 @@ class CompletionRequest(SamplingFields):
             raise unsupported(value, "null")
         return value
 
-    @field_validator("echo")
-    @classmethod
-    def _echo_without_logprobs(cls, value: bool, info: ValidationInfo) -> bool:
-        if value and info.data.get("logprobs") is not None:
-            raise unsupported(value, "false when logprobs is set (the prompt's own log-probabilities are not computed)")
-        return value
+    @property
+    def prompts(self) -> list[PromptIn]:
+        """Each prompt: a string, or token ids."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt or [])  # type: ignore[arg-type]
 
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+    def embeds(self) -> list[str]:
+        return [self.prompt_embeds] if isinstance(self.prompt_embeds, str) else list(self.prompt_embeds or [])
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The prompts' own log-probabilities are computed: echoed with logprobs, or prompt_logprobs."""
+        return (self.echo and self.logprobs is not None) or self.prompt_logprobs is not None
+
+    @property
+    def prompt_top(self) -> int:
+        """Alternatives per prompt position: the larger of what echo's logprobs and prompt_logprobs ask for."""
+        return max(self.logprobs or 0 if self.echo else 0, self.prompt_logprobs or 0)
 
 
 class TextPart(BaseModel):
@@ -192,6 +271,9 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    add_special_tokens: bool = Field(
+        default=False, description="vLLM's: special tokens added to the rendered template (it holds its own)"
+    )
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
@@ -267,9 +349,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """Per token; an echoed prompt's tokens first, the first of them with null log-probabilities (as vLLM)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
     @classmethod
@@ -284,6 +368,60 @@ class CompletionLogprobs(BaseModel):
             top_logprobs=[top_dict(t) for t in tokens],
             text_offset=offsets,
         )
+
+    @classmethod
+    def of_prompt(cls, prompt: tuple[PromptToken | None, ...], first: str, top: int) -> CompletionLogprobs:
+        """An echoed prompt's tokens (`first`: the first token's text), each with its `top` likeliest."""
+        texts = [first, *(t.text for t in prompt[1:] if t is not None)]
+        offsets = [sum(len(text) for text in texts[:i]) for i in range(len(texts))]
+        return cls(
+            tokens=texts,
+            token_logprobs=[None if t is None else t.logprob for t in prompt],
+            top_logprobs=[None if t is None else prompt_top_dict(t, top) for t in prompt],
+            text_offset=offsets,
+        )
+
+    def then(self, other: CompletionLogprobs) -> CompletionLogprobs:
+        return CompletionLogprobs(
+            tokens=self.tokens + other.tokens,
+            token_logprobs=self.token_logprobs + other.token_logprobs,
+            top_logprobs=self.top_logprobs + other.top_logprobs,
+            text_offset=self.text_offset + other.text_offset,
+        )
+
+
+def prompt_top_dict(token: PromptToken, top: int) -> dict[str, float]:
+    """As top_dict: the `top` likeliest by text, and the prompt token itself when it is not among them."""
+    alternatives = token.top[:top]
+    out = {alt.text: alt.logprob for alt in reversed(alternatives)}
+    if all(alt.id != token.id for alt in alternatives):
+        out.setdefault(token.text, token.logprob)
+    return out
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry: a token's log-probability at a prompt position, its rank and its text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+def prompt_logprobs_of(prompt: tuple[PromptToken | None, ...], top: int) -> PromptLogprobs:
+    """Per prompt position (the first: null), by token id: the prompt's token and the `top` likeliest."""
+    out: PromptLogprobs = []
+    for token in prompt:
+        if token is None:
+            out.append(None)
+            continue
+        entry = {str(a.id): PromptLogprob(logprob=a.logprob, rank=i + 1, decoded_token=a.text)
+                 for i, a in enumerate(token.top[:top])}  # fmt: skip
+        entry[str(token.id)] = PromptLogprob(logprob=token.logprob, rank=token.rank, decoded_token=token.text)
+        out.append(entry)
+    return out
 
 
 def top_dict(token: Token) -> dict[str, float]:
@@ -300,6 +438,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    prompt_logprobs: PromptLogprobs | None = absent_when_none()
 
 
 def new_id(prefix: str) -> str:
@@ -361,6 +500,7 @@ class ChatResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = absent_when_none()
 
 
 class ChatDelta(BaseModel):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -13,6 +14,16 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import StoreUnavailable
+from server.api.completion_prompts import (
+    Prompt,
+    Scored,
+    choice_logprobs,
+    choice_prompt_logprobs,
+    echo_only,
+    prepare_prompts,
+    score_prompts,
+    scoring_task,
+)
 from server.api.errors import ApiError, error_type_of
 from server.api.metrics import Metrics
 from server.api.openai_generation import (
@@ -24,6 +35,7 @@ from server.api.openai_generation import (
     complete_all,
     error_event,
     finish_all,
+    gather_all,
     max_new_tokens,
     model_not_found,
     openai_errors,
@@ -55,6 +67,7 @@ from server.api.openai_schemas import (
     finish_reason,
     new_id,
     now,
+    prompt_logprobs_of,
 )
 from server.api.routes.generate import SSE_HEADERS
 from server.api.settings import Settings
@@ -63,6 +76,8 @@ from server.engine.interface import EngineClient
 from server.engine.types import Completion, GenerateInput
 
 router = APIRouter(tags=["openai"])
+A = TypeVar("A")
+B = TypeVar("B")
 
 
 # ---- models
@@ -107,11 +122,36 @@ async def completions(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     new_tokens = max_new_tokens(body.max_tokens, "max_tokens", settings)
+    prompts = await run_in_threadpool(prepare_prompts, body, new_tokens, engine)
     choices = await run_in_threadpool(  # off the event loop: an unknown model may ask the shared store
-        choices_of, body, body.prompts, new_tokens, body.logprobs, True, settings, engine, (metrics, "completions")
+        choices_of, body, prompt_inputs(body, prompts), new_tokens, body.logprobs, body.add_special_tokens,
+        settings, engine, (metrics, "completions"),
+    )  # fmt: skip
+    scoring = prompt_scoring(body, engine, prompts, choices)
+    route = Route(
+        "completions",
+        "prompt",
+        partial(completion_chunks, body, prompts),
+        partial(completion_response, body, prompts),
+        scoring,
+        {choice.index: echo_only(prompts[choice.prompt_index], choice.request.task_ids[0]) for choice in choices}
+        if new_tokens == 0
+        else {},
     )
-    route = Route("completions", "prompt", partial(completion_chunks, body), partial(completion_response, body))
     return await answer(request, engine, metrics, body, choices, route)
+
+
+def prompt_inputs(body: CompletionRequest, prompts: list[Prompt]) -> list[str | tuple[int, ...]]:
+    """What each prompt's choices generate after: its text, or its ids (given, or tokenized to be scored)."""
+    return [p.token_ids if p.is_ids or body.scores_prompt else p.text for p in prompts]  # type: ignore[misc]
+
+
+def prompt_scoring(
+    body: CompletionRequest, engine: EngineClient, prompts: list[Prompt], choices: list[Choice]
+) -> Callable[[], Awaitable[list[Scored]]] | None:
+    if not body.scores_prompt:
+        return None
+    return partial(score_prompts, engine, prompts, scoring_task(choices), body.prompt_top)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,29 +160,44 @@ class Route:
 
     endpoint: str  # the metrics' label
     input_param: str  # the field an input refusal names
-    chunks: Callable[[Streams], AsyncGenerator[BaseModel, None]]  # the stream's chunks
-    response: Callable[[list[Choice], list[Completion]], BaseModel]  # the whole answer
+    chunks: Callable[[Streams, list[Scored]], AsyncGenerator[BaseModel, None]]  # the stream's chunks
+    response: Callable[[list[Choice], list[Completion], list[Scored]], BaseModel]  # the whole answer
+    scoring: Callable[[], Awaitable[list[Scored]]] | None = None  # the prompts' own log-probabilities
+    answered: dict[int, Completion] = field(default_factory=dict)  # choices answered without generating
 
 
 async def answer(
     request: Request, engine: EngineClient, metrics: Metrics, body: SamplingFields, choices: list[Choice], route: Route
 ) -> Response:
-    """Run the choices as engine requests: a stream of chunks, or one JSON answer once all are complete."""
+    """Run the choices as engine requests (and the prompts' scoring beside them): a stream of chunks, or one JSON
+    answer once all are complete."""
     trackers = start_trackers(metrics, route.endpoint, choices)
     fields = params(body, route.input_param)
+    scoring = route.scoring or no_scores
     if body.stream:
-        started = await run_tracked(request, trackers, start_all(engine, choices), fields)
+        started, scored = await run_tracked(request, trackers, both(start_all(engine, choices), scoring()), fields)
         streams = Streams(choices, started, trackers)
-        events = framed(streams, route.chunks(streams))
+        events = framed(streams, route.chunks(streams, scored))
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
-    results = await run_tracked(request, trackers, complete_all(engine, choices, trackers), fields)
+    work = complete_all(engine, choices, trackers, route.answered)
+    results, scored = await run_tracked(request, trackers, both(work, scoring()), fields)
     finish_all(trackers, "success")
-    return JSONResponse(route.response(choices, results).model_dump(mode="json"))
+    return JSONResponse(route.response(choices, results, scored).model_dump(mode="json"))
+
+
+async def no_scores() -> list[Scored]:
+    return []
+
+
+async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Two works at once (a failure cancels the other)."""
+    a, b = await gather_all([first, second])
+    return a, b  # type: ignore[return-value]
 
 
 def choices_of(
     body: SamplingFields,
-    texts: list[str],
+    inputs: list[str | tuple[int, ...]],
     new_tokens: int,
     top_logprobs: int | None,
     add_special_tokens: bool,
@@ -156,13 +211,14 @@ def choices_of(
         metrics, endpoint = tracked
         metrics.start_request(endpoint, (body.model,)).finish(error_type_of(error))
         raise
-    check_choices(len(texts), body.n, len(task_ids), settings)
+    check_choices(len(inputs), body.n, len(task_ids), settings)
 
-    def build(text: str, j: int) -> GenerateInput:
-        sampling = body.sampling(new_tokens, j, top_logprobs)
-        return GenerateInput(text, task_ids, ensemble, sampling, add_special_tokens=add_special_tokens)
+    def build(prompt: str | tuple[int, ...], j: int) -> GenerateInput:
+        sampling = body.sampling(max(new_tokens, 1), j, top_logprobs)
+        text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
+        return GenerateInput(text, task_ids, ensemble, sampling, add_special_tokens=add_special_tokens, input_ids=ids)
 
-    return plan(texts, body.n, build)
+    return plan(inputs, body.n, build)
 
 
 def params(body: SamplingFields, input_param: str) -> Params:
@@ -175,16 +231,21 @@ def usage_of(n: int, results: list[Completion]) -> Usage:
 
 
 def completion_response(
-    body: CompletionRequest, choices: list[Choice], results: list[Completion]
-) -> CompletionResponse:
-    prompts = body.prompts
+    body: CompletionRequest, prompts: list[Prompt], choices: list[Choice], results: list[Completion],
+    scored: list[Scored],
+) -> CompletionResponse:  # fmt: skip
     out = []
     for choice, result in zip(choices, results, strict=True):
-        echo = prompts[choice.prompt_index] if body.echo else ""
-        logprobs = None if body.logprobs is None else CompletionLogprobs.of(list(result.tokens), len(echo))
-        text = echo + result.generated_text
+        prompt, own = prompts[choice.prompt_index], scored[choice.prompt_index] if scored else None
+        echo = prompt.text if body.echo else ""
         out.append(
-            CompletionChoice(index=choice.index, text=text, logprobs=logprobs, finish_reason=finish_reason(result))
+            CompletionChoice(
+                index=choice.index,
+                text=echo + result.generated_text,
+                logprobs=choice_logprobs(body, prompt, own, result),
+                finish_reason=finish_reason(result),
+                prompt_logprobs=choice_prompt_logprobs(body, own),
+            )
         )
     return CompletionResponse(
         id=new_id("cmpl"), created=now(), model=body.model, choices=out, usage=usage_of(body.n, results)
@@ -205,16 +266,22 @@ async def framed(streams: Streams, chunks: AsyncGenerator[BaseModel, None]) -> A
     yield DONE
 
 
-async def completion_chunks(body: CompletionRequest, streams: Streams) -> AsyncGenerator[BaseModel, None]:
-    """The prompts when echoed, a chunk per delta, then the usage chunk when asked for."""
+async def completion_chunks(
+    body: CompletionRequest, prompts: list[Prompt], streams: Streams, scored: list[Scored]
+) -> AsyncGenerator[BaseModel, None]:
+    """The prompts when echoed (with their log-probabilities when asked for), a chunk per delta, then the usage
+    chunk when asked for."""
     choices = streams.choices
     chunk = CompletionResponse(id=new_id("cmpl"), created=now(), model=body.model, choices=[])
-    offsets = [len(body.prompts[c.prompt_index]) if body.echo else 0 for c in choices]
+    offsets = [len(prompts[c.prompt_index].text) if body.echo else 0 for c in choices]
     results: list[Completion | None] = [None] * len(choices)
-    if body.echo:
-        for c in choices:
-            chunk.choices = [CompletionChoice(index=c.index, text=body.prompts[c.prompt_index])]
-            yield chunk
+    for c in choices if body.echo or scored else ():
+        own = scored[c.prompt_index] if scored else None
+        echo = echo_chunk_logprobs(body, prompts[c.prompt_index], own)
+        text = prompts[c.prompt_index].text if body.echo else ""
+        chunk.choices = [CompletionChoice(index=c.index, text=text, logprobs=echo,
+                                          prompt_logprobs=choice_prompt_logprobs(body, own))]  # fmt: skip
+        yield chunk
     async with contextlib.aclosing(streams.deltas()) as deltas:
         async for choice, delta in deltas:
             if not (delta.text or delta.tokens or delta.completion):
@@ -232,6 +299,12 @@ async def completion_chunks(body: CompletionRequest, streams: Streams) -> AsyncG
         yield chunk
 
 
+def echo_chunk_logprobs(body: CompletionRequest, prompt: Prompt, scored: Scored | None) -> CompletionLogprobs | None:
+    if not body.echo or body.logprobs is None or scored is None:
+        return None
+    return CompletionLogprobs.of_prompt(scored, prompt.first_text, body.logprobs)
+
+
 # ---- chat completions
 
 
@@ -247,10 +320,22 @@ async def chat_completions(
     text = render(engine, body)
     tracked = (metrics, "chat_completions")
     choices = await run_in_threadpool(  # off the event loop: an unknown model may ask the shared store
-        choices_of, body, [text], new_tokens, body.num_top_logprobs, False, settings, engine, tracked
-    )
-    route = Route("chat_completions", "messages", partial(chat_chunks, body), partial(chat_response, body))
+        choices_of, body, [text], new_tokens, body.num_top_logprobs, body.add_special_tokens, settings, engine,
+        tracked,
+    )  # fmt: skip
+    scoring = await run_in_threadpool(chat_scoring, body, engine, text, choices)
+    route = Route("chat_completions", "messages", partial(chat_chunks, body), partial(chat_response, body), scoring)
     return await answer(request, engine, metrics, body, choices, route)
+
+
+def chat_scoring(
+    body: ChatRequest, engine: EngineClient, text: str, choices: list[Choice]
+) -> Callable[[], Awaitable[list[Scored]]] | None:
+    """vLLM's prompt_logprobs on chat: the rendered conversation's tokens scored."""
+    if body.prompt_logprobs is None:
+        return None
+    prompt = Prompt(text, tuple(engine.tokenize(text, body.add_special_tokens)))
+    return partial(score_prompts, engine, [prompt], scoring_task(choices), body.prompt_logprobs)
 
 
 def render(engine: EngineClient, body: ChatRequest) -> str:
@@ -263,7 +348,9 @@ def render(engine: EngineClient, body: ChatRequest) -> str:
         raise
 
 
-def chat_response(body: ChatRequest, choices: list[Choice], results: list[Completion]) -> ChatResponse:
+def chat_response(
+    body: ChatRequest, choices: list[Choice], results: list[Completion], scored: list[Scored]
+) -> ChatResponse:
     out = [
         ChatChoice(
             index=choice.index,
@@ -273,12 +360,12 @@ def chat_response(body: ChatRequest, choices: list[Choice], results: list[Comple
         )
         for choice, result in zip(choices, results, strict=True)
     ]
-    return ChatResponse(
-        id=new_id("chatcmpl"), created=now(), model=body.model, choices=out, usage=usage_of(body.n, results)
-    )
+    prompt_logprobs = prompt_logprobs_of(scored[0], body.prompt_logprobs) if scored and body.prompt_logprobs else None
+    return ChatResponse(id=new_id("chatcmpl"), created=now(), model=body.model, choices=out,
+                        usage=usage_of(body.n, results), prompt_logprobs=prompt_logprobs)  # fmt: skip
 
 
-async def chat_chunks(body: ChatRequest, streams: Streams) -> AsyncGenerator[BaseModel, None]:
+async def chat_chunks(body: ChatRequest, streams: Streams, scored: list[Scored]) -> AsyncGenerator[BaseModel, None]:
     """A role chunk per choice, then content deltas (the last with its finish_reason), then usage when asked for."""
     choices = streams.choices
     chunk = ChatChunk(id=new_id("chatcmpl"), created=now(), model=body.model, choices=[])

@@ -1,0 +1,78 @@
+"""The bodies of vLLM's tokenizer routes (/tokenize, /detokenize, /tokenizer_info), in vLLM's shapes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from server.api.openai_schemas import ChatMessage, Text, log_unknown_fields, nulls_are_defaults
+from server.api.schemas import absent_when_none
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's two forms: a `prompt`, or chat `messages` rendered through the backbone's chat template."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = Field(default=None, description="a task: max_model_len is what its virtual tokens leave")
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = Field(default=None, description="default: true for prompt, false for messages")
+    return_token_strs: bool = False
+
+    _nulls = model_validator(mode="before")(nulls_are_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        return log_unknown_fields(cls, data)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("expected one of prompt and messages; found " + ("both" if self.prompt else "neither"))
+        return self
+
+    @property
+    def with_special_tokens(self) -> bool:
+        """vLLM's defaults: a prompt gets the tokenizer's special tokens, a rendered template holds its own."""
+        return self.add_special_tokens if self.add_special_tokens is not None else self.messages is None
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(description="positions left for a request's tokens (a task's virtual tokens taken)")
+    tokens: list[int]
+    token_strs: list[str] | None = absent_when_none()
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    tokens: list[int]
+
+    _nulls = model_validator(mode="before")(nulls_are_defaults)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        return log_unknown_fields(cls, data)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """What lm-evaluation-harness's remote tokenizer reads (eos/bos/pad tokens, the chat template)."""
+
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int

@@ -1,0 +1,122 @@
+"""lm-evaluation-harness evaluates a served task as it evaluates a vLLM server: `lm_eval --model local-completions`
+with its defaults (the remote tokenizer found through /tokenizer_info and /tokenize) against a real server on a
+real port, offline, on tasks written as local YAML over local JSON data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.api.settings import Settings
+from server.demo.evaluate import held_out_inputs
+from server.demo.tasks import TRANSFORMATIONS
+from tests.live_server import live_server
+
+pytestmark = pytest.mark.slow
+
+NUM_DOCS = 16  # a tiny limit: the point is the protocol, and the demo task is 99% exact
+GENERATE_TASK = """
+task: promptserve_upper_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "<s>{{{{input}}}}"
+doc_to_target: "{{{{output}}}}"
+generation_kwargs:
+  until: ["</s>"]
+  max_gen_toks: 48
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+CHOICE_TASK = """
+task: promptserve_upper_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "<s>{{{{input}}}}<s>"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def upper_docs() -> list[dict[str, object]]:
+    """Held-out inputs (the demo task never trained on them) whose four transformations all differ."""
+    docs = []
+    for text in held_out_inputs(200):
+        answers = [TRANSFORMATIONS[name].apply(text) for name in ("upper", "echo", "reverse", "json")]
+        if len(set(answers)) == len(answers):
+            docs.append({"input": text, "output": answers[0], "choices": [a + "</s>" for a in answers], "label": 0})
+    return docs[:NUM_DOCS]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("lm_eval_tasks")
+    data = directory / "upper.json"
+    data.write_text(json.dumps(upper_docs()))
+    (directory / "upper_generate.yaml").write_text(GENERATE_TASK.format(data=data))
+    (directory / "upper_choice.yaml").write_text(CHOICE_TASK.format(data=data))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def demo_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with live_server(Settings(store_dir=str(tmp_path_factory.mktemp("store")))) as url:
+        yield url
+
+
+def run_lm_eval(url: str, tasks_dir: Path, out: Path, tasks: str, model: str = "upper") -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, offline: the Hub and datasets' downloads are off."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(out / "datasets"), "NO_PROXY": "*", "HTTP_PROXY": "", "HTTPS_PROXY": ""}  # fmt: skip
+    command = [
+        sys.executable, "-m", "lm_eval", "--model", "local-completions",
+        "--model_args", f"model={model},base_url={url}/v1/completions",
+        "--tasks", tasks, "--include_path", str(tasks_dir), "--output_path", str(out / "results"),
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240, check=False)
+
+
+def scores(out: Path) -> dict[str, dict[str, float]]:
+    [path] = (out / "results").rglob("results_*.json")
+    return json.loads(path.read_text())["results"]
+
+
+def test_lm_eval_scores_the_upper_task_on_generation_and_multiple_choice(
+    demo_url: str, tasks_dir: Path, tmp_path: Path
+) -> None:
+    done = run_lm_eval(demo_url, tasks_dir, tmp_path, "promptserve_upper_generate,promptserve_upper_choice")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Using remote tokenizer" in done.stderr  # detected through /tokenizer_info and /tokenize, no Hub
+    results = scores(tmp_path)
+    assert results["promptserve_upper_generate"]["exact_match,none"] >= 0.9
+    assert results["promptserve_upper_choice"]["acc,none"] >= 0.9
+
+
+def test_lm_eval_scores_the_bare_backbone_below_the_task(demo_url: str, tasks_dir: Path, tmp_path: Path) -> None:
+    """The same run on the bare backbone (it echoes its input): the scores above are the task's, not the harness's."""
+    done = run_lm_eval(
+        demo_url, tasks_dir, tmp_path, "promptserve_upper_choice", model="promptserve/default"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert scores(tmp_path)["promptserve_upper_choice"]["acc,none"] < 0.5
