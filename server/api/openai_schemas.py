@@ -106,11 +106,12 @@ class SamplingFields(BaseModel):
     def _log_unknown(cls, data: Any) -> Any:
         return log_unknown_fields(cls, data)
 
-    @model_validator(mode="after")
-    def _prompt_logprobs_not_streamed(self) -> SamplingFields:
-        if self.stream and self.prompt_logprobs is not None:
-            raise unsupported(self.prompt_logprobs, "null when stream is true (as vLLM)")
-        return self
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("stream"):
+            raise unsupported(value, "null when stream is true (as vLLM)")
+        return value
 
     @model_validator(mode="after")
     def _min_tokens_within_max(self) -> SamplingFields:
@@ -172,21 +173,30 @@ PromptIn = str | list[int]  # one prompt: text, or token ids
 
 
 class CompletionRequest(SamplingFields):
+    prompt_embeds: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+        default=None,
+        description="vLLM's: base64 of a torch.save'd float tensor [tokens, hidden] (with --enable-prompt-embeds), "
+        "or a list of them; instead of prompt",
+    )
     prompt: Text | list[Text] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] | None = Field(
         default=None,
+        validate_default=True,
         description="a string, a list of strings, token ids, or a list of token-id lists (one choice set per "
         "prompt); token ids are used as they are (no special tokens added)",
     )
-    prompt_embeds: str | Annotated[list[str], Field(min_length=1)] | None = Field(
-        default=None,
-        description="vLLM's: base64 of a torch.save'd float tensor [tokens, hidden] (with --enable-prompt-embeds)",
-    )
+    echo: bool = Field(default=False, description="the prompt before the completion (with logprobs: its tokens')")
     max_tokens: int | None = Field(default=None, ge=0, description="null: the server's default; 0: with echo only")
     logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = Field(default=False, description="the prompt before the completion (with logprobs: its tokens')")
     best_of: int | None = None
     suffix: str | None = None
     add_special_tokens: bool = Field(default=True, description="vLLM's: the tokenizer's special tokens (<s>) added")
+
+    @field_validator("prompt_embeds")
+    @classmethod
+    def _embeds_have_no_prompt_logprobs(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and info.data.get("prompt_logprobs") is not None:
+            raise unsupported(info.data["prompt_logprobs"], "no prompt_logprobs with prompt_embeds (no prompt tokens)")
+        return value
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -195,17 +205,29 @@ class CompletionRequest(SamplingFields):
             raise ValueError("expected a string, token ids, or a non-empty list of either; found []")
         return value
 
-    @model_validator(mode="after")
-    def _one_input(self) -> CompletionRequest:
-        if (self.prompt is None) == (self.prompt_embeds is None):
-            raise ValueError(
-                "expected one of prompt and prompt_embeds; found " + ("both" if self.prompt else "neither")
-            )
-        if self.max_tokens == 0 and (not self.echo or self.stream):
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_or_embeds(cls, value: Any, info: ValidationInfo) -> Any:
+        has_embeds = info.data.get("prompt_embeds") is not None
+        if value is None and not has_embeds:
+            raise ValueError("expected a prompt (or prompt_embeds); found none")
+        if value is not None and has_embeds:
+            raise ValueError("expected a prompt or prompt_embeds, not both; found both")
+        return value
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo_of_embeds(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("prompt_embeds") is not None:
+            raise unsupported(value, "false with prompt_embeds (no prompt tokens to echo)")
+        return value
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_echoed(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value == 0 and (not info.data.get("echo") or info.data.get("stream")):
             raise ValueError("expected max_tokens >= 1, or 0 with echo: true and no stream; found 0")
-        if self.prompt_embeds is not None and (self.echo or self.prompt_logprobs is not None):
-            raise unsupported("echo or prompt_logprobs", "neither with prompt_embeds (their prompt has no tokens)")
-        return self
+        return value
 
     @field_validator("best_of")
     @classmethod

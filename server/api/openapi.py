@@ -86,6 +86,9 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/v1/models/{model}"): (404, 503),
     ("post", "/v1/completions"): (400, 404, 408, 413, 429, 503),  # OpenAI says 400 where the native routes say 422
     ("post", "/v1/chat/completions"): (400, 404, 408, 413, 429, 503),
+    ("post", "/tokenize"): (400, 404, 408, 413, 503),  # vLLM's tokenizer routes, errors in OpenAI's shape as vLLM's
+    ("post", "/detokenize"): (400, 404, 408, 413, 503),
+    ("get", "/tokenizer_info"): (503,),
 }
 
 

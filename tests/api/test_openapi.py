@@ -26,7 +26,7 @@ def test_every_operation_documents_its_error_statuses_with_the_real_error_body(d
             schema = responses[str(status)]["content"]["application/json"]["schema"]
             body = (
                 "OpenAIErrorResponse"
-                if path.startswith(("/v1/models", "/v1/completions", "/v1/chat"))
+                if path.startswith(("/v1/models", "/v1/completions", "/v1/chat", "/tokenize", "/detokenize"))
                 else "ErrorResponse"
             )
             assert schema == {"$ref": f"#/components/schemas/{body}"}, (method, path, status)
