@@ -47,6 +47,8 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
     parser.add_argument("--no-demo-tasks", dest="demo_tasks", action="store_const", const=False,
                         help="do not register the demo tasks on first start")  # fmt: skip
+    parser.add_argument("--enable-prompt-embeds", dest="enable_prompt_embeds", action="store_const", const=True,
+                        help="accept prompt_embeds on /v1/completions (as vLLM's flag)")  # fmt: skip
     parser.add_argument("--no-self-check", dest="self_check", action="store_const", const=False,
                         help="skip the start-up check that the engine decodes like the backbone")  # fmt: skip
     return parser

@@ -4,13 +4,17 @@ batch as the completions), and `max_tokens: 0`, which answers with the echo alon
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from server.api.errors import ApiError
 from server.api.openai_generation import Choice, gather_all
 from server.api.openai_schemas import CompletionLogprobs, CompletionRequest, PromptLogprobs, prompt_logprobs_of
+from server.api.settings import Settings
 from server.engine.interface import EngineClient
+from server.engine.prompt_embeds import max_embeds_bytes
 from server.engine.types import Completion, FinishReason, PromptScoreInput, PromptToken
 
 Scored = tuple[PromptToken | None, ...]  # a prompt's tokens' log-probabilities (the first: None)
@@ -22,6 +26,14 @@ class Prompt:
     token_ids: tuple[int, ...] | None  # given as ids, or tokenized because the request needs them
     is_ids: bool = False  # given as token ids (used as they are)
     first_text: str = ""  # the first token's text, when its log-probabilities are asked for
+    embeds: bytes | None = None  # given as embeddings: a torch.save'd tensor, loaded (safely) by the engine
+
+    @property
+    def generation_input(self) -> str | tuple[int, ...] | bytes:
+        """What its choices generate after: embeddings, ids (given, or tokenized to be scored), or its text."""
+        if self.embeds is not None:
+            return self.embeds
+        return self.token_ids if self.token_ids is not None else self.text
 
 
 def needs_ids(body: CompletionRequest, new_tokens: int) -> bool:
@@ -30,8 +42,10 @@ def needs_ids(body: CompletionRequest, new_tokens: int) -> bool:
     return body.scores_prompt or new_tokens == 0
 
 
-def prepare_prompts(body: CompletionRequest, new_tokens: int, engine: EngineClient) -> list[Prompt]:
+def prepare_prompts(body: CompletionRequest, new_tokens: int, engine: EngineClient, settings: Settings) -> list[Prompt]:
     """Blocking (tokenizer work): each prompt's echo text and token ids."""
+    if body.prompt_embeds is not None:
+        return [Prompt("", None, embeds=decoded_embeds(text, engine, settings)) for text in body.embeds]
     with_ids = needs_ids(body, new_tokens)
     prompts = []
     for prompt in body.prompts:
@@ -44,6 +58,21 @@ def prepare_prompts(body: CompletionRequest, new_tokens: int, engine: EngineClie
     if body.scores_prompt:
         prompts = [with_first_text(prompt, engine) for prompt in prompts]
     return prompts
+
+
+def decoded_embeds(text: str, engine: EngineClient, settings: Settings) -> bytes:
+    """prompt_embeds' base64, decoded once it is known to be enabled and small enough to be a prompt's."""
+    if not settings.enable_prompt_embeds:
+        raise ApiError(400, "validation", "prompt_embeds: expected a server started with --enable-prompt-embeds "
+                       "(PROMPTSERVE_ENABLE_PROMPT_EMBEDS); this one is not", param="prompt_embeds")  # fmt: skip
+    limit = max_embeds_bytes(settings.max_input_tokens, engine.info().hidden_size)
+    if len(text) > (limit + 2) // 3 * 4:
+        raise ApiError(413, "too_large", f"prompt_embeds: expected at most {limit} bytes; found {len(text) * 3 // 4}",
+                       param="prompt_embeds")  # fmt: skip
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise ApiError(400, "validation", f"prompt_embeds: expected base64; {exc}", param="prompt_embeds") from None
 
 
 def with_first_text(prompt: Prompt, engine: EngineClient) -> Prompt:

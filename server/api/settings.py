@@ -54,6 +54,7 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0)  # a request's headers must all arrive within this (408)
     body_timeout_s: float = Field(default=30.0, gt=0)  # each part of a body within this of the one before (408)
     shutdown_grace_s: float = Field(default=20.0, ge=0)  # on SIGTERM, running requests finish within this, then 503
+    enable_prompt_embeds: bool = False  # /v1/completions takes prompt_embeds (vLLM's flag; loaded safely either way)
 
     # start-up
     demo_tasks: bool = True  # register the built-in demo tasks on first start with an empty store

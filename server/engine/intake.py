@@ -18,6 +18,7 @@ from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate, UnknownToken, WrongKind
+from server.engine.prompt_embeds import load_prompt_embeds
 from server.engine.request import OutputSink, Request, Sequence
 from server.engine.sampler import MAX_TOP_LOGPROBS
 from server.engine.task_cache import has_kv_prefix
@@ -114,6 +115,13 @@ def input_ids_of(backbone: Backbone, request: GenerateInput, limits: IntakeConfi
     return tokenize(backbone, request.inputs, limits, request.add_special_tokens)
 
 
+def given_embeds(backbone: Backbone, data: bytes, limits: IntakeConfig) -> torch.Tensor:
+    """A prompt given as embeddings: a causal backbone's rows only (an encoder-decoder's input is its encoder's)."""
+    if backbone.kind != "causal":
+        raise WrongKind(f"expected a causal backbone for prompt_embeds; this server's backbone is {backbone.kind}")
+    return load_prompt_embeds(data, backbone.fingerprint.hidden_size, limits.max_input_tokens)
+
+
 def check_length(input_ids: list[int], limits: IntakeConfig) -> list[int]:
     if len(input_ids) > limits.max_input_tokens:
         raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
@@ -196,7 +204,9 @@ def build_request(
             f"expected a generative backbone for generation; this server's backbone ({backbone.model_id}) is an "
             "encoder: use /v1/classify"
         )
-    input_ids = input_ids_of(backbone, request, limits)
+    embeds = None if request.input_embeds is None else given_embeds(backbone, request.input_embeds, limits)
+    # embeddings given: their positions hold placeholder ids, and the model runner puts the embeddings there
+    input_ids = [0] * len(embeds) if embeds is not None else input_ids_of(backbone, request, limits)
     tasks = [store.load(task_id) if task_id is not None else None for task_id in request.task_ids]
     for task in tasks:
         if task is not None and task.record.is_classifier:
@@ -213,6 +223,7 @@ def build_request(
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),
         decoder_start_id=decoder_start(backbone),
+        input_embeds=None if embeds is None else embeds.to(backbone.device, backbone.dtype),
     )
     seq2seq = backbone.seq2seq is not None
     result.rows = [

@@ -166,7 +166,21 @@ class ModelRunner:
             if chunk.start < end and row.task is not None:
                 prompt = self.prompts[row.task.key]  # [P, H]
                 embeds[offset : offset + end - chunk.start] = prompt[chunk.start : end].to(embeds.dtype)
+            if row.request.input_embeds is not None:
+                place_given_embeds(embeds, chunk, offset)
         return embeds
+
+
+def place_given_embeds(embeds: torch.Tensor, chunk: Chunk, offset: int) -> None:
+    """A row whose input came as embeddings (vLLM's prompt_embeds): its input positions, after any embedded
+    virtual tokens, take them in place of the placeholder ids' embeddings. embeds [N, H], the chunk's at offset."""
+    row, given = chunk.row, chunk.row.request.input_embeds
+    assert given is not None
+    first = max(chunk.start, row.num_embedded_tokens)  # own token indices
+    last = min(chunk.start + chunk.num_tokens, row.num_embedded_tokens + len(given))
+    if first < last:
+        rows = given[first - row.num_embedded_tokens : last - row.num_embedded_tokens]  # [last - first, H]
+        embeds[offset + first - chunk.start : offset + last - chunk.start] = rows.to(embeds.dtype)
 
 
 @dataclass(frozen=True, slots=True)

@@ -148,6 +148,7 @@ class Request:
     bidirectional: bool = False  # an encoder's rows: each computed whole, in one step, its tokens seeing each other
     head_type: str | None = None  # CLASSIFY: SEQ_CLS or TOKEN_CLS, the task type of its rows' heads
     keeps_probe_vectors: bool = False  # a new task's probe: its rows keep what the probe judges (see probe.py)
+    input_embeds: torch.Tensor | None = None  # [T, H] on the device: the input given as embeddings (ids: padding)
 
     @property
     def num_input_tokens(self) -> int:

@@ -45,6 +45,7 @@ class GenerateInput:
     request_id: str | None = None
     add_special_tokens: bool = True  # False for text that already holds them (a rendered chat template)
     input_ids: tuple[int, ...] | None = None  # the input as token ids instead of text (`inputs` is then unused)
+    input_embeds: bytes | None = None  # the input as a torch.save'd [tokens, hidden] tensor (vLLM's prompt_embeds)
 
 
 @dataclass(frozen=True, slots=True)

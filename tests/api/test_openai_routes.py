@@ -434,3 +434,22 @@ def test_a_long_stop_costs_no_more_than_its_held_back_text():
     assert held_back("hello", ("xyz",)) == 0
     assert held_back("aaaa", ("a" * 1024,)) == 4
     assert held_back("ab", ("abc", "bcd")) == 2
+
+
+# ---- vLLM's extensions, at the edge
+
+
+def test_prompt_embeds_are_refused_unless_enabled(http: TestClient):
+    response = http.post("/v1/completions", json={"model": "upper", "prompt_embeds": "AAAA"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "prompt_embeds"
+    assert "--enable-prompt-embeds" in response.json()["error"]["message"]
+
+
+def test_unknown_fields_are_ignored_and_each_name_is_logged_once(http: TestClient, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("WARNING", logger="server.api.openai_schemas")
+    for _ in range(3):
+        body = {"model": "upper", "prompt": "x", "max_tokens": 2, "a_field_nobody_knows": 1}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    logged = [r.getMessage() for r in caplog.records if "a_field_nobody_knows" in r.getMessage()]
+    assert len(logged) == 1 and "CompletionRequest" in logged[0]

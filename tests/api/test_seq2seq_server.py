@@ -80,3 +80,29 @@ def test_a_stream_carries_the_same_tokens(url: str, t5: TinyBackbone):
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
     assert [event["token"]["id"] for event in events] == [token["id"] for token in whole["details"]["tokens"]]
     assert events[-1]["generated_text"] == whole["generated_text"]
+
+
+def test_echo_with_logprobs_is_a_clear_400_on_an_encoder_decoder(url: str):
+    """Its prompt is the encoder's input: no token of it has a log-probability (lm-evaluation-harness's
+    loglikelihood requests get this answer)."""
+    body = {"model": model_name(url), "prompt": [5, 6, 7], "max_tokens": 1, "echo": True, "logprobs": 1}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "causal backbone" in response.json()["error"]["message"] and "seq2seq" in response.json()["error"]["message"]
+
+
+def test_a_token_id_prompt_answers_as_its_text_on_an_encoder_decoder(url: str, t5: TinyBackbone):
+    ids = AutoTokenizer.from_pretrained(t5.path)("hello there")["input_ids"]
+    answers = [
+        httpx.post(
+            f"{url}/v1/completions",
+            json={"model": model_name(url), "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0},
+            timeout=60,
+        ).json()["choices"][0]["text"]
+        for prompt in ("hello there", ids)
+    ]
+    assert answers[0] == answers[1]
+
+
+def model_name(url: str) -> str:
+    return httpx.get(f"{url}/v1/models").json()["data"][0]["id"]

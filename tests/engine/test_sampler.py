@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.sampler import choose, top_k_filter, top_p_filter
+from server.engine.request import Request, Sequence
+from server.engine.sampler import choose, suppress_eos, top_k_filter, top_p_filter
 from server.engine.types import SamplingParams
 
 
@@ -62,3 +63,24 @@ def test_extreme_parameters_still_draw_the_best_token():
         SamplingParams(do_sample=True, temperature=1e-300, top_p=1e-300),
     ):
         assert int(choose(scores, params, generator)) == 1
+
+
+def min_tokens_row(min_tokens: int, num_output: int) -> Sequence:
+    request = Request("r", [1], SamplingParams(max_new_tokens=8, min_tokens=min_tokens), 8, lambda output: None)
+    row = Sequence(request, None)
+    row.output_ids = [5] * num_output
+    request.rows = [row]
+    return row
+
+
+def test_suppress_eos_masks_only_rows_short_of_min_tokens():
+    logits = torch.tensor([[0.0, 9.0, 1.0], [0.0, 9.0, 1.0]])  # token 1 is the end of sequence and the argmax
+    rows = [min_tokens_row(3, 2), min_tokens_row(3, 3)]
+    masked = suppress_eos(logits, rows, frozenset({1}))
+    assert masked.argmax(dim=-1).tolist() == [2, 1]
+    assert torch.equal(logits[:, 1], torch.tensor([9.0, 9.0]))  # the caller's logits are not changed
+
+
+def test_suppress_eos_leaves_logits_alone_without_min_tokens():
+    logits = torch.tensor([[0.0, 9.0, 1.0]])
+    assert suppress_eos(logits, [min_tokens_row(0, 0)], frozenset({1})) is logits

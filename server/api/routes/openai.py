@@ -122,10 +122,11 @@ async def completions(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     new_tokens = max_new_tokens(body.max_tokens, "max_tokens", settings)
-    prompts = await run_in_threadpool(prepare_prompts, body, new_tokens, engine)
+    prompts = await run_in_threadpool(prepare_prompts, body, new_tokens, engine, settings)
+    inputs = [prompt.generation_input for prompt in prompts]
     choices = await run_in_threadpool(  # off the event loop: an unknown model may ask the shared store
-        choices_of, body, prompt_inputs(body, prompts), new_tokens, body.logprobs, body.add_special_tokens,
-        settings, engine, (metrics, "completions"),
+        choices_of, body, inputs, new_tokens, body.logprobs, body.add_special_tokens, settings, engine,
+        (metrics, "completions"),
     )  # fmt: skip
     scoring = prompt_scoring(body, engine, prompts, choices)
     route = Route(
@@ -139,11 +140,6 @@ async def completions(
         else {},
     )
     return await answer(request, engine, metrics, body, choices, route)
-
-
-def prompt_inputs(body: CompletionRequest, prompts: list[Prompt]) -> list[str | tuple[int, ...]]:
-    """What each prompt's choices generate after: its text, or its ids (given, or tokenized to be scored)."""
-    return [p.token_ids if p.is_ids or body.scores_prompt else p.text for p in prompts]  # type: ignore[misc]
 
 
 def prompt_scoring(
@@ -197,7 +193,7 @@ async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
 
 def choices_of(
     body: SamplingFields,
-    inputs: list[str | tuple[int, ...]],
+    inputs: list[str | tuple[int, ...] | bytes],
     new_tokens: int,
     top_logprobs: int | None,
     add_special_tokens: bool,
@@ -213,10 +209,13 @@ def choices_of(
         raise
     check_choices(len(inputs), body.n, len(task_ids), settings)
 
-    def build(prompt: str | tuple[int, ...], j: int) -> GenerateInput:
+    def build(prompt: str | tuple[int, ...] | bytes, j: int) -> GenerateInput:
         sampling = body.sampling(max(new_tokens, 1), j, top_logprobs)
-        text, ids = (prompt, None) if isinstance(prompt, str) else ("", prompt)
-        return GenerateInput(text, task_ids, ensemble, sampling, add_special_tokens=add_special_tokens, input_ids=ids)
+        text = prompt if isinstance(prompt, str) else ""
+        ids = prompt if isinstance(prompt, tuple) else None
+        embeds = prompt if isinstance(prompt, bytes) else None
+        return GenerateInput(text, task_ids, ensemble, sampling, request_id=None,
+                             add_special_tokens=add_special_tokens, input_ids=ids, input_embeds=embeds)  # fmt: skip
 
     return plan(inputs, body.n, build)
 
