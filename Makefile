@@ -13,7 +13,7 @@ TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 # sdist built with poetry-core).
 BUILD_TOOLS := pip setuptools poetry-core
 
-.PHONY: serve test lint typecheck unit bench clean test-newest lock newest-venv
+.PHONY: serve test lint typecheck unit bench bench-guidellm clean test-newest lock newest-venv
 
 $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,20 @@ $(BENCH)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
 bench: $(BENCH)/.installed
 	$(BENCH)/bin/python -m benchmarks $(ARGS)
 
+# guidellm 0.8.1 pins click~=8.4, which the lock's click does not satisfy: its own venv (CPU torch first, as above).
+# benchmarks/guidellm.py runs in the project's venv and calls this venv's `guidellm` CLI.
+GUIDELLM := .venv-guidellm
+GUIDELLM_VERSION := 0.8.1
+
+$(GUIDELLM)/.installed:
+	$(PYTHON) -m venv $(GUIDELLM)
+	$(GUIDELLM)/bin/python -m pip install -q "$(TORCH)"
+	$(GUIDELLM)/bin/python -m pip install -q "guidellm==$(GUIDELLM_VERSION)" "$(TORCH)"
+	touch $@
+
+bench-guidellm: $(STAMP) $(GUIDELLM)/.installed
+	$(BIN)/python -m benchmarks.guidellm $(ARGS)
+
 # ---- upgrading is a deliberate step: the newest releases pyproject's ranges allow, in a venv of their own
 # (torch stays at the lock's CPU build: the newest PyPI torch is a multi-GB CUDA build)
 
@@ -82,4 +96,4 @@ lock: newest-venv
 	@echo "$(LOCK) refreshed; review 'git diff $(LOCK)' and commit it"
 
 clean:
-	rm -rf $(VENV) $(NEWEST) $(BENCH) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

@@ -13,7 +13,7 @@ from typing import TypeVar
 import anyio
 from fastapi import Request
 
-from server.api.errors import ClientDisconnected, error_body, error_type_of, to_api_error
+from server.api.errors import ApiError, ClientDisconnected, error_body, error_type_of, to_api_error
 from server.api.metrics import RequestTracker
 from server.api.schemas import StreamEvent
 from server.engine.errors import EngineUnavailable
@@ -25,6 +25,13 @@ Outputs = AsyncIterator[RequestOutput]
 
 
 # ---- the engine's iterator
+
+
+def check_members(task_ids: tuple[str | None, ...], max_batch_size: int) -> None:
+    """An ensemble's members are rows of one batch: at most the server's batch size (as the schema says)."""
+    if len(task_ids) > max_batch_size:
+        raise ApiError(422, "validation", f"task_ids: expected at most {max_batch_size} members (the server's batch "
+                       f"size); found {len(task_ids)}", param="task_ids")  # fmt: skip
 
 
 async def close_outputs(outputs: Outputs) -> None:

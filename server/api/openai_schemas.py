@@ -287,6 +287,14 @@ class ChatMessage(BaseModel):
         return message | ({"name": self.name} if self.name else {})
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: only plain text is served (no JSON mode, no JSON schema)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+
+
 class ChatRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1, description="null: max_completion_tokens, else the default")
@@ -298,7 +306,7 @@ class ChatRequest(SamplingFields):
     )
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -319,13 +327,6 @@ class ChatRequest(SamplingFields):
     def _no_tool_choice(cls, value: Any) -> Any:
         if value not in (None, "none"):
             raise unsupported(value, 'null or "none"')
-        return value
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value not in (None, {"type": "text"}):
-            raise unsupported(value, 'null or {"type": "text"}')
         return value
 
     @property

@@ -17,6 +17,7 @@ from server.api.errors import is_openai_path
 from server.api.openai_schemas import ChatChunk, CompletionResponse, OpenAIErrorResponse
 from server.api.schemas import ErrorResponse, StreamEvent
 from server.api.settings import Settings
+from server.api.state import served_model_name
 
 COMPONENT = "#/components/schemas/{model}"
 ERROR_REF = {"$ref": COMPONENT.format(model="ErrorResponse")}
@@ -94,9 +95,17 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
     def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, settings)
-        return app.openapi_schema
+        """Kept once the engine is up: the document then states the served backbone's own rules too."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = build_openapi(app, settings)
+        engine = app.state.promptserve.engine
+        if engine is not None:
+            state_backbone(
+                document["components"]["schemas"], engine.info().vocab_size, served_model_name(settings, engine)
+            )
+            app.openapi_schema = document
+        return document
 
     app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the document
 
@@ -148,8 +157,26 @@ def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
         for name in ("max_tokens", "max_completion_tokens"):
             if name in properties:
                 properties[name]["anyOf"][0]["maximum"] = settings.max_new_tokens_limit
-    prompts = schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"][1]
-    prompts["maxItems"] = settings.max_batch_size
+    for name in ("prompt", "prompt_embeds"):
+        for option in schemas["CompletionRequest"]["properties"][name]["anyOf"]:
+            if option.get("type") == "array" and option["items"].get("type") != "integer":  # a list of prompts
+                option["maxItems"] = settings.max_batch_size
+
+
+def state_backbone(schemas: dict[str, Any], vocab_size: int, backbone: str) -> None:
+    """What only the served backbone decides, where JSON Schema can say it: token ids within its vocabulary, and an
+    ensemble (`task_ids`) named on the backbone's own `model`."""
+    bounded = {"minimum": 0, "maximum": vocab_size - 1}
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"].update(bounded)
+    for option in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"]:
+        items = option.get("items", {})
+        if items.get("type") == "integer":
+            items.update(bounded)
+        elif items.get("items", {}).get("type") == "integer":
+            items["items"].update(bounded)
+    for request in ("CompletionRequest", "ChatRequest"):
+        schemas[request]["if"] = {"required": ["task_ids"], "properties": {"task_ids": {"type": "array"}}}
+        schemas[request]["then"] = {"properties": {"model": {"const": backbone}}}
 
 
 def add_component(schemas: dict[str, Any], model: type[Any]) -> None:

@@ -13,7 +13,16 @@ from server.api.schemas import absent_when_none
 class TokenizeRequest(BaseModel):
     """vLLM's two forms: a `prompt`, or chat `messages` rendered through the backbone's chat template."""
 
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(
+        extra="ignore",
+        strict=True,
+        json_schema_extra={  # exactly one of the two
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}, "messages": {"type": "null"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}, "prompt": {"type": "null"}}},
+            ]
+        },
+    )
 
     model: str | None = Field(default=None, description="a task: max_model_len is what its virtual tokens leave")
     prompt: Text | None = None

@@ -35,7 +35,12 @@ UPLOAD_OPENAPI = {
                             'index i (e.g. ["negative", "positive"]); default LABEL_0, LABEL_1, ...',
                         },
                     },
-                }
+                },
+                "encoding": {  # what each part holds; the server reads the JSON parts as JSON
+                    CONFIG_PART: {"contentType": "application/json"},
+                    MODEL_PART: {"contentType": "application/octet-stream"},
+                    LABELS_PART: {"contentType": "application/json"},
+                },
             }
         },
     }

@@ -7,7 +7,8 @@ only bad), coverage, fuzzing and stateful. Two expectations are widened, each fo
 a generation or scoring request may be 413 (too many tokens: a token count is not a string length), an upload may
 be 422 (an adapter's shapes must fit the backbone, which no JSON Schema of a file part can say), and a
 classification may be 400 (this causal backbone has no head of its own, and its tasks here are generation tasks:
-what kind a task is, no schema can say).
+what kind a task is, no schema can say), and /tokenize may be 400 (the backbone's chat template refuses messages it
+cannot render, as on chat completions).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "413",
 [[operations]]
 include-path-regex = "^/v1/(chat/)?completions$"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "429", "503"]
+[[operations]]
+include-path-regex = "^/(de)?tokenize$"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "404", "503"]
 [[operations]]
 include-path-regex = "^/v1/models/"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "404", "503"]
