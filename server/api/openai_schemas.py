@@ -22,6 +22,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from prompt_store.types import TaskRecord
 from server.api.schemas import MAX_SEED, TaskId, absent_when_none, encodable
@@ -172,7 +173,24 @@ TokenIds = Annotated[list[int], Field(min_length=1)]
 PromptIn = str | list[int]  # one prompt: text, or token ids
 
 
+def not_null(name: str) -> JsonDict:
+    return {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+
+
+COMPLETION_RULES: JsonDict = {  # the cross-field rules below, as JSON Schema says them
+    "allOf": [
+        {"oneOf": [not_null("prompt"), not_null("prompt_embeds")]},
+        {
+            "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+            "then": {"required": ["echo"], "properties": {"echo": {"const": True}, "stream": {"not": {"const": True}}}},
+        },
+    ]
+}
+
+
 class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=COMPLETION_RULES)
+
     prompt_embeds: str | Annotated[list[str], Field(min_length=1)] | None = Field(
         default=None,
         description="vLLM's: base64 of a torch.save'd float tensor [tokens, hidden] (with --enable-prompt-embeds), "

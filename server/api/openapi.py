@@ -101,9 +101,9 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         document = build_openapi(app, settings)
         engine = app.state.promptserve.engine
         if engine is not None:
-            state_backbone(
-                document["components"]["schemas"], engine.info().vocab_size, served_model_name(settings, engine)
-            )
+            backbone = served_model_name(settings, engine)
+            state_backbone(document["components"]["schemas"], engine.info().vocab_size, backbone)
+            name_a_model(document, backbone)
             app.openapi_schema = document
         return document
 
@@ -118,6 +118,8 @@ def build_openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
     for model in (ErrorResponse, StreamEvent, OpenAIErrorResponse, CompletionResponse, ChatChunk):
         add_component(schemas, model)
     state_limits(schemas, settings)
+    for name in NULLS_ARE_DEFAULTS:
+        nullable_optional_fields(schemas[name])
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             error_ref = OPENAI_ERROR_REF if is_openai_path(path) else ERROR_REF
@@ -163,6 +165,21 @@ def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
                 option["maxItems"] = settings.max_batch_size
 
 
+NULLS_ARE_DEFAULTS = ("CompletionRequest", "ChatRequest", "StreamOptions", "TokenizeRequest", "DetokenizeRequest")
+
+
+def nullable_optional_fields(schema: dict[str, Any]) -> None:
+    """OpenAI's (and vLLM's) fields are nullable: in these bodies a null means the default (nulls_are_defaults), so
+    every optional field's schema admits null."""
+    required = set(schema.get("required", ()))
+    for name, prop in schema["properties"].items():
+        options = prop.get("anyOf", [prop])
+        if name in required or any(option.get("type") == "null" for option in options):
+            continue
+        kept = {key: prop.pop(key) for key in ("title", "description", "default") if key in prop}
+        schema["properties"][name] = {"anyOf": [prop, {"type": "null"}], **kept}
+
+
 def state_backbone(schemas: dict[str, Any], vocab_size: int, backbone: str) -> None:
     """What only the served backbone decides, where JSON Schema can say it: token ids within its vocabulary, and an
     ensemble (`task_ids`) named on the backbone's own `model`."""
@@ -174,9 +191,19 @@ def state_backbone(schemas: dict[str, Any], vocab_size: int, backbone: str) -> N
             items.update(bounded)
         elif items.get("items", {}).get("type") == "integer":
             items["items"].update(bounded)
+    ensemble_on_backbone = {
+        "if": {"required": ["task_ids"], "properties": {"task_ids": {"type": "array"}}},
+        "then": {"properties": {"model": {"const": backbone}}},
+    }
     for request in ("CompletionRequest", "ChatRequest"):
-        schemas[request]["if"] = {"required": ["task_ids"], "properties": {"task_ids": {"type": "array"}}}
-        schemas[request]["then"] = {"properties": {"model": {"const": backbone}}}
+        schemas[request].setdefault("allOf", []).append(ensemble_on_backbone)
+
+
+def name_a_model(document: dict[str, Any], backbone: str) -> None:
+    """GET /v1/models/{model} answers 404 for any name but a served one's: without an example, a client generating
+    names from the schema (schemathesis) only ever reaches the 404 ("missing test data")."""
+    [parameter] = document["paths"]["/v1/models/{model}"]["get"]["parameters"]
+    parameter["example"] = backbone
 
 
 def add_component(schemas: dict[str, Any], model: type[Any]) -> None:

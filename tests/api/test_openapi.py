@@ -97,3 +97,38 @@ def test_405_names_every_method_the_path_serves(client: TestClient) -> None:
 def test_an_upload_with_an_extra_part_is_422_naming_it(client: TestClient) -> None:
     extra = client.put("/v1/tasks/a", files=upload(), data={"comment": "hi"})
     assert extra.status_code == 422 and "found also ['comment']" in extra.json()["error"]
+
+
+def test_the_model_path_names_the_served_backbone_as_its_example(document: dict[str, Any]) -> None:
+    [parameter] = document["paths"]["/v1/models/{model}"]["get"]["parameters"]
+    assert parameter["example"] == "fake/tiny"
+
+
+def test_token_ids_are_bounded_by_the_backbone_vocabulary(document: dict[str, Any]) -> None:
+    schemas = document["components"]["schemas"]
+    assert schemas["DetokenizeRequest"]["properties"]["tokens"]["items"] == {"type": "integer", "minimum": 0,
+                                                                              "maximum": 258}  # fmt: skip
+    ids = [o for o in schemas["CompletionRequest"]["properties"]["prompt"]["anyOf"] if o.get("type") == "array"]
+    bounds = [o["items"].get("maximum", o["items"].get("items", {}).get("maximum")) for o in ids]
+    assert bounds == [None, 258, 258]  # a list of strings, token ids, lists of token ids
+
+
+def test_an_ensemble_on_the_openai_routes_is_named_on_the_backbone(document: dict[str, Any]) -> None:
+    for request in ("CompletionRequest", "ChatRequest"):
+        rules = document["components"]["schemas"][request]["allOf"]
+        assert {"properties": {"model": {"const": "fake/tiny"}}} in [rule.get("then") for rule in rules]
+
+
+def test_optional_openai_fields_admit_null(document: dict[str, Any]) -> None:
+    """A null means the default on these bodies, so the schema must not call it invalid."""
+    properties = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    for name in ("echo", "add_special_tokens", "ignore_eos", "min_tokens", "n"):
+        assert {"type": "null"} in properties[name]["anyOf"], name
+    assert "anyOf" not in properties["model"]
+
+
+def test_chat_response_format_accepts_only_text(client: TestClient) -> None:
+    base = {"model": "upper", "messages": [{"role": "user", "content": "hi"}]}
+    assert client.post("/v1/chat/completions", json=base | {"response_format": {}}).status_code == 400
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ResponseFormat"]
+    assert schema["properties"]["type"] == {"const": "text", "title": "Type", "type": "string"}
