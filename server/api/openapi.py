@@ -101,8 +101,10 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         document = build_openapi(app, settings)
         engine = app.state.promptserve.engine
         if engine is not None:
-            backbone = served_model_name(settings, engine)
-            state_backbone(document["components"]["schemas"], engine.info().vocab_size, backbone)
+            backbone, info = served_model_name(settings, engine), engine.info()
+            state_backbone(document["components"]["schemas"], info.vocab_size, backbone)
+            if not info.has_own_head:
+                name_a_classifier(document["components"]["schemas"]["ClassifyRequest"])
             name_a_model(document, backbone)
             app.openapi_schema = document
         return document
@@ -197,6 +199,13 @@ def state_backbone(schemas: dict[str, Any], vocab_size: int, backbone: str) -> N
     }
     for request in ("CompletionRequest", "ChatRequest"):
         schemas[request].setdefault("allOf", []).append(ensemble_on_backbone)
+
+
+def name_a_classifier(schema: dict[str, Any]) -> None:
+    """A backbone without a classification head of its own classifies only under a task: task_id or task_ids."""
+    named = [{"required": [name], "properties": {name: {"not": {"type": "null"}}}} for name in ("task_id", "task_ids")]
+    schema.setdefault("allOf", []).append({"anyOf": named})
+    schema["description"] = "this backbone has no classification head of its own: name a task (task_id or task_ids)"
 
 
 def name_a_model(document: dict[str, Any], backbone: str) -> None:

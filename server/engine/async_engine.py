@@ -338,6 +338,7 @@ class AsyncEngine:
             kv_block_size=self.engine.memory.block_size,
             model_kind=self.backbone.kind,
             endpoints=endpoints(self.backbone),
+            has_own_head=self.backbone.bare_head is not None,
         )
 
     def stats(self) -> EngineStats:

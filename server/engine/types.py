@@ -193,6 +193,7 @@ class EngineInfo:
     kv_block_size: int = 0
     model_kind: str = "causal"  # "causal", "seq2seq" (an encoder-decoder: T5, BART) or "encoder" (BERT, RoBERTa)
     endpoints: tuple[str, ...] = ()  # the routes that apply to this backbone
+    has_own_head: bool = False  # the checkpoint's own classification head (/v1/classify with no task)
 
 
 @dataclass(frozen=True, slots=True)

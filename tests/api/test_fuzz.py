@@ -3,12 +3,14 @@ document tells the truth (statuses, error bodies, the stream's events, what a va
 answers 5xx.
 
 Every phase runs: examples (valid adapters given as examples, so registration is exercised with good input, not
-only bad), coverage, fuzzing and stateful. Two expectations are widened, each for a reason a schema cannot carry:
-a generation or scoring request may be 413 (too many tokens: a token count is not a string length), an upload may
-be 422 (an adapter's shapes must fit the backbone, which no JSON Schema of a file part can say), and a
-classification may be 400 (this causal backbone has no head of its own, and its tasks here are generation tasks:
-what kind a task is, no schema can say), and /tokenize may be 400 (the backbone's chat template refuses messages it
-cannot render, as on chat completions).
+only bad), coverage, fuzzing and stateful. The rules JSON Schema can say are in the document (the backbone's own
+ones once its engine is up: token ids within its vocabulary, an ensemble named on the backbone's model, a task
+for /v1/classify on a backbone without a head of its own, max_tokens 0 only with echo). Some expectations are
+widened, each for a reason a schema cannot carry: a generation or scoring request may be 413 (too many tokens: a
+token count is not a string length); an upload may be 422 (an adapter's shapes must fit the backbone, which no
+JSON Schema of a file part can say); a classification may be 400 (its tasks here are generation tasks: what kind
+a task is, no schema can say); a completion, a chat completion or a /tokenize may be 400 (the backbone's chat
+template refuses messages it cannot render; min_tokens above max_tokens; a task of another kind).
 """
 
 from __future__ import annotations

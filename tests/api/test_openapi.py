@@ -132,3 +132,8 @@ def test_chat_response_format_accepts_only_text(client: TestClient) -> None:
     assert client.post("/v1/chat/completions", json=base | {"response_format": {}}).status_code == 400
     schema = client.get("/openapi.json").json()["components"]["schemas"]["ResponseFormat"]
     assert schema["properties"]["type"] == {"const": "text", "title": "Type", "type": "string"}
+
+
+def test_a_backbone_without_its_own_head_asks_classify_for_a_task(document: dict[str, Any]) -> None:
+    [rule] = document["components"]["schemas"]["ClassifyRequest"]["allOf"]
+    assert [option["required"] for option in rule["anyOf"]] == [["task_id"], ["task_ids"]]
