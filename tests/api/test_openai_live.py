@@ -197,3 +197,21 @@ def test_the_async_client_streams_chat_and_runs_completions_concurrently(url):
              for task in (*TASKS, None)]  # fmt: skip
     assert texts == alone  # batched together, each as if alone
     assert streamed == whole
+
+
+def test_chat_prompt_logprobs_score_the_rendered_conversation(client, chat_backbone: Path):
+    """vLLM's prompt_logprobs on chat: the template's tokens, each against the bare backbone's own forward."""
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1, temperature=0,
+                                          extra_body={"prompt_logprobs": 1})  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(chat_backbone)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(chat_backbone, dtype=torch.float32)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    entries = chat.model_extra["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == len(ids)
+    for position in range(1, len(ids)):
+        expected = float(logprobs[position - 1, ids[position]])
+        assert entries[position][str(ids[position])]["logprob"] == pytest.approx(expected, abs=1e-4)

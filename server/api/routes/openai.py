@@ -128,18 +128,22 @@ async def completions(
         choices_of, body, inputs, new_tokens, body.logprobs, body.add_special_tokens, settings, engine,
         (metrics, "completions"),
     )  # fmt: skip
-    scoring = prompt_scoring(body, engine, prompts, choices)
-    route = Route(
+    return await answer(request, engine, metrics, body, choices, completion_route(body, engine, prompts, choices))
+
+
+def completion_route(
+    body: CompletionRequest, engine: EngineClient, prompts: list[Prompt], choices: list[Choice]
+) -> Route:
+    """The completions' shapes, the prompts' scoring when asked for, and with max_tokens 0 the echoes as answers."""
+    answered = {c.index: echo_only(prompts[c.prompt_index], c.request.task_ids[0]) for c in choices}
+    return Route(
         "completions",
         "prompt",
         partial(completion_chunks, body, prompts),
         partial(completion_response, body, prompts),
-        scoring,
-        {choice.index: echo_only(prompts[choice.prompt_index], choice.request.task_ids[0]) for choice in choices}
-        if new_tokens == 0
-        else {},
+        prompt_scoring(body, engine, prompts, choices),
+        answered if body.max_tokens == 0 else {},
     )
-    return await answer(request, engine, metrics, body, choices, route)
 
 
 def prompt_scoring(
