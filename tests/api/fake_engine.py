@@ -27,6 +27,7 @@ from server.engine.errors import (
     TaskNotFound,
     TaskTooLarge,
 )
+from server.engine.intake import check_token_ids
 from server.engine.types import (
     CandidateScore,
     Classification,
@@ -39,6 +40,8 @@ from server.engine.types import (
     GenerateInput,
     LabelScore,
     MemberResult,
+    PromptScoreInput,
+    PromptToken,
     RequestOutput,
     ScoreInput,
     Scores,
@@ -46,9 +49,11 @@ from server.engine.types import (
     TaskCacheEvents,
     TaskLoad,
     Token,
+    TokenizerInfo,
 )
 
-EOS_ID = 0
+EOS_ID, BOS_ID = 0, 257
+VOCAB_SIZE, MAX_MODEL_LEN = 259, 1024
 LOGPROB = -0.5
 PEFT_METHODS = {
     "PROMPT_TUNING": Method.PROMPT_TUNING,
@@ -111,7 +116,7 @@ class FakeEngine:
     def info(self) -> EngineInfo:
         return EngineInfo(
             model_id="fake/tiny", model_type="llama", dtype="float32", device="cpu", hidden_size=48, num_layers=2,
-            num_key_value_heads=2, head_dim=8, vocab_size=259, max_batch_size=8, max_batch_tokens=1024,
+            num_key_value_heads=2, head_dim=8, vocab_size=VOCAB_SIZE, max_batch_size=8, max_batch_tokens=1024,
             max_virtual_tokens=64, version="0.1.0", num_tasks=len(self.tasks), kv_cache_tokens=4096, kv_block_size=8,
             endpoints=("/v1/generate", "/v1/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/score",
                        "/v1/classify"),
@@ -191,6 +196,23 @@ class FakeEngine:
                 raise TaskNotFound(task_id)
         if self.queue_full:
             raise QueueFull(num_waiting=3, retry_after=2.5)
+
+    # ---- EngineClient: the tokenizer (each character one token: its code point, as a byte tokenizer's)
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [*([BOS_ID] if add_special_tokens else []), *(min(ord(c), 255) for c in text)]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        check_token_ids(token_ids, VOCAB_SIZE)
+        return "".join(chr(i) for i in token_ids if i < 256)
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        return TokenizerInfo("FakeTokenizer", "<s>", "</s>", None, None, None, MAX_MODEL_LEN, VOCAB_SIZE)
+
+    async def prompt_logprobs(self, request: PromptScoreInput) -> tuple[PromptToken | None, ...]:
+        self.check_tasks((request.task_id,))
+        check_token_ids(request.token_ids, VOCAB_SIZE)
+        return (None, *(PromptToken(i, chr(i), LOGPROB, 1) for i in request.token_ids[1:]))
 
     # ---- EngineClient: generation
 

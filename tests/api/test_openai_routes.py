@@ -453,3 +453,26 @@ def test_unknown_fields_are_ignored_and_each_name_is_logged_once(http: TestClien
         assert http.post("/v1/completions", json=body).status_code == 200
     logged = [r.getMessage() for r in caplog.records if "a_field_nobody_knows" in r.getMessage()]
     assert len(logged) == 1 and "CompletionRequest" in logged[0]
+
+
+def test_tokenize_max_model_len_leaves_room_for_the_task(http: TestClient, engine: FakeEngine):
+    bare = http.post("/tokenize", json={"prompt": "ab"}).json()
+    task = http.post("/tokenize", json={"prompt": "ab", "model": "upper"}).json()
+    assert bare["tokens"] == [257, 97, 98] and bare["count"] == 3
+    assert bare["max_model_len"] - task["max_model_len"] == engine.get_task("upper").num_virtual_tokens > 0
+
+
+def test_tokenize_messages_go_through_the_chat_template(http: TestClient, engine: FakeEngine):
+    messages = [{"role": "user", "content": "hi"}]
+    tokens = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    assert tokens == engine.tokenize("<user>hi\n<assistant>", add_special_tokens=False)
+    engine.has_chat_template = False
+    response = http.post("/tokenize", json={"messages": messages})
+    assert response.status_code == 400 and "chat template" in response.json()["error"]["message"]
+
+
+def test_echo_logprobs_start_with_null_and_count_the_prompt(http: TestClient):
+    body = {"model": "upper", "prompt": "ab", "max_tokens": 2, "echo": True, "logprobs": 0}
+    choice = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["logprobs"]["token_logprobs"][:3] == [None, -0.5, -0.5]
+    assert choice["text"].startswith("ab")
