@@ -72,6 +72,11 @@ class StreamOptions(BaseModel):
 
     _nulls = model_validator(mode="before")(nulls_are_defaults)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        return log_unknown_fields(cls, data)
+
 
 class SamplingFields(BaseModel):
     """What /v1/completions and /v1/chat/completions share: the model, sampling, ensembles, streaming."""

@@ -476,3 +476,14 @@ def test_echo_logprobs_start_with_null_and_count_the_prompt(http: TestClient):
     choice = http.post("/v1/completions", json=body).json()["choices"][0]
     assert choice["logprobs"]["token_logprobs"][:3] == [None, -0.5, -0.5]
     assert choice["text"].startswith("ab")
+
+
+def test_unknown_stream_options_are_logged_once(http: TestClient, caplog: pytest.LogCaptureFixture):
+    """guidellm sends vLLM's stream_options.continuous_usage_stats: ignored, and said so once."""
+    caplog.set_level("WARNING", logger="server.api.openai_schemas")
+    options = {"include_usage": True, "an_option_nobody_knows": True}
+    for _ in range(2):
+        body = {"model": "upper", "prompt": "x", "max_tokens": 2, "stream": True, "stream_options": options}
+        assert http.post("/v1/completions", json=body).status_code == 200
+    logged = [r.getMessage() for r in caplog.records if "an_option_nobody_knows" in r.getMessage()]
+    assert len(logged) == 1 and "StreamOptions" in logged[0]
