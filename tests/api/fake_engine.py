@@ -26,8 +26,8 @@ from server.engine.errors import (
     QueueFull,
     TaskNotFound,
     TaskTooLarge,
+    UnknownToken,
 )
-from server.engine.intake import check_token_ids
 from server.engine.types import (
     CandidateScore,
     Classification,
@@ -60,6 +60,13 @@ PEFT_METHODS = {
     "P_TUNING": Method.P_TUNING,
     "PREFIX_TUNING": Method.PREFIX_TUNING,
 }
+
+
+def check_ids(token_ids: list[int] | tuple[int, ...], what: str) -> None:
+    """As the engine's intake: an id the model has no row for is UnknownToken, naming it."""
+    unknown = [token_id for token_id in token_ids if not 0 <= token_id < VOCAB_SIZE]
+    if unknown:
+        raise UnknownToken(f"{what}: expected token ids below {VOCAB_SIZE}; found token {unknown[0]}")
 
 
 def answer_of(task_id: str | None, inputs: str) -> str:
@@ -203,7 +210,7 @@ class FakeEngine:
         return [*([BOS_ID] if add_special_tokens else []), *(min(ord(c), 255) for c in text)]
 
     def detokenize(self, token_ids: list[int]) -> str:
-        check_token_ids(token_ids, VOCAB_SIZE)
+        check_ids(token_ids, "tokens")
         return "".join(chr(i) for i in token_ids if i < 256)
 
     def tokenizer_info(self) -> TokenizerInfo:
@@ -211,7 +218,7 @@ class FakeEngine:
 
     async def prompt_logprobs(self, request: PromptScoreInput) -> tuple[PromptToken | None, ...]:
         self.check_tasks((request.task_id,))
-        check_token_ids(request.token_ids, VOCAB_SIZE)
+        check_ids(request.token_ids, "prompt")
         return (None, *(PromptToken(i, chr(i), LOGPROB, 1) for i in request.token_ids[1:]))
 
     # ---- EngineClient: generation

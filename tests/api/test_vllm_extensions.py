@@ -125,7 +125,8 @@ def test_token_id_prompts_in_a_list_answer_each(url: str) -> None:
 def test_token_id_outside_the_vocabulary_is_400_naming_it(url: str, bad: int) -> None:
     response = post(url, "/v1/completions", {"model": "upper", "prompt": [BOS_ID, bad], "max_tokens": 2})
     assert response.status_code == 400
-    assert f"found {bad} at position 1" in response.json()["error"]["message"]
+    assert "prompt: expected token ids the model can read" in response.json()["error"]["message"]
+    assert f"found token {bad}" in response.json()["error"]["message"]
 
 
 # ---- the prompt's own log-probabilities
