@@ -9,6 +9,7 @@ import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prompt_store.types import TaskRecord
 from server.api.errors import ApiError
 from server.api.openai_generation import Choice, gather_all
 from server.api.openai_schemas import CompletionLogprobs, CompletionRequest, PromptLogprobs, prompt_logprobs_of
@@ -105,10 +106,13 @@ async def score_prompts(engine: EngineClient, prompts: list[Prompt], task_id: st
     return await gather_all(works)
 
 
-def echo_only(prompt: Prompt, task_id: str | None) -> Completion:
-    """`max_tokens: 0`: no completion, the prompt's tokens counted."""
+def echo_only(prompt: Prompt, tasks: list[TaskRecord]) -> Completion:
+    """`max_tokens: 0`: no completion, the prompt's tokens counted (and its tasks' virtual tokens, apart)."""
     num_tokens = len(prompt.token_ids or ())
-    return Completion("", FinishReason.LENGTH, 0, num_tokens, task_id, None)
+    first = tasks[0] if len(tasks) == 1 else None
+    return Completion("", FinishReason.LENGTH, 0, num_tokens, first.task_id if first else None,
+                      first.version if first else None,
+                      virtual_tokens=sum(task.num_virtual_tokens for task in tasks))  # fmt: skip
 
 
 def choice_logprobs(
@@ -121,7 +125,7 @@ def choice_logprobs(
     generated = CompletionLogprobs.of(list(result.tokens), len(echo))
     if not body.echo or scored is None:
         return generated
-    return CompletionLogprobs.of_prompt(scored, prompt.first_text, body.logprobs).then(generated)
+    return CompletionLogprobs.of_prompt(scored, prompt.first_text, body.logprobs, echo).then(generated)
 
 
 def choice_prompt_logprobs(body: CompletionRequest, scored: Scored | None) -> PromptLogprobs | None:

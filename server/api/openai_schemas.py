@@ -416,10 +416,11 @@ class CompletionLogprobs(BaseModel):
         )
 
     @classmethod
-    def of_prompt(cls, prompt: tuple[PromptToken | None, ...], first: str, top: int) -> CompletionLogprobs:
-        """An echoed prompt's tokens (`first`: the first token's text), each with its `top` likeliest."""
+    def of_prompt(cls, prompt: tuple[PromptToken | None, ...], first: str, top: int, echoed: str) -> CompletionLogprobs:
+        """An echoed prompt's tokens (`first`: the first token's text), each with its `top` likeliest; offsets are
+        where each token's text starts in the echoed text."""
         texts = [first, *(t.text for t in prompt[1:] if t is not None)]
-        offsets = [sum(len(text) for text in texts[:i]) for i in range(len(texts))]
+        offsets = text_offsets(texts, echoed)
         return cls(
             tokens=texts,
             token_logprobs=[None if t is None else t.logprob for t in prompt],
@@ -434,6 +435,21 @@ class CompletionLogprobs(BaseModel):
             top_logprobs=self.top_logprobs + other.top_logprobs,
             text_offset=self.text_offset + other.text_offset,
         )
+
+
+def text_offsets(pieces: list[str], text: str) -> list[int]:
+    """Where each token's piece starts in `text`, read left to right. A piece that is not there (a special token the
+    text leaves out, one byte of a multi-byte character shown as U+FFFD) takes the current place; the text a run of
+    such bytes makes is skipped when the next piece is found a few characters on."""
+    offsets, place = [], 0
+    for piece in pieces:
+        found = text.find(piece, place, place + len(piece) + 4) if piece and "\ufffd" not in piece else -1
+        if found >= 0:
+            offsets.append(found)
+            place = found + len(piece)
+        else:
+            offsets.append(place)
+    return offsets
 
 
 def prompt_top_dict(token: PromptToken, top: int) -> dict[str, float]:

@@ -487,3 +487,11 @@ def test_unknown_stream_options_are_logged_once(http: TestClient, caplog: pytest
         assert http.post("/v1/completions", json=body).status_code == 200
     logged = [r.getMessage() for r in caplog.records if "an_option_nobody_knows" in r.getMessage()]
     assert len(logged) == 1 and "StreamOptions" in logged[0]
+
+
+def test_text_offsets_skip_what_the_text_leaves_out():
+    from server.api.openai_schemas import text_offsets
+
+    assert text_offsets(["<s>", "h", "i"], "hi") == [0, 0, 1]
+    assert text_offsets(["\ufffd", "\ufffd", " ", "a"], "é a") == [0, 0, 1, 2]  # one character, two byte tokens
+    assert text_offsets(["a", "<s>", "b"], "ab") == [0, 1, 1]

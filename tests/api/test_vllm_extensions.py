@@ -159,6 +159,21 @@ def test_echo_with_max_tokens_zero_answers_the_prompt_alone(url: str) -> None:
     assert answer["usage"]["prompt_tokens"] == len(PROMPT_IDS) and answer["usage"]["completion_tokens"] == 0
 
 
+def test_echo_text_offsets_point_into_the_echoed_text(url: str) -> None:
+    """The prompt's <s> shows as a token but not in the text: every token's offset is where its text starts."""
+    choice = complete(url, prompt="hi yo", max_tokens=3, echo=True, logprobs=1)["choices"][0]
+    text, logprobs = choice["text"], choice["logprobs"]
+    offsets = logprobs["text_offset"]
+    assert offsets == sorted(offsets) and offsets[:6] == [0, 0, 1, 2, 3, 4]
+    for token, offset in zip(logprobs["tokens"], offsets, strict=True):
+        assert token == "<s>" or text[offset : offset + len(token)] == token
+
+
+def test_echo_alone_counts_the_tasks_virtual_tokens(url: str) -> None:
+    usage = complete(url, prompt="hi yo", max_tokens=0, echo=True, logprobs=1)["usage"]
+    assert usage["prompt_tokens_details"]["virtual_tokens"] == 8 and usage["completion_tokens"] == 0
+
+
 def test_prompt_logprobs_rank_the_prompt_tokens(url: str, peft_upper: PeftModel) -> None:
     answer = complete(url, prompt=PROMPT_IDS, max_tokens=1, prompt_logprobs=2)
     entries = answer["choices"][0]["prompt_logprobs"]

@@ -135,14 +135,18 @@ def completion_route(
     body: CompletionRequest, engine: EngineClient, prompts: list[Prompt], choices: list[Choice]
 ) -> Route:
     """The completions' shapes, the prompts' scoring when asked for, and with max_tokens 0 the echoes as answers."""
-    answered = {c.index: echo_only(prompts[c.prompt_index], c.request.task_ids[0]) for c in choices}
+    answered = {}
+    if body.max_tokens == 0:
+        task_ids = choices[0].request.task_ids if choices else ()
+        tasks = [engine.get_task(t) for t in task_ids if t is not None]  # resolved with the request's model
+        answered = {c.index: echo_only(prompts[c.prompt_index], tasks) for c in choices}
     return Route(
         "completions",
         "prompt",
         partial(completion_chunks, body, prompts),
         partial(completion_response, body, prompts),
         prompt_scoring(body, engine, prompts, choices),
-        answered if body.max_tokens == 0 else {},
+        answered,
     )
 
 
@@ -305,7 +309,7 @@ async def completion_chunks(
 def echo_chunk_logprobs(body: CompletionRequest, prompt: Prompt, scored: Scored | None) -> CompletionLogprobs | None:
     if not body.echo or body.logprobs is None or scored is None:
         return None
-    return CompletionLogprobs.of_prompt(scored, prompt.first_text, body.logprobs)
+    return CompletionLogprobs.of_prompt(scored, prompt.first_text, body.logprobs, prompt.text)
 
 
 # ---- chat completions
