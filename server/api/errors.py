@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,9 +103,9 @@ def classify(exc: BaseException) -> ApiError | None:
     if isinstance(exc, TaskTooLarge | InputTooLong):  # TaskTooLarge is an InvalidTask: test it first
         return ApiError(413, "too_large", str(exc))
     if isinstance(exc, WrongKind | UnknownToken):
-        return ApiError(400, "validation", str(exc))
+        return ApiError(400, "validation", str(exc), param=leading_field(str(exc)))
     if isinstance(exc, InvalidTask | InvalidPrompt):
-        return ApiError(422, "validation", str(exc))
+        return ApiError(422, "validation", str(exc), param=leading_field(str(exc)))
     if isinstance(exc, TaskNotFound):
         return ApiError(404, "not_found", str(exc))
     if isinstance(exc, QueueFull):
@@ -267,10 +268,22 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 
 def first_field(errors: Sequence[dict[str, Any]]) -> str | None:
-    """The top-level field at fault (OpenAI's `param`); None when the body as a whole is."""
+    """The top-level field at fault (OpenAI's `param`); for a rule across fields, the one its message names first;
+    None when the body as a whole is."""
     loc = list(errors[0].get("loc", ())) if errors else []
     names = [part for part in loc[1:] if isinstance(part, str)] if loc[:1] == ["body"] else []
-    return names[0] if names else None
+    if names:
+        return names[0]
+    return leading_field(str(errors[0].get("msg", "")).removeprefix("Value error, ")) if errors else None
+
+
+FIELD_PREFIX = re.compile(r"^([a-z_]+)[\w.\[\]]*: ")
+
+
+def leading_field(message: str) -> str | None:
+    """The request field a message opens with ("prompt_embeds: expected ..."), our errors' convention."""
+    match = FIELD_PREFIX.match(message)
+    return match.group(1) if match and match.group(1) != "body" else None
 
 
 def not_json_body(errors: Sequence[dict[str, Any]]) -> bool:

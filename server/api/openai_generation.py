@@ -18,7 +18,7 @@ from typing import TypeVar
 from fastapi import Request
 
 from prompt_store.types import TaskRecord
-from server.api.errors import ApiError, error_type_of, openai_error_body, to_api_error
+from server.api.errors import ApiError, error_type_of, leading_field, openai_error_body, to_api_error
 from server.api.generation import close_outputs, complete, next_output, observe, start_stream, until_disconnected
 from server.api.metrics import Metrics, RequestTracker
 from server.api.openai_schemas import SamplingFields
@@ -140,8 +140,9 @@ def openai_errors(params: Params) -> Iterator[None]:
         raise ApiError(400, "validation", str(exc), param=params.input, code="context_length_exceeded") from exc
     except NoChatTemplate as exc:
         raise ApiError(400, "validation", str(exc), param="messages", code="no_chat_template") from exc
-    except InvalidPrompt as exc:
-        raise ApiError(400, "validation", str(exc)) from exc
+    except InvalidPrompt as exc:  # its message opens with the field it concerns, where one does
+        field = leading_field(str(exc))
+        raise ApiError(400, "validation", str(exc), param=params.input if field == "prompt" else field) from exc
 
 
 # ---- running the choices

@@ -123,7 +123,7 @@ class SamplingFields(BaseModel):
     def _min_tokens_within_max(self) -> SamplingFields:
         maximum = getattr(self, "max_tokens", None)
         if maximum is not None and self.min_tokens > maximum:
-            raise ValueError(f"expected min_tokens at most max_tokens ({maximum}); found {self.min_tokens}")
+            raise ValueError(f"min_tokens: expected at most max_tokens ({maximum}); found {self.min_tokens}")
         return self
 
     @field_validator("stream_options")

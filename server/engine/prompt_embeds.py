@@ -8,6 +8,7 @@ floating dtype, [tokens, hidden], finite) before it goes near the model.
 from __future__ import annotations
 
 import io
+import pickle
 
 import torch
 
@@ -29,9 +30,15 @@ def load_prompt_embeds(data: bytes, hidden_size: int, max_tokens: int) -> torch.
         raise InvalidPrompt(f"prompt_embeds: expected at most {limit} bytes; found {len(data)}")
     try:
         tensor = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # an unpickler refusal, a corrupt archive: never run, only refused
+    except pickle.UnpicklingError:  # the weights-only unpickler met code to run: refused, never run
         raise InvalidPrompt(
-            f"prompt_embeds: expected a torch.save'd tensor (loaded with weights_only); {exc}"
+            "prompt_embeds: expected a torch.save'd tensor; found a payload that would run code to load "
+            "(refused, not run)"
+        ) from None
+    except Exception as exc:  # a corrupt or foreign archive
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise InvalidPrompt(
+            f"prompt_embeds: expected a torch.save'd tensor; found bytes torch cannot read ({first_line})"
         ) from None
     check_embeds(tensor, hidden_size, max_tokens)
     return tensor

@@ -259,7 +259,9 @@ def test_prompt_embeds_pickle_payload_is_400_and_never_runs(url: str, tmp_path: 
     torch.save(Payload(marker), buffer)
     response = post(url, "/v1/completions", {"model": "upper", "prompt_embeds": base64.b64encode(buffer.getvalue())
                                              .decode()})  # fmt: skip
-    assert response.status_code == 400 and "weights_only" in response.json()["error"]["message"]
+    error = response.json()["error"]
+    assert response.status_code == 400 and "refused, not run" in error["message"] and error["param"] == "prompt_embeds"
+    assert "weights_only` set to `False`" not in error["message"]  # torch's advice is not the client's to follow
     assert not marker.exists()
 
 
@@ -282,3 +284,9 @@ def test_prompt_embeds_that_do_not_fit_the_backbone_are_400(url: str, tensor: to
 def test_prompt_embeds_not_base64_is_400(url: str) -> None:
     response = post(url, "/v1/completions", {"model": "upper", "prompt_embeds": "not base64!"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "prompt_embeds"
+
+
+def test_errors_name_the_field_at_fault(url: str) -> None:
+    bad_id = post(url, "/v1/completions", {"model": "upper", "prompt": [[999999]], "max_tokens": 2}).json()["error"]
+    too_few = post(url, "/v1/completions", {"model": "upper", "prompt": "a", "max_tokens": 2, "min_tokens": 5})
+    assert bad_id["param"] == "prompt" and too_few.json()["error"]["param"] == "min_tokens"
