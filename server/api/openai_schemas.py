@@ -167,7 +167,13 @@ class SamplingFields(BaseModel):
             top_logprobs=top_logprobs,
             ignore_eos=self.ignore_eos,
             min_tokens=min(self.min_tokens, max_new_tokens),
+            within_positions=self.names_max_tokens,
         )
+
+    @property
+    def names_max_tokens(self) -> bool:
+        """A request that says how many tokens it wants gets them all or a 400, as OpenAI and vLLM answer."""
+        return getattr(self, "max_tokens", None) is not None or getattr(self, "max_completion_tokens", None) is not None
 
     @property
     def ensemble_mode(self) -> EnsembleMode:

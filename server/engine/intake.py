@@ -128,18 +128,28 @@ def check_length(input_ids: list[int], limits: IntakeConfig) -> list[int]:
     return input_ids
 
 
-def capped_max_new_tokens(backbone: Backbone, asked: int, num_input: int, tasks: list[TaskArtifact | None]) -> int:
-    """The backbone cannot go past its position limit: cap the new tokens (the finish reason says `length`)."""
+def capped_max_new_tokens(
+    backbone: Backbone, sampling: SamplingParams, num_input: int, tasks: list[TaskArtifact | None]
+) -> int:
+    """The backbone cannot go past its position limit: cap the new tokens (the finish reason says `length`), or,
+    where the request asked for them all (`within_positions`, OpenAI's routes), refuse what does not fit."""
+    asked = sampling.max_new_tokens
     if backbone.max_positions is None:
         return asked
     if backbone.seq2seq is not None:
-        return seq2seq_max_new_tokens(backbone.max_positions, asked, num_input, tasks)
-    num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
-    room = backbone.max_positions - num_virtual - num_input
-    if room < 1:
+        room = seq2seq_max_new_tokens(backbone.max_positions, asked, num_input, tasks)
+    else:
+        num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
+        room = backbone.max_positions - num_virtual - num_input
+        if room < 1:
+            raise InputTooLong(
+                f"{num_virtual} virtual + {num_input} input tokens leave no room in the backbone's "
+                f"{backbone.max_positions} positions"
+            )
+    if sampling.within_positions and asked > room:
         raise InputTooLong(
-            f"{num_virtual} virtual + {num_input} input tokens leave no room in the backbone's "
-            f"{backbone.max_positions} positions"
+            f"expected at most {room} new tokens, what the backbone's {backbone.max_positions} positions leave after "
+            f"the {num_input} input tokens (and any task's virtual tokens); found max_tokens {asked}"
         )
     return min(asked, room)
 
@@ -218,7 +228,7 @@ def build_request(
         request_id=request.request_id or uuid.uuid4().hex,
         input_ids=input_ids,
         sampling=request.sampling,
-        max_new_tokens=capped_max_new_tokens(backbone, request.sampling.max_new_tokens, len(input_ids), tasks),
+        max_new_tokens=capped_max_new_tokens(backbone, request.sampling, len(input_ids), tasks),
         sink=sink,
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),

@@ -32,6 +32,7 @@ class SamplingParams:
     top_logprobs: int | None = None  # None: plain tokens; k: each token as text and its k most likely alternatives
     ignore_eos: bool = False  # go on past the end-of-sequence token, to max_new_tokens (vLLM's; benchmarks send it)
     min_tokens: int = 0  # the end-of-sequence token cannot be chosen before this many new tokens (vLLM's)
+    within_positions: bool = False  # True: new tokens the backbone's positions cannot hold are refused, not capped
 
 
 @dataclass(frozen=True, slots=True)

@@ -290,3 +290,12 @@ def test_errors_name_the_field_at_fault(url: str) -> None:
     bad_id = post(url, "/v1/completions", {"model": "upper", "prompt": [[999999]], "max_tokens": 2}).json()["error"]
     too_few = post(url, "/v1/completions", {"model": "upper", "prompt": "a", "max_tokens": 2, "min_tokens": 5})
     assert bad_id["param"] == "prompt" and too_few.json()["error"]["param"] == "min_tokens"
+
+
+def test_max_tokens_past_the_positions_is_context_length_exceeded(url: str) -> None:
+    """As OpenAI and vLLM answer: 8 virtual + 1011 prompt tokens leave 5 of the demo backbone's 1024 positions."""
+    body = {"model": "upper", "prompt": "a" * 1010, "temperature": 0}
+    refused = post(url, "/v1/completions", {**body, "max_tokens": 100}).json()["error"]
+    assert refused["code"] == "context_length_exceeded" and refused["param"] == "prompt"
+    assert "expected at most 5 new tokens" in refused["message"]
+    assert complete(url, **body, max_tokens=5)["usage"]["completion_tokens"] == 5
