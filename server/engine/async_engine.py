@@ -260,7 +260,7 @@ class AsyncEngine:
             pad_token=tokenizer.pad_token,
             unk_token=tokenizer.unk_token,
             chat_template=tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
-            max_model_len=max_len,
+            model_max_length=max_len,
             vocab_size=self.backbone.num_token_ids,
         )
 

@@ -147,7 +147,7 @@ class TokenizerInfo:
     pad_token: str | None
     unk_token: str | None
     chat_template: str | None
-    max_model_len: int  # positions a request's tokens may take (virtual tokens included)
+    model_max_length: int  # positions a request's tokens may take (virtual tokens included)
     vocab_size: int
 
 

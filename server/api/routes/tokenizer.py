@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
 
@@ -38,7 +40,7 @@ def render(engine: EngineClient, body: TokenizeRequest) -> str:
 
 def max_model_len(model: str | None, engine: EngineClient, settings: Settings) -> int:
     """The backbone's positions, less the virtual tokens of the task `model` names (404 if it names none)."""
-    total = engine.tokenizer_info().max_model_len
+    total = engine.tokenizer_info().model_max_length
     if model is None:
         return total
     record = resolve_model(model, served_model_name(settings, engine), engine)
@@ -55,14 +57,4 @@ async def detokenize(
 
 @router.get("/tokenizer_info", response_model=TokenizerInfoResponse)
 async def tokenizer_info(engine: EngineClient = Depends(get_engine)) -> TokenizerInfoResponse:
-    info = engine.tokenizer_info()
-    return TokenizerInfoResponse(
-        tokenizer_class=info.tokenizer_class,
-        bos_token=info.bos_token,
-        eos_token=info.eos_token,
-        pad_token=info.pad_token,
-        unk_token=info.unk_token,
-        chat_template=info.chat_template,
-        model_max_length=info.max_model_len,
-        vocab_size=info.vocab_size,
-    )
+    return TokenizerInfoResponse(**asdict(engine.tokenizer_info()))
