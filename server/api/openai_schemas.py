@@ -48,6 +48,7 @@ def nulls_are_defaults(data: Any) -> Any:
 
 
 LOGGED_UNKNOWN: set[tuple[str, str]] = set()  # (body, field) pairs already logged
+MAX_LOGGED_UNKNOWN = 256  # names clients make up cannot grow it without bound
 
 
 def log_unknown_fields(model: type[BaseModel], data: Any) -> Any:
@@ -59,16 +60,15 @@ def log_unknown_fields(model: type[BaseModel], data: Any) -> Any:
         }
         for name in data.keys() - known:
             key = (model.__name__, str(name)[:64])
-            if key not in LOGGED_UNKNOWN:
+            if key not in LOGGED_UNKNOWN and len(LOGGED_UNKNOWN) < MAX_LOGGED_UNKNOWN:
                 LOGGED_UNKNOWN.add(key)
                 logger.warning("%s: ignoring the unknown field %r (logged once)", model.__name__, key[1])
     return data
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    include_usage: bool = False  # a last chunk with `usage` and no choices
+class LenientBody(BaseModel):
+    """A request body as vLLM reads one: a null is the field's default, an unknown field is ignored (its name logged
+    once)."""
 
     _nulls = model_validator(mode="before")(nulls_are_defaults)
 
@@ -78,7 +78,13 @@ class StreamOptions(BaseModel):
         return log_unknown_fields(cls, data)
 
 
-class SamplingFields(BaseModel):
+class StreamOptions(LenientBody):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool = False  # a last chunk with `usage` and no choices
+
+
+class SamplingFields(LenientBody):
     """What /v1/completions and /v1/chat/completions share: the model, sampling, ensembles, streaming."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -104,13 +110,6 @@ class SamplingFields(BaseModel):
         default=None, ge=0, le=MAX_TOP_LOGPROBS, description="vLLM's: each prompt token's log-probability and the "
         "k most likely tokens at its position (causal backbones)"
     )  # fmt: skip
-
-    _nulls = model_validator(mode="before")(nulls_are_defaults)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _log_unknown(cls, data: Any) -> Any:
-        return log_unknown_fields(cls, data)
 
     @field_validator("prompt_logprobs")
     @classmethod

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from server.api.openai_schemas import ChatMessage, Text, log_unknown_fields, nulls_are_defaults
+from server.api.openai_schemas import ChatMessage, LenientBody, Text
 from server.api.schemas import absent_when_none
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(LenientBody):
     """vLLM's two forms: a `prompt`, or chat `messages` rendered through the backbone's chat template."""
 
     model_config = ConfigDict(
@@ -29,13 +27,6 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = Field(default=None, description="default: true for prompt, false for messages")
     return_token_strs: bool = False
-
-    _nulls = model_validator(mode="before")(nulls_are_defaults)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _log_unknown(cls, data: Any) -> Any:
-        return log_unknown_fields(cls, data)
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:
@@ -56,18 +47,11 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = absent_when_none()
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(LenientBody):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
     tokens: list[int]
-
-    _nulls = model_validator(mode="before")(nulls_are_defaults)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _log_unknown(cls, data: Any) -> Any:
-        return log_unknown_fields(cls, data)
 
 
 class DetokenizeResponse(BaseModel):
