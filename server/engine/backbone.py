@@ -25,7 +25,7 @@ from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
 from server.engine import alibi
 from server.engine.attention import ATTENTION_NAME, Routing, attention_routing, unrouted_attention
 from server.engine.default_backbone import ensure_default_backbone
-from server.engine.errors import UnsupportedBackbone
+from server.engine.errors import UnsupportedBackbone, first_line
 from server.engine.heads import BareHead, Head, bare_head, build_head
 from server.engine.seq2seq import Seq2Seq, seq2seq_of
 
@@ -252,11 +252,6 @@ def refuse_unbuildable(config: PretrainedConfig, auto: Any, trust_remote_code: b
             return
         reason = f"transformers cannot build it with a custom attention function ({first_line(error)})"
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}") from None
-
-
-def first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
 
 
 def encoder_of(model: PreTrainedModel) -> Encoder:

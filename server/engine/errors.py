@@ -67,4 +67,11 @@ __all__ = [
     "UnknownToken",
     "UnsupportedBackbone",
     "WrongKind",
+    "first_line",
 ]
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An error's first line, short enough for a one-line message (a library's text may run on for paragraphs)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

@@ -12,7 +12,7 @@ import pickle
 
 import torch
 
-from server.engine.errors import InvalidPrompt
+from server.engine.errors import InvalidPrompt, first_line
 
 SAVE_OVERHEAD_BYTES = 64 * 1024  # torch.save's zip container and pickle around the tensor's data
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -36,9 +36,8 @@ def load_prompt_embeds(data: bytes, hidden_size: int, max_tokens: int) -> torch.
             "(refused, not run)"
         ) from None
     except Exception as exc:  # a corrupt or foreign archive
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise InvalidPrompt(
-            f"prompt_embeds: expected a torch.save'd tensor; found bytes torch cannot read ({first_line})"
+            f"prompt_embeds: expected a torch.save'd tensor; found bytes torch cannot read ({first_line(exc, 120)})"
         ) from None
     check_embeds(tensor, hidden_size, max_tokens)
     return tensor
