@@ -13,7 +13,7 @@ TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 # sdist built with poetry-core).
 BUILD_TOOLS := pip setuptools poetry-core
 
-.PHONY: serve test lint typecheck unit bench bench-guidellm clean test-newest lock newest-venv
+.PHONY: serve test lint typecheck docs unit bench bench-guidellm clean test-newest lock newest-venv
 
 $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 serve: $(STAMP)
 	$(BIN)/promptserve serve $(ARGS)
 
-test: lint typecheck unit
+test: lint typecheck docs unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,6 +34,11 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# the documentation site (mkdocs.yml) into site/; --strict: a broken link, anchor or nav entry fails the build (not
+# with --quiet: it hides the warnings that strict mode counts)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -96,4 +101,4 @@ lock: newest-venv
 	@echo "$(LOCK) refreshed; review 'git diff $(LOCK)' and commit it"
 
 clean:
-	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) build site *.egg-info .pytest_cache .ruff_cache .mypy_cache

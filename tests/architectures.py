@@ -4,8 +4,8 @@ Every causal family is built from transformers' own config class (two layers, hi
 weights large enough that positions, biases, norms and scales all move the logits (`tests.fixtures.strengthen`; the
 tests assert it), saved and loaded back through `from_pretrained`. `tests/engine/test_architectures.py` serves each
 with every adapter kind the engine serves on it, mixed in one batch, and holds tokens and log-probabilities to PEFT's
-own forward without a cache. The README's "Models" table is generated from this module (`models_table`) and a test
-fails when the two disagree.
+own forward without a cache. The table of docs/models.md is generated from this module (`python -m tests.architectures`
+rewrites it) and a test fails when the two disagree.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ LONG_TEXT = "sliding windows see only the last few tokens"  # longer than SLIDIN
 
 @dataclass(frozen=True, slots=True)
 class Family:
-    """One row of the matrix: a config class and its quirk, the adapter kinds served on it, the README's note."""
+    """One row of the matrix: a config class and its quirk, the adapter kinds served on it, the models page's note."""
 
     name: str
     config_class: str  # in transformers
@@ -166,7 +166,7 @@ KIND_NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning", "pre
 
 @dataclass(frozen=True, slots=True)
 class Listed:
-    """A row of the README's "Models" table that is not a causal family built here (its tests name it)."""
+    """A row of the models page's table that is not a causal family built here (its tests name it)."""
 
     name: str
     config_class: str
@@ -207,7 +207,7 @@ def kind_names(kinds: tuple[str, ...]) -> str:
 
 
 def models_table() -> str:
-    """The README's "Models" table: every family the tests serve (exact against PEFT), then those refused."""
+    """The models page's table: every family the tests serve (exact against PEFT), then those refused."""
     causal = [Listed(f.name, f.config_class, kind_names(f.kinds), f.note) for f in CAUSAL_FAMILIES]
     rows = [*causal, *seq2seq_rows(), *encoder_rows(), *REFUSED]
     lines = ["| family | config class | adapter kinds served | notes |", "|---|---|---|---|"]
@@ -215,5 +215,20 @@ def models_table() -> str:
     return "\n".join(lines)
 
 
+MODELS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+TABLE_START, TABLE_END = "<!-- models:start -->\n", "\n<!-- models:end -->"
+
+
+def listed_table(page: str) -> str:
+    """The table between the page's markers."""
+    return page.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
+
+
+def with_table(page: str, table: str) -> str:
+    head, rest = page.split(TABLE_START, 1)
+    return head + TABLE_START + table + TABLE_END + rest.split(TABLE_END, 1)[1]
+
+
 if __name__ == "__main__":
-    print(models_table())
+    MODELS_PAGE.write_text(with_table(MODELS_PAGE.read_text(), models_table()))
+    print(f"{MODELS_PAGE}: the table regenerated from the matrix")

@@ -1,4 +1,4 @@
-"""Bodies of POST /v1/classify and /v1/score (API.md, "Classification and scoring")."""
+"""Bodies of POST /v1/classify and /v1/score (docs/api.md, "Classification and scoring")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Request and response bodies of API.md, and their conversion to and from the engine's plain records."""
+"""Request and response bodies of docs/api.md, and their conversion to and from the engine's plain records."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ class Details(BaseModel):
 
 
 def details_wanted(completion: Completion, with_tokens: bool) -> Details | None:
-    """API.md: details when parameters.details is true or the request is an ensemble."""
+    """docs/api.md: details when parameters.details is true or the request is an ensemble."""
     if with_tokens or completion.members is not None:
         return Details.of(completion, with_tokens)
     return None
@@ -244,7 +244,7 @@ class GenerateResponse(BaseModel):
 class StreamToken(BaseModel):
     id: int
     text: str
-    logprob: float  # an addition to API.md (TGI sends it too)
+    logprob: float  # TGI sends it too
 
     @classmethod
     def of(cls, token: Token) -> StreamToken:
@@ -333,6 +333,7 @@ class ErrorResponse(BaseModel):
         "unauthorized",
         "not_found",
         "method_not_allowed",
+        "timeout",
         "conflict",
         "too_large",
         "overloaded",

@@ -36,7 +36,7 @@ SERVED_ENCODERS = (
     "Encoders served: BERT, RoBERTa, ELECTRA (base, large) and DeBERTa-v2 (sequence and token heads), DistilBERT "
     "(token heads); prefix tuning where the attention takes past keys and values (BERT, RoBERTa, ELECTRA)"
 )
-SERVED_LIST = "served architectures: README#models"
+SERVED_LIST = "served architectures: docs/models.md"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -14,7 +14,7 @@ from server.demo.evaluate import greedy_answers, held_out_inputs, load_backbone,
 from server.demo.tasks import DEMO_TASK_SPECS, TRANSFORMATIONS, encode_bytes
 from server.engine.default_backbone import BOS_ID
 
-# Held-out exact match from `python -m server.demo.evaluate` (200 inputs), as the README reports it.
+# Held-out exact match from `python -m server.demo.evaluate` (200 inputs), as docs/demo.md reports it.
 REPORTED_ACCURACY = {"upper": 0.99, "reverse": 0.98, "json": 0.97}
 README_EXAMPLE = {
     "upper": "HELLO WORLD",

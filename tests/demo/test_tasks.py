@@ -1,4 +1,4 @@
-"""The demo's synthetic data: seeded, split by a stable hash, and transformed as the README says."""
+"""The demo's synthetic data: seeded, split by a stable hash, and transformed as docs/demo.md says."""
 
 from __future__ import annotations
 

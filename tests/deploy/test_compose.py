@@ -1,4 +1,4 @@
-"""docker-compose.yml, its GPU override and its monitoring profile are valid and say what the README says."""
+"""docker-compose.yml, its GPU override and its monitoring profile are valid and say what docs/docker.md says."""
 
 from __future__ import annotations
 

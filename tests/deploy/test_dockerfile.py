@@ -1,4 +1,4 @@
-"""The Dockerfile lints clean and keeps the promises the README makes about the image."""
+"""The Dockerfile lints clean and keeps the promises docs/docker.md makes about the image."""
 
 from __future__ import annotations
 

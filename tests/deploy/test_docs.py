@@ -1,4 +1,4 @@
-"""Every Docker command the README quotes names files, profiles, services and build arguments that exist."""
+"""Every Docker command the README and the docs quote names files, profiles, services and build arguments that exist."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tests.deploy.helpers import BASE_COMPOSE, GPU_COMPOSE, ROOT
 
-README = ROOT / "README.md"
+DOCKER_PAGE = ROOT / "docs" / "docker.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 GLOBAL_OPTIONS_WITH_VALUE = {"-f", "--file", "--profile", "-p", "--project-name", "--env-file", "--project-directory"}
 COMPOSE_SUBCOMMANDS_WITH_SERVICES = {"up", "logs", "exec", "run", "restart", "stop", "start", "ps", "build", "pull"}
 
@@ -20,16 +21,13 @@ def docker_commands(path: Path) -> list[list[str]]:
         if language not in ("", "bash", "sh", "shell", "console"):
             continue
         for line in re.sub(r"\\\n", " ", block).splitlines():
-            words = shlex.split(line, comments=True)
-            if words[:1] == ["docker"]:
-                commands.append(words)
+            if line.startswith("docker "):  # other lines may be any shell (a heredoc's Python, say)
+                commands.append(shlex.split(line, comments=True))
     return commands
 
 
-def docker_section() -> str:
-    text = README.read_text()
-    start = text.index("\n## Docker\n")
-    return text[start : text.index("\n## ", start + 1)]
+def docker_page() -> str:
+    return DOCKER_PAGE.read_text()
 
 
 def compose_text() -> str:
@@ -76,21 +74,21 @@ def check_build_command(words: list[str]) -> None:
 
 
 def test_quoted_docker_commands_refer_to_what_exists() -> None:
-    for words in docker_commands(README):
+    for words in (words for page in PAGES for words in docker_commands(page)):
         if words[1:2] == ["compose"]:
             check_compose_command(words)
         elif words[1:2] == ["build"]:
             check_build_command(words)
 
 
-def test_readme_quotes_the_compose_variants() -> None:
-    quoted = {shlex.join(words) for words in docker_commands(README)}
+def test_the_docker_page_quotes_the_compose_variants() -> None:
+    quoted = {shlex.join(words) for words in docker_commands(DOCKER_PAGE)}
     assert any("docker-compose.gpu.yml" in command for command in quoted)
     assert any("--profile monitoring" in command for command in quoted)
 
 
 def test_every_documented_server_variable_reaches_the_container() -> None:
-    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", docker_section())) - {"PROMPTSERVE_PORT"}
+    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", docker_page())) - {"PROMPTSERVE_PORT"}
     compose = BASE_COMPOSE.read_text()
     missing = {name for name in documented if f"{name}:" not in compose}
     assert not missing, f"documented but not passed to the container by docker-compose.yml: {sorted(missing)}"
@@ -99,7 +97,7 @@ def test_every_documented_server_variable_reaches_the_container() -> None:
 def test_every_documented_server_variable_is_a_setting() -> None:
     from server.api.settings import Settings
 
-    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", docker_section()))
+    documented = set(re.findall(r"`(PROMPTSERVE_[A-Z_]+)`", docker_page()))
     compose = BASE_COMPOSE.read_text() + (ROOT / "Dockerfile").read_text()
     documented |= set(re.findall(r"\b(PROMPTSERVE_[A-Z_]+):", compose))
     fields = {f"PROMPTSERVE_{name.upper()}" for name in Settings.model_fields}

@@ -23,10 +23,12 @@ from server.engine.selfcheck import SelfCheckFailed, self_check
 from tests.architectures import (
     CAUSAL_FAMILIES,
     LONG_TEXT,
+    MODELS_PAGE,
     REFUSED,
     SLIDING_WINDOW,
     Family,
     Listed,
+    listed_table,
     models_table,
     write_family,
 )
@@ -154,14 +156,12 @@ def test_the_familys_quirk_moves_the_logits(built: Callable[[Family], TinyBackbo
     assert moved.abs().max() >= MIN_MOVE
 
 
-def test_the_readmes_models_table_is_the_matrix():
-    readme = (Path(__file__).parents[2] / "README.md").read_text()
-    listed = readme.split("<!-- models:start -->\n", 1)[1].split("\n<!-- models:end -->", 1)[0]
-    assert listed == models_table(), "regenerate it: python -m tests.architectures"
+def test_the_models_pages_table_is_the_matrix():
+    assert listed_table(MODELS_PAGE.read_text()) == models_table(), "regenerate it: python -m tests.architectures"
 
 
 @pytest.mark.parametrize("listed", [r for r in REFUSED if r.config_class != "AlbertConfig"], ids=lambda r: r.name)
-def test_a_family_the_readme_lists_as_refused_is_refused_at_load(listed: Listed, tmp_path: Path):
+def test_a_family_the_models_page_lists_as_refused_is_refused_at_load(listed: Listed, tmp_path: Path):
     """ALBERT's refusal is tested with the encoders (tests/engine/test_other_encoders.py)."""
     config = getattr(transformers, listed.config_class)(
         vocab_size=BYTE_VOCAB_SIZE, hidden_size=64, num_attention_heads=4, num_hidden_layers=2, bos_token_id=BOS_ID,

@@ -1,6 +1,6 @@
-"""The README's P-Tuning v2 recipe on the pinned PEFT and transformers: PEFT's own prefix forward raises there
-("Model does not support past key values"), so the recipe runs what it would run. A few steps on a tiny RoBERTa,
-saved with `save_pretrained`, registered, and served as the trained model answers (float32, 1e-5)."""
+"""The P-Tuning v2 recipe of docs/classification.md on the pinned PEFT and transformers: PEFT's own prefix forward
+raises there ("Model does not support past key values"), so the recipe runs what it would run. A few steps on a tiny
+RoBERTa, saved with `save_pretrained`, registered, and served as the trained model answers (float32, 1e-5)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_the_readme_prefix_recipe_trains_registers_and_serves_as_trained(tmp_pat
     model_dir = str(write_nlu_backbone("roberta", tmp_path / "roberta"))
     out = tmp_path / "adapters" / "sentiment"
     torch.manual_seed(0)
-    # As in the README (the tiny backbone's saved head has 3 labels: ignore_mismatched_sizes).
+    # As in docs/classification.md (the tiny backbone's saved head has 3 labels: ignore_mismatched_sizes).
     labels = ["negative", "positive"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForSequenceClassification.from_pretrained(
