@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import __version__
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
 from server.api.metrics import Metrics
@@ -34,7 +35,6 @@ EngineFactory = Callable[[Settings], EngineClient]
 FailureHook = Callable[[BaseException], None]
 Lifespan = Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]
 DEMO_MODULE = "server.demo"
-VERSION = "0.1.0"
 REPLICA_HEADER = "X-Promptserve-Replica"
 
 
@@ -55,7 +55,7 @@ def create_app(
         state.attach(engine)
     factory = engine_factory or build_real_engine
     lifespan = None if engine is not None else engine_lifespan(state, factory, on_engine_failure)
-    app = FastAPI(title="promptserve", version=VERSION, lifespan=lifespan)
+    app = FastAPI(title="promptserve", version=__version__, lifespan=lifespan)
     app.state.promptserve = state
     for module in (service, tasks, generate, nlu, openai, tokenizer):
         app.include_router(module.router)

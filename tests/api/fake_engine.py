@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from prompt_store.types import CacheStats, Method, TaskRecord
+from server import __version__
 from server.engine.errors import (
     EngineUnavailable,
     InputTooLong,
@@ -124,7 +125,8 @@ class FakeEngine:
         return EngineInfo(
             model_id="fake/tiny", model_type="llama", dtype="float32", device="cpu", hidden_size=48, num_layers=2,
             num_key_value_heads=2, head_dim=8, vocab_size=VOCAB_SIZE, max_batch_size=8, max_batch_tokens=1024,
-            max_virtual_tokens=64, version="0.1.0", num_tasks=len(self.tasks), kv_cache_tokens=4096, kv_block_size=8,
+            max_virtual_tokens=64, version=__version__, num_tasks=len(self.tasks), kv_cache_tokens=4096,
+            kv_block_size=8,
             endpoints=("/v1/generate", "/v1/generate_stream", "/v1/completions", "/v1/chat/completions", "/v1/score",
                        "/v1/classify"),
         )  # fmt: skip
