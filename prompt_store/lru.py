@@ -8,11 +8,6 @@ from collections import OrderedDict
 from prompt_store.types import TaskArtifact, TaskKey
 
 
-def artifact_nbytes(artifact: TaskArtifact) -> int:
-    tensor = artifact.prompt_embeddings
-    return tensor.numel() * tensor.element_size()
-
-
 class ArtifactLRU:
     def __init__(self, max_entries: int = 256, max_bytes: int = 256 * 1024 * 1024) -> None:
         self.max_entries = max_entries
@@ -40,7 +35,7 @@ class ArtifactLRU:
         with self._lock:
             self._pop(artifact.key)
             self._entries[artifact.key] = artifact
-            self.num_bytes += artifact_nbytes(artifact)
+            self.num_bytes += artifact.nbytes
             while len(self._entries) > self.max_entries or (self.num_bytes > self.max_bytes and self._entries):
                 self._pop(next(iter(self._entries)))
 
@@ -56,4 +51,4 @@ class ArtifactLRU:
     def _pop(self, key: TaskKey) -> None:
         artifact = self._entries.pop(key, None)
         if artifact is not None:
-            self.num_bytes -= artifact_nbytes(artifact)
+            self.num_bytes -= artifact.nbytes

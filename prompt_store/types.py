@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +130,10 @@ class TaskArtifact:
     def key(self) -> TaskKey:
         return self.record.key
 
+    @property
+    def nbytes(self) -> int:
+        return nbytes([self.prompt_embeddings, *self.head.values()])
+
 
 @dataclass(slots=True)
 class DeviceTask:
@@ -140,14 +145,11 @@ class DeviceTask:
     prompt_embeds: torch.Tensor | None = None  # [P, hidden]
     prefix_keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, P, head_dim]
     prefix_values: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, P, head_dim]
-    head: dict[str, torch.Tensor] = field(default_factory=dict)  # a classification task's head
 
     @property
     def nbytes(self) -> int:
-        tensors = [*self.prefix_keys, *self.prefix_values, *self.head.values()]
-        if self.prompt_embeds is not None:
-            tensors.append(self.prompt_embeds)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        embeds = [] if self.prompt_embeds is None else [self.prompt_embeds]
+        return nbytes([*self.prefix_keys, *self.prefix_values, *embeds])
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,3 +163,8 @@ class CacheStats:
     num_entries: int = 0
     num_pinned: int = 0
     resident_tasks: tuple[TaskKey, ...] = ()  # users' task versions held on the device (the engine's own left out)
+
+
+def nbytes(tensors: Iterable[torch.Tensor]) -> int:
+    """The bytes these tensors' elements take (every tensor byte count in the store and the engine is this sum)."""
+    return sum(tensor.nbytes for tensor in tensors)

@@ -34,10 +34,6 @@ class KVPool:
         return cls(keys, values, block_size)
 
     @property
-    def num_blocks(self) -> int:
-        return self.keys[0].shape[0] // self.block_size
-
-    @property
     def block_bytes(self) -> int:
         return block_bytes(len(self.keys), self.keys[0][0], self.block_size)
 
@@ -56,7 +52,7 @@ def pool_layers(fp: BackboneFingerprint) -> int:
 
 def block_bytes(num_layers: int, slot: torch.Tensor, block_size: int) -> int:
     """Keys and values of one block in every layer; `slot` is one slot of one layer [kv_heads, head_dim]."""
-    return 2 * num_layers * block_size * slot.numel() * slot.element_size()
+    return 2 * num_layers * block_size * slot.nbytes
 
 
 def pool_blocks(

@@ -19,7 +19,7 @@ import torch
 
 from prompt_store.adapter import is_valid_task_id
 from prompt_store.materialize import materialize
-from prompt_store.types import CacheStats, Method, TaskArtifact, TaskKey
+from prompt_store.types import CacheStats, Method, TaskArtifact, TaskKey, nbytes
 from server.engine.attention import one_row_kv, run_backbone
 from server.engine.backbone import Backbone
 from server.engine.kv_memory import KVMemory, TaskBlocks
@@ -31,10 +31,6 @@ logger = logging.getLogger(__name__)
 
 def has_kv_prefix(method: Method, prompts_as_kv: bool) -> bool:
     return method.is_prefix or prompts_as_kv
-
-
-def nbytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def is_user_task(key: TaskKey) -> bool:
@@ -120,7 +116,7 @@ class TaskCache:
         head = {name: tensor.to(device=device, dtype=dtype) for name, tensor in artifact.head.items()}
         if not self.memory.is_superseded(artifact.key):
             self.heads[artifact.key] = head
-            while sum(nbytes(h) for h in self.heads.values()) > self.budget_bytes and len(self.heads) > 1:
+            while sum(nbytes(h.values()) for h in self.heads.values()) > self.budget_bytes and len(self.heads) > 1:
                 self.heads.popitem(last=False)
         return head
 
@@ -133,7 +129,7 @@ class TaskCache:
 
     @property
     def embeddings_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.embeddings.values())
+        return nbytes(self.embeddings.values())
 
     def retire(self, task_id: str, keep_version: int | None) -> None:
         """Free every version of the task but `keep_version` (None: all); keys and values in use go on their last
@@ -163,7 +159,7 @@ class TaskCache:
             hits=self.num_hits,
             misses=self.num_misses,
             evictions=self.num_evictions + self.memory.num_evictions,
-            resident_bytes=sum(t.numel() * t.element_size() for _, t in embeddings) + task_bytes,
+            resident_bytes=nbytes(t for _, t in embeddings) + task_bytes,
             num_entries=len(embeddings) + len(tasks),
             num_pinned=sum(task.ref_count > 0 for task in tasks),
             resident_tasks=tuple(sorted(filter(is_user_task, resident))),
