@@ -19,6 +19,7 @@ import torch
 from prompt_store.adapter import StoreLimits
 from prompt_store.registry import StoreEvent, TaskStore
 from prompt_store.types import TaskArtifact, TaskRecord
+from server import __version__
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -48,7 +49,6 @@ from server.engine.types import (
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 IDLE_WAIT_S = 0.5
 LIVENESS_CHECK_S = 0.25  # a caller waiting on a stopped engine hears of it within this
 
@@ -272,10 +272,6 @@ class AsyncEngine:
             )
         return render_chat(self.backbone.tokenizer, messages)
 
-    def submit(self, request: Request) -> None:
-        """Hand a prepared request to the engine thread (benchmarks and tests use this directly)."""
-        self.send(partial(self.engine.add, request), request)
-
     # ---- tasks
 
     def register_task(
@@ -332,7 +328,7 @@ class AsyncEngine:
             max_batch_size=self.config.max_batch_size,
             max_batch_tokens=self.engine.scheduler.config.max_step_tokens,
             max_virtual_tokens=self.config.max_virtual_tokens,
-            version=VERSION,
+            version=__version__,
             num_tasks=len(self.store),
             kv_cache_tokens=self.engine.memory.num_blocks * self.engine.memory.block_size,
             kv_block_size=self.engine.memory.block_size,
