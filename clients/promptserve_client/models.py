@@ -127,6 +127,7 @@ class Info(_Model):
     kv_block_size: int | None = None
     model_kind: str | None = None  # causal | seq2seq | encoder (servers before it did not say)
     endpoints: list[str] | None = None  # the routes this model serves, e.g. "/v1/generate"
+    has_own_head: bool | None = None  # the checkpoint's own classification head: /v1/classify with no task
 
 
 class Health(_Model):

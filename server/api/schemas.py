@@ -14,6 +14,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from prompt_store.types import TaskRecord
 from server.engine.sampler import MIN_TEMPERATURE
@@ -167,10 +168,6 @@ class GenerateRequest(TargetTasks):
     def _encodable(cls, value: str) -> str:
         return encodable(value)
 
-    @property
-    def is_ensemble(self) -> bool:
-        return self.task_ids is not None
-
     def to_engine_input(self, default_max_new_tokens: int) -> GenerateInput:
         sampling = self.parameters.to_sampling(default_max_new_tokens)
         if self.task_ids is not None:
@@ -293,33 +290,13 @@ class TaskList(BaseModel):
     tasks: list[TaskOut]
 
 
-class InfoResponse(BaseModel):
-    model_id: str
-    model_type: str
-    dtype: str
-    device: str
-    hidden_size: int
-    num_layers: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    max_batch_size: int
-    max_batch_tokens: int
-    max_virtual_tokens: int
-    version: str
-    num_tasks: int
-    kv_cache_tokens: int = Field(description="the KV pool's capacity in tokens: rows' own and tasks' shared")
-    kv_block_size: int = Field(description="tokens per KV block")
-    model_kind: Literal["causal", "seq2seq", "encoder"] = Field(
-        description="causal: a decoder-only LM (CAUSAL_LM adapters, and SEQ_CLS on its last token); seq2seq: an "
-        "encoder-decoder such as T5 or BART (SEQ_2_SEQ_LM adapters); encoder: BERT, RoBERTa, ELECTRA, DeBERTa-v2 "
-        "(SEQ_CLS and TOKEN_CLS adapters), DistilBERT or ALBERT (TOKEN_CLS); /v1/classify only"
-    )
-    endpoints: list[str] = Field(description="the routes that apply to this backbone, besides the task routes")
+@pydantic_dataclass(frozen=True)
+class InfoResponse(EngineInfo):
+    """GET /info: the engine's own record (server.engine.types.EngineInfo), its fields not copied."""
 
     @classmethod
     def of(cls, info: EngineInfo) -> InfoResponse:
-        return cls.model_validate(asdict(info))
+        return cls(**asdict(info))
 
 
 class HealthResponse(BaseModel):

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from server.api.openai_schemas import ChatMessage, LenientBody, Text
 from server.api.schemas import absent_when_none
+from server.engine.types import TokenizerInfo
 
 
 class TokenizeRequest(LenientBody):
@@ -58,14 +60,7 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-class TokenizerInfoResponse(BaseModel):
-    """What lm-evaluation-harness's remote tokenizer reads (eos/bos/pad tokens, the chat template)."""
-
-    tokenizer_class: str
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    unk_token: str | None
-    chat_template: str | None
-    model_max_length: int
-    vocab_size: int
+@pydantic_dataclass(frozen=True)
+class TokenizerInfoResponse(TokenizerInfo):
+    """What lm-evaluation-harness's remote tokenizer reads (eos/bos/pad tokens, the chat template): the engine's
+    own record (server.engine.types.TokenizerInfo), its fields not copied."""

@@ -28,6 +28,7 @@ from server.engine.default_backbone import ensure_default_backbone
 from server.engine.errors import UnsupportedBackbone, first_line
 from server.engine.heads import BareHead, Head, bare_head, build_head
 from server.engine.seq2seq import Seq2Seq, seq2seq_of
+from server.engine.types import KindName
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Backbone:
         return int(weight.shape[0])
 
     @property
-    def kind(self) -> str:
+    def kind(self) -> KindName:
         if self.encoder is not None:
             return "encoder"
         return "seq2seq" if self.seq2seq is not None else "causal"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from prompt_store.types import CacheStats, TaskKey
 
@@ -174,6 +174,9 @@ class EngineOutput:
     results: tuple[RowResult, ...] = ()  # classification and scoring rows computed in full in the step
 
 
+KindName = Literal["causal", "seq2seq", "encoder"]
+
+
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
     model_id: str
@@ -190,11 +193,26 @@ class EngineInfo:
     max_virtual_tokens: int
     version: str
     num_tasks: int
-    kv_cache_tokens: int = 0  # the KV pool's capacity, in tokens (rows' own and tasks' shared)
-    kv_block_size: int = 0
-    model_kind: str = "causal"  # "causal", "seq2seq" (an encoder-decoder: T5, BART) or "encoder" (BERT, RoBERTa)
-    endpoints: tuple[str, ...] = ()  # the routes that apply to this backbone
-    has_own_head: bool = False  # the checkpoint's own classification head (/v1/classify with no task)
+    # GET /info answers this record as it is; a field's "description" (metadata) is its OpenAPI description
+    kv_cache_tokens: int = field(
+        default=0, metadata={"description": "the KV pool's capacity in tokens: rows' own and tasks' shared"}
+    )
+    kv_block_size: int = field(default=0, metadata={"description": "tokens per KV block"})
+    model_kind: KindName = field(
+        default="causal",
+        metadata={
+            "description": "causal: a decoder-only LM (CAUSAL_LM adapters, and SEQ_CLS on its last token); seq2seq: "
+            "an encoder-decoder such as T5 or BART (SEQ_2_SEQ_LM adapters); encoder: BERT, RoBERTa, ELECTRA, "
+            "DeBERTa-v2 (SEQ_CLS and TOKEN_CLS adapters), DistilBERT or ALBERT (TOKEN_CLS); /v1/classify only"
+        },
+    )
+    endpoints: tuple[str, ...] = field(
+        default=(), metadata={"description": "the routes that apply to this backbone, besides the task routes"}
+    )
+    has_own_head: bool = field(
+        default=False,
+        metadata={"description": "the checkpoint has its own classification head: /v1/classify with no task"},
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ def test_info_reports_every_api_field(client: TestClient, engine: FakeEngine) ->
     info = client.get("/info").json()
     expected = {"model_id", "model_type", "dtype", "device", "hidden_size", "num_layers", "num_key_value_heads",
                 "head_dim", "vocab_size", "max_batch_size", "max_batch_tokens", "max_virtual_tokens", "version",
-                "num_tasks", "kv_cache_tokens", "kv_block_size", "model_kind", "endpoints"}  # fmt: skip
+                "num_tasks", "kv_cache_tokens", "kv_block_size", "model_kind", "endpoints", "has_own_head"}  # fmt: skip
     assert set(info) == expected
     assert info["num_tasks"] == 1 and info["model_kind"] == "causal"
 
