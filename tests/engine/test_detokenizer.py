@@ -70,3 +70,14 @@ def test_pieces_read_each_candidate_in_context_special_tokens_shown():
     assert decoder.pieces([4, 5, 2]) == [" world", "!", "</s>"]
     decoder.next_text([4])
     assert decoder.pieces([5]) == ["!"]
+
+
+def test_the_context_is_never_emitted_even_when_it_ends_in_broken_bytes():
+    """A prompt given as token ids (or a random model's output before it) may end mid-character; the new text holds
+    none of it (tokenizers' DecodeStream, primed with the same ids, emits the context's broken bytes here)."""
+    tokenizer = byte_tokenizer()
+    context = [215, 20, 132]  # "\xd7", "\x14", "\x84": the context's text is "\ufffd\x14\ufffd"
+    decoder = IncrementalDecoder(tokenizer, context)
+    new = list("✓ok".encode())
+    pieces = [decoder.next_text(new[: i + 1]) for i in range(len(new))]
+    assert pieces == ["", "", "✓", "o", "k"]
