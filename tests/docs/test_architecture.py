@@ -28,19 +28,20 @@ DIAGRAM_NAME = re.compile(
 NOT_CODE = {"OpenAI"}  # a company, in the diagram's prose
 
 
-def modules() -> dict[str, ModuleType]:
-    found = {}
+def modules() -> dict[str, list[ModuleType]]:
+    """Every module and package of the packages, by its last name (server.api.errors and server.engine.errors
+    are both `errors`)."""
+    found: dict[str, list[ModuleType]] = {}
     for package_name in PACKAGES:
         package = importlib.import_module(package_name)
         for info in pkgutil.walk_packages(package.__path__, f"{package_name}."):
-            if info.name.startswith("server.api.routes") or not info.ispkg:
-                found[info.name.rsplit(".", 1)[1]] = importlib.import_module(info.name)
+            found.setdefault(info.name.rsplit(".", 1)[1], []).append(importlib.import_module(info.name))
     return found
 
 
-def named_object(name: str, namespace: dict[str, ModuleType]) -> Any:
+def named_object(name: str, namespace: dict[str, list[ModuleType]]) -> Any:
     """A class of the packages (or of transformers, whose extension point the page names), or None."""
-    for module in (*namespace.values(), transformers):
+    for module in (*(m for ms in namespace.values() for m in ms), transformers):
         value = getattr(module, name, None)
         if isinstance(value, type):
             return value
@@ -55,7 +56,7 @@ def code_spans() -> list[str]:
     return [*re.findall(r"`([^`\n]+)`", page), *(name for name in names if name not in NOT_CODE)]
 
 
-def unresolved(span: str, namespace: dict[str, ModuleType]) -> str | None:
+def unresolved(span: str, namespace: dict[str, list[ModuleType]]) -> str | None:
     """Why the span names nothing that exists; None when it does, or when it is not a name of code."""
     if SOURCE_FILE.match(span):
         return None if (ROOT / span).is_file() else "no such file"
@@ -69,7 +70,8 @@ def unresolved(span: str, namespace: dict[str, ModuleType]) -> str | None:
         fields = getattr(owner, "__dataclass_fields__", {})
         return None if member is None or hasattr(owner, member) or member in fields else "no such member"
     if (match := MODULE_MEMBER.match(span)) and match.group(1) in namespace and match.group(2) != "py":
-        return None if hasattr(namespace[match.group(1)], match.group(2)) else "no such function"
+        found = any(hasattr(module, match.group(2)) for module in namespace[match.group(1)])
+        return None if found else "no such function"
     return None
 
 
