@@ -8,14 +8,16 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from promptserve_client import cli as client_cli
-from server.api.settings import Settings
+from server.api.settings import ConfigurationError, Settings, SettingSpec, load_settings, setting_specs
 
 Run = Callable[[list[str]], int]
+FLAG_ALIASES = {"store_dir": ("--store",)}  # the short names the first flags had
 
 
 @dataclass(frozen=True)
@@ -28,46 +30,47 @@ class Command:
 
 
 def serve_parser() -> argparse.ArgumentParser:
+    """One flag per setting (server/api/settings.py), with its help, default and variable."""
     parser = argparse.ArgumentParser(
         prog="promptserve serve",
         description="Serve one frozen backbone (a causal LM, an encoder-decoder or an encoder) and its prompt-learning "
-        "tasks over HTTP (one worker per GPU). "
-        "Every flag defaults to its PROMPTSERVE_<NAME> environment variable, then to the built-in default.",
+        "tasks over HTTP (one worker per GPU). Every flag defaults to its PROMPTSERVE_<NAME> environment variable, "
+        "then to the built-in default.",
     )
-    parser.add_argument("--model", help="local directory or Hugging Face id (default: the built-in backbone)")
-    parser.add_argument("--store", dest="store_dir",
-                        help="task store: a directory, or s3://bucket/prefix with endpoint, region and credentials "
-                        "from the AWS_* environment variables (PROMPTSERVE_STORE_DIR)")  # fmt: skip
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
-    parser.add_argument("--max-batch-size", type=int, help="rows in the running batch")
-    parser.add_argument("--max-batch-tokens", type=int, help="KV slots the running batch may hold")
-    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"))
-    parser.add_argument("--no-demo-tasks", dest="demo_tasks", action="store_const", const=False,
-                        help="do not register the demo tasks on first start")  # fmt: skip
-    parser.add_argument("--enable-prompt-embeds", dest="enable_prompt_embeds", action="store_const", const=True,
-                        help="accept prompt_embeds on /v1/completions (as vLLM's flag)")  # fmt: skip
-    parser.add_argument("--no-self-check", dest="self_check", action="store_const", const=False,
-                        help="skip the start-up check that the engine decodes like the backbone")  # fmt: skip
+    for spec in setting_specs():
+        add_setting_flag(parser, spec)
     return parser
 
 
+def add_setting_flag(parser: argparse.ArgumentParser, spec: SettingSpec) -> None:
+    help = f"{spec.help} (default: {spec.shown_default}; {spec.variable})".replace("%", "%%")
+    names = [spec.flag, *FLAG_ALIASES.get(spec.name, ())]
+    if spec.annotation is bool:
+        parser.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction, help=help)
+    elif typing.get_origin(spec.annotation) is Literal:
+        parser.add_argument(*names, dest=spec.name, choices=typing.get_args(spec.annotation), help=help)
+    else:
+        parser.add_argument(*names, dest=spec.name, metavar=spec.name.upper(), help=help)
+
+
 def serve_settings(argv: Sequence[str]) -> Settings:
-    """Flags override the environment, which overrides the defaults."""
+    """Flags override the environment, which overrides the defaults; a bad one is a ConfigurationError."""
     args = serve_parser().parse_args(argv)
-    overrides: dict[str, Any] = {name: value for name, value in vars(args).items() if value is not None}
-    return Settings(**overrides)
+    given: dict[str, Any] = {name: value for name, value in vars(args).items() if value is not None}
+    return load_settings(given, lambda name: "--" + name.replace("_", "-"))
 
 
 def serve(argv: list[str]) -> int:
+    try:
+        settings = serve_settings(argv)
+    except ConfigurationError as error:
+        print(f"promptserve serve: {error}", file=sys.stderr)
+        return 2
     import uvicorn  # the client commands never need the server's dependencies
 
     from server.api.app import create_app
     from server.api.serving import build_server
 
-    settings = serve_settings(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server: uvicorn.Server | None = None
 

@@ -25,7 +25,7 @@ from ray import serve
 from ray.serve import Application
 
 from server.api.app import build_real_engine, create_app, prepare_engine
-from server.api.settings import Settings
+from server.api.settings import Settings, load_settings, setting_names
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class PromptServe:
         context = serve.get_replica_context()
         if context.rank.rank != 0:  # one replica seeds an empty store with the demo tasks, not each (versions 1..N)
             overrides = {**overrides, "demo_tasks": False}
-        settings = Settings(**overrides)  # the replica's own PROMPTSERVE_* environment, then the overrides
+        # the replica's own PROMPTSERVE_* environment, then the overrides
+        settings = load_settings(overrides, builder_argument)
         # what Ray gave this replica, however it was configured (builder arguments, a config file's deployments)
         check_gpu_share(settings, ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
         self.replica_id = context.replica_id.to_full_id_str()
@@ -104,13 +105,18 @@ class PromptServe:
             engine.shutdown()
 
 
+def builder_argument(name: str) -> str:
+    return f"the builder argument {name}"
+
+
 def check_gpu_share(settings: Settings, num_gpus: float) -> None:
     """Replicas sharing a GPU must be told their KV cache's size: sized from free memory, replicas starting
     together would each take the same share of it."""
-    if 0 < num_gpus < 1 and settings.kv_cache_bytes is None:
+    config = settings.engine
+    if 0 < num_gpus < 1 and config.kv_cache_bytes is None:
         raise ValueError(
             f"num_gpus {num_gpus:g}: expected kv_cache_bytes (PROMPTSERVE_KV_CACHE_BYTES) set to each replica's share "
-            f"of the GPU; found none, and replicas sharing a GPU would each take {settings.kv_cache_memory_fraction:g} "
+            f"of the GPU; found none, and replicas sharing a GPU would each take {config.kv_cache_memory_fraction:g} "
             "of the same free memory"
         )
 
@@ -121,10 +127,10 @@ PromptServeDeployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(P
 def build_app(args: dict[str, Any]) -> Application:
     """The application builder (`serve run server.ray_serve:build_app key=value ...`): arguments named like a
     setting (store_dir, model, torch_threads, ...) override the environment; the others are ReplicaOptions."""
-    setting_names = set(Settings.model_fields)
-    overrides = {name: value for name, value in args.items() if name in setting_names}
-    Settings(**overrides)  # fail here, in the driver, on a bad setting rather than in every replica
-    options = ReplicaOptions(**{name: value for name, value in args.items() if name not in setting_names})
+    names = setting_names()
+    overrides = {name: value for name, value in args.items() if name in names}
+    load_settings(overrides, builder_argument)  # fail here, in the driver, on a bad setting, not in every replica
+    options = ReplicaOptions(**{name: value for name, value in args.items() if name not in names})
     return PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
 
 

@@ -145,13 +145,15 @@ def prepare_engine(settings: Settings, factory: EngineFactory) -> EngineClient:
 def build_real_engine(settings: Settings) -> EngineClient:
     from server.engine.async_engine import build_engine  # lazy: loads torch and transformers
 
-    return build_engine(settings.engine_config())
+    return build_engine(settings.engine)
 
 
 def register_demo_tasks(engine: EngineClient, settings: Settings) -> None:
     """First start of the default backbone with an empty store: register the built-in demo tasks (server.demo)."""
-    if settings.model is not None:
-        logger.info("demo tasks are trained for the default backbone; not registering them for %s", settings.model)
+    if settings.engine.model is not None:
+        logger.info(
+            "demo tasks are trained for the default backbone; not registering them for %s", settings.engine.model
+        )
         return
     if engine.list_tasks():
         return

@@ -66,7 +66,7 @@ def decoded_embeds(text: str, engine: EngineClient, settings: Settings) -> bytes
     if not settings.enable_prompt_embeds:
         raise ApiError(400, "validation", "prompt_embeds: expected a server started with --enable-prompt-embeds "
                        "(PROMPTSERVE_ENABLE_PROMPT_EMBEDS); this one is not", param="prompt_embeds")  # fmt: skip
-    limit = max_embeds_bytes(settings.max_input_tokens, engine.info().hidden_size)
+    limit = max_embeds_bytes(settings.engine.max_input_tokens, engine.info().hidden_size)
     if len(text) > (limit + 2) // 3 * 4:
         raise ApiError(413, "too_large", f"prompt_embeds: expected at most {limit} bytes; found {len(text) * 3 // 4}",
                        param="prompt_embeds")  # fmt: skip

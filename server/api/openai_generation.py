@@ -82,15 +82,18 @@ def targets(
 def max_new_tokens(asked: int | None, param: str, settings: Settings) -> int:
     if asked is None:
         return settings.default_max_new_tokens
-    if asked > settings.max_new_tokens_limit:
+    if asked > settings.engine.max_new_tokens_limit:
         raise ApiError(
-            422, "validation", f"{param}: expected at most {settings.max_new_tokens_limit}; found {asked}", param=param
+            422,
+            "validation",
+            f"{param}: expected at most {settings.engine.max_new_tokens_limit}; found {asked}",
+            param=param,
         )
     return asked
 
 
 def check_choices(num_prompts: int, n: int, num_members: int, settings: Settings) -> None:
-    limit = settings.max_batch_size
+    limit = settings.engine.max_batch_size
     if num_members > limit:
         raise ApiError(422, "validation", f"task_ids: expected at most {limit} members (the server's batch size); "
                        f"found {num_members}", param="task_ids")  # fmt: skip

@@ -150,21 +150,21 @@ def document_openai_streams(document: dict[str, Any]) -> None:
 def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     """The server's own limits in the request schema, so that a request the schema allows is one it serves."""
     max_new_tokens = schemas["Parameters"]["properties"]["max_new_tokens"]
-    max_new_tokens["anyOf"][0]["maximum"] = settings.max_new_tokens_limit
+    max_new_tokens["anyOf"][0]["maximum"] = settings.engine.max_new_tokens_limit
     max_new_tokens["description"] = f"null or absent: {settings.default_max_new_tokens}"
     task_ids = schemas["GenerateRequest"]["properties"]["task_ids"]["anyOf"][0]
-    task_ids["maxItems"] = settings.max_batch_size
+    task_ids["maxItems"] = settings.engine.max_batch_size
     for request in ("CompletionRequest", "ChatRequest"):
         properties = schemas[request]["properties"]
-        properties["n"]["maximum"] = settings.max_batch_size
-        properties["task_ids"]["anyOf"][0]["maxItems"] = settings.max_batch_size
+        properties["n"]["maximum"] = settings.engine.max_batch_size
+        properties["task_ids"]["anyOf"][0]["maxItems"] = settings.engine.max_batch_size
         for name in ("max_tokens", "max_completion_tokens"):
             if name in properties:
-                properties[name]["anyOf"][0]["maximum"] = settings.max_new_tokens_limit
+                properties[name]["anyOf"][0]["maximum"] = settings.engine.max_new_tokens_limit
     for name in ("prompt", "prompt_embeds"):
         for option in schemas["CompletionRequest"]["properties"][name]["anyOf"]:
             if option.get("type") == "array" and option["items"].get("type") != "integer":  # a list of prompts
-                option["maxItems"] = settings.max_batch_size
+                option["maxItems"] = settings.engine.max_batch_size
 
 
 NULLS_ARE_DEFAULTS = ("CompletionRequest", "ChatRequest", "StreamOptions", "TokenizeRequest", "DetokenizeRequest")

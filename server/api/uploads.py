@@ -68,9 +68,9 @@ async def read_adapter_upload(request: Request, settings: Settings) -> AdapterUp
     form = await parse_form(request)
     try:
         check_parts(form)
-        config = await read_part(form, CONFIG_PART, settings.max_config_bytes)
-        model = await read_part(form, MODEL_PART, settings.max_adapter_bytes)
-        labels = await read_labels(form, settings.max_config_bytes)
+        config = await read_part(form, CONFIG_PART, settings.engine.max_config_bytes)
+        model = await read_part(form, MODEL_PART, settings.engine.max_adapter_bytes)
+        labels = await read_labels(form, settings.engine.max_config_bytes)
     finally:
         await form.close()
     return AdapterUpload(config=config, model=model, labels=labels)

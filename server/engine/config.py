@@ -1,33 +1,75 @@
-"""Plain configuration of the engine; the API's settings build it at the edge and pass it down."""
+"""Plain configuration of the engine: each field's default, bounds and help text are declared here once; the API's
+settings (server/api/settings.py) read them to make its PROMPTSERVE_* variables and `promptserve serve` flags."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge, Gt, Le
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+
+
+def setting(default: Any, help: str) -> Any:
+    """A field's default and the help text its flag and variable carry."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
-    model: str | None = None  # local directory or hub id; None: the built-in default backbone
-    store_dir: str = "./store"  # a directory, or s3://bucket/prefix (endpoint and credentials: AWS_* variables)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16
-    max_batch_size: int = 32  # rows in the running batch
-    max_batch_tokens: int | None = None  # tokens one step computes (decode tokens + prefill chunks); None: by device
-    max_waiting: int = 1024  # bounded waiting queue: beyond it, QueueFull
-    max_input_tokens: int = 2048  # after tokenization, without virtual tokens
-    max_new_tokens_limit: int = 2048
-    max_virtual_tokens: int = 256
-    max_adapter_bytes: int = 64 * 1024 * 1024  # adapter_model.safetensors
-    max_config_bytes: int = 64 * 1024  # adapter_config.json
-    prompt_cache_bytes: int = 256 * 1024 * 1024  # prompt tasks held as input embeddings (cache_prompt_kv off)
-    kv_cache_bytes: int | None = None  # the KV pool; None: kv_cache_memory_fraction of free GPU memory, 1 GiB on CPU
-    kv_cache_memory_fraction: float = 0.8
-    kv_block_size: int = 8  # tokens per KV block: a row wastes half a block on average
-    poll_interval_s: float = 2.0  # picks up tasks written by other processes; 0 disables
-    trust_remote_code: bool = False
-    cache_prompt_kv: bool = True  # prompt/P-tuning tasks held as their virtual tokens' keys and values, shared
-    torch_threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
-    self_check: bool = True  # before ready: the engine's tokens equal the backbone's own (server.engine.selfcheck)
+    model: str | None = setting(None, "local directory or Hugging Face id; unset: the built-in backbone, offline")
+    store_dir: str = setting(
+        "./store",
+        "task store: a directory, or s3://bucket/prefix (endpoint, region and credentials from the AWS_* variables)",
+    )
+    store_connect_timeout_s: Annotated[float, Gt(0)] = setting(
+        3.0, "seconds an S3 store's endpoint has to accept a connection before the request fails"
+    )
+    store_read_timeout_s: Annotated[float, Gt(0)] = setting(
+        10.0, "seconds an S3 store's endpoint has to answer a request once connected"
+    )
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
+    dtype: Dtype = setting("auto", "auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16")
+    max_batch_size: Annotated[int, Ge(1)] = setting(32, "rows in the running batch")
+    max_batch_tokens: Annotated[int, Ge(1)] | None = setting(
+        None,
+        "tokens one step computes (every running row's next token, then prefill chunks); "
+        "unset: 512 on CPU, 8192 on GPU",
+    )
+    max_waiting: Annotated[int, Ge(0)] = setting(1024, "waiting requests before 429 (QueueFull)")
+    max_input_tokens: Annotated[int, Ge(1)] = setting(2048, "input tokens per request, after tokenization")
+    max_new_tokens_limit: Annotated[int, Ge(1)] = setting(2048, "the largest max_new_tokens accepted")
+    max_virtual_tokens: Annotated[int, Ge(1)] = setting(256, "virtual tokens per task")
+    max_adapter_bytes: Annotated[int, Ge(1)] = setting(64 * 1024 * 1024, "size of adapter_model.safetensors")
+    max_config_bytes: Annotated[int, Ge(1)] = setting(64 * 1024, "size of adapter_config.json")
+    prompt_cache_bytes: Annotated[int, Ge(0)] = setting(
+        256 * 1024 * 1024, "device memory for prompt tasks fed as input embeddings (cache_prompt_kv off; LRU)"
+    )
+    kv_cache_bytes: Annotated[int, Ge(1)] | None = setting(
+        None,
+        "the KV pool, allocated at start; unset: kv_cache_memory_fraction of the GPU memory free after loading, "
+        "1 GiB on CPU",
+    )
+    kv_cache_memory_fraction: Annotated[float, Gt(0), Le(1)] = setting(
+        0.8, "on a GPU with kv_cache_bytes unset: the share of the memory free after loading the model"
+    )
+    kv_block_size: Annotated[int, Ge(1)] = setting(8, "tokens per KV block (a row wastes half a block on average)")
+    poll_interval_s: Annotated[float, Ge(0)] = setting(
+        2.0, "how often tasks written by other processes are picked up; 0: never"
+    )
+    trust_remote_code: bool = setting(False, "passed to from_pretrained for models with custom code")
+    cache_prompt_kv: bool = setting(
+        True,
+        "hold each prompt or P-tuning task as its virtual tokens' keys and values, shared by its rows; "
+        "off: each row feeds them as input embeddings",
+    )
+    torch_threads: Annotated[int, Ge(1)] | None = setting(
+        None, "torch intra-op threads; unset: torch's default (one per core)"
+    )
+    self_check: bool = setting(
+        True, "before ready: check that the engine decodes like the backbone's own uncached forward"
+    )
 
 
 def default_max_batch_tokens(device: str) -> int:

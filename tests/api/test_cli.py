@@ -15,12 +15,12 @@ def test_serve_flags_override_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTSERVE_PORT", "9000")
     monkeypatch.setenv("PROMPTSERVE_MAX_BATCH_SIZE", "4")
     settings = cli.serve_settings(["--port", "9100", "--store", "/data/store", "--dtype", "bfloat16"])
-    assert (settings.port, settings.store_dir, settings.dtype) == (9100, "/data/store", "bfloat16")
-    assert settings.max_batch_size == 4
+    assert (settings.port, settings.engine.store_dir, settings.engine.dtype) == (9100, "/data/store", "bfloat16")
+    assert settings.engine.max_batch_size == 4
 
 
 def test_serve_without_model_uses_default_backbone() -> None:
-    assert cli.serve_settings([]).engine_config().model is None
+    assert cli.serve_settings([]).engine.model is None
 
 
 def test_serve_no_demo_tasks_flag() -> None:

@@ -1,43 +1,34 @@
-"""The README's Configuration table names every setting and every `promptserve serve` flag, and only real ones."""
+"""The README's Configuration table is the settings' own: every setting, its flag, default and help, in order."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from server.api.settings import Settings
+from server.api.settings import setting_specs
 from server.cli import serve_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def configuration_rows() -> list[tuple[list[str], list[str]]]:
-    """(setting names, flags) of each row of the table under `## Configuration`."""
+def configuration_table() -> list[str]:
     text = README.read_text()
     start = text.index("\n## Configuration\n")
     section = text[start : text.index("\n## ", start + 1)]
-    rows = []
-    for line in section.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) < 2 or not cells[0].startswith("`"):
-            continue
-        rows.append((re.findall(r"`([A-Z_]+)`", cells[0]), re.findall(r"`(--[a-z-]+)`", cells[1])))
-    return rows
+    return [line for line in section.splitlines() if line.startswith("| `")]
 
 
-def test_every_setting_is_documented_and_every_documented_one_exists() -> None:
-    documented = {name.lower() for names, _ in configuration_rows() for name in names}
-    assert documented == set(Settings.model_fields)
+def test_the_configuration_table_is_the_settings_own() -> None:
+    expected = [spec.table_row() for spec in setting_specs()]
+    assert configuration_table() == expected, "README's table; regenerate it from setting_specs():\n" + "\n".join(
+        expected
+    )
 
 
-def test_every_serve_flag_is_documented_on_its_setting() -> None:
-    documented = {flag: names for names, flags in configuration_rows() for flag in flags}
+def test_every_setting_is_a_serve_flag_defaulting_to_its_variable() -> None:
     flags = {
-        option: action.dest
-        for action in serve_parser()._actions
-        for option in action.option_strings
-        if option.startswith("--") and option != "--help"
+        option: action for action in serve_parser()._actions for option in action.option_strings if option != "--help"
     }
-    assert set(documented) == set(flags)
-    for flag, dest in flags.items():
-        assert dest.upper() in documented[flag], f"{flag} sets {dest}, the README puts it on {documented[flag]}"
+    for spec in setting_specs():
+        action = flags[spec.flag]
+        assert action.dest == spec.name and action.default is None  # unset: the variable, then the default
+        assert spec.variable in (action.help or "") and f"default: {spec.shown_default}" in (action.help or "")

@@ -57,7 +57,7 @@ def files(adapter: Path) -> dict[str, tuple[str, bytes, str]]:
 @contextmanager
 def serving(model: Path, store: Path) -> Iterator[TestClient]:
     settings = Settings(model=str(model), store_dir=str(store), device="cpu", poll_interval_s=0, demo_tasks=False)
-    engine = build_engine(settings.engine_config())
+    engine = build_engine(settings.engine)
     try:
         with TestClient(create_app(Settings(demo_tasks=False), engine)) as client:
             yield client

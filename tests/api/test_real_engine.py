@@ -40,7 +40,7 @@ def adapter_files(adapter_dir: Path) -> dict[str, tuple[str, bytes, str]]:
 
 @pytest.fixture(scope="module")
 def real_engine(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncEngine]:
-    engine = build_engine(real_settings(tiny_llama, tmp_path_factory.mktemp("store")).engine_config())
+    engine = build_engine(real_settings(tiny_llama, tmp_path_factory.mktemp("store")).engine)
     yield engine
     engine.shutdown()
 
@@ -190,7 +190,7 @@ def test_a_token_the_model_cannot_read_is_a_400_naming_it_while_streams_run_on(
     tokenizer = AutoTokenizer.from_pretrained(widened)
     tokenizer.add_tokens(["<extra>"], special_tokens=True)
     tokenizer.save_pretrained(widened)
-    engine = build_engine(real_settings(TinyBackbone("llama", widened), tmp_path / "store").engine_config())
+    engine = build_engine(real_settings(TinyBackbone("llama", widened), tmp_path / "store").engine)
     body = {"inputs": "a stream", "parameters": {"max_new_tokens": 200}}
     try:
         with TestClient(create_app(Settings(demo_tasks=False), engine)) as client:

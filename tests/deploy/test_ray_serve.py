@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from server.api.app import REPLICA_HEADER, create_app
-from server.api.settings import Settings
+from server.api.settings import ConfigurationError, Settings
 from server.demo import ADAPTER_CONFIG, ADAPTER_MODEL, DEMO_TASKS
 from tests.api.fake_engine import FakeEngine
 from tests.deploy.helpers import ROOT
@@ -141,6 +141,11 @@ def test_builder_refuses_an_unknown_argument() -> None:
 
     with pytest.raises(ValidationError):
         build_app({"num_replica": 2})
+
+
+def test_builder_refuses_a_bad_setting_in_one_line_naming_the_argument() -> None:
+    with pytest.raises(ConfigurationError, match=r"^the builder argument max_batch_size: expected a valid integer"):
+        build_app({"max_batch_size": "many"})
 
 
 def test_replicas_sharing_a_gpu_need_their_kv_cache_size() -> None:

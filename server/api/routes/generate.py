@@ -25,7 +25,7 @@ async def generate(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     generate_input = body.to_engine_input(settings.default_max_new_tokens)
-    check_members(generate_input.task_ids, settings.max_batch_size)
+    check_members(generate_input.task_ids, settings.engine.max_batch_size)
     tracker = metrics.start_request("generate", generate_input.task_ids)
     completion = await tracked(request, tracker, complete(engine, generate_input, tracker))
     tracker.finish("success")
@@ -41,7 +41,7 @@ async def generate_stream(
     settings: Settings = Depends(get_settings),
 ) -> Response:
     generate_input = body.to_engine_input(settings.default_max_new_tokens)
-    check_members(generate_input.task_ids, settings.max_batch_size)
+    check_members(generate_input.task_ids, settings.engine.max_batch_size)
     tracker = metrics.start_request("generate_stream", generate_input.task_ids)
     first, outputs = await tracked(request, tracker, start_stream(engine, generate_input))
     events = stream_events(first, outputs, body.parameters.details, tracker)
