@@ -7,14 +7,29 @@ registry above it owns the in-memory index, the artifact LRU, polling and listen
 from __future__ import annotations
 
 import contextlib
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from prompt_store.adapter import StoreLimits
+from prompt_store.errors import StoreError
 from prompt_store.types import BackboneFingerprint, TaskArtifact
 from prompt_store.versions import ParsedAdapter
 
 S3_SCHEME = "s3://"
+# something that reads as a URI (`gs://...`, `S3://...`, `s3:/...`): refused unless exactly s3://, never a directory
+_URI_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/|^(s3|S3):")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTimeouts:
+    """How long an S3 store's endpoint may take: to accept a connection, to answer once connected; and how many
+    times a request is tried (the start-up probe tries once, so a hung endpoint fails within the two timeouts)."""
+
+    connect_s: float = 3.0
+    read_s: float = 10.0
+    max_attempts: int = 3
 
 
 class StoreBackend(Protocol):
@@ -71,17 +86,40 @@ class StoreBackend(Protocol):
         """A local PEFT adapter directory of a version (S3: downloaded into a local cache once)."""
         ...
 
+    def probe(self) -> None:
+        """List the store and write (then remove) a probe object: StoreError if either fails."""
+        ...
+
 
 def is_s3_uri(location: str | Path) -> bool:
     return isinstance(location, str) and location.startswith(S3_SCHEME)
 
 
-def open_backend(location: str | Path) -> StoreBackend:
+def check_location(location: str | Path) -> None:
+    """StoreError for a location that reads as a URI but is not `s3://bucket/...`: it must not become a directory."""
+    match = _URI_LIKE.match(str(location)) if isinstance(location, str) else None
+    if match is not None and not location.startswith(S3_SCHEME):  # type: ignore[union-attr]
+        scheme = match.group(1) or match.group(2)
+        if scheme.lower() == "s3":
+            raise StoreError(f"expected s3://bucket/prefix (lower-case s3, two slashes); found {location!r}")
+        raise StoreError(f"expected a directory or s3://bucket/prefix; found the URI scheme {scheme!r} in {location!r}")
+
+
+def open_backend(location: str | Path, timeouts: StoreTimeouts = StoreTimeouts()) -> StoreBackend:
     """A directory path (created if missing) or `s3://bucket/prefix` (checked: reachable, bucket exists)."""
+    check_location(location)
     if is_s3_uri(location):
         from prompt_store.s3 import S3Backend  # boto3 is the optional `s3` extra
 
-        return S3Backend.open(str(location))
+        return S3Backend.open(str(location), timeouts)
     from prompt_store.directory import DirectoryBackend
 
     return DirectoryBackend(Path(location))
+
+
+def probe_store(location: str | Path, timeouts: StoreTimeouts) -> None:
+    """Before anything else starts: the store opens, lists and takes a write (StoreError naming what failed)."""
+    try:
+        open_backend(location, timeouts).probe()
+    except OSError as error:  # a directory that cannot be created, listed or written
+        raise StoreError(f"{location}: expected a directory this process can list and write; found {error}") from error

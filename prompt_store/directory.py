@@ -7,6 +7,7 @@ where things live.
 from __future__ import annotations
 
 import contextlib
+import uuid
 from pathlib import Path
 
 from prompt_store.adapter import StoreLimits
@@ -39,6 +40,12 @@ class DirectoryBackend:
             task_dir = self.layout.task_dir(task_id)
             if task_dir.is_dir() and not any(task_dir.iterdir()):
                 task_dir.rmdir()
+
+    def probe(self) -> None:
+        self.listing()
+        probe = self.layout.tmp_dir / f"probe-{uuid.uuid4().hex}"
+        probe.write_bytes(b"promptserve start-up probe")
+        probe.unlink()
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.layout.lock_path)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from prompt_store.adapter import StoreLimits, is_valid_task_id, validate_task_id
-from prompt_store.backend import StoreBackend, open_backend
+from prompt_store.backend import StoreBackend, StoreTimeouts, open_backend
 from prompt_store.errors import InvalidTask, LookupThrottled, StoreError, TaskNotFound
 from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
@@ -64,8 +64,9 @@ class TaskStore:
         limits: StoreLimits = StoreLimits(),
         max_cached_artifacts: int = 256,  # CPU artifacts kept for repeated loads (bounded also by bytes)
         lookups: LookupLimiter | None = None,  # rate limits on looking up unknown ids (default: lookups.py's)
+        timeouts: StoreTimeouts = StoreTimeouts(),  # an S3 endpoint's
     ) -> None:
-        self.backend: StoreBackend = open_backend(location)
+        self.backend: StoreBackend = open_backend(location, timeouts)
         self.fingerprint = fingerprint
         self.limits = limits
         self._records: dict[str, TaskRecord] = {}  # task_id -> current version

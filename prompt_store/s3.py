@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, check_sizes, is_valid_task_id
+from prompt_store.backend import StoreTimeouts
 from prompt_store.errors import InvalidTask, StoreError, StoreUnavailable, TaskNotFound
 from prompt_store.layout import LABELS_NAME, parse_version_name, version_name
 from prompt_store.types import BackboneFingerprint, TaskArtifact
@@ -40,10 +41,8 @@ DATA_GRACE_S = 3600.0
 MAX_STAGED_AGE_S = 600.0
 MAX_MANIFEST_BYTES = 1024 * 1024
 _MAX_COMMIT_ATTEMPTS = 1000
-# Fail fast on a dead endpoint (start-up, a lookup on the request path); boto3's standard mode retries the rest.
-_CONNECT_TIMEOUT_S = 3.0
-_READ_TIMEOUT_S = 30.0
-_MAX_ATTEMPTS = 3
+PROBE_DIR = "probes"  # prefix/probes/<uuid>: written and removed by the start-up probe
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _MANIFEST_RE = re.compile(r"([^/]+)/(v\d{6,})\.json")
 _CONFLICT_CODES = ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
 
@@ -62,8 +61,8 @@ class StagedUpload:
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` -> ("bucket", "some/prefix"); the prefix may be empty."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    if not bucket:
-        raise StoreError(f"expected s3://bucket/prefix; found {uri!r}")
+    if not _BUCKET_RE.fullmatch(bucket):
+        raise StoreError(f"expected s3://bucket/prefix, a bucket of 3-63 characters a-z 0-9 . -; found {uri!r}")
     return bucket, prefix.strip("/")
 
 
@@ -77,7 +76,7 @@ class S3Backend:
         self._cache_dir: tempfile.TemporaryDirectory[str] | None = None  # version_dir downloads
 
     @classmethod
-    def open(cls, uri: str) -> S3Backend:
+    def open(cls, uri: str, timeouts: StoreTimeouts = StoreTimeouts()) -> S3Backend:
         """Connect and check the bucket; StoreUnavailable (naming the URI and endpoint) if that fails."""
         parse_s3_uri(uri)
         try:
@@ -85,10 +84,11 @@ class S3Backend:
             from botocore.config import Config
         except ImportError:
             raise StoreError(f"{uri}: an s3:// store needs boto3 (pip install 'promptserve[s3]')") from None
+        # fail fast on a dead endpoint (start-up, a lookup on the request path); boto3's standard mode retries
         config = Config(
-            connect_timeout=_CONNECT_TIMEOUT_S,
-            read_timeout=_READ_TIMEOUT_S,
-            retries={"max_attempts": _MAX_ATTEMPTS, "mode": "standard"},
+            connect_timeout=timeouts.connect_s,
+            read_timeout=timeouts.read_s,
+            retries={"max_attempts": timeouts.max_attempts, "mode": "standard"},
         )
         backend = cls(uri, boto3.client("s3", config=config))
         backend.check_bucket()
@@ -104,6 +104,12 @@ class S3Backend:
 
     def check_bucket(self) -> None:
         self._call("head_bucket", Bucket=self.bucket)
+
+    def probe(self) -> None:
+        self._call("list_objects_v2", Bucket=self.bucket, Prefix=self._key("tasks") + "/", MaxKeys=1)
+        key = self._key(PROBE_DIR, uuid.uuid4().hex)
+        self._put(key, b"promptserve start-up probe")
+        self._remove([key])
 
     # ---- keys
 
@@ -136,7 +142,7 @@ class S3Backend:
     def _describe(self, operation: str, kwargs: dict[str, Any], exc: Exception) -> str:
         what = f"bucket {self.bucket!r} does not exist" if error_code(exc) in ("404", "NoSuchBucket") else str(exc)
         target = kwargs.get("Key", kwargs.get("Prefix", ""))
-        return f"task store {self.uri} (endpoint {self.endpoint}): {operation} {target} failed: {what}"
+        return f"task store {self.uri} (endpoint {self.endpoint}): {f'{operation} {target}'.strip()} failed: {what}"
 
     def _get(self, key: str, max_bytes: int) -> bytes | None:
         """An object's bytes, None if it does not exist; InvalidTask if it is larger than `max_bytes`."""

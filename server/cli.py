@@ -61,17 +61,28 @@ def serve_settings(argv: Sequence[str]) -> Settings:
 
 
 def serve(argv: list[str]) -> int:
+    """Settings, then the port, the store and the model are checked before the model loads: a wrong one stops the
+    start in seconds with one line (its traceback at debug)."""
     try:
         settings = serve_settings(argv)
     except ConfigurationError as error:
         print(f"promptserve serve: {error}", file=sys.stderr)
         return 2
-    import uvicorn  # the client commands never need the server's dependencies
+    from server.api.preflight import StartupError, bind_port, check_before_loading
+
+    configure_logging(settings.log_level)
+    try:
+        listening = bind_port(settings)
+        check_before_loading(settings)
+    except StartupError as error:
+        logging.getLogger(__name__).debug("the start-up check failed", exc_info=error)
+        print(f"promptserve serve: {error}", file=sys.stderr)
+        return 1
+    import uvicorn  # after the checks: the app's imports (torch, transformers) take seconds
 
     from server.api.app import create_app
     from server.api.serving import build_server
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server: uvicorn.Server | None = None
 
     def stop(error: BaseException) -> None:
@@ -80,8 +91,15 @@ def serve(argv: list[str]) -> int:
 
     app = create_app(settings, on_engine_failure=stop)
     server = build_server(app, settings)
-    server.run()
+    server.run(sockets=[listening])
     return 1 if app.state.promptserve.engine_error is not None else 0
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":  # boto3 reports where it found credentials at info, on every client
+        for noisy in ("botocore", "boto3"):
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 # ---- dispatch

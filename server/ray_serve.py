@@ -25,6 +25,7 @@ from ray import serve
 from ray.serve import Application
 
 from server.api.app import build_real_engine, create_app, prepare_engine
+from server.api.preflight import check_before_loading
 from server.api.settings import Settings, load_settings, setting_names
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ class PromptServe:
         # what Ray gave this replica, however it was configured (builder arguments, a config file's deployments)
         check_gpu_share(settings, ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
         self.replica_id = context.replica_id.to_full_id_str()
+        check_before_loading(settings)  # a wrong store or model fails in seconds, before the model loads
         self.engine = prepare_engine(settings, build_real_engine)  # blocking: the replica serves nothing yet
         self.http_app = create_app(settings, self.engine, replica_id=self.replica_id)
         logger.info("replica %s ready: %d tasks", self.replica_id, len(self.engine.list_tasks()))

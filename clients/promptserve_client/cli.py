@@ -168,8 +168,9 @@ def connection_options() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--token",
-        default=os.environ.get("PROMPTSERVE_ADMIN_TOKEN"),
-        help="admin token for writes (env PROMPTSERVE_ADMIN_TOKEN)",
+        default=os.environ.get("PROMPTSERVE_ADMIN_TOKEN") or os.environ.get("PROMPTSERVE_API_KEY"),
+        help="bearer token: the admin token for writes, or an API key (env PROMPTSERVE_ADMIN_TOKEN, then "
+        "PROMPTSERVE_API_KEY)",
     )
     group.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
     return options  # fmt: skip

@@ -13,12 +13,14 @@ import importlib.util
 import logging
 import os
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import __version__
+from server.api.auth import ApiKeyMiddleware, warn_if_open
 from server.api.errors import install_error_handlers
 from server.api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
 from server.api.metrics import Metrics
@@ -50,6 +52,7 @@ def create_app(
     real engine) at start-up and shut it down at exit. `on_engine_failure` lets the CLI stop the server.
     Every response names the replica that served it (`replica_id`, default `<hostname>-<pid>`)."""
     settings = settings or Settings()
+    warn_if_open(settings)
     state = AppState(settings=settings, metrics=Metrics(lambda: state.engine, settings.metrics_max_tasks))
     if engine is not None:
         state.attach(engine)
@@ -65,6 +68,7 @@ def create_app(
         BodyLimitMiddleware, upload_limit=settings.max_upload_bytes, request_limit=settings.max_request_bytes
     )
     app.add_middleware(BodyTimeoutMiddleware, timeout_s=settings.body_timeout_s)
+    app.add_middleware(ApiKeyMiddleware, secrets=settings.api_keys)  # before any body is read
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id or default_replica_id())  # outermost
     return app
 
@@ -94,29 +98,40 @@ class ReplicaHeaderMiddleware:
 
 
 def engine_lifespan(state: AppState, factory: EngineFactory, on_failure: FailureHook | None) -> Lifespan:
+    """The engine loads on a daemon thread: a shutdown (SIGTERM) during a load that takes minutes does not wait
+    for it; the loader then stops the engine it built instead of serving it."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(load_engine(state, factory, on_failure))
+        loader = threading.Thread(
+            target=load_engine, args=(state, factory, on_failure), name="engine-loader", daemon=True
+        )
+        loader.start()
         try:
             yield
         finally:
-            await loading  # a model still loading finishes first, so its engine can be shut down cleanly
-            if state.engine is not None:
-                await asyncio.to_thread(shutdown, state.engine)
+            engine = state.stop_loading()
+            if engine is not None:
+                await asyncio.to_thread(shutdown, engine)
+            elif loader.is_alive():
+                logger.warning("stopping while the engine is still loading: not waiting for it")
 
     return lifespan
 
 
-async def load_engine(state: AppState, factory: EngineFactory, on_failure: FailureHook | None) -> None:
+def load_engine(state: AppState, factory: EngineFactory, on_failure: FailureHook | None) -> None:
     try:
-        engine = await asyncio.to_thread(prepare_engine, state.settings, factory)
+        engine = prepare_engine(state.settings, factory)
     except Exception as exc:
         log_start_failure(exc)
         state.engine_error = f"{type(exc).__name__}: {exc}"
         if on_failure is not None:
             on_failure(exc)
         return
-    state.attach(engine)
+    if not state.attach_loaded(engine):
+        logger.info("the server stopped while the engine loaded: stopping the engine")
+        shutdown(engine)
+        return
     logger.info("ready: serving %d tasks", len(engine.list_tasks()))
 
 

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on (one worker per process)")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="keys every route but /health and /metrics needs as 'Authorization: Bearer <key>' "
+        "(vLLM's --api-key); several separated by commas",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="when set, task writes (PUT and DELETE /v1/tasks) need 'Authorization: Bearer <token>'",
@@ -120,6 +125,15 @@ class Settings(BaseSettings):
     def default_max_new_tokens(self) -> int:
         """A request that does not say: 64, or the limit when it is lower."""
         return min(DEFAULT_MAX_NEW_TOKENS, self.engine.max_new_tokens_limit)
+
+    @property
+    def api_keys(self) -> tuple[bytes, ...]:
+        """The bearer tokens the API-key check accepts (none: the check is off): each key, and the admin token."""
+        if self.api_key is None:
+            return ()
+        keys = [key.strip() for key in self.api_key.get_secret_value().split(",") if key.strip()]
+        admin = [] if self.admin_token is None else [self.admin_token.get_secret_value()]
+        return tuple(key.encode() for key in keys + admin)
 
     @property
     def max_upload_bytes(self) -> int:

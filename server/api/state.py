@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
+import threading
 import time
 from dataclasses import dataclass, field
 
 from fastapi import Depends, Request
 
+from server.api.auth import bearer_token, is_one_of
 from server.api.errors import not_ready, unauthorized
 from server.api.metrics import Metrics
 from server.api.settings import Settings
@@ -21,10 +22,26 @@ class AppState:
     engine: EngineClient | None = None
     engine_error: str | None = None  # why the engine failed to start, if it did
     created: int = field(default_factory=lambda: int(time.time()))  # the backbone's `created` in /v1/models
+    is_stopping: bool = False  # the server is shutting down: an engine that finishes loading now is not served
+    loading_lock: threading.Lock = field(default_factory=threading.Lock)  # orders the loader and the shutdown
 
     def attach(self, engine: EngineClient) -> None:
         engine.add_step_listener(self.metrics.on_step)
         self.engine = engine
+
+    def attach_loaded(self, engine: EngineClient) -> bool:
+        """The loader's engine is served, unless the server began stopping while it loaded (False)."""
+        with self.loading_lock:
+            if self.is_stopping:
+                return False
+            self.attach(engine)
+            return True
+
+    def stop_loading(self) -> EngineClient | None:
+        """The server stops: an engine still loading will not be attached. Returns the engine to shut down."""
+        with self.loading_lock:
+            self.is_stopping = True
+            return self.engine
 
     @property
     def is_ready(self) -> bool:
@@ -57,14 +74,13 @@ def get_engine(state: AppState = Depends(get_state)) -> EngineClient:
 
 
 def require_admin(request: Request, settings: Settings = Depends(get_settings)) -> None:
-    """With an admin token configured, writes need `Authorization: Bearer <token>` (compared in constant time)."""
+    """With an admin token configured, writes need `Authorization: Bearer <token>`."""
     if settings.admin_token is None:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    token = bearer_token(request.headers.get("authorization", ""))
+    if token is None:
         raise unauthorized("expected the header 'Authorization: Bearer <admin token>'; found no bearer token")
-    expected = settings.admin_token.get_secret_value().encode()
-    if not hmac.compare_digest(given.strip().encode(), expected):
+    if not is_one_of(token, (settings.admin_token.get_secret_value().encode(),)):
         raise unauthorized("expected the server's admin token; found a different bearer token")
 
 

@@ -17,6 +17,7 @@ from functools import partial
 import torch
 
 from prompt_store.adapter import StoreLimits
+from prompt_store.backend import StoreTimeouts
 from prompt_store.registry import StoreEvent, TaskStore
 from prompt_store.types import TaskArtifact, TaskRecord
 from server import __version__
@@ -380,7 +381,8 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
         torch.set_num_threads(config.torch_threads)
     backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
     limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes)
-    store = TaskStore(config.store_dir, backbone.fingerprint, limits)
+    timeouts = StoreTimeouts(config.store_connect_timeout_s, config.store_read_timeout_s)
+    store = TaskStore(config.store_dir, backbone.fingerprint, limits, timeouts=timeouts)
     core = Engine(backbone, config)
     if config.self_check:
         self_check(core)

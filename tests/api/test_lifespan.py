@@ -43,6 +43,21 @@ def test_health_503_while_engine_loads_then_200() -> None:
         wait_until(lambda: client.get("/health").status_code == 200)
 
 
+def test_shutdown_while_the_engine_loads_does_not_wait_and_the_late_engine_is_stopped() -> None:
+    release, engine = threading.Event(), ShutdownRecorder()
+
+    def slow_factory(settings: Settings) -> FakeEngine:
+        release.wait(30)
+        return engine
+
+    started = time.monotonic()
+    with TestClient(create_app(Settings(demo_tasks=False), engine_factory=slow_factory)) as client:
+        assert client.get("/health").status_code == 503
+    assert time.monotonic() - started < 5, "the shutdown waited for the load"
+    release.set()
+    wait_until(lambda: engine.num_shutdowns == 1)
+
+
 def test_engine_failure_reported_by_health_and_hook() -> None:
     failures: list[BaseException] = []
 

@@ -71,3 +71,25 @@ def test_monitoring_profile_adds_prometheus_scraping_the_server() -> None:
     (job,) = [job for job in scrape if job["job_name"] == "promptserve"]
     assert job["metrics_path"] == "/metrics"
     assert job["static_configs"][0]["targets"] == ["promptserve:8000"]
+
+
+def test_compose_leaves_every_setting_to_the_servers_own_default() -> None:
+    """An unset variable reaches the server empty (its default, chosen by device), never a value of Compose's own."""
+    environment = compose_model([BASE_COMPOSE])["services"]["promptserve"]["environment"]
+    settings = {name: value for name, value in environment.items() if name.startswith("PROMPTSERVE_")}
+    assert settings and all(value == "" for value in settings.values()), settings
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_published_port_is_bound_to_this_host_only(variant: str) -> None:
+    files, profiles = VARIANTS[variant]
+    for name, service in compose_model(files, profiles)["services"].items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", f"{name} publishes {port['published']} on every interface"
+
+
+def test_grafana_takes_its_admin_password_from_the_environment_and_has_none_of_its_own() -> None:
+    grafana = compose_model([BASE_COMPOSE], ("monitoring",))["services"]["grafana"]
+    assert grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == ""
+    entrypoint = " ".join(grafana["entrypoint"]).replace("$$", "$")  # Compose writes its escape back
+    assert 'test -n "$GF_SECURITY_ADMIN_PASSWORD" || {' in entrypoint and entrypoint.endswith("exec /run.sh")
