@@ -25,6 +25,8 @@ from ray import serve
 from ray.serve import Application
 
 from server.api.app import build_real_engine, create_app, prepare_engine
+from server.api.errors import ApiError
+from server.api.health import check_serving
 from server.api.preflight import check_before_loading
 from server.api.settings import Settings, load_settings, setting_names
 
@@ -95,11 +97,13 @@ class PromptServe:
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.http_app
 
-    def check_health(self) -> None:
-        """Ray's health check: a replica whose engine stopped is replaced."""
-        state = self.http_app.state.promptserve
-        if not state.is_ready:
-            raise RuntimeError(f"replica {self.replica_id}: {state.unavailable_reason()}")
+    async def check_health(self) -> None:
+        """Ray's health check, /health/generate's: a replica whose engine stopped, stalled with work, or cannot
+        serve one request is replaced."""
+        try:
+            await check_serving(self.http_app.state.promptserve)
+        except ApiError as error:
+            raise RuntimeError(f"replica {self.replica_id}: {error.message}") from None
 
     def __del__(self) -> None:
         engine = getattr(self, "engine", None)

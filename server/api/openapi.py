@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from server.api.auth import OPEN_PATHS
 from server.api.errors import is_openai_path
 from server.api.openai_schemas import ChatChunk, CompletionResponse, OpenAIErrorResponse
 from server.api.schemas import ErrorResponse, StreamEvent
@@ -54,7 +55,8 @@ ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (descript
         {},
     ),
     401: (
-        "the server has an admin token and the request does not carry it",
+        "the server has API keys (API_KEY) and the request carries none of them, or, on a task write, the server has "
+        "an admin token and the request does not carry it",
         {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     ),
     404: ("the task (or the model, on the OpenAI routes) does not exist", {}),
@@ -73,6 +75,7 @@ ERROR_STATUSES: dict[int, tuple[str, dict[str, Any]]] = {  # status -> (descript
 # Which statuses each operation can send, beyond its successes (500 on every one).
 OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("get", "/health"): (503,),
+    ("get", "/health/generate"): (503,),
     ("get", "/info"): (503,),
     ("get", "/metrics"): (),
     ("get", "/v1/tasks"): (503,),
@@ -90,6 +93,11 @@ OPERATION_ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/tokenize"): (400, 404, 408, 413, 503),  # vLLM's tokenizer routes, errors in OpenAI's shape as vLLM's
     ("post", "/detokenize"): (400, 404, 408, 413, 503),
     ("get", "/tokenizer_info"): (503,),
+}
+# with API keys set, every route but the open ones answers 401 to a request without one
+OPERATION_ERRORS = {
+    (method, path): statuses if path in OPEN_PATHS else tuple(sorted({*statuses, 401}))
+    for (method, path), statuses in OPERATION_ERRORS.items()
 }
 
 

@@ -303,6 +303,11 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
 
 
+class DeepHealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+    checked: str  # what ran through the engine, and how long it took
+
+
 class ErrorResponse(BaseModel):
     error: str
     error_type: Literal[

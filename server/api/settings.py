@@ -83,6 +83,15 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM, running requests have this long to finish; the rest are answered 503",
     )
+    stall_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="/health answers 503 once the engine has had work and completed no step for this long "
+        "(a hung forward pass); 0: never",
+    )
+    health_generate_timeout_s: float = Field(
+        default=30.0, gt=0, description="/health/generate's one-token request must finish within this (unless busy)"
+    )
     enable_prompt_embeds: bool = Field(
         default=False, description="accept prompt_embeds on /v1/completions (vLLM's flag; loaded safely either way)"
     )

@@ -47,6 +47,18 @@ class AppState:
     def is_ready(self) -> bool:
         return self.engine is not None and self.engine.is_ready()
 
+    def health_problem(self) -> str | None:
+        """Why the server is not serving (liveness), or None: not ready, or ready but its engine stalled."""
+        if self.engine is None or not self.is_ready:
+            return self.unavailable_reason()
+        limit, stalled = self.settings.stall_timeout_s, self.engine.stalled_seconds()
+        if limit > 0 and stalled > limit:
+            return (
+                f"expected the engine to complete a step within {limit:g} s while it has work (STALL_TIMEOUT_S); "
+                f"found none for {stalled:.0f} s"
+            )
+        return None
+
     def unavailable_reason(self) -> str:
         if self.engine_error is not None:
             return f"the engine failed to start: {self.engine_error}"

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -73,6 +74,7 @@ class AsyncEngine:
         self.inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()  # see send
         self.thread = threading.Thread(target=self.run, name="promptserve-engine", daemon=True)
         self.stopping = threading.Event()
+        self.progress_at = time.monotonic()  # the engine thread's last sign of life: a step done, or the inbox read
         store.add_listener(self.on_store_event)
 
     @property
@@ -99,6 +101,13 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self.thread.is_alive() and not self.stopping.is_set()
 
+    def stalled_seconds(self) -> float:
+        """How long the engine has had work without finishing a step or reading its inbox (0 while idle): a
+        forward pass that hangs grows it; read from other threads (liveness)."""
+        if not self.engine.has_work():
+            return 0.0
+        return max(0.0, time.monotonic() - self.progress_at)
+
     # ---- the engine thread
 
     def run(self) -> None:
@@ -108,8 +117,10 @@ class AsyncEngine:
             while not self.stopping.is_set():
                 # a step that computed nothing (every request waits for memory) waits for news instead of spinning
                 self.drain_inbox(block=not self.engine.has_work() or not computed)
+                self.progress_at = time.monotonic()
                 if self.engine.has_work() and not self.stopping.is_set():
                     computed = self.step_once()
+                    self.progress_at = time.monotonic()
             self.drain_inbox(block=False)
         finally:  # stopping, or the loop itself failed: nobody is left waiting
             self.engine.fail_all(EngineUnavailable("the server is shutting down"))

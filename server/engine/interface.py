@@ -25,6 +25,10 @@ from server.engine.types import (
 class EngineClient(Protocol):
     def is_ready(self) -> bool: ...
 
+    def stalled_seconds(self) -> float:
+        """How long the engine has had work without completing a step (0 while idle)."""
+        ...
+
     def shutdown(self) -> None:
         """Stop the engine thread; open requests get EngineUnavailable."""
         ...

@@ -111,11 +111,15 @@ class FakeEngine:
     ids: itertools.count = field(default_factory=itertools.count)
     on_device: set[str] = field(default_factory=set)  # tasks a request has "loaded"; never evicted
     has_chat_template: bool = False
+    stalled_s: float = 0.0  # what stalled_seconds reports
 
     # ---- EngineClient: service
 
     def is_ready(self) -> bool:
         return self.ready
+
+    def stalled_seconds(self) -> float:
+        return self.stalled_s
 
     def shutdown(self) -> None:
         self.ready = False

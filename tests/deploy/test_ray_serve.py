@@ -6,6 +6,7 @@ the proxy is served by both replicas with no 404. Also: deploy/ray/serve.yaml is
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,8 +165,10 @@ def replica_over(engine: FakeEngine) -> PromptServe:
     return replica
 
 
-def test_check_health_passes_while_the_engine_runs() -> None:
-    replica_over(FakeEngine()).check_health()
+def test_check_health_passes_while_the_engine_serves() -> None:
+    engine = FakeEngine()
+    asyncio.run(replica_over(engine).check_health())
+    assert engine.completed, "the check ran no request through the engine"
 
 
 def test_check_health_raises_once_the_engine_stopped() -> None:
@@ -173,4 +176,10 @@ def test_check_health_raises_once_the_engine_stopped() -> None:
     replica = replica_over(engine)
     engine.shutdown()
     with pytest.raises(RuntimeError, match="the engine is not running"):
-        replica.check_health()
+        asyncio.run(replica.check_health())
+
+
+def test_check_health_raises_when_the_engine_stalls_with_work() -> None:
+    engine = FakeEngine(stalled_s=120)
+    with pytest.raises(RuntimeError, match=r"complete a step within 60 s .*found none for 120 s"):
+        asyncio.run(replica_over(engine).check_health())
