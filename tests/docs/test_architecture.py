@@ -12,7 +12,7 @@ from typing import Any
 
 import transformers
 
-from server.api.settings import Settings
+from server.api.settings import setting_names
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "architecture.md"
@@ -61,7 +61,7 @@ def unresolved(span: str, namespace: dict[str, list[ModuleType]]) -> str | None:
     if SOURCE_FILE.match(span):
         return None if (ROOT / span).is_file() else "no such file"
     if match := SETTING.match(span.removeprefix("PROMPTSERVE_")):
-        return None if match.group(1).lower() in Settings.model_fields else "no such setting"
+        return None if match.group(1).lower() in setting_names() else "no such setting"
     if match := CLASS_OR_MEMBER.match(span):
         owner = named_object(match.group(1), namespace)
         if owner is None:
