@@ -7,6 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -160,9 +161,8 @@ def test_real_metrics_follow_a_task_onto_the_device(real: TestClient) -> None:
 
 def test_real_metrics_count_an_eviction(tiny_llama: TinyBackbone, tmp_path: Path) -> None:
     """Prompt tasks as input embeddings within a 1-byte budget: the second one pushes the first out."""
-    settings = real_settings(tiny_llama, tmp_path / "store").model_copy(
-        update={"cache_prompt_kv": False, "prompt_cache_bytes": 1}
-    )
+    base = real_settings(tiny_llama, tmp_path / "store")
+    settings = Settings(engine=replace(base.engine, cache_prompt_kv=False, prompt_cache_bytes=1), demo_tasks=False)
     with TestClient(create_app(settings)) as client:
         wait_healthy(client)
         for kind in ("prompt_tuning", "p_tuning_mlp"):
