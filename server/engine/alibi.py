@@ -6,7 +6,9 @@ row's true positions. Called without the engine's state (the self-check's refere
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from server.engine.attention import ATTENTION_NAME, KV_KWARG, StepKV, attend_batches
 
+REFERENCE_ATTENTION = "eager"  # a reference forward's, for a family the engine does not wrap
 MPT_ALIBI_BIAS_MAX = 8  # transformers' MPT builds its bias with 8, whatever its attn_config says
 
 
@@ -313,6 +316,18 @@ def engine_attention(config: PretrainedConfig) -> str:
     """The attention implementation the model is set to while the engine runs it."""
     family = family_of(config)
     return family.engine_attention if family is not None else ATTENTION_NAME
+
+
+@contextlib.contextmanager
+def reference_attention(model: torch.nn.Module) -> Iterator[None]:
+    """transformers' own eager attention for a reference forward (a family the engine wraps: the attention PEFT's
+    forward runs it with), the engine's again after it."""
+    config: PretrainedConfig = model.config  # type: ignore[assignment]
+    model.set_attn_implementation(stock_attention(config) or REFERENCE_ATTENTION)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(engine_attention(config))  # type: ignore[operator]
 
 
 def install(model: PreTrainedModel) -> bool:

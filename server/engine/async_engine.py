@@ -25,7 +25,7 @@ from server import __version__
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.errors import EngineUnavailable, GenerationFailed, WrongKind
+from server.engine.errors import EngineUnavailable, GenerationFailed
 from server.engine.intake import IntakeConfig, build_request, check_token_ids, render_chat
 from server.engine.nlu import Results, plan_classify, plan_score, predictions, scores
 from server.engine.output import OutputProcessor
@@ -277,11 +277,7 @@ class AsyncEngine:
         )
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        if self.backbone.encoder is not None:  # before its chat template: no generation route serves an encoder
-            raise WrongKind(
-                f"expected a generative backbone for chat completions; this server's backbone "
-                f"({self.backbone.model_id}) is an encoder: use /v1/classify"
-            )
+        self.backbone.kind.check_generation("chat completions", self.backbone.model_id)  # before its chat template
         return render_chat(self.backbone.tokenizer, messages)
 
     # ---- tasks
@@ -344,7 +340,7 @@ class AsyncEngine:
             num_tasks=len(self.store),
             kv_cache_tokens=self.engine.memory.num_blocks * self.engine.memory.block_size,
             kv_block_size=self.engine.memory.block_size,
-            model_kind=self.backbone.kind,
+            model_kind=self.backbone.kind.name,
             endpoints=endpoints(self.backbone),
             has_own_head=self.backbone.bare_head is not None,
         )
@@ -366,14 +362,10 @@ class AsyncEngine:
         )
 
 
-GENERATION_ROUTES = ("/v1/generate", "/v1/generate_stream", "/v1/completions", "/v1/chat/completions")
-
-
 def endpoints(backbone: Backbone) -> tuple[str, ...]:
     """The routes that apply to this backbone (the task routes always do)."""
-    generation = () if backbone.encoder is not None else (*GENERATION_ROUTES, "/v1/score")
     classification = ("/v1/classify",) if backbone.heads else ()
-    return (*generation, *classification)
+    return (*backbone.kind.generation_routes, *classification)
 
 
 def run_command(engine: Engine, command: Command) -> None:

@@ -13,14 +13,11 @@ import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import AttentionInterface, PreTrainedModel
-
-if TYPE_CHECKING:
-    from server.engine.seq2seq import RelativeBias
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +31,14 @@ class Routing(Enum):
     POOL = "pool"  # every layer through `attend`, over the engine's pool: rows packed
     STOCK = "stock"  # through the AttentionInterface, but its layers carry no layer_idx (DistilBERT, ALBERT)
     OWN = "own"  # the model's own attention, outside the interface (DeBERTa-v2)
+
+
+class WholeSequence:
+    """The `KV_KWARG` of a pass over one whole sequence outside the pool (an encoder-decoder's encoder, one row at
+    a time): attention as transformers computes it, with T5's position bias when there is one."""
+
+
+WHOLE_SEQUENCE = WholeSequence()
 
 
 class MissingEngineState(RuntimeError):
@@ -61,6 +66,32 @@ class RowBatch:
     stream_index: torch.Tensor  # [n]: those tokens' places in the stream
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
     causal: bool = True  # False: cross-attention, every key of the row is visible
+
+    @classmethod
+    def of(
+        cls,
+        key_slots: torch.Tensor,
+        key_lengths: torch.Tensor,
+        offsets: torch.Tensor,
+        num_new: torch.Tensor,
+        first_positions: torch.Tensor,
+        causal: bool = True,
+    ) -> RowBatch:
+        """Rows whose keys are `key_slots[r, :key_lengths[r]]` ([R, >= L]) and whose `num_new[r]` new tokens start
+        at `offsets[r]` in the stream, at position `first_positions[r]`."""
+        device = key_slots.device
+        column = torch.arange(int(key_lengths.max()), device=device)[None]  # [1, L]
+        new = torch.arange(int(num_new.max()), device=device)[None]  # [1, T]
+        is_new = new < num_new[:, None]  # [R, T]
+        return cls(
+            gather_slots=torch.where(column < key_lengths[:, None], key_slots[:, : column.shape[1]], 0),
+            key_lengths=key_lengths,
+            query_index=torch.where(is_new, offsets[:, None] + new, 0),
+            query_positions=torch.where(is_new, first_positions[:, None] + new, 0),
+            output_index=(torch.arange(len(num_new), device=device)[:, None] * new.shape[1] + new)[is_new],
+            stream_index=(offsets[:, None] + new)[is_new],
+            causal=causal,
+        )
 
     def to(self, device: torch.device) -> RowBatch:
         return RowBatch(
@@ -122,7 +153,7 @@ class StepKV:
     batches: list[RowBatch]
     num_layers_written: int = 0
     cross: CrossKV | None = None  # an encoder-decoder's step
-    relative_bias: RelativeBias | None = None  # T5's, for decoder self-attention
+    relative_bias: Bias | None = None  # T5's, for decoder self-attention
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the stream's keys and values [1, kv_heads, N, head_dim] in the pool."""
@@ -135,11 +166,13 @@ class StepKV:
 class CrossKV:
     """An encoder-decoder step's cross-attention: pool layers `first_layer + l` hold each row's encoder keys and
     values in the row's own slots; the step writes those of the rows it starts (`write_slots`, in the order of the
-    encoder outputs handed to the model) and attends every row over its own."""
+    encoder outputs handed to the model) and attends every row over its own. `modules`: the decoder's
+    cross-attention modules (its other attention modules are its self-attention)."""
 
     first_layer: int
     write_slots: torch.Tensor  # [S_new]
     batches: list[RowBatch]
+    modules: frozenset[torch.nn.Module]
 
 
 def attend(
@@ -154,8 +187,8 @@ def attend(
 ) -> tuple[torch.Tensor, None]:
     """An `AttentionInterface` function: query [1, heads, N, head_dim] (the packed stream); returns [1, N, heads, d]."""
     kv = kwargs.get(KV_KWARG)
-    if kv is None and not getattr(module, "is_decoder", True):  # an encoder-decoder's encoder: one row, as usual
-        return encoder_attention(query, key, value, attention_mask, scaling, kwargs.get("position_bias"))
+    if isinstance(kv, WholeSequence):
+        return whole_sequence_attention(query, key, value, attention_mask, scaling, kwargs.get("position_bias"))
     if not isinstance(kv, StepKV):
         raise MissingEngineState(
             f"attention {ATTENTION_NAME!r} runs only inside the promptserve engine (no {KV_KWARG})"
@@ -167,7 +200,7 @@ def attend(
     layer: int | None = getattr(module, "layer_idx", None)
     if layer is None:
         raise UnindexedAttention(f"{type(module).__name__} calls {ATTENTION_NAME!r} without a layer_idx")
-    if kv.cross is not None and not getattr(module, "is_causal", True):
+    if kv.cross is not None and module in kv.cross.modules:
         return cross_attention(layer, query, key, value, kv, kv.cross, scaling)
     kv.write(layer, key, value)
     bias = kv.relative_bias
@@ -262,7 +295,7 @@ def cross_attention(
     return attend_batches(query, key.shape[1], kv.keys[pool_layer], kv.values[pool_layer], cross.batches, scaling)
 
 
-def encoder_attention(
+def whole_sequence_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -391,14 +424,7 @@ def run_decoder(model: PreTrainedModel, kv: StepKV, num_layers: int, **inputs: A
 
 def one_row_kv(keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor) -> StepKV:
     """A pass of one row whose every token is new: `slots` [T] are its tokens' slots, positions 0..T-1."""
-    num_new = slots.shape[0]
-    positions = torch.arange(num_new, device=slots.device)
-    batch = RowBatch(
-        gather_slots=slots[None],
-        key_lengths=torch.tensor([num_new], device=slots.device),
-        query_index=positions[None],
-        query_positions=positions[None],
-        output_index=positions,
-        stream_index=positions,
-    )
+    zero = torch.zeros(1, dtype=torch.long, device=slots.device)
+    num_new = torch.tensor([slots.shape[0]], device=slots.device)
+    batch = RowBatch.of(slots[None], num_new, zero, num_new, zero)
     return StepKV(keys, values, write_slots=slots, batches=[batch])

@@ -10,33 +10,23 @@ from typing import Any
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
 from server.engine import alibi
-from server.engine.attention import ATTENTION_NAME, Routing, attention_routing, unrouted_attention
+from server.engine.attention import ATTENTION_NAME
 from server.engine.default_backbone import ensure_default_backbone
 from server.engine.errors import UnsupportedBackbone, first_line
-from server.engine.heads import BareHead, Head, bare_head, build_head
-from server.engine.seq2seq import Seq2Seq, seq2seq_of
-from server.engine.types import KindName
+from server.engine.heads import BareHead, Head
+from server.engine.kinds import ModelKind, auto_class, is_encoder_decoder, kind_of, num_decoder_layers
 
 logger = logging.getLogger(__name__)
 
-STOCK_ATTENTION = "sdpa"
-SERVED_ENCODERS = (
-    "Encoders served: BERT, RoBERTa, ELECTRA (base, large) and DeBERTa-v2 (sequence and token heads), DistilBERT "
-    "(token heads); prefix tuning where the attention takes past keys and values (BERT, RoBERTa, ELECTRA)"
-)
 SERVED_LIST = "served architectures: docs/models.md"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -51,8 +41,7 @@ class Backbone:
     dtype: torch.dtype
     eos_token_ids: frozenset[int]
     max_positions: int | None  # None: the architecture has no fixed limit we know of
-    seq2seq: Seq2Seq | None = None  # an encoder-decoder (T5, BART): what its decoding needs
-    encoder: Encoder | None = None  # an encoder (BERT, RoBERTa, DeBERTa-v2, ...): how its rows run
+    kind: ModelKind  # a causal LM, an encoder-decoder or an encoder: everything that differs between them
     heads: dict[str, Head] = field(default_factory=dict)  # task type -> head (classification task types served)
     bare_head: BareHead | None = None  # the checkpoint's own trained head: classification with no task
 
@@ -64,21 +53,9 @@ class Backbone:
         return int(weight.shape[0])
 
     @property
-    def kind(self) -> KindName:
-        if self.encoder is not None:
-            return "encoder"
-        return "seq2seq" if self.seq2seq is not None else "causal"
-
-
-@dataclass(frozen=True, slots=True)
-class Encoder:
-    """An encoder's rows: packed into one stream through the engine's attention (`packed`: prefixes apply), or,
-    for an encoder whose attention cannot use the pool (DeBERTa-v2's is its own; DistilBERT's layers have no
-    layer_idx, so they run on SDPA), padded into one batch with an attention mask (prompt tasks only).
-    `position_offset`: its first position id (RoBERTa counts from padding_idx + 1)."""
-
-    packed: bool
-    position_offset: int
+    def position_room(self) -> int | None:
+        """Positions a row's tokens can take (None: no fixed limit)."""
+        return None if self.max_positions is None else self.max_positions - self.kind.first_position
 
 
 def resolve_device(device: str) -> torch.device:
@@ -98,13 +75,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def is_encoder_config(config: PretrainedConfig) -> bool:
-    """An encoder: a masked-LM family used as such (BERT and RoBERTa also have causal variants: is_decoder)."""
-    if getattr(config, "is_encoder_decoder", False):
-        return False
-    return config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False)
-
-
 def fingerprint_of(model: PreTrainedModel) -> BackboneFingerprint:
     config = model.config.get_text_config()
     num_heads = config.num_attention_heads
@@ -117,19 +87,8 @@ def fingerprint_of(model: PreTrainedModel) -> BackboneFingerprint:
         num_key_value_heads=alibi.num_kv_heads(config) or getattr(config, "num_key_value_heads", None) or num_heads,
         head_dim=head_dim,
         vocab_size=config.vocab_size,
-        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+        is_encoder_decoder=is_encoder_decoder(config),
         num_decoder_layers=num_decoder_layers(config),
-    )
-
-
-def num_decoder_layers(config: PretrainedConfig) -> int | None:
-    """An encoder-decoder's decoder depth (T5: num_decoder_layers, BART: decoder_layers); None for a causal LM."""
-    if not getattr(config, "is_encoder_decoder", False):
-        return None
-    return (
-        getattr(config, "num_decoder_layers", None)
-        or getattr(config, "decoder_layers", None)
-        or config.num_hidden_layers
     )
 
 
@@ -178,7 +137,8 @@ def load_backbone(
     model.eval().requires_grad_(False)
     if own is not None:
         alibi.install(model)
-    if auto is AutoModelForCausalLM and (reason := unrouted_attention(model, alibi.num_kv_heads(config))) is not None:
+    kind = kind_of(model)
+    if (reason := kind.why_unserved(model)) is not None:
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}")
     missing = set(loading["missing_keys"])
     backbone = Backbone(
@@ -190,8 +150,7 @@ def load_backbone(
         dtype=torch_dtype,
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_positions=max_positions_of(model),
-        seq2seq=seq2seq_of(model) if model.config.is_encoder_decoder else None,
-        encoder=encoder_of(model) if is_encoder_config(config) else None,
+        kind=kind,
     )
     warn_unreadable_tokens(backbone)
     return with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
@@ -215,18 +174,6 @@ def warn_unreadable_tokens(backbone: Backbone) -> None:
             "holding them are refused",
             backbone.model_id, len(unreadable), backbone.num_token_ids, shown, more,
         )  # fmt: skip
-
-
-def auto_class(config: PretrainedConfig) -> Any:
-    if getattr(config, "is_encoder_decoder", False):
-        return AutoModelForSeq2SeqLM
-    if not is_encoder_config(config):
-        return AutoModelForCausalLM
-    # an encoder loads with its checkpoint's head (its pooler, and a trained head it can serve with no task)
-    architectures = getattr(config, "architectures", None) or []
-    if any(name.endswith("ForTokenClassification") for name in architectures):
-        return AutoModelForTokenClassification
-    return AutoModelForSequenceClassification
 
 
 def architecture_name(config: PretrainedConfig) -> str:
@@ -255,49 +202,15 @@ def refuse_unbuildable(config: PretrainedConfig, auto: Any, trust_remote_code: b
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}") from None
 
 
-def encoder_of(model: PreTrainedModel) -> Encoder:
-    check_input_width(model)
-    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
-    offset = padding_idx + 1 if padding_idx is not None else 0  # RoBERTa's embeddings keep it; BERT's do not
-    routing = attention_routing(model.base_model)
-    if routing is Routing.STOCK:  # padded rows need transformers' own attention, which reads the padding mask
-        model.set_attn_implementation(STOCK_ATTENTION)  # type: ignore[operator]
-    return Encoder(packed=routing is Routing.POOL, position_offset=offset)
-
-
-def check_input_width(model: PreTrainedModel) -> None:
-    """A prompt task's vectors are hidden_size wide (PEFT's token_dim, as the store checks them): an encoder whose
-    input embeddings are narrower (ALBERT's and ELECTRA-small's embedding_size) could take none of them."""
-    config = model.config.get_text_config()
-    width = model.get_input_embeddings().embedding_dim
-    if width != config.hidden_size:
-        raise UnsupportedBackbone(
-            f"expected an encoder whose input embeddings are as wide as its hidden states ({config.hidden_size}), "
-            f"as prompt tasks' vectors are; found {config.model_type} with {width}-wide input embeddings "
-            f"(embedding_size). {SERVED_ENCODERS}"
-        )
-
-
 def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backbone:
-    """The classification heads the backbone serves: an encoder's sequence and token heads, a causal LM's sequence
-    head (PEFT `SEQ_CLS` on a causal LM reads its last token); none on an encoder-decoder."""
-    if backbone.seq2seq is not None:
-        return backbone
-    model, config = backbone.model, backbone.model.config
-    task_types = (SEQ_CLS, TOKEN_CLS) if backbone.encoder is not None else (SEQ_CLS,)
-    heads = {t: head for t in task_types if (head := build_head(config, t, model, missing)) is not None}
-    if backbone.encoder is not None and not heads:
-        raise UnsupportedBackbone(
-            f"expected an encoder whose sequence or token classification head promptserve can run; found "
-            f"{config.model_type}, whose heads apply layers of their own (see the warnings above). {SERVED_ENCODERS}"
-        )
-    bare = None
-    if backbone.encoder is not None and loaded_type in heads:
-        bare = bare_head(config, loaded_type, model, heads[loaded_type], missing)
+    """The classification heads the backbone's kind serves (PEFT `SEQ_CLS` on a causal LM reads its last token; an
+    encoder's sequence and token heads), and what the store must know of them."""
+    config = backbone.model.config
+    heads, bare = backbone.kind.heads(config, backbone.model, missing, loaded_type)
     fingerprint = replace(
         backbone.fingerprint,
-        is_encoder=backbone.encoder is not None,
-        takes_prefix=(backbone.encoder is None or backbone.encoder.packed) and alibi.takes_prefix(config),
+        is_encoder=not backbone.kind.generates,
+        takes_prefix=backbone.kind.takes_prefix() and alibi.takes_prefix(config),
         heads=tuple(head.spec for head in heads.values()),
     )
     return replace(backbone, fingerprint=fingerprint, heads=heads, bare_head=bare)

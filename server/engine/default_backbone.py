@@ -16,8 +16,10 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from server.engine.kinds import auto_class
 
 logger = logging.getLogger(__name__)
 
@@ -105,11 +107,11 @@ def seeded_model(auto: Any, config: object, seed: int) -> Any:
 
 
 def write_random_backbone(
-    config: LlamaConfig | object, directory: Path, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None
+    config: PretrainedConfig, directory: Path, seed: int = 0, tokenizer: PreTrainedTokenizerFast | None = None
 ) -> Path:
     """Save a model (causal, or an encoder-decoder when the config says so) with seeded random weights and a
     tokenizer (the byte tokenizer unless given), loadable by `from_pretrained`."""
-    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    auto = auto_class(config)
     model = seeded_model(auto, config, seed)
     model.save_pretrained(directory)
     (tokenizer or byte_tokenizer()).save_pretrained(directory)

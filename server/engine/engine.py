@@ -39,11 +39,11 @@ class Engine:
     def __init__(self, backbone: Backbone, config: EngineConfig) -> None:
         self.backbone = backbone
         self.config = config
-        fp, device = backbone.fingerprint, backbone.device
-        num_blocks = pool_blocks(
-            fp, config.kv_block_size, backbone.dtype, device, config.kv_cache_bytes, config.kv_cache_memory_fraction
-        )
-        self.pool = KVPool.allocate(fp, num_blocks + 1, config.kv_block_size, backbone.dtype, device)  # + block 0
+        fp, device, dtype, block_size = backbone.fingerprint, backbone.device, backbone.dtype, config.kv_block_size
+        layers = backbone.kind.num_pool_layers(fp)
+        budget, fraction = config.kv_cache_bytes, config.kv_cache_memory_fraction
+        num_blocks = pool_blocks(fp, layers, block_size, dtype, device, budget, fraction)
+        self.pool = KVPool.allocate(fp, layers, num_blocks + 1, block_size, dtype, device)  # + block 0
         self.memory = KVMemory(num_blocks, config.kv_block_size)
         self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes)
         self.runner = ModelRunner(backbone, self.pool, self.tasks)

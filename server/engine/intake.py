@@ -18,10 +18,10 @@ from prompt_store.registry import TaskStore
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import InputTooLong, InvalidPrompt, NoChatTemplate, UnknownToken, WrongKind
+from server.engine.kinds import ModelKind
 from server.engine.prompt_embeds import load_prompt_embeds
 from server.engine.request import OutputSink, Request, Sequence
 from server.engine.sampler import MAX_TOP_LOGPROBS
-from server.engine.task_cache import has_kv_prefix
 from server.engine.types import GenerateInput, SamplingParams
 
 
@@ -117,8 +117,7 @@ def input_ids_of(backbone: Backbone, request: GenerateInput, limits: IntakeConfi
 
 def given_embeds(backbone: Backbone, data: bytes, limits: IntakeConfig) -> torch.Tensor:
     """A prompt given as embeddings: a causal backbone's rows only (an encoder-decoder's input is its encoder's)."""
-    if backbone.kind != "causal":
-        raise WrongKind(f"expected a causal backbone for prompt_embeds; this server's backbone is {backbone.kind}")
+    backbone.kind.check_prompt_tokens("prompt_embeds", backbone.model_id)
     return load_prompt_embeds(data, backbone.fingerprint.hidden_size, limits.max_input_tokens)
 
 
@@ -136,37 +135,12 @@ def capped_max_new_tokens(
     asked = sampling.max_new_tokens
     if backbone.max_positions is None:
         return asked
-    if backbone.seq2seq is not None:
-        room = seq2seq_max_new_tokens(backbone.max_positions, asked, num_input, tasks)
-    else:
-        num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
-        room = backbone.max_positions - num_virtual - num_input
-        if room < 1:
-            raise InputTooLong(
-                f"{num_virtual} virtual + {num_input} input tokens leave no room in the backbone's "
-                f"{backbone.max_positions} positions"
-            )
+    room = backbone.kind.new_token_room(backbone.max_positions, asked, num_input, tasks)
     if sampling.within_positions and asked > room:
         raise InputTooLong(
             f"expected at most {room} new tokens, what the backbone's {backbone.max_positions} positions leave after "
             f"the {num_input} input tokens (and any task's virtual tokens); found max_tokens {asked}"
         )
-    return min(asked, room)
-
-
-def seq2seq_max_new_tokens(max_positions: int, asked: int, num_input: int, tasks: list[TaskArtifact | None]) -> int:
-    """The encoder holds a prompt task's virtual tokens and the input; the decoder a prefix task's and the answer
-    after its start token."""
-    prompts = [t.record.num_virtual_tokens for t in tasks if t and not t.record.method.is_prefix]
-    encoder = max(prompts, default=0) + num_input
-    if encoder > max_positions:
-        raise InputTooLong(
-            f"{encoder - num_input} virtual + {num_input} input tokens exceed the encoder's {max_positions} positions"
-        )
-    prefix = max((t.record.num_virtual_tokens for t in tasks if t and t.record.method.is_prefix), default=0)
-    room = max_positions - prefix  # the start token sits at position P; the last new token is never fed back
-    if room < 1:
-        raise InputTooLong(f"{prefix} virtual tokens leave no room in the decoder's {max_positions} positions")
     return min(asked, room)
 
 
@@ -177,15 +151,6 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def kv_prefix(task: TaskArtifact | None, prompts_as_kv: bool, seq2seq: bool = False) -> bool:
-    """An encoder-decoder's prompt tasks go to its encoder: only a prefix enters as keys and values."""
-    return task is not None and has_kv_prefix(task.record.method, prompts_as_kv and not seq2seq)
-
-
-def decoder_start(backbone: Backbone) -> int | None:
-    return backbone.seq2seq.decoder_start_id if backbone.seq2seq is not None else None
-
-
 def single_row_request(
     request_id: str,
     input_ids: list[int],
@@ -193,13 +158,12 @@ def single_row_request(
     prompts_as_kv: bool,
     max_new_tokens: int,
     sink: OutputSink,
-    decoder_start_id: int | None = None,
+    kind: ModelKind,
 ) -> Request:
     """A greedy request of one row, built by the engine itself (its self-check, a new task's probe)."""
     sampling = SamplingParams(max_new_tokens=max_new_tokens)
-    request = Request(request_id, input_ids, sampling, max_new_tokens, sink, decoder_start_id=decoder_start_id)
-    seq2seq = decoder_start_id is not None
-    request.rows = [Sequence(request, task, 0, kv_prefix(task, prompts_as_kv, seq2seq))]
+    request = Request(request_id, input_ids, sampling, max_new_tokens, sink, kind=kind)
+    request.rows = [Sequence(request, task, 0, kind.has_kv_prefix(task, prompts_as_kv))]
     return request
 
 
@@ -209,11 +173,7 @@ def build_request(
     """Validate and resolve: every task id to its current version (TaskNotFound if absent)."""
     validate_tasks(request)
     validate_sampling(request.sampling, limits)
-    if backbone.encoder is not None:
-        raise WrongKind(
-            f"expected a generative backbone for generation; this server's backbone ({backbone.model_id}) is an "
-            "encoder: use /v1/classify"
-        )
+    backbone.kind.check_generation("generation", backbone.model_id)
     embeds = None if request.input_embeds is None else given_embeds(backbone, request.input_embeds, limits)
     # embeddings given: their positions hold placeholder ids, and the model runner puts the embeddings there
     input_ids = [0] * len(embeds) if embeds is not None else input_ids_of(backbone, request, limits)
@@ -232,11 +192,9 @@ def build_request(
         sink=sink,
         ensemble=request.ensemble,
         generator=make_generator(request.sampling, backbone.device),
-        decoder_start_id=decoder_start(backbone),
+        kind=backbone.kind,
         input_embeds=None if embeds is None else embeds.to(backbone.device, backbone.dtype),
     )
-    seq2seq = backbone.seq2seq is not None
-    result.rows = [
-        Sequence(result, task, i, kv_prefix(task, limits.prompts_as_kv, seq2seq)) for i, task in enumerate(tasks)
-    ]
+    has_kv_prefix = backbone.kind.has_kv_prefix
+    result.rows = [Sequence(result, task, i, has_kv_prefix(task, limits.prompts_as_kv)) for i, task in enumerate(tasks)]
     return result

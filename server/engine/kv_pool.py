@@ -26,11 +26,18 @@ class KVPool:
 
     @classmethod
     def allocate(
-        cls, fp: BackboneFingerprint, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        cls,
+        fp: BackboneFingerprint,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> KVPool:
+        """`num_layers`: layers of keys and values, as the backbone's kind needs them."""
         shape = (num_blocks * block_size, fp.num_key_value_heads, fp.head_dim)
-        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(pool_layers(fp))]
-        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(pool_layers(fp))]
+        keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         return cls(keys, values, block_size)
 
     @property
@@ -44,12 +51,6 @@ class KVPool:
             self.values[layer].index_copy_(0, slots, v.transpose(0, 1).to(self.values[layer].dtype))
 
 
-def pool_layers(fp: BackboneFingerprint) -> int:
-    """A causal LM's layers; an encoder-decoder's decoder layers twice: self-attention, then cross-attention (the
-    row's encoder keys and values, in the row's own slots)."""
-    return 2 * (fp.num_decoder_layers or fp.num_layers) if fp.is_encoder_decoder else fp.num_layers
-
-
 def block_bytes(num_layers: int, slot: torch.Tensor, block_size: int) -> int:
     """Keys and values of one block in every layer; `slot` is one slot of one layer [kv_heads, head_dim]."""
     return 2 * num_layers * block_size * slot.nbytes
@@ -57,6 +58,7 @@ def block_bytes(num_layers: int, slot: torch.Tensor, block_size: int) -> int:
 
 def pool_blocks(
     fp: BackboneFingerprint,
+    num_layers: int,
     block_size: int,
     dtype: torch.dtype,
     device: torch.device,
@@ -66,7 +68,7 @@ def pool_blocks(
     """How many blocks the budget holds: `budget_bytes`, else on CUDA `memory_fraction` of the free memory, else
     1 GiB on a CPU."""
     slot = torch.empty((fp.num_key_value_heads, fp.head_dim), dtype=dtype)
-    per_block = block_bytes(pool_layers(fp), slot, block_size)
+    per_block = block_bytes(num_layers, slot, block_size)
     if budget_bytes is None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -86,3 +88,10 @@ def slots_of(block_ids: list[int], num_tokens: int, block_size: int) -> torch.Te
     """[num_tokens]: the slot of each of the first `num_tokens` tokens held in these blocks, in order."""
     blocks = torch.tensor(block_ids, dtype=torch.long)
     return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
+
+
+def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
+    """[B, blocks * size]: the slots of each row's blocks in order (rows padded with block 0, at least one)."""
+    width = max(1, *map(len, block_ids))
+    table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids])  # [B, blocks]
+    return (table[:, :, None] * block_size + torch.arange(block_size)).flatten(1)

@@ -16,7 +16,7 @@ from prompt_store.registry import TaskStore
 from prompt_store.types import SEQ_CLS, TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import InputTooLong, InvalidPrompt, WrongKind
-from server.engine.intake import IntakeConfig, check_token_ids, decoder_start, kv_prefix, tokenize
+from server.engine.intake import IntakeConfig, check_token_ids, tokenize
 from server.engine.request import Job, OutputSink, Request, Sequence
 from server.engine.types import (
     CandidateScore,
@@ -59,8 +59,8 @@ def classification_tasks(
     """The tasks (None: the checkpoint's own head), their head type and their labels, which members share."""
     if not backbone.heads:
         raise WrongKind(
-            f"expected a backbone with classification heads for /v1/classify; this {backbone.kind} backbone serves "
-            "none: use /v1/generate"
+            f"expected a backbone with classification heads for /v1/classify; this {backbone.kind.name} backbone "
+            "serves none: use /v1/generate"
         )
     tasks = [store.load(task_id) if task_id is not None else None for task_id in task_ids]
     kinds = []
@@ -109,10 +109,11 @@ def plan_classify(
             offsets, special = token_spans(backbone, text)
             plan.offsets.append(offsets)
             plan.special.append(special if len(offsets) == len(input_ids) else [True] * len(input_ids))
-        result = Request(uuid.uuid4().hex, input_ids, request_sampling(), 0, sink, job=Job.CLASSIFY,
-                         bidirectional=backbone.encoder is not None, head_type=head_type)  # fmt: skip
-        prompts_as_kv = limits.prompts_as_kv and backbone.encoder is None  # an encoder's prompt sees its input
-        result.rows = [Sequence(result, task, i, kv_prefix(task, prompts_as_kv)) for i, task in enumerate(tasks)]
+        result = Request(uuid.uuid4().hex, input_ids, request_sampling(), 0, sink, kind=backbone.kind,
+                         job=Job.CLASSIFY, head_type=head_type)  # fmt: skip
+        has_kv_prefix = backbone.kind.has_kv_prefix
+        result.rows = [Sequence(result, task, i, has_kv_prefix(task, limits.prompts_as_kv)) for i, task in
+                       enumerate(tasks)]  # fmt: skip
         plan.requests.append(result)
     return plan
 
@@ -135,9 +136,9 @@ def token_spans(backbone: Backbone, text: str) -> tuple[list[tuple[int, int]], l
 
 def check_positions(backbone: Backbone, tasks: list[TaskArtifact | None], num_tokens: int) -> None:
     """Virtual and input (and scored) tokens must fit the backbone's positions (RoBERTa's start past padding_idx)."""
-    if backbone.max_positions is None:
+    room = backbone.position_room
+    if room is None:
         return
-    room = backbone.max_positions - (backbone.encoder.position_offset if backbone.encoder else 0)
     num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
     if num_virtual + num_tokens > room:
         raise InputTooLong(f"{num_virtual} virtual + {num_tokens} tokens exceed the backbone's {room} positions")
@@ -178,11 +179,7 @@ def token_labels(
 def generation_tasks(
     task_ids: tuple[str | None, ...], backbone: Backbone, store: TaskStore
 ) -> list[TaskArtifact | None]:
-    if backbone.encoder is not None:
-        raise WrongKind(
-            "expected a generative backbone (causal or encoder-decoder) for /v1/score; this encoder backbone serves "
-            "classification: use /v1/classify"
-        )
+    backbone.kind.check_generation("/v1/score", backbone.model_id)
     tasks = [store.load(task_id) if task_id is not None else None for task_id in task_ids]
     for task_id, task in zip(task_ids, tasks, strict=True):
         if task is not None and task.record.is_classifier:
@@ -196,7 +193,7 @@ def generation_tasks(
 def candidate_ids(backbone: Backbone, candidate: str) -> list[int]:
     """A candidate's tokens: appended to a causal input as they are (no special tokens); an encoder-decoder's
     decoder target as the tokenizer makes targets (with its end-of-sequence token, as in training)."""
-    ids = list(backbone.tokenizer(candidate, add_special_tokens=backbone.seq2seq is not None)["input_ids"])
+    ids = list(backbone.tokenizer(candidate, add_special_tokens=backbone.kind.special_tokens_in_targets)["input_ids"])
     if not ids:
         raise InvalidPrompt(f"expected candidates that tokenize to at least one token; found {candidate!r}")
     check_token_ids(backbone, ids, "candidates")
@@ -211,17 +208,15 @@ def plan_score(
     check_task_ids(request.task_ids, EnsembleMode.MEAN)
     tasks = generation_tasks(request.task_ids, backbone, store)
     input_ids = tokenize(backbone, request.inputs, limits)
-    seq2seq = backbone.seq2seq is not None
+    has_kv_prefix = backbone.kind.has_kv_prefix
     requests = []
     for candidate, sink in zip(request.candidates, sinks, strict=True):
         targets = candidate_ids(backbone, candidate)
-        check_positions(backbone, tasks, len(input_ids) + (0 if seq2seq else len(targets)))
-        if seq2seq:
-            check_positions(backbone, tasks, 1 + len(targets))  # the decoder: its start token, then the candidate
-        result = Request(uuid.uuid4().hex, input_ids, request_sampling(), 0, sink, job=Job.SCORE,
-                         decoder_start_id=decoder_start(backbone))  # fmt: skip
+        for num_tokens in backbone.kind.scored_lengths(len(input_ids), len(targets)):
+            check_positions(backbone, tasks, num_tokens)
+        result = Request(uuid.uuid4().hex, input_ids, request_sampling(), 0, sink, kind=backbone.kind, job=Job.SCORE)
         result.rows = [
-            Sequence(result, task, i, kv_prefix(task, limits.prompts_as_kv, seq2seq), targets=targets)
+            Sequence(result, task, i, has_kv_prefix(task, limits.prompts_as_kv), targets=targets)
             for i, task in enumerate(tasks)
         ]
         requests.append(result)

@@ -56,7 +56,7 @@ class OutputProcessor:
     def __init__(self, request: Request, tokenizer: PreTrainedTokenizerBase) -> None:
         self.request = request
         # a causal row's text continues its input; an encoder-decoder's starts the decoder's own sequence
-        continues = request.decoder_start_id is None and request.input_embeds is None  # embeddings have no text
+        continues = request.kind.continues_input and request.input_embeds is None  # embeddings have no text
         context = request.input_ids[-CONTEXT_TOKENS:] if continues else []
         self.rows = [
             RowText(row.task_id, row.task_version, IncrementalDecoder(tokenizer, context)) for row in request.rows

@@ -26,7 +26,7 @@ from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
 from server.engine.errors import EngineUnavailable, InputTooLong, NonFiniteOutput
-from server.engine.intake import decoder_start, kv_prefix, single_row_request
+from server.engine.intake import single_row_request
 from server.engine.request import Job, OutputSink, Request, Sequence
 from server.engine.types import EngineOutput, SamplingParams
 
@@ -71,7 +71,7 @@ class Probe:
             request = classify_request(request_id, input_ids, task, prompts_as_kv, sink, backbone)
         else:
             request = single_row_request(request_id, input_ids, task, prompts_as_kv, PROBE_NEW_TOKENS, sink,
-                                         decoder_start(backbone))  # fmt: skip
+                                         backbone.kind)  # fmt: skip
         request.jumps_queue = True
         request.keeps_probe_vectors = True
         return request
@@ -148,10 +148,9 @@ def classify_request(
     request_id: str, input_ids: list[int], task: TaskArtifact, prompts_as_kv: bool, sink: OutputSink, backbone: Backbone
 ) -> Request:
     """A classification task's probe row: its head's probabilities on the probe input."""
-    encoder = backbone.encoder is not None
-    request = Request(request_id, input_ids, SamplingParams(max_new_tokens=1), 0, sink, job=Job.CLASSIFY,
-                      bidirectional=encoder, head_type=task.record.task_type)  # fmt: skip
-    request.rows = [Sequence(request, task, 0, kv_prefix(task, prompts_as_kv and not encoder))]
+    request = Request(request_id, input_ids, SamplingParams(max_new_tokens=1), 0, sink, kind=backbone.kind,
+                      job=Job.CLASSIFY, head_type=task.record.task_type)  # fmt: skip
+    request.rows = [Sequence(request, task, 0, backbone.kind.has_kv_prefix(task, prompts_as_kv))]
     return request
 
 
@@ -162,11 +161,7 @@ def partial_sink(probe: Probe, request_id: str) -> Callable[[EngineOutput], None
 def check_positions(artifact: TaskArtifact, num_input: int, backbone: Backbone) -> None:
     """A task with more virtual tokens than the backbone has positions could never run a row."""
     num_virtual = artifact.record.num_virtual_tokens
-    room = (
-        backbone.max_positions - (backbone.encoder.position_offset if backbone.encoder else 0)
-        if backbone.max_positions
-        else None
-    )
+    room = backbone.position_room
     if room is not None and num_virtual + num_input + PROBE_NEW_TOKENS > room:
         raise InvalidTask(
             f"expected a task whose {num_virtual} virtual tokens leave room for an input in the backbone's "

@@ -8,28 +8,20 @@ import uuid
 
 from prompt_store.registry import TaskStore
 from server.engine.backbone import Backbone
-from server.engine.errors import InvalidPrompt, WrongKind
-from server.engine.intake import IntakeConfig, given_ids, kv_prefix
+from server.engine.errors import InvalidPrompt
+from server.engine.intake import IntakeConfig, given_ids
 from server.engine.nlu import check_positions, generation_tasks
 from server.engine.request import Job, OutputSink, Request, Sequence
 from server.engine.sampler import MAX_TOP_LOGPROBS
 from server.engine.types import Alternative, PromptScoreInput, PromptToken, RowResult, SamplingParams
 
 
-def check_causal(backbone: Backbone) -> None:
-    """Only a causal backbone reads its prompt token by token: an encoder-decoder's prompt is its encoder's input."""
-    if backbone.kind != "causal":
-        raise WrongKind(
-            f"expected a causal backbone for prompt log-probabilities (echo with logprobs, prompt_logprobs); this "
-            f"server's backbone ({backbone.model_id}) is {backbone.kind}: its prompt has no log-probabilities"
-        )
-
-
 def plan_prompt_score(
     request: PromptScoreInput, backbone: Backbone, store: TaskStore, limits: IntakeConfig, sink: OutputSink
 ) -> Request | None:
     """The scoring request (None: a one-token prompt, whose only token has no log-probability)."""
-    check_causal(backbone)
+    what = "prompt log-probabilities (echo with logprobs, prompt_logprobs)"
+    backbone.kind.check_prompt_tokens(what, backbone.model_id)  # an encoder-decoder's prompt is its encoder's input
     if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidPrompt(f"expected top_logprobs in [0, {MAX_TOP_LOGPROBS}]; found {request.top_logprobs}")
     token_ids = given_ids(backbone, request.token_ids, limits)
@@ -38,9 +30,10 @@ def plan_prompt_score(
     if len(token_ids) == 1:
         return None
     sampling = SamplingParams(max_new_tokens=1, top_logprobs=request.top_logprobs)
-    result = Request(uuid.uuid4().hex, token_ids[:1], sampling, 0, sink, job=Job.SCORE)
+    result = Request(uuid.uuid4().hex, token_ids[:1], sampling, 0, sink, kind=backbone.kind, job=Job.SCORE)
     task = tasks[0]
-    result.rows = [Sequence(result, task, 0, kv_prefix(task, limits.prompts_as_kv), targets=token_ids[1:])]
+    has_kv_prefix = backbone.kind.has_kv_prefix(task, limits.prompts_as_kv)
+    result.rows = [Sequence(result, task, 0, has_kv_prefix, targets=token_ids[1:])]
     return result
 
 

@@ -57,6 +57,6 @@ def classified_tokens(row: Sequence) -> range:
     """The own tokens a classification row's head reads: a sequence head one (an encoder's first token, which is a
     prompt task's first virtual token as PEFT places them; a causal LM's last), a token head every input token."""
     if row.request.head_type == SEQ_CLS:
-        first = 0 if row.request.bidirectional else row.num_own_tokens - 1
+        first = row.request.kind.sequence_head_token(row)
         return range(first, first + 1)
     return range(row.num_embedded_tokens, row.num_embedded_tokens + row.request.num_input_tokens)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from prompt_store.types import TaskArtifact
+from server.engine.kinds.base import ModelKind
+from server.engine.kinds.causal import Causal
 from server.engine.kv_memory import TaskBlocks
 from server.engine.types import EngineOutput, EnsembleMode, FinishReason, SamplingParams
 
@@ -36,10 +38,10 @@ class Status(enum.Enum):
 class Sequence:
     """One row of the batch: the request's input under one task (or none) and the token ids it generated.
 
-    A row's own tokens are its embedded virtual tokens (a prompt task fed as input embeddings), its input and its
-    output so far; `num_computed` of them have keys and values in the row's blocks. A row whose task enters as
-    keys and values (`has_kv_prefix`) attends to the task's shared blocks first, and its own tokens' positions
-    continue after them.
+    A row's own tokens are those with keys and values in its blocks, laid out by its backbone's kind (a causal
+    row's: its embedded virtual tokens, a prompt task fed as input embeddings, its input and its output so far);
+    `num_computed` of them are computed. A row whose task enters as keys and values (`has_kv_prefix`) attends to
+    the task's shared blocks first, and its own tokens' positions continue after them.
     """
 
     request: Request
@@ -67,23 +69,16 @@ class Sequence:
     def scored_from(self) -> int:
         """The own token whose logits give the first target's log-probability (the input's last; an
         encoder-decoder's decoder start token); target j's are those of the token j after it."""
-        return 0 if self.is_seq2seq else self.num_embedded_tokens + self.request.num_input_tokens - 1
+        return self.request.kind.scored_from(self)
 
     @property
     def num_virtual_tokens(self) -> int:
         return self.task.record.num_virtual_tokens if self.task else 0
 
     @property
-    def is_seq2seq(self) -> bool:
-        return self.request.decoder_start_id is not None
-
-    @property
     def encoder_length(self) -> int:
-        """An encoder-decoder row's encoder input: its prompt task's virtual tokens, then the input (0: causal)."""
-        if not self.is_seq2seq:
-            return 0
-        prompt = self.num_virtual_tokens if self.task is not None and not self.task.record.method.is_prefix else 0
-        return prompt + self.request.num_input_tokens
+        """What an encoder pass computes for the row when it starts (an encoder-decoder's encoder input; else 0)."""
+        return self.request.kind.encoder_length(self)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -94,15 +89,13 @@ class Sequence:
     def num_embedded_tokens(self) -> int:
         """Virtual tokens the row feeds itself as input embeddings (a prompt task not held as keys and values; an
         encoder-decoder's prompt goes to its encoder)."""
-        return 0 if self.has_kv_prefix or self.is_seq2seq else self.num_virtual_tokens
+        return self.request.kind.num_embedded_tokens(self)
 
     @property
     def num_own_tokens(self) -> int:
         """Tokens with keys and values in the row's own blocks: a causal row's virtual, input and output tokens;
         an encoder-decoder row's decoder tokens (the start token and the output)."""
-        if self.is_seq2seq:
-            return 1 + len(self.fed_targets) + len(self.output_ids)
-        return self.num_embedded_tokens + self.request.num_input_tokens + len(self.fed_targets) + len(self.output_ids)
+        return self.request.kind.num_own_tokens(self)
 
     @property
     def num_remaining(self) -> int:
@@ -143,9 +136,8 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     jumps_queue: bool = False  # the engine's own (a new task's probe): first in line, outside the batch-size limit
-    decoder_start_id: int | None = None  # an encoder-decoder's request: its decoder starts from this token
+    kind: ModelKind = field(default_factory=Causal)  # the backbone's: it lays out the rows' own tokens
     job: Job = Job.GENERATE
-    bidirectional: bool = False  # an encoder's rows: each computed whole, in one step, its tokens seeing each other
     head_type: str | None = None  # CLASSIFY: SEQ_CLS or TOKEN_CLS, the task type of its rows' heads
     keeps_probe_vectors: bool = False  # a new task's probe: its rows keep what the probe judges (see probe.py)
     input_embeds: torch.Tensor | None = None  # [T, H] on the device: the input given as embeddings (ids: padding)
@@ -167,22 +159,25 @@ class Request:
         return all(row.is_finished for row in self.rows)
 
     @property
+    def computes_rows_whole(self) -> bool:
+        """Each row is computed in one step, its tokens seeing each other (an encoder's)."""
+        return self.kind.computes_rows_whole
+
+    @property
     def encoder_tokens(self) -> int:
-        """What an encoder-decoder request's encoders compute when its rows start (0 for a causal request)."""
+        """What encoder passes compute when its rows start (an encoder-decoder's; 0 for any other request)."""
         return sum(row.encoder_length for row in self.rows if not row.is_finished)
 
     @property
     def whole_tokens(self) -> int:
-        """What must all run in the step that starts the request: an encoder-decoder's encoders, an encoder's rows."""
-        rows = sum(row.num_remaining for row in self.rows if not row.is_finished) if self.bidirectional else 0
+        """What must all run in the step that starts the request: encoder passes, and rows computed whole."""
+        rows = sum(row.num_remaining for row in self.rows if not row.is_finished) if self.computes_rows_whole else 0
         return self.encoder_tokens + rows
 
     def max_own_tokens(self, row: Sequence) -> int:
         """The most slots a row of this request can need: embedded virtual, input and every new token (an
         encoder-decoder row: its encoder input, or its decoder tokens, whichever is longer)."""
-        if row.is_seq2seq:
-            return max(row.encoder_length, 1 + len(row.fed_targets) + self.max_new_tokens)
-        return row.num_embedded_tokens + self.num_input_tokens + len(row.fed_targets) + self.max_new_tokens
+        return self.kind.max_own_tokens(row, self.max_new_tokens)
 
     def task_tokens(self) -> dict[tuple[str, int], int]:
         """The distinct tasks whose shared keys and values the unfinished rows need: key -> virtual tokens."""

@@ -158,7 +158,7 @@ class Scheduler:
             leave = 1
         chunks = []
         for row in rows:
-            num_tokens = row.num_remaining if request.bidirectional else min(row.num_remaining - leave, budget)
+            num_tokens = row.num_remaining if request.computes_rows_whole else min(row.num_remaining - leave, budget)
             if num_tokens > 0:
                 chunks.append(Chunk(row, num_tokens))
                 budget -= num_tokens

@@ -15,23 +15,20 @@ every classification head reads, must equal the backbone's own forward's.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache, EncoderDecoderCache, PretrainedConfig
 
-from prompt_store.materialize import decoder_prefix, join_prefix, split_prefix
+from prompt_store.materialize import join_prefix
 from prompt_store.types import TOKEN_CLS, Method, TaskArtifact, TaskRecord
-from server.engine import alibi
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
 from server.engine.errors import EngineError
-from server.engine.intake import decoder_start, single_row_request
+from server.engine.intake import single_row_request
+from server.engine.kinds.base import DecoderPrefix, ModelKind, PrefixCheck
 from server.engine.kv_pool import slots_of
 from server.engine.readout import Readout
 from server.engine.request import Job, Request, Sequence
@@ -45,7 +42,6 @@ NUM_VIRTUAL_TOKENS = 4
 NUM_NEW_TOKENS = 4
 SEED = 1234
 TASK_ID = "#self-check"  # the task-id pattern refuses it: never a user's task
-REFERENCE_ATTENTION = "eager"
 
 
 class SelfCheckFailed(EngineError):
@@ -58,7 +54,7 @@ class CheckRow:
     task: TaskArtifact | None
     virtual_embeds: torch.Tensor | None  # [P, H]: what the backbone reads before the input for this row
     input_ids: list[int] = field(default_factory=list)
-    decoder_prefix: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # per layer [kv_heads, P, d]
+    decoder_prefix: DecoderPrefix | None = None  # per layer [kv_heads, P, d]
 
     def on(self, input_ids: list[int]) -> CheckRow:
         return replace(self, name=f"{self.name} row ({len(input_ids)} input tokens)", input_ids=input_ids)
@@ -67,25 +63,47 @@ class CheckRow:
 def self_check(engine: Engine) -> float:
     """Run the check on the engine (before its thread starts); returns its seconds, raises SelfCheckFailed."""
     started = time.perf_counter()
-    backbone = engine.backbone
-    if backbone.encoder is not None:
-        check_encoder(engine, list(backbone.tokenizer(TEXT)["input_ids"]))
-        logger.info("self-check passed on %s: plain and prompt rows in %.3f s", backbone.model_id,
-                    time.perf_counter() - started)  # fmt: skip
-        return time.perf_counter() - started
-    rows = [row.on(input_ids) for input_ids in check_inputs(engine) for row in check_rows(engine)]
-    try:
-        outputs = run_through_engine(engine, rows)
-    finally:
-        engine.retire_task(TASK_ID + ".prompt", None)
-        engine.retire_task(TASK_ID + ".prefix", None)
-    for row in rows:
-        compare(backbone, row, outputs[row.name])
+    passed = engine.backbone.kind.self_check(Checks(engine))
     seconds = time.perf_counter() - started
-    lengths = sorted({len(row.input_ids) for row in rows})
-    logger.info("self-check passed on %s: %d rows (plain, prompt, prefix; inputs of %s tokens) in %.3f s",
-                backbone.model_id, len(rows), ", ".join(map(str, lengths)), seconds)  # fmt: skip
+    logger.info("self-check passed on %s: %s in %.3f s", engine.backbone.model_id, passed, seconds)
     return seconds
+
+
+@dataclass
+class Checks:
+    """The self-check's two ways on this engine (the kind picks one: `SelfChecks`)."""
+
+    engine: Engine
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    num_virtual_tokens: int = NUM_VIRTUAL_TOKENS
+
+    @property
+    def backbone(self) -> Backbone:
+        return self.engine.backbone
+
+    def decoding(self, kind: ModelKind) -> str:
+        """A plain, a prompt and a prefix row on each check input, through the engine's steps, greedy."""
+        rows = check_rows(self, kind)
+        rows = [row.on(input_ids) for input_ids in check_inputs(self.engine) for row in rows]
+        try:
+            outputs = run_through_engine(self.engine, rows)
+        finally:
+            self.engine.retire_task(TASK_ID + ".prompt", None)
+            self.engine.retire_task(TASK_ID + ".prefix", None)
+        for row in rows:
+            compare(self.backbone, row, outputs[row.name])
+        lengths = ", ".join(map(str, sorted({len(row.input_ids) for row in rows})))
+        return f"{len(rows)} rows (plain, prompt, prefix; inputs of {lengths} tokens)"
+
+    def hidden_states(self, kind: ModelKind) -> str:
+        check_encoder(self.engine, list(self.backbone.tokenizer(TEXT)["input_ids"]))
+        return "plain and prompt rows"
+
+    def prefix_from_embeddings(self) -> PrefixCheck:
+        """Random vocabulary embeddings, and the keys and values they leave as PEFT saves a prefix."""
+        source = vocabulary_embeds(self.backbone, self.generator)
+        saved = join_prefix(*keys_and_values(self.engine, source)).float().cpu()  # [P, L * 2 * kv_dim]
+        return PrefixCheck(saved, source)
 
 
 def check_inputs(engine: Engine) -> list[list[int]]:
@@ -101,24 +119,17 @@ def check_inputs(engine: Engine) -> list[list[int]]:
     return [*inputs, longer[:room]] if room > len(sentence) else inputs
 
 
-def check_rows(engine: Engine) -> list[CheckRow]:
-    backbone = engine.backbone
-    generator = torch.Generator().manual_seed(SEED)
-    prompt = vocabulary_embeds(backbone, generator)
-    if backbone.seq2seq is not None:  # the prompt before the encoder's input (PEFT saves it twice: 2P rows)
-        saved = torch.cat([prompt, prompt]).float().cpu()
-        prefix, decoder_kv = saved_decoder_prefix(backbone, generator)
-        return [
-            CheckRow("plain", None, None),
-            CheckRow("prompt", artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, saved), prompt),
-            CheckRow("prefix", artifact(TASK_ID + ".prefix", Method.PREFIX_TUNING, prefix), None, [], decoder_kv),
-        ]
-    prefix_source = vocabulary_embeds(backbone, generator)
-    prefix = join_prefix(*keys_and_values(engine, prefix_source)).float().cpu()  # [P, L * 2 * kv_dim], as PEFT saves
+def check_rows(checks: Checks, kind: ModelKind) -> list[CheckRow]:
+    """The prompt task's vectors are random vocabulary embeddings; the prefix task is the kind's."""
+    checks.generator.manual_seed(SEED)
+    prompt = vocabulary_embeds(checks.backbone, checks.generator)
+    prefix = kind.check_prefix(checks)
+    prompt_task = artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, kind.saved_prompt(prompt).float().cpu())
+    prefix_task = artifact(TASK_ID + ".prefix", Method.PREFIX_TUNING, prefix.saved)
     return [
         CheckRow("plain", None, None),
-        CheckRow("prompt", artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, prompt.float().cpu()), prompt),
-        CheckRow("prefix", artifact(TASK_ID + ".prefix", Method.PREFIX_TUNING, prefix), prefix_source),
+        CheckRow("prompt", prompt_task, prompt),
+        CheckRow("prefix", prefix_task, prefix.virtual_embeds, [], prefix.decoder_prefix),
     ]
 
 
@@ -127,18 +138,6 @@ def vocabulary_embeds(backbone: Backbone, generator: torch.Generator) -> torch.T
     token_ids = torch.randint(0, backbone.fingerprint.vocab_size, (NUM_VIRTUAL_TOKENS,), generator=generator)
     with torch.inference_mode():
         return backbone.model.get_input_embeddings()(token_ids.to(backbone.device))
-
-
-def saved_decoder_prefix(
-    backbone: Backbone, generator: torch.Generator
-) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """Random prefix rows for an encoder-decoder as PEFT saves them ([P, L*2*kv_dim], L the config's layers), and the
-    keys and values each decoder layer's self-attention reads from them (per layer [kv_heads, P, head_dim])."""
-    fingerprint = backbone.fingerprint
-    width = fingerprint.num_layers * 2 * fingerprint.num_key_value_heads * fingerprint.head_dim
-    saved = torch.randn((NUM_VIRTUAL_TOKENS, width), generator=generator)
-    keys, values = split_prefix(saved.to(backbone.device, backbone.dtype), fingerprint)
-    return saved, decoder_prefix(keys, values, fingerprint)
 
 
 def keys_and_values(engine: Engine, embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -166,8 +165,8 @@ def run_through_engine(engine: Engine, rows: list[CheckRow]) -> dict[str, list[E
     as_kv = engine.config.cache_prompt_kv
     for row in rows:
         sink = outputs[row.name].append
-        request_id, start = f"self-check-{row.name}", decoder_start(engine.backbone)
-        engine.add(single_row_request(request_id, row.input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink, start))
+        request_id, kind = f"self-check-{row.name}", engine.backbone.kind
+        engine.add(single_row_request(request_id, row.input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink, kind))
     while engine.has_work():
         engine.step()
     return outputs
@@ -178,12 +177,8 @@ def compare(backbone: Backbone, row: CheckRow, outputs: list[EngineOutput]) -> N
     if errors or not outputs or not outputs[-1].finished:
         raise failure(backbone, f"the {row.name} failed in the engine: {errors[0] if errors else 'no end'!r}")
     tokens = [token for output in outputs for token in output.tokens]
-    if backbone.seq2seq is not None:
-        decoder_ids = [backbone.seq2seq.decoder_start_id, *(token.id for token in tokens[:-1])]
-        expected = seq2seq_reference_logprobs(backbone, row, decoder_ids)
-    else:
-        logprobs = reference_logprobs(backbone, row, row.input_ids + [token.id for token in tokens[:-1]])
-        expected = logprobs[-len(tokens) :]  # [N, V]: what the backbone gives at each position the engine chose at
+    new_ids = [token.id for token in tokens]
+    expected = backbone.kind.reference_logprobs(backbone.model, row, new_ids)  # [N, V] at each token chosen
     tolerance = tolerance_of(backbone.dtype)
     for step, (token, reference) in enumerate(zip(tokens, expected, strict=True)):
         chosen, best = float(reference[token.id]), float(reference.max())
@@ -196,44 +191,6 @@ def compare(backbone: Backbone, row: CheckRow, outputs: list[EngineOutput]) -> N
             )
 
 
-@torch.inference_mode()
-def reference_logprobs(backbone: Backbone, row: CheckRow, token_ids: list[int]) -> torch.Tensor:
-    """[T, V] log-probabilities after each token of the row: virtual tokens as embeddings, eager attention."""
-    model = backbone.model
-    embeds = model.get_input_embeddings()(torch.tensor([token_ids], device=backbone.device))  # [1, T, H]
-    if row.virtual_embeds is not None:
-        embeds = torch.cat([row.virtual_embeds[None].to(embeds.dtype), embeds], dim=1)  # [1, P + T, H]
-    positions = torch.arange(embeds.shape[1], device=backbone.device)[None]
-    with stock_attention(model):
-        logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits  # type: ignore[operator]
-    return torch.log_softmax(logits[0].float(), dim=-1)
-
-
-@torch.inference_mode()
-def seq2seq_reference_logprobs(backbone: Backbone, row: CheckRow, decoder_ids: list[int]) -> torch.Tensor:
-    """[T, V] after each decoder token: the virtual tokens before the encoder's input, a prefix's keys and values in
-    the decoder's self-attention cache (as PEFT's forward puts them), eager attention."""
-    model = backbone.model
-    embed = model.get_input_embeddings()
-    encoder_embeds = embed(torch.tensor([row.input_ids], device=backbone.device))  # [1, S, H]
-    if row.virtual_embeds is not None:
-        encoder_embeds = torch.cat([row.virtual_embeds[None].to(encoder_embeds.dtype), encoder_embeds], dim=1)
-    decoder = torch.tensor([decoder_ids], device=backbone.device)
-    cache = prefix_cache(row.decoder_prefix) if row.decoder_prefix is not None else None
-    with stock_attention(model):
-        logits = model(inputs_embeds=encoder_embeds, decoder_input_ids=decoder, cache=cache,  # type: ignore[operator]
-                       use_cache=cache is not None).logits  # fmt: skip
-    return torch.log_softmax(logits[0].float(), dim=-1)
-
-
-def prefix_cache(prefix: tuple[list[torch.Tensor], list[torch.Tensor]]) -> EncoderDecoderCache:
-    """A decoder self-attention cache holding a prefix's keys and values, an empty cross-attention one."""
-    self_attention = DynamicCache()
-    for layer, (keys, values) in enumerate(zip(*prefix, strict=True)):
-        self_attention.update(keys[None], values[None], layer)  # [1, kv_heads, P, head_dim]
-    return EncoderDecoderCache(self_attention, DynamicCache())
-
-
 def check_encoder(engine: Engine, input_ids: list[int]) -> None:
     """A plain and a prompt row through the engine's runner in one pass; each row's hidden states against the
     backbone's own forward (stock eager attention, its own positions)."""
@@ -244,7 +201,7 @@ def check_encoder(engine: Engine, input_ids: list[int]) -> None:
     hidden = encoder_hidden(engine, input_ids, rows)
     tolerance = tolerance_of(backbone.dtype)
     for row, got in zip(rows, hidden, strict=True):
-        expected = encoder_reference(backbone, row, input_ids)
+        expected = backbone.kind.reference_hidden(backbone.model, row.virtual_embeds, input_ids)
         error = float((got.float() - expected).abs().max())
         if error > tolerance * max(1.0, float(expected.abs().max())):
             raise failure(
@@ -255,7 +212,7 @@ def check_encoder(engine: Engine, input_ids: list[int]) -> None:
 def encoder_hidden(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -> list[torch.Tensor]:
     """Each row's final hidden states [T, H], all rows in one pass of the engine's runner."""
     request = Request("self-check", input_ids, SamplingParams(max_new_tokens=1), 0, lambda _: None,
-                      job=Job.CLASSIFY, bidirectional=True, head_type=TOKEN_CLS)  # fmt: skip
+                      kind=engine.backbone.kind, job=Job.CLASSIFY, head_type=TOKEN_CLS)  # fmt: skip
     request.rows = [Sequence(request, row.task, i) for i, row in enumerate(rows)]
     chunks = [Chunk(row, row.num_own_tokens) for row in request.rows]
     for row in request.rows:
@@ -269,31 +226,6 @@ def encoder_hidden(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -
         engine.retire_task(TASK_ID + ".prompt", None)
     assert result.hidden is not None
     return list(result.hidden.split([chunk.num_tokens for chunk in chunks]))
-
-
-@torch.inference_mode()
-def encoder_reference(backbone: Backbone, row: CheckRow, input_ids: list[int]) -> torch.Tensor:
-    """[T, H]: the encoder's own forward of the row (virtual tokens as input embeddings first), eager attention."""
-    model = backbone.model
-    embeds = model.get_input_embeddings()(torch.tensor([input_ids], device=backbone.device))
-    if row.virtual_embeds is not None:
-        embeds = torch.cat([row.virtual_embeds[None].to(embeds.dtype), embeds], dim=1)
-    packed = backbone.encoder is not None and backbone.encoder.packed
-    with stock_attention(model) if packed else contextlib.nullcontext():  # DeBERTa-v2's attention is its own
-        hidden = model.base_model(inputs_embeds=embeds)[0]  # type: ignore[operator]
-    return hidden[0].float()
-
-
-@contextlib.contextmanager
-def stock_attention(model: torch.nn.Module) -> Iterator[None]:
-    """transformers' own eager attention for the reference forward (a family the engine wraps: the attention PEFT's
-    forward runs it with), the engine's again after it."""
-    config: PretrainedConfig = model.config  # type: ignore[assignment]
-    model.set_attn_implementation(alibi.stock_attention(config) or REFERENCE_ATTENTION)  # type: ignore[operator]
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(alibi.engine_attention(config))  # type: ignore[operator]
 
 
 def tolerance_of(dtype: torch.dtype) -> float:

@@ -6,7 +6,7 @@ their virtual tokens come first and attend only to each other, so the keys and v
 every input; computed once per task version into the pool, they are then shared by every row of the task like a
 prefix. Otherwise a prompt row feeds the task's vectors as its first input embeddings (kept here, least recently
 used first, within a byte budget). Which form a row's task takes is decided when the request is built
-(`has_kv_prefix`) and never changes.
+(the backbone kind's `has_kv_prefix`) and never changes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from prompt_store.adapter import is_valid_task_id
 from prompt_store.materialize import materialize
-from prompt_store.types import CacheStats, Method, TaskArtifact, TaskKey, nbytes
+from prompt_store.types import CacheStats, TaskArtifact, TaskKey, nbytes
 from server.engine.attention import one_row_kv, run_backbone
 from server.engine.backbone import Backbone
 from server.engine.kv_memory import KVMemory, TaskBlocks
@@ -27,10 +27,6 @@ from server.engine.kv_pool import KVPool, slots_of
 from server.engine.types import TaskCacheEvents, TaskLoad
 
 logger = logging.getLogger(__name__)
-
-
-def has_kv_prefix(method: Method, prompts_as_kv: bool) -> bool:
-    return method.is_prefix or prompts_as_kv
 
 
 def is_user_task(key: TaskKey) -> bool:

@@ -13,7 +13,6 @@ from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.intake import IntakeConfig, build_request
-from server.engine.kv_pool import pool_layers
 from server.engine.output import OutputProcessor
 from server.engine.request import Request
 from server.engine.types import Completion, EngineOutput, EnsembleMode, GenerateInput, RequestOutput, SamplingParams
@@ -37,7 +36,7 @@ class Harness:
         for kind, adapter_dir in tiny.adapters.items():
             self.store.register_dir(kind, adapter_dir)
         fp = self.backbone.fingerprint
-        token_bytes = 2 * pool_layers(fp) * fp.kv_dim * self.backbone.dtype.itemsize
+        token_bytes = 2 * self.backbone.kind.num_pool_layers(fp) * fp.kv_dim * self.backbone.dtype.itemsize
         defaults = {"max_batch_tokens": 4096, "max_waiting": 64, "kv_cache_bytes": kv_cache_tokens * token_bytes}
         self.config = EngineConfig(device=device, dtype=dtype, **{**defaults, **config})
         self.engine = Engine(self.backbone, self.config)

@@ -110,8 +110,8 @@ def encoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 def test_every_kind_mixed_in_shared_steps_equals_peft(encoder: dict[str, Any]) -> None:
     backbone, reference = encoder["backbone"], encoder["reference"]
-    assert backbone.kind == "encoder" and backbone.encoder is not None
-    assert backbone.encoder.packed == (encoder["arch"] != "deberta_v2")  # DeBERTa's attention is its own
+    assert backbone.kind.name == "encoder"
+    assert backbone.kind.packed == (encoder["arch"] != "deberta_v2")  # DeBERTa's attention is its own
     driver = Driver(backbone, encoder["store"])
     answers = {(kind, text): driver.classify_probs(text, kind) for kind in reference for text in TEXTS}
     driver.run()
@@ -279,6 +279,6 @@ def test_the_self_check_passes_on_every_encoder_and_catches_wrong_positions(enco
     backbone = encoder["backbone"]
     assert self_check(Driver(backbone, encoder["store"]).engine) > 0
     if encoder["arch"] == "roberta":  # positions counted from 0, not from padding_idx + 1 as RoBERTa's are
-        broken = replace(backbone, encoder=replace(backbone.encoder, position_offset=0))
+        broken = replace(backbone, kind=replace(backbone.kind, first_position=0))
         with pytest.raises(SelfCheckFailed, match="the plain row's hidden states differ from the backbone's"):
             self_check(Driver(broken, encoder["store"]).engine)

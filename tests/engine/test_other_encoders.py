@@ -83,7 +83,7 @@ def write_token_adapter(backbone_dir: Path, kind: str, out_dir: Path, seed: int)
 def test_unindexed_encoder_token_tasks_run_padded_and_equal_peft(arch: str, tmp_path: Path) -> None:
     backbone_dir = write_encoder(distilbert_config() if arch == "distilbert" else albert_config(), tmp_path / "bb")
     backbone = load_backbone(str(backbone_dir), "cpu", "float32")
-    assert backbone.encoder is not None and not backbone.encoder.packed
+    assert backbone.kind.name == "encoder" and not backbone.kind.packed
     assert not backbone.fingerprint.takes_prefix and set(backbone.heads) == {TOKEN_CLS}
     store = TaskStore(tmp_path / "store", backbone.fingerprint)
     kinds = ("prompt_tuning", "p_tuning_mlp")

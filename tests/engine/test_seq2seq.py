@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from server.engine import model_runner
+from server.engine.kinds import encoder_decoder
+from server.engine.kinds.seq2seq import seq2seq_of
 from server.engine.selfcheck import SelfCheckFailed, self_check
-from server.engine.seq2seq import seq2seq_of
 from server.engine.task_cache import TaskCache
 from server.engine.types import Completion, EnsembleMode, FinishReason
 from tests.engine.harness import Harness, token_ids
@@ -69,7 +69,7 @@ def harness(seq2seq: TinyBackbone, tmp_path: Path, request: pytest.FixtureReques
 
 
 def test_the_backbone_is_served_as_seq2seq(harness: Harness):
-    assert harness.backbone.kind == "seq2seq" and harness.backbone.fingerprint.is_encoder_decoder
+    assert harness.backbone.kind.name == "seq2seq" and harness.backbone.fingerprint.is_encoder_decoder
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -115,19 +115,19 @@ def test_the_self_check_passes_and_catches_a_lost_encoder_output(harness: Harnes
     def nothing_encoded(model: object, embeds: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(embeds)
 
-    monkeypatch.setattr(model_runner, "encode", nothing_encoded)
+    monkeypatch.setattr(encoder_decoder, "encode", nothing_encoded)
     with pytest.raises(SelfCheckFailed, match="self-check failed"):
         self_check(harness.engine)
 
 
 def test_the_self_check_catches_an_engine_wrong_only_on_short_inputs(harness: Harness, monkeypatch: pytest.MonkeyPatch):
     """As a BART was once wrong on "hi" and right on "translate this": a check on one sentence would pass."""
-    encode = model_runner.encode
+    encode = encoder_decoder.encode
 
     def short_inputs_reversed(model: object, embeds: torch.Tensor) -> torch.Tensor:
         return encode(model, embeds.flip(0) if embeds.shape[0] <= 3 else embeds)
 
-    monkeypatch.setattr(model_runner, "encode", short_inputs_reversed)
+    monkeypatch.setattr(encoder_decoder, "encode", short_inputs_reversed)
     with pytest.raises(SelfCheckFailed, match=r"of the plain row \(2 input tokens\)"):
         self_check(harness.engine)
 
@@ -176,13 +176,13 @@ def test_encoders_count_against_the_step_budget(seq2seq: TinyBackbone, tmp_path:
     """A step starts encoders only within max_batch_tokens, unless one is the first to start in it."""
     harness = Harness(seq2seq, tmp_path / "store", max_batch_tokens=16)
     encoded: list[list[int]] = []
-    real_encode = model_runner.encode
+    real_encode = encoder_decoder.encode
 
     def counting(model: object, embeds: torch.Tensor) -> torch.Tensor:
         encoded[-1].append(embeds.shape[0])
         return real_encode(model, embeds)
 
-    monkeypatch.setattr(model_runner, "encode", counting)
+    monkeypatch.setattr(encoder_decoder, "encode", counting)
     requests = [harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS]
     for request in requests:
         harness.engine.add(request)

@@ -1,4 +1,5 @@
-"""Encoder-decoder backbones (T5, BART): what the engine needs beyond the attention interface.
+"""Encoder-decoder backbones (T5, BART): what the engine needs beyond the attention interface (the kind itself is
+encoder_decoder.py's).
 
 A seq2seq row's encoder input is its task's prompt (prompt tuning, P-tuning: PEFT puts it there) and its input; it
 runs once, alone (no padding), when the row is admitted. The decoder runs in the engine's packed steps like a causal
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
+
+from server.engine.attention import KV_KWARG, WHOLE_SEQUENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,7 @@ class Seq2Seq:
     num_decoder_layers: int
     relative_bias: RelativeBias | None
     positions: DecoderPositions | None
+    cross_attentions: frozenset[torch.nn.Module]  # the decoder's cross-attention modules (the rest: self-attention)
 
 
 def seq2seq_of(model: PreTrainedModel) -> Seq2Seq:
@@ -90,7 +94,10 @@ def seq2seq_of(model: PreTrainedModel) -> Seq2Seq:
             f"{type(model).__name__}: expected a decoder whose every layer has a self-attention and a cross-attention "
             f"module (is_decoder, is_causal, layer_idx, as T5 and BART have); found {len(attentions)} attention modules"
         )
-    return Seq2Seq(int(decoder_start), num_layers, relative_bias_of(decoder, config), decoder_positions_of(decoder))
+    cross = frozenset(m for m in attentions if not getattr(m, "is_causal", False))
+    return Seq2Seq(
+        int(decoder_start), num_layers, relative_bias_of(decoder, config), decoder_positions_of(decoder), cross
+    )
 
 
 def relative_bias_of(decoder: torch.nn.Module, config: Any) -> RelativeBias | None:
@@ -114,8 +121,8 @@ def decoder_positions_of(decoder: torch.nn.Module) -> DecoderPositions | None:
 @torch.inference_mode()
 def encode(model: PreTrainedModel, embeds: torch.Tensor) -> torch.Tensor:
     """One row's encoder pass, alone: input embeddings [S, H] -> encoder output [S, H] (attention as transformers
-    computes it, through `attend`'s encoder path)."""
-    output: BaseModelOutput = model.get_encoder()(inputs_embeds=embeds[None])
+    computes it, through `attend`'s path for one whole sequence)."""
+    output: BaseModelOutput = model.get_encoder()(inputs_embeds=embeds[None], **{KV_KWARG: WHOLE_SEQUENCE})
     hidden = output.last_hidden_state
     assert hidden is not None
     return hidden[0]
