@@ -132,7 +132,7 @@ def method_of(config: dict[str, Any], fingerprint: BackboneFingerprint) -> tuple
             f"(PEFT cannot apply a prefix to its attention either); found {peft_type!r}"
         )
     # PEFT fills a missing value with 1 for a causal LM and 2 for an encoder-decoder (encoder and decoder prompts).
-    expected_submodules = 2 if fingerprint.is_encoder_decoder else 1
+    expected_submodules = fingerprint.num_transformer_submodules
     submodules = config.get("num_transformer_submodules", expected_submodules)
     if submodules is not None and submodules != expected_submodules:
         raise InvalidTask(
@@ -173,7 +173,7 @@ def expected_config_dims(method: Method, fingerprint: BackboneFingerprint) -> di
 
 def check_config_dims(config: dict[str, Any], method: Method, fingerprint: BackboneFingerprint) -> None:
     decoder_layers = fingerprint.num_decoder_layers or 0
-    if method.is_prefix and fingerprint.is_encoder_decoder and decoder_layers > fingerprint.num_layers:
+    if method.is_prefix and decoder_layers > fingerprint.num_layers:
         raise InvalidTask(
             f"{CONFIG_NAME}: prefix tuning on this {fingerprint.model_type} backbone: PEFT provisions a prefix for "
             f"as many decoder layers as the encoder has ({fingerprint.num_layers}); its decoder has {decoder_layers}, "
@@ -276,10 +276,10 @@ def parse_labels(labels: bytes | None, num_labels: int) -> tuple[str, ...]:
 
 
 def expected_tensor_shape(method: Method, num_virtual_tokens: int, fp: BackboneFingerprint) -> tuple[list[int], str]:
-    if not method.is_prefix and fp.is_encoder_decoder:  # PEFT saves an encoder and a decoder prompt
-        return [2 * num_virtual_tokens, fp.hidden_size], "2 * num_virtual_tokens x hidden_size"
-    if not method.is_prefix:
-        return [num_virtual_tokens, fp.hidden_size], "num_virtual_tokens x hidden_size"
+    if not method.is_prefix:  # an encoder-decoder's PEFT saves an encoder and a decoder prompt
+        copies = fp.num_transformer_submodules
+        rows = f"{copies} * num_virtual_tokens" if copies > 1 else "num_virtual_tokens"
+        return [copies * num_virtual_tokens, fp.hidden_size], f"{rows} x hidden_size"
     width = fp.num_layers * 2 * fp.kv_dim
     why = f"num_virtual_tokens x num_layers {fp.num_layers} * 2 * num_key_value_heads {fp.num_key_value_heads}"
     return [num_virtual_tokens, width], f"{why} * head_dim {fp.head_dim}"

@@ -30,19 +30,16 @@ def materialize(
     if not record.method.is_prefix:
         task.prompt_embeds = rows[:num_virtual].contiguous()  # [P, hidden]; a seq2seq adapter's encoder prompt
         return task
-    task.prefix_keys, task.prefix_values = split_prefix(rows, fingerprint)
-    if fingerprint.is_encoder_decoder:
-        task.prefix_keys, task.prefix_values = decoder_prefix(task.prefix_keys, task.prefix_values, fingerprint)
+    task.prefix_keys, task.prefix_values = layer_prefix(*split_prefix(rows, fingerprint), fingerprint)
     return task
 
 
-def decoder_prefix(
+def layer_prefix(
     keys: list[torch.Tensor], values: list[torch.Tensor], fingerprint: BackboneFingerprint
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per decoder layer, the slot PEFT gives its self-attention: (2 * layer) % L of the L saved ones."""
-    num_slots = len(keys)
-    slots = [(2 * layer) % num_slots for layer in range(fingerprint.num_decoder_layers or num_slots)]
-    return [keys[s] for s in slots], [values[s] for s in slots]
+    """Per layer the prefix enters, the saved layer's keys and values PEFT gives it (`prefix_layers`)."""
+    layers = fingerprint.prefix_layers
+    return [keys[s] for s in layers], [values[s] for s in layers]
 
 
 def split_prefix(rows: torch.Tensor, fingerprint: BackboneFingerprint) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -79,6 +79,19 @@ class BackboneFingerprint:
             return "an encoder"
         return "an encoder-decoder" if self.is_encoder_decoder else "a causal"
 
+    @property
+    def num_transformer_submodules(self) -> int:
+        """PEFT's: an encoder-decoder's prompt task holds an encoder and a decoder prompt (P rows each)."""
+        return 2 if self.is_encoder_decoder else 1
+
+    @property
+    def prefix_layers(self) -> tuple[int, ...]:
+        """For each layer a prefix's keys and values enter (an encoder-decoder's: its decoder self-attention layers),
+        the saved layer PEFT gives it: layer l of a causal LM's; (2 * l) % L of an encoder-decoder's L saved ones."""
+        if not self.is_encoder_decoder:
+            return tuple(range(self.num_layers))
+        return tuple((2 * layer) % self.num_layers for layer in range(self.num_decoder_layers or self.num_layers))
+
 
 @dataclass(frozen=True, slots=True)
 class TaskRecord:

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, EncoderDecoderCache, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
-from prompt_store.materialize import decoder_prefix, split_prefix
+from prompt_store.materialize import layer_prefix, split_prefix
 from prompt_store.types import BackboneFingerprint, TaskArtifact
 from server.engine.alibi import reference_attention
 from server.engine.attention import CrossKV, RowBatch, StepKV, run_decoder
@@ -171,7 +171,7 @@ class EncoderDecoder(ModelKind):
         width = fingerprint.num_layers * 2 * fingerprint.num_key_value_heads * fingerprint.head_dim
         saved = torch.randn((checks.num_virtual_tokens, width), generator=checks.generator)
         keys, values = split_prefix(saved.to(backbone.device, backbone.dtype), fingerprint)
-        return PrefixCheck(saved, None, decoder_prefix(keys, values, fingerprint))
+        return PrefixCheck(saved, None, layer_prefix(keys, values, fingerprint))
 
     @torch.inference_mode()
     def reference_logprobs(self, model: PreTrainedModel, check: CheckRow, new_ids: list[int]) -> torch.Tensor:
