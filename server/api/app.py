@@ -27,7 +27,7 @@ from server.api.metrics import Metrics
 from server.api.openapi import install_openapi
 from server.api.routes import generate, nlu, openai, service, tasks, tokenizer
 from server.api.settings import Settings
-from server.api.state import AppState
+from server.api.state import AppState, served_model_name
 from server.engine.errors import EngineError
 from server.engine.interface import EngineClient
 
@@ -53,7 +53,10 @@ def create_app(
     Every response names the replica that served it (`replica_id`, default `<hostname>-<pid>`)."""
     settings = settings or Settings()
     warn_if_open(settings)
-    state = AppState(settings=settings, metrics=Metrics(lambda: state.engine, settings.metrics_max_tasks))
+    state = AppState(
+        settings=settings,
+        metrics=Metrics(lambda: state.engine, settings.metrics_max_tasks, lambda: series_labels(state, replica_id)),
+    )
     if engine is not None:
         state.attach(engine)
     factory = engine_factory or build_real_engine
@@ -71,6 +74,12 @@ def create_app(
     app.add_middleware(ApiKeyMiddleware, secrets=settings.api_keys)  # before any body is read
     app.add_middleware(ReplicaHeaderMiddleware, replica_id=replica_id or default_replica_id())  # outermost
     return app
+
+
+def series_labels(state: AppState, replica_id: str | None) -> dict[str, str]:
+    """The labels on every metric: the served model id (once the engine is up) and, under Ray, the replica."""
+    labels = {"model_name": served_model_name(state.settings, state.engine) if state.engine is not None else ""}
+    return labels if replica_id is None else {**labels, "replica": replica_id}
 
 
 def default_replica_id() -> str:

@@ -2,7 +2,9 @@
 
 Fed by the engine's step listener (batch shape, per-task cache events), by the routes (per-request timings and
 token counts) and, at scrape time, by engine.stats() (queue gauges, prompt-cache counters, resident task versions).
-One registry per app, never the global. Series labelled `task` take their values from TaskLabels (bounded).
+One registry per app, never the global. Series labelled `task` take their values from TaskLabels (bounded). Every
+series, the process_* ones included, carries `model_name` (the served model id, as vLLM labels its series) and,
+under Ray, `replica`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -38,12 +41,17 @@ BY_REQUEST = f" ({task_labels.REQUEST_HELP})"  # a request's one label
 BY_TASK = f" ({task_labels.TASK_HELP}; an ensemble's members count one by one)"
 
 EngineProvider = Callable[[], "EngineClient | None"]
+LabelsProvider = Callable[[], dict[str, str]]
 
 
 class Metrics:
-    def __init__(self, engine: EngineProvider, max_tasks: int) -> None:
+    def __init__(self, engine: EngineProvider, max_tasks: int, labels: LabelsProvider = dict) -> None:
+        """`labels`: the labels every series carries (model_name; replica under Ray), read at each scrape."""
         disable_created_metrics()  # process-wide; the `_created` series only add noise to the exposition
         self.registry = CollectorRegistry()
+        self.exported = CollectorRegistry()  # what /metrics serves: every series of `registry`, labelled
+        self.exported.register(ConstantLabels(self.registry, labels))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
         self.task_labels = TaskLabels(max_tasks)
         self.add_request_series()
         self.add_task_cache_series()
@@ -159,7 +167,25 @@ class Metrics:
         self.task_deletions.inc()
 
     def exposition(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.exported), CONTENT_TYPE_LATEST
+
+
+class ConstantLabels(Collector):
+    """Every series of `registry` with the constant labels added (prometheus_client has no constant labels)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: LabelsProvider) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        constant = {name: value for name, value in self.labels().items() if value}
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(
+                    sample.name, {**constant, **sample.labels}, sample.value, sample.timestamp, sample.exemplar
+                )
+            yield labelled
 
 
 @dataclass
@@ -235,6 +261,7 @@ class EngineCollector(Collector):
         )
         if engine is None:
             return
+        yield engine_info(engine)
         stats = engine.stats()
         cache = stats.cache
         yield gauge("num_requests_running", "Requests in the running batch", stats.num_running)
@@ -255,6 +282,20 @@ class EngineCollector(Collector):
         yield gauge("prompt_cache_entries", "Task versions resident on the device", cache.num_entries)
         yield gauge("prompt_cache_pinned_entries", "Resident task versions held by running rows", cache.num_pinned)
         yield resident_task_versions(stats, self.labels)
+
+
+def engine_info(engine: EngineClient) -> GaugeMetricFamily:
+    """Always 1: what this server runs, in its labels (join on it: `* on(model_name) group_left(...)`)."""
+    info = engine.info()
+    family = GaugeMetricFamily(
+        f"{PREFIX}_info",
+        "The server's version, backbone, dtype, device and KV pool size (tokens), in its labels; always 1",
+        labels=["version", "backbone", "model_type", "dtype", "device", "kv_cache_tokens"],
+    )
+    family.add_metric(
+        [info.version, info.model_id, info.model_type, info.dtype, info.device, str(info.kv_cache_tokens)], 1
+    )
+    return family
 
 
 def resident_task_versions(stats: EngineStats, labels: TaskLabels) -> GaugeMetricFamily:

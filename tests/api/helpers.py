@@ -58,7 +58,15 @@ def events_of(text: str) -> list[dict]:
     return [json.loads(block.removeprefix("data: ")) for block in blocks]
 
 
-def metric_samples(text: str) -> Samples:
-    """Prometheus text as {(sample name, its labels sorted): value}."""
+CONSTANT_LABELS = ("model_name", "replica")  # on every series (test_metrics checks them): left out here
+
+
+def metric_samples(text: str, constant: bool = False) -> Samples:
+    """Prometheus text as {(sample name, its labels sorted): value}; the labels every series carries only when
+    `constant`."""
     families = text_string_to_metric_families(text)
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value for family in families for s in family.samples}
+    return {
+        (s.name, tuple(sorted((k, v) for k, v in s.labels.items() if constant or k not in CONSTANT_LABELS))): s.value
+        for family in families
+        for s in family.samples
+    }

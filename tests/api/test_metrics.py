@@ -22,9 +22,35 @@ def names(client: TestClient) -> set[str]:
     return {name for name, _ in samples(client)}
 
 
-def test_metrics_names_all_prefixed_promptserve(client: TestClient) -> None:
+def test_metrics_names_all_prefixed_promptserve_or_process(client: TestClient) -> None:
     client.post("/v1/generate", json={"inputs": "x"})
-    assert all(name.startswith("promptserve_") for name in names(client))
+    assert all(name.startswith(("promptserve_", "process_")) for name in names(client))
+    assert {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"} <= names(client)
+
+
+def test_every_series_carries_the_served_model_name(engine: FakeEngine) -> None:
+    settings = Settings(demo_tasks=False, served_model_name="base")
+    with TestClient(create_app(settings, engine)) as client:
+        client.post("/v1/generate", json={"inputs": "x"})
+        labelled = metric_samples(client.get("/metrics").text, constant=True)
+    assert labelled and all(("model_name", "base") in labels for _, labels in labelled)
+    assert not any(name == "replica" for _, labels in labelled for name, _ in labels), "a replica label outside Ray"
+
+
+def test_every_series_carries_the_replica_under_ray(engine: FakeEngine) -> None:
+    with TestClient(create_app(Settings(demo_tasks=False), engine, replica_id="promptserve#abc")) as client:
+        labelled = metric_samples(client.get("/metrics").text, constant=True)
+    assert all(("replica", "promptserve#abc") in labels for _, labels in labelled)
+    assert all(("model_name", "fake/tiny") in labels for _, labels in labelled)
+
+
+def test_the_info_metric_names_version_backbone_dtype_device_and_kv_pool(client: TestClient) -> None:
+    (labels,) = [dict(labels) for name, labels in samples(client) if name == "promptserve_info"]
+    assert labels == {
+        "version": "0.1.0", "backbone": "fake/tiny", "model_type": "llama", "dtype": "float32", "device": "cpu",
+        "kv_cache_tokens": labels["kv_cache_tokens"],
+    }  # fmt: skip
+    assert int(labels["kv_cache_tokens"]) >= 0
 
 
 def test_metrics_expose_the_serving_series(client: TestClient) -> None:

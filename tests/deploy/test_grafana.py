@@ -39,7 +39,11 @@ def panels() -> list[dict[str, Any]]:
 def queries() -> list[str]:
     """Every PromQL query of the dashboard: its panels' targets and its template variables."""
     exprs = [target["expr"] for panel in panels() for target in panel["targets"]]
-    return exprs + [variable["query"] for variable in dashboard()["templating"]["list"]]
+    return exprs + [variable["query"] for variable in query_variables()]
+
+
+def query_variables() -> list[dict[str, Any]]:
+    return [variable for variable in dashboard()["templating"]["list"] if variable["type"] == "query"]
 
 
 def unexported(names: set[str], exposition: set[str]) -> set[str]:
@@ -88,13 +92,24 @@ def test_a_family_name_without_its_sample_suffix_is_refused() -> None:  # so the
     }
 
 
-def test_panels_query_the_provisioned_prometheus() -> None:
+def test_panels_query_the_data_source_variable_which_defaults_to_any_prometheus() -> None:
+    """Imported into a Grafana whose Prometheus has another uid, the dashboard still works: it names no uid."""
     datasource = provisioned_datasource()
     assert (datasource["type"], datasource["url"]) == ("prometheus", "http://prometheus:9090")
-    expected = {"type": "prometheus", "uid": datasource["uid"]}
-    variables = dashboard()["templating"]["list"]
-    for item in [*panels(), *(t for panel in panels() for t in panel["targets"]), *variables]:
+    (variable,) = [v for v in dashboard()["templating"]["list"] if v["type"] == "datasource"]
+    assert (variable["name"], variable["query"]) == ("datasource", "prometheus")
+    expected = {"type": "prometheus", "uid": "${datasource}"}
+    for item in [*panels(), *(t for panel in panels() for t in panel["targets"]), *query_variables()]:
         assert item["datasource"] == expected, f"{item.get('title') or item.get('refId')}: {item['datasource']}"
+    assert datasource["uid"] not in DASHBOARD.read_text()
+
+
+def test_every_series_a_panel_reads_is_scoped_to_the_chosen_instances_and_replicas() -> None:
+    names = {variable["name"] for variable in query_variables()}
+    assert {"instance", "replica"} <= names
+    for query in [target["expr"] for panel in panels() for target in panel["targets"]]:
+        for selector in re.findall(r"promptserve_[a-z0-9_]+(\{[^}]*\})?", query):
+            assert 'instance=~"$instance"' in selector and 'replica=~"$replica"' in selector, query
 
 
 def test_dashboard_has_the_promised_panels() -> None:
