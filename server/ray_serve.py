@@ -92,7 +92,17 @@ class PromptServe:
         check_before_loading(settings)  # a wrong store or model fails in seconds, before the model loads
         self.engine = prepare_engine(settings, build_real_engine)  # blocking: the replica serves nothing yet
         self.http_app = create_app(settings, self.engine, replica_id=self.replica_id)
+        # the proxy's /metrics answers for one replica at a time: each replica's own port is scraped instead
+        self.metrics_port: int | None = None
+        if settings.metrics_port is not None:
+            metrics = self.http_app.state.promptserve.metrics
+            self.metrics_port = metrics.serve(settings.host, settings.metrics_port)
+            logger.info("replica %s: /metrics on port %d", self.replica_id, self.metrics_port)
         logger.info("replica %s ready: %d tasks", self.replica_id, len(self.engine.list_tasks()))
+
+    def metrics_address(self) -> tuple[str, int | None]:
+        """This replica's id and its metrics port (None: none); through a handle, for tests and discovery."""
+        return self.replica_id, self.metrics_port
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self.http_app

@@ -22,6 +22,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -168,6 +169,12 @@ class Metrics:
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.exported), CONTENT_TYPE_LATEST
+
+    def serve(self, host: str, port: int) -> int:
+        """The same exposition on a port of its own (a thread's HTTP server), for a scraper that must reach this
+        process directly (a Ray replica behind the proxy); returns the port bound (0 picks a free one)."""
+        server, _ = start_http_server(port, addr=host, registry=self.exported)
+        return int(server.server_port)
 
 
 class ConstantLabels(Collector):

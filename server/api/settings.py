@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         ge=0,
         description="on SIGTERM, running requests have this long to finish; the rest are answered 503",
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="a port of its own serving /metrics alone, on host (each Ray replica's, which a PodMonitor "
+        "scrapes; 0: any free port); unset: none",
+    )
     stall_timeout_s: float = Field(
         default=60.0,
         ge=0,

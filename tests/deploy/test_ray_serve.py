@@ -20,6 +20,7 @@ from server.api.app import REPLICA_HEADER, create_app
 from server.api.settings import ConfigurationError, Settings
 from server.demo import ADAPTER_CONFIG, ADAPTER_MODEL, DEMO_TASKS
 from tests.api.fake_engine import FakeEngine
+from tests.api.helpers import metric_samples
 from tests.deploy.helpers import ROOT
 from tests.live_server import free_port
 
@@ -43,6 +44,7 @@ def cpu_app_args(store_dir: Path) -> dict[str, Any]:
         "demo_tasks": True,
         "self_check": False,
         "torch_threads": 1,
+        "metrics_port": 0,  # each replica's own, on a free port (two share this machine)
     }
 
 
@@ -112,6 +114,26 @@ def test_task_registered_through_the_proxy_is_served_by_both_replicas(proxy_url:
             time.sleep(0.02)
     assert set(statuses) == {200}, f"statuses after registration: {statuses}"
     assert len(replicas) == NUM_REPLICAS
+
+
+@pytest.mark.slow
+def test_each_replica_serves_its_own_metrics_labelled_with_its_id(proxy_url: str) -> None:
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        for _ in range(4):
+            assert generate(client, None).status_code == 200
+    handle = serve.get_app_handle("promptserve")
+    ports: dict[str, int] = {}
+    for _ in range(MAX_TRIES):
+        replica_id, port = handle.metrics_address.remote().result(timeout_s=30)
+        ports[replica_id] = port
+        if len(ports) == NUM_REPLICAS:
+            break
+    assert len(ports) == NUM_REPLICAS and len(set(ports.values())) == NUM_REPLICAS
+    for replica_id, port in ports.items():
+        labelled = metric_samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text, constant=True)
+        assert {value for _, labels in labelled for name, value in labels if name == "replica"} == {replica_id}
+        assert any(name == "promptserve_ready" and value == 1 for (name, _), value in labelled.items())
+        assert any(name == "promptserve_info" for name, _ in labelled)
 
 
 @pytest.mark.slow
