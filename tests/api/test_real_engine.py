@@ -134,9 +134,7 @@ def test_real_metrics_record_engine_steps(real: TestClient) -> None:
 
 def test_real_metrics_report_the_kv_pool(real: TestClient, real_engine: AsyncEngine) -> None:
     real.post("/v1/generate", json={"inputs": "x", "task_id": "prefix", "parameters": {"max_new_tokens": 2}})
-    values = {
-        line.split()[0]: float(line.split()[1]) for line in real.get("/metrics").text.splitlines() if line[0] != "#"
-    }
+    values = {name: value for (name, labels), value in metric_samples(real.get("/metrics").text).items() if not labels}
     engine = real_engine.engine
     assert values["promptserve_kv_cache_capacity_bytes"] == engine.memory.num_blocks * engine.pool.block_bytes
     # the prefix task stays resident in its blocks once no row holds it
