@@ -1,7 +1,8 @@
 """Where task versions live: one interface, two backends (a directory, the default; an S3 bucket for replicas).
 
-A backend owns the durable bytes and the promises about them (atomic, immutable, never-reused versions); the
-registry above it owns the in-memory index, the artifact LRU, polling and listeners.
+A backend owns the durable bytes and the promises about them (atomic, immutable, never-reused versions) and the
+change feed that announces each write (changes.py); the registry above it owns the in-memory index, the artifact
+LRU, polling and listeners.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from prompt_store.adapter import StoreLimits
+from prompt_store.changes import Change
 from prompt_store.errors import StoreError
 from prompt_store.types import BackboneFingerprint, TaskArtifact
 from prompt_store.versions import ParsedAdapter
@@ -81,6 +83,22 @@ class StoreBackend(Protocol):
         ...
 
     def has_version(self, task_id: str, version: int) -> bool: ...
+
+    def append_change(self, task_id: str, version: int | None) -> int:
+        """Announce a write already made (a version, or a deletion: None) in the change feed; return its number."""
+        ...
+
+    def change_seqs_after(self, seq: int) -> list[int]:
+        """The numbers of the change feed's entries above `seq`, ascending (S3: one LIST when there are none)."""
+        ...
+
+    def read_change(self, seq: int) -> Change | None:
+        """One entry of the change feed; None if it is gone (compacted) or is not a change."""
+        ...
+
+    def compact_changes(self, below: int, max_age_s: float) -> int:
+        """Remove the feed's entries numbered below `below` and older than `max_age_s`; return how many."""
+        ...
 
     def version_dir(self, task_id: str, version: int, limits: StoreLimits) -> Path:
         """A local PEFT adapter directory of a version (S3: downloaded into a local cache once)."""

@@ -7,14 +7,28 @@ where things live.
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 import uuid
 from pathlib import Path
 
 from prompt_store.adapter import StoreLimits
-from prompt_store.fsio import clear_dir, file_lock, fsync_dir, move_to_trash, remove_tree, replace_file_durably
+from prompt_store.changes import Change, change_name, decode_change, encode_change, parse_change_name
+from prompt_store.errors import StoreError
+from prompt_store.fsio import (
+    clear_dir,
+    create_file_if_absent,
+    file_lock,
+    fsync_dir,
+    move_to_trash,
+    remove_tree,
+    replace_file_durably,
+)
 from prompt_store.layout import StoreLayout
 from prompt_store.types import BackboneFingerprint, TaskArtifact
 from prompt_store.versions import ParsedAdapter, commit_version, read_version, stage_version
+
+_MAX_APPEND_ATTEMPTS = 1000
 
 
 class DirectoryBackend:
@@ -98,3 +112,36 @@ class DirectoryBackend:
 
     def version_dir(self, task_id: str, version: int, limits: StoreLimits) -> Path:
         return self.layout.version_dir(task_id, version)
+
+    # ---- the change feed: root/changes/<number>.json, listed with one listdir (a local directory is cheap to
+    # list; compaction keeps it short)
+
+    def append_change(self, task_id: str, version: int | None) -> int:
+        data, changes_dir = encode_change(task_id, version), self.layout.changes_dir
+        for _ in range(_MAX_APPEND_ATTEMPTS):
+            seq = max(self.change_seqs_after(0), default=0) + 1
+            if create_file_if_absent(changes_dir / change_name(seq), data, self.layout.tmp_dir):
+                return seq
+        raise StoreError(f"could not append to the change feed of {self.location} after {_MAX_APPEND_ATTEMPTS} tries")
+
+    def change_seqs_after(self, seq: int) -> list[int]:
+        found = (parse_change_name(name) for name in os.listdir(self.layout.changes_dir))
+        return sorted(number for number in found if number is not None and number > seq)
+
+    def read_change(self, seq: int) -> Change | None:
+        try:
+            return decode_change(seq, (self.layout.changes_dir / change_name(seq)).read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def compact_changes(self, below: int, max_age_s: float) -> int:
+        oldest_kept = time.time() - max_age_s
+        num_removed = 0
+        for seq in self.change_seqs_after(0):
+            path = self.layout.changes_dir / change_name(seq)
+            with contextlib.suppress(FileNotFoundError):  # another writer compacting at once
+                if seq >= below or path.stat().st_mtime > oldest_kept:
+                    break
+                path.unlink()
+                num_removed += 1
+        return num_removed

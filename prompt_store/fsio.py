@@ -69,6 +69,23 @@ def rename_dir_if_absent(source: Path, target: Path) -> bool:
     return True
 
 
+def create_file_if_absent(path: Path, data: bytes, tmp_root: Path) -> bool:
+    """Create a small file whole and durably; False if `path` already exists (another writer took the name).
+
+    Written under another name first, then hard-linked: a link never replaces a name, and a reader never sees
+    the file half-written (an exclusive open of `path` itself would show it so)."""
+    staging = tmp_root / f"{uuid.uuid4().hex}.part"
+    write_durably(staging, data)
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        return False
+    finally:
+        staging.unlink()
+    fsync_dir(path.parent)
+    return True
+
+
 def replace_file_durably(path: Path, data: bytes, tmp_root: Path) -> None:
     """Write a small file atomically: readers see the old or the new bytes, never a torn write."""
     staging = tmp_root / f"{uuid.uuid4().hex}.part"

@@ -5,6 +5,7 @@ root/tasks/<task_id>/v000001/{adapter_config.json, adapter_model.safetensors, re
 root/.tmp/<random>/      versions being written (renamed into tasks/ when durable)
 root/.trash/<random>/    deleted tasks and old versions on their way out
 root/.tombstones/<id>    highest version a deleted task reached, so a version number is never reused
+root/changes/000000000001.json   the change feed: one entry per write (changes.py)
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ class StoreLayout:
         return self.root / ".tombstones"
 
     @property
+    def changes_dir(self) -> Path:
+        return self.root / "changes"
+
+    @property
     def lock_path(self) -> Path:
         return self.root / ".lock"
 
     def create_dirs(self) -> None:
-        for path in (self.tasks_dir, self.tmp_dir, self.trash_dir, self.tombstones_dir):
+        for path in (self.tasks_dir, self.tmp_dir, self.trash_dir, self.tombstones_dir, self.changes_dir):
             path.mkdir(parents=True, exist_ok=True)
 
     def task_dir(self, task_id: str) -> Path:

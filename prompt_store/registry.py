@@ -1,7 +1,10 @@
 """The durable task registry: one store (a directory, local or shared, or an S3 bucket), many readers and writers.
 
 The store is the source of truth; the in-memory index is rebuilt at start-up and kept fresh by `refresh` (polling),
-so tasks written or deleted by other processes show up without a restart.
+so tasks written or deleted by other processes show up without a restart. A refresh reads the store's change feed
+(changes.py) from the last entry it applied, so a poll that finds nothing costs one listing of no entries however
+many tasks the store holds; the whole store is listed at start-up, when the feed has lost entries this process did
+not read, and as a safety net every `rescan_every_s` (start_polling).
 
 Consistency between processes (replicas) sharing a store:
 - a registration is servable everywhere as soon as `register` returns: a process that does not know an id looks it
@@ -9,12 +12,16 @@ Consistency between processes (replicas) sharing a store:
 - a replacement or deletion elsewhere reaches a process's index within one poll interval (`start_polling`); until
   then it serves the version it knows. On a directory a load notices sooner (a version removed from disk is never
   served); on S3 a cached artifact is trusted until the poll, so the window is the poll interval plus one refresh.
+- a writer killed between its write and the write's feed entry leaves a change the feed does not carry: the next
+  safety-net rescan of any polling process finds it and appends the entry, so every process has it within that
+  rescan's interval plus a poll interval (a process that does not poll: at its next start).
 """
 
 from __future__ import annotations
 
 import builtins
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +31,7 @@ from typing import Literal
 
 from prompt_store.adapter import StoreLimits, is_valid_task_id, validate_task_id
 from prompt_store.backend import StoreBackend, StoreTimeouts, open_backend
+from prompt_store.changes import COMPACT_EVERY, MAX_CHANGES_PER_READ, RETENTION_S, Change
 from prompt_store.errors import InvalidTask, LookupThrottled, StoreError, TaskNotFound
 from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
@@ -38,6 +46,9 @@ OLD_VERSIONS_KEPT = 1
 # A polling process also clears what killed writers left behind this often, not only at start-up (long-lived
 # replicas would keep an S3 upload orphaned less than an hour before they started until their next restart).
 RECOVER_EVERY_S = 3600.0
+# The safety net under the change feed: a polling process also lists the whole store about this often (each wait
+# drawn between half and one and a half times it, so replicas started together spread their listings out).
+RESCAN_EVERY_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +86,9 @@ class TaskStore:
         self._write_lock = threading.Lock()  # orders this process's commits, deletes and rescans
         self._listeners: list[StoreListener] = []
         self._artifacts = ArtifactLRU(max_entries=max_cached_artifacts)
-        self._poller: threading.Thread | None = None
+        self._pollers: builtins.list[threading.Thread] = []
+        self._refresh_lock = threading.Lock()  # one refresh at a time: each moves the feed position
+        self._feed_position = 0  # the newest change feed entry applied to the index (and every one before it)
         self._stop_polling = threading.Event()
         self._lookups = LookupLimiter() if lookups is None else lookups
         self._recover()
@@ -103,7 +116,9 @@ class TaskStore:
     def _recover(self) -> None:
         started = time.monotonic()
         num_partial = self.backend.recover()
-        self._rescan(None, emit=False)
+        end = self._feed_end()  # before the listing: a change made during it is read again from the feed
+        self._rescan_all()
+        self._feed_position = end
         logger.info(
             "recovered %d tasks from %s in %.3f s (%d partial writes discarded)",
             len(self),
@@ -132,6 +147,7 @@ class TaskStore:
             finally:
                 self.backend.discard(staged)  # a no-op once committed; clears a failed attempt
             self._drop_old_versions(task_id, version)
+        self._announce(task_id, version)
         self._lookups.found(task_id)
         self._artifacts.put(parsed.artifact(record))
         logger.info("registered task %r version %d (%s)", task_id, version, record.method.value)
@@ -161,6 +177,22 @@ class TaskStore:
         for version in doomed:
             self._artifacts.discard((task_id, version))
 
+    def _announce(self, task_id: str, version: int | None) -> None:
+        """Append a write just made to the change feed. The write stands if that fails: the safety-net rescans
+        find and announce it (an error here would tell the client that a stored version was not)."""
+        try:
+            seq = self.backend.append_change(task_id, version)
+        except (StoreError, OSError) as exc:
+            what = "deleted" if version is None else f"version {version} stored"
+            logger.error("task %r %s, but the change feed could not say so (%s): other replicas see it at their "
+                         "next full rescan", task_id, what, exc)  # fmt: skip
+            return
+        if seq % COMPACT_EVERY == 0:
+            try:
+                self.backend.compact_changes(seq, RETENTION_S)
+            except (StoreError, OSError) as exc:  # the next compaction removes them
+                logger.warning("compacting the change feed of %s failed: %s", self.location, exc)
+
     def delete(self, task_id: str) -> None:
         """Atomically remove every version of a task; TaskNotFound if there is none."""
         if not is_valid_task_id(task_id):
@@ -171,6 +203,8 @@ class TaskStore:
             is_found = self.backend.delete(task_id)
             is_changed = self._set_record(task_id, None)
         self._artifacts.discard_task(task_id)
+        if is_found:
+            self._announce(task_id, None)
         if is_changed:
             self._emit([StoreEvent("deleted", task_id, None)])
         if not is_found:
@@ -259,43 +293,73 @@ class TaskStore:
     # ---- hot-loading
 
     def refresh(self) -> bool:
-        """Rescan the store; True if any task appeared, changed version or disappeared."""
-        return bool(self._rescan(None, emit=True))
+        """Apply what other processes changed since the last refresh (the change feed's new entries; the whole
+        store if the feed lost some); True if any task appeared, changed version or disappeared."""
+        with self._refresh_lock:
+            events = self._apply_changes()
+        self._emit(events)
+        return bool(events)
+
+    def rescan(self) -> bool:
+        """List the whole store (the safety net under the change feed); announce in the feed any change it did not
+        carry (a writer killed before announcing); True if any task appeared, changed version or disappeared."""
+        events = self._rescan_all()
+        for event in events:
+            self._announce(event.task_id, event.version)
+        self._emit(events)
+        return bool(events)
 
     def add_listener(self, listener: StoreListener) -> None:
         with self._index_lock:
             self._listeners.append(listener)
 
-    def start_polling(self, interval_s: float) -> None:
-        """Refresh every `interval_s` seconds on a daemon thread; 0 or less disables polling."""
+    def start_polling(self, interval_s: float, rescan_every_s: float = RESCAN_EVERY_S) -> None:
+        """Refresh every `interval_s` seconds on a daemon thread, and on another `rescan` about every
+        `rescan_every_s` (a listing of the whole store must not hold up the refreshes); 0 or less disables each."""
         self.stop_polling()
         if interval_s <= 0:
             return
         self._stop_polling = stop = threading.Event()
-        self._poller = threading.Thread(target=self._poll, args=(interval_s, stop), name="task-store-poll", daemon=True)
-        self._poller.start()
+        self._pollers = [
+            threading.Thread(target=self._poll, args=(interval_s, stop), name="task-store-poll", daemon=True),
+            threading.Thread(target=self._maintain, args=(rescan_every_s, stop), name="task-store-rescan", daemon=True),
+        ]
+        for poller in self._pollers:
+            poller.start()
 
     def stop_polling(self) -> None:
-        poller, self._poller = self._poller, None
-        if poller is None:
-            return
+        pollers, self._pollers = self._pollers, []
         self._stop_polling.set()
-        if poller is not threading.current_thread():  # a listener may stop polling from the poll thread
-            poller.join()
+        for poller in pollers:
+            if poller is not threading.current_thread():  # a listener may stop polling from a poll thread
+                poller.join()
 
     def close(self) -> None:
         self.stop_polling()
 
     def _poll(self, interval_s: float, stop: threading.Event) -> None:
-        recovered = time.monotonic()
         while not stop.wait(interval_s):
             try:
                 self.refresh()
-                if time.monotonic() - recovered >= RECOVER_EVERY_S:
-                    recovered = time.monotonic()
-                    self._clear_leftovers()
             except Exception:  # a flaky shared volume or S3 endpoint must not kill hot-loading for good
                 logger.exception("refreshing the task store %s failed; retrying in %.1f s", self.location, interval_s)
+
+    def _maintain(self, rescan_every_s: float, stop: threading.Event) -> None:
+        """The slow duties of a polling process: the safety-net rescan, and clearing what killed writers left."""
+        now = time.monotonic()
+        next_rescan = now + rescan_every_s * random.uniform(0.5, 1.5) if rescan_every_s > 0 else float("inf")
+        next_recover = now + RECOVER_EVERY_S
+        while not stop.wait(max(0.0, min(next_rescan, next_recover) - time.monotonic())):
+            now = time.monotonic()
+            try:
+                if now >= next_rescan:
+                    next_rescan = now + rescan_every_s * random.uniform(0.5, 1.5)
+                    self.rescan()
+                if now >= next_recover:
+                    next_recover = now + RECOVER_EVERY_S
+                    self._clear_leftovers()
+            except Exception:
+                logger.exception("maintaining the task store %s failed; retrying later", self.location)
 
     def _clear_leftovers(self) -> None:
         num_partial = self.backend.recover()  # safe while others write: a directory locks, S3 spares young uploads
@@ -304,19 +368,62 @@ class TaskStore:
 
     # ---- index maintenance
 
-    def _rescan(self, task_ids: builtins.list[str] | None, emit: bool) -> builtins.list[StoreEvent]:
+    def _feed_end(self) -> int:
+        """The newest entry of the change feed (0 if it has none: a new store, or one written before the feed)."""
+        return max(self.backend.change_seqs_after(self._feed_position), default=self._feed_position)
+
+    def _apply_changes(self) -> builtins.list[StoreEvent]:
+        """Rescan the tasks named by the feed's entries after our position (callers hold the refresh lock)."""
+        position = self._feed_position
+        seqs = self.backend.change_seqs_after(position)
+        if not seqs:
+            return []
+        changes = [self.backend.read_change(seq) for seq in seqs] if len(seqs) <= MAX_CHANGES_PER_READ else []
+        if seqs[0] != position + 1 or not changes or None in changes:
+            logger.info("the change feed of %s lost entries after %d, or is %d behind: rescanning every task",
+                        self.location, position, len(seqs))  # fmt: skip
+            events = self._rescan_all()
+            self._feed_position = seqs[-1]  # listed before the store was: changes made meanwhile are read again
+            return events
+        latest = {change.task_id: change for change in changes if change is not None}  # the last one per task
+        events = self._rescan(sorted(task_id for task_id, change in latest.items() if not self._knows(change)), False)
+        self._feed_position = seqs[-1]
+        return events
+
+    def _knows(self, change: Change) -> bool:
+        """The index is at the change's version already (our own write, or a lookup since)."""
+        with self._index_lock:
+            record = self._records.get(change.task_id)
+        return (record.version if record is not None else None) == change.version
+
+    def _rescan_all(self) -> builtins.list[StoreEvent]:
+        """List the whole store and bring the index in line with it (events not emitted).
+
+        The listing takes no lock (on S3 it is a LIST page per 1,000 tasks, seconds for a big store): writes, lookups
+        and refreshes go on meanwhile, and a task whose index entry changed during the listing knows more than the
+        listing did, so it is left as it is."""
+        with self._index_lock:
+            before = dict(self._records)
+        listing = self.backend.listing()
+        with self._write_lock:
+            with self._index_lock:
+                after = dict(self._records)
+            return [
+                event
+                for task_id in sorted(set(listing) | set(before))
+                if before.get(task_id) == after.get(task_id)
+                and (event := self._rescan_task(task_id, before.get(task_id), listing.get(task_id, [])))
+            ]
+
+    def _rescan(self, task_ids: builtins.list[str], emit: bool) -> builtins.list[StoreEvent]:
+        """Bring the index in line with the store for these tasks (a listing of each)."""
         with self._write_lock:
             with self._index_lock:
                 known = dict(self._records)
-            if task_ids is None:
-                listing = self.backend.listing()
-                task_ids = sorted(set(listing) | set(known))
-            else:
-                listing = {task_id: self.backend.versions(task_id) for task_id in task_ids}
             events = [
                 event
                 for task_id in task_ids
-                if (event := self._rescan_task(task_id, known.get(task_id), listing.get(task_id, [])))
+                if (event := self._rescan_task(task_id, known.get(task_id), self.backend.versions(task_id)))
             ]
         if emit:
             self._emit(events)

@@ -3,6 +3,7 @@
 prefix/tasks/<id>/v000001.json          a version exists once this manifest does (created with If-None-Match: *)
 prefix/data/<id>/<uuid>/<file>          its files, uploaded before the manifest, never modified
 prefix/tombstones/<id>/v000007          a deleted task reached version 7: numbers continue from 8
+prefix/changes/000000000042.json        the change feed: one entry per write (changes.py), If-None-Match: * too
 
 A writer killed mid-upload leaves data no manifest names: never served, removed by `collect_garbage` (run at
 start-up) once older than DATA_GRACE_S. Endpoint, region and credentials come from the standard AWS environment
@@ -20,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 
 from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, check_sizes, is_valid_task_id
 from prompt_store.backend import StoreTimeouts
+from prompt_store.changes import Change, change_name, decode_change, encode_change, parse_change_name
 from prompt_store.errors import InvalidTask, StoreError, StoreUnavailable, TaskNotFound
 from prompt_store.layout import LABELS_NAME, parse_version_name, version_name
 from prompt_store.types import BackboneFingerprint, TaskArtifact
@@ -40,6 +43,7 @@ DATA_GRACE_S = 3600.0
 # (far under DATA_GRACE_S: leaves room for clock skew between the collector and the S3 server).
 MAX_STAGED_AGE_S = 600.0
 MAX_MANIFEST_BYTES = 1024 * 1024
+MAX_CHANGE_BYTES = 64 * 1024
 _MAX_COMMIT_ATTEMPTS = 1000
 PROBE_DIR = "probes"  # prefix/probes/<uuid>: written and removed by the start-up probe
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -74,6 +78,7 @@ class S3Backend:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.client = client
         self._cache_dir: tempfile.TemporaryDirectory[str] | None = None  # version_dir downloads
+        self._newest_change = 0  # the newest feed entry seen: where an append starts looking for the feed's end
 
     @classmethod
     def open(cls, uri: str, timeouts: StoreTimeouts = StoreTimeouts()) -> S3Backend:
@@ -121,6 +126,9 @@ class S3Backend:
 
     def _data_key(self, task_id: str, data_id: str, name: str) -> str:
         return self._key("data", task_id, data_id, name)
+
+    def _change_key(self, seq: int) -> str:
+        return self._key("changes", change_name(seq))
 
     # ---- requests
 
@@ -177,16 +185,21 @@ class S3Backend:
         for key in keys:  # one by one: DeleteObjects' checksum rules differ between S3-compatible servers
             self._call("delete_object", Bucket=self.bucket, Key=key)
 
-    def _list(self, *parts: str) -> list[dict[str, Any]]:
-        """Every object under prefix/<parts>/ (paginated)."""
+    def _list(self, *parts: str, start_after: str = "") -> list[dict[str, Any]]:
+        """Every object under prefix/<parts>/ (paginated), or only those after the name `start_after`."""
+        return [item for page in self._pages(*parts, start_after=start_after) for item in page]
+
+    def _pages(self, *parts: str, start_after: str = "") -> Iterator[list[dict[str, Any]]]:
+        """The objects under prefix/<parts>/ a LIST page (1,000 keys) at a time, keys relative to it."""
         prefix = self._key(*parts) + "/"
-        objects: list[dict[str, Any]] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+        if start_after:
+            kwargs["StartAfter"] = prefix + start_after
         while True:
             page = self._call("list_objects_v2", **kwargs)
-            objects += [{**item, "Key": item["Key"][len(prefix) :]} for item in page.get("Contents", [])]
+            yield [{**item, "Key": item["Key"][len(prefix) :]} for item in page.get("Contents", [])]
             if not page.get("IsTruncated"):
-                return objects
+                return
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     # ---- the interface
@@ -357,6 +370,47 @@ class S3Backend:
         target.parent.mkdir(exist_ok=True)
         os.replace(staging, target)
         return target
+
+    # ---- the change feed
+
+    def append_change(self, task_id: str, version: int | None) -> int:
+        """Create the entry after the feed's end; a writer that loses the number to another tries the next one.
+
+        A PUT whose reply was lost is retried by botocore, fails its condition against itself, and the change is
+        appended again: a duplicate entry, which readers apply twice to the same effect."""
+        data, seq = encode_change(task_id, version), self._newest_change
+        for _ in range(_MAX_COMMIT_ATTEMPTS):
+            seq = max(self.change_seqs_after(seq), default=seq) + 1
+            if self._put(self._change_key(seq), data, if_absent=True):
+                self._newest_change = max(self._newest_change, seq)
+                return seq
+        raise StoreError(f"could not append to the change feed of {self.uri} after {_MAX_COMMIT_ATTEMPTS} attempts")
+
+    def change_seqs_after(self, seq: int) -> list[int]:
+        found = (parse_change_name(item["Key"]) for item in self._list("changes", start_after=change_name(seq)))
+        seqs = [number for number in found if number is not None]
+        self._newest_change = max(self._newest_change, *seqs, 0)
+        return seqs
+
+    def read_change(self, seq: int) -> Change | None:
+        try:
+            data = self._get(self._change_key(seq), MAX_CHANGE_BYTES)
+        except InvalidTask:  # far larger than any entry: not one
+            return None
+        return None if data is None else decode_change(seq, data)
+
+    def compact_changes(self, below: int, max_age_s: float) -> int:
+        now, num_removed = datetime.now(UTC), 0
+        for page in self._pages("changes"):  # oldest first: stops at the first entry kept
+            for item in page:
+                seq = parse_change_name(item["Key"])
+                if seq is None:
+                    continue
+                if seq >= below or (now - item["LastModified"]).total_seconds() < max_age_s:
+                    return num_removed
+                self._remove([self._change_key(seq)])
+                num_removed += 1
+        return num_removed
 
     # ---- leftovers
 

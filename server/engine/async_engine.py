@@ -86,7 +86,7 @@ class AsyncEngine:
     def start(self) -> None:
         self.thread.start()
         if self.config.poll_interval_s > 0:
-            self.store.start_polling(self.config.poll_interval_s)
+            self.store.start_polling(self.config.poll_interval_s, self.config.store_rescan_s)
 
     def shutdown(self) -> None:
         self.store.stop_polling()

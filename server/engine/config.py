@@ -56,7 +56,10 @@ class EngineConfig:
     )
     kv_block_size: Annotated[int, Ge(1)] = setting(8, "tokens per KV block (a row wastes half a block on average)")
     poll_interval_s: Annotated[float, Ge(0)] = setting(
-        2.0, "how often tasks written by other processes are picked up; 0: never"
+        2.0, "how often tasks written by other processes are picked up (the store's change feed); 0: never"
+    )
+    store_rescan_s: Annotated[float, Ge(0)] = setting(
+        600.0, "while polling, also list the whole store about this often (the change feed's safety net); 0: never"
     )
     trust_remote_code: bool = setting(False, "passed to from_pretrained for models with custom code")
     cache_prompt_kv: bool = setting(

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import time
 import traceback
 from itertools import count
 
@@ -46,7 +47,20 @@ def delete(root: str, fingerprint: str, task_id: str) -> None:
     emit("deleted", task_id)
 
 
-COMMANDS = {"loop": loop, "register": register, "delete": delete}
+def register_unannounced(root: str, fingerprint: str, task_id: str, adapter_dir: str) -> None:
+    """Register, then wait to be SIGKILLed after the version is stored and before the change feed says so."""
+    store = open_store(root, fingerprint)
+
+    def killed_here(task_id: str, version: int | None) -> int:
+        emit("stored", task_id, version)
+        time.sleep(60)
+        raise AssertionError("expected to be killed before announcing the change")
+
+    store.backend.append_change = killed_here  # type: ignore[method-assign]
+    store.register_dir(task_id, adapter_dir)
+
+
+COMMANDS = {"loop": loop, "register": register, "delete": delete, "register_unannounced": register_unannounced}
 
 
 def run_child(command: list[str]) -> None:

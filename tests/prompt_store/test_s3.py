@@ -151,15 +151,15 @@ def test_version_dir_is_a_local_peft_copy(store, tiny_llama):
 
 def test_polling_survives_transient_errors(store, prompt_adapter, caplog, monkeypatch):
     other = TaskStore(store.location, store.fingerprint)
-    listing, failures = other.backend.listing, []
+    change_seqs_after, failures = other.backend.change_seqs_after, []
 
-    def flaky_listing() -> dict[str, list[int]]:
+    def flaky_feed(seq: int) -> list[int]:
         if len(failures) < 2:
             failures.append(1)
             raise StoreUnavailable("endpoint down for a moment")
-        return listing()
+        return change_seqs_after(seq)
 
-    monkeypatch.setattr(other.backend, "listing", flaky_listing)
+    monkeypatch.setattr(other.backend, "change_seqs_after", flaky_feed)
     store.register("task", *prompt_adapter)
     with caplog.at_level(logging.ERROR, logger="prompt_store.registry"):
         other.start_polling(0.05)
