@@ -338,7 +338,9 @@ class TaskStore:
         self.stop_polling()
 
     def _poll(self, interval_s: float, stop: threading.Event) -> None:
-        while not stop.wait(interval_s):
+        due = time.monotonic() + interval_s
+        while not stop.wait(max(0.0, due - time.monotonic())):
+            due = max(due + interval_s, time.monotonic())  # a fixed beat: a refresh's own time does not add to it
             try:
                 self.refresh()
             except Exception:  # a flaky shared volume or S3 endpoint must not kill hot-loading for good
@@ -386,9 +388,23 @@ class TaskStore:
             self._feed_position = seqs[-1]  # listed before the store was: changes made meanwhile are read again
             return events
         latest = {change.task_id: change for change in changes if change is not None}  # the last one per task
-        events = self._rescan(sorted(task_id for task_id, change in latest.items() if not self._knows(change)), False)
+        stale = sorted((change for change in latest.values() if not self._knows(change)), key=lambda c: c.task_id)
+        with self._write_lock:
+            with self._index_lock:
+                known = dict(self._records)
+            events = [event for change in stale if (event := self._apply_change(change, known.get(change.task_id)))]
         self._feed_position = seqs[-1]
         return events
+
+    def _apply_change(self, change: Change, current: TaskRecord | None) -> StoreEvent | None:
+        """Bring a task in line with its feed entry: a version newer than ours is read directly; a deletion, or a
+        version gone or damaged by now, lists the task's versions."""
+        task_id, version = change.task_id, change.version
+        if version is not None and (current is None or version > current.version):
+            found = self._newest_valid(task_id, None, [version])
+            if found is not None:
+                return self._install(task_id, found)
+        return self._rescan_task(task_id, current, self.backend.versions(task_id))
 
     def _knows(self, change: Change) -> bool:
         """The index is at the change's version already (our own write, or a lookup since)."""
@@ -430,7 +446,10 @@ class TaskStore:
         return events
 
     def _rescan_task(self, task_id: str, current: TaskRecord | None, versions: builtins.list[int]) -> StoreEvent | None:
-        found = self._newest_valid(task_id, current, versions)
+        return self._install(task_id, self._newest_valid(task_id, current, versions))
+
+    def _install(self, task_id: str, found: TaskRecord | None) -> StoreEvent | None:
+        """Make `found` the task's current version (None: deleted); the event, or None if the index had it."""
         if not self._set_record(task_id, found):
             return None
         if found is None:

@@ -82,9 +82,19 @@ def test_refresh_rescans_only_the_changed_tasks(store, prompt_adapter, monkeypat
     refuse_listing(other, monkeypatch)
     asked = versions_asked(other, monkeypatch)
     assert other.refresh()
-    assert asked == ["b", "c"] and [record.key for record in other.list()] == [("a", 1), ("b", 2)]
+    # The new version of b is read as its entry names it; only the deletion lists the task's versions.
+    assert asked == ["c"] and [record.key for record in other.list()] == [("a", 1), ("b", 2)]
     assert events == [StoreEvent("registered", "b", 2), StoreEvent("deleted", "c", None)]
-    assert not other.refresh() and asked == ["b", "c"]
+    assert not other.refresh() and asked == ["c"]
+
+
+def test_announced_version_gone_lists_the_task(store, prompt_adapter, monkeypatch):
+    store.register("task", *prompt_adapter)
+    other = reopen(store)
+    store.register("task", *prompt_adapter)
+    store.backend.append_change("task", 7)  # an entry for a version that is not there (or no longer)
+    asked = versions_asked(other, monkeypatch)
+    assert other.refresh() and asked == ["task"] and other.get("task").version == 2
 
 
 def test_refresh_skips_changes_the_index_already_has(store, prompt_adapter, monkeypatch):
