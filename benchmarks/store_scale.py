@@ -283,7 +283,8 @@ def measure_replicas(uri: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def measure(uri: str, args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {"tasks": args.tasks, "replicas": args.replicas, "interval_s": args.interval,
+    num_replicas = 0 if args.backend_only else args.replicas
+    results: dict[str, Any] = {"tasks": args.tasks, "replicas": num_replicas, "interval_s": args.interval,
                                "machine": f"{platform.node()} ({os.cpu_count()} CPUs)"}  # fmt: skip
     if is_empty(uri):
         results["write_s"] = write_tasks(uri, args.tasks)
