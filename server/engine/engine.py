@@ -245,34 +245,32 @@ class Engine:
         )
 
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        rows, logits = self.fail_broken_rows(rows, logits)
-        keep_probe_vectors(rows, logits)
-        logits = suppress_eos(logits, rows, self.backbone.eos_token_ids)  # rows short of their min_tokens
+        """Every sampled row's next token, from one sampling of the batch (request by request only if that fails);
+        rows whose logits are not finite (a task's values overflow the backbone's dtype) fail their own request and
+        the rest of the batch goes on."""
+        allowed = suppress_eos(logits, rows, self.backbone.eos_token_ids)  # rows short of their min_tokens
         states = generator_states(rows)
         parts = isolated(
-            len(rows), lambda i: rows[i].request, lambda items: sample(logits[items], [rows[i] for i in items]),
+            len(rows), lambda i: rows[i].request,
+            lambda items: sample(rows_of(allowed, items), [rows[i] for i in items]),
             "sampling the next token", self.fail, reset=partial(restore_generators, states),
         )  # fmt: skip
+        broken = {id(rows[i].request): rows[i] for items, sampled in parts
+                  for i, ok in zip(items, sampled.is_finite, strict=True) if not ok}  # fmt: skip
         new: dict[int, list[RowToken]] = defaultdict(list)
         for items, sampled in parts:
             for i, token_id, logprob, top in zip(items, sampled.token_ids, sampled.logprobs, sampled.top, strict=True):
                 row = rows[i]
+                if id(row.request) in broken:
+                    continue
+                keep_probe_vector(row, logits, i)
                 self.append_token(row, token_id)
                 new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason, top))
         for request in distinct_requests([rows[i] for items, _ in parts for i in items]):
-            self.deliver(request, EngineOutput(request.request_id, tuple(new[id(request)]), request.is_finished))
-
-    def fail_broken_rows(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
-        """Rows whose logits are not finite (a task's values overflow the backbone's dtype) fail their own request;
-        the rest of the batch samples on."""
-        broken = ~logits.amax(dim=-1).isfinite()  # amax is NaN with any NaN, inf with any inf, -inf if all are
-        if not bool(broken.any()):
-            return rows, logits
-        failing = {id(rows[i].request): rows[i] for i in broken.nonzero().flatten().tolist()}
-        for row in failing.values():
-            self.fail(row.request, self.overflow(row))
-        keep = [i for i, row in enumerate(rows) if id(row.request) not in failing]
-        return [rows[i] for i in keep], logits[keep]
+            if id(request) in broken:
+                self.fail(request, self.overflow(broken[id(request)]))
+            else:
+                self.deliver(request, EngineOutput(request.request_id, tuple(new[id(request)]), request.is_finished))
 
     def append_token(self, row: Sequence, token_id: int) -> None:
         """Token-level endings only: stop sequences are found on the text, off this thread (see output.py)."""
@@ -430,11 +428,16 @@ def describe(row: Sequence) -> str:
     return f"task {row.task_id!r} version {row.task_version}" if row.task else "the bare backbone"
 
 
-def keep_probe_vectors(rows: list[Sequence], logits: torch.Tensor) -> None:
-    """A new task's probe judges its rows by their first logit vectors (see probe.py)."""
-    for row, row_logits in zip(rows, logits, strict=True):
-        if row.request.keeps_probe_vectors and row.probe_vector is None:
-            row.probe_vector = row_logits.float().cpu()
+def keep_probe_vector(row: Sequence, logits: torch.Tensor, i: int) -> None:
+    """A new task's probe judges its rows by their first logit vectors (logits [B, V], the row's is i; see
+    probe.py)."""
+    if row.request.keeps_probe_vectors and row.probe_vector is None:
+        row.probe_vector = logits[i].float().cpu()
+
+
+def rows_of(tensor: torch.Tensor, items: list[int]) -> torch.Tensor:
+    """The rows `items` of a batch's tensor: the tensor itself when they are all of them (no copy, no index)."""
+    return tensor if len(items) == tensor.shape[0] else tensor[items]
 
 
 def distinct_requests(rows: list[Sequence]) -> list[Request]:

@@ -6,7 +6,6 @@ Runs in the caller's thread (never the engine's), so a bad request fails before 
 from __future__ import annotations
 
 import math
-import secrets
 import uuid
 from dataclasses import dataclass
 
@@ -145,10 +144,11 @@ def capped_max_new_tokens(
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if not params.do_sample:
+    """A seeded request's own generator on the engine's device (its draws never depend on its batch mates);
+    unseeded rows share the device's (vLLM keeps per-row generators for seeded rows only)."""
+    if not params.do_sample or params.seed is None:
         return None
-    seed = params.seed if params.seed is not None else secrets.randbits(63)
-    return torch.Generator(device=device).manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(params.seed)
 
 
 def single_row_request(

@@ -1,8 +1,11 @@
-"""Chooses each row's next token from its logits, with the row's own sampling parameters.
+"""Chooses each row's next token from its logits, with the row's own sampling parameters, as tensor operations over
+the whole batch (vLLM's sampler): temperature, top-k and top-p for every sampled row at once, and the draw as the
+exponential race argmax(p / q), q ~ Exp(1), which picks token i with probability p_i.
 
-Greedy rows take the argmax; sampled rows draw with their request's own seeded generator, so a row's
-draws never depend on its batch mates. Rows of a `mean` ensemble decide together: one token from the
-average of the members' log-probabilities, fed to every member.
+Greedy rows take the argmax. A seeded request draws its q from its own generator, so its tokens never depend on its
+batch mates; unseeded rows share one draw from the device's generator. Rows of a `mean` ensemble decide together:
+one token from the average of the members' log-probabilities, fed to every member. The step's results come back to
+the host in one transfer.
 """
 
 from __future__ import annotations
@@ -20,29 +23,138 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions' top_logprobs
 
 @dataclass(frozen=True, slots=True)
 class Sampled:
-    """Per row: the chosen token, its log-probability, and the most likely tokens when the row asks for them."""
+    """Per row: the chosen token, its log-probability, the most likely tokens when the row asks for them, and whether
+    its logits were finite (a row whose logits are not cannot be trusted with its token)."""
 
     token_ids: list[int]
     logprobs: list[float]
     top: list[tuple[tuple[int, float], ...]]
+    is_finite: list[bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Decisions:
+    """The batch's choices: one per row, but one per `mean` ensemble, whose rows all take its token."""
+
+    params: list[SamplingParams]
+    generators: list[torch.Generator | None]
+    ensembles: list[list[int]]  # the rows of each `mean` ensemble
+    decision_of_row: list[int] | None  # None: decision i is row i (no `mean` ensemble in the batch)
+
+    @classmethod
+    def of(cls, rows: list[Sequence]) -> Decisions:
+        if not any(row.request.is_lockstep for row in rows):
+            return cls([row.request.sampling for row in rows], [row.request.generator for row in rows], [], None)
+        params: list[SamplingParams] = []
+        generators: list[torch.Generator | None] = []
+        ensembles: list[list[int]] = []
+        decision_of_row = [0] * len(rows)
+        for request, indices in rows_by_request(rows):
+            members = [indices] if request.is_lockstep else [[i] for i in indices]
+            for member_rows in members:
+                for i in member_rows:
+                    decision_of_row[i] = len(params)
+                params.append(request.sampling)
+                generators.append(request.generator)
+            if request.is_lockstep:
+                ensembles.append(indices)
+        return cls(params, generators, ensembles, decision_of_row)
 
 
 def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
     """logits [B, V] (float32) -> one token per row. Log-probabilities are the model's own (before temperature,
     top-k and top-p), as vLLM and OpenAI report them; a `mean` ensemble reports the members' average."""
+    decisions = Decisions.of(rows)
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
-    tokens = logits.argmax(dim=-1)  # [B]; greedy unless a row says otherwise
-    for request, indices in rows_by_request(rows):
-        if request.is_lockstep:
-            index = torch.tensor(indices, device=logits.device)
-            mean_logprobs = logprobs.index_select(0, index).mean(dim=0)  # [V]
-            tokens[index] = choose(mean_logprobs, request.sampling, request.generator)
-            logprobs[index] = mean_logprobs  # members report the ensemble's log-probability
-        elif request.sampling.do_sample:
-            for i in indices:
-                tokens[i] = choose(logits[i], request.sampling, request.generator)
-    chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [B]
-    return Sampled(tokens.tolist(), chosen.tolist(), most_likely(logprobs, rows))
+    scores = logits
+    if decisions.decision_of_row is not None:
+        scores, logprobs = ensemble_scores(logits, logprobs, decisions)
+    tokens = choose(scores, decisions.params, decisions.generators)  # [D]
+    if decisions.decision_of_row is not None:
+        tokens = tokens[torch.tensor(decisions.decision_of_row, device=logits.device)]  # [B]
+    chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
+    is_finite = logits.amax(dim=-1, keepdim=True).isfinite()  # amax is NaN with any NaN, inf with any inf
+    wanted = [row.request.sampling.top_logprobs or 0 for row in rows]
+    k = min(max(wanted, default=0), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
+    packed = torch.cat([tokens[:, None].double(), chosen.double(), is_finite.double(), top_ids.double(),
+                        top_values.double()], dim=1)  # fmt: skip  # [B, 3 + 2k]
+    return unpack(packed.cpu().tolist(), wanted, k)  # the step's one transfer to the host
+
+
+def unpack(packed: list[list[float]], wanted: list[int], k: int) -> Sampled:
+    """Rows of (token, log-probability, is finite, k top ids, k top log-probabilities) -> Sampled."""
+    top = [
+        tuple(zip(map(int, row[3 : 3 + n]), row[3 + k : 3 + k + n], strict=True))
+        for row, n in zip(packed, wanted, strict=True)
+    ]
+    return Sampled([int(row[0]) for row in packed], [row[1] for row in packed], top, [row[2] == 1.0 for row in packed])
+
+
+def ensemble_scores(
+    logits: torch.Tensor, logprobs: torch.Tensor, decisions: Decisions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decisions' scores [D, V] (a row's logits; an ensemble's mean log-probabilities) and the rows'
+    log-probabilities [B, V], an ensemble's members reporting its mean."""
+    assert decisions.decision_of_row is not None
+    first_row = {decision: i for i, decision in reversed(list(enumerate(decisions.decision_of_row)))}
+    scores = logits[torch.tensor([first_row[d] for d in range(len(decisions.params))], device=logits.device)]
+    logprobs = logprobs.clone()
+    for members in decisions.ensembles:
+        index = torch.tensor(members, device=logits.device)
+        mean_logprobs = logprobs.index_select(0, index).mean(dim=0)  # [V]
+        scores[decisions.decision_of_row[members[0]]] = mean_logprobs
+        logprobs[index] = mean_logprobs
+    return scores, logprobs
+
+
+def choose(
+    scores: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """scores [D, V] (logits or log-probabilities) -> token ids [D]: the argmax for greedy rows; for sampled rows a
+    draw after temperature, top-k and top-p."""
+    tokens = scores.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.do_sample]
+    if not sampled:
+        return tokens
+    device = scores.device
+    index = torch.tensor(sampled, device=device)
+    chosen = [params[i] for i in sampled]
+    temperature = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in chosen], device=device)
+    filtered = scores.index_select(0, index) / temperature[:, None]  # below MIN_TEMPERATURE this overflows to inf
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
+        top_k = torch.tensor([p.top_k for p in chosen], device=device)
+        top_p = torch.tensor([p.top_p for p in chosen], device=device)
+        filtered = top_k_top_p_filter(filtered, top_k, top_p)
+    probs = torch.softmax(filtered, dim=-1)
+    noise = exponential_noise(probs, [generators[i] for i in sampled])
+    return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
+
+
+def exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """q ~ Exp(1) [S, V]: a seeded row's from its own generator, the rest from one draw of the device's."""
+    noise = torch.empty_like(probs).exponential_()
+    for row, generator in enumerate(generators):
+        if generator is not None:
+            noise[row].exponential_(generator=generator)
+    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a q of 0 would pick a token of probability 0
+
+
+def top_k_top_p_filter(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """scores [S, V], top_k [S] (0: none), top_p [S] (1: none) -> scores with the dropped tokens at -inf. Top-k keeps
+    the tokens scoring at least the k-th best; top-p then keeps the smallest set of the most likely tokens whose
+    probability reaches top_p (always at least one). One sort for the whole batch."""
+    vocab = scores.shape[-1]
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)  # [S, V]
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    threshold = sorted_scores.gather(1, (k - 1)[:, None])  # [S, 1]
+    drop_sorted = sorted_scores < threshold
+    probs = torch.softmax(sorted_scores.masked_fill(drop_sorted, float("-inf")), dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop_sorted[:, 0] = False  # the most likely token stays, even when top_p rounds to 0 in float32
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return scores.masked_fill(drop, float("-inf"))
 
 
 def suppress_eos(logits: torch.Tensor, rows: list[Sequence], eos_ids: frozenset[int]) -> torch.Tensor:
@@ -59,47 +171,8 @@ def suppress_eos(logits: torch.Tensor, rows: list[Sequence], eos_ids: frozenset[
     return masked
 
 
-def most_likely(logprobs: torch.Tensor, rows: list[Sequence]) -> list[tuple[tuple[int, float], ...]]:
-    """Each row's `top_logprobs` most likely tokens (one top-k over the batch, at the largest k asked for)."""
-    wanted = [row.request.sampling.top_logprobs or 0 for row in rows]
-    k = min(max(wanted, default=0), logprobs.shape[-1])
-    if k == 0:
-        return [() for _ in rows]
-    values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))
-    return [tuple(zip(ids[i][:n], values[i][:n], strict=True)) for i, n in enumerate(wanted)]
-
-
 def rows_by_request(rows: list[Sequence]) -> list[tuple[Request, list[int]]]:
     groups: dict[int, tuple[Request, list[int]]] = {}
     for i, row in enumerate(rows):
         groups.setdefault(id(row.request), (row.request, []))[1].append(i)
     return list(groups.values())
-
-
-def choose(scores: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """scores [V] (logits or log-probabilities) -> a token id tensor."""
-    if not params.do_sample:
-        return scores.argmax()
-    temperature = max(params.temperature, MIN_TEMPERATURE)  # below it, scores / temperature overflows to inf
-    filtered = top_p_filter(top_k_filter(scores / temperature, params.top_k), params.top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[0]
-
-
-def top_k_filter(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    if top_k <= 0 or top_k >= scores.shape[-1]:
-        return scores
-    threshold = torch.topk(scores, top_k).values[-1]
-    return scores.masked_fill(scores < threshold, float("-inf"))
-
-
-def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p (always at least one)."""
-    if top_p >= 1.0:
-        return scores
-    sorted_scores, order = torch.sort(scores, descending=True)
-    cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - torch.softmax(sorted_scores, dim=-1) >= top_p  # mass before this token
-    drop_sorted[0] = False  # the most likely token stays, even when top_p rounds to 0 in float32
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
