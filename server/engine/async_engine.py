@@ -1,7 +1,8 @@
 """The engine thread and its asyncio face: an inbox drained at step boundaries, per-request output queues.
 
 Only the engine thread touches the model, the batch, the KV cache and the prompt cache; other threads
-put commands into the inbox. No locks inside the engine.
+put commands into the inbox. No locks inside the engine. A step's outputs reach each caller's event loop in one
+hand-off (vLLM's output handler takes one batch per step), not one wake-up per request.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from server.engine.nlu import Results, plan_classify, plan_score, predictions, s
 from server.engine.output import OutputProcessor
 from server.engine.probe import Probe
 from server.engine.prompt_scoring import plan_prompt_score, prompt_tokens
-from server.engine.request import Request
+from server.engine.request import OutputSink, Request
 from server.engine.selfcheck import self_check
 from server.engine.types import (
     Classification,
@@ -75,6 +76,7 @@ class AsyncEngine:
         self.thread = threading.Thread(target=self.run, name="promptserve-engine", daemon=True)
         self.stopping = threading.Event()
         self.progress_at = time.monotonic()  # the engine thread's last sign of life: a step done, or the inbox read
+        self.outbox = Outbox()
         store.add_listener(self.on_store_event)
 
     @property
@@ -124,6 +126,7 @@ class AsyncEngine:
             self.drain_inbox(block=False)
         finally:  # stopping, or the loop itself failed: nobody is left waiting
             self.engine.fail_all(EngineUnavailable("the server is shutting down"))
+            self.outbox.flush()
             logger.info("engine thread stopped")
 
     def drain_inbox(self, block: bool) -> None:
@@ -134,15 +137,19 @@ class AsyncEngine:
                 command = self.inbox.get_nowait()
         except queue.Empty:
             return
+        finally:
+            self.outbox.flush()  # the commands' refusals
 
     def step_once(self) -> bool:
-        """One step; whether it computed anything."""
+        """One step, its outputs handed to the callers' loops; whether it computed anything."""
         try:
             return self.engine.step().batch_size > 0
         except Exception as error:  # the loop must survive: fail the running requests, keep serving
             logger.exception("engine step failed; failing the running requests")
             self.engine.fail_running(EngineUnavailable(f"the engine step failed: {error}"))
             return True
+        finally:
+            self.outbox.flush()
 
     # ---- generation
 
@@ -151,11 +158,7 @@ class AsyncEngine:
         if not self.is_ready():
             raise EngineUnavailable("the engine is not running")
         events: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def sink(output: EngineOutput) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, output)
-
+        sink = self.outbox.sink(asyncio.get_running_loop(), events)
         prepared = await asyncio.to_thread(build_request, request, self.backbone, self.store, self.limits, sink)
         processor = OutputProcessor(prepared, self.backbone.tokenizer)
         self.send(partial(self.engine.add, prepared), prepared)
@@ -203,14 +206,7 @@ class AsyncEngine:
             raise EngineUnavailable("the engine is not running")
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[EngineOutput]] = [asyncio.Queue() for _ in range(count)]
-
-        def sink_of(events: asyncio.Queue[EngineOutput]) -> Callable[[EngineOutput], None]:
-            def sink(output: EngineOutput) -> None:  # called on the engine thread
-                loop.call_soon_threadsafe(events.put_nowait, output)
-
-            return sink
-
-        return [sink_of(events) for events in queues], queues
+        return [self.outbox.sink(loop, events) for events in queues], queues
 
     async def run_all(self, requests: list[Request], queues: list[asyncio.Queue[EngineOutput]]) -> list[Results]:
         """Hand the requests to the engine in one command (so they join the same step), then collect each one's row
@@ -366,6 +362,41 @@ def endpoints(backbone: Backbone) -> tuple[str, ...]:
     """The routes that apply to this backbone (the task routes always do)."""
     classification = ("/v1/classify",) if backbone.heads else ()
     return (*backbone.kind.generation_routes, *classification)
+
+
+Delivery = tuple[asyncio.Queue[EngineOutput], EngineOutput]
+
+
+class Outbox:
+    """The outputs the engine thread has for each event loop, handed over once per step (engine thread only)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+
+    def sink(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[EngineOutput]) -> OutputSink:
+        """A request's sink: its outputs wait for the step's hand-off; one whose loop has closed raises at once, so
+        the engine drops that request alone (its caller is gone)."""
+
+        def put(output: EngineOutput) -> None:
+            if loop.is_closed():
+                raise RuntimeError("Event loop is closed")
+            self.pending.setdefault(loop, []).append((events, output))
+
+        return put
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for loop, deliveries in pending.items():
+            try:
+                loop.call_soon_threadsafe(deliver_all, deliveries)
+            except RuntimeError as error:  # closed since its requests' outputs were put: their callers are gone
+                logger.warning("%d outputs for a closed event loop dropped (%s)", len(deliveries), error)
+
+
+def deliver_all(deliveries: list[Delivery]) -> None:
+    """On the callers' loop: each output into its request's queue."""
+    for events, output in deliveries:
+        events.put_nowait(output)
 
 
 def run_command(engine: Engine, command: Command) -> None:

@@ -11,10 +11,10 @@ import pytest
 
 from prompt_store.errors import TaskNotFound
 from prompt_store.registry import TaskStore
-from server.engine.async_engine import AsyncEngine, build_engine
+from server.engine.async_engine import AsyncEngine, build_engine, deliver_all
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineUnavailable, GenerationFailed
-from server.engine.types import GenerateInput, RequestOutput, SamplingParams, ScoreInput
+from server.engine.types import EngineOutput, GenerateInput, RequestOutput, SamplingParams, ScoreInput
 from tests.fixtures import TinyBackbone
 
 
@@ -216,3 +216,36 @@ def test_shutdown_fails_waiting_requests_and_refuses_new_ones(engine: AsyncEngin
     assert not engine.is_ready()
     with pytest.raises(EngineUnavailable):
         asyncio.run(collect(engine, generate(None)))
+
+
+def test_a_steps_outputs_reach_the_event_loop_in_one_hand_off(engine: AsyncEngine, monkeypatch):
+    """Eight requests decoding together: one call_soon_threadsafe per step and loop, not one per request."""
+    wake_ups: list[int] = []
+
+    async def run() -> list[list[RequestOutput]]:
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            if callback is deliver_all:
+                wake_ups.append(len(args[0]))
+            return real(callback, *args)
+
+        monkeypatch.setattr(loop, "call_soon_threadsafe", counted)
+        tasks = ("prefix", "prompt_tuning", None, "p_tuning_mlp") * 2
+        return await asyncio.gather(*(collect(engine, generate(t, f"row {i}", 6)) for i, t in enumerate(tasks)))
+
+    results = asyncio.run(run())
+    assert all(outputs[-1].completion.generated_tokens == 6 for outputs in results)
+    steps = engine.engine.num_steps
+    assert len(wake_ups) <= steps and sum(wake_ups) == 8 * 6
+    assert max(wake_ups) > 1
+
+
+def test_an_output_for_a_closed_loop_raises_at_the_sink(engine: AsyncEngine):
+    """The engine drops a request whose caller's loop has closed (see Engine.deliver): its sink says so at once."""
+    loop = asyncio.new_event_loop()
+    sink = engine.outbox.sink(loop, asyncio.Queue())
+    loop.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        sink(EngineOutput("gone"))
