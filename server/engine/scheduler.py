@@ -49,11 +49,21 @@ class StepPlan:
     admitted: list[Request] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     encoder_tokens: int = 0  # encoder-decoder rows starting this step: their encoders run in it too
+    num_chunk_tokens: int = 0  # the chunks' tokens, kept as they are added (a sum per request is quadratic)
 
     @property
     def num_tokens(self) -> int:
         """What the step computes, against the token budget: the chunks' tokens and the starting encoders'."""
-        return sum(chunk.num_tokens for chunk in self.chunks) + self.encoder_tokens
+        return self.num_chunk_tokens + self.encoder_tokens
+
+    def add(self, chunks: list[Chunk]) -> None:
+        self.chunks += chunks
+        self.num_chunk_tokens += sum(chunk.num_tokens for chunk in chunks)
+
+    def drop(self, request: Request) -> None:
+        """A preempted request's chunks leave the plan."""
+        self.chunks = [chunk for chunk in self.chunks if chunk.row.request is not request]
+        self.num_chunk_tokens = sum(chunk.num_tokens for chunk in self.chunks)
 
 
 class Scheduler:
@@ -104,9 +114,10 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        prefilling = [r for r in self.running if any(row.num_remaining > 1 for row in r.rows if not row.is_finished)]
+        is_prefilling = [any(row.num_remaining > 1 for row in r.rows if not row.is_finished) for r in self.running]
+        prefilling = [r for r, prefills in zip(self.running, is_prefilling, strict=True) if prefills]
         # never more decode rows than the budget: each became one by a token of the step before
-        decoding = [r for r in self.running if r not in prefilling]
+        decoding = [r for r, prefills in zip(self.running, is_prefilling, strict=True) if not prefills]
         for request in [*decoding, *prefilling]:
             if request.status is Status.RUNNING:
                 self.schedule_running(request, plan)
@@ -123,7 +134,7 @@ class Scheduler:
             if victim is request:
                 return
         self.grow(chunks)
-        plan.chunks += chunks
+        plan.add(chunks)
 
     def admit_waiting(self, plan: StepPlan) -> None:
         while self.waiting:
@@ -146,7 +157,7 @@ class Scheduler:
                 if row.needs_task_blocks and row.task is not None:
                     row.task_blocks = self.memory.hold_task(row.task.key, row.num_virtual_tokens)
             self.grow(chunks)
-            plan.chunks += chunks
+            plan.add(chunks)
             plan.admitted.append(request)
 
     def chunks_for(self, request: Request, budget: int) -> list[Chunk]:
@@ -184,7 +195,7 @@ class Scheduler:
         self.free(request)
         request.status = Status.WAITING
         self.waiting.appendleft(request)
-        plan.chunks = [chunk for chunk in plan.chunks if chunk.row.request is not request]
+        plan.drop(request)
         plan.preempted.append(request)
 
     def free(self, request: Request) -> None:
