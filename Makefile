@@ -13,7 +13,7 @@ TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 # sdist built with poetry-core).
 BUILD_TOOLS := pip setuptools poetry-core
 
-.PHONY: serve test lint typecheck docs unit bench bench-guidellm clean test-newest lock newest-venv
+.PHONY: serve test lint typecheck docs unit bench test-bench-venv gpu-check bench-guidellm clean test-newest lock newest-venv
 
 $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,25 @@ $(BENCH)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
 bench: $(BENCH)/.installed
 	$(BENCH)/bin/python -m benchmarks $(ARGS)
 
+# The published figures come from .venv-bench (transformers $(BENCH_TRANSFORMERS)): the engine's tests run there too, so
+# the configuration behind them is a tested one.
+test-bench-venv: $(BENCH)/.installed
+	$(BENCH)/bin/python -m pytest -q tests/engine -m "not slow" $(ARGS)
+
+# The first GPU's checklist (benchmarks/gpu_check.py): a venv whose torch is the CUDA build of the interpreter that
+# makes it (PYTHON=...), everything else from the lock. Offline: the CUDA image's gpu-check stage (docs/docker.md).
+GPU_VENV := .venv-gpu
+
+$(GPU_VENV)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
+	@$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'gpu-check: expected a CUDA build of torch in $(PYTHON); found torch ' + torch.__version__ + ' without CUDA (make gpu-check PYTHON=...)')"
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -c $(LOCK) $(BUILD_TOOLS)
+	$(GPU_VENV)/bin/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
+	touch $@
+
+gpu-check: $(GPU_VENV)/.installed
+	$(GPU_VENV)/bin/python -m benchmarks.gpu_check $(ARGS)
+
 # guidellm 0.8.1 pins click~=8.4, which the lock's click does not satisfy: its own venv (CPU torch first, as above).
 # benchmarks/guidellm.py runs in the project's venv and calls this venv's `guidellm` CLI.
 GUIDELLM := .venv-guidellm
@@ -101,4 +120,4 @@ lock: newest-venv
 	@echo "$(LOCK) refreshed; review 'git diff $(LOCK)' and commit it"
 
 clean:
-	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) build site *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) $(GPU_VENV) build site *.egg-info .pytest_cache .ruff_cache .mypy_cache
