@@ -33,6 +33,21 @@ COPY server server
 RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
     && pip check
 
+# ---- gpu-check (docker build --target gpu-check): the builder's environment plus the dev extra, the tests and the
+# benchmarks, from the lock, so `python -m benchmarks.gpu_check` runs on a GPU host with no network ----
+FROM builder AS gpu-check
+# the benchmarks' baselines are PEFT's generate, right on transformers 5.23.0 (Makefile: BENCH_TRANSFORMERS)
+ARG BENCH_TRANSFORMERS=5.23.0
+COPY tests tests
+COPY benchmarks benchmarks
+# hadolint ignore=DL3013
+RUN grep -v '^transformers==' requirements.lock > /tmp/constraints.txt \
+    && pip install --no-cache-dir -c /tmp/constraints.txt poetry-core \
+    && pip install --no-cache-dir -c /tmp/constraints.txt --no-build-isolation ".[dev]" \
+       "transformers==${BENCH_TRANSFORMERS}" \
+    && pip check
+CMD ["python", "-m", "benchmarks.gpu_check"]
+
 # ---- runtime: the virtual environment, a non-root user, two volumes ----
 FROM ${PYTHON_IMAGE} AS runtime
 ARG PROMPTSERVE_UID=10001

@@ -66,14 +66,17 @@ test-bench-venv: $(BENCH)/.installed
 	$(BENCH)/bin/python -m pytest -q tests/engine -m "not slow" $(ARGS)
 
 # The first GPU's checklist (benchmarks/gpu_check.py): a venv whose torch is the CUDA build of the interpreter that
-# makes it (PYTHON=...), everything else from the lock. Offline: the CUDA image's gpu-check stage (docs/docker.md).
+# makes it (PYTHON=...), everything else from the lock but transformers, which is .venv-bench's (its baselines are
+# PEFT's generate). Offline: the CUDA image's gpu-check stage (docs/docker.md).
 GPU_VENV := .venv-gpu
 
 $(GPU_VENV)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
 	@$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'gpu-check: expected a CUDA build of torch in $(PYTHON); found torch ' + torch.__version__ + ' without CUDA (make gpu-check PYTHON=...)')"
 	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q -c $(LOCK) $(BUILD_TOOLS)
-	$(GPU_VENV)/bin/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
+	grep -v '^transformers==' $(LOCK) > $(GPU_VENV)/constraints.txt
+	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_VENV)/constraints.txt $(BUILD_TOOLS)
+	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_VENV)/constraints.txt --no-build-isolation -e ".[dev]" \
+		"transformers==$(BENCH_TRANSFORMERS)"
 	touch $@
 
 gpu-check: $(GPU_VENV)/.installed

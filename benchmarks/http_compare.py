@@ -38,12 +38,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(side: str, backbone: Path, tasks: Path, store: Path, port: int, batch: int) -> list[str]:
+def server_command(
+    side: str,
+    backbone: Path,
+    tasks: Path,
+    store: Path,
+    port: int,
+    batch: int,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> list[str]:
+    placement = ["--device", device, "--dtype", dtype]  # both sides on the same device, in the same dtype
     if side == "promptserve":
         flags = ["--model", str(backbone), "--store", str(store), "--port", str(port), "--no-demo-tasks"]
-        return [sys.executable, "-m", "server.cli", "serve", *flags, "--max-batch-size", str(batch)]
+        return [sys.executable, "-m", "server.cli", "serve", *flags, "--max-batch-size", str(batch), *placement]
     flags = ["--backbone", str(backbone), "--tasks", str(tasks), "--port", str(port), "--max-batch-size", str(batch)]
-    return [sys.executable, "-m", "benchmarks.peft_server", *flags]
+    return [sys.executable, "-m", "benchmarks.peft_server", *flags, *placement]
 
 
 def start(command: list[str], url: str, log: Path) -> subprocess.Popen[bytes]:
@@ -97,7 +107,8 @@ def load(url: str, args: argparse.Namespace, num_requests: int) -> dict[str, Any
 def run_side(side: str, args: argparse.Namespace, root: Path, first: bool) -> dict[str, Any]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = server_command(side, root / "backbone", root / "tasks", root / "store", port, args.max_batch_size)
+    command = server_command(side, root / "backbone", root / "tasks", root / "store", port, args.max_batch_size,
+                             args.device, args.dtype)  # fmt: skip
     process = start(command, url, root / f"{side}.log")
     try:
         if side == "promptserve" and first:
@@ -119,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32, help="both servers' largest batch")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="both servers' device: cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="float32", help="both servers' dtype: float32 | bfloat16 | float16")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="promptserve-http-") as scratch:
