@@ -23,7 +23,7 @@ from server.engine.backbone import load_backbone
 from server.engine.config import EngineConfig
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
 from server.engine.engine import Engine
-from server.engine.selfcheck import check_inputs, check_rows, reference_logprobs, run_through_engine, tolerance_of
+from server.engine.selfcheck import Checks, check_inputs, check_rows, run_through_engine, tolerance_of
 
 
 def llama(num_layers: int, init_std: float) -> LlamaConfig:
@@ -37,13 +37,15 @@ def gaps(directory: Path) -> tuple[float, float]:
     """The largest (best - chosen) and |served - reference| over every token of the self-check's rows, bfloat16."""
     backbone = load_backbone(str(directory), "cpu", "bfloat16")
     engine = Engine(backbone, EngineConfig(device="cpu", dtype="bfloat16", kv_cache_bytes=32 << 20))
-    rows = [row.on(input_ids) for input_ids in check_inputs(engine) for row in check_rows(engine)]
+    rows = [
+        row.on(input_ids) for input_ids in check_inputs(engine) for row in check_rows(Checks(engine), backbone.kind)
+    ]
     outputs = run_through_engine(engine, rows)
     worst_choice = worst_logprob = 0.0
     for row in rows:
         tokens = [token for output in outputs[row.name] for token in output.tokens]
-        reference = reference_logprobs(backbone, row, row.input_ids + [token.id for token in tokens[:-1]])
-        for token, expected in zip(tokens, reference[-len(tokens) :], strict=True):
+        reference = backbone.kind.reference_logprobs(backbone.model, row, [token.id for token in tokens])
+        for token, expected in zip(tokens, reference, strict=True):
             chosen = float(expected[token.id])
             worst_choice = max(worst_choice, float(expected.max()) - chosen)
             worst_logprob = max(worst_logprob, abs(token.logprob - chosen))
