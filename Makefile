@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) $(BUILD_TOOLS)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev,docs]"
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -104,7 +104,7 @@ newest-venv:
 	$(PYTHON) -m venv $(NEWEST)
 	$(NEWEST)/bin/python -m pip install -q --upgrade $(BUILD_TOOLS)
 	$(NEWEST)/bin/python -m pip install -q "$(TORCH)"
-	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,plot]" "$(TORCH)"
+	$(NEWEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager --no-build-isolation -e ".[dev,docs,plot]" "$(TORCH)"
 	touch $(NEWEST)/.installed
 	@$(NEWEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|safetensors|accelerate)=='
 
