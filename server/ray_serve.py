@@ -54,6 +54,9 @@ class ReplicaOptions(BaseModel):
     num_cpus: float = Field(default=1, ge=0)
     health_check_period_s: float = Field(default=10, gt=0)
     health_check_timeout_s: float = Field(default=30, gt=0)
+    # the drain: a replica Ray stops (scale-down, a serve config update, a node drain) takes no new requests and has
+    # this long to finish its running ones, then is killed; Ray's default 20 s cuts long generations short
+    graceful_shutdown_timeout_s: float = Field(default=120, ge=0)
 
     def deployment_options(self) -> dict[str, Any]:
         scaling: dict[str, Any] = (
@@ -73,6 +76,7 @@ class ReplicaOptions(BaseModel):
             "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
 
 

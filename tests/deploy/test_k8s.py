@@ -89,7 +89,9 @@ def decoded(doc: dict[str, Any]) -> dict[str, Any] | None:
         selector = ",".join(f"{key}={value}" for key, value in doc["spec"]["selector"].items())
         args = ("set", "selector", "--local", "-f", "-", selector, "-o", "json")
     else:
-        args = ("set", "serviceaccount", "--local", "-f", "-", ROUND_TRIP_ACCOUNT, "-o", "json")
+        # setting the account a pod template already names leaves it as written
+        account = doc.get("spec", {}).get("template", {}).get("spec", {}).get("serviceAccountName", ROUND_TRIP_ACCOUNT)
+        args = ("set", "serviceaccount", "--local", "-f", "-", account, "-o", "json")
     result = kubectl(*args, stdin=json.dumps(doc))
     assert "unable to decode" not in result.stderr, result.stderr
     if result.returncode != 0:

@@ -157,6 +157,9 @@ def test_serve_config_args_build_an_autoscaled_gpu_application() -> None:
     deployment = build_app(application["args"])._bound_deployment
     assert deployment.ray_actor_options["num_gpus"] == 1
     assert deployment._deployment_config.autoscaling_config.target_ongoing_requests == 16
+    # the drain a stopped replica gets (Ray's default is 20 s): as long as a pod's PROMPTSERVE_SHUTDOWN_GRACE_S
+    drain = application["args"]["graceful_shutdown_timeout_s"]
+    assert deployment._deployment_config.graceful_shutdown_timeout_s == drain == 120
 
 
 def test_builder_refuses_an_unknown_argument() -> None:
