@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from fastapi.testclient import TestClient
 
-from server.api.app import create_app
-from tests.api.helpers import metric_samples
-from tests.api.test_real_engine import adapter_files, real_settings, wait_healthy
 from tests.deploy.helpers import BASE_COMPOSE, ROOT, compose_model
-from tests.fixtures import TinyBackbone
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "promptserve.json"
@@ -56,17 +50,6 @@ def provisioned_datasource() -> dict[str, Any]:
     files = sorted((GRAFANA / "provisioning" / "datasources").glob("*.yml"))
     (datasource,) = [source for file in files for source in yaml.safe_load(file.read_text())["datasources"]]
     return datasource
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
-    """The sample names of a real server's /metrics after one request to a task."""
-    with TestClient(create_app(real_settings(tiny_llama, tmp_path_factory.mktemp("store")))) as client:
-        wait_healthy(client)
-        assert client.put("/v1/tasks/prefix", files=adapter_files(tiny_llama.adapters["prefix"])).status_code == 201
-        body = {"inputs": "hello", "task_id": "prefix", "parameters": {"max_new_tokens": 3}}
-        assert client.post("/v1/generate", json=body).status_code == 200
-        yield {name for name, _ in metric_samples(client.get("/metrics").text)}
 
 
 def test_every_panel_has_a_query() -> None:
