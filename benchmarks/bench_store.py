@@ -22,7 +22,8 @@ from typing import TypeVar
 import torch
 from safetensors.torch import save as save_safetensors
 
-from prompt_store import BackboneFingerprint, StoreLimits, TaskStore, materialize
+from prompt_store import BackboneFingerprint, StoreLimits, TaskStore
+from prompt_store.materialize import materialize
 
 FINGERPRINT = BackboneFingerprint(
     model_type="llama",

@@ -1,9 +1,12 @@
 """What a task IS: PEFT prompt-learning adapters, validated and stored durably (disk and CPU; the engine owns the
-device side)."""
+device side).
+
+The package and the modules it imports load no torch (`prompt_store.materialize` does: import it from there), so the
+server's start-up checks read the store's types and probe a store without the seconds torch takes to import.
+"""
 
 from prompt_store.adapter import TASK_ID_PATTERN, StoreLimits, parse_adapter, validate_task_id
 from prompt_store.errors import InvalidTask, StoreError, TaskNotFound, TaskTooLarge
-from prompt_store.materialize import materialize
 from prompt_store.registry import StoreEvent, TaskStore
 from prompt_store.types import (
     BackboneFingerprint,
@@ -31,7 +34,6 @@ __all__ = [
     "TaskRecord",
     "TaskStore",
     "TaskTooLarge",
-    "materialize",
     "parse_adapter",
     "validate_task_id",
 ]

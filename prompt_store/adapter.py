@@ -8,14 +8,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
 
 from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import CLASSIFICATION_TYPES, LABELS_DIM, BackboneFingerprint, HeadSpec, Method
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: the start-up checks use this module without it
+    import torch
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
@@ -228,6 +229,8 @@ def check_header_entries(header: dict[str, Any], head: HeadSpec | None) -> None:
 
 
 def load_tensors(adapter_model: bytes, head: HeadSpec | None) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load as load_safetensors
+
     check_header_entries(read_safetensors_header(adapter_model), head)
     try:
         return dict(load_safetensors(adapter_model))
@@ -292,6 +295,8 @@ def check_tensor_shape(tensor: torch.Tensor, method: Method, num_virtual_tokens:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
+    import torch
+
     num_bad = int((~torch.isfinite(tensor)).sum())
     if num_bad:
         raise InvalidTask(f"{MODEL_NAME}: {name} must be finite; found {num_bad} NaN or Inf values")

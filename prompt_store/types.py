@@ -5,9 +5,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only for the annotations: the start-up checks read these types without loading it
+    import torch
 
 TaskKey = tuple[str, int]  # (task_id, version)
 

@@ -87,6 +87,19 @@ def test_a_missing_model_directory_is_no_such_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_the_checks_answer_before_torch_or_transformers_is_imported(tmp_path: Path) -> None:
+    """Importing torch takes 2 s on an idle machine and 10 s on a busy one: the one line comes before it."""
+    heavy = ("torch", "transformers", "safetensors.torch", "prompt_store.materialize")
+    argv = ["serve", "--port", str(free_port()), "--store", str(tmp_path / "s"), "--model", "/nonexistent"]
+    code = (
+        f"import sys\nfrom server.cli import main\nstatus = main({argv!r})\n"
+        f"print(status, [m for m in {heavy!r} if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=START_S)
+    assert result.stdout.strip() == "1 []", result.stdout + result.stderr
+
+
+@pytest.mark.slow
 def test_a_hub_id_that_does_not_resolve_is_one_line(tmp_path: Path) -> None:
     result = serve(["--port", str(free_port()), "--store", str(tmp_path / "s"), "--model", "no-org/no-model"], tmp_path)
     assert result.returncode == 1
