@@ -93,7 +93,7 @@ class S3Backend:
         config = Config(
             connect_timeout=timeouts.connect_s,
             read_timeout=timeouts.read_s,
-            retries={"max_attempts": timeouts.max_attempts, "mode": "standard"},
+            retries={"total_max_attempts": timeouts.max_attempts, "mode": "standard"},  # tries, the first included
         )
         backend = cls(uri, boto3.client("s3", config=config))
         backend.check_bucket()

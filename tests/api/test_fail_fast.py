@@ -39,12 +39,30 @@ def the_one_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.fixture
-def silent_endpoint() -> Iterator[str]:
-    """An S3 endpoint that accepts connections (the kernel's backlog) and never answers."""
+def silent_socket() -> Iterator[socket.socket]:
+    """A listening socket that never accepts: the kernel's backlog completes connections, nothing answers."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         sock.listen(16)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield sock
+
+
+@pytest.fixture
+def silent_endpoint(silent_socket: socket.socket) -> str:
+    """An S3 endpoint that accepts connections and never answers."""
+    return f"http://127.0.0.1:{silent_socket.getsockname()[1]}"
+
+
+def connections_made(sock: socket.socket) -> int:
+    """The connections waiting in a never-accepting socket's backlog (closed ones included)."""
+    sock.setblocking(False)
+    count = 0
+    while True:
+        try:
+            sock.accept()[0].close()
+        except BlockingIOError:
+            return count
+        count += 1
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -128,7 +146,9 @@ def test_a_bad_variable_is_one_line_with_exit_status_2(tmp_path: Path, env: dict
 
 
 @pytest.mark.slow
-def test_a_hung_store_endpoint_fails_within_its_timeouts(tmp_path: Path, silent_endpoint: str) -> None:
+def test_a_hung_store_endpoint_fails_within_its_timeouts(
+    tmp_path: Path, silent_socket: socket.socket, silent_endpoint: str
+) -> None:
     args = ["--port", str(free_port()), "--store", "s3://bucket/tasks", "--store-connect-timeout-s", "1",
             "--store-read-timeout-s", "1"]  # fmt: skip
     started = time.monotonic()
@@ -140,6 +160,7 @@ def test_a_hung_store_endpoint_fails_within_its_timeouts(tmp_path: Path, silent_
     assert "timeout" in line.lower() and silent_endpoint in line
     imports = time_of([sys.executable, "-c", "import server.api.preflight, boto3"], cwd=ROOT)  # torch among them
     assert elapsed < imports + 10, f"{elapsed:.1f} s for 1 s timeouts, {imports:.1f} s of them imports"
+    assert connections_made(silent_socket) == 1  # one try: botocore's max_attempts would have retried once
 
 
 @pytest.mark.slow
