@@ -410,9 +410,9 @@ def test_thresholds_are_values() -> None:
 # ---- the kustomize side: the monitoring component
 
 
-def base_with_monitoring(workdir: Path) -> tuple[Doc, ...]:
-    """deploy/k8s with the monitoring component, as a user's kustomization would add it (by relative paths)."""
-    resources, components = (os.path.relpath(path, workdir) for path in (ROOT / "deploy" / "k8s", MONITORING))
+def with_monitoring(variant: Path, workdir: Path) -> tuple[Doc, ...]:
+    """A deploy/k8s variant with the monitoring component, as a user's kustomization would add it (relative paths)."""
+    resources, components = (os.path.relpath(path, workdir) for path in (variant, MONITORING))
     kustomization = {"resources": [resources], "components": [components]}
     (workdir / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
     result = kubectl("kustomize", str(workdir))
@@ -420,16 +420,47 @@ def base_with_monitoring(workdir: Path) -> tuple[Doc, ...]:
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 
 
-def test_monitoring_component_selects_the_base_pods_and_is_valid(tmp_path: Path) -> None:
-    docs = base_with_monitoring(tmp_path)
-    labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, and matchExpressions' In) against a pod's labels."""
+    expressions = selector.get("matchExpressions", [])
+    assert all(expression["operator"] == "In" for expression in expressions)
+    return labels_select(selector.get("matchLabels", {}), labels) and all(
+        labels.get(expression["key"]) in expression["values"] for expression in expressions
+    )
+
+
+def test_selector_check_can_fail() -> None:
+    selector = {"matchLabels": {"app": "x"}, "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a"]}]}
+    assert selects(selector, {"app": "x", "tier": "a"})
+    assert not selects(selector, {"app": "x", "tier": "b"}) and not selects(selector, {"tier": "a"})
+
+
+def scraped_ports(monitor: Doc, template: Doc) -> set[str]:
+    """The container ports of a pod template that the PodMonitor scrapes (none if it does not select the pod)."""
+    if not selects(monitor["spec"]["selector"], template["metadata"].get("labels", {})):
+        return set()
+    ports = {port["name"] for container in template["spec"]["containers"] for port in container.get("ports", [])}
+    return ports & {endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]}
+
+
+def test_monitoring_component_scrapes_the_server_pods(tmp_path: Path) -> None:
+    docs = with_monitoring(ROOT / "deploy" / "k8s", tmp_path)
     monitor = only(docs, "PodMonitor")
-    assert labels_select(monitor["spec"]["selector"]["matchLabels"], labels)
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    (container,) = only(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert endpoint["port"] in {port["name"] for port in container["ports"]}
+    assert scraped_ports(monitor, only(docs, "Deployment")["spec"]["template"]) == {"http"}
+    assert {endpoint["path"] for endpoint in monitor["spec"]["podMetricsEndpoints"]} == {"/metrics"}
     for doc in (monitor, only(docs, "PrometheusRule")):
         assert_valid_custom_resource(doc)
+
+
+def test_monitoring_component_scrapes_each_ray_replica_and_not_the_proxy(tmp_path: Path) -> None:
+    docs = with_monitoring(ROOT / "deploy" / "k8s" / "ray", tmp_path)
+    monitor, cluster = only(docs, "PodMonitor"), only(docs, "RayService")["spec"]["rayClusterConfig"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert scraped_ports(monitor, workers["template"]) == {"replica-metrics"}
+    (worker,) = workers["template"]["spec"]["containers"]
+    (port,) = [port["containerPort"] for port in worker["ports"] if port["name"] == "replica-metrics"]
+    assert {"name": "PROMPTSERVE_METRICS_PORT", "value": str(port)} in worker["env"]
+    assert scraped_ports(monitor, cluster["headGroupSpec"]["template"]) == set()  # its proxy answers for any replica
 
 
 def test_monitoring_component_rules_are_the_charts() -> None:
