@@ -399,6 +399,53 @@ def test_a_misspelt_series_or_broken_expression_is_caught() -> None:  # so the c
         selectors("sum(rate(promptserve_requests_total[5m])")
 
 
+# A troubled replica (a) and a healthy, busy one (b), a sample a minute: a's requests end 1 in 6 in an internal
+# error, 100 wait, its KV pool is 96 % used and its engine makes no step while it has work; b's errors are only
+# 429s (overloaded, the client's to retry), its queue is short, its pool half used and its engine steps.
+TROUBLED = {
+    'promptserve_requests_total{instance="a", endpoint="generate", task="t", outcome="success"}': "0+10x30",
+    'promptserve_requests_total{instance="a", endpoint="generate", task="t", outcome="internal"}': "0+2x30",
+    'promptserve_requests_total{instance="b", endpoint="generate", task="t", outcome="success"}': "0+10x30",
+    'promptserve_requests_total{instance="b", endpoint="generate", task="t", outcome="overloaded"}': "0+5x30",
+    'promptserve_num_requests_waiting{instance="a"}': "100x30",
+    'promptserve_num_requests_running{instance="a"}': "1x30",
+    'promptserve_engine_steps_total{instance="a"}': "5x30",
+    'promptserve_kv_cache_used_bytes{instance="a"}': "96x30",
+    'promptserve_kv_cache_capacity_bytes{instance="a"}': "100x30",
+    'promptserve_num_requests_waiting{instance="b"}': "3x30",
+    'promptserve_num_requests_running{instance="b"}': "4x30",
+    'promptserve_engine_steps_total{instance="b"}': "0+60x30",
+    'promptserve_kv_cache_used_bytes{instance="b"}': "50x30",
+    'promptserve_kv_cache_capacity_bytes{instance="b"}': "100x30",
+}
+
+
+def test_alerts_fire_for_the_troubled_replica_only_and_after_their_for(tmp_path: Path) -> None:
+    """The rules evaluated by Prometheus's own promtool on synthetic series (annotations left out: their text is not
+    what is tested)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package: apt-get install prometheus)")
+    spec = copy.deepcopy(only(chart(*ENABLE_MONITORING), "PrometheusRule")["spec"])
+    for rule in (rule for group in spec["groups"] for rule in group["rules"]):
+        rule.pop("annotations")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(spec))
+    severities = {rule["alert"]: rule["labels"]["severity"] for group in spec["groups"] for rule in group["rules"]}
+    checks = [
+        {"eval_time": at, "alertname": alert, "exp_alerts": fired(alert)}
+        for alert in severities
+        for at, fired in (
+            ("1m", lambda _: []),  # no alert's `for` has passed yet
+            ("20m", lambda alert: [{"exp_labels": {"severity": severities[alert], "instance": "a"}}]),
+        )
+    ]
+    series = [{"series": name, "values": values} for name, values in TROUBLED.items()]
+    test = {"interval": "1m", "input_series": series, "alert_rule_test": checks}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "tests": [test]}))
+    result = subprocess.run([promtool, "test", "rules", "test.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_thresholds_are_values() -> None:
     thresholds = ("monitoring.prometheusRule.queueDepth=7", "json:monitoring.prometheusRule.errorRatio=0.2")
     docs = chart(*ENABLE_MONITORING, *thresholds)
