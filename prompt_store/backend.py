@@ -78,14 +78,24 @@ class StoreBackend(Protocol):
         """Remove every version, leaving a tombstone so numbers are never reused; False if there was none."""
         ...
 
-    def read(self, task_id: str, version: int, fingerprint: BackboneFingerprint, limits: StoreLimits) -> TaskArtifact:
-        """Load and re-validate a version: TaskNotFound if it is gone, InvalidTask if it is damaged."""
+    def read(
+        self,
+        task_id: str,
+        version: int,
+        fingerprint: BackboneFingerprint,
+        limits: StoreLimits,
+        manifest: dict[str, Any] | None = None,
+    ) -> TaskArtifact:
+        """Load and re-validate a version: TaskNotFound if it is gone, InvalidTask if it is damaged. `manifest`: what
+        the version's change feed entry carries (Change.manifest), if anything, so it need not be fetched."""
         ...
 
     def has_version(self, task_id: str, version: int) -> bool: ...
 
-    def append_change(self, task_id: str, version: int | None) -> int:
-        """Announce a write already made (a version, or a deletion: None) in the change feed; return its number."""
+    def append_change(self, task_id: str, version: int | None, staged: Any = None) -> int:
+        """Announce a write already made (a version, or a deletion: None) in the change feed; return its number.
+        `staged`: what `stage` returned for that version, if this process wrote it (the entry may carry from it
+        what readers would otherwise fetch)."""
         ...
 
     def change_seqs_after(self, seq: int) -> list[int]:

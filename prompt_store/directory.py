@@ -11,6 +11,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from prompt_store.adapter import StoreLimits
 from prompt_store.changes import Change, change_name, decode_change, encode_change, parse_change_name
@@ -104,7 +105,14 @@ class DirectoryBackend:
         remove_tree(trashed)
         return True
 
-    def read(self, task_id: str, version: int, fingerprint: BackboneFingerprint, limits: StoreLimits) -> TaskArtifact:
+    def read(
+        self,
+        task_id: str,
+        version: int,
+        fingerprint: BackboneFingerprint,
+        limits: StoreLimits,
+        manifest: dict[str, Any] | None = None,  # entries here carry none: the version's own files are local
+    ) -> TaskArtifact:
         return read_version(self.layout, task_id, version, fingerprint, limits)
 
     def has_version(self, task_id: str, version: int) -> bool:
@@ -116,7 +124,7 @@ class DirectoryBackend:
     # ---- the change feed: root/changes/<number>.json, listed with one listdir (a local directory is cheap to
     # list; compaction keeps it short)
 
-    def append_change(self, task_id: str, version: int | None) -> int:
+    def append_change(self, task_id: str, version: int | None, staged: Any = None) -> int:
         data, changes_dir = encode_change(task_id, version), self.layout.changes_dir
         for _ in range(_MAX_APPEND_ATTEMPTS):
             seq = max(self.change_seqs_after(0), default=0) + 1

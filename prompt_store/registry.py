@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prompt_store.adapter import StoreLimits, is_valid_task_id, validate_task_id
 from prompt_store.backend import StoreBackend, StoreTimeouts, open_backend
@@ -147,7 +147,7 @@ class TaskStore:
             finally:
                 self.backend.discard(staged)  # a no-op once committed; clears a failed attempt
             self._drop_old_versions(task_id, version)
-        self._announce(task_id, version)
+        self._announce(task_id, version, staged)
         self._lookups.found(task_id)
         self._artifacts.put(parsed.artifact(record))
         logger.info("registered task %r version %d (%s)", task_id, version, record.method.value)
@@ -177,11 +177,12 @@ class TaskStore:
         for version in doomed:
             self._artifacts.discard((task_id, version))
 
-    def _announce(self, task_id: str, version: int | None) -> None:
-        """Append a write just made to the change feed. The write stands if that fails: the safety-net rescans
-        find and announce it (an error here would tell the client that a stored version was not)."""
+    def _announce(self, task_id: str, version: int | None, staged: object = None) -> None:
+        """Append a write just made to the change feed (`staged`: the upload of a version this process wrote). The
+        write stands if that fails: the safety-net rescans find and announce it (an error here would tell the client
+        that a stored version was not)."""
         try:
-            seq = self.backend.append_change(task_id, version)
+            seq = self.backend.append_change(task_id, version, staged)
         except (StoreError, OSError) as exc:
             what = "deleted" if version is None else f"version {version} stored"
             logger.error("task %r %s, but the change feed could not say so (%s): other replicas see it at their "
@@ -401,7 +402,7 @@ class TaskStore:
         version gone or damaged by now, lists the task's versions."""
         task_id, version = change.task_id, change.version
         if version is not None and (current is None or version > current.version):
-            found = self._newest_valid(task_id, None, [version])
+            found = self._newest_valid(task_id, None, [version], change.manifest)
             if found is not None:
                 return self._install(task_id, found)
         return self._rescan_task(task_id, current, self.backend.versions(task_id))
@@ -458,7 +459,11 @@ class TaskStore:
         return StoreEvent("registered", task_id, found.version)
 
     def _newest_valid(
-        self, task_id: str, current: TaskRecord | None, versions: builtins.list[int]
+        self,
+        task_id: str,
+        current: TaskRecord | None,
+        versions: builtins.list[int],
+        manifest: dict[str, Any] | None = None,  # the newest version's, as its feed entry carries it
     ) -> TaskRecord | None:
         for version in reversed(versions):
             if current is not None and version == current.version:
@@ -466,7 +471,8 @@ class TaskStore:
             if (task_id, version) in self._rejected:
                 continue
             try:
-                artifact = self.backend.read(task_id, version, self.fingerprint, self.limits)
+                given = manifest if version == versions[-1] else None
+                artifact = self.backend.read(task_id, version, self.fingerprint, self.limits, given)
             except TaskNotFound:
                 continue  # removed while we looked
             except (InvalidTask, OSError) as exc:

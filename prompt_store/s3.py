@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ DATA_GRACE_S = 3600.0
 MAX_STAGED_AGE_S = 600.0
 MAX_MANIFEST_BYTES = 1024 * 1024
 MAX_CHANGE_BYTES = 64 * 1024
+DOWNLOAD_THREADS = 4  # a version has 2 or 3 files; a few loads on different threads may overlap
 _MAX_COMMIT_ATTEMPTS = 1000
 PROBE_DIR = "probes"  # prefix/probes/<uuid>: written and removed by the start-up probe
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -79,6 +81,7 @@ class S3Backend:
         self.client = client
         self._cache_dir: tempfile.TemporaryDirectory[str] | None = None  # version_dir downloads
         self._newest_change = 0  # the newest feed entry seen: where an append starts looking for the feed's end
+        self._downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="s3-download")  # a version's files
 
     @classmethod
     def open(cls, uri: str, timeouts: StoreTimeouts = StoreTimeouts()) -> S3Backend:
@@ -302,26 +305,30 @@ class S3Backend:
             fields = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InvalidTask(f"{where}: expected a JSON object; found malformed JSON ({exc})") from None
-        files = fields.get("files") if isinstance(fields, dict) else None
-        if (
-            not isinstance(files, dict)
-            or not {CONFIG_NAME, MODEL_NAME} <= set(files)
-            or not set(files) <= {CONFIG_NAME, MODEL_NAME, LABELS_NAME}
-            or not isinstance(fields.get("data"), str)
-            or not isinstance(fields.get("created_at"), str)
-        ):
+        if not is_manifest(fields):
             raise InvalidTask(f"{where}: expected a manifest with data, files and created_at; found {fields!r}")
-        return fields
+        return dict(fields)
 
     def _remove_data(self, task_id: str, manifest: dict[str, Any]) -> None:
         self._remove([self._data_key(task_id, manifest["data"], name) for name in manifest["files"]])
 
-    def read(self, task_id: str, version: int, fingerprint: BackboneFingerprint, limits: StoreLimits) -> TaskArtifact:
+    def read(
+        self,
+        task_id: str,
+        version: int,
+        fingerprint: BackboneFingerprint,
+        limits: StoreLimits,
+        manifest: dict[str, Any] | None = None,
+    ) -> TaskArtifact:
         where = f"{self.uri}: {self.manifest_key(task_id, version)}"
-        return self._read_stored(task_id, version, limits).validate(fingerprint, limits, where)
+        carried = manifest if is_manifest(manifest) else None  # from the version's feed entry: no GET (a damaged
+        # entry's is ignored, so it cannot get a good version rejected)
+        return self._read_stored(task_id, version, limits, carried).validate(fingerprint, limits, where)
 
-    def _read_stored(self, task_id: str, version: int, limits: StoreLimits) -> StoredVersion:
-        manifest = self._read_manifest(task_id, version)
+    def _read_stored(
+        self, task_id: str, version: int, limits: StoreLimits, manifest: dict[str, Any] | None = None
+    ) -> StoredVersion:
+        manifest = self._read_manifest(task_id, version) if manifest is None else manifest
         if manifest is None:
             raise TaskNotFound(task_id, version)
         files = self._read_files(task_id, version, manifest, limits)
@@ -333,10 +340,12 @@ class S3Backend:
         self, task_id: str, version: int, manifest: dict[str, Any], limits: StoreLimits
     ) -> dict[str, bytes]:
         files: dict[str, bytes] = {}
+        keys = {name: self._data_key(task_id, manifest["data"], name) for name in manifest["files"]}
+        limit = {name: limits.max_model_bytes if name == MODEL_NAME else limits.max_config_bytes for name in keys}
+        # at once, not one after another: a replica applying a replacement waits for one round trip, not three
+        downloads = {name: self._downloads.submit(self._get, key, limit[name]) for name, key in keys.items()}
         for name, sha256 in manifest["files"].items():
-            max_bytes = limits.max_model_bytes if name == MODEL_NAME else limits.max_config_bytes
-            key = self._data_key(task_id, manifest["data"], name)
-            data = self._get(key, max_bytes)
+            key, data = keys[name], downloads[name].result()
             if data is None:
                 if not self.has_version(task_id, version):  # removed by a replacement or a delete meanwhile
                     raise TaskNotFound(task_id, version)
@@ -373,12 +382,17 @@ class S3Backend:
 
     # ---- the change feed
 
-    def append_change(self, task_id: str, version: int | None) -> int:
+    def append_change(self, task_id: str, version: int | None, staged: StagedUpload | None = None) -> int:
         """Create the entry after the feed's end; a writer that loses the number to another tries the next one.
+        `staged`: the upload that version `version` committed: its manifest goes in the entry, so readers skip
+        that GET (the entry is created after the manifest and names the same bytes).
 
         A PUT whose reply was lost is retried by botocore, fails its condition against itself, and the change is
         appended again: a duplicate entry, which readers apply twice to the same effect."""
-        data, seq = encode_change(task_id, version), self._newest_change
+        manifest = json.loads(staged.manifest) if staged is not None and version is not None else None
+        data, seq = encode_change(task_id, version, manifest), self._newest_change
+        if len(data) > MAX_CHANGE_BYTES:  # readers refuse an entry that large: announce the version alone
+            data = encode_change(task_id, version)
         for _ in range(_MAX_COMMIT_ATTEMPTS):
             seq = max(self.change_seqs_after(seq), default=seq) + 1
             if self._put(self._change_key(seq), data, if_absent=True):
@@ -448,6 +462,18 @@ class S3Backend:
             if manifest is not None:
                 referenced.add(manifest["data"])
         return referenced
+
+
+def is_manifest(fields: Any) -> bool:
+    """A manifest's fields, as a version's manifest object holds them (and its feed entry carries them)."""
+    files = fields.get("files") if isinstance(fields, dict) else None
+    return (
+        isinstance(files, dict)
+        and {CONFIG_NAME, MODEL_NAME} <= set(files)
+        and set(files) <= {CONFIG_NAME, MODEL_NAME, LABELS_NAME}
+        and isinstance(fields.get("data"), str)
+        and isinstance(fields.get("created_at"), str)
+    )
 
 
 def error_code(exc: Exception) -> str:

@@ -177,6 +177,7 @@ class CacheStats:
     num_entries: int = 0
     num_pinned: int = 0
     resident_tasks: tuple[TaskKey, ...] = ()  # users' task versions held on the device (the engine's own left out)
+    max_resident_tasks: int = 0  # about how many tasks the device holds at once (see TaskCache.stats)
 
 
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:

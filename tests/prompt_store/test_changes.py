@@ -110,12 +110,46 @@ def test_idle_refresh_is_one_s3_request(s3_server, llama_fp, prompt_adapter):
     for i in range(30):
         store.register(f"task-{i}", *prompt_adapter)
     other = reopen(store)
-    requests: list[str] = []
-    backend = other.backend
-    assert isinstance(backend, S3Backend)
-    backend.client.meta.events.register("before-send.s3", lambda request, **_: requests.append(request.url))
+    requests = s3_requests(other)
     assert not other.refresh() and not other.refresh()
     assert len(requests) == 2 and all("start-after=" in url for url in requests)
+
+
+def s3_requests(store: TaskStore) -> list[str]:
+    """The URLs of the S3 requests a store sends from now on."""
+    requests: list[str] = []
+    backend = store.backend
+    assert isinstance(backend, S3Backend)
+    backend.client.meta.events.register("before-send.s3", lambda request, **_: requests.append(request.url))
+    return requests
+
+
+def test_s3_replacement_is_read_without_its_manifest(s3_server, llama_fp, prompt_adapter):
+    # The entry carries the manifest: a LIST of the feed, the entry, and the version's two files, fetched at once.
+    store = TaskStore(s3_server.new_uri(), llama_fp)
+    store.register("task", *prompt_adapter)
+    other = reopen(store)
+    store.register("task", *prompt_adapter)
+    requests = s3_requests(other)
+    assert other.refresh() and other.get("task").version == 2
+    assert len(requests) == 4 and not any("/tasks/" in url for url in requests), requests
+    assert other.load("task").record == store.load("task").record
+
+
+def test_s3_damaged_manifest_in_an_entry_reads_the_version_s_own(s3_server, llama_fp, prompt_adapter):
+    store = TaskStore(s3_server.new_uri(), llama_fp)
+    store.register("task", *prompt_adapter)
+    other = reopen(store)
+    record, _ = store.register("task", *prompt_adapter)
+    backend = store.backend
+    assert isinstance(backend, S3Backend)
+    seq = max(backend.change_seqs_after(0))
+    entry = json.loads(backend._get(backend._change_key(seq), 1 << 16) or b"")
+    entry["manifest"]["files"] = "not a manifest"
+    backend._put(backend._change_key(seq), json.dumps(entry).encode())
+    requests = s3_requests(other)
+    assert other.refresh() and other.get("task") == record
+    assert sum("/tasks/task/" in url for url in requests) == 1  # the manifest, fetched after all
 
 
 def test_writers_take_dense_distinct_numbers(store, prompt_adapter):
