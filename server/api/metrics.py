@@ -289,6 +289,7 @@ class EngineCollector(Collector):
         yield gauge("prompt_cache_entries", "Task versions resident on the device", cache.num_entries)
         yield gauge("prompt_cache_pinned_entries", "Resident task versions held by running rows", cache.num_pinned)
         yield resident_task_versions(stats, self.labels)
+        yield task_requests_info(stats)
 
 
 def engine_info(engine: EngineClient) -> GaugeMetricFamily:
@@ -322,6 +323,25 @@ def resident_task_versions(stats: EngineStats, labels: TaskLabels) -> GaugeMetri
             held[task, task_labels.OTHER if task == task_labels.OTHER else str(version), tier] += 1
     for label_values, count in sorted(held.items()):
         family.add_metric(list(label_values), count)
+    return family
+
+
+def task_requests_info(stats: EngineStats) -> GaugeMetricFamily:
+    """vLLM's `vllm:lora_requests_info` with task ids for adapters, the gauge the Gateway API Inference Extension's
+    endpoint picker reads for adapter affinity: `running_lora_adapters` the tasks held on the device (the protocol's
+    "loaded and ready to serve"; every running request's task among them), `waiting_lora_adapters` the waiting
+    requests' tasks not held yet, `max_lora` about how many the device holds; comma-joined; the value is the time
+    of the reading (the picker takes the series with the highest). One series, read at each scrape."""
+    family = GaugeMetricFamily(
+        f"{PREFIX}_lora_requests_info",
+        "Tasks held on the device (running_lora_adapters), waiting requests' tasks not held yet "
+        "(waiting_lora_adapters) and about how many tasks the device holds (max_lora); the value is the reading's "
+        "Unix time",
+        labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+    )
+    held = dict.fromkeys([*stats.running_tasks, *sorted({task_id for task_id, _ in stats.cache.resident_tasks})])
+    waiting = [task_id for task_id in dict.fromkeys(stats.waiting_tasks) if task_id not in held]
+    family.add_metric([",".join(held), ",".join(waiting), str(stats.cache.max_resident_tasks)], time.time())
     return family
 
 

@@ -34,6 +34,7 @@ from server.engine.probe import Probe
 from server.engine.prompt_scoring import plan_prompt_score, prompt_tokens
 from server.engine.request import OutputSink, Request
 from server.engine.selfcheck import self_check
+from server.engine.task_cache import is_user_task
 from server.engine.types import (
     Classification,
     ClassifyInput,
@@ -355,7 +356,15 @@ class AsyncEngine:
             kv_cache_capacity_bytes=memory.num_blocks * block_bytes,
             num_preemptions=engine.num_preemptions,
             host_tasks=tuple(self.store.cached_keys()),
+            running_tasks=tasks_of(tuple(scheduler.running)),
+            waiting_tasks=tasks_of(tuple(scheduler.waiting)),
         )
+
+
+def tasks_of(requests: tuple[Request, ...]) -> tuple[str, ...]:
+    """The distinct user tasks these requests' rows run under, in order of first appearance."""
+    found = (row.task.key for request in requests for row in request.rows if row.task is not None)
+    return tuple(dict.fromkeys(key[0] for key in found if is_user_task(key)))
 
 
 def endpoints(backbone: Backbone) -> tuple[str, ...]:

@@ -159,4 +159,11 @@ class TaskCache:
             num_entries=len(embeddings) + len(tasks),
             num_pinned=sum(task.ref_count > 0 for task in tasks),
             resident_tasks=tuple(sorted(filter(is_user_task, resident))),
+            max_resident_tasks=self.max_resident_tasks([len(task.block_ids) for task in tasks]) + len(embeddings),
         )
+
+    def max_resident_tasks(self, task_blocks: list[int]) -> int:
+        """About how many tasks the KV pool holds at once: its blocks over the resident tasks' mean blocks (a task
+        takes one at least); rows take blocks too, and idle tasks make room for them, so this is a ceiling."""
+        mean_blocks = -(-sum(task_blocks) // len(task_blocks)) if task_blocks else 1
+        return self.memory.num_blocks // max(1, mean_blocks)

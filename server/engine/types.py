@@ -258,6 +258,8 @@ class EngineStats:
     kv_cache_capacity_bytes: int = 0
     num_preemptions: int = 0
     host_tasks: tuple[TaskKey, ...] = ()  # task versions parsed in CPU memory (the store's LRU); others are on disk
+    running_tasks: tuple[str, ...] = ()  # the distinct tasks of the running requests' rows (the engine's own left out)
+    waiting_tasks: tuple[str, ...] = ()  # and of the waiting requests'
 
 
 @dataclass(frozen=True, slots=True)

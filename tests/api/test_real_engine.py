@@ -6,13 +6,15 @@ import asyncio
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import create_app
 from server.api.settings import Settings
@@ -20,6 +22,8 @@ from server.engine.async_engine import AsyncEngine, build_engine
 from server.engine.types import GenerateInput, SamplingParams
 from tests.api.helpers import body_chunks, call_until, events_of, metric_samples
 from tests.fixtures import TinyBackbone
+
+LORA_INFO = "promptserve_lora_requests_info"
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +220,53 @@ def test_a_token_the_model_cannot_read_is_a_400_naming_it_while_streams_run_on(
         assert texts == [alone] * 4
     finally:
         engine.shutdown()
+
+
+def lora_requests_info(text: str) -> tuple[dict[str, str], float]:
+    """The one `promptserve_lora_requests_info` series, read as the inference extension's picker reads it."""
+    (family,) = [family for family in text_string_to_metric_families(text) if family.name == LORA_INFO]
+    (sample,) = family.samples
+    return {name: value for name, value in sample.labels.items() if name not in ("model_name", "replica")}, sample.value
+
+
+def test_real_metrics_report_resident_tasks_as_vllm_lora_info(real: TestClient, real_engine: AsyncEngine) -> None:
+    body = {"inputs": "x", "task_id": "prefix", "parameters": {"max_new_tokens": 2}}
+    assert real.post("/v1/generate", json=body).status_code == 200
+    before = time.time()
+    labels, value = lora_requests_info(real.get("/metrics").text)
+    assert set(labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
+    assert "prefix" in labels["running_lora_adapters"].split(",") and labels["waiting_lora_adapters"] == ""
+    resident = {task_id for task_id, _ in real_engine.stats().cache.resident_tasks}
+    assert set(labels["running_lora_adapters"].split(",")) == resident
+    assert int(labels["max_lora"]) >= len(resident)
+    assert before - 1 <= value <= time.time() + 1  # the reading's time: the picker keeps the latest series
+
+
+def test_real_metrics_report_a_waiting_request_s_task(tiny_llama: TinyBackbone, tmp_path: Path) -> None:
+    """One row at a time: while a long request runs under one task, a request for another task waits, and its task
+    (not on the device yet) is reported waiting."""
+    base = real_settings(tiny_llama, tmp_path / "store")
+    settings = Settings(engine=replace(base.engine, max_batch_size=1), demo_tasks=False)
+    with TestClient(create_app(settings)) as client:
+        wait_healthy(client)
+        for kind in ("prompt_tuning", "prefix"):
+            assert client.put(f"/v1/tasks/{kind}", files=adapter_files(tiny_llama.adapters[kind])).status_code == 201
+        engine = client.app.state.promptserve.engine
+        long = {"model": "prefix", "prompt": "x", "max_tokens": 500, "ignore_eos": True}
+        short = {"inputs": "x", "task_id": "prompt_tuning", "parameters": {"max_new_tokens": 1}}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(client.post, "/v1/completions", json=long)
+            wait_for(lambda: engine.stats().num_running == 1)
+            waiting = pool.submit(client.post, "/v1/generate", json=short)
+            wait_for(lambda: engine.stats().num_waiting == 1)
+            labels, _ = lora_requests_info(client.get("/metrics").text)
+            assert running.result().status_code == waiting.result().status_code == 200
+    assert labels["running_lora_adapters"].split(",")[0] == "prefix"
+    assert labels["waiting_lora_adapters"] == "prompt_tuning"
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
