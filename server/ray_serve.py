@@ -7,7 +7,9 @@ and builder arguments named like a setting override it. All replicas share one t
 node mounts, or object storage): a task registered through any replica is servable on the others.
 
 Task ids are deliberately NOT mapped to Ray's model multiplexing: it would route each task to its own
-replicas and split the mixed-task batches that are the point of the product. Any replica serves any task.
+replicas and split the mixed-task batches that are the point of the product. Any replica serves any task; the
+request router (server/task_router.py) prefers one that holds the request's task on its device, named in Ray's
+`serve_multiplexed_model_id` header, and otherwise the least busy.
 
     serve run server.ray_serve:build_app num_replicas=2 num_gpus=0 store_dir=/shared/store
     serve deploy deploy/ray/serve.yaml
@@ -29,6 +31,7 @@ from server.api.errors import ApiError
 from server.api.health import check_serving
 from server.api.preflight import check_before_loading
 from server.api.settings import Settings, load_settings, setting_names
+from server.task_router import RESIDENT_TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,12 @@ class ReplicaOptions(BaseModel):
     # the drain: a replica Ray stops (scale-down, a serve config update, a node drain) takes no new requests and has
     # this long to finish its running ones, then is killed; Ray's default 20 s cuts long generations short
     graceful_shutdown_timeout_s: float = Field(default=120, ge=0)
+    # route a request to a replica holding its task (server/task_router.py); False: Ray's default router
+    task_affinity: bool = True
+    # how often each replica reports the tasks it holds to the routers (Ray's request_routing_stats_period_s)
+    routing_stats_period_s: float = Field(default=2, gt=0)
+    # a replica holding the task is passed over once it has this many more queued requests than the least busy one
+    imbalanced_threshold: int = Field(default=16, ge=0)
 
     def deployment_options(self) -> dict[str, Any]:
         scaling: dict[str, Any] = (
@@ -77,6 +86,17 @@ class ReplicaOptions(BaseModel):
             "health_check_period_s": self.health_check_period_s,
             "health_check_timeout_s": self.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            **({"request_router_config": self.request_router_config()} if self.task_affinity else {}),
+        }
+
+    def request_router_config(self) -> dict[str, Any]:
+        return {
+            "request_router_class": "server.task_router:TaskAffinityRouter",
+            "request_router_kwargs": {
+                "imbalanced_threshold": self.imbalanced_threshold,
+                "remember_s": 2 * self.routing_stats_period_s,  # till the replica's own report has come in
+            },
+            "request_routing_stats_period_s": self.routing_stats_period_s,
         }
 
 
@@ -103,6 +123,11 @@ class PromptServe:
             self.metrics_port = metrics.serve(settings.host, settings.metrics_port)
             logger.info("replica %s: /metrics on port %d", self.replica_id, self.metrics_port)
         logger.info("replica %s ready: %d tasks", self.replica_id, len(self.engine.list_tasks()))
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What this replica tells Ray's routers every routing_stats_period_s: the tasks it holds on its device."""
+        resident = self.engine.stats().cache.resident_tasks
+        return {RESIDENT_TASKS: sorted({task_id for task_id, _ in resident})}
 
     def metrics_address(self) -> tuple[str, int | None]:
         """This replica's id and its metrics port (None: none); through a handle, for tests and discovery."""

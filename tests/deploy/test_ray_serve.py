@@ -26,11 +26,12 @@ from tests.live_server import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
-from server.ray_serve import PromptServe, build_app, check_gpu_share  # noqa: E402  (needs ray: skipped above without it)
+from server.ray_serve import PromptServe, ReplicaOptions, build_app, check_gpu_share  # noqa: E402  (needs ray: skipped above without it)
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve.yaml"
 NUM_REPLICAS = 2
 MAX_TRIES = 60  # requests before concluding the proxy never reaches a replica (it picks among them at random)
+TASK_HEADER = "serve_multiplexed_model_id"  # Ray's proxy hands its value to the request router
 
 
 def cpu_app_args(store_dir: Path) -> dict[str, Any]:
@@ -59,6 +60,14 @@ def proxy_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def demo_files(name: str) -> dict[str, tuple[str, bytes, str]]:
+    demo = DEMO_TASKS[name]
+    return {
+        "adapter_config": (ADAPTER_CONFIG, (demo / ADAPTER_CONFIG).read_bytes(), "application/json"),
+        "adapter_model": (ADAPTER_MODEL, (demo / ADAPTER_MODEL).read_bytes(), "application/octet-stream"),
+    }
 
 
 def generate(client: httpx.Client, task_id: str | None) -> httpx.Response:
@@ -95,14 +104,9 @@ def test_every_route_kind_answers_through_the_proxy(proxy_url: str) -> None:
 
 @pytest.mark.slow
 def test_task_registered_through_the_proxy_is_served_by_both_replicas(proxy_url: str) -> None:
-    demo = DEMO_TASKS["upper"]
-    files = {
-        "adapter_config": (ADAPTER_CONFIG, (demo / ADAPTER_CONFIG).read_bytes(), "application/json"),
-        "adapter_model": (ADAPTER_MODEL, (demo / ADAPTER_MODEL).read_bytes(), "application/octet-stream"),
-    }
     statuses: list[int] = []
     with httpx.Client(base_url=proxy_url, timeout=60) as client:
-        registered = client.put("/v1/tasks/shouty", files=files)
+        registered = client.put("/v1/tasks/shouty", files=demo_files("upper"))
         assert registered.status_code == 201, registered.text
         replicas = set()
         for _ in range(MAX_TRIES):
@@ -114,6 +118,26 @@ def test_task_registered_through_the_proxy_is_served_by_both_replicas(proxy_url:
             time.sleep(0.02)
     assert set(statuses) == {200}, f"statuses after registration: {statuses}"
     assert len(replicas) == NUM_REPLICAS
+
+
+@pytest.mark.slow
+def test_requests_for_a_task_go_to_the_replica_that_holds_it(proxy_url: str) -> None:
+    """A new task is held nowhere: its first request goes to either replica and loads it there; the router sends
+    the ones after it to that replica, first as the replica it just chose, then as the replica's report says."""
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        assert client.put("/v1/tasks/sticky", files=demo_files("upper")).status_code == 201
+        served = {routed_generate(client, "sticky") for _ in range(8)}
+        time.sleep(ReplicaOptions().routing_stats_period_s * 2.5)  # past the router's memory of its own choice
+        served_later = {routed_generate(client, "sticky") for _ in range(8)}
+    assert len(served) == 1 and served_later == served
+
+
+def routed_generate(client: httpx.Client, task_id: str) -> str:
+    """Generate under a task named in the header Ray's proxy hands the request router; the replica that served."""
+    body = {"inputs": "hello", "task_id": task_id, "parameters": {"max_new_tokens": 2}}
+    response = client.post("/v1/generate", json=body, headers={TASK_HEADER: task_id})
+    assert response.status_code == 200, response.text
+    return response.headers[REPLICA_HEADER]
 
 
 @pytest.mark.slow
