@@ -93,6 +93,37 @@ class RowBatch:
             causal=causal,
         )
 
+    @classmethod
+    def tiles(
+        cls,
+        key_slots: torch.Tensor,
+        key_lengths: torch.Tensor,
+        offsets: torch.Tensor,
+        num_new: torch.Tensor,
+        first_positions: torch.Tensor,
+        limits: TileLimits,
+        causal: bool = True,
+    ) -> list[RowBatch]:
+        """The rows of `of` as batches that each pad to at most `limits`: a row whose queries cannot all fit is cut
+        into pieces of consecutive queries (a causal piece reads the keys up to its last query only), and the pieces
+        are packed, longest keys first, into as few batches as the limits allow. One batch when the rows fit."""
+        if limits.fits(len(num_new), int(num_new.max()), int(key_lengths.max())):
+            return [cls.of(key_slots, key_lengths, offsets, num_new, first_positions, causal)]
+        per_piece = torch.minimum((limits.pairs // key_lengths).clamp(min=1), num_new)  # [R]
+        num_pieces = (num_new + per_piece - 1) // per_piece  # [R]
+        row = torch.repeat_interleave(torch.arange(len(num_new)), num_pieces)  # [P]
+        first_piece = torch.repeat_interleave(num_pieces.cumsum(0) - num_pieces, num_pieces)
+        first = (torch.arange(len(row)) - first_piece) * per_piece[row]  # [P]: the piece's first new token
+        count = torch.minimum(per_piece[row], num_new[row] - first)
+        lengths = key_lengths[row] - (num_new[row] - first - count) if causal else key_lengths[row]
+        order = torch.argsort(lengths, descending=True, stable=True)
+        batches = []
+        for part in order.split(packed_sizes(lengths[order].tolist(), count[order].tolist(), limits)):
+            rows, starts = row[part], first[part]
+            batches.append(cls.of(key_slots[rows], lengths[part], offsets[rows] + starts, count[part],
+                                  first_positions[rows] + starts, causal))  # fmt: skip
+        return batches
+
     def to(self, device: torch.device) -> RowBatch:
         return RowBatch(
             gather_slots=self.gather_slots.to(device),
@@ -135,12 +166,44 @@ class RowBatch:
         return self.masks[sliding_window]
 
     def build_mask(self, sliding_window: int | None) -> torch.Tensor:
-        columns = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
-        distance = self.query_positions[:, :, None] - columns  # [B, T_max, L_max]
-        allowed = ((distance >= 0) | (not self.causal)) & (columns < self.key_lengths[:, None, None])
+        """[R, 1, T or 1, L] bool, from comparisons alone (no [R, T, L] distance tensor of int64)."""
+        columns = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)  # [L]
+        allowed = (columns < self.key_lengths[:, None])[:, None]  # [R, 1, L]
+        positions = self.query_positions[:, :, None]  # [R, T, 1]
+        if self.causal:
+            allowed = allowed & (columns <= positions)  # [R, T, L]
         if sliding_window is not None:
-            allowed &= distance < sliding_window
+            allowed = allowed & (columns > positions - sliding_window)
         return allowed[:, None]
+
+
+@dataclass(frozen=True, slots=True)
+class TileLimits:
+    """The most one attention call pads its rows to: query-key pairs (rows x queries x keys, what its mask and its
+    scores hold per head) and gathered key slots (rows x keys, what it copies out of the pool per layer). They bound
+    a step's attention temporaries whatever its rows, so the start-up memory profile sees the real peak."""
+
+    pairs: int
+    keys: int
+
+    def fits(self, rows: int, queries: int, keys: int) -> bool:
+        return rows * queries * keys <= self.pairs and rows * keys <= self.keys
+
+
+UNBOUNDED = TileLimits(pairs=2**62, keys=2**62)
+
+
+def packed_sizes(lengths: list[int], counts: list[int], limits: TileLimits) -> list[int]:
+    """Pieces in order of decreasing key length, cut into consecutive batches within the limits (a piece alone
+    always makes a batch): the size of each."""
+    sizes: list[int] = []
+    start, width = 0, 0
+    for i, count in enumerate(counts):
+        if i > start and not limits.fits(i - start + 1, max(width, count), lengths[start]):
+            sizes.append(i - start)
+            start, width = i, 0
+        width = max(width, count)
+    return [*sizes, len(counts) - start]
 
 
 @dataclass(slots=True)

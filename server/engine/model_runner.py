@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from prompt_store.types import TaskKey
-from server.engine.attention import RowBatch, StepKV
+from server.engine.attention import UNBOUNDED, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
 from server.engine.kv_pool import KVPool, block_slots
@@ -36,12 +36,14 @@ class ModelRunner:
     """The step's tensors and the pass through the model, which the backbone's kind (`kind.forward`) builds from the
     pieces here."""
 
-    def __init__(self, backbone: Backbone, pool: KVPool, tasks: TaskCache) -> None:
+    def __init__(self, backbone: Backbone, pool: KVPool, tasks: TaskCache, limits: TileLimits = UNBOUNDED) -> None:
+        """`limits`: the most one attention call pads to (what the start-up memory profile measured)."""
         self.backbone = backbone
         self.model = backbone.model
         self.device = backbone.device
         self.pool = pool
         self.tasks = tasks
+        self.limits = limits
         self.embed_tokens = backbone.model.get_input_embeddings()
         self.prompts: Prompts = {}  # the current step's
 
@@ -70,7 +72,7 @@ class ModelRunner:
     def stream(self, chunks: list[Chunk], causal: bool = True) -> tuple[StreamLayout, StepKV]:
         """The packed stream's layout, and the pass's state over the pool (`causal` False: each row's tokens see
         all of its keys)."""
-        layout = StreamLayout.of(chunks, self.pool.block_size, causal)
+        layout = StreamLayout.of(chunks, self.pool.block_size, causal, self.limits)
         kv = StepKV(
             self.pool.keys,
             self.pool.values,
@@ -120,7 +122,8 @@ class StreamLayout:
 
     Row b computes its own tokens start_b .. start_b + n_b. Its keys, in position order, are its task's shared
     prefix (P_b tokens) and then its own tokens 0 .. start_b + n_b; position = P_b + own index = key column.
-    Decode rows (one new token) attend as one batch and prefill chunks as another (see RowBatch).
+    Decode rows (one new token) attend as one batch and prefill chunks as another (see RowBatch), each cut into
+    several where it would pad past the step's `TileLimits`.
     """
 
     offsets: torch.Tensor  # [B + 1]: row b's tokens are the stream's offsets[b] .. offsets[b + 1]
@@ -129,7 +132,9 @@ class StreamLayout:
     batches: list[RowBatch]
 
     @classmethod
-    def of(cls, chunks: list[Chunk], block_size: int, causal: bool = True) -> StreamLayout:
+    def of(
+        cls, chunks: list[Chunk], block_size: int, causal: bool = True, limits: TileLimits = UNBOUNDED
+    ) -> StreamLayout:
         rows = RowTensors(
             num_new=torch.tensor([chunk.num_tokens for chunk in chunks]),
             starts=torch.tensor([chunk.start for chunk in chunks]),
@@ -147,9 +152,10 @@ class StreamLayout:
             positions=(rows.prefix[:, None] + rows.starts[:, None] + new)[is_new],
             write_slots=rows.own_slots.gather(1, own_new)[is_new],
             batches=[
-                row_batch(rows.select(selected), offsets[:-1][selected], causal)
+                batch
                 for selected in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten())
                 if selected.numel()
+                for batch in row_batches(rows.select(selected), offsets[:-1][selected], limits, causal)
             ],
         )
 
@@ -174,9 +180,9 @@ class RowTensors:
         )
 
 
-def row_batch(rows: RowTensors, offsets: torch.Tensor, causal: bool = True) -> RowBatch:
+def row_batches(rows: RowTensors, offsets: torch.Tensor, limits: TileLimits, causal: bool = True) -> list[RowBatch]:
     """The attention layout of these rows, whose new tokens start at `offsets` in the stream (`causal` False: an
-    encoder's rows, each token seeing all of its row's keys)."""
+    encoder's rows, each token seeing all of its row's keys), in batches within `limits`."""
     key_lengths = rows.prefix + rows.starts + rows.num_new
     column = torch.arange(int(key_lengths.max()))[None]  # [1, L]
     from_prefix = rows.prefix_slots.gather(
@@ -184,7 +190,7 @@ def row_batch(rows: RowTensors, offsets: torch.Tensor, causal: bool = True) -> R
     )
     from_own = rows.own_slots.gather(1, (column - rows.prefix[:, None]).clamp(0, rows.own_slots.shape[1] - 1))
     key_slots = torch.where(column < rows.prefix[:, None], from_prefix, from_own)  # [R, L]
-    return RowBatch.of(key_slots, key_lengths, offsets, rows.num_new, rows.prefix + rows.starts, causal)
+    return RowBatch.tiles(key_slots, key_lengths, offsets, rows.num_new, rows.prefix + rows.starts, limits, causal)
 
 
 def task_block_ids(row: Sequence) -> list[int]:

@@ -117,7 +117,7 @@ class EncoderDecoder(ModelKind):
         kv.cross = CrossKV(
             first_layer=seq2seq.num_decoder_layers,
             write_slots=(torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)).to(device),
-            batches=[self.cross_batch(chunks, layout.offsets, runner.pool.block_size).to(device)],
+            batches=[batch.to(device) for batch in self.cross_batches(chunks, layout.offsets, runner)],
             modules=seq2seq.cross_attentions,
         )
         kv.relative_bias = seq2seq.relative_bias
@@ -145,15 +145,16 @@ class EncoderDecoder(ModelKind):
         prompt = runner.prompts[row.task.key].to(embeds.dtype)  # [P, H]
         return torch.cat([prompt, embeds])
 
-    def cross_batch(self, chunks: list[Chunk], offsets: torch.Tensor, block_size: int) -> RowBatch:
+    def cross_batches(self, chunks: list[Chunk], offsets: torch.Tensor, runner: ModelRunner) -> list[RowBatch]:
         """Cross-attention for every row of the step: its new tokens see all of its encoder keys, slots 0..S-1 of its
-        own blocks in the cross-attention layers."""
+        own blocks in the cross-attention layers (in batches within the runner's limits)."""
         lengths = torch.tensor([self.encoder_length(chunk.row) for chunk in chunks])
-        own_slots = block_slots([chunk.row.block_ids for chunk in chunks], block_size)
+        own_slots = block_slots([chunk.row.block_ids for chunk in chunks], runner.pool.block_size)
         column = torch.arange(int(lengths.max()))[None]  # [1, S]
         key_slots = own_slots.gather(1, column.clamp(max=own_slots.shape[1] - 1).expand(len(chunks), -1))
         num_new = torch.tensor([chunk.num_tokens for chunk in chunks])
-        return RowBatch.of(key_slots, lengths, offsets[:-1], num_new, torch.zeros_like(num_new), causal=False)
+        first_positions = torch.zeros_like(num_new)
+        return RowBatch.tiles(key_slots, lengths, offsets[:-1], num_new, first_positions, runner.limits, causal=False)
 
     # ---- the self-check: the prompt before the encoder's input, a prefix in the decoder's self-attention
 
