@@ -22,7 +22,7 @@ from server.engine.kv_pool import KVPool, pool_blocks
 from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.readout import Classified, Readout
 from server.engine.request import RankedTarget, Request, Sequence, Status
-from server.engine.sampler import sample, suppress_eos
+from server.engine.sampler import sample, score, suppress_eos
 from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from server.engine.task_cache import TaskCache
 from server.engine.types import EngineOutput, FinishReason, RowResult, RowToken, StepStats
@@ -185,12 +185,8 @@ class Engine:
         writes the same values again."""
 
         def logprobs_of(items: list[int]) -> list[tuple[float, RankedTarget]]:
-            targets = torch.tensor([scored[i][0].targets[scored[i][1]] for i in items], device=logits.device)
-            index = torch.tensor(items, device=logits.device)
-            logprobs = torch.log_softmax(logits[index], dim=-1)  # [K, V]
-            chosen = logprobs.gather(1, targets[:, None])[:, 0]  # [K]
-            ranked = ranks_and_top(logprobs, chosen, [scored[i][0] for i in items])
-            return list(zip(chosen.tolist(), ranked, strict=True))
+            targets = [scored[i][0].targets[scored[i][1]] for i in items]
+            return score(rows_of(logits, items), targets, [scored[i][0] for i in items])
 
         parts = isolated(len(scored), lambda i: scored[i][0].request, logprobs_of, "scoring the candidate", self.fail)
         for items, results in parts:
@@ -405,18 +401,6 @@ def row_result(row: Sequence) -> RowResult:
     ranks = tuple(rank for rank, _ in row.target_ranks)
     top = tuple(alternatives for _, alternatives in row.target_ranks)
     return RowResult(row.index, logprobs=tuple(row.target_logprobs), ranks=ranks, top=top)
-
-
-def ranks_and_top(logprobs: torch.Tensor, chosen: torch.Tensor, rows: list[Sequence]) -> list[RankedTarget]:
-    """logprobs [K, V], chosen [K] -> per scored position: the target's rank and the row's `top_logprobs` most
-    likely (id, logprob); (0, ()) for rows that ask for neither (/v1/score's)."""
-    wanted = [row.request.sampling.top_logprobs for row in rows]
-    if all(k is None for k in wanted):
-        return [(0, ())] * len(rows)
-    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist()  # [K]
-    k = min(max(k or 0 for k in wanted), logprobs.shape[-1])
-    values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))  # [K, k]
-    return [(ranks[i], tuple(zip(ids[i][: n or 0], values[i][: n or 0], strict=True))) for i, n in enumerate(wanted)]
 
 
 def bare_tensors(backbone: Backbone) -> dict[str, torch.Tensor]:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.request import Request, Sequence
+from server.engine.request import RankedTarget, Request, Sequence
 from server.engine.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-5  # sampling this cold is greedy in all but name (vLLM's threshold too)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions' top_logprobs
+SCORE_CHUNK_ELEMENTS = 1 << 24  # log-probabilities [rows, V] a scoring computes at once (64 MiB in float32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,3 +177,29 @@ def rows_by_request(rows: list[Sequence]) -> list[tuple[Request, list[int]]]:
     for i, row in enumerate(rows):
         groups.setdefault(id(row.request), (row.request, []))[1].append(i)
     return list(groups.values())
+
+
+def score(logits: torch.Tensor, targets: list[int], rows: list[Sequence]) -> list[tuple[float, RankedTarget]]:
+    """logits [K, V] (float32) of K scored positions -> each one's log-probability of its target token, and its rank
+    and the most likely tokens for a row that asks for them; computed a few positions at a time, so no [K, V]
+    temporary exists however many positions a step scores."""
+    per_chunk = max(1, SCORE_CHUNK_ELEMENTS // logits.shape[-1])
+    chosen, ranked = [], []
+    for first in range(0, len(targets), per_chunk):
+        logprobs = torch.log_softmax(logits[first : first + per_chunk], dim=-1)  # [k, V]
+        target = torch.tensor(targets[first : first + per_chunk], device=logits.device)
+        chosen.append(logprobs.gather(1, target[:, None])[:, 0])  # [k]
+        ranked += ranks_and_top(logprobs, chosen[-1], rows[first : first + per_chunk])
+    return list(zip(torch.cat(chosen).tolist(), ranked, strict=True))
+
+
+def ranks_and_top(logprobs: torch.Tensor, chosen: torch.Tensor, rows: list[Sequence]) -> list[RankedTarget]:
+    """logprobs [K, V], chosen [K] -> per scored position: the target's rank and the row's `top_logprobs` most
+    likely (id, logprob); (0, ()) for rows that ask for neither (/v1/score's)."""
+    wanted = [row.request.sampling.top_logprobs for row in rows]
+    if all(k is None for k in wanted):
+        return [(0, ())] * len(rows)
+    ranks = ((logprobs > chosen[:, None]).sum(dim=-1) + 1).tolist()  # [K]
+    k = min(max(k or 0 for k in wanted), logprobs.shape[-1])
+    values, ids = (t.tolist() for t in logprobs.topk(k, dim=-1))  # [K, k]
+    return [(ranks[i], tuple(zip(ids[i][: n or 0], values[i][: n or 0], strict=True))) for i, n in enumerate(wanted)]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from server.engine import sampler
 from server.engine.request import Request, Sequence
-from server.engine.sampler import choose, sample, suppress_eos, top_k_top_p_filter
+from server.engine.sampler import choose, sample, score, suppress_eos, top_k_top_p_filter
 from server.engine.types import SamplingParams
 
 
@@ -154,3 +155,28 @@ def test_suppress_eos_masks_only_rows_short_of_min_tokens():
 def test_suppress_eos_leaves_logits_alone_without_min_tokens():
     logits = torch.tensor([[0.0, 9.0, 1.0]])
     assert suppress_eos(logits, [min_tokens_row(0, 0)], frozenset({1})) is logits
+
+
+def scoring_rows(top_logprobs: list[int | None]) -> list[Sequence]:
+    def row(k: int | None) -> Sequence:
+        request = Request("r", [1], SamplingParams(top_logprobs=k), 1, lambda _: None)
+        return Sequence(request, None)
+
+    return [row(k) for k in top_logprobs]
+
+
+def test_scores_computed_a_few_positions_at_a_time_equal_the_whole(monkeypatch):
+    """Each scored position's log-probability, rank and top tokens, against log_softmax and a sort of its row."""
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(3))
+    targets = [3, 0, 49, 7, 7, 12, 30]
+    rows = scoring_rows([2, None, 5, 1, None, 3, 2])
+    monkeypatch.setattr(sampler, "SCORE_CHUNK_ELEMENTS", 2 * 50)
+    chunked = score(logits, targets, rows)
+    monkeypatch.setattr(sampler, "SCORE_CHUNK_ELEMENTS", 1 << 24)
+    assert chunked == score(logits, targets, rows)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for i, (logprob, (rank, top)) in enumerate(chunked):
+        assert logprob == logprobs[i, targets[i]].item()
+        order = logprobs[i].argsort(descending=True).tolist()
+        assert rank == order.index(targets[i]) + 1
+        assert [token for token, _ in top] == order[: rows[i].request.sampling.top_logprobs or 0]
