@@ -19,6 +19,7 @@ from server.engine.intake import check_token_ids
 from server.engine.isolation import generator_states, guarded, isolated, restore_generators
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import KVPool, pool_blocks
+from server.engine.memory_profile import MemoryProbe, WorstStep, describe_pool, pool_budget, probe_for, profile_memory
 from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.readout import Classified, Readout
 from server.engine.request import RankedTarget, Request, Sequence, Status
@@ -36,17 +37,20 @@ T = TypeVar("T")
 class Engine:
     """The engine core, built from one config: KV pool and memory, device task cache, scheduler, model runner."""
 
-    def __init__(self, backbone: Backbone, config: EngineConfig) -> None:
+    def __init__(self, backbone: Backbone, config: EngineConfig, probe: MemoryProbe | None = None) -> None:
+        """`probe`: the device memory's (None: CUDA's on a GPU; a CPU's pool is not profiled)."""
         self.backbone = backbone
         self.config = config
         fp, device, dtype, block_size = backbone.fingerprint, backbone.device, backbone.dtype, config.kv_block_size
         layers = backbone.kind.num_pool_layers(fp)
-        budget, fraction = config.kv_cache_bytes, config.kv_cache_memory_fraction
-        num_blocks = pool_blocks(fp, layers, block_size, dtype, device, budget, fraction)
+        worst, probe = WorstStep.of(config, backbone), probe or probe_for(device)
+        profile = profile_memory(backbone, worst, probe, layers, block_size) if probe is not None else None
+        num_blocks = pool_blocks(fp, layers, block_size, dtype, pool_budget(config, profile))
         self.pool = KVPool.allocate(fp, layers, num_blocks + 1, block_size, dtype, device)  # + block 0
+        logger.info(describe_pool(num_blocks, self.pool.block_bytes, block_size, profile))
         self.memory = KVMemory(num_blocks, config.kv_block_size)
         self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes)
-        self.runner = ModelRunner(backbone, self.pool, self.tasks)
+        self.runner = ModelRunner(backbone, self.pool, self.tasks, worst.limits)
         step_tokens = config.max_batch_tokens or default_max_batch_tokens(device.type)
         self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, step_tokens, config.max_waiting), self.memory)
         self.num_steps = 0

@@ -1,19 +1,17 @@
 """The KV pool: every layer's keys and values for a fixed number of blocks, allocated once when the engine starts.
 
 Slot `block * block_size + offset` holds one token's keys and values in every layer; `KVMemory` says which
-blocks hold what. Sized from a byte budget, or on a GPU from a fraction of the memory left after the model.
+blocks hold what. Sized from a byte budget: configured, or on a GPU a fraction of the memory the model and the
+profiled worst step leave (memory_profile.py).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
 
 from prompt_store.types import BackboneFingerprint
-
-logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_BYTES = 1 << 30
 
@@ -57,30 +55,16 @@ def block_bytes(num_layers: int, slot: torch.Tensor, block_size: int) -> int:
 
 
 def pool_blocks(
-    fp: BackboneFingerprint,
-    num_layers: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    budget_bytes: int | None,
-    memory_fraction: float,
+    fp: BackboneFingerprint, num_layers: int, block_size: int, dtype: torch.dtype, budget_bytes: int
 ) -> int:
-    """How many blocks the budget holds: `budget_bytes`, else on CUDA `memory_fraction` of the free memory, else
-    1 GiB on a CPU."""
-    slot = torch.empty((fp.num_key_value_heads, fp.head_dim), dtype=dtype)
-    per_block = block_bytes(num_layers, slot, block_size)
-    if budget_bytes is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            budget_bytes = int(free * memory_fraction)
-        else:
-            budget_bytes = CPU_DEFAULT_BYTES
+    """How many blocks `budget_bytes` holds."""
+    per_block = block_bytes(num_layers, torch.empty((fp.num_key_value_heads, fp.head_dim), dtype=dtype), block_size)
     num_blocks = budget_bytes // per_block
     if num_blocks < 1:
         raise ValueError(
-            f"a KV cache of {budget_bytes} bytes holds no block of {block_size} tokens ({per_block} bytes)"
+            f"expected room for at least one KV block of {block_size} tokens ({per_block} bytes); "
+            f"found {budget_bytes} bytes for the KV pool"
         )
-    logger.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, block_size, num_blocks * per_block / 2**20)
     return num_blocks
 
 
