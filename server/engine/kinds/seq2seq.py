@@ -52,12 +52,26 @@ class RelativeBias:
 
 @dataclass(slots=True)
 class DecoderPositions:
-    """Learned decoder positions (BART) as a forward hook on the decoder's position embedding: while `positions`
-    is set, the embedding answers for those positions ([1, N], each token's own), not for 0..N-1."""
+    """Learned decoder positions (BART) as hooks on the decoder's position embedding: while `positions` is set, the
+    embedding answers for those positions ([1, N], each token's own), not for 0..N-1, and computes its own for one
+    token only (a stream longer than the table would index past it)."""
 
     embedding: torch.nn.Embedding
     offset: int
     positions: torch.Tensor | None = field(default=None)
+
+    def shorten(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The embedding's own call made for the first token only (its input's shape, or the positions transformers
+        passes, are all it reads); `hook` then answers for every token."""
+        if self.positions is None:
+            return None
+        if args and isinstance(args[0], torch.Tensor):
+            args = (args[0][:, :1], *args[1:])  # [1, 1]
+        if isinstance(kwargs.get("position_ids"), torch.Tensor):
+            kwargs = {**kwargs, "position_ids": kwargs["position_ids"][..., :1]}
+        return args, kwargs
 
     def hook(self, module: torch.nn.Module, args: object, output: torch.Tensor) -> torch.Tensor:
         if self.positions is None:
@@ -114,6 +128,7 @@ def decoder_positions_of(decoder: torch.nn.Module) -> DecoderPositions | None:
     if not isinstance(embedding, torch.nn.Embedding):
         return None
     positions = DecoderPositions(embedding, int(getattr(embedding, "offset", 0)))
+    embedding.register_forward_pre_hook(positions.shorten, with_kwargs=True)
     embedding.register_forward_hook(positions.hook)
     return positions
 
