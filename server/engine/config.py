@@ -48,11 +48,13 @@ class EngineConfig:
     )
     kv_cache_bytes: Annotated[int, Ge(1)] | None = setting(
         None,
-        "the KV pool, allocated at start; unset: kv_cache_memory_fraction of the GPU memory free after loading, "
-        "1 GiB on CPU",
+        "the KV pool, allocated at start; unset: kv_cache_memory_fraction of the GPU memory left after loading and "
+        "a profiled worst step, 1 GiB on CPU",
     )
     kv_cache_memory_fraction: Annotated[float, Gt(0), Le(1)] = setting(
-        0.8, "on a GPU with kv_cache_bytes unset: the share of the memory free after loading the model"
+        0.8,
+        "on a GPU with kv_cache_bytes unset: the KV pool's share of the memory free after loading the model, less "
+        "the activation peak of a worst-case step profiled at start",
     )
     kv_block_size: Annotated[int, Ge(1)] = setting(8, "tokens per KV block (a row wastes half a block on average)")
     poll_interval_s: Annotated[float, Ge(0)] = setting(

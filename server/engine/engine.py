@@ -45,6 +45,7 @@ class Engine:
         layers = backbone.kind.num_pool_layers(fp)
         worst, probe = WorstStep.of(config, backbone), probe or probe_for(device)
         profile = profile_memory(backbone, worst, probe, layers, block_size) if probe is not None else None
+        self.memory_profile = profile
         num_blocks = pool_blocks(fp, layers, block_size, dtype, pool_budget(config, profile))
         self.pool = KVPool.allocate(fp, layers, num_blocks + 1, block_size, dtype, device)  # + block 0
         logger.info(describe_pool(num_blocks, self.pool.block_bytes, block_size, profile))

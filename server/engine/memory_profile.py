@@ -3,11 +3,11 @@ dummy step at the worst case the configuration allows runs through the model and
 took above the weights is kept free; the pool takes `kv_cache_memory_fraction` of what is left.
 
 The worst step: `max_batch_tokens` tokens as decode rows at the longest row's keys, one starting row with the
-largest encoder input (an encoder-decoder's encoder runs in the step that starts a row), and a prefill chunk at the
-end of the longest row; every position read out as logits (the largest scoring readout) and hidden states, the
-decode rows sampled with top-k, top-p and top log-probabilities. Attention pads its rows to at most the `TileLimits`
-this step reaches, so no later step's attention is larger than the one measured. The memory probe is injectable:
-CUDA's allocator statistics on a GPU, a fake in the CPU tests.
+largest encoder input (an encoder-decoder's encoder runs in the step that starts a row), and prefill chunks at the
+ends of rows as long as a row can be; every position read out as logits (the largest scoring readout) and hidden
+states, the rows sampled with top-k, top-p and top log-probabilities, every position scored. Attention pads its rows
+to at most the `TileLimits` this step reaches, so no later step's attention is larger than the one measured. The
+memory probe is injectable: CUDA's allocator statistics on a GPU, a fake in the CPU tests.
 """
 
 from __future__ import annotations
@@ -95,12 +95,12 @@ def probe_for(device: torch.device) -> MemoryProbe | None:
 @dataclass(frozen=True, slots=True)
 class WorstStep:
     """The largest step the configuration allows: `num_decode_rows` rows of one token at `max_row_tokens` keys,
-    a starting row whose encoder input is `encoder_tokens` long, and a prefill chunk of `prefill_tokens` at the end
-    of a row of `max_row_tokens` (a whole row, for a kind whose rows are computed whole: no decode or starting
-    row then)."""
+    a starting row whose encoder input is `encoder_tokens` long, and the rest of the step's tokens as `prefill`
+    chunks, each at the end of a row of `max_row_tokens` (whole rows, for a kind whose rows are computed whole: no
+    decode or starting row then)."""
 
     num_decode_rows: int
-    prefill_tokens: int
+    prefill: tuple[int, ...]  # tokens of each prefill chunk
     max_row_tokens: int
     encoder_tokens: int
     rows_whole: bool
@@ -111,18 +111,19 @@ class WorstStep:
         longest = config.max_virtual_tokens + config.max_input_tokens + config.max_new_tokens_limit
         max_row = min(longest, backbone.position_room or longest)
         encoder = min(config.max_virtual_tokens + config.max_input_tokens, max_row)
-        if backbone.kind.computes_rows_whole:
-            return cls(0, min(step_tokens, max_row), max_row, encoder, rows_whole=True)
-        decode = max(0, min(config.max_batch_size - 2, step_tokens // 2 - 1))  # half the tokens stay a chunk
-        return cls(decode, min(max(1, step_tokens - decode - 1), max_row), max_row, encoder, rows_whole=False)
+        whole = backbone.kind.computes_rows_whole
+        decode = 0 if whole else max(0, min(config.max_batch_size - 2, step_tokens // 2 - 1))  # half stays prefill
+        full, rest = divmod(max(1, step_tokens - decode - (0 if whole else 1)), max_row)
+        return cls(decode, (max_row,) * full + ((rest,) if rest else ()), max_row, encoder, whole)
 
     @property
     def limits(self) -> TileLimits:
         """What this step's attention reaches, at most the fixed caps: no step pads one attention call further."""
-        prefill_keys = self.prefill_tokens if self.rows_whole else self.max_row_tokens
+        prefill_keys = len(self.prefill) * (max(self.prefill) if self.rows_whole else self.max_row_tokens)
+        one_token_keys = 0 if self.rows_whole else (self.num_decode_rows + 1) * self.max_row_tokens  # + starting
         return TileLimits(
-            pairs=min(MAX_TILE_PAIRS, self.prefill_tokens * prefill_keys),
-            keys=min(MAX_TILE_KEYS, max(self.num_decode_rows * self.max_row_tokens, prefill_keys)),
+            pairs=min(MAX_TILE_PAIRS, max(self.prefill) * prefill_keys),
+            keys=min(MAX_TILE_KEYS, max(one_token_keys, prefill_keys)),
         )
 
     @property
@@ -133,12 +134,11 @@ class WorstStep:
 
     def chunks(self, backbone: Backbone, block_ids: list[int]) -> list[Chunk]:
         if self.rows_whole:
-            whole = self.prefill_tokens
-            return [self.chunk(backbone, block_ids, whole, whole, whole, starts=True)]
-        longest = self.max_row_tokens
-        decode = [self.chunk(backbone, block_ids, longest, 1, self.encoder_tokens) for _ in range(self.num_decode_rows)]
-        starting = self.chunk(backbone, block_ids, 1, 1, self.encoder_tokens, starts=True)
-        return [*decode, starting, self.chunk(backbone, block_ids, longest, self.prefill_tokens, self.encoder_tokens)]
+            return [self.chunk(backbone, block_ids, n, n, n, starts=True) for n in self.prefill]
+        longest, encoder = self.max_row_tokens, self.encoder_tokens
+        decode = [self.chunk(backbone, block_ids, longest, 1, encoder) for _ in range(self.num_decode_rows)]
+        starting = self.chunk(backbone, block_ids, 1, 1, encoder, starts=True)
+        return [*decode, starting, *(self.chunk(backbone, block_ids, longest, n, encoder) for n in self.prefill)]
 
     def chunk(
         self, backbone: Backbone, block_ids: list[int], own_tokens: int, num_tokens: int, num_input: int,

@@ -16,6 +16,9 @@ import torch
 
 from prompt_store.registry import TaskStore
 from server.engine.backbone import load_backbone
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.memory_profile import CudaProbe, WorstStep, run_worst_step
 from server.engine.selfcheck import tolerance_of
 from server.engine.types import Completion
 from tests.engine.harness import Harness, token_ids
@@ -142,3 +145,22 @@ def test_an_encoder_mixed_batch_equals_the_reference_on_cuda(tmp_path: Path, hea
         expected = nlu_reference(backbone_dir, adapters.get(kind), [text], head)[0]
         got = answer().cpu()
         torch.testing.assert_close(got, expected[-got.shape[0] :], rtol=0, atol=1e-4, msg=f"{kind} on {text!r}")
+
+
+def test_the_pool_leaves_the_profiled_activation_peak_free(tiny_llama: TinyBackbone):
+    """The pool is allocated from what the worst step's peak leaves: that peak is still free afterwards, and the
+    same worst step run over the real pool stays within it."""
+    backbone = load_backbone(str(tiny_llama.path), "cuda", "bfloat16")
+    config = EngineConfig(device="cuda", dtype="bfloat16", kv_cache_memory_fraction=0.5, max_batch_tokens=1024)
+    engine = Engine(backbone, config)
+    profile, probe = engine.memory_profile, CudaProbe(backbone.device)
+    assert profile is not None and profile.activation_bytes > 0
+    probe.release_cached()
+    assert probe.free_bytes() >= profile.activation_bytes
+    worst = WorstStep.of(config, backbone)
+    chunks = worst.chunks(backbone, list(range(1, -(-worst.num_slots // config.kv_block_size) + 1)))
+    probe.start_peak()
+    held = probe.allocated_bytes()
+    with torch.inference_mode():
+        run_worst_step(engine.runner, chunks, backbone)
+    assert probe.peak_bytes() - held <= profile.activation_bytes * 1.05 + (1 << 20)

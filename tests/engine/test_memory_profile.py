@@ -65,7 +65,12 @@ def engine_with(backbone: Backbone, probe: FakeProbe | None, monkeypatch: pytest
 
     monkeypatch.setattr(kv_pool.KVPool, "allocate", classmethod(recorded))
     embeddings = backbone.model.get_input_embeddings()  # every kind's pass embeds its tokens
-    hook = embeddings.register_forward_pre_hook(lambda *_: events[-1:] == ["forward"] or events.append("forward"))
+
+    def record_forward(*_: object) -> None:
+        if events[-1:] != ["forward"]:
+            events.append("forward")
+
+    hook = embeddings.register_forward_pre_hook(record_forward)
     try:
         return Engine(backbone, EngineConfig(device="cpu", dtype="float32", **config), probe)  # type: ignore[arg-type]
     finally:

@@ -46,8 +46,8 @@ def test_self_check_names_the_plain_row_when_positions_stall(
     harness = Harness(tiny_llama, tmp_path / "store")
     layout_of = model_runner.StreamLayout.of
 
-    def stalled(chunks, block_size, causal=True):
-        layout = layout_of(chunks, block_size, causal)
+    def stalled(chunks, block_size, *args):
+        layout = layout_of(chunks, block_size, *args)
         return replace(layout, positions=layout.positions.clamp(max=8))
 
     monkeypatch.setattr(model_runner.StreamLayout, "of", stalled)
