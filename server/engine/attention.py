@@ -111,9 +111,9 @@ class RowBatch:
             return [cls.of(key_slots, key_lengths, offsets, num_new, first_positions, causal)]
         per_piece = torch.minimum((limits.pairs // key_lengths).clamp(min=1), num_new)  # [R]
         num_pieces = (num_new + per_piece - 1) // per_piece  # [R]
-        row = torch.repeat_interleave(torch.arange(len(num_new)), num_pieces)  # [P]
+        row = torch.repeat_interleave(torch.arange(len(num_new), device=num_new.device), num_pieces)  # [P]
         first_piece = torch.repeat_interleave(num_pieces.cumsum(0) - num_pieces, num_pieces)
-        first = (torch.arange(len(row)) - first_piece) * per_piece[row]  # [P]: the piece's first new token
+        first = (torch.arange(len(row), device=row.device) - first_piece) * per_piece[row]  # [P]: first new token
         count = torch.minimum(per_piece[row], num_new[row] - first)
         lengths = key_lengths[row] - (num_new[row] - first - count) if causal else key_lengths[row]
         order = torch.argsort(lengths, descending=True, stable=True)

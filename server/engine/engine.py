@@ -18,7 +18,7 @@ from server.engine.errors import InputTooLong, NonFiniteOutput, QueueFull, Unkno
 from server.engine.intake import check_token_ids
 from server.engine.isolation import generator_states, guarded, isolated, restore_generators
 from server.engine.kv_memory import KVMemory
-from server.engine.kv_pool import KVPool, pool_blocks
+from server.engine.kv_pool import HOST, KVPool, pool_blocks
 from server.engine.memory_profile import MemoryProbe, WorstStep, describe_pool, pool_budget, probe_for, profile_memory
 from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.readout import Classified, Readout
@@ -226,7 +226,7 @@ class Engine:
         for row in rows:
             row.done = True
             result = row_result(row)
-            values = row.probs if row.probs is not None else torch.tensor(row.target_logprobs)
+            values = row.probs if row.probs is not None else torch.tensor(row.target_logprobs, device=HOST)
             if not bool(values.isfinite().all()):
                 self.fail(row.request, self.overflow(row))
             else:

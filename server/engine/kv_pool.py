@@ -14,6 +14,7 @@ import torch
 from prompt_store.types import BackboneFingerprint
 
 CPU_DEFAULT_BYTES = 1 << 30
+HOST = torch.device("cpu")  # where a step's index tensors are built, to be copied to the engine's device
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,12 +71,12 @@ def pool_blocks(
 
 def slots_of(block_ids: list[int], num_tokens: int, block_size: int) -> torch.Tensor:
     """[num_tokens]: the slot of each of the first `num_tokens` tokens held in these blocks, in order."""
-    blocks = torch.tensor(block_ids, dtype=torch.long)
-    return (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:num_tokens]
+    blocks = torch.tensor(block_ids, dtype=torch.long, device=HOST)
+    return (blocks[:, None] * block_size + torch.arange(block_size, device=HOST)).flatten()[:num_tokens]
 
 
 def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
     """[B, blocks * size]: the slots of each row's blocks in order (rows padded with block 0, at least one)."""
     width = max(1, *map(len, block_ids))
-    table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids])  # [B, blocks]
-    return (table[:, :, None] * block_size + torch.arange(block_size)).flatten(1)
+    table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids], device=HOST)  # [B, blocks]
+    return (table[:, :, None] * block_size + torch.arange(block_size, device=HOST)).flatten(1)

@@ -23,7 +23,7 @@ from prompt_store.types import TaskKey
 from server.engine.attention import UNBOUNDED, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
-from server.engine.kv_pool import KVPool, block_slots
+from server.engine.kv_pool import HOST, KVPool, block_slots
 from server.engine.readout import Readout
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
@@ -118,7 +118,8 @@ def place_given_embeds(embeds: torch.Tensor, chunk: Chunk, offset: int) -> None:
 
 @dataclass(frozen=True, slots=True)
 class StreamLayout:
-    """Where every token of a step's packed stream lives: built with a few tensor operations, whatever the rows.
+    """Where every token of a step's packed stream lives: built on the host with a few tensor operations, whatever
+    the rows, and copied to the engine's device.
 
     Row b computes its own tokens start_b .. start_b + n_b. Its keys, in position order, are its task's shared
     prefix (P_b tokens) and then its own tokens 0 .. start_b + n_b; position = P_b + own index = key column.
@@ -136,14 +137,14 @@ class StreamLayout:
         cls, chunks: list[Chunk], block_size: int, causal: bool = True, limits: TileLimits = UNBOUNDED
     ) -> StreamLayout:
         rows = RowTensors(
-            num_new=torch.tensor([chunk.num_tokens for chunk in chunks]),
-            starts=torch.tensor([chunk.start for chunk in chunks]),
-            prefix=torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks]),
+            num_new=torch.tensor([chunk.num_tokens for chunk in chunks], device=HOST),
+            starts=torch.tensor([chunk.start for chunk in chunks], device=HOST),
+            prefix=torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks], device=HOST),
             own_slots=block_slots([chunk.row.block_ids for chunk in chunks], block_size),
             prefix_slots=block_slots([task_block_ids(chunk.row) for chunk in chunks], block_size),
         )
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), rows.num_new.cumsum(0)])
-        new = torch.arange(int(rows.num_new.max()))[None]  # [1, T_max]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=HOST), rows.num_new.cumsum(0)])
+        new = torch.arange(int(rows.num_new.max()), device=HOST)[None]  # [1, T_max]
         is_new = new < rows.num_new[:, None]  # [B, T_max]
         own_new = (rows.starts[:, None] + new).clamp(max=rows.own_slots.shape[1] - 1)
         is_decode = rows.num_new == 1
@@ -184,7 +185,7 @@ def row_batches(rows: RowTensors, offsets: torch.Tensor, limits: TileLimits, cau
     """The attention layout of these rows, whose new tokens start at `offsets` in the stream (`causal` False: an
     encoder's rows, each token seeing all of its row's keys), in batches within `limits`."""
     key_lengths = rows.prefix + rows.starts + rows.num_new
-    column = torch.arange(int(key_lengths.max()))[None]  # [1, L]
+    column = torch.arange(int(key_lengths.max()), device=HOST)[None]  # [1, L]
     from_prefix = rows.prefix_slots.gather(
         1, column.clamp(max=rows.prefix_slots.shape[1] - 1).expand(len(rows.num_new), -1)
     )

@@ -21,7 +21,7 @@ from server.engine.attention import CrossKV, RowBatch, StepKV, run_decoder
 from server.engine.errors import InputTooLong
 from server.engine.kinds.base import DecoderPrefix, ModelKind, PrefixCheck, SelfChecks, StepResult
 from server.engine.kinds.seq2seq import Seq2Seq, encode
-from server.engine.kv_pool import block_slots, slots_of
+from server.engine.kv_pool import HOST, block_slots, slots_of
 from server.engine.types import KindName
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ class EncoderDecoder(ModelKind):
         slots = [slots_of(row.block_ids, self.encoder_length(row), runner.pool.block_size) for row in starting]
         kv.cross = CrossKV(
             first_layer=seq2seq.num_decoder_layers,
-            write_slots=(torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)).to(device),
+            write_slots=(torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=HOST)).to(device),
             batches=[batch.to(device) for batch in self.cross_batches(chunks, layout.offsets, runner)],
             modules=seq2seq.cross_attentions,
         )
@@ -148,11 +148,11 @@ class EncoderDecoder(ModelKind):
     def cross_batches(self, chunks: list[Chunk], offsets: torch.Tensor, runner: ModelRunner) -> list[RowBatch]:
         """Cross-attention for every row of the step: its new tokens see all of its encoder keys, slots 0..S-1 of its
         own blocks in the cross-attention layers (in batches within the runner's limits)."""
-        lengths = torch.tensor([self.encoder_length(chunk.row) for chunk in chunks])
+        lengths = torch.tensor([self.encoder_length(chunk.row) for chunk in chunks], device=HOST)
         own_slots = block_slots([chunk.row.block_ids for chunk in chunks], runner.pool.block_size)
-        column = torch.arange(int(lengths.max()))[None]  # [1, S]
+        column = torch.arange(int(lengths.max()), device=HOST)[None]  # [1, S]
         key_slots = own_slots.gather(1, column.clamp(max=own_slots.shape[1] - 1).expand(len(chunks), -1))
-        num_new = torch.tensor([chunk.num_tokens for chunk in chunks])
+        num_new = torch.tensor([chunk.num_tokens for chunk in chunks], device=HOST)
         first_positions = torch.zeros_like(num_new)
         return RowBatch.tiles(key_slots, lengths, offsets[:-1], num_new, first_positions, runner.limits, causal=False)
 

@@ -1,0 +1,73 @@
+"""Every tensor the step builds names its device (tests/engine/device_guard.py), over every path a step can take:
+each adapter kind with prompts held as keys and values and fed as embeddings, chunked prefill, seeded sampling with
+top log-probabilities, scoring, classification, an encoder-decoder, an encoder, and attention cut into tiles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prompt_store.registry import TaskStore
+from server.engine import model_runner
+from server.engine.attention import TileLimits
+from server.engine.backbone import load_backbone
+from server.engine.types import ClassifyInput, ScoreInput
+from tests.engine.device_guard import DeviceGuard
+from tests.engine.harness import Harness
+from tests.engine.test_nlu import Driver
+from tests.fixtures import ADAPTER_KINDS, TinyBackbone
+from tests.nlu_fixtures import write_nlu_backbone
+from tests.seq2seq_fixtures import SEQ2SEQ_ADAPTER_KINDS, build_tiny_seq2seq_backbone
+
+SAMPLING = {"max_new_tokens": 4, "do_sample": True, "seed": 3, "top_k": 5, "top_p": 0.9, "top_logprobs": 2}
+
+
+def guarded_steps(harness: Harness, tasks: tuple[str | None, ...]) -> DeviceGuard:
+    for task in tasks:
+        harness.engine.add(harness.request("hello world, a longer input " + str(task), task, **SAMPLING))
+    guard = DeviceGuard()
+    while harness.engine.has_work():
+        with guard:
+            harness.step()
+    return guard
+
+
+def test_the_guard_catches_a_tensor_made_without_a_device(tiny_llama: TinyBackbone, tmp_path: Path, monkeypatch):
+    """It can fail: a step whose layout's tensors are made with no device is caught, and the place named."""
+    monkeypatch.setattr(model_runner, "HOST", None)
+    guard = guarded_steps(Harness(tiny_llama, tmp_path / "store"), (None,))
+    assert guard.unplaced and all(site.startswith("server/engine/model_runner.py") for site in guard.unplaced)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"cache_prompt_kv": False, "max_batch_tokens": 5, "kv_block_size": 4}],
+    ids=["prompts-as-kv", "prompts-as-embeddings-chunked"],
+)
+def test_a_causal_step_names_every_device(tiny_llama: TinyBackbone, tmp_path: Path, config: dict[str, object]):
+    harness = Harness(tiny_llama, tmp_path / "store", **config)  # type: ignore[arg-type]
+    harness.engine.runner.limits = TileLimits(pairs=64, keys=48)  # tiles too
+    assert guarded_steps(harness, (*ADAPTER_KINDS, None)).unplaced == []
+
+
+def test_an_encoder_decoder_step_names_every_device(tmp_path: Path):
+    harness = Harness(build_tiny_seq2seq_backbone("t5", tmp_path / "t5"), tmp_path / "store", max_batch_tokens=9)
+    assert guarded_steps(harness, (*SEQ2SEQ_ADAPTER_KINDS, None)).unplaced == []
+
+
+def test_scoring_and_classification_steps_name_every_device(tiny_llama: TinyBackbone, tmp_path: Path):
+    backbone = load_backbone(str(tiny_llama.path), "cpu", "float32")
+    store = TaskStore(tmp_path / "store", backbone.fingerprint)
+    for kind, adapter in tiny_llama.adapters.items():
+        store.register_dir(kind, adapter)
+    driver = Driver(backbone, store, max_batch_tokens=7)
+    driver.score(ScoreInput("Is it true?", ("yes", "no, it is not"), ("prefix",)))
+    encoder = load_backbone(str(write_nlu_backbone("bert", tmp_path / "bert")), "cpu", "float32")
+    classifier = Driver(encoder, TaskStore(tmp_path / "nlu-store", encoder.fingerprint))
+    classifier.classify(ClassifyInput(("Hello world", "ok")))
+    guard = DeviceGuard()
+    with guard:
+        driver.run()
+        classifier.run()
+    assert guard.unplaced == []
