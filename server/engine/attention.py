@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -66,6 +66,7 @@ class RowBatch:
     stream_index: torch.Tensor  # [n]: those tokens' places in the stream
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
     causal: bool = True  # False: cross-attention, every key of the row is visible
+    num_index: ClassVar[int] = 6  # index tensors (`index`)
 
     @classmethod
     def of(
@@ -125,15 +126,18 @@ class RowBatch:
         return batches
 
     def to(self, device: torch.device) -> RowBatch:
-        return RowBatch(
-            gather_slots=self.gather_slots.to(device),
-            key_lengths=self.key_lengths.to(device),
-            query_index=self.query_index.to(device),
-            query_positions=self.query_positions.to(device),
-            output_index=self.output_index.to(device),
-            stream_index=self.stream_index.to(device),
-            causal=self.causal,
-        )
+        return self.with_index([tensor.to(device) for tensor in self.index()])
+
+    def index(self) -> list[torch.Tensor]:
+        """Its index tensors, in the order `with_index` takes them."""
+        return [self.gather_slots, self.key_lengths, self.query_index, self.query_positions, self.output_index,
+                self.stream_index]  # fmt: skip
+
+    def with_index(self, index: list[torch.Tensor]) -> RowBatch:
+        """The same rows over these index tensors (`index`'s, copied elsewhere)."""
+        gather_slots, key_lengths, query_index, query_positions, output_index, stream_index = index
+        return RowBatch(gather_slots, key_lengths, query_index, query_positions, output_index, stream_index,
+                        causal=self.causal)  # fmt: skip
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
         rows, length = self.gather_slots.shape

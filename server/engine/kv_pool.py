@@ -80,3 +80,18 @@ def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
     width = max(1, *map(len, block_ids))
     table = torch.tensor([ids + [0] * (width - len(ids)) for ids in block_ids], device=HOST)  # [B, blocks]
     return (table[:, :, None] * block_size + torch.arange(block_size, device=HOST)).flatten(1)
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host-built int64 tensors (a step's index tensors) on `device` in one copy: packed into one buffer, pinned on
+    CUDA so the copy does not block the host, and viewed back into their shapes there. On the host: themselves."""
+    if device.type == HOST.type:
+        return tensors
+    if any(tensor.dtype != torch.long for tensor in tensors):
+        raise TypeError(f"expected int64 index tensors; found {sorted({str(t.dtype) for t in tensors})}")
+    packed = torch.cat([tensor.reshape(-1) for tensor in tensors])  # [sum of numels]
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    copied = packed.to(device, non_blocking=True)
+    parts = copied.split([tensor.numel() for tensor in tensors])
+    return [part.view(tensor.shape) for part, tensor in zip(parts, tensors, strict=True)]

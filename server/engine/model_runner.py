@@ -15,7 +15,7 @@ stream. The step returns the logits and the final hidden states of the stream po
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,7 +23,7 @@ from prompt_store.types import TaskKey
 from server.engine.attention import UNBOUNDED, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
-from server.engine.kv_pool import HOST, KVPool, block_slots
+from server.engine.kv_pool import HOST, KVPool, block_slots, to_device
 from server.engine.readout import Readout
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
@@ -73,13 +73,12 @@ class ModelRunner:
         """The packed stream's layout, and the pass's state over the pool (`causal` False: each row's tokens see
         all of its keys)."""
         layout = StreamLayout.of(chunks, self.pool.block_size, causal, self.limits)
-        kv = StepKV(
-            self.pool.keys,
-            self.pool.values,
-            write_slots=layout.write_slots.to(self.device),
-            batches=[batch.to(self.device) for batch in layout.batches],
-        )
-        return layout, kv
+        host = [layout.positions, layout.write_slots, *(t for batch in layout.batches for t in batch.index())]
+        positions, write_slots, *index = to_device(host, self.device)  # one copy to the device a step
+        width = RowBatch.num_index
+        batches = [batch.with_index(index[i * width : (i + 1) * width]) for i, batch in enumerate(layout.batches)]
+        kv = StepKV(self.pool.keys, self.pool.values, write_slots=write_slots, batches=batches)
+        return replace(layout, positions=positions, write_slots=write_slots, batches=batches), kv
 
     def row_embeds(self, row: Sequence) -> torch.Tensor:
         """[T, H]: a row's own tokens embedded, a prompt task's vectors first."""
@@ -127,7 +126,7 @@ class StreamLayout:
     several where it would pad past the step's `TileLimits`.
     """
 
-    offsets: torch.Tensor  # [B + 1]: row b's tokens are the stream's offsets[b] .. offsets[b + 1]
+    offsets: torch.Tensor  # [B + 1]: row b's tokens are the stream's offsets[b] .. offsets[b + 1] (on the host)
     positions: torch.Tensor  # [N]
     write_slots: torch.Tensor  # [N]
     batches: list[RowBatch]

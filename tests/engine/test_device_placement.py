@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from prompt_store.registry import TaskStore
 from server.engine import model_runner
 from server.engine.attention import TileLimits
 from server.engine.backbone import load_backbone
+from server.engine.kv_pool import HOST, to_device
 from server.engine.types import ClassifyInput, ScoreInput
 from tests.engine.device_guard import DeviceGuard
 from tests.engine.harness import Harness
@@ -71,3 +74,29 @@ def test_scoring_and_classification_steps_name_every_device(tiny_llama: TinyBack
         driver.run()
         classifier.run()
     assert guard.unplaced == []
+
+
+class Ops(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_steps_index_tensors_reach_the_device_in_one_copy():
+    host = [
+        torch.arange(6).view(2, 3),
+        torch.tensor([7]),
+        torch.arange(4).view(2, 2, 1),
+        torch.zeros(0, dtype=torch.long),
+    ]
+    assert to_device(host, HOST) is host  # on the host they stay where they are
+    with Ops() as ops:
+        moved = to_device(host, torch.device("meta"))  # a device of its own on a CPU-only machine
+    assert sum("_to_copy" in name for name in ops.names) == 1
+    assert [(t.shape, t.device.type) for t in moved] == [(t.shape, "meta") for t in host]
+    with pytest.raises(TypeError, match="expected int64 index tensors; found"):
+        to_device([torch.zeros(2)], torch.device("meta"))
