@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import builtins
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from prompt_store.errors import InvalidTask, LookupThrottled, StoreError, TaskNo
 from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
 from prompt_store.lru import ArtifactLRU
+from prompt_store.polling import RESCAN_EVERY_S, Poller
 from prompt_store.types import BackboneFingerprint, TaskArtifact, TaskKey, TaskRecord
 from prompt_store.versions import labels_of_dir, now_rfc3339, parse_upload, read_adapter_files
 
@@ -43,12 +43,6 @@ logger = logging.getLogger(__name__)
 
 # Versions kept in the store behind the current one: a replica that has not polled yet may still resolve it.
 OLD_VERSIONS_KEPT = 1
-# A polling process also clears what killed writers left behind this often, not only at start-up (long-lived
-# replicas would keep an S3 upload orphaned less than an hour before they started until their next restart).
-RECOVER_EVERY_S = 3600.0
-# The safety net under the change feed: a polling process also lists the whole store about this often (each wait
-# drawn between half and one and a half times it, so replicas started together spread their listings out).
-RESCAN_EVERY_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +80,9 @@ class TaskStore:
         self._write_lock = threading.Lock()  # orders this process's commits, deletes and rescans
         self._listeners: list[StoreListener] = []
         self._artifacts = ArtifactLRU(max_entries=max_cached_artifacts)
-        self._pollers: builtins.list[threading.Thread] = []
+        self._poller: Poller | None = None
         self._refresh_lock = threading.Lock()  # one refresh at a time: each moves the feed position
         self._feed_position = 0  # the newest change feed entry applied to the index (and every one before it)
-        self._stop_polling = threading.Event()
         self._lookups = LookupLimiter() if lookups is None else lookups
         self._recover()
 
@@ -316,56 +309,23 @@ class TaskStore:
 
     def start_polling(self, interval_s: float, rescan_every_s: float = RESCAN_EVERY_S) -> None:
         """Refresh every `interval_s` seconds on a daemon thread, and on another `rescan` about every
-        `rescan_every_s` (a listing of the whole store must not hold up the refreshes); 0 or less disables each."""
+        `rescan_every_s` (polling.py); 0 or less disables each."""
         self.stop_polling()
-        if interval_s <= 0:
-            return
-        self._stop_polling = stop = threading.Event()
-        self._pollers = [
-            threading.Thread(target=self._poll, args=(interval_s, stop), name="task-store-poll", daemon=True),
-            threading.Thread(target=self._maintain, args=(rescan_every_s, stop), name="task-store-rescan", daemon=True),
-        ]
-        for poller in self._pollers:
-            poller.start()
+        if interval_s > 0:
+            self._poller = Poller(self, interval_s, rescan_every_s)
 
     def stop_polling(self) -> None:
-        pollers, self._pollers = self._pollers, []
-        self._stop_polling.set()
-        for poller in pollers:
-            if poller is not threading.current_thread():  # a listener may stop polling from a poll thread
-                poller.join()
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.stop()
 
     def close(self) -> None:
         self.stop_polling()
 
-    def _poll(self, interval_s: float, stop: threading.Event) -> None:
-        due = time.monotonic() + interval_s
-        while not stop.wait(max(0.0, due - time.monotonic())):
-            due = max(due + interval_s, time.monotonic())  # a fixed beat: a refresh's own time does not add to it
-            try:
-                self.refresh()
-            except Exception:  # a flaky shared volume or S3 endpoint must not kill hot-loading for good
-                logger.exception("refreshing the task store %s failed; retrying in %.1f s", self.location, interval_s)
-
-    def _maintain(self, rescan_every_s: float, stop: threading.Event) -> None:
-        """The slow duties of a polling process: the safety-net rescan, and clearing what killed writers left."""
-        now = time.monotonic()
-        next_rescan = now + rescan_every_s * random.uniform(0.5, 1.5) if rescan_every_s > 0 else float("inf")
-        next_recover = now + RECOVER_EVERY_S
-        while not stop.wait(max(0.0, min(next_rescan, next_recover) - time.monotonic())):
-            now = time.monotonic()
-            try:
-                if now >= next_rescan:
-                    next_rescan = now + rescan_every_s * random.uniform(0.5, 1.5)
-                    self.rescan()
-                if now >= next_recover:
-                    next_recover = now + RECOVER_EVERY_S
-                    self._clear_leftovers()
-            except Exception:
-                logger.exception("maintaining the task store %s failed; retrying later", self.location)
-
-    def _clear_leftovers(self) -> None:
-        num_partial = self.backend.recover()  # safe while others write: a directory locks, S3 spares young uploads
+    def clear_leftovers(self) -> None:
+        """Remove what killed writers left behind (safe while others write: a directory locks, S3 spares young
+        uploads); the poller does it hourly, start-up once."""
+        num_partial = self.backend.recover()
         if num_partial:
             logger.info("discarded %d partial writes in %s", num_partial, self.location)
 

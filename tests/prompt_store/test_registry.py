@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prompt_store import registry
+from prompt_store import polling
 from prompt_store.errors import InvalidTask, TaskNotFound
 from prompt_store.lru import ArtifactLRU
 from prompt_store.materialize import materialize
@@ -232,7 +232,7 @@ def test_recovery_discards_partial_writes(dir_store, prompt_adapter):
 
 def test_polling_discards_partial_writes_every_recover_interval(dir_store, prompt_adapter, monkeypatch):
     # A long-lived replica clears a killed writer's leftovers without a restart.
-    monkeypatch.setattr(registry, "RECOVER_EVERY_S", 0.0)
+    monkeypatch.setattr(polling, "RECOVER_EVERY_S", 0.0)
     staged = dir_store.root / ".tmp" / "abc123"
     staged.mkdir()
     (staged / "adapter_config.json").write_bytes(prompt_adapter[0])
