@@ -1,7 +1,12 @@
 """promptserve as a Ray Serve application: N replicas of the same engine and HTTP API behind Ray's HTTP proxy.
 
-Each replica is one process with one engine (one GPU: `ray_actor_options={"num_gpus": 1}`) serving the whole
-FastAPI app of `create_app`, so every route (native, OpenAI, tasks, metrics, streaming) works through the proxy.
+Two deployments. `promptserve-ingress` (light, no GPU) takes every HTTP request from Ray's proxy and relays it to
+an engine replica through a DeploymentHandle (server/ray_ingress.py): a replica that dies is answered for in this
+server's JSON, and a request it had not started answering is tried on another replica. `promptserve` is the
+engines: each replica is one process with one engine (one GPU: `ray_actor_options={"num_gpus": 1}`) that runs
+each relayed request through the whole FastAPI app of `create_app`, so every route (native, OpenAI, tasks,
+metrics, streaming) works through the proxy.
+
 Settings come from the same PROMPTSERVE_* environment (set it with the application's `runtime_env.env_vars`),
 and builder arguments named like a setting override it. All replicas share one task store (a directory every
 node mounts, or object storage): a task registered through any replica is servable on the others.
@@ -9,7 +14,8 @@ node mounts, or object storage): a task registered through any replica is servab
 Task ids are deliberately NOT mapped to Ray's model multiplexing: it would route each task to its own
 replicas and split the mixed-task batches that are the point of the product. Any replica serves any task; the
 request router (server/task_router.py) prefers one that holds the request's task on its device, named in Ray's
-`serve_multiplexed_model_id` header, and otherwise the least busy.
+`serve_multiplexed_model_id` header (the ingress passes it on as its handle call's multiplexed model id, and the
+router routes those calls), and otherwise the least busy.
 
     serve run server.ray_serve:build_app num_replicas=2 num_gpus=0 store_dir=/shared/store
     serve deploy deploy/ray/serve.yaml
@@ -18,24 +24,30 @@ request router (server/task_router.py) prefers one that holds the request's task
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.types import ASGIApp, Message
 
 from server.api.app import build_real_engine, create_app, prepare_engine
+from server.api.auth import ApiKeyMiddleware
 from server.api.errors import ApiError
 from server.api.health import check_serving
 from server.api.preflight import check_before_loading
+from server.api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
 from server.api.settings import Settings, load_settings, setting_names
+from server.ray_ingress import ForwardedRequest, Relay, call_asgi
 from server.task_router import RESIDENT_TASKS
 
 logger = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "promptserve"
+INGRESS_NAME = "promptserve-ingress"
 
 
 class ReplicaOptions(BaseModel):
@@ -66,6 +78,12 @@ class ReplicaOptions(BaseModel):
     routing_stats_period_s: float = Field(default=2, gt=0)
     # a replica holding the task is passed over once it has this many more queued requests than the least busy one
     imbalanced_threshold: int = Field(default=16, ge=0)
+    # the ingress that relays HTTP to the engine replicas: light (a fraction of a CPU, no GPU); two, so one dying
+    # does not stop traffic while Ray replaces it
+    ingress_replicas: int = Field(default=2, ge=1)
+    ingress_num_cpus: float = Field(default=0.25, ge=0)
+    # what one ingress replica relays at once: every engine replica's max_ongoing_requests, and more
+    ingress_max_ongoing_requests: int = Field(default=2048, ge=1)
 
     def deployment_options(self) -> dict[str, Any]:
         scaling: dict[str, Any] = (
@@ -99,10 +117,19 @@ class ReplicaOptions(BaseModel):
             "request_routing_stats_period_s": self.routing_stats_period_s,
         }
 
+    def ingress_options(self) -> dict[str, Any]:
+        return {
+            "num_replicas": self.ingress_replicas,
+            "max_ongoing_requests": self.ingress_max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.ingress_num_cpus},
+            # a request the ingress relays ends when its engine replica's does: the same drain
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+        }
+
 
 class PromptServe:
-    """One replica: the engine is loaded before the replica takes traffic (Ray routes to it only once its
-    constructor returns), then the unchanged FastAPI app serves it (`http_app`: Ray's wrapper owns `app`)."""
+    """One engine replica: the engine is loaded before the replica takes traffic (Ray routes to it only once its
+    constructor returns), then the unchanged FastAPI app serves the requests the ingress relays (`serve_http`)."""
 
     def __init__(self, overrides: dict[str, Any]) -> None:
         context = serve.get_replica_context()
@@ -133,8 +160,11 @@ class PromptServe:
         """This replica's id and its metrics port (None: none); through a handle, for tests and discovery."""
         return self.replica_id, self.metrics_port
 
-    def __serve_build_asgi_app__(self) -> FastAPI:
-        return self.http_app
+    async def serve_http(self, request: ForwardedRequest) -> AsyncIterator[Message]:
+        """One HTTP request relayed by the ingress, answered by this replica's app: its ASGI messages (called
+        through a handle with `stream=True`)."""
+        async for message in call_asgi(self.http_app, request):
+            yield message
 
     async def check_health(self) -> None:
         """Ray's health check, /health/generate's: a replica whose engine stopped, stalled with work, or cannot
@@ -166,7 +196,28 @@ def check_gpu_share(settings: Settings, num_gpus: float) -> None:
         )
 
 
-PromptServeDeployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(PromptServe))
+class Ingress:
+    """The HTTP side: each request, within the same body limits and API keys as a replica, relayed to an engine
+    replica (server/ray_ingress.py)."""
+
+    def __init__(self, engine: DeploymentHandle, overrides: dict[str, Any]) -> None:
+        settings = load_settings(overrides, builder_argument)
+        self.engine = engine.options(stream=True)
+        relay: ASGIApp = Relay(self.forward)
+        relay = BodyLimitMiddleware(relay, settings.max_upload_bytes, settings.max_request_bytes)
+        relay = BodyTimeoutMiddleware(relay, settings.body_timeout_s)
+        self.http_app = ApiKeyMiddleware(relay, settings.api_keys)  # before any body is read
+
+    def forward(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[Message]:
+        # the task id (Ray's multiplexed model id) is what the engine deployment's request router routes by
+        return self.engine.options(multiplexed_model_id=task_id).serve_http.remote(request)  # type: ignore[no-any-return]
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return self.http_app
+
+
+PromptServeDeployment = serve.deployment(name=DEPLOYMENT_NAME)(PromptServe)
+IngressDeployment = serve.deployment(name=INGRESS_NAME)(serve.ingress()(Ingress))
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -176,7 +227,8 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides = {name: value for name, value in args.items() if name in names}
     load_settings(overrides, builder_argument)  # fail here, in the driver, on a bad setting, not in every replica
     options = ReplicaOptions(**{name: value for name, value in args.items() if name not in names})
-    return PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
+    engines = PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
+    return IngressDeployment.options(**options.ingress_options()).bind(engines, overrides)
 
 
 app = build_app({})  # `serve run server.ray_serve:app`: one GPU per replica, autoscaled, settings from the env

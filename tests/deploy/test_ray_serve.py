@@ -1,12 +1,16 @@
-"""promptserve on Ray Serve: a 2-replica CPU application on this machine, through Ray's HTTP proxy.
+"""promptserve on Ray Serve: a 2-replica CPU application on this machine, through Ray's HTTP proxy and the ingress.
 
 Requests spread over both replicas (the replica header says which served each), and a task registered through
-the proxy is served by both replicas with no 404. Also: deploy/ray/serve.yaml is a valid Serve config.
+the proxy is served by both replicas with no 404. A replica killed mid-answer leaves every request its answer or
+a JSON error (the last test: it waits for the replacement). Also: deploy/ray/serve.yaml is a valid Serve config.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +30,14 @@ from tests.live_server import free_port
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
-from server.ray_serve import PromptServe, build_app, check_gpu_share  # noqa: E402  (needs ray: skipped above without it)
+from ray.serve import Application  # noqa: E402
+from server.ray_serve import (  # noqa: E402  (needs ray: skipped above without it)
+    DEPLOYMENT_NAME,
+    INGRESS_NAME,
+    PromptServe,
+    build_app,
+    check_gpu_share,
+)
 
 SERVE_CONFIG = ROOT / "deploy" / "ray" / "serve.yaml"
 NUM_REPLICAS = 2
@@ -150,19 +161,25 @@ def test_each_replica_serves_its_own_metrics_labelled_with_its_id(proxy_url: str
     with httpx.Client(base_url=proxy_url, timeout=60) as client:
         for _ in range(4):
             assert generate(client, None).status_code == 200
-    handle = serve.get_app_handle("promptserve")
-    ports: dict[str, int] = {}
-    for _ in range(MAX_TRIES):
-        replica_id, port = handle.metrics_address.remote().result(timeout_s=30)
-        ports[replica_id] = port
-        if len(ports) == NUM_REPLICAS:
-            break
+    ports = replica_metrics_ports()
     assert len(ports) == NUM_REPLICAS and len(set(ports.values())) == NUM_REPLICAS
     for replica_id, port in ports.items():
         labelled = metric_samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text, constant=True)
         assert {value for _, labels in labelled for name, value in labels if name == "replica"} == {replica_id}
         assert any(name == "promptserve_ready" and value == 1 for (name, _), value in labelled.items())
         assert any(name == "promptserve_info" for name, _ in labelled)
+
+
+def replica_metrics_ports() -> dict[str, int]:
+    """Each engine replica's id and metrics port, asked through a handle to the engine deployment."""
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name="promptserve")
+    ports: dict[str, int] = {}
+    for _ in range(MAX_TRIES):
+        replica_id, port = handle.metrics_address.remote().result(timeout_s=30)
+        ports[replica_id] = port
+        if len(ports) == NUM_REPLICAS:
+            break
+    return ports
 
 
 @pytest.mark.slow
@@ -183,7 +200,7 @@ def test_serve_config_is_a_valid_serve_deploy_config() -> None:
 
 def test_serve_config_args_build_an_autoscaled_gpu_application() -> None:
     (application,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
-    deployment = build_app(application["args"])._bound_deployment
+    deployment = engine_deployment(build_app(application["args"]))
     assert deployment.ray_actor_options["num_gpus"] == 1
     assert deployment._deployment_config.autoscaling_config.target_ongoing_requests == 16
     # the drain a stopped replica gets (Ray's default is 20 s): as long as a pod's PROMPTSERVE_SHUTDOWN_GRACE_S
@@ -237,3 +254,83 @@ def test_check_health_raises_when_the_engine_stalls_with_work() -> None:
     engine = FakeEngine(stalled_s=120)
     with pytest.raises(RuntimeError, match=r"complete a step within 60 s .*found none for 120 s"):
         asyncio.run(replica_over(engine).check_health())
+
+
+def engine_deployment(app: Application) -> Any:
+    """The engine deployment the application's ingress is bound to (its first argument)."""
+    engines = app._bound_deployment._replica_config.init_args[0]
+    assert isinstance(engines, Application)
+    return engines._bound_deployment
+
+
+def test_serve_config_builds_an_ingress_in_front_of_the_engines() -> None:
+    (application,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    app = build_app(application["args"])
+    ingress = app._bound_deployment
+    assert ingress.name == INGRESS_NAME and ingress.ray_actor_options.get("num_gpus", 0) == 0
+    assert ingress._deployment_config.num_replicas == application["args"]["ingress_replicas"] == 2
+    assert engine_deployment(app).name == DEPLOYMENT_NAME
+
+
+# ---- a replica killed mid-answer (kept last in the file: the module's application is whole again only once Ray
+# has replaced the replica, which this test waits for)
+
+LONG = {"max_tokens": 160, "ignore_eos": True}  # long enough to be mid-answer when the replica is killed
+
+
+def pid_listening_on(port: int) -> int:
+    psutil = pytest.importorskip("psutil")
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    return int(pid)
+
+
+def wait_for_replicas(count: int, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        deployment = serve.status().applications["promptserve"].deployments[DEPLOYMENT_NAME]
+        if deployment.replica_states.get("RUNNING", 0) == count and deployment.status == "HEALTHY":
+            return
+        time.sleep(1)
+    raise AssertionError(f"expected {count} running replicas within {timeout_s:g} s; found {deployment.replica_states}")
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_answer_leaves_every_request_its_answer_or_a_json_error(proxy_url: str) -> None:
+    openai = pytest.importorskip("openai")
+    ports = replica_metrics_ports()
+
+    async def scenario() -> tuple[str, list[str], list[httpx.Response], list[str]]:
+        async with httpx.AsyncClient(base_url=proxy_url, timeout=120) as client:
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            body = {"model": model, "prompt": "hello", **LONG}
+            async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
+                lines = stream.aiter_lines()
+                first = await anext(line async for line in lines if line.startswith("data:"))
+                victim = stream.headers[REPLICA_HEADER]  # the stream is mid-answer on this replica
+                api = openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="none", max_retries=3)
+                plain = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(6)]
+                clients = [asyncio.create_task(api.completions.create(model=model, prompt="hi", max_tokens=160,
+                                                                      extra_body={"ignore_eos": True}))
+                           for _ in range(4)]  # fmt: skip
+                await asyncio.sleep(1.0)  # the requests are on their replicas, generating
+                os.kill(pid_listening_on(ports[victim]), signal.SIGKILL)
+                rest = [first] + [line async for line in lines if line.startswith("data:")]
+                answers = await asyncio.gather(*plain)
+                texts = [completion.choices[0].text for completion in await asyncio.gather(*clients)]
+        return victim, rest, answers, texts
+
+    victim, events, answers, texts = asyncio.run(scenario())
+    # the stream had begun on the killed replica: it ends with the API's error event, then [DONE]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "replica_unavailable" and error["type"] == "server_error", error
+    # the requests that had not started answering were tried on the other replica: every one answered in full
+    for answer in answers:
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/json", answer.text
+        assert answer.headers[REPLICA_HEADER] != victim
+        assert answer.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
+    assert len(texts) == 4 and all(texts)
+    with httpx.Client(base_url=proxy_url, timeout=60) as client:
+        health = client.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    wait_for_replicas(NUM_REPLICAS)

@@ -1,0 +1,223 @@
+"""The HTTP side of the Ray application: a light ingress that relays every request to an engine replica through a
+DeploymentHandle, so a replica that dies is answered for by a process that is still alive (as Ray Serve LLM's
+OpenAI ingress does in front of its LLMServer deployments).
+
+The ingress reads the request (method, path, query, headers, body; the same body limits and API keys as a
+replica), and calls the engine deployment's `serve_http` as a stream: the replica runs it through its unchanged
+FastAPI app in-process (`call_asgi`) and yields the app's ASGI messages, the status line and headers, then the
+body's chunks, which the ingress sends on as they come (server-sent events stream through).
+
+When the engine replica dies (its process killed, out of memory, its node lost) before the status line was sent,
+the request is tried once more on another replica (a task write is not: it may have happened), then answered
+with this server's JSON error, 503 `unavailable` with `Retry-After`, which the `openai` client retries. After the
+status line of a stream, the stream ends with the API's own in-stream error event. `/health` answers 503 when no
+engine replica answers within `HEALTH_WAIT_S` (none up: Ray would hold the request until one is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.errors import ApiError, error_body, error_response, is_openai_path, openai_error_body
+from server.api.openai_generation import DONE
+from server.api.generation import sse
+
+logger = logging.getLogger(__name__)
+
+# what a call to a replica raises when its process is gone, or Ray cannot reach or place it
+REPLICA_GONE = (ActorDiedError, RayActorError, ActorUnavailableError, ReplicaUnavailableError,
+                DeploymentUnavailableError)  # fmt: skip
+MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray's: the task id the engine's request router routes by
+HEALTH_PATHS = ("/health", "/health/generate")
+HEALTH_WAIT_S = 5.0  # how long /health waits for an engine replica to take it before answering 503
+RETRY_AFTER_S = 1
+FORWARDED_SCOPE = ("type", "http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string",
+                   "headers", "client", "server")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ForwardedRequest:
+    """An HTTP request as the ingress received it: its ASGI scope's plain fields and its whole body."""
+
+    scope: dict[str, Any]
+    body: bytes
+
+    @classmethod
+    def of(cls, scope: Scope, body: bytes) -> ForwardedRequest:
+        fields = {name: scope[name] for name in FORWARDED_SCOPE if name in scope}
+        fields["headers"] = [(bytes(name), bytes(value)) for name, value in scope["headers"]]
+        return cls(fields, body)
+
+    @property
+    def path(self) -> str:
+        return str(self.scope["path"])
+
+    @property
+    def retryable(self) -> bool:
+        """Safe to run twice: anything but a write to the task store (a registration may have happened)."""
+        return self.scope["method"] in ("GET", "HEAD", "OPTIONS") or not self.path.startswith("/v1/tasks")
+
+
+async def call_asgi(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[Message]:
+    """The app's answer to `request`, as its ASGI messages (status line, then body chunks), run in this process.
+
+    The app sees the whole body at once, then a client that stays until the answer's last part is taken (a
+    consumer that stops early reads as a client that left: the app aborts its engine requests)."""
+    messages: asyncio.Queue[Message | None] = asyncio.Queue()
+    gone = asyncio.Event()
+    body_sent = False
+
+    async def receive() -> Message:
+        nonlocal body_sent
+        if not body_sent:
+            body_sent = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        await messages.put(message)
+
+    async def run() -> None:
+        try:
+            await app({**request.scope, "state": {}}, receive, send)
+        finally:
+            await messages.put(None)
+
+    task = asyncio.create_task(run())
+    try:
+        while (message := await messages.get()) is not None:
+            yield message
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                break
+        await task  # the app's own failure, if it had one (its middleware answers most as JSON itself)
+    finally:
+        gone.set()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def replica_lost(attempts: int) -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        f"the engine replica serving this request stopped before answering ({attempts} tried); retry",
+        {"Retry-After": str(RETRY_AFTER_S)},
+        code="replica_unavailable",
+    )
+
+
+def no_replica() -> ApiError:
+    return ApiError(
+        503,
+        "unavailable",
+        f"expected an engine replica to answer within {HEALTH_WAIT_S:g} s; found none (none running yet)",
+        {"Retry-After": str(RETRY_AFTER_S)},
+        code="replica_unavailable",
+    )
+
+
+def stream_error_event(error: ApiError, path: str) -> bytes:
+    """The event a stream ends with when it fails after its status line, in the route's own shape."""
+    if is_openai_path(path):
+        return (sse(json.dumps(openai_error_body(error))) + DONE).encode()
+    return sse(json.dumps(error_body(error))).encode()
+
+
+def is_stream(start: Message) -> bool:
+    content_type = Headers(raw=start.get("headers", [])).get("content-type", "")
+    return content_type.startswith("text/event-stream")
+
+
+Forward = Callable[[ForwardedRequest, str], AsyncIterator[Message]]  # the request and its task id -> its messages
+
+
+class Relay:
+    """The ingress's ASGI app: each request relayed to an engine replica by `forward` (a DeploymentHandle call)."""
+
+    def __init__(self, forward: Forward, health_wait_s: float = HEALTH_WAIT_S) -> None:
+        self.forward = forward
+        self.health_wait_s = health_wait_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan(receive, send)
+            return
+        request = ForwardedRequest.of(scope, await read_body(receive))
+        task_id = Headers(scope=scope).get(MULTIPLEXED_HEADER, "")
+        attempts = 2 if request.retryable else 1
+        for attempt in range(1, attempts + 1):
+            start: Message | None = None
+            try:
+                async for message in self.relay_once(request, task_id):
+                    start = message if message["type"] == "http.response.start" else start
+                    await send(message)
+                return
+            except REPLICA_GONE as exc:
+                if start is not None:  # the status line is sent: end the body, with an error event if a stream
+                    logger.warning("an engine replica died mid-answer to %s: %s", request.path, exc)
+                    event = stream_error_event(replica_lost(attempt), request.path) if is_stream(start) else b""
+                    await send({"type": "http.response.body", "body": event, "more_body": False})
+                    return
+                logger.warning("an engine replica died before answering %s (try %d): %s", request.path, attempt, exc)
+            except TimeoutError:
+                await error_response(no_replica(), request.path)(scope, receive, send)
+                return
+        await error_response(replica_lost(attempts), request.path)(scope, receive, send)
+
+    async def relay_once(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[Message]:
+        """One replica's messages; /health's first within `health_wait_s` (TimeoutError otherwise)."""
+        messages = self.forward(request, task_id)
+        try:
+            if request.path in HEALTH_PATHS:
+                yield await asyncio.wait_for(anext(messages), self.health_wait_s)
+            async for message in messages:
+                yield message
+        finally:
+            await close(messages)
+
+
+async def close(messages: AsyncIterator[Message]) -> None:
+    """Stop a replica's answer that is no longer read (the client left, or /health gave up on it)."""
+    cancel = getattr(messages, "cancel", None)  # a DeploymentResponseGenerator: cancels the replica's side
+    if cancel is not None:
+        cancel()
+    aclose: Callable[[], Awaitable[None]] | None = getattr(messages, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole body (its size and timing already bounded by the limit middleware around the relay)."""
+    parts: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(parts)
+
+
+async def lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
