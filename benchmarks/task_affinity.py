@@ -99,7 +99,9 @@ def register_tasks(url: str, num_tasks: int) -> float:
 
 
 def metrics_ports(serve: Any, app_name: str) -> dict[str, int]:
-    handle = serve.get_app_handle(app_name)
+    from server.ray_serve import DEPLOYMENT_NAME  # the engines (the application's own handle is its ingress)
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=app_name)
     ports: dict[str, int] = {}
     for _ in range(100):  # the handle picks a replica per call
         replica_id, port = handle.metrics_address.remote().result(timeout_s=60)

@@ -5,7 +5,8 @@ OpenAI ingress does in front of its LLMServer deployments).
 The ingress reads the request (method, path, query, headers, body; the same body limits and API keys as a
 replica), and calls the engine deployment's `serve_http` as a stream: the replica runs it through its unchanged
 FastAPI app in-process (`call_asgi`) and yields the app's ASGI messages, the status line and headers, then the
-body's chunks, which the ingress sends on as they come (server-sent events stream through).
+body's chunks, as many at a time as are ready (a JSON answer is one item of Ray's stream, a token's event one),
+which the ingress sends on as they come (server-sent events stream through).
 
 When the engine replica dies (its process killed, out of memory, its node lost) before the status line was sent,
 the request is tried once more on another replica (a task write is not: it may have happened), then answered
@@ -29,9 +30,9 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.errors import ApiError, error_body, error_response, is_openai_path, openai_error_body
-from server.api.openai_generation import DONE
+from server.api.errors import ApiError, error_body, error_response, is_openai_path, openai_error_body, to_api_error
 from server.api.generation import sse
+from server.api.openai_generation import DONE
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,10 @@ HEALTH_WAIT_S = 5.0  # how long /health waits for an engine replica to take it b
 RETRY_AFTER_S = 1
 FORWARDED_SCOPE = ("type", "http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string",
                    "headers", "client", "server")  # fmt: skip
+
+
+class NoReplicaAnswered(Exception):
+    """No engine replica took a /health request within the ingress's wait."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,9 @@ class ForwardedRequest:
         return self.scope["method"] in ("GET", "HEAD", "OPTIONS") or not self.path.startswith("/v1/tasks")
 
 
-async def call_asgi(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[Message]:
-    """The app's answer to `request`, as its ASGI messages (status line, then body chunks), run in this process.
+async def call_asgi(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[list[Message]]:
+    """The app's answer to `request`, as its ASGI messages (status line, then body chunks), run in this process;
+    each item holds the messages sent since the last (each item crosses Ray's stream at a cost).
 
     The app sees the whole body at once, then a client that stays until the answer's last part is taken (a
     consumer that stops early reads as a client that left: the app aborts its engine requests)."""
@@ -97,10 +103,20 @@ async def call_asgi(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[Me
 
     task = asyncio.create_task(run())
     try:
-        while (message := await messages.get()) is not None:
-            yield message
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                break
+        finished = False
+        while not finished:
+            ready = [await messages.get()]
+            while not messages.empty():
+                ready.append(messages.get_nowait())
+            batch: list[Message] = []
+            for message in ready:
+                finished = message is None or is_last(message)
+                if message is not None:
+                    batch.append(message)
+                if finished:
+                    break
+            if batch:
+                yield batch
         await task  # the app's own failure, if it had one (its middleware answers most as JSON itself)
     finally:
         gone.set()
@@ -108,6 +124,10 @@ async def call_asgi(app: ASGIApp, request: ForwardedRequest) -> AsyncIterator[Me
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def is_last(message: Message) -> bool:
+    return message["type"] == "http.response.body" and not message.get("more_body", False)
 
 
 def replica_lost(attempts: int) -> ApiError:
@@ -142,7 +162,7 @@ def is_stream(start: Message) -> bool:
     return content_type.startswith("text/event-stream")
 
 
-Forward = Callable[[ForwardedRequest, str], AsyncIterator[Message]]  # the request and its task id -> its messages
+Forward = Callable[[ForwardedRequest, str], AsyncIterator[list[Message]]]  # a request and its task id -> messages
 
 
 class Relay:
@@ -173,24 +193,35 @@ class Relay:
                     await send({"type": "http.response.body", "body": event, "more_body": False})
                     return
                 logger.warning("an engine replica died before answering %s (try %d): %s", request.path, attempt, exc)
-            except TimeoutError:
+            except NoReplicaAnswered:
                 await error_response(no_replica(), request.path)(scope, receive, send)
+                return
+            except Exception as exc:  # anything else the call raised: a replica's app answers its own errors
+                if start is not None:
+                    raise
+                await error_response(to_api_error(exc), request.path)(scope, receive, send)  # logged, 500
                 return
         await error_response(replica_lost(attempts), request.path)(scope, receive, send)
 
     async def relay_once(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[Message]:
-        """One replica's messages; /health's first within `health_wait_s` (TimeoutError otherwise)."""
-        messages = self.forward(request, task_id)
+        """One replica's messages; /health's first within `health_wait_s` (NoReplicaAnswered otherwise)."""
+        batches = self.forward(request, task_id)
         try:
             if request.path in HEALTH_PATHS:
-                yield await asyncio.wait_for(anext(messages), self.health_wait_s)
-            async for message in messages:
-                yield message
+                try:
+                    first = await asyncio.wait_for(anext(batches), self.health_wait_s)
+                except TimeoutError:
+                    raise NoReplicaAnswered from None
+                for message in first:
+                    yield message
+            async for batch in batches:
+                for message in batch:
+                    yield message
         finally:
-            await close(messages)
+            await close(batches)
 
 
-async def close(messages: AsyncIterator[Message]) -> None:
+async def close(messages: AsyncIterator[list[Message]]) -> None:
     """Stop a replica's answer that is no longer read (the client left, or /health gave up on it)."""
     cancel = getattr(messages, "cancel", None)  # a DeploymentResponseGenerator: cancels the replica's side
     if cancel is not None:

@@ -38,8 +38,8 @@ from server.api.app import build_real_engine, create_app, prepare_engine
 from server.api.auth import ApiKeyMiddleware
 from server.api.errors import ApiError
 from server.api.health import check_serving
-from server.api.preflight import check_before_loading
 from server.api.limits import BodyLimitMiddleware, BodyTimeoutMiddleware
+from server.api.preflight import check_before_loading
 from server.api.settings import Settings, load_settings, setting_names
 from server.ray_ingress import ForwardedRequest, Relay, call_asgi
 from server.task_router import RESIDENT_TASKS
@@ -160,11 +160,11 @@ class PromptServe:
         """This replica's id and its metrics port (None: none); through a handle, for tests and discovery."""
         return self.replica_id, self.metrics_port
 
-    async def serve_http(self, request: ForwardedRequest) -> AsyncIterator[Message]:
+    async def serve_http(self, request: ForwardedRequest) -> AsyncIterator[list[Message]]:
         """One HTTP request relayed by the ingress, answered by this replica's app: its ASGI messages (called
         through a handle with `stream=True`)."""
-        async for message in call_asgi(self.http_app, request):
-            yield message
+        async for messages in call_asgi(self.http_app, request):
+            yield messages
 
     async def check_health(self) -> None:
         """Ray's health check, /health/generate's: a replica whose engine stopped, stalled with work, or cannot
@@ -208,7 +208,7 @@ class Ingress:
         relay = BodyTimeoutMiddleware(relay, settings.body_timeout_s)
         self.http_app = ApiKeyMiddleware(relay, settings.api_keys)  # before any body is read
 
-    def forward(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[Message]:
+    def forward(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[list[Message]]:
         # the task id (Ray's multiplexed model id) is what the engine deployment's request router routes by
         return self.engine.options(multiplexed_model_id=task_id).serve_http.remote(request)  # type: ignore[no-any-return]
 

@@ -60,14 +60,15 @@ class FakeEngines:
         self.app = app or engine_app()
         self.calls: list[tuple[str, str]] = []
 
-    async def forward(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[Message]:
+    async def forward(self, request: ForwardedRequest, task_id: str) -> AsyncIterator[list[Message]]:
         self.calls.append((request.path, task_id))
         die_after = self.plans.pop(0) if self.plans else None
         sent = 0
-        async for message in call_asgi(self.app, request):
+        messages = [message async for batch in call_asgi(self.app, request) for message in batch]
+        for message in messages:
             if sent == die_after:
                 raise ActorDiedError()
-            yield message
+            yield [message]
             sent += 1
         if die_after is not None and sent <= die_after:
             raise ActorDiedError()
@@ -145,14 +146,23 @@ def test_the_openai_clients_retry_of_the_503_succeeds() -> None:
 
 
 def test_health_answers_503_json_when_no_replica_takes_it() -> None:
-    async def nobody(request: ForwardedRequest, task_id: str) -> AsyncIterator[Message]:
+    async def nobody(request: ForwardedRequest, task_id: str) -> AsyncIterator[list[Message]]:
         await asyncio.sleep(60)
-        yield {}
+        yield []
 
     response = run(lambda http: http.get("/health"), Relay(nobody, health_wait_s=0.2))
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error_type"] == "unavailable" and "found none" in response.json()["error"]
     assert run(lambda http: http.get("/health"), Relay(FakeEngines(None).forward)).json() == {"status": "ok"}
+
+
+def test_a_call_failing_otherwise_before_the_status_line_answers_the_servers_json_500() -> None:
+    async def broken(request: ForwardedRequest, task_id: str) -> AsyncIterator[list[Message]]:
+        raise RuntimeError("the handle call failed")
+        yield []
+
+    response = run(lambda http: http.post("/v1/generate", json={"inputs": "hi"}), Relay(broken))
+    assert response.status_code == 500 and response.json()["error_type"] == "internal"
 
 
 def test_the_app_sees_a_client_that_stays_until_its_answer_is_taken() -> None:
@@ -165,8 +175,8 @@ def test_the_app_sees_a_client_that_stays_until_its_answer_is_taken() -> None:
     request = ForwardedRequest({"type": "http", "method": "POST", "path": "/echo", "query_string": b"",
                                 "headers": [(b"content-type", b"application/json")]}, b'{"a": 1}')  # fmt: skip
 
-    async def collect() -> list[Message]:
-        return [message async for message in call_asgi(app, request)]
+    async def collect() -> list[list[Message]]:
+        return [batch async for batch in call_asgi(app, request)]
 
-    start, body = asyncio.run(collect())
+    ((start, body),) = asyncio.run(collect())  # a JSON answer: one item, its status line and body together
     assert start["status"] == 200 and json.loads(body["body"]) == {"a": 1}

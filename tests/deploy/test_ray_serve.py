@@ -31,6 +31,7 @@ from tests.live_server import free_port
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 from ray.serve import Application  # noqa: E402
+
 from server.ray_serve import (  # noqa: E402  (needs ray: skipped above without it)
     DEPLOYMENT_NAME,
     INGRESS_NAME,
