@@ -124,6 +124,9 @@ class ReplicaOptions(BaseModel):
             "ray_actor_options": {"num_cpus": self.ingress_num_cpus},
             # a request the ingress relays ends when its engine replica's does: the same drain
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            # each ingress replica's router remembers where it just sent a task; Ray's proxy sends a task's requests
+            # to the ingress replica that had its last ones, so they meet that memory (no stats: it reports none)
+            **({"request_router_config": self.request_router_config()} if self.task_affinity else {}),
         }
 
 

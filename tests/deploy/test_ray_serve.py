@@ -277,6 +277,7 @@ def test_serve_config_builds_an_ingress_in_front_of_the_engines() -> None:
 # has replaced the replica, which this test waits for)
 
 LONG = {"max_tokens": 160, "ignore_eos": True}  # long enough to be mid-answer when the replica is killed
+KILL_AFTER_EVENTS = 20  # the stream's tokens before the kill: every request has been sent and is generating
 
 
 def pid_listening_on(port: int) -> int:
@@ -305,17 +306,17 @@ def test_a_replica_killed_mid_answer_leaves_every_request_its_answer_or_a_json_e
             model = (await client.get("/v1/models")).json()["data"][0]["id"]
             body = {"model": model, "prompt": "hello", **LONG}
             async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as stream:
-                lines = stream.aiter_lines()
-                first = await anext(line async for line in lines if line.startswith("data:"))
+                events = (line async for line in stream.aiter_lines() if line.startswith("data:"))
+                seen = [await anext(events)]
                 victim = stream.headers[REPLICA_HEADER]  # the stream is mid-answer on this replica
                 api = openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="none", max_retries=3)
                 plain = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(6)]
                 clients = [asyncio.create_task(api.completions.create(model=model, prompt="hi", max_tokens=160,
                                                                       extra_body={"ignore_eos": True}))
                            for _ in range(4)]  # fmt: skip
-                await asyncio.sleep(1.0)  # the requests are on their replicas, generating
+                seen += [await anext(events) for _ in range(KILL_AFTER_EVENTS)]  # the others are generating too
                 os.kill(pid_listening_on(ports[victim]), signal.SIGKILL)
-                rest = [first] + [line async for line in lines if line.startswith("data:")]
+                rest = seen + [line async for line in events]
                 answers = await asyncio.gather(*plain)
                 texts = [completion.choices[0].text for completion in await asyncio.gather(*clients)]
         return victim, rest, answers, texts
