@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 REPLICA_GONE = (ActorDiedError, RayActorError, ActorUnavailableError, ReplicaUnavailableError,
                 DeploymentUnavailableError)  # fmt: skip
 MULTIPLEXED_HEADER = "serve_multiplexed_model_id"  # Ray's: the task id the engine's request router routes by
-HEALTH_PATHS = ("/health", "/health/generate")
-HEALTH_WAIT_S = 5.0  # how long /health waits for an engine replica to take it before answering 503
+# how long /health waits for an engine replica's answer before answering 503 (not /health/generate: it runs a
+# token through the engine, which on a busy replica may take longer)
+HEALTH_WAIT_S = 5.0
 RETRY_AFTER_S = 1
 FORWARDED_SCOPE = ("type", "http_version", "method", "scheme", "path", "raw_path", "root_path", "query_string",
                    "headers", "client", "server")  # fmt: skip
@@ -144,7 +145,8 @@ def no_replica() -> ApiError:
     return ApiError(
         503,
         "unavailable",
-        f"expected an engine replica to answer within {HEALTH_WAIT_S:g} s; found none (none running yet)",
+        f"expected an engine replica to answer within {HEALTH_WAIT_S:g} s; found none (none running, or each one "
+        "at max_ongoing_requests)",
         {"Retry-After": str(RETRY_AFTER_S)},
         code="replica_unavailable",
     )
@@ -207,7 +209,7 @@ class Relay:
         """One replica's messages; /health's first within `health_wait_s` (NoReplicaAnswered otherwise)."""
         batches = self.forward(request, task_id)
         try:
-            if request.path in HEALTH_PATHS:
+            if request.path == "/health":
                 try:
                     first = await asyncio.wait_for(anext(batches), self.health_wait_s)
                 except TimeoutError:

@@ -156,6 +156,16 @@ def test_health_answers_503_json_when_no_replica_takes_it() -> None:
     assert run(lambda http: http.get("/health"), Relay(FakeEngines(None).forward)).json() == {"status": "ok"}
 
 
+def test_health_generate_waits_for_its_token_however_long_it_takes() -> None:
+    async def slow(request: ForwardedRequest, task_id: str) -> AsyncIterator[list[Message]]:
+        await asyncio.sleep(0.5)  # a busy replica's one-token request
+        yield [{"type": "http.response.start", "status": 200, "headers": []},
+               {"type": "http.response.body", "body": b"generated"}]  # fmt: skip
+
+    response = run(lambda http: http.get("/health/generate"), Relay(slow, health_wait_s=0.2))
+    assert response.status_code == 200 and response.text == "generated"
+
+
 def test_a_call_failing_otherwise_before_the_status_line_answers_the_servers_json_500() -> None:
     async def broken(request: ForwardedRequest, task_id: str) -> AsyncIterator[list[Message]]:
         raise RuntimeError("the handle call failed")
