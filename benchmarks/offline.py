@@ -23,7 +23,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ from benchmarks import classification, memory
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
 from benchmarks.kv_sharing import kv_held_over_ideal
+from benchmarks.notes import match_rates, step_notes, tokens_per_cpu_s, tokens_per_s, workload_notes
 from benchmarks.peft_baseline import PeftServer
-from benchmarks.report import finish, log, new_result, run_dtype
+from benchmarks.report import finish, log, new_result, run_dtype, with_overrides
 from benchmarks.task_sweep import plot, throughput_by_tasks
 from benchmarks.workload import (
     CLASSIFY_PRESETS,
@@ -45,7 +45,6 @@ from benchmarks.workload import (
     PROMPT,
     SEQ2SEQ_PRESETS,
     TaskSpec,
-    Workload,
     is_classify,
     is_seq2seq,
     methods_of,
@@ -119,14 +118,6 @@ FULL = replace(
 )
 
 
-def tokens_per_s(run: Any) -> float:
-    return run.tokens_per_s
-
-
-def tokens_per_cpu_s(run: Any) -> float:
-    return run.tokens_per_cpu_s
-
-
 # ---- mixed over uniform
 
 
@@ -197,24 +188,6 @@ SEQ2SEQ_MATCH_NOTE = (
 )
 
 
-def match_rates(workload: Workload, matches: list[bool], method_of: dict[str, str]) -> dict[str, Any]:
-    longest: dict[str | None, int] = defaultdict(int)
-    for job in workload.jobs:
-        longest[job.task_id] = max(longest[job.task_id], len(job.text))
-    by_method: dict[str, list[bool]] = defaultdict(list)
-    unpadded = []
-    for job, match in zip(workload.jobs, matches, strict=True):
-        by_method[method_of[str(job.task_id)]].append(match)
-        if len(job.text) == longest[job.task_id]:
-            unpadded.append(match)
-    return {
-        "match_rate": sum(matches) / len(matches),
-        "match_rate_by_method": {method: sum(m) / len(m) for method, m in sorted(by_method.items())},
-        "match_rate_unpadded_rows": sum(unpadded) / len(unpadded),
-        "num_requests": len(matches),
-    }
-
-
 # ---- continuous over static
 
 
@@ -252,21 +225,6 @@ def continuous_over_static(rig: EngineRig, tasks: list[TaskSpec], plan: Plan, rn
     }
 
 
-def step_notes(runs: list[RunResult]) -> dict[str, float]:
-    """Where the engine's time went, from its StepStats (medians over runs)."""
-
-    def median(field: str) -> float:
-        return statistics.median(getattr(run.steps, field) for run in runs)
-
-    return {
-        "prefill_s": median("prefill_s"),
-        "decode_s": median("decode_s"),
-        "num_prefill_steps": median("num_prefill_steps"),
-        "num_decode_steps": median("num_decode_steps"),
-        "num_prefill_tokens": median("num_prefill_tokens"),
-    }
-
-
 def latency_stats(runs: list[RunResult]) -> dict[str, float]:
     """Per-run percentiles, then the median over runs."""
 
@@ -278,18 +236,6 @@ def latency_stats(runs: list[RunResult]) -> dict[str, float]:
         "ttft_p90": statistics.median(pct(run.ttft_s, 90) for run in runs),
         "latency_p50": statistics.median(pct(run.latency_s, 50) for run in runs),
         "latency_p90": statistics.median(pct(run.latency_s, 90) for run in runs),
-    }
-
-
-def workload_notes(workload: Workload, num_tasks: int) -> dict[str, Any]:
-    chars = [len(job.text) for job in workload.jobs]
-    new = [job.max_new_tokens for job in workload.jobs]
-    return {
-        "num_requests": len(workload.jobs),
-        "num_tasks": num_tasks,
-        "input_tokens_min_mean_max": [min(chars) + 1, statistics.mean(chars) + 1, max(chars) + 1],
-        "new_tokens_min_mean_max": [min(new), statistics.mean(new), max(new)],
-        "num_new_tokens": workload.num_new_tokens,
     }
 
 
@@ -333,7 +279,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--requests-per-task", type=int, help="requests per task in the PEFT comparison (classification: in both)"
     )
-    parser.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)}")
+    parser.add_argument("--only", help=f"comma-separated sections to run, of {','.join(SECTIONS)} (or a preset's own)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--workdir", type=Path, help="keep the backbone, tasks and stores here (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
@@ -343,14 +289,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_plan(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL
     preset = args.preset or ("gpu" if args.device.startswith("cuda") else "cpu")
-    plan = replace(plan, preset=preset)
-    if args.repeats:
-        plan = replace(plan, repeats=args.repeats, mixed_repeats=args.repeats)
-    if args.new_tokens:
-        plan = replace(plan, new_tokens=args.new_tokens)
-    if args.requests_per_task:
-        plan = replace(plan, peft_requests_per_task=args.requests_per_task)
-    return plan
+    return with_overrides(replace(plan, preset=preset), args)
 
 
 def quiet_libraries() -> None:

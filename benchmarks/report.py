@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,18 @@ GOALS = {  # name -> (limit, goal, higher_is_better)
 def run_dtype(device: str, dtype: str) -> str:
     """The benchmark's dtype: bfloat16 on a GPU and float32 on a CPU unless one is asked for."""
     return dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def with_overrides(plan: Any, args: argparse.Namespace) -> Any:
+    """A generation preset's plan (a dataclass) with the command line's --repeats, --new-tokens and
+    --requests-per-task (the PEFT comparison's) applied."""
+    if args.repeats:
+        plan = replace(plan, repeats=args.repeats, mixed_repeats=args.repeats)
+    if args.new_tokens:
+        plan = replace(plan, new_tokens=args.new_tokens)
+    if args.requests_per_task:
+        plan = replace(plan, peft_requests_per_task=args.requests_per_task)
+    return plan
 
 
 def new_result(backbone: Backbone, quick: bool, plan: Any, started: float) -> dict[str, Any]:

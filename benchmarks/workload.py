@@ -5,6 +5,9 @@ Lester et al. 2021); the workloads are the same. The classification presets swap
 a sequence-classification head and PEFT `SEQ_CLS` tasks of three kinds (prompt tuning, P-tuning, prefix tuning as
 P-Tuning v2 uses it on encoders); their requests are the same jobs, with nothing to generate.
 
+The LoRA preset keeps the `cpu` Llama and writes PEFT `LORA` tasks of two ranks on two sets of target modules
+(attention projections, MLP projections), beside prompt and prefix tasks for its mixed-kinds comparison.
+
 Everything is written to disk and loaded back through `from_pretrained` / the task store, as in the tests.
 """
 
@@ -12,11 +15,12 @@ from __future__ import annotations
 
 import random
 import string
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from tokenizers import processors
 from transformers import (
     AutoModelForCausalLM,
@@ -40,6 +44,7 @@ from server.engine.default_backbone import (
 
 PROMPT, PREFIX = "prompt_tuning", "prefix_tuning"
 P_TUNING = "p_tuning"  # PEFT's PromptEncoder (an MLP over the virtual tokens; the saved task holds its output)
+LORA = "lora"
 
 # Llama shapes with grouped-query attention (4 query heads per KV head). The vocabulary is the byte tokenizer's
 # 259 ids, so the LM head is cheap next to a real model's; the layers are what is measured.
@@ -67,6 +72,17 @@ CLASSIFY_PRESETS: dict[str, dict[str, int]] = {
 CLASSIFY_METHODS = (PROMPT, P_TUNING, PREFIX)
 NUM_LABELS = 3
 
+# The LoRA preset's backbone is the `cpu` Llama; its tasks adapt the attention or the MLP projections.
+LORA_PRESETS = {"cpu-lora": "cpu"}
+LORA_TARGETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
+
+
+def is_lora(preset: str) -> bool:
+    return preset in LORA_PRESETS
+
 
 def is_seq2seq(preset: str) -> bool:
     return preset in SEQ2SEQ_PRESETS
@@ -79,7 +95,7 @@ def is_classify(preset: str) -> bool:
 def backbone_config(preset: str) -> LlamaConfig | T5Config:
     if is_seq2seq(preset):
         return t5_config(preset)
-    shape = PRESETS[preset]
+    shape = PRESETS[LORA_PRESETS.get(preset, preset)]
     return LlamaConfig(
         vocab_size=BYTE_VOCAB_SIZE,
         num_key_value_heads=shape["num_attention_heads"] // 4,
@@ -177,9 +193,10 @@ def write_backbone(preset: str, directory: Path, seed: int = 0) -> Path:
 @dataclass(frozen=True, slots=True)
 class TaskSpec:
     task_id: str
-    method: str  # PROMPT | PREFIX (| P_TUNING on the classification presets)
-    num_virtual_tokens: int
+    method: str  # PROMPT | PREFIX (| P_TUNING on the classification presets, LORA on the LoRA preset)
+    num_virtual_tokens: int  # 0 for LoRA
     adapter_dir: Path
+    shape: str = ""  # LoRA: its rank and targets ("r8-attention"); tasks of one shape cost the same arithmetic
 
 
 def peft_config(
@@ -232,6 +249,41 @@ def write_tasks(
         task_id = f"{prefix}{method.split('_')[0]}-{i:03d}"
         adapter_dir = write_task(base, method, num_virtual_tokens, root / task_id, seed=1000 + i)
         tasks.append(TaskSpec(task_id, method, num_virtual_tokens, adapter_dir))
+    return tasks
+
+
+def write_lora_task(backbone_dir: Path, rank: int, targets: str, out_dir: Path, seed: int) -> Path:
+    """A LoRA task as users bring it: `get_peft_model(...).save_pretrained`, with random trained weights.
+
+    A and B are drawn so that the delta moves the logits about as much as training would (B is zero at PEFT's
+    initialisation: the task would be the backbone). The base is loaded afresh: PEFT injects LoRA into it in place.
+    """
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(backbone_dir)
+    config = LoraConfig(task_type="CAUSAL_LM", r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS[targets]))
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.normal_(0.0, param.shape[1] ** -0.5)  # [r, in]: unit-variance projections
+            elif ".lora_B." in name:
+                param.normal_(0.0, 0.05 * param.shape[1] ** -0.5)  # [out, r]
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def write_lora_tasks(
+    backbone_dir: Path, root: Path, num_tasks: int, ranks: tuple[int, ...], prefix: str = "lora"
+) -> list[TaskSpec]:
+    """Tasks cycling through every (rank, targets) pair: rank 8 on the attention projections, rank 8 on the MLP's,
+    rank 16 on each, and again."""
+    shapes = [(rank, targets) for rank in ranks for targets in LORA_TARGETS]
+    tasks = []
+    for i in range(num_tasks):
+        rank, targets = shapes[i % len(shapes)]
+        task_id = f"{prefix}-{i:03d}"
+        adapter_dir = write_lora_task(backbone_dir, rank, targets, root / task_id, seed=2000 + i)
+        tasks.append(TaskSpec(task_id, LORA, 0, adapter_dir, shape=f"r{rank}-{targets}"))
     return tasks
 
 
@@ -323,8 +375,21 @@ def one_task_per_method(workload: Workload, tasks: list[TaskSpec]) -> Workload:
     """The same requests, each on the first task of its own method: same rows, methods and virtual tokens.
 
     With one method (the seq2seq presets' prompt tuning) that is one task for every request."""
-    first_of = {method: next(t.task_id for t in tasks if t.method == method) for method in methods_of(tasks)}
-    return with_tasks(workload, {t.task_id: first_of[t.method] for t in tasks}, "uniform")
+    return one_task_per_group(workload, tasks, kind_of=lambda task: task.method)
+
+
+def kind_of_task(task: TaskSpec) -> str:
+    """What a task costs to run: its method, and a LoRA task's rank and targets."""
+    return f"{task.method} {task.shape}" if task.shape else task.method
+
+
+def one_task_per_group(workload: Workload, tasks: list[TaskSpec], kind_of: Callable[[TaskSpec], str]) -> Workload:
+    """The same requests, each on the first task of its own kind (`kind_of`): the same rows and arithmetic, and
+    only the number of distinct tasks differs."""
+    first_of: dict[str, str] = {}
+    for task in tasks:
+        first_of.setdefault(kind_of(task), task.task_id)
+    return with_tasks(workload, {t.task_id: first_of[kind_of(t)] for t in tasks}, "uniform")
 
 
 def shuffled_workload(
