@@ -62,24 +62,6 @@ async def send(url: str, load: list[dict[str, Any]], concurrency: int) -> dict[s
     return {"requests_per_s": len(load) / elapsed, "latency_ms": summary(latencies_ms)}
 
 
-def direct_app(args: dict[str, Any]) -> Any:
-    """The engine replicas as Ray's HTTP ingress (each serving its app through serve.ingress): no hop in between."""
-    from ray import serve
-
-    from server.api.settings import setting_names
-    from server.ray_serve import DEPLOYMENT_NAME, PromptServe, ReplicaOptions
-
-    class DirectPromptServe(PromptServe):
-        def __serve_build_asgi_app__(self) -> Any:
-            return self.http_app
-
-    names = setting_names()
-    overrides = {name: value for name, value in args.items() if name in names}
-    options = ReplicaOptions(**{name: value for name, value in args.items() if name not in names})
-    deployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(DirectPromptServe))
-    return deployment.options(**options.deployment_options()).bind(overrides)
-
-
 def one_round(serve: Any, app: Any, name: str, url: str, load: list[dict[str, Any]],
               args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
     serve.run(app, name=name, route_prefix="/")
@@ -113,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 for variant in VARIANTS:
                     replicas = replica_args(Path(root) / f"store-{variant}-{repeat}", NUM_REPLICAS)
-                    app = build_app(replicas) if variant == "ingress" else direct_app(replicas)
+                    app = build_app({**replicas, "ingress": variant == "ingress"})
                     # an application of its own per variant: Ray's proxy keeps what it made for an application
                     run = one_round(serve, app, f"{variant}-{repeat}", url, load, args)
                     runs[variant].append(run)

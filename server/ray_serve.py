@@ -78,8 +78,11 @@ class ReplicaOptions(BaseModel):
     routing_stats_period_s: float = Field(default=2, gt=0)
     # a replica holding the task is passed over once it has this many more queued requests than the least busy one
     imbalanced_threshold: int = Field(default=16, ge=0)
-    # the ingress that relays HTTP to the engine replicas: light (a fraction of a CPU, no GPU); two, so one dying
-    # does not stop traffic while Ray replaces it
+    # an ingress deployment relays HTTP to the engine replicas (a dying replica's requests are retried or answered
+    # in JSON); False: the engine replicas are Ray's HTTP ingress themselves (no hop: cheaper on a CPU-bound host,
+    # but a dying replica's requests get Ray's plain-text 500)
+    ingress: bool = True
+    # the ingress: light (a fraction of a CPU, no GPU); two, so one dying does not stop traffic while Ray replaces it
     ingress_replicas: int = Field(default=2, ge=1)
     ingress_num_cpus: float = Field(default=0.25, ge=0)
     # what one ingress replica relays at once: every engine replica's max_ongoing_requests, and more
@@ -219,7 +222,15 @@ class Ingress:
         return self.http_app
 
 
+class DirectPromptServe(PromptServe):
+    """An engine replica that is Ray's HTTP ingress itself (`ingress=false`): the proxy hands it the requests."""
+
+    def __serve_build_asgi_app__(self) -> ASGIApp:
+        return self.http_app
+
+
 PromptServeDeployment = serve.deployment(name=DEPLOYMENT_NAME)(PromptServe)
+DirectDeployment = serve.deployment(name=DEPLOYMENT_NAME)(serve.ingress()(DirectPromptServe))
 IngressDeployment = serve.deployment(name=INGRESS_NAME)(serve.ingress()(Ingress))
 
 
@@ -230,6 +241,8 @@ def build_app(args: dict[str, Any]) -> Application:
     overrides = {name: value for name, value in args.items() if name in names}
     load_settings(overrides, builder_argument)  # fail here, in the driver, on a bad setting, not in every replica
     options = ReplicaOptions(**{name: value for name, value in args.items() if name not in names})
+    if not options.ingress:
+        return DirectDeployment.options(**options.deployment_options()).bind(overrides)
     engines = PromptServeDeployment.options(**options.deployment_options()).bind(overrides)
     return IngressDeployment.options(**options.ingress_options()).bind(engines, overrides)
 

@@ -273,6 +273,16 @@ def test_serve_config_builds_an_ingress_in_front_of_the_engines() -> None:
     assert engine_deployment(app).name == DEPLOYMENT_NAME
 
 
+def test_without_the_ingress_the_engine_replicas_are_rays_http_ingress() -> None:
+    (application,) = yaml.safe_load(SERVE_CONFIG.read_text())["applications"]
+    app = build_app({**application["args"], "ingress": False})
+    engines = app._bound_deployment
+    assert engines.name == DEPLOYMENT_NAME and engines.ray_actor_options["num_gpus"] == 1
+    bound = engines._replica_config.init_args
+    assert not any(isinstance(arg, Application) for arg in bound), "expected the engines alone, behind no ingress"
+    assert hasattr(engines.func_or_class, "__serve_build_asgi_app__"), "expected the engines to serve HTTP themselves"
+
+
 # ---- a replica killed mid-answer (kept last in the file: the module's application is whole again only once Ray
 # has replaced the replica, which this test waits for)
 
