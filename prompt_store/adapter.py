@@ -13,7 +13,24 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 from safetensors import SafetensorError
 
 from prompt_store.errors import InvalidTask, TaskTooLarge
-from prompt_store.types import CLASSIFICATION_TYPES, LABELS_DIM, BackboneFingerprint, HeadSpec, Method
+from prompt_store.modules import (
+    MODULE_PREFIX,
+    check_rank,
+    check_settings,
+    check_task_type_modules,
+    expected_tensors,
+    module_weights,
+    resolve_targets,
+)
+from prompt_store.types import (
+    CLASSIFICATION_TYPES,
+    LABELS_DIM,
+    BackboneFingerprint,
+    HeadSpec,
+    LoraWeights,
+    Method,
+    ModuleWeights,
+)
 
 if TYPE_CHECKING:  # torch is imported where tensors are read: the start-up checks use this module without it
     import torch
@@ -31,6 +48,8 @@ PEFT_TYPES = {
     "PROMPT_TUNING": Method.PROMPT_TUNING,
     "P_TUNING": Method.P_TUNING,
     "PREFIX_TUNING": Method.PREFIX_TUNING,
+    "LORA": Method.LORA,
+    "IA3": Method.IA3,
 }
 # safetensors dtype codes of floating-point tensors; anything else cannot be a prompt.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -47,6 +66,17 @@ class AdapterContent:
     prompt: torch.Tensor
     head: dict[str, torch.Tensor]
     labels: tuple[str, ...] | None  # classification: one name per label (LABEL_i unless given)
+    modules: tuple[ModuleWeights, ...] = ()  # LoRA / IA3: each target module's weights (prompt: [0, hidden])
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return int(self.config["num_virtual_tokens"]) if self.method.is_prompt_learning else 0
+
+    @property
+    def rank(self) -> int | None:
+        """LoRA: the largest rank of its modules."""
+        ranks = [module.rank for module in self.modules if isinstance(module, LoraWeights)]
+        return max(ranks) if ranks else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +84,7 @@ class StoreLimits:
     max_virtual_tokens: int = 256
     max_config_bytes: int = 64 * 1024
     max_model_bytes: int = 64 * 1024 * 1024
+    max_lora_rank: int = 64
 
 
 def validate_task_id(task_id: str) -> str:
@@ -79,6 +110,8 @@ def parse_adapter(
     check_sizes(len(adapter_config), len(adapter_model), limits)
     config = parse_config(adapter_config)
     method, task_type = method_of(config, fingerprint)
+    if not method.is_prompt_learning:
+        return parse_module_adapter(config, adapter_model, method, task_type, fingerprint, limits, labels)
     num_virtual_tokens = virtual_tokens_of(config, limits)
     check_config_dims(config, method, fingerprint)
     head_spec = fingerprint.head(task_type)
@@ -95,6 +128,63 @@ def parse_adapter(
     head = {name.removeprefix(HEAD_PREFIX): t for name, t in tensors.items()}
     num_labels = check_head(head, head_spec)
     return AdapterContent(config, method, task_type, tensor, head, parse_labels(labels, num_labels))
+
+
+def parse_module_adapter(
+    config: dict[str, Any],
+    adapter_model: bytes,
+    method: Method,
+    task_type: str,
+    fingerprint: BackboneFingerprint,
+    limits: StoreLimits,
+    labels: bytes | None,
+) -> AdapterContent:
+    """A LoRA or IA3 adapter: its settings, its target modules on this backbone and exactly their tensors."""
+    check_settings(config, method)
+    check_task_type_modules(config, task_type)
+    if method is Method.LORA:
+        check_rank(config, limits.max_lora_rank)
+    targets = resolve_targets(config, method, fingerprint)
+    head_spec = fingerprint.head(task_type)
+    expected = expected_tensors(config, method, targets, head_spec)
+    optional = {MODULE_PREFIX + name for name, _ in head_spec.optional} if head_spec else set()
+    check_module_entries(read_safetensors_header(adapter_model), expected, optional, method)
+    tensors = load_tensors(adapter_model, None, check_header=False)
+    head_names = {MODULE_PREFIX + name for name, _ in (head_spec.required + head_spec.optional)} if head_spec else set()
+    head = {name.removeprefix(MODULE_PREFIX): tensors.pop(name) for name in sorted(head_names & tensors.keys())}
+    for name, tensor in sorted(tensors.items()):  # the target modules' tensors
+        if list(tensor.shape) != list(expected[name]):
+            raise InvalidTask(
+                f"{MODEL_NAME}: {name} must have shape {list(expected[name])}; found {list(tensor.shape)}"
+            )
+        check_finite(name, tensor)
+    modules = module_weights(config, method, targets, tensors)
+    import torch  # where tensors are read (see above)
+
+    prompt = torch.zeros(0, fingerprint.hidden_size)  # [0, H]: no virtual tokens
+    if head_spec is None:
+        if labels is not None:
+            raise InvalidTask(f"labels: expected none for a {task_type} task; found some")
+        return AdapterContent(config, method, task_type, prompt, {}, None, modules)
+    num_labels = check_head(head, head_spec)
+    return AdapterContent(config, method, task_type, prompt, head, parse_labels(labels, num_labels), modules)
+
+
+def check_module_entries(header: dict[str, Any], expected: dict[str, Any], optional: set[str], method: Method) -> None:
+    """Exactly the tensors PEFT saves for the target modules (and a head's), each of a float dtype."""
+    keys = {key for key in header if key != "__metadata__"}
+    missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected) - optional)
+    if missing or unexpected:
+        raise InvalidTask(
+            f"{MODEL_NAME}: expected the {len(expected)} tensors PEFT saves for this {method.name} adapter's target "
+            f"modules on the backbone; missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
+            f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+        )
+    for key in sorted(keys):
+        entry = header[key]
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in FLOAT_DTYPES:
+            raise InvalidTask(f"{MODEL_NAME}: {key} must have a float dtype {FLOAT_DTYPES}; found {dtype!r}")
 
 
 def check_sizes(config_bytes: int, model_bytes: int, limits: StoreLimits) -> None:
@@ -228,10 +318,11 @@ def check_header_entries(header: dict[str, Any], head: HeadSpec | None) -> None:
             raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be a 2-D tensor; found shape {shape!r}")
 
 
-def load_tensors(adapter_model: bytes, head: HeadSpec | None) -> dict[str, torch.Tensor]:
+def load_tensors(adapter_model: bytes, head: HeadSpec | None, check_header: bool = True) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as load_safetensors
 
-    check_header_entries(read_safetensors_header(adapter_model), head)
+    if check_header:
+        check_header_entries(read_safetensors_header(adapter_model), head)
     try:
         return dict(load_safetensors(adapter_model))
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:

@@ -22,10 +22,37 @@ class Method(enum.StrEnum):
     PROMPT_TUNING = "prompt_tuning"
     P_TUNING = "p_tuning"
     PREFIX_TUNING = "prefix_tuning"
+    LORA = "lora"
+    IA3 = "ia3"
 
     @property
     def is_prefix(self) -> bool:
         return self is Method.PREFIX_TUNING
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        """PEFT's prompt learning: virtual tokens or a prefix. LoRA and IA3 change the backbone's modules instead."""
+        return self not in (Method.LORA, Method.IA3)
+
+
+class ModuleKind(enum.StrEnum):
+    """What a backbone module is, for an adapter that targets it."""
+
+    LINEAR = "linear"  # torch.nn.Linear
+    CONV1D = "conv1d"  # transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]
+    EMBEDDING = "embedding"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleShape:
+    """One module of the backbone, named as in the model PEFT wraps (`model.layers.0.self_attn.q_proj`)."""
+
+    name: str
+    kind: ModuleKind
+    type_name: str  # its class, for messages
+    in_features: int = 0  # linear and Conv1D modules only
+    out_features: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +82,7 @@ class BackboneFingerprint:
     is_encoder: bool = False  # an encoder (BERT, RoBERTa, DeBERTa-v2): classification tasks only
     takes_prefix: bool = True  # False: PEFT cannot apply a prefix to its attention (DeBERTa-v2, multi-query Falcon)
     heads: tuple[HeadSpec, ...] = ()  # the classification task types it serves, and their heads
+    modules: tuple[ModuleShape, ...] = ()  # every module, in the model's order: what LoRA and IA3 adapters target
 
     @property
     def kv_dim(self) -> int:
@@ -107,6 +135,7 @@ class TaskRecord:
     created_at: str  # RFC 3339, UTC
     task_type: str = CAUSAL_LM
     labels: tuple[str, ...] | None = None  # a classification task's label names, by class id
+    rank: int | None = None  # LoRA: the largest rank of its modules (None for every other method)
 
     @property
     def key(self) -> TaskKey:
@@ -127,18 +156,46 @@ class TaskRecord:
             "created_at": self.created_at,
             "task_type": self.task_type,
             "labels": list(self.labels) if self.labels is not None else None,
+            "rank": self.rank,
         }
 
 
 @dataclass(frozen=True, slots=True)
+class LoraWeights:
+    """One module's LoRA: its output gains scaling * B(A(x)) (PEFT's `lora_A` / `lora_B`, as saved)."""
+
+    module: str
+    lora_a: torch.Tensor  # [r, in_features]
+    lora_b: torch.Tensor  # [out_features, r]
+    scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class IA3Weights:
+    """One module's IA3 vector: it scales the module's output, or a feedforward module's input (PEFT's `ia3_l`)."""
+
+    module: str
+    scales: torch.Tensor  # [out_features], or [in_features] for a feedforward module
+    is_feedforward: bool
+
+
+ModuleWeights = LoraWeights | IA3Weights
+
+
+@dataclass(frozen=True, slots=True)
 class TaskArtifact:
-    """A validated task version on the CPU: the PEFT config, its `prompt_embeddings` tensor and, for a
-    classification task, its head."""
+    """A validated task version on the CPU: the PEFT config, its `prompt_embeddings` tensor (none for LoRA and IA3:
+    [0, hidden]), its per-module weights (LoRA and IA3) and, for a classification task, its head."""
 
     record: TaskRecord
     config: dict[str, Any]
     prompt_embeddings: torch.Tensor  # prompt/P-tuning: [P, hidden]; prefix: [P, num_layers * 2 * kv_dim]
     head: dict[str, torch.Tensor] = field(default_factory=dict)  # HeadSpec names -> tensors (classification)
+    modules: tuple[ModuleWeights, ...] = ()  # LoRA / IA3: one entry per target module, in the model's order
 
     @property
     def key(self) -> TaskKey:
@@ -146,7 +203,11 @@ class TaskArtifact:
 
     @property
     def nbytes(self) -> int:
-        return nbytes([self.prompt_embeddings, *self.head.values()])
+        return nbytes([self.prompt_embeddings, *self.head.values(), *module_tensors(self.modules)])
+
+
+def module_tensors(modules: Iterable[ModuleWeights]) -> list[torch.Tensor]:
+    return [t for m in modules for t in ((m.lora_a, m.lora_b) if isinstance(m, LoraWeights) else (m.scales,))]
 
 
 @dataclass(slots=True)

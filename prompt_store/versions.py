@@ -42,7 +42,7 @@ class ParsedAdapter:
 
     @property
     def num_virtual_tokens(self) -> int:
-        return int(self.config["num_virtual_tokens"])
+        return self.content.num_virtual_tokens
 
     @property
     def nbytes(self) -> int:
@@ -58,12 +58,12 @@ class ParsedAdapter:
         content = self.content
         return TaskRecord(
             task_id, version, content.method, self.num_virtual_tokens, self.nbytes, self.sha256, created_at,
-            content.task_type, content.labels,
+            content.task_type, content.labels, content.rank,
         )  # fmt: skip
 
     def artifact(self, record: TaskRecord) -> TaskArtifact:
         return TaskArtifact(record=record, config=self.config, prompt_embeddings=self.content.prompt,
-                            head=self.content.head)  # fmt: skip
+                            head=self.content.head, modules=self.content.modules)  # fmt: skip
 
 
 def parse_upload(

@@ -95,13 +95,14 @@ class ScoreResponse(_Model):
 class TaskRecord(_Model):
     task_id: str
     version: int
-    method: str  # prompt_tuning | p_tuning | prefix_tuning
+    method: str  # prompt_tuning | p_tuning | prefix_tuning | lora | ia3
     num_virtual_tokens: int
     bytes: int
     sha256: str
     created_at: datetime
     task_type: str | None = None  # CAUSAL_LM | SEQ_2_SEQ_LM | SEQ_CLS | TOKEN_CLS (servers before NLU did not say)
     labels: list[str] | None = None  # a classification task's label names, class i at index i
+    rank: int | None = None  # a LoRA task's rank (servers before LoRA did not say)
 
 
 class TaskList(_Model):

@@ -601,8 +601,9 @@ class ModelCard(BaseModel):
     root: str
     parent: str | None
     version: int | None = Field(description="the task's current version; null for the backbone")
-    method: Literal["prompt_tuning", "p_tuning", "prefix_tuning"] | None
+    method: Literal["prompt_tuning", "p_tuning", "prefix_tuning", "lora", "ia3"] | None
     num_virtual_tokens: int | None
+    rank: int | None = Field(default=None, description="a LoRA task's rank; null for other tasks and the backbone")
 
     @classmethod
     def backbone(cls, name: str, created: int) -> ModelCard:
@@ -618,6 +619,7 @@ class ModelCard(BaseModel):
             version=record.version,
             method=record.method.value,
             num_virtual_tokens=record.num_virtual_tokens,
+            rank=record.rank,
         )
 
 

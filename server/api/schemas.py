@@ -271,8 +271,8 @@ class StreamEvent(BaseModel):
 class TaskOut(BaseModel):
     task_id: str
     version: int
-    method: Literal["prompt_tuning", "p_tuning", "prefix_tuning"]
-    num_virtual_tokens: int
+    method: Literal["prompt_tuning", "p_tuning", "prefix_tuning", "lora", "ia3"]
+    num_virtual_tokens: int = Field(description="the task's virtual tokens (0 for LoRA and IA3)")
     bytes: int
     sha256: str
     created_at: str
@@ -280,6 +280,7 @@ class TaskOut(BaseModel):
         description="PEFT's task type: generation (CAUSAL_LM, SEQ_2_SEQ_LM) or classification (SEQ_CLS, TOKEN_CLS)"
     )
     labels: list[str] | None = Field(description="a classification task's label names, by class id; else null")
+    rank: int | None = Field(description="a LoRA task's rank (the largest of its modules'); else null")
 
     @classmethod
     def of(cls, record: TaskRecord) -> TaskOut:

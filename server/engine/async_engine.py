@@ -333,6 +333,7 @@ class AsyncEngine:
             max_batch_size=self.config.max_batch_size,
             max_batch_tokens=self.engine.scheduler.config.max_step_tokens,
             max_virtual_tokens=self.config.max_virtual_tokens,
+            max_lora_rank=self.config.max_lora_rank,
             version=__version__,
             num_tasks=len(self.store),
             kv_cache_tokens=self.engine.memory.num_blocks * self.engine.memory.block_size,
@@ -423,7 +424,8 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
     backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
-    limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes)
+    limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes,
+                         config.max_lora_rank)  # fmt: skip
     timeouts = StoreTimeouts(config.store_connect_timeout_s, config.store_read_timeout_s)
     store = TaskStore(config.store_dir, backbone.fingerprint, limits, timeouts=timeouts)
     core = Engine(backbone, config)

@@ -16,8 +16,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.pytorch_utils import Conv1D
 
-from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint
+from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint, ModuleKind, ModuleShape
 from server.engine import alibi
 from server.engine.attention import ATTENTION_NAME
 from server.engine.default_backbone import ensure_default_backbone
@@ -89,7 +90,24 @@ def fingerprint_of(model: PreTrainedModel) -> BackboneFingerprint:
         vocab_size=config.vocab_size,
         is_encoder_decoder=is_encoder_decoder(config),
         num_decoder_layers=num_decoder_layers(config),
+        modules=module_shapes(model),
     )
+
+
+def module_shapes(model: torch.nn.Module) -> tuple[ModuleShape, ...]:
+    """Every module of the model as PEFT names the ones it adapts (read before the engine wraps any)."""
+    return tuple(module_shape(name, module) for name, module in model.named_modules() if name)
+
+
+def module_shape(name: str, module: torch.nn.Module) -> ModuleShape:
+    type_name = type(module).__name__
+    if isinstance(module, torch.nn.Linear):
+        return ModuleShape(name, ModuleKind.LINEAR, type_name, module.in_features, module.out_features)
+    if isinstance(module, Conv1D):  # weight [in, out]
+        return ModuleShape(name, ModuleKind.CONV1D, type_name, *module.weight.shape)
+    if isinstance(module, torch.nn.Embedding):
+        return ModuleShape(name, ModuleKind.EMBEDDING, type_name)
+    return ModuleShape(name, ModuleKind.OTHER, type_name)
 
 
 def eos_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
@@ -135,6 +153,7 @@ def load_backbone(
     )
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
     model.eval().requires_grad_(False)
+    fingerprint = fingerprint_of(model)  # before the engine wraps any attention layer: the names PEFT adapts
     if own is not None:
         alibi.install(model)
     kind = kind_of(model)
@@ -145,7 +164,7 @@ def load_backbone(
         model_id=model_id or "promptserve/default",
         model=model,
         tokenizer=tokenizer,
-        fingerprint=fingerprint_of(model),
+        fingerprint=fingerprint,
         device=torch_device,
         dtype=torch_dtype,
         eos_token_ids=eos_token_ids(model, tokenizer),

@@ -41,6 +41,9 @@ class EngineConfig:
     max_input_tokens: Annotated[int, Ge(1)] = setting(2048, "input tokens per request, after tokenization")
     max_new_tokens_limit: Annotated[int, Ge(1)] = setting(2048, "the largest max_new_tokens accepted")
     max_virtual_tokens: Annotated[int, Ge(1)] = setting(256, "virtual tokens per task")
+    max_lora_rank: Annotated[int, Ge(1)] = setting(
+        64, "the largest LoRA rank a task may have (its r and every rank_pattern value); larger ones are refused (422)"
+    )
     max_adapter_bytes: Annotated[int, Ge(1)] = setting(64 * 1024 * 1024, "size of adapter_model.safetensors")
     max_config_bytes: Annotated[int, Ge(1)] = setting(64 * 1024, "size of adapter_config.json")
     prompt_cache_bytes: Annotated[int, Ge(0)] = setting(

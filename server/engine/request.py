@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prompt_store.errors import InvalidTask
 from prompt_store.types import TaskArtifact
 from server.engine.kinds.base import ModelKind
 from server.engine.kinds.causal import Causal
@@ -59,6 +60,12 @@ class Sequence:
     probs: torch.Tensor | None = None  # CLASSIFY: [labels], or [input tokens, labels] for a token task
     done: bool = False  # a CLASSIFY or SCORE row whose every token has been computed
     probe_vector: torch.Tensor | None = None  # a probe's row: its first logits [V], or its head's last input [H]
+
+    def __post_init__(self) -> None:
+        if self.task is not None and not self.task.record.method.is_prompt_learning:
+            method = self.task.record.method.name
+            raise InvalidTask(f"expected a prompt-learning task; found a {method} task, which the store validates "
+                              "but this engine does not serve yet")  # fmt: skip
 
     @property
     def fed_targets(self) -> list[int]:

@@ -198,6 +198,7 @@ class EngineInfo:
         default=0, metadata={"description": "the KV pool's capacity in tokens: rows' own and tasks' shared"}
     )
     kv_block_size: int = field(default=0, metadata={"description": "tokens per KV block"})
+    max_lora_rank: int = field(default=0, metadata={"description": "the largest LoRA rank a task may have"})
     model_kind: KindName = field(
         default="causal",
         metadata={

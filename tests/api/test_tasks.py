@@ -19,6 +19,7 @@ RECORD_FIELDS = {
     "created_at",
     "task_type",
     "labels",
+    "rank",
 }
 
 

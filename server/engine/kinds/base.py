@@ -129,8 +129,10 @@ class ModelKind(ABC):
 
     def has_kv_prefix(self, task: TaskArtifact | None, prompts_as_kv: bool) -> bool:
         """Whether the task enters the row as its shared keys and values: a prefix always, a prompt task when the
-        engine holds prompts that way (see task_cache)."""
-        return task is not None and (task.record.method.is_prefix or prompts_as_kv)
+        engine holds prompts that way (see task_cache); LoRA and IA3 tasks have no virtual tokens."""
+        if task is None or not task.record.method.is_prompt_learning:
+            return False
+        return task.record.method.is_prefix or prompts_as_kv
 
     # ---- intake: limits and refusals
 
