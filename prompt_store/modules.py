@@ -132,6 +132,11 @@ def resolve_targets(config: dict[str, Any], method: Method, fingerprint: Backbon
         if module.kind is ModuleKind.EMBEDDING:
             raise refuse("target_modules", f"linear layers only ({method.name} on embeddings is not served)",
                          f"{module.name} ({module.type_name})")  # fmt: skip
+        if module.kind is ModuleKind.HEAD:
+            apart = "its output layer, classification head and pooler run apart from the shared pass: not served"
+            raise refuse(
+                "target_modules", f"layers inside the backbone ({apart})", f"{module.name} ({module.type_name})"
+            )
         if module.kind not in SERVED_KINDS:
             raise refuse(
                 "target_modules", "linear layers or GPT-2's Conv1D only", f"{module.name} ({module.type_name})"

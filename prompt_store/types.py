@@ -41,6 +41,7 @@ class ModuleKind(enum.StrEnum):
     LINEAR = "linear"  # torch.nn.Linear
     CONV1D = "conv1d"  # transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]
     EMBEDDING = "embedding"
+    HEAD = "head"  # run apart from the shared pass: the output layer, a classification head, its pooler
     OTHER = "other"
 
 
@@ -239,6 +240,9 @@ class CacheStats:
     num_pinned: int = 0
     resident_tasks: tuple[TaskKey, ...] = ()  # users' task versions held on the device (the engine's own left out)
     max_resident_tasks: int = 0  # about how many tasks the device holds at once (see TaskCache.stats)
+    adapter_bytes: int = 0  # of resident_bytes: LoRA and IA3 weights in the adapter pool
+    num_adapters: int = 0  # LoRA and IA3 task versions in the adapter pool
+    adapter_capacity_bytes: int = 0  # the adapter pool's byte budget
 
 
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -288,6 +288,12 @@ class EngineCollector(Collector):
         )
         yield gauge("prompt_cache_entries", "Task versions resident on the device", cache.num_entries)
         yield gauge("prompt_cache_pinned_entries", "Resident task versions held by running rows", cache.num_pinned)
+        yield gauge("adapter_cache_used_bytes", "Device bytes of resident LoRA and IA3 weights", cache.adapter_bytes)
+        yield gauge(
+            "adapter_cache_capacity_bytes", "Device bytes for LoRA and IA3 weights (adapter_cache_bytes)",
+            cache.adapter_capacity_bytes,
+        )  # fmt: skip
+        yield gauge("adapter_cache_entries", "LoRA and IA3 task versions resident on the device", cache.num_adapters)
         yield resident_task_versions(stats, self.labels)
         yield task_requests_info(stats)
 

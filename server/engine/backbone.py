@@ -45,6 +45,7 @@ class Backbone:
     kind: ModelKind  # a causal LM, an encoder-decoder or an encoder: everything that differs between them
     heads: dict[str, Head] = field(default_factory=dict)  # task type -> head (classification task types served)
     bare_head: BareHead | None = None  # the checkpoint's own trained head: classification with no task
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # by the names PEFT adapts (LoRA, IA3 targets)
 
     @property
     def num_token_ids(self) -> int:
@@ -154,6 +155,7 @@ def load_backbone(
     model.to(torch_device)  # type: ignore[arg-type]  # transformers' stub types `to` as a method wrapper
     model.eval().requires_grad_(False)
     fingerprint = fingerprint_of(model)  # before the engine wraps any attention layer: the names PEFT adapts
+    modules = dict(model.named_modules())
     if own is not None:
         alibi.install(model)
     kind = kind_of(model)
@@ -170,6 +172,7 @@ def load_backbone(
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_positions=max_positions_of(model),
         kind=kind,
+        modules=modules,
     )
     warn_unreadable_tokens(backbone)
     return with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
@@ -231,5 +234,19 @@ def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backb
         is_encoder=not backbone.kind.generates,
         takes_prefix=backbone.kind.takes_prefix() and alibi.takes_prefix(config),
         heads=tuple(head.spec for head in heads.values()),
+        modules=outside_shared_pass(backbone, heads),
     )
     return replace(backbone, fingerprint=fingerprint, heads=heads, bare_head=bare)
+
+
+def outside_shared_pass(backbone: Backbone, heads: dict[str, Head]) -> tuple[ModuleShape, ...]:
+    """The backbone's modules, those the engine runs apart from the shared pass marked HEAD (an adapter cannot reach
+    them there): the output layer (it sees only the positions read out), a head and the pooler it reads through."""
+    output = backbone.model.get_output_embeddings()
+    names = {name for name, module in backbone.modules.items() if output is not None and module is output}
+    names |= {name for head in heads.values() for name in (head.module_name, head.pooler_name) if name}
+    return tuple(
+        replace(module, kind=ModuleKind.HEAD) if any(module.name == n or module.name.startswith(n + ".") for n in names)
+        else module
+        for module in backbone.fingerprint.modules
+    )  # fmt: skip

@@ -49,6 +49,13 @@ class EngineConfig:
     prompt_cache_bytes: Annotated[int, Ge(0)] = setting(
         256 * 1024 * 1024, "device memory for prompt tasks fed as input embeddings (cache_prompt_kv off; LRU)"
     )
+    max_loras: Annotated[int, Ge(1)] = setting(
+        16, "LoRA and IA3 tasks applied at once: rows of another such task wait until one is no longer held (vLLM's)"
+    )
+    adapter_cache_bytes: Annotated[int, Ge(0)] = setting(
+        256 * 1024 * 1024,
+        "device memory for LoRA and IA3 weights (LRU, at most max_loras; what running rows hold stays)",
+    )
     kv_cache_bytes: Annotated[int, Ge(1)] | None = setting(
         None,
         "the KV pool, allocated at start; unset: kv_cache_memory_fraction of the GPU memory left after loading and "

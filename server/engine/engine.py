@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 
 from prompt_store.types import SEQ_CLS, TaskKey
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
 from server.engine.errors import InputTooLong, NonFiniteOutput, QueueFull, UnknownToken
@@ -47,13 +48,16 @@ class Engine:
         profile = profile_memory(backbone, worst, probe, layers, block_size) if probe is not None else None
         self.memory_profile = profile
         num_blocks = pool_blocks(fp, layers, block_size, dtype, pool_budget(config, profile))
+        adapter_bytes = config.adapter_cache_bytes
         self.pool = KVPool.allocate(fp, layers, num_blocks + 1, block_size, dtype, device)  # + block 0
         logger.info(describe_pool(num_blocks, self.pool.block_bytes, block_size, profile))
         self.memory = KVMemory(num_blocks, config.kv_block_size)
-        self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes)
+        slots = AdapterSlots(config.max_loras)
+        self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes, slots, adapter_bytes)
         self.runner = ModelRunner(backbone, self.pool, self.tasks, worst.limits)
         step_tokens = config.max_batch_tokens or default_max_batch_tokens(device.type)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, step_tokens, config.max_waiting), self.memory)
+        scheduler_config = SchedulerConfig(config.max_batch_size, step_tokens, config.max_waiting)
+        self.scheduler = Scheduler(scheduler_config, self.memory, slots)
         self.num_steps = 0
         self.num_preemptions = 0
         self.last_step: StepStats | None = None
@@ -150,10 +154,14 @@ class Engine:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
             for row in request.rows:
-                if row.task_blocks is not None and row.task is not None and not self.is_leaving(request):
+                if row.task is None or self.is_leaving(request):
+                    continue
+                if row.task_blocks is not None:
                     self.guarded(
                         request, f"loading {describe(row)}", partial(self.tasks.fill, row.task_blocks, row.task)
                     )
+                elif row.holds_adapter:
+                    self.guarded(request, f"loading {describe(row)}", partial(self.tasks.adapter_of, row.task))
 
     def run(self, chunks: list[Chunk], prompts: Prompts) -> list[Sequence]:
         """One forward pass over the chunks; the rows that reached their last token are sampled, classified or

@@ -15,11 +15,13 @@ stream. The step returns the logits and the final hidden states of the stream po
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import torch
 
 from prompt_store.types import TaskKey
+from server.engine.adapters import DeviceAdapter
 from server.engine.attention import UNBOUNDED, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
@@ -61,9 +63,25 @@ class ModelRunner:
         `prompts`: the vectors of the rows' prompt tasks fed as embeddings (None: loaded here)."""
         self.prompts = self.load_prompts(chunks) if prompts is None else prompts
         try:
-            return self.backbone.kind.forward(self, chunks, readout)
+            with self.adapted([chunk.row for chunk in chunks], [chunk.num_tokens for chunk in chunks]):
+                return self.backbone.kind.forward(self, chunks, readout)
         finally:
             self.prompts = {}  # a retired task's vectors are not kept past its last step
+
+    def adapted(self, rows: list[Sequence | None], lengths: list[int]) -> AbstractContextManager[None]:
+        """For the model calls inside: rows laid one after another in the flattened tokens (row i: lengths[i] of
+        them; a None row: padding), each LoRA / IA3 row's tokens with its task's deltas."""
+        return self.tasks.adapters.hooks.tokens(self.row_adapters(rows), lengths, self.device)
+
+    def row_adapters(self, rows: list[Sequence | None]) -> list[DeviceAdapter | None]:
+        return [self.adapter_of(row) for row in rows]
+
+    def adapter_of(self, row: Sequence | None) -> DeviceAdapter | None:
+        if row is None or not row.holds_adapter or row.task is None:
+            return None
+        adapter = self.tasks.adapters.get(row.task.key)
+        assert adapter is not None, "a running row's LoRA / IA3 task is in the adapter pool (loaded when it started)"
+        return adapter
 
     def index(self, positions: list[int]) -> torch.Tensor:
         """Stream positions (a readout's) as an index on the device."""

@@ -52,12 +52,10 @@ class Probe:
     def of(cls, artifact: TaskArtifact, backbone: Backbone, prompts_as_kv: bool) -> Probe:
         """Three rows: the task on each probe input, and a copy of the task with its vectors zeroed on the first."""
         probe = cls(as_probe(artifact, artifact.prompt_embeddings))
-        erased = as_probe(artifact, torch.zeros_like(artifact.prompt_embeddings))
-        for text, task in (
-            (PROBE_TEXTS[0], probe.artifact),
-            (PROBE_TEXTS[1], probe.artifact),
-            (PROBE_TEXTS[0], erased),
-        ):
+        rows = [(PROBE_TEXTS[0], probe.artifact), (PROBE_TEXTS[1], probe.artifact)]
+        if artifact.record.method.is_prompt_learning:  # LoRA's B starts at zero: an untrained one is the backbone
+            rows.append((PROBE_TEXTS[0], as_probe(artifact, torch.zeros_like(artifact.prompt_embeddings))))
+        for text, task in rows:
             input_ids = list(backbone.tokenizer(text)["input_ids"])
             check_positions(artifact, len(input_ids), backbone)
             probe.requests.append(probe.request(input_ids, task, backbone, prompts_as_kv))
@@ -115,13 +113,14 @@ def judge(artifact: TaskArtifact, backbone: Backbone, vectors: list[torch.Tensor
     rounding in the backbone's dtype, and that differ from a task of zeros' on the same input (a task whose values
     the normalisations divide to nothing, as an overflowing root-mean-square does, answers as zeros would)."""
     what = "hidden states" if artifact.record.is_classifier else "logits"
-    first, second, erased = vectors
-    assert first is not None and second is not None and erased is not None, "a probe row that answered has its vector"
+    first, second, *zeros = vectors
+    erased = zeros[0] if zeros else None  # a prompt-learning task's copy with its vectors zeroed
+    assert first is not None and second is not None, "a probe row that answered has its vector"
     if not bool(first.isfinite().all() and second.isfinite().all()):
         raise overflow(artifact, backbone, f"NaN or infinity in its final {what}")
     if is_same(first, second, backbone.dtype):
         raise overflow(artifact, backbone, f"the same final {what} for different inputs ({difference(first, second)})")
-    if is_same(first, erased, backbone.dtype):
+    if erased is not None and is_same(first, erased, backbone.dtype):
         found = f"the same final {what} as a task of zeros on the same input ({difference(first, erased)})"
         raise overflow(artifact, backbone, f"{found}: its vectors normalise to nothing")
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prompt_store.errors import InvalidTask
 from prompt_store.types import TaskArtifact
 from server.engine.kinds.base import ModelKind
 from server.engine.kinds.causal import Causal
@@ -60,12 +59,7 @@ class Sequence:
     probs: torch.Tensor | None = None  # CLASSIFY: [labels], or [input tokens, labels] for a token task
     done: bool = False  # a CLASSIFY or SCORE row whose every token has been computed
     probe_vector: torch.Tensor | None = None  # a probe's row: its first logits [V], or its head's last input [H]
-
-    def __post_init__(self) -> None:
-        if self.task is not None and not self.task.record.method.is_prompt_learning:
-            method = self.task.record.method.name
-            raise InvalidTask(f"expected a prompt-learning task; found a {method} task, which the store validates "
-                              "but this engine does not serve yet")  # fmt: skip
+    holds_adapter: bool = False  # a LoRA / IA3 row admitted: it holds its task's weights in the adapter pool
 
     @property
     def fed_targets(self) -> list[int]:
@@ -81,6 +75,11 @@ class Sequence:
     @property
     def num_virtual_tokens(self) -> int:
         return self.task.record.num_virtual_tokens if self.task else 0
+
+    @property
+    def applies_adapter(self) -> bool:
+        """A LoRA or IA3 task's row: its tokens take the task's deltas in the backbone's modules."""
+        return self.task is not None and not self.task.record.method.is_prompt_learning
 
     @property
     def encoder_length(self) -> int:
@@ -185,6 +184,10 @@ class Request:
         """The most slots a row of this request can need: embedded virtual, input and every new token (an
         encoder-decoder row: its encoder input, or its decoder tokens, whichever is longer)."""
         return self.kind.max_own_tokens(row, self.max_new_tokens)
+
+    def adapter_keys(self) -> set[tuple[str, int]]:
+        """The distinct LoRA and IA3 tasks the unfinished rows apply."""
+        return {row.task.key for row in self.rows if row.applies_adapter and row.task and not row.is_finished}
 
     def task_tokens(self) -> dict[tuple[str, int], int]:
         """The distinct tasks whose shared keys and values the unfinished rows need: key -> virtual tokens."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from server.engine.adapter_slots import AdapterSlots
 from server.engine.kv_memory import KVMemory
 from server.engine.request import Request, Sequence, Status
 
@@ -67,9 +68,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, memory: KVMemory) -> None:
+    def __init__(self, config: SchedulerConfig, memory: KVMemory, adapters: AdapterSlots | None = None) -> None:
         self.config = config
         self.memory = memory
+        self.adapters = adapters or AdapterSlots()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order: the last is preempted first
 
@@ -89,6 +91,8 @@ class Scheduler:
             return f"the request needs {request.num_rows} batch rows; max_batch_size is {self.config.max_batch_size}"
         if request.is_lockstep and request.num_rows > self.config.max_step_tokens:
             return f"a mean ensemble of {request.num_rows} rows; max_batch_tokens is {self.config.max_step_tokens}"
+        if (num_adapters := len(request.adapter_keys())) > self.adapters.max_loras:
+            return f"the request applies {num_adapters} LoRA / IA3 tasks; max_loras is {self.adapters.max_loras}"
         # every task counted in full, resident or not: the answer must not depend on what else runs now
         blocks = sum(self.memory.blocks_for(num_tokens) for num_tokens in request.task_tokens().values())
         blocks += sum(self.memory.blocks_for(request.max_own_tokens(row)) for row in request.rows)
@@ -149,6 +153,8 @@ class Scheduler:
             needed = self.memory.task_blocks_needed(request.task_tokens()) + self.blocks_to_grow(chunks)
             if not chunks or needed > self.memory.num_available_blocks:
                 return
+            if not self.adapters.can_hold(request.adapter_keys()):
+                return  # its LoRA / IA3 tasks wait for room among the max_loras held
             plan.encoder_tokens += encoder
             self.waiting.popleft()
             request.status = Status.RUNNING
@@ -156,6 +162,9 @@ class Scheduler:
             for row in request.rows:
                 if row.needs_task_blocks and row.task is not None:
                     row.task_blocks = self.memory.hold_task(row.task.key, row.num_virtual_tokens)
+                if row.applies_adapter and row.task is not None and not row.is_finished:
+                    self.adapters.hold(row.task.key)
+                    row.holds_adapter = True
             self.grow(chunks)
             plan.add(chunks)
             plan.admitted.append(request)
@@ -209,6 +218,9 @@ class Scheduler:
         if row.task_blocks is not None:
             self.memory.release_task(row.task_blocks.key)
             row.task_blocks = None
+        if row.holds_adapter and row.task is not None:
+            self.adapters.release(row.task.key)
+            row.holds_adapter = False
 
     # ---- leaving
 

@@ -6,7 +6,8 @@ their virtual tokens come first and attend only to each other, so the keys and v
 every input; computed once per task version into the pool, they are then shared by every row of the task like a
 prefix. Otherwise a prompt row feeds the task's vectors as its first input embeddings (kept here, least recently
 used first, within a byte budget). Which form a row's task takes is decided when the request is built
-(the backbone kind's `has_kv_prefix`) and never changes.
+(the backbone kind's `has_kv_prefix`) and never changes. LoRA and IA3 tasks live as their modules' weights in the
+adapter pool (adapters.py), under the same hit, load and eviction counts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 from prompt_store.adapter import is_valid_task_id
 from prompt_store.materialize import materialize
 from prompt_store.types import CacheStats, TaskArtifact, TaskKey, nbytes
+from server.engine.adapter_slots import AdapterSlots
+from server.engine.adapters import AdapterCache, AdapterHooks, DeviceAdapter
 from server.engine.attention import one_row_kv, run_backbone
 from server.engine.backbone import Backbone
 from server.engine.kv_memory import KVMemory, TaskBlocks
@@ -35,11 +38,22 @@ def is_user_task(key: TaskKey) -> bool:
 
 
 class TaskCache:
-    def __init__(self, backbone: Backbone, pool: KVPool, memory: KVMemory, embeddings_budget_bytes: int) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        pool: KVPool,
+        memory: KVMemory,
+        embeddings_budget_bytes: int,
+        adapter_slots: AdapterSlots | None = None,
+        adapter_budget_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.backbone = backbone
         self.pool = pool
         self.memory = memory
         self.budget_bytes = embeddings_budget_bytes
+        self.adapters = AdapterCache(
+            AdapterHooks(backbone.modules), adapter_slots or AdapterSlots(), adapter_budget_bytes
+        )
         self.embeddings: OrderedDict[TaskKey, torch.Tensor] = OrderedDict()  # least recently used first
         self.heads: OrderedDict[TaskKey, dict[str, torch.Tensor]] = OrderedDict()  # classification heads, LRU
         self.num_hits = 0
@@ -83,6 +97,20 @@ class TaskCache:
         kv = one_row_kv(self.pool.keys, self.pool.values, slots)
         positions = torch.arange(slots.shape[0], device=slots.device)[None]
         run_backbone(self.backbone.model, kv, inputs_embeds=prompt_embeds[None], position_ids=positions)
+
+    def adapter_of(self, artifact: TaskArtifact) -> DeviceAdapter:
+        """A LoRA or IA3 task's weights on the device (loaded into the adapter pool on a miss)."""
+        adapter = self.adapters.get(artifact.key)
+        if adapter is not None:
+            self.record_hit(artifact.key)
+            return adapter
+        self.num_misses += 1
+        started = time.perf_counter()
+        adapter = DeviceAdapter.of(artifact, self.backbone.device, self.backbone.dtype)
+        adapter.is_retired = self.memory.is_superseded(artifact.key)  # a probe's, or a retired version's last rows
+        self.adapters.add(adapter)
+        self.record_load(artifact.key, started)
+        return adapter
 
     def embeddings_of(self, artifact: TaskArtifact) -> torch.Tensor:
         """[P, H]: a prompt task's vectors, for rows that feed them as input embeddings."""
@@ -131,6 +159,7 @@ class TaskCache:
         """Free every version of the task but `keep_version` (None: all); keys and values in use go on their last
         release."""
         self.memory.retire(task_id, keep_version)
+        self.adapters.retire(task_id, keep_version)
         for key in [key for key in self.embeddings if key[0] == task_id and key[1] != keep_version]:
             del self.embeddings[key]
         for key in [key for key in self.heads if key[0] == task_id and key[1] != keep_version]:
@@ -138,8 +167,9 @@ class TaskCache:
 
     def take_events(self) -> TaskCacheEvents:
         """The users' tasks' hits, loads and evictions since the last call (the engine takes them once a step)."""
-        hits, loads, evicted = self.hits, self.loads, self.evicted + self.memory.take_evicted()
-        self.hits, self.loads, self.evicted = [], [], []
+        hits, loads = self.hits, self.loads
+        evicted = self.evicted + self.memory.take_evicted() + self.adapters.evicted
+        self.hits, self.loads, self.evicted, self.adapters.evicted = [], [], [], []
         return TaskCacheEvents(
             hits=tuple(filter(is_user_task, hits)),
             loads=tuple(load for load in loads if is_user_task(load.key)),
@@ -149,17 +179,22 @@ class TaskCache:
     def stats(self) -> CacheStats:
         """Read from other threads (metrics): each dict is copied in one C call, which holds the GIL throughout."""
         tasks, embeddings = list(self.memory.tasks.values()), list(self.embeddings.items())
+        adapters, held = list(self.adapters.resident.values()), set(self.adapters.slots.holds)
         task_bytes = sum(len(task.block_ids) for task in tasks) * self.pool.block_bytes
         resident = {task.key for task in tasks if task.is_filled} | {key for key, _ in embeddings}
+        resident |= {adapter.key for adapter in adapters}
         return CacheStats(
             hits=self.num_hits,
             misses=self.num_misses,
-            evictions=self.num_evictions + self.memory.num_evictions,
-            resident_bytes=nbytes(t for _, t in embeddings) + task_bytes,
-            num_entries=len(embeddings) + len(tasks),
-            num_pinned=sum(task.ref_count > 0 for task in tasks),
+            evictions=self.num_evictions + self.memory.num_evictions + self.adapters.num_evictions,
+            resident_bytes=nbytes(t for _, t in embeddings) + task_bytes + sum(a.nbytes for a in adapters),
+            num_entries=len(embeddings) + len(tasks) + len(adapters),
+            num_pinned=sum(task.ref_count > 0 for task in tasks) + sum(a.key in held for a in adapters),
             resident_tasks=tuple(sorted(filter(is_user_task, resident))),
             max_resident_tasks=self.max_resident_tasks([len(task.block_ids) for task in tasks]) + len(embeddings),
+            adapter_bytes=sum(a.nbytes for a in adapters),
+            num_adapters=len(adapters),
+            adapter_capacity_bytes=self.adapters.budget_bytes,
         )
 
     def max_resident_tasks(self, task_blocks: list[int]) -> int:

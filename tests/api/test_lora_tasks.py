@@ -82,12 +82,11 @@ def test_a_rank_above_max_lora_rank_is_a_422_with_both_numbers(client: TestClien
     assert client.get("/info").json()["max_lora_rank"] == MAX_LORA_RANK
 
 
-def test_listings_and_models_show_method_and_rank(
+def test_lora_and_ia3_tasks_are_registered_served_replaced_and_deleted(
     client: TestClient, engine: AsyncEngine, adapters: dict[str, Path]
 ) -> None:
     for name in ("lora", "ia3"):
-        files = adapter_files(adapters[name])
-        engine.store.register(name, files["adapter_config"][1], files["adapter_model"][1])
+        assert client.put(f"/v1/tasks/{name}", files=adapter_files(adapters[name])).status_code == 201
     tasks = {t["task_id"]: t for t in client.get("/v1/tasks").json()["tasks"]}
     assert {k: (t["method"], t["rank"], t["num_virtual_tokens"]) for k, t in tasks.items()} == {
         "lora": ("lora", 4, 0),
@@ -96,3 +95,22 @@ def test_listings_and_models_show_method_and_rank(
     models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert (models["lora"]["method"], models["lora"]["rank"]) == ("lora", 4)
     assert (models["ia3"]["method"], models["ia3"]["rank"]) == ("ia3", None)
+
+    def answer(task: str | None) -> str:
+        body = {"inputs": "hello world", "task_id": task, "parameters": {"max_new_tokens": 6}}
+        response = client.post("/v1/generate", json=body)
+        assert response.status_code == 200, response.text
+        return str(response.json()["generated_text"])
+
+    bare, lora, ia3 = answer(None), answer("lora"), answer("ia3")
+    assert lora != bare and ia3 != bare
+    ensemble = {"inputs": "hello world", "task_ids": ["lora", "ia3", "lora"], "parameters": {"max_new_tokens": 6}}
+    assert client.post("/v1/generate", json=ensemble).json()["generated_text"] == lora  # two votes of three
+
+    replaced = client.put("/v1/tasks/lora", files=adapter_files(adapters["ia3"]))
+    assert (replaced.status_code, replaced.json()["version"], replaced.json()["method"]) == (200, 2, "ia3")
+    assert answer("lora") == ia3
+    assert client.delete("/v1/tasks/lora").status_code == 204
+    assert client.post("/v1/generate", json={"inputs": "x", "task_id": "lora"}).status_code == 404
+    metrics = client.get("/metrics").text
+    assert "promptserve_adapter_cache_entries" in metrics and "promptserve_adapter_cache_used_bytes" in metrics

@@ -34,6 +34,7 @@ from tests.architectures import (
 )
 from tests.engine.harness import Harness
 from tests.fixtures import VIRTUAL_TOKENS, TinyBackbone, write_peft_adapter, write_strong_backbone
+from tests.lora_fixtures import write_module_adapter
 from tests.reference import greedy_with_logprobs
 from tests.seq2seq_fixtures import greedy_seq2seq_logprobs
 
@@ -221,3 +222,43 @@ def test_mpts_clip_qkv_moves_the_logits(built: Callable[[Family], TinyBackbone])
         block.attn.clip_qkv = None
     moved = clipped(input_ids=input_ids).logits - unclipped(input_ids=input_ids).logits
     assert moved.abs().max() >= MIN_MOVE
+
+
+def test_lora_and_ia3_on_every_linear_layer_mixed_equal_peft_forward(
+    family: tuple[Family, TinyBackbone], tmp_path: Path
+):
+    """A LoRA task on every linear layer but the output (PEFT's "all-linear"; a mixture's attention, its experts
+    being parameters PEFT adapts otherwise), an IA3 task on the same layers, a prompt-learning row and a plain row in
+    one batch: each equals PEFT's own forward for its adapter alone."""
+    chosen, tiny = family
+    harness = Harness(tiny, tmp_path / "store")
+    targets: str | list[str] = "all-linear"
+    if "num_local_experts" in chosen.quirk:  # PEFT adapts the fused experts as parameters: not served
+        experts = write_module_adapter(tiny.path, "lora", tmp_path / "experts", seed=10, target_modules="all-linear")
+        with pytest.raises(InvalidTask, match="target_parameters must be unset"):
+            harness.store.register_dir("experts", experts)
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    module_adapters = {
+        "lora": write_module_adapter(tiny.path, "lora", tmp_path / "lora", seed=11, target_modules=targets),
+        "ia3": write_module_adapter(
+            tiny.path, "ia3", tmp_path / "ia3", seed=12, target_modules=targets, feedforward_modules=[]
+        ),
+    }
+    for name, directory in module_adapters.items():
+        harness.store.register_dir(name, directory)
+    rows = {"lora": LONG_TEXT[:20], "ia3": LONG_TEXT[:17], chosen.kinds[0]: LONG_TEXT[:15], None: LONG_TEXT[:12]}
+    completions = harness.run(*(harness.request(text, task, max_new_tokens=NEW_TOKENS) for task, text in rows.items()))
+    for (task, text), completion in zip(rows.items(), completions, strict=True):
+        base = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+        directory = module_adapters.get(task) or tiny.adapters.get(task)  # type: ignore[arg-type]
+        model = base if directory is None else PeftModel.from_pretrained(base, directory).eval()
+        input_ids = list(harness.backbone.tokenizer(text)["input_ids"])
+        tokens, logprobs = greedy_with_logprobs(model, input_ids, NEW_TOKENS, harness.backbone.eos_token_ids)
+        if task in module_adapters:  # the adapter matters: its first log-probability is not the bare backbone's
+            bare = AutoModelForCausalLM.from_pretrained(tiny.path).eval()
+            _, bare_logprobs = greedy_with_logprobs(bare, input_ids, 1, harness.backbone.eos_token_ids)
+            assert abs(bare_logprobs[0] - logprobs[0]) > 1e-3, f"{chosen.name}: the {task} task changes nothing"
+        assert [token.id for token in completion.tokens] == tokens, f"{chosen.name}, {task}"
+        served = torch.tensor([token.logprob for token in completion.tokens])
+        torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=LOGPROB_TOLERANCE)
+    assert harness.is_idle()

@@ -169,6 +169,7 @@ REFUSALS = [
     ({"some_future_option": {"on": True}}, "some_future_option"),
     ({"target_modules": ["embed_tokens"]}, "embeddings"),
     ({"target_modules": ["input_layernorm"]}, "RMSNorm"),
+    ({"target_modules": ["lm_head"]}, "output layer"),
     ({"target_modules": ["no_such_module"]}, "none matched"),
     ({"target_modules": "(unclosed"}, "regular expression"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),

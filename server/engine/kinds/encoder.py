@@ -112,7 +112,13 @@ class Encoder(ModelKind):
         mask = torch.zeros(len(rows), width, dtype=torch.long, device=runner.device)
         for i, row in enumerate(rows):
             embeds[i, : len(row)], mask[i, : len(row)] = row, 1
-        hidden = runner.model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]  # [B, W, H]
+        padded = [
+            (row, n)
+            for chunk, r in zip(chunks, rows, strict=True)
+            for row, n in ((chunk.row, len(r)), (None, width - len(r)))
+        ]
+        with runner.adapted([row for row, _ in padded], [n for _, n in padded]):  # row i's tokens: i * W ..
+            hidden = runner.model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]  # [B, W, H]
         return hidden[mask.bool()]
 
     # ---- the self-check: final hidden states, which every classification head reads

@@ -110,9 +110,10 @@ class EncoderDecoder(ModelKind):
     def decode(self, runner: ModelRunner, chunks: list[Chunk], layout: StreamLayout, kv: StepKV) -> torch.Tensor:
         seq2seq, device = self.seq2seq, runner.device
         starting = [chunk.row for chunk in chunks if chunk.start == 0]
-        encoded = [encode(runner.model, self.encoder_input(runner, row)) for row in starting]  # each [S, H]
+        encoded = [self.encode_row(runner, row) for row in starting]  # each [S, H]
         hidden_size = runner.backbone.fingerprint.hidden_size
         hidden = torch.cat(encoded) if encoded else torch.zeros(1, hidden_size, device=device)
+        states = hidden.to(runner.backbone.dtype)[None]  # [1, sum S, H]: what the cross-attention projects
         slots = [slots_of(row.block_ids, self.encoder_length(row), runner.pool.block_size) for row in starting]
         kv.cross = CrossKV(
             first_layer=seq2seq.num_decoder_layers,
@@ -124,17 +125,25 @@ class EncoderDecoder(ModelKind):
         token_ids = [t for chunk in chunks for t in self.own_token_ids(chunk.row, chunk.start, chunk.num_tokens)]
         if seq2seq.positions is not None:
             seq2seq.positions.positions = layout.positions[None].to(device)
+        lengths = [len(e) for e in encoded] or [1]
         try:
-            return run_decoder(
-                runner.model,
-                kv,
-                seq2seq.num_decoder_layers,
-                decoder_input_ids=torch.tensor([token_ids], device=device),
-                encoder_outputs=BaseModelOutput(last_hidden_state=hidden.to(runner.backbone.dtype)[None]),
-            )
+            with runner.tasks.adapters.hooks.source(states, runner.row_adapters(list(starting) or [None]), lengths):
+                return run_decoder(
+                    runner.model,
+                    kv,
+                    seq2seq.num_decoder_layers,
+                    decoder_input_ids=torch.tensor([token_ids], device=device),
+                    encoder_outputs=BaseModelOutput(last_hidden_state=states),
+                )
         finally:
             if seq2seq.positions is not None:
                 seq2seq.positions.positions = None
+
+    def encode_row(self, runner: ModelRunner, row: Sequence) -> torch.Tensor:
+        """[S, H]: the row's encoder pass, alone, with its LoRA / IA3 task's deltas."""
+        embeds = self.encoder_input(runner, row)
+        with runner.adapted([row], [len(embeds)]):
+            return encode(runner.model, embeds)
 
     def encoder_input(self, runner: ModelRunner, row: Sequence) -> torch.Tensor:
         """[S, H]: a prompt task's virtual tokens (as PEFT puts them, before the input), then the input embedded."""
