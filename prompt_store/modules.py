@@ -137,6 +137,11 @@ def resolve_targets(config: dict[str, Any], method: Method, fingerprint: Backbon
             raise refuse(
                 "target_modules", f"layers inside the backbone ({apart})", f"{module.name} ({module.type_name})"
             )
+        if module.kind is ModuleKind.EXPERT:
+            expert = "a mixture's expert sees only the tokens routed to it: not served"
+            raise refuse(
+                "target_modules", f"layers every token passes ({expert})", f"{module.name} ({module.type_name})"
+            )
         if module.kind not in SERVED_KINDS:
             raise refuse(
                 "target_modules", "linear layers or GPT-2's Conv1D only", f"{module.name} ({module.type_name})"

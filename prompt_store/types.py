@@ -42,6 +42,7 @@ class ModuleKind(enum.StrEnum):
     CONV1D = "conv1d"  # transformers' Conv1D (GPT-2): a linear layer whose weight is stored [in, out]
     EMBEDDING = "embedding"
     HEAD = "head"  # run apart from the shared pass: the output layer, a classification head, its pooler
+    EXPERT = "expert"  # a linear layer of a mixture's expert: it sees only the tokens routed to it
     OTHER = "other"
 
 

@@ -102,6 +102,8 @@ def module_shapes(model: torch.nn.Module) -> tuple[ModuleShape, ...]:
 
 def module_shape(name: str, module: torch.nn.Module) -> ModuleShape:
     type_name = type(module).__name__
+    if ".experts." in f".{name}" and isinstance(module, torch.nn.Linear | Conv1D):
+        return ModuleShape(name, ModuleKind.EXPERT, type_name)
     if isinstance(module, torch.nn.Linear):
         return ModuleShape(name, ModuleKind.LINEAR, type_name, module.in_features, module.out_features)
     if isinstance(module, Conv1D):  # weight [in, out]

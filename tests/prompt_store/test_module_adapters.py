@@ -4,6 +4,7 @@ modules resolved on the backbone as PEFT resolves them, and what is not served r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from prompt_store.errors import InvalidTask
 from prompt_store.registry import TaskStore
 from prompt_store.targets import targets_of
 from prompt_store.types import BackboneFingerprint, IA3Weights, LoraWeights, Method
-from server.engine.backbone import load_backbone
+from server.engine.backbone import load_backbone, module_shapes
 from tests.fixtures import tiny_gpt2_config, tiny_llama_config, write_strong_backbone
 from tests.lora_fixtures import lora_config, write_module_adapter
 from tests.nlu_fixtures import NUM_LABELS, nlu_config
@@ -237,3 +238,14 @@ def test_a_lora_task_is_registered_listed_replaced_and_read_back(
     assert (artifact.record.rank, len(artifact.modules)) == (8, 4)
     assert artifact.nbytes == sum(t.nbytes for t in load_safetensors(models[1]).values())  # its [0, H] prompt: none
     assert [r.to_dict()["method"] for r in reopened.list()] == ["lora"]
+
+
+def test_a_mixtures_expert_layers_are_refused_targets(fingerprints: dict[str, BackboneFingerprint]) -> None:
+    """Per-expert linear layers (older MoE code) see only their routed tokens: the fingerprint marks them."""
+    experts = torch.nn.Module()
+    experts.add_module("experts", torch.nn.ModuleList([torch.nn.Linear(48, 48) for _ in range(2)]))
+    shapes = module_shapes(experts)
+    fp = replace(fingerprints["llama"], modules=(*fingerprints["llama"].modules, *shapes))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "target_modules": ["experts.0"]}
+    with pytest.raises(InvalidTask, match="expert sees only the tokens routed to it"):
+        parse_adapter(json.dumps(config).encode(), save_safetensors({}), fp, StoreLimits())
