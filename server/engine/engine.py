@@ -362,6 +362,7 @@ class Engine:
         for request in leaving:
             if request.status is not Status.FINISHED:
                 self.drop(request)
+        self.tasks.adapters.drop_retired()  # LoRA / IA3 versions retired (a probe's) that no row holds any more
 
     def record_step(self, chunks: list[Chunk], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
         self.num_steps += 1

@@ -87,6 +87,7 @@ def test_lora_and_ia3_tasks_are_registered_served_replaced_and_deleted(
 ) -> None:
     for name in ("lora", "ia3"):
         assert client.put(f"/v1/tasks/{name}", files=adapter_files(adapters[name])).status_code == 201
+    assert not any(key[0] == "#probe" for key in engine.engine.tasks.adapters.resident)  # the probe's weights left
     tasks = {t["task_id"]: t for t in client.get("/v1/tasks").json()["tasks"]}
     assert {k: (t["method"], t["rank"], t["num_virtual_tokens"]) for k, t in tasks.items()} == {
         "lora": ("lora", 4, 0),

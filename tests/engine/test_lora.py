@@ -182,8 +182,12 @@ def test_max_loras_makes_rows_of_other_tasks_wait_and_answers_stay_exact(
 def test_a_replaced_lora_task_serves_its_new_version(
     served: Harness, module_adapters: dict[str, Path], references: dict
 ) -> None:
+    check(served.alone(TEXTS[0], "lora-a", max_new_tokens=8), references[("lora-a", TEXTS[0])])
     served.store.register_dir("lora-a", module_adapters["lora-b"])
+    served.engine.retire_task("lora-a", 2)  # what the server does when the store announces version 2
+    assert ("lora-a", 1) not in served.engine.tasks.adapters.resident
     check(served.alone(TEXTS[0], "lora-a", max_new_tokens=8), references[("lora-b", TEXTS[0])])
+    assert list(served.engine.tasks.adapters.resident) == [("lora-a", 2)]
 
 
 def test_an_ensemble_of_more_lora_tasks_than_max_loras_is_refused(
