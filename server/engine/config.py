@@ -64,7 +64,8 @@ class EngineConfig:
     kv_cache_memory_fraction: Annotated[float, Gt(0), Le(1)] = setting(
         0.8,
         "on a GPU with kv_cache_bytes unset: the KV pool's share of the memory free after loading the model, less "
-        "the activation peak of a worst-case step profiled at start",
+        "the activation peak of a worst-case step profiled at start; prompt_cache_bytes and adapter_cache_bytes "
+        "come out of that share",
     )
     kv_block_size: Annotated[int, Ge(1)] = setting(8, "tokens per KV block (a row wastes half a block on average)")
     poll_interval_s: Annotated[float, Ge(0)] = setting(

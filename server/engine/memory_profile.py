@@ -162,9 +162,10 @@ class MemoryProfile:
     activation_bytes: int  # the worst step's peak above what was held when it started
     free_bytes: int  # free on the device after the profile, its memory released
 
-    def pool_budget(self, fraction: float) -> int:
-        """`fraction` of what the worst step's activations leave of the free memory."""
-        return int(max(0, self.free_bytes - self.activation_bytes) * fraction)
+    def pool_budget(self, fraction: float, reserved: int) -> int:
+        """`fraction` of what the worst step's activations leave of the free memory, less `reserved` (the device
+        caches that fill later: prompt embeddings, LoRA / IA3 weights)."""
+        return max(0, int(max(0, self.free_bytes - self.activation_bytes) * fraction) - reserved)
 
 
 @torch.inference_mode()
@@ -213,8 +214,13 @@ def pool_budget(config: EngineConfig, profile: MemoryProfile | None) -> int:
             )  # fmt: skip
         return config.kv_cache_bytes
     if profile is not None:
-        return profile.pool_budget(config.kv_cache_memory_fraction)
+        return profile.pool_budget(config.kv_cache_memory_fraction, reserved_bytes(config))
     return CPU_DEFAULT_BYTES
+
+
+def reserved_bytes(config: EngineConfig) -> int:
+    """Device memory the engine's task caches may fill after the pool is allocated, kept out of its share."""
+    return config.prompt_cache_bytes + config.adapter_cache_bytes
 
 
 def describe_pool(num_blocks: int, block_bytes: int, block_size: int, profile: MemoryProfile | None) -> str:

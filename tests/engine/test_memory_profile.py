@@ -85,7 +85,8 @@ def llama(tiny_llama: TinyBackbone) -> Backbone:
 def test_the_pool_takes_its_share_of_what_weights_and_the_worst_step_leave(llama: Backbone, monkeypatch):
     probe = FakeProbe([])
     engine = engine_with(llama, probe, monkeypatch, kv_cache_memory_fraction=0.5)
-    expected_blocks = int((probe.free - probe.activations) * 0.5) // engine.pool.block_bytes
+    reserved = engine.config.prompt_cache_bytes + engine.config.adapter_cache_bytes  # the task caches fill later
+    expected_blocks = (int((probe.free - probe.activations) * 0.5) - reserved) // engine.pool.block_bytes
     assert engine.memory.num_blocks == expected_blocks
     assert probe.events == [
         "allocated",  # the weights, before anything of the engine's
@@ -98,6 +99,14 @@ def test_the_pool_takes_its_share_of_what_weights_and_the_worst_step_leave(llama
         "free",
         f"pool {expected_blocks + 1}",  # then the pool
     ]
+
+
+def test_the_task_caches_budgets_are_kept_out_of_the_pools_share(llama: Backbone, monkeypatch):
+    probe = FakeProbe([])
+    small = engine_with(llama, probe, monkeypatch, adapter_cache_bytes=0, prompt_cache_bytes=0)
+    large = engine_with(llama, FakeProbe([]), monkeypatch, adapter_cache_bytes=GiB, prompt_cache_bytes=GiB // 2)
+    freed = (small.memory.num_blocks - large.memory.num_blocks) * small.pool.block_bytes
+    assert 1.5 * GiB - small.pool.block_bytes < freed <= 1.5 * GiB
 
 
 def test_a_configured_pool_size_is_kept_and_warned_about_when_it_leaves_too_little(llama: Backbone, monkeypatch,
