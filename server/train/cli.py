@@ -1,11 +1,11 @@
 """`promptserve train`: a JSON Lines file in, a PEFT adapter directory out, and with --register a task served.
 
-Trains with PEFT on the frozen backbone, with the one loop of server.train.loop. Everything that can refuse the run
-(the data, the output directory, the device, the server, its token and its backbone, the task id, the method on
-this backbone, the adapter's shape under the store's rules, every pair's length) is checked before the first
-step; Ctrl-C stops it with nothing written. The output directory holds adapter_config.json and
-adapter_model.safetensors (what the store takes), metrics.json (exact match before and after, the loss curve)
-and, with matplotlib, loss.png.
+Trains a prompt (prompt tuning, P-tuning, prefix tuning) or a LoRA / IA3 adapter with PEFT on the frozen backbone,
+with the one loop of server.train.loop. Everything that can refuse the run (the data, the output directory, the
+device, the server, its token and its backbone, the task id, the method on this backbone, the adapter's shape under
+the store's rules, every pair's length) is checked before the first step; Ctrl-C stops it with nothing written. The
+output directory holds adapter_config.json and adapter_model.safetensors (what the store takes), metrics.json (exact
+match before and after, the loss curve) and, with matplotlib, loss.png.
 """
 
 from __future__ import annotations
@@ -32,12 +32,24 @@ from transformers.utils import logging as transformers_logging
 
 from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, parse_adapter, validate_task_id
 from prompt_store.errors import InvalidTask, TaskTooLarge
+from prompt_store.types import BackboneFingerprint
 from server.engine.backbone import eos_token_ids, fingerprint_of, max_positions_of, resolve_device, resolve_dtype
 from server.engine.default_backbone import ensure_default_backbone
 from server.train.data import DataError, Pair, encode, held_out_split, input_ids, output_ids, read_pairs
 from server.train.evaluate import SLACK, Score, exact_match
 from server.train.loop import Batch, Diverged, Example, epoch_batches, make_deterministic, train_loop
-from server.train.methods import METHODS, PEFT_NAMES, Method, peft_config, save_adapter
+from server.train.methods import (
+    ALL_LINEAR,
+    METHODS,
+    PEFT_NAMES,
+    LoraShape,
+    Method,
+    default_targets,
+    ia3_config,
+    lora_config,
+    peft_config,
+    save_adapter,
+)
 
 DEFAULT_MODEL_NAME = "promptserve/default"  # what the server reports as its model id on the built-in backbone
 DEFAULT_STEPS = 300
@@ -70,15 +82,18 @@ class Setup:
     eos_token_ids: frozenset[int]  # where the server stops a row
     device: torch.device
     method: Method
-    num_virtual_tokens: int
+    num_virtual_tokens: int  # 0 for LoRA and IA3
     learning_rate: float
     limits: StoreLimits
+    fingerprint: BackboneFingerprint  # of the backbone before PEFT wrapped its layers: what the server fingerprints
     rng: random.Random
+    adapter: str  # what was trained, in words: "20 virtual tokens", "LoRA rank 8 on q_proj, v_proj"
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
     method: str
+    adapter: str
     num_virtual_tokens: int
     learning_rate: float
     steps: int
@@ -118,6 +133,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def dropout(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a dropout probability in [0, 1); found {text}")
+    return value
+
+
+def module_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected module names separated by commas (or {ALL_LINEAR}); found {text!r}")
+    return names
+
+
 def fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -136,9 +165,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, help="held-out pairs (default: a random --eval-fraction of --data)")
     p.add_argument("--eval-fraction", type=fraction, default=0.1)
     p.add_argument("--max-eval", type=positive_int, default=500, help="held-out pairs scored at most")
-    p.add_argument("--num-virtual-tokens", type=positive_int, help="default: 20")
+    p.add_argument("--num-virtual-tokens", type=positive_int, help="prompt, p-tuning, prefix (default: 20)")
     p.add_argument(
-        "--learning-rate", type=positive_float, help="default: 3e-2 for prompt, 3e-3 for p-tuning and prefix"
+        "--learning-rate",
+        type=positive_float,
+        help="default: 3e-2 for prompt, 3e-3 for p-tuning, prefix and ia3, 1e-3 for lora",
+    )
+    p.add_argument("--rank", type=positive_int, help=f"lora: the rank r (default: {LoraShape.rank})")
+    p.add_argument("--lora-alpha", type=positive_int, help=f"lora: alpha; the delta is scaled by alpha/r "
+                   f"(default: {LoraShape.alpha})")  # fmt: skip
+    p.add_argument("--lora-dropout", type=dropout, help=f"lora: dropout on the adapter's input while training "
+                   f"(default: {LoraShape.dropout})")  # fmt: skip
+    p.add_argument(
+        "--target-modules",
+        type=module_names,
+        help="lora, ia3: the layers to adapt, by name, comma-separated (e.g. q_proj,v_proj), or all-linear "
+        "(default: PEFT's own choice for the model type, e.g. q_proj,v_proj on Llama and c_attn on GPT-2 for lora, "
+        "k_proj,v_proj,down_proj on Llama for ia3; lora takes all-linear where PEFT has none)",
     )
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help=f"optimizer steps (default: {DEFAULT_STEPS})")
@@ -183,6 +226,7 @@ def main(argv: Sequence[str]) -> int:
 
 def train(args: argparse.Namespace) -> tuple[Target | None, Summary]:
     """Everything up to the adapter written: checks first, then the run."""
+    check_flags(args)
     train_pairs, eval_pairs = load_pairs(args)
     check_output(args.output)
     target = check_server(args)
@@ -193,6 +237,7 @@ def train(args: argparse.Namespace) -> tuple[Target | None, Summary]:
 def quiet_libraries() -> None:
     """The libraries' deprecation notes and loading bars are for their developers, not for this command's user."""
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # PEFT sets it for GPT-2's Conv1D
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
 
@@ -265,17 +310,58 @@ def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
     if target is not None:
         check_same_backbone(backbone, target)
     method = METHODS[args.method]
-    num_virtual = args.num_virtual_tokens or method.num_virtual_tokens
-    hidden = backbone.config.get_text_config().hidden_size
-    config = peft_config(method.name, num_virtual, args.encoder_hidden_size or min(hidden, MAX_ENCODER_HIDDEN))
+    num_virtual = (args.num_virtual_tokens or method.num_virtual_tokens) if method.is_prompt_learning else 0
+    config, adapter = method_config(args, method, backbone, num_virtual)
+    fingerprint = fingerprint_of(backbone)  # LoRA and IA3 replace the backbone's layers in place
     model = wrap(backbone, config, method, device)
     limits = StoreLimits(max_virtual_tokens=target.max_virtual_tokens) if target else StoreLimits()
     with tempfile.TemporaryDirectory(prefix="promptserve-train-") as directory:
         model.save_pretrained(directory)  # the untrained adapter: a shape the store refuses fails now
-        check_storable(Path(directory), backbone, limits)
+        check_storable(Path(directory), fingerprint, limits)
     learning_rate = args.learning_rate or method.learning_rate
     eos = eos_token_ids(backbone, tokenizer)
-    return Setup(model, tokenizer, eos, device, method, num_virtual, learning_rate, limits, rng)
+    return Setup(model, tokenizer, eos, device, method, num_virtual, learning_rate, limits, fingerprint, rng, adapter)
+
+
+FLAGS_OF = {  # the flags that shape one kind of adapter, and the methods that take them
+    ("num_virtual_tokens", "encoder_hidden_size"): ("prompt", "p-tuning", "prefix"),
+    ("rank", "lora_alpha", "lora_dropout"): ("lora",),
+    ("target_modules",): ("lora", "ia3"),
+}
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """A flag the method does not read is a mistake in the command, not something to ignore."""
+    for names, methods in FLAGS_OF.items():
+        for name in names:
+            if getattr(args, name) is not None and args.method not in methods:
+                flag = "--" + name.replace("_", "-")
+                wanted = " or ".join(methods)
+                raise TrainRefused(f"expected {flag} with --method {wanted}; found --method {args.method}")
+
+
+def method_config(args: argparse.Namespace, method: Method, backbone: PreTrainedModel, num_virtual: int) -> Any:
+    """The method's PEFT configuration for this backbone, and what it trains, in words."""
+    model_type = backbone.config.model_type
+    if method.is_prompt_learning:
+        hidden = backbone.config.get_text_config().hidden_size
+        encoder_hidden = args.encoder_hidden_size or min(hidden, MAX_ENCODER_HIDDEN)
+        return peft_config(method.name, num_virtual, encoder_hidden), f"{num_virtual} virtual tokens"
+    try:
+        targets = args.target_modules or default_targets(method.name, model_type)
+    except ValueError as error:
+        raise TrainRefused(str(error)) from None
+    where = targets if isinstance(targets, str) else ", ".join(targets)
+    if method.name == "ia3":
+        return ia3_config(model_type, args.target_modules), f"IA3 on {where}"
+    defaults = LoraShape()
+    shape = LoraShape(
+        rank=args.rank or defaults.rank,
+        alpha=args.lora_alpha or defaults.alpha,
+        dropout=defaults.dropout if args.lora_dropout is None else args.lora_dropout,
+        target_modules=args.target_modules,
+    )
+    return lora_config(model_type, shape), f"LoRA rank {shape.rank}, alpha {shape.alpha} on {where}"
 
 
 def checked_device(name: str) -> torch.device:
@@ -323,11 +409,11 @@ def wrap(backbone: PreTrainedModel, config: Any, method: Method, device: torch.d
     return model.to(device)
 
 
-def check_storable(directory: Path, backbone: PreTrainedModel, limits: StoreLimits) -> None:
+def check_storable(directory: Path, fingerprint: BackboneFingerprint, limits: StoreLimits) -> None:
     """Read an adapter directory back as the store would."""
     config, weights = (directory / name for name in (CONFIG_NAME, MODEL_NAME))
     try:
-        parse_adapter(config.read_bytes(), weights.read_bytes(), fingerprint_of(backbone), limits)
+        parse_adapter(config.read_bytes(), weights.read_bytes(), fingerprint, limits)
     except (InvalidTask, TaskTooLarge) as error:
         raise TrainRefused(f"expected an adapter the server takes; this one would be refused: {error}") from None
 
@@ -341,11 +427,12 @@ def encode_all(setup: Setup, train_pairs: list[Pair], eval_pairs: list[Pair]) ->
     for pair in eval_pairs:
         answer = output_ids(pair, setup.tokenizer, setup.eos_token_ids)
         needs.append((pair, len(input_ids(pair, setup.tokenizer)) + len(answer) + slack))
+    beside = f" beside {setup.num_virtual_tokens} virtual tokens" if setup.num_virtual_tokens else ""
     for pair, length in needs:
         if limit is not None and length + setup.num_virtual_tokens > limit:
             raise DataError(
-                f"{pair.where}: expected a pair that fits the backbone's {limit} positions beside "
-                f"{setup.num_virtual_tokens} virtual tokens; found one of {length} tokens"
+                f"{pair.where}: expected a pair that fits the backbone's {limit} positions{beside}; "
+                f"found one of {length} tokens"
             )
     return examples
 
@@ -378,8 +465,8 @@ def fit(args: argparse.Namespace, setup: Setup, train_pairs: list[Pair], eval_pa
     trained = exact_match(model, tokenizer, eval_pairs, eos, progress)
     window = max(1, min(10, len(losses) // 2))
     summary = Summary(
-        setup.method.name, setup.num_virtual_tokens, setup.learning_rate, steps, args.batch_size, args.seed,
-        len(train_pairs), len(eval_pairs), trained.exact_match, base.exact_match,
+        setup.method.name, setup.adapter, setup.num_virtual_tokens, setup.learning_rate, steps, args.batch_size,
+        args.seed, len(train_pairs), len(eval_pairs), trained.exact_match, base.exact_match,
         sum(p.numel() for p in trainable), seconds, mean(losses[:window]), mean(losses[-window:]),
     )  # fmt: skip
     base_name = args.model or DEFAULT_MODEL_NAME
@@ -415,7 +502,7 @@ def outputs_writer(setup: Setup, summary: Summary, losses: list[float], score: S
     """What goes beside the adapter, once the trained adapter itself reads back as the store would take it."""
 
     def write(directory: Path) -> None:
-        check_storable(directory, setup.model.get_base_model(), setup.limits)
+        check_storable(directory, setup.fingerprint, setup.limits)
         misses = [{"input": i, "expected": e, "got": g} for i, e, g in score.examples]
         record = {**asdict(summary), "method_peft": PEFT_NAMES[summary.method], "loss_curve": losses, "misses": misses}
         (directory / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -446,7 +533,7 @@ def plot_losses(losses: list[float], path: Path) -> None:
 
 def report(summary: Summary, output: Path) -> None:
     print(
-        f"trained {summary.method} ({summary.num_virtual_tokens} virtual tokens, {summary.trainable_parameters:,} "
+        f"trained {summary.method} ({summary.adapter}, {summary.trainable_parameters:,} "
         f"trainable parameters) for {summary.steps} steps in {summary.seconds:.1f} s; "
         f"loss {summary.loss_first:.3f} -> {summary.loss_last:.3f}"
     )

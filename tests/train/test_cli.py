@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,6 @@ import torch
 from peft import PeftModel
 from pydantic import SecretStr
 from transformers import AutoModelForCausalLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
-from transformers.utils import logging as transformers_logging
 
 from prompt_store.adapter import StoreLimits, parse_adapter
 from promptserve_client import Client, ConflictError
@@ -31,27 +28,7 @@ from tests.fixtures import TinyBackbone
 from tests.live_server import free_port, live_server
 from tests.reference import peft_greedy
 
-WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "river", "stone"]
 TOKEN = "train-test-token"
-
-
-@pytest.fixture(autouse=True)
-def restore_transformers_logging() -> Iterator[None]:
-    """The command quiets transformers' logging for its user; the rest of the suite keeps the default."""
-    verbosity = transformers_logging.get_verbosity()
-    yield
-    transformers_logging.set_verbosity(verbosity)
-    transformers_logging.enable_progress_bar()
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    """A task the random backbone cannot do: answer `<s>ok` to anything."""
-    rng = random.Random(0)
-    lines = [{"input": " ".join(rng.choices(WORDS, k=rng.randint(1, 3))), "output": "<s>ok"} for _ in range(48)]
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return path
 
 
 def train(backbone: TinyBackbone, data: Path, output: Path, *extra: str) -> int:
