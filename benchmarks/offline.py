@@ -10,8 +10,9 @@ memory                  bytes per task; RSS growth of 1,000 resident prompt task
 `--preset cpu-t5` runs the first two on a random T5 v1.1 with T5-style prompt tuning (PEFT SEQ_2_SEQ_LM tasks, the
 prompt before the encoder's input): mixed is one prompt task per row against every row on one task, and PEFT runs
 its seq2seq `generate` per task. `--preset cpu-classify` runs the first two as classification on a random BERT-shaped
-encoder with PEFT SEQ_CLS tasks of three kinds, in inputs per second (benchmarks/classification.py). The other
-sections are Llama-only.
+encoder with PEFT SEQ_CLS tasks of three kinds, in inputs per second (benchmarks/classification.py). `--preset
+cpu-lora` runs PEFT LoRA tasks on the `cpu` Llama against PEFT's two ways of serving them (benchmarks/lora.py). The
+other sections are Llama-only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
-from benchmarks import classification, memory
+from benchmarks import classification, lora, memory
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
 from benchmarks.kv_sharing import kv_held_over_ideal
@@ -40,12 +41,14 @@ from benchmarks.report import finish, log, new_result, run_dtype, with_overrides
 from benchmarks.task_sweep import plot, throughput_by_tasks
 from benchmarks.workload import (
     CLASSIFY_PRESETS,
+    LORA_PRESETS,
     PREFIX,
     PRESETS,
     PROMPT,
     SEQ2SEQ_PRESETS,
     TaskSpec,
     is_classify,
+    is_lora,
     is_seq2seq,
     methods_of,
     one_task_per_method,
@@ -260,11 +263,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA) | float32 | ...")
     parser.add_argument(
         "--preset",
-        choices=(*PRESETS, *SEQ2SEQ_PRESETS, *CLASSIFY_PRESETS),
+        choices=(*PRESETS, *SEQ2SEQ_PRESETS, *CLASSIFY_PRESETS, *LORA_PRESETS),
         help=f"backbone size (default: by device); {', '.join(SEQ2SEQ_PRESETS)}: a T5 with prompt tuning, sections "
         f"{','.join(SEQ2SEQ_SECTIONS)} only; {', '.join(CLASSIFY_PRESETS)}: classification on a BERT-shaped encoder "
         "with prompt-tuning, P-tuning and prefix-tuning (P-Tuning v2) SEQ_CLS tasks, mixed over uniform and the engine "
-        f"over PEFT's per-task forward in inputs/s, sections {','.join(classification.SECTIONS)} only",
+        f"over PEFT's per-task forward in inputs/s, sections {','.join(classification.SECTIONS)} only; "
+        f"{', '.join(LORA_PRESETS)}: 16 PEFT LoRA tasks on the cpu Llama, mixed over uniform, the engine over PEFT "
+        f"per adapter and over PEFT's mixed adapter_names= batch, LoRA + prompt + prefix rows mixed over uniform, "
+        f"sections {','.join(lora.SECTIONS)} only",
     )
     parser.add_argument(
         "--threads",
@@ -314,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         root = args.workdir or Path(scratch)
         if is_classify(plan.preset):
             return classification.run(args, sections, root)
+        if is_lora(plan.preset):
+            return lora.run(args, sections, root)
         return run(args, plan, sections, root)
 
 
@@ -323,6 +331,8 @@ def sections_of(preset: str) -> tuple[tuple[str, ...], str]:
         return classification.SECTIONS, "an encoder"
     if is_seq2seq(preset):
         return SEQ2SEQ_SECTIONS, "a seq2seq backbone"
+    if is_lora(preset):
+        return lora.SECTIONS, "the LoRA preset"
     return SECTIONS, "a causal backbone"
 
 

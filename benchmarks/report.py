@@ -72,6 +72,11 @@ GOALS = {  # name -> (limit, goal, higher_is_better)
     "continuous_over_static": (None, 1.3, True),
     "kv_held_over_ideal": (None, 1.1, False),
     "rss_growth_over_tensor_bytes": (None, 1.1, False),
+    "lora_mixed_over_uniform": (1.0, 0.9, True),  # a LoRA delta costs arithmetic per row, mixed or not
+    "lora_engine_over_peft": (None, 2.5, True),  # on this CPU the arithmetic caps such ratios near 3
+    "lora_engine_over_peft_mixed": (None, 1.3, True),
+    "kinds_mixed_over_uniform": (1.0, 0.9, True),
+    "lora_memory_over_tensor_bytes": (None, 1.1, False),
 }
 
 
@@ -138,7 +143,15 @@ def verdict(name: str, value: float) -> str:
     return f"{'>=' if higher else '<='} {goal:g}: {'met' if met else 'NOT met'}"
 
 
-RATIOS = ("mixed_over_uniform", "engine_over_peft", "continuous_over_static")
+RATIOS = (
+    "mixed_over_uniform",
+    "engine_over_peft",
+    "continuous_over_static",
+    "lora_mixed_over_uniform",
+    "lora_engine_over_peft",
+    "lora_engine_over_peft_mixed",
+    "kinds_mixed_over_uniform",
+)
 ARCH_NAMES = {"llama": "Llama", "t5": "T5 v1.1", "bert": "BERT-shaped encoder"}
 
 
@@ -167,7 +180,7 @@ def print_table(result: dict[str, Any]) -> None:
             spread = f"{detail['pair_ratio_min']:.2f}..{detail['pair_ratio_max']:.2f}"
             cpu = f"{detail['ratio_cpu_time']:.3f}" if "ratio_cpu_time" in detail else "-"
             print(f"  {name:30} {result[name]:7.3f} {spread:>15} {cpu:>9}   {verdict(name, result[name])}")
-    for name in ("kv_held_over_ideal", GROWTH):
+    for name in ("kv_held_over_ideal", GROWTH, LORA_MEMORY):
         if name in result:
             print(f"  {name:30} {result[name]:7.3f} {'':>15} {'':>9}   {verdict(name, result[name])}")
     print()
@@ -183,9 +196,12 @@ def print_table(result: dict[str, Any]) -> None:
         print_sweep(result["throughput_by_tasks"])
     if "memory" in result:
         print_memory(result["memory"])
+    if "lora_memory" in result:
+        print_lora_memory(result["lora_memory"])
 
 
 GROWTH = "rss_growth_over_tensor_bytes"
+LORA_MEMORY = "lora_memory_over_tensor_bytes"
 
 
 def print_detail(name: str, detail: dict[str, Any]) -> None:
@@ -236,6 +252,17 @@ def print_memory(memory: dict[str, Any]) -> None:
         f"x{resident['rss_growth_over_tensor_bytes_untrimmed']:.3f} before malloc_trim); "
         f"register {resident['register_ms_per_task']:.1f} ms/task"
     )
+    print()
+
+
+def print_lora_memory(lora: dict[str, Any]) -> None:
+    print(
+        f"  {LORA_MEMORY}: {lora['num_tasks']} resident LoRA tasks, {lora['tensor_bytes_per_task'] / 2**20:.2f} MiB "
+        f"of tensors each: the adapter pool holds x{lora['pool_bytes_over_tensor_bytes']:.3f} of that; the "
+        f"process's RSS grew x{lora['rss_growth_over_tensor_bytes']:.3f} (register {lora['register_ms_per_task']:.1f}"
+        " ms/task)"
+    )
+    print(f"    {lora['definition']}")
     print()
 
 

@@ -40,6 +40,7 @@ from server.train.evaluate import SLACK, Score, exact_match
 from server.train.loop import Batch, Diverged, Example, epoch_batches, make_deterministic, train_loop
 from server.train.methods import (
     ALL_LINEAR,
+    LORA_DEFAULTS,
     METHODS,
     PEFT_NAMES,
     LoraShape,
@@ -171,11 +172,11 @@ def parser() -> argparse.ArgumentParser:
         type=positive_float,
         help="default: 3e-2 for prompt, 3e-3 for p-tuning, prefix and ia3, 1e-3 for lora",
     )
-    p.add_argument("--rank", type=positive_int, help=f"lora: the rank r (default: {LoraShape.rank})")
+    p.add_argument("--rank", type=positive_int, help=f"lora: the rank r (default: {LORA_DEFAULTS.rank})")
     p.add_argument("--lora-alpha", type=positive_int, help=f"lora: alpha; the delta is scaled by alpha/r "
-                   f"(default: {LoraShape.alpha})")  # fmt: skip
+                   f"(default: {LORA_DEFAULTS.alpha})")  # fmt: skip
     p.add_argument("--lora-dropout", type=dropout, help=f"lora: dropout on the adapter's input while training "
-                   f"(default: {LoraShape.dropout})")  # fmt: skip
+                   f"(default: {LORA_DEFAULTS.dropout})")  # fmt: skip
     p.add_argument(
         "--target-modules",
         type=module_names,
@@ -354,11 +355,10 @@ def method_config(args: argparse.Namespace, method: Method, backbone: PreTrained
     where = targets if isinstance(targets, str) else ", ".join(targets)
     if method.name == "ia3":
         return ia3_config(model_type, args.target_modules), f"IA3 on {where}"
-    defaults = LoraShape()
     shape = LoraShape(
-        rank=args.rank or defaults.rank,
-        alpha=args.lora_alpha or defaults.alpha,
-        dropout=defaults.dropout if args.lora_dropout is None else args.lora_dropout,
+        rank=args.rank or LORA_DEFAULTS.rank,
+        alpha=args.lora_alpha or LORA_DEFAULTS.alpha,
+        dropout=LORA_DEFAULTS.dropout if args.lora_dropout is None else args.lora_dropout,
         target_modules=args.target_modules,
     )
     return lora_config(model_type, shape), f"LoRA rank {shape.rank}, alpha {shape.alpha} on {where}"

@@ -74,6 +74,9 @@ class LoraShape:
     target_modules: tuple[str, ...] | None = None  # None: PEFT's default for the model type
 
 
+LORA_DEFAULTS = LoraShape()
+
+
 def default_targets(method: str, model_type: str) -> tuple[str, ...] | str:
     """PEFT's own default target modules for the model type (what `get_peft_model` would pick); where PEFT has none,
     LoRA takes every linear layer and IA3 needs --target-modules."""
