@@ -126,6 +126,7 @@ class Info(_Model):
     num_tasks: int
     kv_cache_tokens: int | None = None  # servers before the KV pool do not say
     kv_block_size: int | None = None
+    max_lora_rank: int | None = None  # servers before LoRA do not say
     model_kind: str | None = None  # causal | seq2seq | encoder (servers before it did not say)
     endpoints: list[str] | None = None  # the routes this model serves, e.g. "/v1/generate"
     has_own_head: bool | None = None  # the checkpoint's own classification head: /v1/classify with no task

@@ -70,7 +70,7 @@ class Target:
     url: str
     token: str | None
     task_id: str
-    max_virtual_tokens: int
+    limits: StoreLimits  # the server's, as /info gives them
     backbone: dict[str, Any]  # the server's model, as /info describes it
 
 
@@ -299,7 +299,9 @@ def check_server(args: argparse.Namespace) -> Target | None:
     except (PromptserveError, httpx.HTTPError, httpx.InvalidURL) as error:
         raise TrainRefused(f"expected a promptserve server at {args.register}; found: {error}") from None
     backbone = {name: getattr(info, name) for name in SERVED_BACKBONE}
-    return Target(args.register, args.token, task_id, info.max_virtual_tokens, backbone)
+    rank = {"max_lora_rank": info.max_lora_rank} if info.max_lora_rank is not None else {}
+    limits = StoreLimits(max_virtual_tokens=info.max_virtual_tokens, **rank)
+    return Target(args.register, args.token, task_id, limits, backbone)
 
 
 def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
@@ -315,7 +317,7 @@ def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
     config, adapter = method_config(args, method, backbone, num_virtual)
     fingerprint = fingerprint_of(backbone)  # LoRA and IA3 replace the backbone's layers in place
     model = wrap(backbone, config, method, device)
-    limits = StoreLimits(max_virtual_tokens=target.max_virtual_tokens) if target else StoreLimits()
+    limits = target.limits if target else StoreLimits()
     with tempfile.TemporaryDirectory(prefix="promptserve-train-") as directory:
         model.save_pretrained(directory)  # the untrained adapter: a shape the store refuses fails now
         check_storable(Path(directory), fingerprint, limits)

@@ -109,6 +109,17 @@ def test_flags_that_do_not_fit_the_method_are_refused_before_training(
     assert not out.exists()
 
 
+def test_register_refuses_a_rank_above_the_servers_before_training(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    no_training(monkeypatch)
+    with served(tiny_llama, tmp_path, max_lora_rank=4) as url:
+        register = ["--register", url, "--token", TOKEN, "--method", "lora"]
+        error = refusal(capsys, tiny_llama, data, tmp_path / "task", *register)
+    assert "this one would be refused" in error and "max_lora_rank 4" in error and "found rank 8" in error
+
+
 def test_register_serves_the_lora_task_as_peft_computes_it(
     tiny_llama: TinyBackbone, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
