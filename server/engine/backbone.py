@@ -19,7 +19,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint, ModuleKind, ModuleShape
-from server.engine import alibi
+from server.engine import alibi, lm_head
 from server.engine.attention import ATTENTION_NAME
 from server.engine.default_backbone import ensure_default_backbone
 from server.engine.errors import UnsupportedBackbone, first_line
@@ -160,6 +160,7 @@ def load_backbone(
     modules = dict(model.named_modules())
     if own is not None:
         alibi.install(model)
+    lm_head.install(model)  # float32 logits from a half-precision head
     kind = kind_of(model)
     if (reason := kind.why_unserved(model)) is not None:
         raise UnsupportedBackbone(f"{architecture_name(config)}: {reason}; {SERVED_LIST}")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from prompt_store.registry import TaskStore
+from server.engine import lm_head
 from server.engine.backbone import load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -164,3 +165,13 @@ def test_the_pool_leaves_the_profiled_activation_peak_free(tiny_llama: TinyBackb
     with torch.inference_mode():
         run_worst_step(engine.runner, chunks, backbone)
     assert probe.peak_bytes() - held <= profile.activation_bytes * 1.05 + (1 << 20)
+
+
+def test_bfloat16_head_on_cuda_writes_float32_in_one_matmul_as_the_chunked_path(tiny_llama: TinyBackbone):
+    model = load_backbone(str(tiny_llama.path), "cuda", "bfloat16").model
+    head = model.get_output_embeddings()
+    assert lm_head.has_float32_out_matmul(head.weight)
+    hidden = torch.randn(1, 9, head.in_features, device="cuda").bfloat16()
+    direct = head(hidden)
+    assert direct.dtype == torch.float32
+    torch.testing.assert_close(direct, lm_head.chunked_float32_forward(head, hidden), rtol=1e-5, atol=1e-4)
