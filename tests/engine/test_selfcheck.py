@@ -7,11 +7,12 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.engine import model_runner
 from server.engine.async_engine import build_engine
 from server.engine.config import EngineConfig
-from server.engine.selfcheck import SelfCheckFailed, self_check
+from server.engine.selfcheck import SelfCheckFailed, self_check, tolerance_of
 from server.engine.task_cache import TaskCache
 from tests.engine.harness import Harness
 from tests.fixtures import TinyBackbone
@@ -64,3 +65,10 @@ def test_a_failed_self_check_stops_the_start_unless_skipped(
         build_engine(config)
     engine = build_engine(replace(config, self_check=False))
     engine.shutdown()
+
+
+def test_half_precision_tolerance_is_32_ulps_to_the_measured_depth_and_grows_as_its_square_root_beyond():
+    assert tolerance_of(torch.float32, 80) == 1e-3
+    assert tolerance_of(torch.bfloat16, 2) == tolerance_of(torch.bfloat16, 32) == 0.25
+    assert tolerance_of(torch.float16, 32) == 32 * 2**-10
+    assert tolerance_of(torch.bfloat16, 128) == pytest.approx(0.5)
