@@ -3,7 +3,8 @@
 Stages, each in its own process with its own time limit, so one that fails or hangs costs only itself:
 1. tests: the GPU-marked tests (`pytest -m gpu`), tokens and log-probabilities against the uncached reference;
 2. self-check: the start-up self-check on the built-in backbone in bfloat16 and in float32;
-3. bench: `python -m benchmarks --quick` (engine over PEFT, mixed over uniform, continuous over static);
+3. bench: `python -m benchmarks --quick` (engine over PEFT, over the hand-written mixed batch, mixed over uniform,
+   continuous over static);
 4. http: `python -m benchmarks.http_compare`, promptserve against PEFT's per-task batches over HTTP.
 It writes one JSON and a one-screen summary (`gpu-check-<device>.json`, `.txt`) under benchmarks/results/ and exits
 non-zero if any stage failed. Without CUDA it says so in one line and exits 2; `--device cpu` is a dry run of the
@@ -56,8 +57,10 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     dry = device == "cpu"
     bench_json, http_json = scratch / "bench.json", scratch / "http.json"
     bench = [python, "-m", "benchmarks", "--quick", "--device", device, "--json", str(bench_json)]
-    bench += ["--only", "mixed,peft,static"] if not dry else ["--only", "mixed", "--preset", "cpu-small",
-                                                              "--repeats", "1", "--new-tokens", "2"]  # fmt: skip
+    if dry:
+        bench += ["--only", "mixed,hand", "--preset", "cpu-small", "--repeats", "1", "--new-tokens", "2"]
+    else:
+        bench += ["--only", "mixed,peft,hand,static"]
     http = [python, "-m", "benchmarks.http_compare", "--device", device, "--json", str(http_json)]
     if dry:
         http += ["--preset", "cpu-small", "--num-tasks", "2", "--num-requests", "2", "--max-new-tokens", "2",

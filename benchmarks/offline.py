@@ -2,6 +2,9 @@
 
 mixed_over_uniform      one task per row vs. the same rows on one task per method
 engine_over_peft        the engine vs. PEFT generate per task (one PeftModel per method, set_adapter per task)
+engine_over_hand_batch  the engine vs. the best a user can write by hand: static batches of mixed tasks, each one
+                        padded generate(inputs_embeds=...) of the backbone, prompts and stacked prefixes from PEFT's
+                        get_prompt (benchmarks/hand_batch.py)
 continuous_over_static  continuous batching vs. static batches, varied output lengths, Poisson arrivals
 kv_held_over_ideal      KV bytes of 32 running rows of one task with 128 virtual tokens, over the ideal
 tasks                   throughput against the number of distinct tasks, ours beside PEFT's (and a PNG)
@@ -34,6 +37,7 @@ from transformers.utils import logging as hf_logging
 from benchmarks import classification, lora, memory
 from benchmarks.compare import alternate
 from benchmarks.engine_runs import CONTINUOUS, STATIC, EngineRig, RunResult
+from benchmarks.hand_batch import HandBatch
 from benchmarks.kv_sharing import kv_held_over_ideal
 from benchmarks.notes import match_rates, step_notes, tokens_per_cpu_s, tokens_per_s, workload_notes
 from benchmarks.peft_baseline import PeftServer
@@ -47,6 +51,7 @@ from benchmarks.workload import (
     PROMPT,
     SEQ2SEQ_PRESETS,
     TaskSpec,
+    Workload,
     is_classify,
     is_lora,
     is_seq2seq,
@@ -62,8 +67,8 @@ from benchmarks.workload import (
     write_tasks,
 )
 
-SECTIONS = ("mixed", "peft", "static", "kv", "tasks", "memory")
-SEQ2SEQ_SECTIONS = ("mixed", "peft")
+SECTIONS = ("mixed", "peft", "hand", "static", "kv", "tasks", "memory")
+SEQ2SEQ_SECTIONS = ("mixed", "peft")  # the hand-written batch is a causal LM's (a T5's prompt goes to its encoder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +184,52 @@ def engine_over_peft(
         "steps": step_notes(paired.runs_a),
         "workload": workload_notes(workload, len(chosen)),
     }
+
+
+# ---- engine over the hand-written mixed batch
+
+
+def engine_over_hand_batch(
+    rig: EngineRig, hand: HandBatch, tasks: list[TaskSpec], plan: Plan, rng: random.Random
+) -> dict[str, Any]:
+    chosen = tasks[: plan.peft_num_tasks]
+    workload = shuffled_workload(rng, chosen, plan.peft_requests_per_task, plan.input_chars, plan.new_tokens)
+    batch_size = plan.peft_max_batch_size
+    rig.set_max_batch_size(batch_size)
+    paired = alternate(
+        "engine",
+        lambda: rig.run(workload),
+        "hand",
+        lambda: hand.run(workload, batch_size),
+        tokens_per_s,
+        plan.repeats,
+        progress=log,
+    )
+    method_of = {t.task_id: t.method for t in chosen}
+    matches = [a == b for a, b in zip(paired.runs_a[-1].token_ids, paired.runs_b[-1].token_ids, strict=True)]
+    return {
+        **paired.summary("tokens_per_s"),
+        "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
+        **hand_match_rates(workload, matches, method_of),
+        "definition": (
+            f"{len(workload.jobs)} requests over {len(chosen)} tasks ({plan.peft_requests_per_task} each, shuffled); "
+            f"engine: max_batch_size {batch_size}, every request queued at t=0; by hand: the requests in arrival "
+            f"order, {batch_size} at a time, each batch ONE left-padded greedy generate(inputs_embeds=...) of the "
+            "backbone that runs to its end: each task's virtual tokens from PEFT's get_prompt once, prompt "
+            "embeddings before a row's token embeddings, prefix keys and values stacked per row into one DynamicCache"
+        ),
+        "match_note": "greedy tokens equal the engine's wherever a row's rounding agrees (padding changes the "
+        "batch's arithmetic, not the positions)",
+        "steps": step_notes(paired.runs_a),
+        "workload": workload_notes(workload, len(chosen)),
+    }
+
+
+def hand_match_rates(workload: Workload, matches: list[bool], method_of: dict[str, str]) -> dict[str, Any]:
+    """As PEFT's, less the unpadded rows' rate (a batch of mixed tasks pads by the batch, not by the task)."""
+    rates = match_rates(workload, matches, method_of)
+    del rates["match_rate_unpadded_rows"]
+    return rates
 
 
 CAUSAL_MATCH_NOTE = (
@@ -354,6 +405,11 @@ def run(args: argparse.Namespace, plan: Plan, sections: set[str], root: Path) ->
         peft = PeftServer(backbone_dir, tasks[: plan.peft_num_tasks], args.device, dtype)
         result["details"]["engine_over_peft"] = engine_over_peft(rig, peft, tasks, plan, rng)
         del peft
+    if "hand" in sections:
+        log("engine_over_hand_batch")
+        hand = HandBatch(backbone_dir, tasks[: plan.peft_num_tasks], args.device, dtype)
+        result["details"]["engine_over_hand_batch"] = engine_over_hand_batch(rig, hand, tasks, plan, rng)
+        del hand
     if "static" in sections:
         log("continuous_over_static")
         result["details"]["continuous_over_static"] = continuous_over_static(rig, tasks, plan, rng)
