@@ -27,6 +27,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -158,22 +159,8 @@ def engine_over_peft(
 ) -> dict[str, Any]:
     chosen = tasks[: plan.peft_num_tasks]
     workload = shuffled_workload(rng, chosen, plan.peft_requests_per_task, plan.input_chars, plan.new_tokens)
-    rig.set_max_batch_size(plan.peft_max_batch_size)
-    paired = alternate(
-        "engine",
-        lambda: rig.run(workload),
-        "peft",
-        lambda: peft.run(workload),
-        tokens_per_s,
-        plan.repeats,
-        progress=log,
-    )
-    method_of = {t.task_id: t.method for t in chosen}
-    matches = [a == b for a, b in zip(paired.runs_a[-1].token_ids, paired.runs_b[-1].token_ids, strict=True)]
     return {
-        **paired.summary("tokens_per_s"),
-        "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
-        **match_rates(workload, matches, method_of),
+        **engine_against(rig, "peft", lambda: peft.run(workload), workload, chosen, plan),
         "definition": (
             f"{len(workload.jobs)} requests over {len(chosen)} tasks ({plan.peft_requests_per_task} each, shuffled); "
             f"engine: max_batch_size {plan.peft_max_batch_size}, every request queued at t=0; PEFT: one PeftModel "
@@ -181,6 +168,32 @@ def engine_over_peft(
             f"{peft.padding_side}-padded greedy generate of its requests, tasks one after another"
         ),
         "match_note": SEQ2SEQ_MATCH_NOTE if peft.seq2seq else CAUSAL_MATCH_NOTE,
+    }
+
+
+def engine_against(
+    rig: EngineRig,
+    name: str,
+    baseline: Callable[[], Any],
+    workload: Workload,
+    chosen: list[TaskSpec],
+    plan: Plan,
+    batches_mix_tasks: bool = False,
+) -> dict[str, Any]:
+    """The engine (max_batch_size `peft_max_batch_size`) against a baseline on one workload, A B A B: the ratio in
+    wall and CPU time, how often their greedy outputs agree, the engine's steps and the workload. `batches_mix_tasks`:
+    the baseline pads by the batch, not by the task, so a task's longest input tells nothing of its padding."""
+    rig.set_max_batch_size(plan.peft_max_batch_size)
+    paired = alternate("engine", lambda: rig.run(workload), name, baseline, tokens_per_s, plan.repeats, progress=log)
+    method_of = {t.task_id: t.method for t in chosen}
+    matches = [a == b for a, b in zip(paired.runs_a[-1].token_ids, paired.runs_b[-1].token_ids, strict=True)]
+    rates = match_rates(workload, matches, method_of)
+    if batches_mix_tasks:
+        del rates["match_rate_unpadded_rows"]
+    return {
+        **paired.summary("tokens_per_s"),
+        "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
+        **rates,
         "steps": step_notes(paired.runs_a),
         "workload": workload_notes(workload, len(chosen)),
     }
@@ -195,22 +208,8 @@ def engine_over_hand_batch(
     chosen = tasks[: plan.peft_num_tasks]
     workload = shuffled_workload(rng, chosen, plan.peft_requests_per_task, plan.input_chars, plan.new_tokens)
     batch_size = plan.peft_max_batch_size
-    rig.set_max_batch_size(batch_size)
-    paired = alternate(
-        "engine",
-        lambda: rig.run(workload),
-        "hand",
-        lambda: hand.run(workload, batch_size),
-        tokens_per_s,
-        plan.repeats,
-        progress=log,
-    )
-    method_of = {t.task_id: t.method for t in chosen}
-    matches = [a == b for a, b in zip(paired.runs_a[-1].token_ids, paired.runs_b[-1].token_ids, strict=True)]
     return {
-        **paired.summary("tokens_per_s"),
-        "ratio_cpu_time": paired.rescored(tokens_per_cpu_s).ratio,
-        **hand_match_rates(workload, matches, method_of),
+        **engine_against(rig, "hand", lambda: hand.run(workload, batch_size), workload, chosen, plan, True),
         "definition": (
             f"{len(workload.jobs)} requests over {len(chosen)} tasks ({plan.peft_requests_per_task} each, shuffled); "
             f"engine: max_batch_size {batch_size}, every request queued at t=0; by hand: the requests in arrival "
@@ -220,16 +219,7 @@ def engine_over_hand_batch(
         ),
         "match_note": "greedy tokens equal the engine's wherever a row's rounding agrees (padding changes the "
         "batch's arithmetic, not the positions)",
-        "steps": step_notes(paired.runs_a),
-        "workload": workload_notes(workload, len(chosen)),
     }
-
-
-def hand_match_rates(workload: Workload, matches: list[bool], method_of: dict[str, str]) -> dict[str, Any]:
-    """As PEFT's, less the unpadded rows' rate (a batch of mixed tasks pads by the batch, not by the task)."""
-    rates = match_rates(workload, matches, method_of)
-    del rates["match_rate_unpadded_rows"]
-    return rates
 
 
 CAUSAL_MATCH_NOTE = (
