@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from prompt_store.types import IA3Weights, LoraWeights, TaskArtifact, TaskKey, nbytes
 from server.engine.adapter_slots import AdapterSlots
+from server.engine.errors import UnservableTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,16 +84,23 @@ class AdapterStep:
 
     groups: list[Group] = field(default_factory=list)
     num_tokens: int = 0
+    width: int | None = None  # rows padded to this many tokens ([R, W]); None: one packed stream
     sources: dict[int, tuple[list[Group], int]] = field(default_factory=dict)  # another stream's (cross-attention)
 
-    def groups_for(self, x: torch.Tensor) -> list[Group]:
-        """The groups of the stream x belongs to: an encoder output that a decoder's cross-attention projects has its
-        own (registered by its storage), anything else is the pass's token stream."""
+    def groups_for(self, x: torch.Tensor, name: str) -> list[Group]:
+        """The groups of the stream x belongs to whose task adapts module `name`: an encoder output that a decoder's
+        cross-attention projects has its own (registered by its storage), anything else is the pass's token stream.
+        UnservableTarget if the module sees something else (only those tasks' requests fail: see Engine.forward)."""
         if not self.groups and not self.sources:
             return []
-        groups, num_tokens = self.sources.get(x.data_ptr(), (self.groups, self.num_tokens))
+        source = self.sources.get(x.data_ptr())
+        groups, num_tokens = source or (self.groups, self.num_tokens)
+        groups = [group for group in groups if name in group.adapter.modules]
         flat = x.numel() // x.shape[-1]
-        assert flat == num_tokens, f"an adapted module saw {flat} tokens; the pass has {num_tokens}"
+        is_padded = source is None and self.width is not None and x.dim() > 2
+        if groups and (flat != num_tokens or (is_padded and x.shape[-2] != self.width)):  # [R, W, in] if padded
+            found = f"which the backbone also runs on {flat} vectors that are not the pass's {num_tokens} tokens"
+            raise UnservableTarget(name, [group.adapter.key for group in groups], found)
         return groups
 
 
@@ -117,8 +125,14 @@ class AdapterHooks:
         self.modules = modules  # by the names PEFT uses (before the engine wraps any attention layer)
         self.step = AdapterStep()
         self.handles: dict[str, list[Any]] = {}
+        self.unservable: dict[str, str] = {}  # module -> why: found in a pass, refused at every later load
 
     def install(self, adapter: DeviceAdapter) -> None:
+        """UnservableTarget, before any hook goes in, for a module the backbone lacks or a pass found unservable."""
+        for name in adapter.modules:
+            if name not in self.modules or name in self.unservable:
+                found = self.unservable.get(name, "which the backbone has no module of that name for")
+                raise UnservableTarget(name, [adapter.key], found)
         for name in adapter.modules:
             if name not in self.handles:
                 module = self.modules[name]
@@ -128,15 +142,18 @@ class AdapterHooks:
                 ]
 
     @contextmanager
-    def tokens(self, adapters: list[DeviceAdapter | None], lengths: list[int], device: torch.device) -> Iterator[None]:
-        """For the model calls inside: row i's lengths[i] tokens, in order, use adapters[i]."""
-        saved = self.step.groups, self.step.num_tokens
+    def tokens(
+        self, adapters: list[DeviceAdapter | None], lengths: list[int], device: torch.device, width: int | None = None
+    ) -> Iterator[None]:
+        """For the model calls inside: row i's lengths[i] tokens, in order, use adapters[i] (`width`: rows padded to
+        it, so that a module run on as many vectors that are not tokens is still told apart)."""
+        saved = self.step.groups, self.step.num_tokens, self.step.width
         self.step.groups = groups_of(adapters, lengths, device) if any(adapters) else []
-        self.step.num_tokens = sum(lengths)
+        self.step.num_tokens, self.step.width = sum(lengths), width
         try:
             yield
         finally:
-            self.step.groups, self.step.num_tokens = saved
+            self.step.groups, self.step.num_tokens, self.step.width = saved
 
     @contextmanager
     def source(self, states: torch.Tensor, adapters: list[DeviceAdapter | None], lengths: list[int]) -> Iterator[None]:
@@ -151,7 +168,7 @@ class AdapterHooks:
     def scale_input(self, name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """IA3's feedforward modules: each task's tokens' input times its vector."""
         x = args[0]
-        groups = [g for g in self.step.groups_for(x) if isinstance(g.adapter.modules.get(name), DeviceIA3)]
+        groups = [g for g in self.step.groups_for(x, name) if isinstance(g.adapter.modules.get(name), DeviceIA3)]
         groups = [g for g in groups if g.adapter.modules[name].is_feedforward]  # type: ignore[union-attr]
         if not groups:
             return None
@@ -167,7 +184,7 @@ class AdapterHooks:
     def add_delta(self, name: str, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         """LoRA: each task's tokens gain lora_B(lora_A(x)) * scaling; IA3: their output times its vector."""
         x = args[0]
-        groups = [g for g in self.step.groups_for(x) if name in g.adapter.modules]
+        groups = self.step.groups_for(x, name)
         if not groups:
             return None
         inputs = x.reshape(-1, x.shape[-1])  # [tokens, in]

@@ -15,9 +15,10 @@ from prompt_store.types import SEQ_CLS, TaskKey
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
-from server.engine.errors import InputTooLong, NonFiniteOutput, QueueFull, UnknownToken
+from server.engine.errors import InputTooLong, NonFiniteOutput, QueueFull, UnknownToken, UnservableTarget
 from server.engine.intake import check_token_ids
 from server.engine.isolation import generator_states, guarded, isolated, restore_generators
+from server.engine.kinds.base import StepResult
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import HOST, KVPool, pool_blocks
 from server.engine.memory_profile import MemoryProbe, WorstStep, describe_pool, pool_budget, probe_for, profile_memory
@@ -166,10 +167,9 @@ class Engine:
     def run(self, chunks: list[Chunk], prompts: Prompts) -> list[Sequence]:
         """One forward pass over the chunks; the rows that reached their last token are sampled, classified or
         scored, each request's part apart from the others'. Returns them."""
-        if not chunks:
+        chunks, readout, result = self.forward(chunks, prompts)
+        if result is None:
             return []
-        readout = Readout.of(chunks)
-        result = self.runner.run(chunks, readout, prompts)
         for chunk in chunks:
             chunk.row.num_computed += chunk.num_tokens
         if readout.sampled:
@@ -183,6 +183,23 @@ class Engine:
             self.classify(readout.classified, result.hidden)
         self.complete([row for row in readout.completed if not self.is_leaving(row.request)])
         return readout.sampled + readout.completed
+
+    def forward(self, chunks: list[Chunk], prompts: Prompts) -> tuple[list[Chunk], Readout, StepResult | None]:
+        """The shared pass over the chunks (None: no chunk). A LoRA / IA3 task whose target module the pass finds it
+        cannot adapt fails its own requests, and the pass runs again without them (it writes the same keys and values
+        again for the rest); later loads of a task targeting that module fail at once."""
+        while chunks:
+            readout = Readout.of(chunks)
+            try:
+                return chunks, readout, self.runner.run(chunks, readout, prompts)
+            except UnservableTarget as error:
+                logger.warning("failing the requests of a LoRA / IA3 task the pass cannot adapt: %s", error)
+                self.tasks.adapters.hooks.unservable[error.module] = error.found
+                for request in distinct_requests([chunk.row for chunk in chunks]):
+                    if any(row.task is not None and row.task.key in error.keys for row in request.rows):
+                        self.fail(request, error)
+                chunks = [chunk for chunk in chunks if not self.is_leaving(chunk.row.request)]
+        return chunks, Readout(), None
 
     # ---- one request's part of the step: its failure is its own (see isolation.py)
 

@@ -48,6 +48,22 @@ class NonFiniteOutput(GenerationFailed):
     """A row's logits or head probabilities came out NaN or infinite: its task's values overflow the backbone."""
 
 
+class UnservableTarget(GenerationFailed):
+    """A LoRA / IA3 task targets a module the engine cannot adapt per token (the backbone has no such module, or also
+    calls it on something other than the pass's tokens, as DeBERTa's relative positions): its own requests fail, and
+    the registration probe refuses it (422)."""
+
+    def __init__(self, module: str, keys: list[tuple[str, int]], found: str) -> None:
+        tasks = ", ".join(f"task {task_id!r} version {version}" for task_id, version in keys)
+        super().__init__(
+            f"expected LoRA / IA3 target modules the engine applies to each token; found {tasks} targeting "
+            f"{module!r}, {found}: not served"
+        )
+        self.module = module
+        self.keys = keys
+        self.found = found
+
+
 class EngineUnavailable(EngineError):
     """The engine is not ready yet, shutting down, or its loop failed."""
 
@@ -65,6 +81,7 @@ __all__ = [
     "TaskNotFound",
     "TaskTooLarge",
     "UnknownToken",
+    "UnservableTarget",
     "UnsupportedBackbone",
     "WrongKind",
     "first_line",

@@ -24,6 +24,10 @@ def guarded(request: Request, what: str, action: Callable[[], T], fail: Fail) ->
     """`action`'s result; if it raises, `request` fails with what was expected and what was found."""
     try:
         return action()
+    except GenerationFailed as error:  # already this request's own, saying what and why (UnservableTarget)
+        logger.warning("request %s: %s failed; failing this request only: %s", request.request_id, what, error)
+        fail(request, error)
+        return None
     except Exception as error:
         logger.exception("request %s: %s failed; failing this request only", request.request_id, what)
         fail(request, GenerationFailed(f"expected {what} to succeed; found {type(error).__name__}: {error}"))

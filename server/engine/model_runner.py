@@ -68,10 +68,12 @@ class ModelRunner:
         finally:
             self.prompts = {}  # a retired task's vectors are not kept past its last step
 
-    def adapted(self, rows: list[Sequence | None], lengths: list[int]) -> AbstractContextManager[None]:
+    def adapted(
+        self, rows: list[Sequence | None], lengths: list[int], width: int | None = None
+    ) -> AbstractContextManager[None]:
         """For the model calls inside: rows laid one after another in the flattened tokens (row i: lengths[i] of
-        them; a None row: padding), each LoRA / IA3 row's tokens with its task's deltas."""
-        return self.tasks.adapters.hooks.tokens(self.row_adapters(rows), lengths, self.device)
+        them; a None row: padding; `width`: a padded batch's), each LoRA / IA3 row's tokens with its task's deltas."""
+        return self.tasks.adapters.hooks.tokens(self.row_adapters(rows), lengths, self.device, width)
 
     def row_adapters(self, rows: list[Sequence | None]) -> list[DeviceAdapter | None]:
         return [self.adapter_of(row) for row in rows]

@@ -25,7 +25,7 @@ import torch
 from prompt_store.errors import InvalidTask, TaskTooLarge
 from prompt_store.types import TaskArtifact
 from server.engine.backbone import Backbone
-from server.engine.errors import EngineUnavailable, InputTooLong, NonFiniteOutput
+from server.engine.errors import EngineUnavailable, InputTooLong, NonFiniteOutput, UnservableTarget
 from server.engine.intake import single_row_request
 from server.engine.request import Job, OutputSink, Request, Sequence
 from server.engine.types import EngineOutput, SamplingParams
@@ -95,6 +95,8 @@ class Probe:
         errors = [output.error for outputs in self.outputs.values() for output in outputs if output.error]
         if any(isinstance(error, NonFiniteOutput) for error in errors):
             raise overflow(artifact, backbone, "NaN or infinity in its logits")
+        if unservable := [error for error in errors if isinstance(error, UnservableTarget)]:
+            raise InvalidTask(str(unservable[0]))
         if any(isinstance(error, InputTooLong) for error in errors):
             raise TaskTooLarge(f"expected a task whose virtual tokens fit the KV cache; found: {errors[0]}")
         if errors:

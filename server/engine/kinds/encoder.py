@@ -117,7 +117,7 @@ class Encoder(ModelKind):
             for chunk, r in zip(chunks, rows, strict=True)
             for row, n in ((chunk.row, len(r)), (None, width - len(r)))
         ]
-        with runner.adapted([row for row, _ in padded], [n for _, n in padded]):  # row i's tokens: i * W ..
+        with runner.adapted([row for row, _ in padded], [n for _, n in padded], width):  # row i's: i * W ..
             hidden = runner.model.base_model(inputs_embeds=embeds, attention_mask=mask)[0]  # [B, W, H]
         return hidden[mask.bool()]
 
