@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,9 +35,9 @@ from prompt_store.changes import COMPACT_EVERY, MAX_CHANGES_PER_READ, RETENTION_
 from prompt_store.errors import InvalidTask, LookupThrottled, StoreError, TaskNotFound
 from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
-from prompt_store.lru import ArtifactLRU
+from prompt_store.lru import HostArtifacts
 from prompt_store.polling import RESCAN_EVERY_S, Poller
-from prompt_store.types import BackboneFingerprint, TaskArtifact, TaskKey, TaskRecord
+from prompt_store.types import BackboneFingerprint, HostCacheStats, TaskArtifact, TaskKey, TaskRecord
 from prompt_store.versions import labels_of_dir, now_rfc3339, parse_upload, read_adapter_files
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ class TaskStore:
         location: str | Path,
         fingerprint: BackboneFingerprint,
         limits: StoreLimits = StoreLimits(),
-        max_cached_artifacts: int = 256,  # CPU artifacts kept for repeated loads (bounded also by bytes)
+        max_cached_artifacts: int = 256,  # prompt-learning CPU artifacts kept for repeated loads (bounded by bytes too)
+        max_cached_adapters: int = 64,  # LoRA / IA3 CPU artifacts kept apart (the engine's max_cpu_loras)
         lookups: LookupLimiter | None = None,  # rate limits on looking up unknown ids (default: lookups.py's)
         timeouts: StoreTimeouts = StoreTimeouts(),  # an S3 endpoint's
     ) -> None:
@@ -79,7 +81,7 @@ class TaskStore:
         self._index_lock = threading.Lock()  # short: guards the two fields above
         self._write_lock = threading.Lock()  # orders this process's commits, deletes and rescans
         self._listeners: list[StoreListener] = []
-        self._artifacts = ArtifactLRU(max_entries=max_cached_artifacts)
+        self._artifacts = HostArtifacts(max_entries=max_cached_artifacts, max_adapters=max_cached_adapters)
         self._poller: Poller | None = None
         self._refresh_lock = threading.Lock()  # one refresh at a time: each moves the feed position
         self._feed_position = 0  # the newest change feed entry applied to the index (and every one before it)
@@ -266,16 +268,16 @@ class TaskStore:
         # would cost more than the poll interval's window it closes.
         if self.backend.is_local and not self.backend.has_version(task_id, version):
             raise TaskNotFound(task_id, version)
-        cached = self._artifacts.get((task_id, version))
-        if cached is not None:
-            return cached
-        artifact = self.backend.read(task_id, version, self.fingerprint, self.limits)
-        self._artifacts.put(artifact)
-        return artifact
+        read = partial(self.backend.read, task_id, version, self.fingerprint, self.limits)
+        return self._artifacts.load((task_id, version), read)
 
     def cached_keys(self) -> builtins.list[TaskKey]:
         """Task versions parsed and held in CPU memory, so their next load skips the disk (metrics' host tier)."""
         return self._artifacts.keys()
+
+    def cached_adapter_stats(self) -> HostCacheStats:
+        """The LoRA / IA3 shelf of the host tier: loads served from it and read from the store, what it holds."""
+        return self._artifacts.adapters.stats()
 
     def version_dir(self, task_id: str, version: int) -> Path:
         """The PEFT adapter directory of a version (`PeftModel.from_pretrained` loads it); on S3 a local copy,

@@ -246,6 +246,17 @@ class CacheStats:
     adapter_capacity_bytes: int = 0  # the adapter pool's byte budget
 
 
+@dataclass(frozen=True, slots=True)
+class HostCacheStats:
+    """The store's host tier of LoRA and IA3 tasks (parsed in CPU memory), for the metrics layer."""
+
+    hits: int = 0  # loads served from host memory
+    misses: int = 0  # loads that read the store
+    num_entries: int = 0
+    num_bytes: int = 0
+    max_entries: int = 0  # max_cpu_loras
+
+
 def nbytes(tensors: Iterable[torch.Tensor]) -> int:
     """The bytes these tensors' elements take (every tensor byte count in the store and the engine is this sum)."""
     return sum(tensor.nbytes for tensor in tensors)

@@ -294,6 +294,15 @@ class EngineCollector(Collector):
             cache.adapter_capacity_bytes,
         )  # fmt: skip
         yield gauge("adapter_cache_entries", "LoRA and IA3 task versions resident on the device", cache.num_adapters)
+        host = stats.host_adapters
+        yield counter("adapter_host_cache_hits", "LoRA and IA3 loads served from host memory (no read)", host.hits)
+        yield counter("adapter_host_cache_misses", "LoRA and IA3 loads that read the store", host.misses)
+        yield gauge("adapter_host_cache_used_bytes", "Host bytes of the LoRA and IA3 tasks parsed", host.num_bytes)
+        yield gauge("adapter_host_cache_entries", "LoRA and IA3 task versions parsed in host memory", host.num_entries)
+        yield gauge(
+            "adapter_host_cache_capacity_entries", "LoRA and IA3 task versions host memory keeps (max_cpu_loras)",
+            host.max_entries,
+        )  # fmt: skip
         yield resident_task_versions(stats, self.labels)
         yield task_requests_info(stats)
 

@@ -19,7 +19,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from server.engine.config import EngineConfig
+from server.engine.config import EngineConfig, SettingError
 from server.engine.types import SamplingParams
 
 ENV_PREFIX = "PROMPTSERVE_"
@@ -244,6 +244,9 @@ def describe_error(error: ValidationError, given: Mapping[str, Any], named: Call
     """The first error as one line: `PROMPTSERVE_MAX_BATCH_SIZE: expected a valid integer; found 'abc'`."""
     item = error.errors()[0]
     names = setting_names()
+    if isinstance(cause := item.get("ctx", {}).get("error"), SettingError):  # one setting beside another
+        where = named(cause.name) if cause.name in given else ENV_PREFIX + cause.name.upper()
+        return f"{where}: expected {cause.expected}; found {cause.found}"
     name = next((str(part) for part in reversed(item["loc"]) if part in names), ".".join(map(str, item["loc"])))
     where = named(name) if name in given else ENV_PREFIX + name.upper()
     if item["type"] == "extra_forbidden":

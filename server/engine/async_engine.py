@@ -357,6 +357,7 @@ class AsyncEngine:
             kv_cache_capacity_bytes=memory.num_blocks * block_bytes,
             num_preemptions=engine.num_preemptions,
             host_tasks=tuple(self.store.cached_keys()),
+            host_adapters=self.store.cached_adapter_stats(),
             running_tasks=tasks_of(tuple(scheduler.running)),
             waiting_tasks=tasks_of(tuple(scheduler.waiting)),
         )
@@ -427,7 +428,8 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes,
                          config.max_lora_rank)  # fmt: skip
     timeouts = StoreTimeouts(config.store_connect_timeout_s, config.store_read_timeout_s)
-    store = TaskStore(config.store_dir, backbone.fingerprint, limits, timeouts=timeouts)
+    store = TaskStore(config.store_dir, backbone.fingerprint, limits, max_cached_adapters=config.num_cpu_loras,
+                      timeouts=timeouts)  # fmt: skip
     core = Engine(backbone, config)
     if config.self_check:
         self_check(core)

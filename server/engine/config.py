@@ -56,6 +56,11 @@ class EngineConfig:
         256 * 1024 * 1024,
         "device memory for LoRA and IA3 weights (LRU, at most max_loras; what running rows hold stays)",
     )
+    max_cpu_loras: Annotated[int, Ge(1)] | None = setting(
+        None,
+        "LoRA and IA3 task versions kept parsed in host memory (LRU), so one the device pool evicted loads again "
+        "without reading the store (vLLM's); at least max_loras; unset: 4 x max_loras",
+    )
     kv_cache_bytes: Annotated[int, Ge(1)] | None = setting(
         None,
         "the KV pool, allocated at start; unset: kv_cache_memory_fraction of the GPU memory left after loading and "
@@ -86,6 +91,24 @@ class EngineConfig:
     self_check: bool = setting(
         True, "before ready: check that the engine decodes like the backbone's own uncached forward"
     )
+
+    def __post_init__(self) -> None:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            found = f"{self.max_cpu_loras} (the host tier must hold every task the device pool holds)"
+            raise SettingError("max_cpu_loras", f"at least max_loras ({self.max_loras})", found)
+
+    @property
+    def num_cpu_loras(self) -> int:
+        """LoRA and IA3 task versions the store keeps parsed in host memory."""
+        return 4 * self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
+class SettingError(ValueError):
+    """A setting whose value makes no sense beside another's: `name`, what was expected and what was found."""
+
+    def __init__(self, name: str, expected: str, found: str) -> None:
+        super().__init__(f"{name}: expected {expected}; found {found}")
+        self.name, self.expected, self.found = name, expected, found
 
 
 def default_max_batch_tokens(device: str) -> int:

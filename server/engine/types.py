@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from prompt_store.types import CacheStats, TaskKey
+from prompt_store.types import CacheStats, HostCacheStats, TaskKey
 
 
 class FinishReason(enum.StrEnum):
@@ -259,6 +259,7 @@ class EngineStats:
     kv_cache_capacity_bytes: int = 0
     num_preemptions: int = 0
     host_tasks: tuple[TaskKey, ...] = ()  # task versions parsed in CPU memory (the store's LRU); others are on disk
+    host_adapters: HostCacheStats = field(default_factory=HostCacheStats)  # its LoRA / IA3 shelf (max_cpu_loras)
     running_tasks: tuple[str, ...] = ()  # the distinct tasks of the running requests' rows (the engine's own left out)
     waiting_tasks: tuple[str, ...] = ()  # and of the waiting requests'
 

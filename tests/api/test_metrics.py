@@ -67,7 +67,9 @@ def test_metrics_expose_the_serving_series(client: TestClient) -> None:
         "promptserve_prompt_cache_resident_bytes", "promptserve_registered_tasks", "promptserve_ready",
         "promptserve_kv_cache_used_bytes", "promptserve_kv_cache_capacity_bytes", "promptserve_num_preemptions_total",
         "promptserve_adapter_cache_used_bytes", "promptserve_adapter_cache_capacity_bytes",
-        "promptserve_adapter_cache_entries",
+        "promptserve_adapter_cache_entries", "promptserve_adapter_host_cache_hits_total",
+        "promptserve_adapter_host_cache_misses_total", "promptserve_adapter_host_cache_used_bytes",
+        "promptserve_adapter_host_cache_entries", "promptserve_adapter_host_cache_capacity_entries",
     }  # fmt: skip
     assert expected <= names(client)
 

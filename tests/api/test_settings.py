@@ -116,6 +116,21 @@ def test_a_bad_argument_names_its_flag_not_the_variable(monkeypatch: pytest.Monk
         load_settings({"max_waiting": "-1"}, as_flag)
 
 
+def test_a_host_tier_smaller_than_the_device_pool_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM refuses max_cpu_loras < max_loras: the host tier must hold every LoRA task the device pool holds."""
+    expected = "expected at least max_loras (16); found 8 (the host tier must hold every task the device pool holds)"
+    with pytest.raises(ConfigurationError) as refused:
+        load_settings({"max_cpu_loras": "8"}, as_flag)
+    assert str(refused.value) == f"--max-cpu-loras: {expected}"
+    monkeypatch.setenv("PROMPTSERVE_MAX_CPU_LORAS", "8")
+    with pytest.raises(ConfigurationError, match=r"^PROMPTSERVE_MAX_CPU_LORAS: expected at least max_loras \(16\)"):
+        load_settings({}, as_flag)
+    settings = load_settings({"max_loras": "2"}, as_flag)
+    assert settings.engine.max_cpu_loras == 8 and settings.engine.num_cpu_loras == 8
+    monkeypatch.delenv("PROMPTSERVE_MAX_CPU_LORAS")
+    assert load_settings({"max_loras": "3"}, as_flag).engine.num_cpu_loras == 12  # unset: 4 x max_loras
+
+
 def test_an_unknown_argument_is_refused_naming_the_closest_setting() -> None:
     with pytest.raises(ConfigurationError, match=r"^--store-dri: .* \(did you mean store_dir\?\)$"):
         load_settings({"store_dri": "x"}, as_flag)

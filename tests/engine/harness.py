@@ -32,13 +32,13 @@ class Harness:
         """`config`: EngineConfig fields (max_batch_size, max_batch_tokens, kv_block_size, cache_prompt_kv, ...)."""
         self.tiny = tiny
         self.backbone: Backbone = load_backbone(str(tiny.path), device, dtype)
-        self.store = TaskStore(store_dir, self.backbone.fingerprint)
-        for kind, adapter_dir in tiny.adapters.items():
-            self.store.register_dir(kind, adapter_dir)
         fp = self.backbone.fingerprint
         token_bytes = 2 * self.backbone.kind.num_pool_layers(fp) * fp.kv_dim * self.backbone.dtype.itemsize
         defaults = {"max_batch_tokens": 4096, "max_waiting": 64, "kv_cache_bytes": kv_cache_tokens * token_bytes}
         self.config = EngineConfig(device=device, dtype=dtype, **{**defaults, **config})
+        self.store = TaskStore(store_dir, fp, max_cached_adapters=self.config.num_cpu_loras)
+        for kind, adapter_dir in tiny.adapters.items():
+            self.store.register_dir(kind, adapter_dir)
         self.engine = Engine(self.backbone, self.config)
         self.intake = IntakeConfig(max_input_tokens=256, max_new_tokens=256, prompts_as_kv=self.config.cache_prompt_kv)
         self.outputs: dict[str, list[RequestOutput]] = defaultdict(list)
