@@ -28,13 +28,14 @@ from prompt_store.types import TOKEN_CLS, Method, TaskArtifact, TaskRecord
 from server.engine.attention import num_layers
 from server.engine.backbone import Backbone
 from server.engine.engine import Engine
-from server.engine.errors import EngineError
+from server.engine.errors import EngineError, UnservableTarget
 from server.engine.intake import single_row_request
 from server.engine.kinds.base import DecoderPrefix, ModelKind, PrefixCheck
 from server.engine.kv_pool import slots_of
 from server.engine.readout import Readout
 from server.engine.request import Job, Request, Sequence
 from server.engine.scheduler import Chunk
+from server.engine.selfcheck_modules import module_tasks, reference_deltas, warn_unservable
 from server.engine.types import EngineOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -85,22 +86,43 @@ class Checks:
         return self.engine.backbone
 
     def decoding(self, kind: ModelKind) -> str:
-        """A plain, a prompt and a prefix row on each check input, through the engine's steps, greedy."""
-        rows = check_rows(self, kind)
-        rows = [row.on(input_ids) for input_ids in check_inputs(self.engine) for row in rows]
+        """A plain, a prompt and a prefix row on each check input, and a LoRA and an IA3 row on the sentence, through
+        the engine's steps together, greedy."""
+        inputs = check_inputs(self.engine)
+        rows = [row.on(input_ids) for input_ids in inputs for row in check_rows(self, kind)]
+        modules = self.module_rows(inputs[1])
         try:
-            outputs = run_through_engine(self.engine, rows)
+            outputs = run_through_engine(self.engine, rows + modules)
+            for _ in self.backbone.modules:  # each run without the modules the one before found it cannot adapt
+                if not any(isinstance(o.error, UnservableTarget) for row in modules for o in outputs[row.name]):
+                    break
+                self.retire_module_tasks()
+                modules = self.module_rows(inputs[1])
+                outputs.update(run_through_engine(self.engine, modules))
         finally:
-            self.engine.retire_task(TASK_ID + ".prompt", None)
-            self.engine.retire_task(TASK_ID + ".prefix", None)
-        for row in rows:
+            for task in ("prompt", "prefix"):
+                self.engine.retire_task(f"{TASK_ID}.{task}", None)
+            self.retire_module_tasks()
+        warn_unservable(self.backbone, self.engine.tasks.adapters.hooks.unservable)
+        for row in rows + modules:
             compare(self.backbone, row, outputs[row.name])
         lengths = ", ".join(map(str, sorted({len(row.input_ids) for row in rows})))
-        return f"{len(rows)} rows (plain, prompt, prefix; inputs of {lengths} tokens)"
+        return f"{len(rows) + len(modules)} rows (plain, prompt, prefix; inputs of {lengths} tokens; LoRA, IA3)"
 
     def hidden_states(self, kind: ModelKind) -> str:
-        check_encoder(self.engine, list(self.backbone.tokenizer(TEXT)["input_ids"]))
-        return "plain and prompt rows"
+        check_encoder(self, list(self.backbone.tokenizer(TEXT)["input_ids"]))
+        warn_unservable(self.backbone, self.engine.tasks.adapters.hooks.unservable)
+        return "plain, prompt, LoRA and IA3 rows"
+
+    def module_rows(self, input_ids: list[int]) -> list[CheckRow]:
+        """A LoRA and an IA3 row, their tasks on every linear layer of the shared pass the engine can adapt."""
+        unservable = set(self.engine.tasks.adapters.hooks.unservable)
+        tasks = module_tasks(self.backbone, TASK_ID, unservable, SEED)
+        return [CheckRow(task.record.method.value, task, None).on(input_ids) for task in tasks]
+
+    def retire_module_tasks(self) -> None:
+        for method in (Method.LORA, Method.IA3):
+            self.engine.retire_task(f"{TASK_ID}.{method.value}", None)
 
     def prefix_from_embeddings(self) -> PrefixCheck:
         """Random vocabulary embeddings, and the keys and values they leave as PEFT saves a prefix."""
@@ -181,7 +203,8 @@ def compare(backbone: Backbone, row: CheckRow, outputs: list[EngineOutput]) -> N
         raise failure(backbone, f"the {row.name} failed in the engine: {errors[0] if errors else 'no end'!r}")
     tokens = [token for output in outputs for token in output.tokens]
     new_ids = [token.id for token in tokens]
-    expected = backbone.kind.reference_logprobs(backbone.model, row, new_ids)  # [N, V] at each token chosen
+    with reference_deltas(backbone, row.task):
+        expected = backbone.kind.reference_logprobs(backbone.model, row, new_ids)  # [N, V] at each token chosen
     tolerance = tolerance_of(backbone.dtype, num_layers(backbone.model))
     for step, (token, reference) in enumerate(zip(tokens, expected, strict=True)):
         chosen, best = float(reference[token.id]), float(reference.max())
@@ -194,17 +217,28 @@ def compare(backbone: Backbone, row: CheckRow, outputs: list[EngineOutput]) -> N
             )
 
 
-def check_encoder(engine: Engine, input_ids: list[int]) -> None:
-    """A plain and a prompt row through the engine's runner in one pass; each row's hidden states against the
-    backbone's own forward (stock eager attention, its own positions)."""
-    backbone = engine.backbone
+def check_encoder(checks: Checks, input_ids: list[int]) -> None:
+    """A plain, a prompt, a LoRA and an IA3 row through the engine's runner in one pass (again without any module
+    the pass found it cannot adapt); each row's hidden states against the backbone's own forward (stock eager
+    attention, its own positions)."""
+    engine, backbone = checks.engine, checks.backbone
     prompt = vocabulary_embeds(backbone, torch.Generator().manual_seed(SEED))
     task = artifact(TASK_ID + ".prompt", Method.PROMPT_TUNING, prompt.float().cpu())
-    rows = [CheckRow("plain", None, None), CheckRow("prompt", task, prompt)]
-    hidden = encoder_hidden(engine, input_ids, rows)
+    for _ in range(len(backbone.modules) + 1):
+        rows = [CheckRow("plain", None, None), CheckRow("prompt", task, prompt), *checks.module_rows(input_ids)]
+        try:
+            hidden = encoder_hidden(engine, input_ids, rows)
+            break
+        except UnservableTarget as unservable:
+            engine.tasks.adapters.hooks.unservable[unservable.module] = unservable.found
+        finally:
+            checks.retire_module_tasks()
+    else:
+        raise failure(backbone, "the LoRA and IA3 rows found a module the engine cannot adapt in every pass")
     tolerance = tolerance_of(backbone.dtype, num_layers(backbone.model))
     for row, got in zip(rows, hidden, strict=True):
-        expected = backbone.kind.reference_hidden(backbone.model, row.virtual_embeds, input_ids)
+        with reference_deltas(backbone, row.task):
+            expected = backbone.kind.reference_hidden(backbone.model, row.virtual_embeds, input_ids)
         error = float((got.float() - expected).abs().max())
         if error > tolerance * max(1.0, float(expected.abs().max())):
             raise failure(
@@ -220,12 +254,20 @@ def encoder_hidden(engine: Engine, input_ids: list[int], rows: list[CheckRow]) -
     chunks = [Chunk(row, row.num_own_tokens) for row in request.rows]
     for row in request.rows:
         row.block_ids = engine.memory.allocate(engine.memory.blocks_for(row.num_own_tokens))
+    adapted = [row for row in request.rows if row.applies_adapter and row.task is not None]
     try:
+        for row in adapted:  # as the scheduler and the step's start do
+            engine.scheduler.adapters.hold(row.task.key)  # type: ignore[union-attr]
+            row.holds_adapter = True
+            engine.tasks.adapter_of(row.task)  # type: ignore[arg-type]
         total = sum(chunk.num_tokens for chunk in chunks)
         result = engine.runner.run(chunks, Readout(hidden_index=list(range(total))))
     finally:
         for row in request.rows:
             engine.memory.release(row.block_ids)
+        for row in [row for row in adapted if row.holds_adapter]:
+            engine.scheduler.adapters.release(row.task.key)  # type: ignore[union-attr]
+            row.holds_adapter = False
         engine.retire_task(TASK_ID + ".prompt", None)
     assert result.hidden is not None
     return list(result.hidden.split([chunk.num_tokens for chunk in chunks]))

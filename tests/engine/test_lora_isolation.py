@@ -27,6 +27,7 @@ from server.engine.engine import Engine
 from server.engine.errors import GenerationFailed, UnservableTarget
 from server.engine.nlu import plan_classify
 from server.engine.request import Request
+from server.engine.selfcheck import self_check
 from server.engine.types import ClassifyInput, EngineOutput, EnsembleMode
 from tests.engine.harness import Harness, token_ids
 from tests.engine.test_nlu import LIMITS
@@ -154,7 +155,7 @@ def projecting_other_inputs(backbone: Backbone, name: str) -> RemovableHandle:
     def project_positions(attention: torch.nn.Module, args: Any) -> None:
         module(torch.ones(1, 3, hidden))  # [1, 3, H]
 
-    return backbone.modules["model.layers.0.self_attn"].register_forward_pre_hook(project_positions)
+    return backbone.modules[f"{name.split('.mlp.')[0]}.self_attn"].register_forward_pre_hook(project_positions)
 
 
 def test_a_target_module_that_also_sees_other_inputs_fails_only_its_requests(harness: Harness) -> None:
@@ -288,3 +289,19 @@ def test_a_lora_on_deberta_v3s_position_projections_fails_alone(deberta_v3: dict
 
 def on_output(outputs: list[EngineOutput], output: EngineOutput) -> None:
     outputs.append(output)
+
+
+def test_the_self_check_finds_deberta_v3s_position_projections_at_start(deberta_v3: dict[str, Any]) -> None:
+    engine = Engine(deberta_v3["backbone"], EngineConfig(device="cpu", dtype="float32", kv_cache_bytes=1 << 24))
+    self_check(engine)
+    layers = range(deberta_v3["backbone"].fingerprint.num_layers)
+    expected = {f"deberta.encoder.layer.{i}.attention.self.{p}_proj" for i in layers for p in ("query", "key")}
+    assert set(engine.tasks.adapters.hooks.unservable) == expected
+    outputs: list[EngineOutput] = []
+    sinks = [partial(on_output, outputs)]
+    engine.add_all(plan_classify(ClassifyInput(("hi",), ("queries",)), engine.backbone, deberta_v3["store"], LIMITS,
+                                 sinks).requests)  # fmt: skip
+    while engine.has_work():
+        engine.step()
+    assert isinstance(outputs[-1].error, UnservableTarget)  # refused at load, before any pass
+    assert engine.tasks.adapters.resident == {}

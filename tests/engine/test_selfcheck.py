@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
@@ -10,11 +11,13 @@ import pytest
 import torch
 
 from server.engine import model_runner
+from server.engine.adapters import AdapterHooks
 from server.engine.async_engine import build_engine
 from server.engine.config import EngineConfig
 from server.engine.selfcheck import SelfCheckFailed, self_check, tolerance_of
 from server.engine.task_cache import TaskCache
 from tests.engine.harness import Harness
+from tests.engine.test_lora_isolation import projecting_other_inputs
 from tests.fixtures import TinyBackbone
 
 
@@ -72,3 +75,29 @@ def test_half_precision_tolerance_is_32_ulps_to_the_measured_depth_and_grows_as_
     assert tolerance_of(torch.bfloat16, 2) == tolerance_of(torch.bfloat16, 32) == 0.25
     assert tolerance_of(torch.float16, 32) == 32 * 2**-10
     assert tolerance_of(torch.bfloat16, 128) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("broken", "row"), [("add_delta", "lora"), ("scale_input", "ia3")])
+def test_self_check_names_the_adapter_row_when_its_hooks_do_nothing(
+    tiny_llama: TinyBackbone, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: str, row: str
+):
+    """A backbone whose modules the engine's LoRA / IA3 hooks never reach (here: the hooks compute nothing)."""
+    harness = Harness(tiny_llama, tmp_path / "store")
+    monkeypatch.setattr(AdapterHooks, broken, lambda self, name, *args: None)
+    with pytest.raises(SelfCheckFailed, match=rf"the {row} row \(\d+ input tokens\)"):
+        self_check(harness.engine)
+    assert harness.is_idle() and not harness.engine.tasks.adapters.resident
+
+
+def test_self_check_finds_a_module_the_engine_cannot_adapt_and_leaves_it_out(
+    tiny_llama: TinyBackbone, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A module the backbone also runs on vectors that are not the tokens: the check passes without it, names it,
+    and tasks targeting it are refused from then on."""
+    harness = Harness(tiny_llama, tmp_path / "store")
+    name = "model.layers.1.mlp.up_proj"
+    projecting_other_inputs(harness.backbone, name)
+    with caplog.at_level(logging.WARNING):
+        assert self_check(harness.engine) > 0
+    assert list(harness.engine.tasks.adapters.hooks.unservable) == [name] and name in caplog.text
+    assert harness.is_idle() and not harness.engine.tasks.adapters.resident
