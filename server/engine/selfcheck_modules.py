@@ -46,13 +46,15 @@ def module_tasks(backbone: Backbone, task_id: str, unservable: set[str], seed: i
         is_feedforward = i % 2 == 1
         size = shape.in_features if is_feedforward else shape.out_features
         ia3.append(IA3Weights(shape.name, 1 + IA3_SPREAD * torch.randn(size, generator=generator), is_feedforward))
-    return [artifact(f"{task_id}.lora", Method.LORA, lora), artifact(f"{task_id}.ia3", Method.IA3, ia3)]
+    hidden = backbone.fingerprint.hidden_size
+    return [artifact(f"{task_id}.lora", Method.LORA, lora, hidden), artifact(f"{task_id}.ia3", Method.IA3, ia3, hidden)]
 
 
-def artifact(task_id: str, method: Method, modules: list[ModuleWeights]) -> TaskArtifact:
+def artifact(task_id: str, method: Method, modules: list[ModuleWeights], hidden_size: int) -> TaskArtifact:
+    """As the store parses one: no prompt embeddings ([0, H])."""
     rank = RANK if method is Method.LORA else None
     record = TaskRecord(task_id, 0, method, 0, bytes=0, sha256="", created_at="", rank=rank)
-    return TaskArtifact(record, {}, torch.zeros(0, 0), modules=tuple(modules))
+    return TaskArtifact(record, {}, torch.zeros(0, hidden_size), modules=tuple(modules))
 
 
 @contextmanager
