@@ -90,6 +90,15 @@ def test_every_kind_mixed_in_one_batch_equals_peft_forward(family: tuple[Family,
     assert harness.is_idle()
 
 
+def test_the_self_check_passes_on_every_family(family: tuple[Family, TinyBackbone], tmp_path: Path):
+    """Its LoRA and IA3 rows too, on every linear layer of the shared pass: no family's layer is missed by the
+    engine's hooks or run on anything but the tokens."""
+    harness = Harness(family[1], tmp_path / "store")
+    assert self_check(harness.engine) > 0
+    assert harness.engine.tasks.adapters.hooks.unservable == {}
+    assert harness.is_idle() and not harness.engine.tasks.adapters.resident
+
+
 @torch.inference_mode()
 @pytest.mark.parametrize("chosen", [f for f in CAUSAL_FAMILIES if not f.alibi], ids=lambda family: family.name)
 def test_a_wrong_position_moves_the_logits(built: Callable[[Family], TinyBackbone], chosen: Family):
