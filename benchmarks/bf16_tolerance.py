@@ -2,12 +2,12 @@
 own uncached eager forward, on random Llamas, GPT-2s and Gemma-2s of 4 to 32 layers, against the self-check's tolerance.
 
 The self-check (server/engine/selfcheck.py) accepts a served token whose reference log-probability is within
-`tolerance_of(bfloat16)` (32 ulps, 0.25 nats) of the reference's best and whose served log-probability is within it
-of the reference's. This runs the self-check's own rows (plain, prompt, prefix; inputs of 2 tokens to several
-blocks) through the engine in bfloat16 on the CPU and reports both gaps' distribution over every token chosen (median,
-99th percentile, largest) by family and depth, so the tolerance is a measured margin, not a guess. The weights are
-drawn wider than a fresh model's (std `--init-std`) so that logits spread as a trained model's do. Both sides read
-the LM head in float32 (server/engine/lm_head.py): what differs is the attention's and the batch's rounding.
+`tolerance_of(bfloat16)` (32 ulps, 0.25 nats) of the reference's best and whose served log-probability is within it of
+the reference's. This runs the self-check's own rows (plain, prompt, prefix; inputs of 2 tokens to several blocks; LoRA
+and IA3 on every linear layer) through the engine in bfloat16 on the CPU and reports both gaps' distribution over every
+token chosen (median, 99th percentile, largest) by family and depth, so the tolerance is a measured margin, not a guess.
+The weights are drawn wider than a fresh model's (std `--init-std`) so that logits spread as a trained model's do. Both
+sides read the LM head in float32 (server/engine/lm_head.py): what differs is the attention's and the batch's rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from server.engine.config import EngineConfig
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, write_random_backbone
 from server.engine.engine import Engine
 from server.engine.selfcheck import Checks, check_inputs, check_rows, run_through_engine, tolerance_of
+from server.engine.selfcheck_modules import reference_deltas
 
 SHAPE = {"hidden_size": 256, "intermediate_size": 688, "num_attention_heads": 8, "num_key_value_heads": 2}
 SPECIALS = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
@@ -51,16 +52,17 @@ def gaps(directory: Path) -> tuple[list[float], list[float], list[float]]:
     of the self-check's rows, bfloat16 (the last shows the model is no near-certain one, where every gap is 0)."""
     backbone = load_backbone(str(directory), "cpu", "bfloat16")
     engine = Engine(backbone, EngineConfig(device="cpu", dtype="bfloat16", kv_cache_bytes=32 << 20))
-    rows = [
-        row.on(input_ids) for input_ids in check_inputs(engine) for row in check_rows(Checks(engine), backbone.kind)
-    ]
+    checks, inputs = Checks(engine), check_inputs(engine)
+    rows = [row.on(input_ids) for input_ids in inputs for row in check_rows(checks, backbone.kind)]
+    rows += checks.module_rows(inputs[1])  # LoRA and IA3 on every linear layer, as the self-check runs them
     outputs = run_through_engine(engine, rows)
     choices: list[float] = []
     logprobs: list[float] = []
     chosen_logprobs: list[float] = []
     for row in rows:
         tokens = [token for output in outputs[row.name] for token in output.tokens]
-        reference = backbone.kind.reference_logprobs(backbone.model, row, [token.id for token in tokens])
+        with reference_deltas(backbone, row.task):
+            reference = backbone.kind.reference_logprobs(backbone.model, row, [token.id for token in tokens])
         for token, expected in zip(tokens, reference, strict=True):
             chosen = float(expected[token.id])
             choices.append(float(expected.max()) - chosen)

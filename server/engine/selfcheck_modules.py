@@ -24,7 +24,10 @@ from server.engine.backbone import Backbone
 logger = logging.getLogger(__name__)
 
 RANK = 2
-SCALING = 0.5  # with A and B of unit variance over their inputs: a delta about half the module's output
+# A and B of unit variance over their inputs, so a delta about a quarter of the module's output: it moves the logits
+# far past float32's tolerance, and a 32-layer bfloat16 Llama's LoRA row strays no further than its plain rows (at
+# 0.5: 0.21 nats, near the 0.25 tolerance; benchmarks.bf16_tolerance)
+SCALING = 0.25
 IA3_SPREAD = 0.2  # its vectors around 1
 
 

@@ -39,15 +39,16 @@ class Mates:
     """Requests already running when the fault arrives: a greedy prefix row, a seeded sampled prompt row, a plain
     row. Each must end with the tokens it has alone."""
 
+    SPECS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
+        ("mate one", "prefix", {}),
+        ("mate two", "prompt_tuning", {"do_sample": True, "seed": 7}),
+        ("mate three", None, {}),
+    )
+
     def __init__(self, harness: Harness) -> None:
         self.harness = harness
-        specs: list[tuple[str, str | None, dict[str, Any]]] = [
-            ("mate one", "prefix", {}),
-            ("mate two", "prompt_tuning", {"do_sample": True, "seed": 7}),
-            ("mate three", None, {}),
-        ]
-        self.alone = [token_ids(harness.alone(text, task, max_new_tokens=12, **kw)) for text, task, kw in specs]
-        self.requests = [harness.request(text, task, max_new_tokens=12, **kw) for text, task, kw in specs]
+        self.alone = [token_ids(harness.alone(text, task, max_new_tokens=12, **kw)) for text, task, kw in self.SPECS]
+        self.requests = [harness.request(text, task, max_new_tokens=12, **kw) for text, task, kw in self.SPECS]
         for request in self.requests:
             harness.engine.add(request)
         while not all(request.rows[0].output_ids for request in self.requests):  # until each is mid-stream

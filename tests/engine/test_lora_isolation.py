@@ -26,10 +26,11 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import GenerationFailed, UnservableTarget
 from server.engine.nlu import plan_classify
-from server.engine.request import Request
 from server.engine.selfcheck import self_check
 from server.engine.types import ClassifyInput, EngineOutput, EnsembleMode
+from tests.engine import test_isolation as isolation_tests
 from tests.engine.harness import Harness, token_ids
+from tests.engine.test_isolation import error_of
 from tests.engine.test_nlu import LIMITS
 from tests.fixtures import TinyBackbone
 from tests.lora_fixtures import write_module_adapter
@@ -66,39 +67,20 @@ def harness(tiny_llama: TinyBackbone, tmp_path: Path, module_adapters: dict[str,
     return served(tiny_llama, tmp_path / "store", module_adapters, **VARIANTS[request.param])
 
 
-class Mates:
+class Mates(isolation_tests.Mates):
     """Requests already mid-answer when the fault arrives: a LoRA row, an IA3 row, a seeded sampled prompt row and a
-    bare row. Each must end with the tokens it has alone."""
+    bare row. Each must end with the tokens it has alone, and every hold on the adapter pool be given back."""
 
-    SPECS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
+    SPECS = (
         ("mate one", "lora-a", {}),
         ("mate two", "ia3", {}),
         ("mate three", "prompt_tuning", {"do_sample": True, "seed": 7}),
         ("mate four", None, {}),
     )
 
-    def __init__(self, harness: Harness, max_new_tokens: int = 12) -> None:
-        self.harness = harness
-        self.alone = [token_ids(harness.alone(text, task, max_new_tokens=max_new_tokens, **kw))
-                      for text, task, kw in self.SPECS]  # fmt: skip
-        self.requests = [harness.request(text, task, max_new_tokens=max_new_tokens, **kw)
-                         for text, task, kw in self.SPECS]  # fmt: skip
-        for request in self.requests:
-            harness.engine.add(request)
-        while not all(request.rows[0].output_ids for request in self.requests):  # until each is mid-answer
-            harness.step()
-
     def finish_unchanged(self) -> None:
-        harness = self.harness
-        while harness.engine.has_work():
-            harness.step()
-        assert [token_ids(harness.completion(r.request_id)) for r in self.requests] == self.alone
-        assert harness.is_idle() and harness.engine.leaving == []
-        assert harness.engine.tasks.adapters.slots.holds == {}
-
-
-def error_of(harness: Harness, request: Request) -> Exception | None:
-    return harness.outputs[request.request_id][-1].error
+        super().finish_unchanged()
+        assert self.harness.engine.tasks.adapters.slots.holds == {}
 
 
 def test_a_lora_task_whose_weights_fail_to_reach_the_device_fails_only_its_requests(
