@@ -1,8 +1,8 @@
 """Where task versions live: one interface, two backends (a directory, the default; an S3 bucket for replicas).
 
-A backend owns the durable bytes and the promises about them (atomic, immutable, never-reused versions) and the
-change feed that announces each write (changes.py); the registry above it owns the in-memory index, the artifact
-LRU, polling and listeners.
+A backend owns the durable bytes and the promises about them (atomic, immutable, never-reused versions), the change
+feed that announces each write (changes.py) and the index snapshots that sum it up (snapshots.py); the registry
+above it owns the in-memory index, the artifact LRU, polling and listeners.
 """
 
 from __future__ import annotations
@@ -109,6 +109,20 @@ class StoreBackend(Protocol):
     def compact_changes(self, below: int, max_age_s: float) -> int:
         """Remove the feed's entries numbered below `below` and older than `max_age_s`; return how many."""
         ...
+
+    def snapshot_names(self) -> list[str]:
+        """The names of the index snapshots kept (snapshots.py), ascending."""
+        ...
+
+    def read_snapshot(self, name: str, max_bytes: int) -> bytes | None:
+        """A snapshot's bytes; None if it is gone; InvalidTask if it is larger than `max_bytes`."""
+        ...
+
+    def write_snapshot(self, name: str, data: bytes) -> bool:
+        """Create a snapshot whole (readers never see part of one); False if one of that name exists."""
+        ...
+
+    def remove_snapshot(self, name: str) -> None: ...
 
     def version_dir(self, task_id: str, version: int, limits: StoreLimits) -> Path:
         """A local PEFT adapter directory of a version (S3: downloaded into a local cache once)."""

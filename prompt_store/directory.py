@@ -15,7 +15,7 @@ from typing import Any
 
 from prompt_store.adapter import StoreLimits
 from prompt_store.changes import Change, change_name, decode_change, encode_change, parse_change_name
-from prompt_store.errors import StoreError
+from prompt_store.errors import InvalidTask, StoreError
 from prompt_store.fsio import (
     clear_dir,
     create_file_if_absent,
@@ -141,6 +141,30 @@ class DirectoryBackend:
             return decode_change(seq, (self.layout.changes_dir / change_name(seq)).read_bytes())
         except FileNotFoundError:
             return None
+
+    # ---- index snapshots (snapshots.py): root/snapshots/<name>, created whole (a hard link, as feed entries are)
+
+    def snapshot_names(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.layout.snapshots_dir))
+        except FileNotFoundError:  # no snapshot written yet
+            return []
+
+    def read_snapshot(self, name: str, max_bytes: int) -> bytes | None:
+        path = self.layout.snapshots_dir / name
+        try:
+            if path.stat().st_size > max_bytes:
+                raise InvalidTask(f"{path}: expected at most {max_bytes} bytes; found {path.stat().st_size}")
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write_snapshot(self, name: str, data: bytes) -> bool:
+        self.layout.snapshots_dir.mkdir(exist_ok=True)
+        return create_file_if_absent(self.layout.snapshots_dir / name, data, self.layout.tmp_dir)
+
+    def remove_snapshot(self, name: str) -> None:
+        (self.layout.snapshots_dir / name).unlink(missing_ok=True)
 
     def compact_changes(self, below: int, max_age_s: float) -> int:
         oldest_kept = time.time() - max_age_s

@@ -6,6 +6,7 @@ root/.tmp/<random>/      versions being written (renamed into tasks/ when durabl
 root/.trash/<random>/    deleted tasks and old versions on their way out
 root/.tombstones/<id>    highest version a deleted task reached, so a version number is never reused
 root/changes/000000000001.json   the change feed: one entry per write (changes.py)
+root/snapshots/000000000100-<digest>.json.gz   every task's record at a feed position (snapshots.py)
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class StoreLayout:
     @property
     def changes_dir(self) -> Path:
         return self.root / "changes"
+
+    @property
+    def snapshots_dir(self) -> Path:  # created by the first snapshot
+        return self.root / "snapshots"
 
     @property
     def lock_path(self) -> Path:

@@ -1,10 +1,11 @@
 """The durable task registry: one store (a directory, local or shared, or an S3 bucket), many readers and writers.
 
 The store is the source of truth; the in-memory index is rebuilt at start-up and kept fresh by `refresh` (polling),
-so tasks written or deleted by other processes show up without a restart. A refresh reads the store's change feed
+so tasks written or deleted by other processes show up without a restart. Start-up reads the newest index snapshot
+and the feed's entries after it (snapshots.py), or, with none, every task. A refresh reads the store's change feed
 (changes.py) from the last entry it applied, so a poll that finds nothing costs one listing of no entries however
-many tasks the store holds; the whole store is listed at start-up, when the feed has lost entries this process did
-not read, and as a safety net every `rescan_every_s` (start_polling).
+many tasks the store holds; the whole store is listed when the feed has lost entries this process did not read, and
+as a safety net every `rescan_every_s` (start_polling).
 
 Consistency between processes (replicas) sharing a store:
 - a registration is servable everywhere as soon as `register` returns: a process that does not know an id looks it
@@ -14,7 +15,7 @@ Consistency between processes (replicas) sharing a store:
   served); on S3 a cached artifact is trusted until the poll, so the window is the poll interval plus one refresh.
 - a writer killed between its write and the write's feed entry leaves a change the feed does not carry: the next
   safety-net rescan of any polling process finds it and appends the entry, so every process has it within that
-  rescan's interval plus a poll interval (a process that does not poll: at its next start).
+  rescan's interval plus a poll interval (a process that does not poll: at its next start after that).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
 from prompt_store.lru import HostArtifacts
 from prompt_store.polling import RESCAN_EVERY_S, Poller
+from prompt_store.snapshots import SNAPSHOT_MIN_TASKS, Snapshots
 from prompt_store.types import BackboneFingerprint, HostCacheStats, TaskArtifact, TaskKey, TaskRecord
 from prompt_store.versions import labels_of_dir, now_rfc3339, parse_upload, read_adapter_files
 
@@ -86,6 +88,7 @@ class TaskStore:
         self._refresh_lock = threading.Lock()  # one refresh at a time: each moves the feed position
         self._feed_position = 0  # the newest change feed entry applied to the index (and every one before it)
         self._lookups = LookupLimiter() if lookups is None else lookups
+        self._snapshots = Snapshots(self.backend, fingerprint, limits)
         self._recover()
 
     @property
@@ -109,18 +112,27 @@ class TaskStore:
     # ---- start-up
 
     def _recover(self) -> None:
+        """Start from the newest index snapshot and the feed's entries after it; without a usable one, read every
+        task (and leave a snapshot for the next replica). Leftovers of killed writers: a directory clears them here
+        (it is local); on S3 that is a listing of every upload, which the poller does hourly instead."""
         started = time.monotonic()
-        num_partial = self.backend.recover()
-        end = self._feed_end()  # before the listing: a change made during it is read again from the feed
-        self._rescan_all()
-        self._feed_position = end
-        logger.info(
-            "recovered %d tasks from %s in %.3f s (%d partial writes discarded)",
-            len(self),
-            self.location,
-            time.monotonic() - started,
-            num_partial,
-        )
+        num_partial = self.backend.recover() if self.backend.is_local else 0
+        loaded = self._snapshots.load()
+        if loaded is not None:
+            self._feed_position, records = loaded
+            with self._index_lock:
+                self._records = {record.task_id: record for record in records}
+            self._apply_changes()  # a gap after the snapshot: the store's listing checked against its records
+            how = f"a snapshot at feed entry {loaded[0]}, then the feed to entry {self._feed_position}"
+        else:
+            end = self._feed_end()  # before the listing: a change made during it is read again from the feed
+            self._rescan_all()
+            self._feed_position = end
+            how = "every task read"
+            if len(self) >= SNAPSHOT_MIN_TASKS:
+                self._write_snapshot()
+        logger.info("recovered %d tasks from %s in %.3f s (%s; %d partial writes discarded)", len(self),
+                    self.location, time.monotonic() - started, how, num_partial)  # fmt: skip
 
     # ---- writes
 
@@ -184,10 +196,39 @@ class TaskStore:
                          "next full rescan", task_id, what, exc)  # fmt: skip
             return
         if seq % COMPACT_EVERY == 0:
-            try:
-                self.backend.compact_changes(seq, RETENTION_S)
-            except (StoreError, OSError) as exc:  # the next compaction removes them
-                logger.warning("compacting the change feed of %s failed: %s", self.location, exc)
+            if self._poller is not None:
+                self._poller.compact_feed(seq)  # off the request path: a snapshot of every task goes first
+            else:
+                self.compact_feed(seq)
+
+    def compact_feed(self, seq: int) -> None:
+        """Write an index snapshot at the feed's end, then remove the feed's entries older than RETENTION_S below
+        entry `seq` and below the newest snapshot (a replica starting from it finds every change since)."""
+        try:
+            self.snapshot()
+        except (StoreError, OSError) as exc:  # the older snapshot still bounds the compaction
+            logger.warning("writing an index snapshot of %s failed: %s", self.location, exc)
+        try:
+            newest = self._snapshots.newest()
+            self.backend.compact_changes(seq if newest is None else min(seq, newest[0]), RETENTION_S)
+        except (StoreError, OSError) as exc:  # the next compaction removes them
+            logger.warning("compacting the change feed of %s failed: %s", self.location, exc)
+
+    def snapshot(self) -> int:
+        """Apply the feed's new entries, then write every task's record at that position (snapshots.py), so a
+        starting replica reads one object, not every task; return the position."""
+        with self._refresh_lock:
+            events = self._apply_changes()
+            position = self._write_snapshot()
+        self._emit(events)
+        return position
+
+    def _write_snapshot(self) -> int:
+        with self._index_lock:
+            records = builtins.list(self._records.values())
+        position = self._feed_position  # the index holds every change up to it (and maybe some after: harmless)
+        self._snapshots.save(position, records)
+        return position
 
     def delete(self, task_id: str) -> None:
         """Atomically remove every version of a task; TaskNotFound if there is none."""
@@ -428,10 +469,10 @@ class TaskStore:
         manifest: dict[str, Any] | None = None,  # the newest version's, as its feed entry carries it
     ) -> TaskRecord | None:
         for version in reversed(versions):
+            if (task_id, version) in self._rejected:  # the current one too: a snapshot's record, refused on its load
+                continue
             if current is not None and version == current.version:
                 return current
-            if (task_id, version) in self._rejected:
-                continue
             try:
                 given = manifest if version == versions[-1] else None
                 artifact = self.backend.read(task_id, version, self.fingerprint, self.limits, given)

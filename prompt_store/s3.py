@@ -4,10 +4,12 @@ prefix/tasks/<id>/v000001.json          a version exists once this manifest does
 prefix/data/<id>/<uuid>/<file>          its files, uploaded before the manifest, never modified
 prefix/tombstones/<id>/v000007          a deleted task reached version 7: numbers continue from 8
 prefix/changes/000000000042.json        the change feed: one entry per write (changes.py), If-None-Match: * too
+prefix/snapshots/000000000042-<digest>.json.gz   every task's record at a feed position (snapshots.py)
 
-A writer killed mid-upload leaves data no manifest names: never served, removed by `collect_garbage` (run at
-start-up) once older than DATA_GRACE_S. Endpoint, region and credentials come from the standard AWS environment
-variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or boto3's other sources.
+A writer killed mid-upload leaves data no manifest names: never served, removed by `collect_garbage` (a polling
+process runs it hourly: polling.py) once older than DATA_GRACE_S. Endpoint, region and credentials come from the
+standard AWS environment variables (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or
+boto3's other sources.
 """
 
 from __future__ import annotations
@@ -425,6 +427,20 @@ class S3Backend:
                 self._remove([self._change_key(seq)])
                 num_removed += 1
         return num_removed
+
+    # ---- index snapshots (snapshots.py)
+
+    def snapshot_names(self) -> list[str]:
+        return [item["Key"] for item in self._list("snapshots")]
+
+    def read_snapshot(self, name: str, max_bytes: int) -> bytes | None:
+        return self._get(self._key("snapshots", name), max_bytes)
+
+    def write_snapshot(self, name: str, data: bytes) -> bool:
+        return self._put(self._key("snapshots", name), data, if_absent=True)
+
+    def remove_snapshot(self, name: str) -> None:
+        self._remove([self._key("snapshots", name)])
 
     # ---- leftovers
 
