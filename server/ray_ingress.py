@@ -13,6 +13,11 @@ the request is tried once more on another replica (a task write is not: it may h
 with this server's JSON error, 503 `unavailable` with `Retry-After`, which the `openai` client retries. After the
 status line of a stream, the stream ends with the API's own in-stream error event. `/health` answers 503 when no
 engine replica answers within `HEALTH_WAIT_S` (none up: Ray would hold the request until one is).
+
+Each call names the request's task as Ray's multiplexed model id, which the engine deployment's request router
+(server/task_router.py) routes by: Ray's `serve_multiplexed_model_id` header if the client set it, else the JSON
+body's `task_id` (native routes) or `model` (OpenAI routes: a task id or `<backbone>:<task>`), so OpenAI clients get
+a replica holding their task without setting any header.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from prompt_store.adapter import is_valid_task_id
 from server.api.errors import ApiError, error_body, error_response, is_openai_path, openai_error_body, to_api_error
 from server.api.generation import sse
 from server.api.openai_generation import DONE
@@ -159,6 +165,24 @@ def stream_error_event(error: ApiError, path: str) -> bytes:
     return sse(json.dumps(error_body(error))).encode()
 
 
+def task_of(request: ForwardedRequest) -> str:
+    """The task a request is for, as the router keys it: the multiplexed header, else a JSON body's `task_id` or
+    `model` (after `<backbone>:`); "" for none (an ensemble, the bare backbone's name is no task any replica holds)."""
+    headers = Headers(raw=request.scope["headers"])
+    if headers.get(MULTIPLEXED_HEADER):
+        return headers[MULTIPLEXED_HEADER]
+    is_json = headers.get("content-type", "application/json").startswith("application/json")
+    if request.scope["method"] != "POST" or not is_json or request.path.startswith("/v1/tasks"):
+        return ""
+    try:
+        fields = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return ""  # the replica's app answers what is wrong with it
+    named = (fields.get("task_id") or fields.get("model")) if isinstance(fields, dict) else None
+    task_id = named.rpartition(":")[2] if isinstance(named, str) else ""
+    return task_id if is_valid_task_id(task_id) else ""
+
+
 def is_stream(start: Message) -> bool:
     content_type = Headers(raw=start.get("headers", [])).get("content-type", "")
     return content_type.startswith("text/event-stream")
@@ -179,7 +203,7 @@ class Relay:
             await lifespan(receive, send)
             return
         request = ForwardedRequest.of(scope, await read_body(receive))
-        task_id = Headers(scope=scope).get(MULTIPLEXED_HEADER, "")
+        task_id = task_of(request)
         attempts = 2 if request.retryable else 1
         for attempt in range(1, attempts + 1):
             start: Message | None = None

@@ -13,9 +13,9 @@ node mounts, or object storage): a task registered through any replica is servab
 
 Task ids are deliberately NOT mapped to Ray's model multiplexing: it would route each task to its own
 replicas and split the mixed-task batches that are the point of the product. Any replica serves any task; the
-request router (server/task_router.py) prefers one that holds the request's task on its device, named in Ray's
-`serve_multiplexed_model_id` header (the ingress passes it on as its handle call's multiplexed model id, and the
-router routes those calls), and otherwise the least busy.
+request router (server/task_router.py) prefers one that holds the request's task on its device (the ingress names
+the task as its handle call's multiplexed model id, from Ray's `serve_multiplexed_model_id` header or the body's
+`task_id` or `model`), else the replica the task's id hashes to, and the least busy when those are much busier.
 
     serve run server.ray_serve:build_app num_replicas=2 num_gpus=0 store_dir=/shared/store
     serve deploy deploy/ray/serve.yaml

@@ -1,9 +1,12 @@
 """Ray Serve's request router for promptserve: a request goes to a replica that holds its task on the device (no
-load, its keys and values shared with the rows already there), else, or when those replicas are much busier than
-the least busy one, to the least busy replica (Ray's own queue lengths decide among the replicas of a rank).
+load, its keys and values shared with the rows already there); a task no replica holds to the one its id hashes to
+(rendezvous hashing over the replicas' ids), so every router, each ingress replica's among them, loads a new task on
+the same replica; and when those replicas are much busier than the least busy one, to the least busy replica (Ray's
+own queue lengths decide among the replicas of a rank).
 
-The task id reaches the router in Ray's `serve_multiplexed_model_id` header (the only part of an HTTP request Ray's
-proxy hands a router: the body goes to the replica unread); a request without it is routed by load alone. Which
+The task id reaches the router as the request's multiplexed model id: the ingress sets it on its call to the
+engines from Ray's `serve_multiplexed_model_id` header or the body (server/ray_ingress.py); Ray's proxy hands a
+router the header alone (the body goes to the replica unread). A request without a task is routed by load alone. Which
 tasks a replica holds comes from its `record_routing_stats` (server/ray_serve.py), every
 `request_routing_stats_period_s`; a task this router sent to a replica since counts as held there, so the requests
 that follow a first one do not all load it elsewhere before the next report. Ray's API for this is alpha
@@ -12,6 +15,7 @@ that follow a first one do not all load it elsewhere before the next report. Ray
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from typing import Any
@@ -26,6 +30,13 @@ def task_of(request: PendingRequest | None) -> str:
     return request.metadata.multiplexed_model_id if request is not None else ""
 
 
+def rendezvous(task_id: str, replica_id: ReplicaID) -> int:
+    """A task's weight on a replica: the replica of the highest weight is the task's, the same for every router, and
+    a replica joining or leaving moves only the tasks it takes or had."""
+    digest = hashlib.blake2b(f"{task_id}/{replica_id.unique_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
 class TaskAffinityRouter(RequestRouter):
     def initialize_state(self, imbalanced_threshold: int = 16, remember_s: float = 10.0, **kwargs: Any) -> None:
         """`imbalanced_threshold`: how many more queued requests than the least busy replica a holder may have and
@@ -38,14 +49,16 @@ class TaskAffinityRouter(RequestRouter):
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
-        """Ranks: the replicas holding the request's task (if not much busier than the least busy replica), then
-        every replica; the base class takes the shortest queue in the first rank with room (the first of equals,
-        so each rank is shuffled)."""
+        """Ranks: the replicas holding the request's task, or its rendezvous replica when none does (if not much
+        busier than the least busy replica), then every replica; the base class takes the shortest queue in the
+        first rank with room (the first of equals, so each rank is shuffled)."""
         if pending_request is not None:  # every replica is in the ranks: a full house waits, then tries again
             pending_request.routing_context.should_backoff = True
         everyone = random.sample(candidate_replicas, len(candidate_replicas))
         task_id = task_of(pending_request)
         holders = [replica for replica in everyone if self.holds(replica, task_id)] if task_id else []
+        if task_id and not holders:  # the replica every router picks for it
+            holders = [max(everyone, key=lambda replica: rendezvous(task_id, replica.replica_id))]
         if holders and not self.is_imbalanced(holders, everyone):
             return [holders, everyone]
         return [everyone]

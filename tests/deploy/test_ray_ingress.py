@@ -94,6 +94,32 @@ def test_a_request_is_answered_by_a_replica_through_its_app_with_the_task_id_for
     assert engines.calls == [("/v1/generate", "t1")]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "headers", "task_id"),
+    [
+        ("/v1/completions", {"model": "t1", "prompt": "hi"}, {}, "t1"),  # an OpenAI client sets no header
+        ("/v1/completions", {"model": "tiny-llama:t2", "prompt": "hi"}, {}, "t2"),
+        ("/v1/completions", {"model": "org/backbone", "prompt": "hi"}, {}, ""),  # the bare backbone: no task
+        ("/v1/generate", {"inputs": "hi", "task_id": "t3"}, {}, "t3"),
+        ("/v1/generate", {"inputs": "hi", "task_id": "t3"}, {MULTIPLEXED_HEADER: "t4"}, "t4"),  # the header wins
+        ("/v1/generate", {"inputs": "hi", "task_ids": ["a", "b"]}, {}, ""),  # an ensemble
+        ("/v1/generate", ["not", "an", "object"], {}, ""),
+    ],
+)
+def test_the_task_for_the_router_comes_from_the_header_or_the_body(path, body, headers, task_id) -> None:
+    engines = FakeEngines(None)
+    run(lambda http: http.post(path, json=body, headers=headers), Relay(engines.forward))
+    assert engines.calls == [(path, task_id)]
+
+
+def test_a_body_that_is_not_json_names_no_task() -> None:
+    engines = FakeEngines(None)
+    run(lambda http: http.post("/v1/generate", content=b'{"task_id": "t1"', headers={"content-type": "text/plain"}),
+        Relay(engines.forward))  # fmt: skip
+    run(lambda http: http.post("/v1/generate", content=b'{"task_id": "t1"'), Relay(engines.forward))
+    assert [task_id for _, task_id in engines.calls] == ["", ""]
+
+
 def test_a_request_whose_replica_dies_before_answering_is_tried_on_another() -> None:
     engines = FakeEngines(0, None)
     response = run(lambda http: http.post("/v1/generate", json={"inputs": "hi"}), Relay(engines.forward))

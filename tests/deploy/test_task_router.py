@@ -56,10 +56,21 @@ def test_replicas_holding_the_task_come_first() -> None:
     assert choose(make_router(), replicas, "task") == [{"b"}, {"a", "b"}]
 
 
-def test_a_task_nobody_holds_or_no_task_goes_to_every_replica() -> None:
+def test_no_task_goes_to_every_replica() -> None:
     replicas = [Replica("a", ["other"]), Replica("b", ["task"])]
-    assert choose(make_router(), replicas, "new") == [{"a", "b"}]
     assert choose(make_router(), replicas, "") == [{"a", "b"}]
+
+
+def test_a_task_nobody_holds_goes_first_to_the_same_replica_from_every_router() -> None:
+    replicas = [Replica(name) for name in "abcd"]
+    picks = {task_id: choose(make_router(), replicas, task_id) for task_id in (f"task-{i}" for i in range(40))}
+    assert all(len(ranks) == 2 and len(ranks[0]) == 1 and ranks[1] == set("abcd") for ranks in picks.values())
+    assert all(choose(make_router(), replicas, task_id) == ranks for task_id, ranks in picks.items())  # any router
+    assert {name for ranks in picks.values() for name in ranks[0]} == set("abcd")  # spread over the replicas
+    # one replica leaving moves only the tasks it had
+    kept = [replica for replica in replicas if replica.name != "d"]
+    assert all(choose(make_router(), kept, task_id)[0] == ranks[0] for task_id, ranks in picks.items()
+               if ranks[0] != {"d"})  # fmt: skip
 
 
 def test_a_busy_holder_is_passed_over_for_the_least_busy() -> None:
@@ -75,10 +86,12 @@ def test_a_busy_holder_is_passed_over_for_the_least_busy() -> None:
 def test_a_task_just_sent_counts_as_held_until_the_replica_reports() -> None:
     router = make_router(remember_s=0.2)
     replicas = [Replica("a"), Replica("b")]
-    asyncio.run(routed(router, "task", replicas[1].replica_id))
-    assert choose(router, replicas, "task") == [{"b"}, {"a", "b"}]
+    (home,) = choose(router, replicas, "task")[0]
+    sent_to = next(replica for replica in replicas if replica.name != home)  # not where its hash would send it
+    asyncio.run(routed(router, "task", sent_to.replica_id))
+    assert choose(router, replicas, "task") == [{sent_to.name}, {"a", "b"}]
     time.sleep(0.25)
-    assert choose(router, replicas, "task") == [{"a", "b"}]
+    assert choose(router, replicas, "task") == [{home}, {"a", "b"}]
 
 
 async def routed(router: TaskAffinityRouter, task_id: str, replica_id: ReplicaID) -> None:
