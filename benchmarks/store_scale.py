@@ -1,19 +1,20 @@
 """`python -m benchmarks.store_scale --tasks N --replicas R`: the task store on S3 with many tasks and many readers:
-what an idle poll costs, and how long a replacement takes to reach every reader.
+what a replica's start-up and an idle poll cost, and how long a replacement takes to reach every reader.
 
 A SeaweedFS server on loopback (the tests' `weed`, from the dev extra) gets N tasks, written directly as the S3
 backend lays them out (two data objects and a manifest each, from a thread pool: registering them one by one would
 take hours at 100,000), all of one tiny synthetic adapter. Then, with no model anywhere:
-- idle poll: a store opened here (its start-up, which reads every task, is timed too) refreshes --idle-polls times
-  with nothing changed; each refresh's time and S3 requests (botocore's before-send events, retries included);
-- R reader processes each open the store and poll it every --interval seconds (`TaskStore.start_polling`, as a
-  replica does); their S3 requests per second are counted over --idle-s seconds of nothing happening, then over
-  the replacements; each of --replacements rounds registers a new version of one task here and records, from
-  `register` returning (the PUT's answer) to each reader's listener seeing the version, the time until every
-  reader applied it; rounds start at random moments of the poll cycle.
+- start-up: a store opened here, timed, with its S3 requests counted (botocore's before-send events, retries
+  included); on a store without an index snapshot that start-up reads every task and leaves one (snapshots.py),
+  so the readers after it start from the snapshot;
+- idle poll: that store refreshes --idle-polls times with nothing changed; each refresh's time and S3 requests;
+- R reader processes each open the store (their start-ups timed and counted too) and poll it every --interval
+  seconds (`TaskStore.start_polling`, as a replica does); their S3 requests per second are counted over --idle-s
+  seconds of nothing happening, then over the replacements; each of --replacements rounds registers a new version
+  of one task here and records, from `register` returning (the PUT's answer) to each reader's listener seeing the
+  version, the time until every reader applied it; rounds start at random moments of the poll cycle.
 `--backend-only` times, instead of a store's refresh, the requests an idle refresh sends, on the S3 backend alone
-(the change feed's LIST; on code without a feed, the listing of every task): no store is opened, since a
-start-up reads every task (about 25 minutes at 100,000 here), and no readers run.
+(the change feed's LIST; on code without a feed, the listing of every task): no store is opened and no readers run.
 `--store s3://bucket/prefix` uses that store instead (endpoint and credentials from the AWS_* variables), writing
 the tasks only if it holds none: one written store can be measured by two versions of the code. Measures; asserts
 nothing. `--json FILE` writes the results.
@@ -34,12 +35,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_store import FINGERPRINT, synthetic_adapter
 from prompt_store import StoreEvent, TaskStore
-from prompt_store.adapter import CONFIG_NAME, MODEL_NAME
+from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits
 from prompt_store.backend import open_backend
 from prompt_store.s3 import S3Backend
 from prompt_store.versions import parse_upload, record_fields, sha256_hex
@@ -82,9 +84,8 @@ def count_requests(backend: object) -> list[int]:
 def write_tasks(uri: str, num_tasks: int) -> float:
     """N tasks as S3Backend.stage and commit leave them (version 1 each); returns the seconds it took."""
     adapter_config, adapter_model = synthetic_adapter("PROMPT_TUNING", 1, seed=0)
-    store = TaskStore(uri, FINGERPRINT)
-    parsed = parse_upload(adapter_config, adapter_model, FINGERPRINT, store.limits)
-    backend = store.backend
+    parsed = parse_upload(adapter_config, adapter_model, FINGERPRINT, StoreLimits())
+    backend = open_backend(uri)
     assert isinstance(backend, S3Backend)
     files = {CONFIG_NAME: adapter_config, MODEL_NAME: adapter_model}
     hashes = {name: sha256_hex(data) for name, data in files.items()}
@@ -109,12 +110,20 @@ def write_tasks(uri: str, num_tasks: int) -> float:
 
 
 def run_reader(uri: str, interval_s: float) -> None:
-    """Open the store, poll it, and answer on stdout: `ready`, `applied <task> <version> <time>` per event, and
-    `count <requests> <time>` for each `count` line on stdin."""
-    started = time.monotonic()
-    store = TaskStore(uri, FINGERPRINT)
+    """Open the store, poll it, and answer on stdout: `ready <start-up seconds> <start-up requests>`, `applied <task>
+    <version> <time> <when the poll that applied it began>` per event, and `count <requests> <time>` for each `count`
+    line on stdin."""
+    store, startup_s, startup_requests = timed_open(uri)
     counter = count_requests(store.backend)
     lock = threading.Lock()
+    poll = threading.local()  # when the refresh running on this thread began (the listener runs inside it)
+    refresh = store.refresh
+
+    def timed_refresh() -> bool:
+        poll.started = time.monotonic()
+        return refresh()
+
+    store.refresh = timed_refresh  # type: ignore[method-assign]  # what the poller calls
 
     def say(text: str) -> None:
         with lock:
@@ -122,11 +131,12 @@ def run_reader(uri: str, interval_s: float) -> None:
             sys.stdout.flush()
 
     def applied(event: StoreEvent) -> None:
-        say(f"applied {event.task_id} {event.version} {time.monotonic():.6f}")
+        now = time.monotonic()
+        say(f"applied {event.task_id} {event.version} {now:.6f} {getattr(poll, 'started', now):.6f}")
 
     store.add_listener(applied)
     store.start_polling(interval_s)
-    say(f"ready {time.monotonic() - started:.3f}")
+    say(f"ready {startup_s:.3f} {startup_requests}")
     for line in sys.stdin:
         if line.strip() == "count":
             say(f"count {counter[0]} {time.monotonic():.6f}")
@@ -148,8 +158,10 @@ class Reader:
             if line.startswith("ready"):
                 self.ready.set()
 
-    def startup_s(self) -> float:
-        return next(float(line.split()[1]) for line in self.lines if line.startswith("ready"))
+    def startup(self) -> tuple[float, int]:
+        """(seconds, S3 requests) its store's start-up took."""
+        _, seconds, requests = next(line.split() for line in self.lines if line.startswith("ready"))
+        return float(seconds), int(requests)
 
     def count(self) -> tuple[int, float]:
         """(requests so far, when)."""
@@ -162,9 +174,11 @@ class Reader:
         _, requests, at = counts[-1].split()
         return int(requests), float(at)
 
-    def applied_at(self, task_id: str, version: int) -> float | None:
+    def applied_at(self, task_id: str, version: int) -> tuple[float, float] | None:
+        """(when it applied the version, when the poll that did began); None if it has not yet."""
         wanted = f"applied {task_id} {version} "
-        return next((float(line.split()[3]) for line in self.lines if line.startswith(wanted)), None)
+        found = next((line.split() for line in self.lines if line.startswith(wanted)), None)
+        return None if found is None else (float(found[3]), float(found[4]))
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -180,8 +194,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure_idle_poll(uri: str, num_polls: int) -> dict[str, float]:
-    store, startup_s = timed_open(uri)
+def measure_idle_poll(uri: str, num_polls: int) -> dict[str, Any]:
+    had_snapshot = bool(open_backend(uri).snapshot_names())
+    store, startup_s, startup_requests = timed_open(uri)
+    print(f"start-up ({'from a snapshot' if had_snapshot else 'reading every task'}): {startup_s:.1f} s, "
+          f"{startup_requests} requests", flush=True)  # fmt: skip
     counter = count_requests(store.backend)
     seconds, requests = [], []
     for _ in range(num_polls):
@@ -191,7 +208,9 @@ def measure_idle_poll(uri: str, num_polls: int) -> dict[str, float]:
         requests.append(counter[0] - before)
         assert not changed, "nothing was written, yet the refresh found a change"
     return {
+        "startup_from_snapshot": had_snapshot,
         "startup_s": startup_s,
+        "startup_requests": startup_requests,
         "idle_poll_ms_p50": 1000 * statistics.median(seconds),
         "idle_poll_ms_mean": 1000 * statistics.fmean(seconds),
         "idle_poll_requests": statistics.fmean(requests),
@@ -219,10 +238,21 @@ def measure_idle_requests(uri: str, num_polls: int) -> dict[str, float]:
     }
 
 
-def timed_open(uri: str) -> tuple[TaskStore, float]:
+def timed_open(uri: str) -> tuple[TaskStore, float, int]:
+    """A store opened on `uri`: (store, seconds, S3 requests its start-up sent)."""
+    import boto3
+
+    counter = [0]
+
+    def count(**_: Any) -> None:
+        counter[0] += 1
+
+    session = boto3.session.Session()
+    session.events.register("before-send.s3", count)
+    boto3.DEFAULT_SESSION = session  # the store's client comes from the default session: it counts from the start
     started = time.perf_counter()
     store = TaskStore(uri, FINGERPRINT)
-    return store, time.perf_counter() - started
+    return store, time.perf_counter() - started, counter[0]
 
 
 def requests_per_s(readers: list[Reader], action: Any) -> float:
@@ -234,17 +264,30 @@ def requests_per_s(readers: list[Reader], action: Any) -> float:
     return statistics.fmean(rates)
 
 
-def replace_and_wait(writer: TaskStore, readers: list[Reader], adapter: tuple[bytes, bytes], timeout_s: float) -> float:
-    """Register a new version; seconds from `register` returning until every reader applied it (inf: timed out)."""
+@dataclass(frozen=True)
+class Round:
+    """One replacement: from `register` returning, until every reader applied it, and for the last reader to, the
+    wait for its poll to begin and the poll's own time until it applied the version (seconds)."""
+
+    visible_s: float
+    last_wait_s: float
+    last_apply_s: float
+    applies_s: list[float]  # every reader's poll time until it applied the version
+
+
+def replace_and_wait(writer: TaskStore, readers: list[Reader], adapter: tuple[bytes, bytes], timeout_s: float) -> Round:
+    """Register a new version and wait until every reader applied it (visible_s inf: timed out)."""
     record, _ = writer.register(TASK_TO_REPLACE, *adapter)
     acked = time.monotonic()
     deadline = acked + timeout_s
     while True:
         seen = [reader.applied_at(TASK_TO_REPLACE, record.version) for reader in readers]
         if all(at is not None for at in seen):
-            return max(at for at in seen if at is not None) - acked
+            applied = [at for at in seen if at is not None]
+            last, began = max(applied)
+            return Round(last - acked, began - acked, last - began, [at - poll for at, poll in applied])
         if time.monotonic() > deadline:
-            return float("inf")
+            return Round(float("inf"), float("inf"), float("inf"), [])
         time.sleep(0.005)
 
 
@@ -259,19 +302,25 @@ def measure_replicas(uri: str, args: argparse.Namespace) -> dict[str, Any]:
         writer = TaskStore(uri, FINGERPRINT)
         adapter = synthetic_adapter("PROMPT_TUNING", 1, seed=1)
         rng = random.Random(args.seed)
-        latencies: list[float] = []
+        rounds: list[Round] = []
 
         def replace_all() -> None:
             for _ in range(args.replacements):
                 time.sleep(rng.uniform(0, args.interval))  # a random moment of the readers' poll cycles
-                latencies.append(replace_and_wait(writer, readers, adapter, timeout_s=10 * args.interval + 60))
+                rounds.append(replace_and_wait(writer, readers, adapter, timeout_s=10 * args.interval + 60))
 
         busy_rate = requests_per_s(readers, replace_all)
     finally:
         for reader in readers:
             reader.close()
+    startups = [reader.startup() for reader in readers]
+    latencies = [one.visible_s for one in rounds]
+    applies = [seconds for one in rounds for seconds in one.applies_s]
+    worst = max(rounds, key=lambda one: one.visible_s)
     return {
-        "reader_startup_s_max": max(reader.startup_s() for reader in readers),
+        "reader_startup_s_p50": statistics.median(seconds for seconds, _ in startups),
+        "reader_startup_s_max": max(seconds for seconds, _ in startups),
+        "reader_startup_requests_max": max(requests for _, requests in startups),
         "requests_per_s_per_replica_idle": idle_rate,
         "requests_per_s_per_replica_replacing": busy_rate,
         "replacement_visible_everywhere_ms_p50": 1000 * percentile(latencies, 0.5),
@@ -279,6 +328,17 @@ def measure_replicas(uri: str, args: argparse.Namespace) -> dict[str, Any]:
         "replacement_visible_everywhere_ms_max": 1000 * max(latencies),
         "replacements": len(latencies),
         "replacement_visible_everywhere_ms": [round(1000 * seconds, 1) for seconds in latencies],
+        # where the time goes: the last reader's wait for its poll, then that poll's time until it applied
+        "last_reader_poll_wait_ms": [round(1000 * one.last_wait_s, 1) for one in rounds],
+        "last_reader_apply_ms": [round(1000 * one.last_apply_s, 1) for one in rounds],
+        "worst_round_ms": {
+            "visible": round(1000 * worst.visible_s, 1),
+            "poll_wait": round(1000 * worst.last_wait_s, 1),
+            "apply": round(1000 * worst.last_apply_s, 1),
+        },
+        "apply_ms_all_readers_p50": 1000 * percentile(applies, 0.5),
+        "apply_ms_all_readers_p99": 1000 * percentile(applies, 0.99),
+        "apply_ms_all_readers_max": 1000 * max(applies),
     }
 
 
@@ -300,7 +360,7 @@ def measure(uri: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def is_empty(uri: str) -> bool:
-    backend = TaskStore(uri, FINGERPRINT).backend
+    backend = open_backend(uri)
     assert isinstance(backend, S3Backend)
     prefix = "/".join(part for part in (backend.prefix, "tasks/") if part)
     return not backend.client.list_objects_v2(Bucket=backend.bucket, Prefix=prefix, MaxKeys=1).get("Contents")
