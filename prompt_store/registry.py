@@ -119,20 +119,30 @@ class TaskStore:
         num_partial = self.backend.recover() if self.backend.is_local else 0
         loaded = self._snapshots.load()
         if loaded is not None:
-            self._feed_position, records = loaded
+            position, records = loaded
             with self._index_lock:
                 self._records = {record.task_id: record for record in records}
-            self._apply_changes()  # a gap after the snapshot: the store's listing checked against its records
-            how = f"a snapshot at feed entry {loaded[0]}, then the feed to entry {self._feed_position}"
+            # Compaction keeps the snapshot's own entry: without it the feed does not reach the snapshot (removed or
+            # restored from elsewhere), so the store's listing is checked against the records instead.
+            seqs = self.backend.change_seqs_after(max(0, position - 1))
+            if position == 0 or seqs[:1] == [position]:
+                self._feed_position = position
+                self._apply_changes(seqs[1:] if position else seqs)  # a gap after it: a listing, as below
+            else:
+                self._list_store()  # reads only the tasks whose versions differ from the records
+            how = f"a snapshot at feed entry {position}, then the feed to entry {self._feed_position}"
         else:
-            end = self._feed_end()  # before the listing: a change made during it is read again from the feed
-            self._rescan_all()
-            self._feed_position = end
+            self._list_store()
             how = "every task read"
             if len(self) >= SNAPSHOT_MIN_TASKS:
                 self._write_snapshot()
         logger.info("recovered %d tasks from %s in %.3f s (%s; %d partial writes discarded)", len(self),
                     self.location, time.monotonic() - started, how, num_partial)  # fmt: skip
+
+    def _list_store(self) -> None:
+        end = self._feed_end()  # before the listing: a change made during it is read again from the feed
+        self._rescan_all()
+        self._feed_position = end
 
     # ---- writes
 
@@ -378,10 +388,11 @@ class TaskStore:
         """The newest entry of the change feed (0 if it has none: a new store, or one written before the feed)."""
         return max(self.backend.change_seqs_after(self._feed_position), default=self._feed_position)
 
-    def _apply_changes(self) -> builtins.list[StoreEvent]:
-        """Rescan the tasks named by the feed's entries after our position (callers hold the refresh lock)."""
+    def _apply_changes(self, listed: builtins.list[int] | None = None) -> builtins.list[StoreEvent]:
+        """Rescan the tasks named by the feed's entries after our position (callers hold the refresh lock);
+        `listed`: those entries' numbers, if the caller has just listed them."""
         position = self._feed_position
-        seqs = self.backend.change_seqs_after(position)
+        seqs = self.backend.change_seqs_after(position) if listed is None else listed
         if not seqs:
             return []
         changes = [self.backend.read_change(seq) for seq in seqs] if len(seqs) <= MAX_CHANGES_PER_READ else []

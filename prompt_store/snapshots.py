@@ -22,7 +22,7 @@ import hashlib
 import json
 import logging
 import re
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 from prompt_store.adapter import StoreLimits, is_valid_task_id
 from prompt_store.types import BackboneFingerprint, Method, TaskRecord
@@ -118,7 +118,7 @@ def record_of(fields: Any) -> TaskRecord:
     )  # fmt: skip
 
 
-def is_count(value: Any) -> bool:
+def is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

@@ -22,6 +22,7 @@ from prompt_store.snapshots import SnapshotError, decode_snapshot, encode_snapsh
 from prompt_store.types import Method, TaskRecord
 from tests.fixtures import TinyBackbone
 from tests.prompt_store.forkserver import wait_for
+from tests.prompt_store.test_changes import drop_feed
 from tests.prompt_store.helpers import read_adapter
 
 
@@ -49,7 +50,7 @@ class Reads:
         for backend in (DirectoryBackend, S3Backend):
             self._spy(monkeypatch, backend)
 
-    def _spy(self, monkeypatch: pytest.MonkeyPatch, backend: type) -> None:
+    def _spy(self, monkeypatch: pytest.MonkeyPatch, backend: type[DirectoryBackend] | type[S3Backend]) -> None:
         listing, read = backend.listing, backend.read
 
         def spy_listing(self_: object) -> dict[str, list[int]]:
@@ -115,6 +116,19 @@ def test_damaged_snapshot_is_skipped_and_every_task_read(store, prompt_adapter, 
     assert f"not starting from the snapshot {name}" in caplog.text and "expected gzip'd JSON" in caplog.text
 
 
+def test_snapshot_the_feed_does_not_reach_is_checked_against_a_listing(store, prompt_adapter, monkeypatch):
+    for task_id in ("a", "b"):
+        store.register(task_id, *prompt_adapter)
+    store.snapshot()  # at entry 2
+    store.register("b", *prompt_adapter)
+    drop_feed(store)  # the feed removed (or the store restored from an older copy): numbers start again at 1
+    store.register("c", *prompt_adapter)
+    reads = Reads(monkeypatch)
+    replica = reopen(store)
+    assert keys(replica) == [("a", 1), ("b", 2), ("c", 1)]
+    assert reads.listings == 1 and sorted(reads.versions) == [("b", 2), ("c", 1)]
+
+
 def test_snapshot_of_other_limits_is_ignored(store, prompt_adapter, monkeypatch):
     store.register("a", *prompt_adapter)
     store.snapshot()
@@ -168,7 +182,12 @@ def test_every_hundredth_entry_snapshots_before_it_compacts(store, prompt_adapte
 
 def test_polling_replica_snapshots_on_its_maintenance_thread(store, prompt_adapter, monkeypatch):
     threads: list[str] = []
-    monkeypatch.setattr(store, "snapshot", lambda: threads.append(threading.current_thread().name) or 0)
+
+    def snapshot() -> int:
+        threads.append(threading.current_thread().name)
+        return 0
+
+    monkeypatch.setattr(store, "snapshot", snapshot)
     for version in range(1, COMPACT_EVERY):
         store.backend.append_change("other", version)
     store.start_polling(interval_s=60)
