@@ -47,6 +47,9 @@ from prompt_store.s3 import S3Backend
 from prompt_store.versions import parse_upload, record_fields, sha256_hex
 
 WRITE_THREADS = 16
+# a refresh's steps, timed in each reader: the feed's LIST, the entries' GETs, reading and validating the version
+# (S3Backend.read), and within that the download of its files (fetched at once)
+PHASES = {"list": "change_seqs_after", "entry": "read_change", "read": "read", "files": "_read_files"}
 TASK_TO_REPLACE = "task-0000000"
 
 
@@ -116,14 +119,27 @@ def run_reader(uri: str, interval_s: float) -> None:
     store, startup_s, startup_requests = timed_open(uri)
     counter = count_requests(store.backend)
     lock = threading.Lock()
-    poll = threading.local()  # when the refresh running on this thread began (the listener runs inside it)
+    poll = threading.local()  # the refresh running on this thread (the listener runs inside it): start, phases
     refresh = store.refresh
 
     def timed_refresh() -> bool:
-        poll.started = time.monotonic()
+        poll.started, poll.phases = time.monotonic(), dict.fromkeys(PHASES, 0.0)
         return refresh()
 
+    def timed(phase: str, method: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if hasattr(poll, "phases"):
+                    poll.phases[phase] += time.monotonic() - started
+
+        return run
+
     store.refresh = timed_refresh  # type: ignore[method-assign]  # what the poller calls
+    for phase, method in PHASES.items():  # the backend's steps of applying a change, timed within each refresh
+        setattr(store.backend, method, timed(phase, getattr(store.backend, method)))
 
     def say(text: str) -> None:
         with lock:
@@ -132,7 +148,8 @@ def run_reader(uri: str, interval_s: float) -> None:
 
     def applied(event: StoreEvent) -> None:
         now = time.monotonic()
-        say(f"applied {event.task_id} {event.version} {now:.6f} {getattr(poll, 'started', now):.6f}")
+        phases = ",".join(f"{1000 * seconds:.1f}" for seconds in getattr(poll, "phases", {}).values())
+        say(f"applied {event.task_id} {event.version} {now:.6f} {getattr(poll, 'started', now):.6f} {phases}")
 
     store.add_listener(applied)
     store.start_polling(interval_s)
@@ -174,11 +191,12 @@ class Reader:
         _, requests, at = counts[-1].split()
         return int(requests), float(at)
 
-    def applied_at(self, task_id: str, version: int) -> tuple[float, float] | None:
-        """(when it applied the version, when the poll that did began); None if it has not yet."""
+    def applied_at(self, task_id: str, version: int) -> tuple[float, float, str] | None:
+        """(when it applied the version, when the poll that did began, that poll's PHASES in ms); None if it has
+        not yet."""
         wanted = f"applied {task_id} {version} "
         found = next((line.split() for line in self.lines if line.startswith(wanted)), None)
-        return None if found is None else (float(found[3]), float(found[4]))
+        return None if found is None else (float(found[3]), float(found[4]), found[5] if len(found) > 5 else "")
 
     def close(self) -> None:
         assert self.process.stdin is not None
@@ -273,6 +291,7 @@ class Round:
     last_wait_s: float
     last_apply_s: float
     applies_s: list[float]  # every reader's poll time until it applied the version
+    last_phases_ms: str = ""  # the last reader's poll: PHASES' milliseconds, comma-separated
 
 
 def replace_and_wait(writer: TaskStore, readers: list[Reader], adapter: tuple[bytes, bytes], timeout_s: float) -> Round:
@@ -284,8 +303,8 @@ def replace_and_wait(writer: TaskStore, readers: list[Reader], adapter: tuple[by
         seen = [reader.applied_at(TASK_TO_REPLACE, record.version) for reader in readers]
         if all(at is not None for at in seen):
             applied = [at for at in seen if at is not None]
-            last, began = max(applied)
-            return Round(last - acked, began - acked, last - began, [at - poll for at, poll in applied])
+            last, began, phases = max(applied)
+            return Round(last - acked, began - acked, last - began, [at - poll for at, poll, _ in applied], phases)
         if time.monotonic() > deadline:
             return Round(float("inf"), float("inf"), float("inf"), [])
         time.sleep(0.005)
@@ -331,10 +350,12 @@ def measure_replicas(uri: str, args: argparse.Namespace) -> dict[str, Any]:
         # where the time goes: the last reader's wait for its poll, then that poll's time until it applied
         "last_reader_poll_wait_ms": [round(1000 * one.last_wait_s, 1) for one in rounds],
         "last_reader_apply_ms": [round(1000 * one.last_apply_s, 1) for one in rounds],
+        "last_reader_phases_ms": {"phases": list(PHASES), "rounds": [one.last_phases_ms for one in rounds]},
         "worst_round_ms": {
             "visible": round(1000 * worst.visible_s, 1),
             "poll_wait": round(1000 * worst.last_wait_s, 1),
             "apply": round(1000 * worst.last_apply_s, 1),
+            "phases": dict(zip(PHASES, worst.last_phases_ms.split(","), strict=False)),
         },
         "apply_ms_all_readers_p50": 1000 * percentile(applies, 0.5),
         "apply_ms_all_readers_p99": 1000 * percentile(applies, 0.99),
