@@ -22,8 +22,8 @@ from prompt_store.snapshots import SnapshotError, decode_snapshot, encode_snapsh
 from prompt_store.types import Method, TaskRecord
 from tests.fixtures import TinyBackbone
 from tests.prompt_store.forkserver import wait_for
-from tests.prompt_store.test_changes import drop_feed
 from tests.prompt_store.helpers import read_adapter
+from tests.prompt_store.test_changes import drop_feed
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_replica_starts_from_the_snapshot_and_the_feed_after_it(store, prompt_ad
     assert replica.load("a").record == store.get("a")  # read and validated on first use
 
 
-def test_snapshot_cut_off_from_the_feed_lists_the_store_but_reads_only_changed_tasks(store, prompt_adapter, monkeypatch):
+def test_a_snapshot_cut_off_from_the_feed_lists_the_store_and_reads_what_changed(store, prompt_adapter, monkeypatch):
     for task_id in ("a", "b"):
         store.register(task_id, *prompt_adapter)
     store.snapshot()
@@ -228,7 +228,8 @@ RECORD = TaskRecord("task", 2, Method.PROMPT_TUNING, 4, 100, "0" * 64, "2026-01-
 
 
 def test_snapshot_round_trips_records():
-    labelled = TaskRecord("cls", 1, Method.LORA, 0, 10, "1" * 64, "2026-01-01T00:00:00.000Z", "SEQ_CLS", ("no", "yes"), 8)
+    created = "2026-01-01T00:00:00.000Z"
+    labelled = TaskRecord("cls", 1, Method.LORA, 0, 10, "1" * 64, created, "SEQ_CLS", ("no", "yes"), 8)
     assert decode_snapshot(encode_snapshot(7, "d" * 16, [RECORD, labelled]), "d" * 16) == (7, [labelled, RECORD])
 
 
