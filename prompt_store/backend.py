@@ -92,10 +92,13 @@ class StoreBackend(Protocol):
 
     def has_version(self, task_id: str, version: int) -> bool: ...
 
-    def append_change(self, task_id: str, version: int | None, staged: Any = None) -> int:
+    def append_change(
+        self, task_id: str, version: int | None, staged: Any = None, record: dict[str, Any] | None = None
+    ) -> int:
         """Announce a write already made (a version, or a deletion: None) in the change feed; return its number.
         `staged`: what `stage` returned for that version, if this process wrote it (the entry may carry from it
-        what readers would otherwise fetch)."""
+        what readers would otherwise fetch); `record`: the version's record for readers of the same backbone and
+        limits (changes.py), carried in the entry."""
         ...
 
     def change_seqs_after(self, seq: int) -> list[int]:

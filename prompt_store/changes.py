@@ -6,7 +6,10 @@ name), each at the number after the newest one its writer sees, so numbers are d
 entry after its position missing (compacted away while it was not looking) rescans the whole store instead.
 The entry goes in after the write it announces; a writer killed between the two leaves a version no entry names,
 which the safety-net rescan finds and announces (registry.py). An S3 writer also puts the version's manifest in its
-entry, so a reader goes straight to the version's files (a request fewer per replica and change).
+entry, so a reader goes straight to the version's files (a request fewer per replica and change); and a writer that
+registered the version puts its record there, with the digest of the backbone and limits it was validated against,
+so a reader of the same digest installs the new version without reading it at all, and reads and validates its
+files at its first load, as it does a snapshot's records (registry.py).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Change:
     task_id: str
     version: int | None  # the task's new current version; None: the task was deleted
     manifest: dict[str, Any] | None = None  # the version's manifest as its writer created it (S3), or None
+    record: dict[str, Any] | None = None  # {"digest", "record"}: the version's record as its writer validated it
 
 
 def change_name(seq: int) -> str:
@@ -50,9 +54,12 @@ def parse_change_name(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def encode_change(task_id: str, version: int | None, manifest: dict[str, Any] | None = None) -> bytes:
+def encode_change(
+    task_id: str, version: int | None, manifest: dict[str, Any] | None = None, record: dict[str, Any] | None = None
+) -> bytes:
     fields = {"format": CHANGE_FORMAT, "task_id": task_id, "version": version}
-    return json.dumps(fields if manifest is None else {**fields, "manifest": manifest}).encode()
+    optional = {"manifest": manifest, "record": record}
+    return json.dumps(fields | {name: value for name, value in optional.items() if value is not None}).encode()
 
 
 def decode_change(seq: int, data: bytes) -> Change | None:
@@ -68,5 +75,7 @@ def decode_change(seq: int, data: bytes) -> Change | None:
         return None
     if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 1):
         return None
-    manifest = fields.get("manifest")  # absent from entries announced by a rescan, and from older writers'
-    return Change(seq, task_id, version, manifest if isinstance(manifest, dict) and version is not None else None)
+    # Absent from entries announced by a rescan, and from older writers' (the record also from S3's oversized ones).
+    manifest, record = (value if isinstance(value := fields.get(name), dict) and version is not None else None
+                        for name in ("manifest", "record"))  # fmt: skip
+    return Change(seq, task_id, version, manifest, record)

@@ -124,8 +124,10 @@ class DirectoryBackend:
     # ---- the change feed: root/changes/<number>.json, listed with one listdir (a local directory is cheap to
     # list; compaction keeps it short)
 
-    def append_change(self, task_id: str, version: int | None, staged: Any = None) -> int:
-        data, changes_dir = encode_change(task_id, version), self.layout.changes_dir
+    def append_change(
+        self, task_id: str, version: int | None, staged: Any = None, record: dict[str, Any] | None = None
+    ) -> int:
+        data, changes_dir = encode_change(task_id, version, None, record), self.layout.changes_dir
         for _ in range(_MAX_APPEND_ATTEMPTS):
             seq = max(self.change_seqs_after(0), default=0) + 1
             if create_file_if_absent(changes_dir / change_name(seq), data, self.layout.tmp_dir):

@@ -38,7 +38,7 @@ from prompt_store.layout import StoreLayout
 from prompt_store.lookups import LookupLimiter
 from prompt_store.lru import HostArtifacts
 from prompt_store.polling import RESCAN_EVERY_S, Poller
-from prompt_store.snapshots import SNAPSHOT_MIN_TASKS, Snapshots
+from prompt_store.snapshots import SNAPSHOT_MIN_TASKS, SnapshotError, Snapshots, record_of
 from prompt_store.types import BackboneFingerprint, HostCacheStats, TaskArtifact, TaskKey, TaskRecord
 from prompt_store.versions import labels_of_dir, now_rfc3339, parse_upload, read_adapter_files
 
@@ -164,7 +164,7 @@ class TaskStore:
             finally:
                 self.backend.discard(staged)  # a no-op once committed; clears a failed attempt
             self._drop_old_versions(task_id, version)
-        self._announce(task_id, version, staged)
+        self._announce(task_id, version, staged, record)
         self._lookups.found(task_id)
         self._artifacts.put(parsed.artifact(record))
         logger.info("registered task %r version %d (%s)", task_id, version, record.method.value)
@@ -194,12 +194,15 @@ class TaskStore:
         for version in doomed:
             self._artifacts.discard((task_id, version))
 
-    def _announce(self, task_id: str, version: int | None, staged: object = None) -> None:
-        """Append a write just made to the change feed (`staged`: the upload of a version this process wrote). The
-        write stands if that fails: the safety-net rescans find and announce it (an error here would tell the client
-        that a stored version was not)."""
+    def _announce(
+        self, task_id: str, version: int | None, staged: object = None, record: TaskRecord | None = None
+    ) -> None:
+        """Append a write just made to the change feed (`staged`, `record`: the upload of a version this process
+        wrote, and its record). The write stands if that fails: the safety-net rescans find and announce it (an
+        error here would tell the client that a stored version was not)."""
+        carried = None if record is None else {"digest": self._snapshots.digest, "record": record.to_dict()}
         try:
-            seq = self.backend.append_change(task_id, version, staged)
+            seq = self.backend.append_change(task_id, version, staged, carried)
         except (StoreError, OSError) as exc:
             what = "deleted" if version is None else f"version {version} stored"
             logger.error("task %r %s, but the change feed could not say so (%s): other replicas see it at their "
@@ -412,14 +415,29 @@ class TaskStore:
         return events
 
     def _apply_change(self, change: Change, current: TaskRecord | None) -> StoreEvent | None:
-        """Bring a task in line with its feed entry: a version newer than ours is read directly; a deletion, or a
-        version gone or damaged by now, lists the task's versions."""
+        """Bring a task in line with its feed entry: a version newer than ours is installed from the record the
+        entry carries, or else read directly; a deletion, or a version gone or damaged by now, lists the task's
+        versions."""
         task_id, version = change.task_id, change.version
         if version is not None and (current is None or version > current.version):
-            found = self._newest_valid(task_id, None, [version], change.manifest)
+            found = self._carried(change) or self._newest_valid(task_id, None, [version], change.manifest)
             if found is not None:
                 return self._install(task_id, found)
         return self._rescan_task(task_id, current, self.backend.versions(task_id))
+
+    def _carried(self, change: Change) -> TaskRecord | None:
+        """The record the entry's writer validated the version to, if against this replica's backbone and limits:
+        the version is installed unread, and its files are read and validated at its first load (`load`), as a
+        snapshot's records are; a version damaged since is refused then and an older one served."""
+        carried = change.record or {}
+        if carried.get("digest") != self._snapshots.digest or (change.task_id, change.version) in self._rejected:
+            return None
+        try:
+            record = record_of(carried.get("record"))
+        except SnapshotError as exc:
+            logger.warning("ignoring the record in change feed entry %d: %s", change.seq, exc)
+            return None
+        return record if record.key == (change.task_id, change.version) else None
 
     def _knows(self, change: Change) -> bool:
         """The index is at the change's version already (our own write, or a lookup since)."""

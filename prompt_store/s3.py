@@ -384,7 +384,13 @@ class S3Backend:
 
     # ---- the change feed
 
-    def append_change(self, task_id: str, version: int | None, staged: StagedUpload | None = None) -> int:
+    def append_change(
+        self,
+        task_id: str,
+        version: int | None,
+        staged: StagedUpload | None = None,
+        record: dict[str, Any] | None = None,
+    ) -> int:
         """Create the entry after the feed's end; a writer that loses the number to another tries the next one.
         `staged`: the upload that version `version` committed: its manifest goes in the entry, so readers skip
         that GET (the entry is created after the manifest and names the same bytes).
@@ -392,7 +398,7 @@ class S3Backend:
         A PUT whose reply was lost is retried by botocore, fails its condition against itself, and the change is
         appended again: a duplicate entry, which readers apply twice to the same effect."""
         manifest = json.loads(staged.manifest) if staged is not None and version is not None else None
-        data, seq = encode_change(task_id, version, manifest), self._newest_change
+        data, seq = encode_change(task_id, version, manifest, record), self._newest_change
         if len(data) > MAX_CHANGE_BYTES:  # readers refuse an entry that large: announce the version alone
             data = encode_change(task_id, version)
         for _ in range(_MAX_COMMIT_ATTEMPTS):

@@ -51,7 +51,7 @@ def register_unannounced(root: str, fingerprint: str, task_id: str, adapter_dir:
     """Register, then wait to be SIGKILLed after the version is stored and before the change feed says so."""
     store = open_store(root, fingerprint)
 
-    def killed_here(task_id: str, version: int | None, staged: object = None) -> int:
+    def killed_here(task_id: str, version: int | None, *carried: object) -> int:
         emit("stored", task_id, version)
         time.sleep(60)
         raise AssertionError("expected to be killed before announcing the change")

@@ -5,12 +5,15 @@ its entry loses nothing (the safety-net rescan finds the version and announces i
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from prompt_store.adapter import StoreLimits
 from prompt_store.changes import COMPACT_EVERY, RETENTION_S, Change, change_name
 from prompt_store.directory import DirectoryBackend
 from prompt_store.registry import StoreEvent, TaskStore
@@ -124,19 +127,69 @@ def s3_requests(store: TaskStore) -> list[str]:
     return requests
 
 
-def test_s3_replacement_is_read_without_its_manifest(s3_server, llama_fp, prompt_adapter):
-    # The entry carries the manifest: a LIST of the feed, the entry, and the version's two files, fetched at once.
+def versions_read(store: TaskStore, monkeypatch) -> list[tuple[str, int]]:
+    """The versions the store reads (and validates) from now on."""
+    read: list[tuple[str, int]] = []
+    backend_read = store.backend.read
+
+    def spy(task_id: str, version: int, *args: object) -> object:
+        read.append((task_id, version))
+        return backend_read(task_id, version, *args)
+
+    monkeypatch.setattr(store.backend, "read", spy)
+    return read
+
+
+def test_replacement_is_installed_from_its_entry_and_read_at_first_load(store, prompt_adapter, monkeypatch):
+    store.register("task", *prompt_adapter)
+    other = reopen(store)
+    record, _ = store.register("task", *prompt_adapter)
+    read = versions_read(other, monkeypatch)
+    assert other.refresh() and other.get("task") == record and read == []  # the writer's record, as it validated it
+    assert other.load("task").record == record and read == [("task", 2)]  # read and validated at its first load
+
+
+def test_entry_of_another_backbone_or_limits_is_read(store, prompt_adapter, monkeypatch):
+    store.register("task", *prompt_adapter)
+    other = TaskStore(store.location, store.fingerprint, StoreLimits(max_virtual_tokens=32))
+    store.register("task", *prompt_adapter)
+    read = versions_read(other, monkeypatch)
+    assert other.refresh() and other.get("task").version == 2 and read == [("task", 2)]  # not validated against these
+
+
+def test_version_announced_then_damaged_is_refused_at_first_load(tmp_path, llama_fp, prompt_adapter, caplog):
+    store = TaskStore(str(tmp_path), llama_fp)
+    store.register("task", *prompt_adapter)
+    other = reopen(store)
+    store.register("task", *prompt_adapter)
+    model_path = store.version_dir("task", 2) / "adapter_model.safetensors"
+    damaged = bytearray(model_path.read_bytes())
+    damaged[-1] ^= 0x01
+    model_path.write_bytes(bytes(damaged))
+    assert other.refresh() and other.get("task").version == 2  # installed from the entry, not read yet
+    with caplog.at_level(logging.WARNING, logger="prompt_store.registry"):
+        assert other.load("task").record.version == 1  # the older version served
+    assert "not serving version 2 of task 'task'" in caplog.text and "sha256" in caplog.text
+    assert other.get("task").version == 1 and model_path.exists()  # refused here, never removed from the store
+
+
+def test_s3_replacement_is_two_requests_and_its_files_one_load(s3_server, llama_fp, prompt_adapter):
+    # The entry carries the record: a LIST of the feed and the entry; the first load reads the version's manifest,
+    # then its two files at once.
     store = TaskStore(s3_server.new_uri(), llama_fp)
     store.register("task", *prompt_adapter)
     other = reopen(store)
     store.register("task", *prompt_adapter)
     requests = s3_requests(other)
     assert other.refresh() and other.get("task").version == 2
-    assert len(requests) == 4 and not any("/tasks/" in url for url in requests), requests
+    assert len(requests) == 2 and not any("/tasks/" in url for url in requests), requests
+    del requests[:]
     assert other.load("task").record == store.load("task").record
+    assert len(requests) == 3, requests
 
 
 def test_s3_damaged_manifest_in_an_entry_reads_the_version_s_own(s3_server, llama_fp, prompt_adapter):
+    # An entry without a record this replica can use (here: removed) is read through the manifest it carries.
     store = TaskStore(s3_server.new_uri(), llama_fp)
     store.register("task", *prompt_adapter)
     other = reopen(store)
@@ -145,11 +198,28 @@ def test_s3_damaged_manifest_in_an_entry_reads_the_version_s_own(s3_server, llam
     assert isinstance(backend, S3Backend)
     seq = max(backend.change_seqs_after(0))
     entry = json.loads(backend._get(backend._change_key(seq), 1 << 16) or b"")
+    del entry["record"]
     entry["manifest"]["files"] = "not a manifest"
     backend._put(backend._change_key(seq), json.dumps(entry).encode())
     requests = s3_requests(other)
     assert other.refresh() and other.get("task") == record
     assert sum("/tasks/task/" in url for url in requests) == 1  # the manifest, fetched after all
+
+
+def test_damaged_record_in_an_entry_reads_the_version(store, prompt_adapter, monkeypatch, caplog):
+    store.register("task", *prompt_adapter)
+    other = reopen(store)
+    record, _ = store.register("task", *prompt_adapter)
+    seq = max(store.backend.change_seqs_after(0))
+    change = store.backend.read_change(seq)
+    assert change is not None and change.record is not None
+    read_change = store.backend.read_change
+    damaged = replace(change, record={**change.record, "record": {**change.record["record"], "bytes": "many"}})
+    monkeypatch.setattr(other.backend, "read_change", lambda n: damaged if n == seq else read_change(n))
+    read = versions_read(other, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="prompt_store.registry"):
+        assert other.refresh() and other.get("task") == record and read == [("task", 2)]
+    assert f"ignoring the record in change feed entry {seq}: expected bytes of type int" in caplog.text
 
 
 def test_writers_take_dense_distinct_numbers(store, prompt_adapter):
