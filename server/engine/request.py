@@ -67,6 +67,11 @@ class Sequence:
         return self.targets[:-1]
 
     @property
+    def num_fed_targets(self) -> int:
+        """How many `fed_targets` there are, without copying them (the scheduler asks every row each step)."""
+        return max(len(self.targets) - 1, 0)
+
+    @property
     def scored_from(self) -> int:
         """The own token whose logits give the first target's log-probability (the input's last; an
         encoder-decoder's decoder start token); target j's are those of the token j after it."""

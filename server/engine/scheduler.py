@@ -118,26 +118,28 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        is_prefilling = [any(row.num_remaining > 1 for row in r.rows if not row.is_finished) for r in self.running]
-        prefilling = [r for r, prefills in zip(self.running, is_prefilling, strict=True) if prefills]
+        # each running request's unfinished rows and their tokens still to compute, asked once a step
+        todo = [(request, unfinished(request)) for request in self.running]
+        prefilling = [(request, rows) for request, rows in todo if any(remaining > 1 for _, remaining in rows)]
         # never more decode rows than the budget: each became one by a token of the step before
-        decoding = [r for r, prefills in zip(self.running, is_prefilling, strict=True) if not prefills]
-        for request in [*decoding, *prefilling]:
+        decoding = [(request, rows) for request, rows in todo if all(remaining <= 1 for _, remaining in rows)]
+        for request, rows in [*decoding, *prefilling]:
             if request.status is Status.RUNNING:
-                self.schedule_running(request, plan)
+                self.schedule_running(request, rows, plan)
         if not plan.preempted:  # memory is short: admitting now would only preempt again
             self.admit_waiting(plan)
         return plan
 
-    def schedule_running(self, request: Request, plan: StepPlan) -> None:
-        chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
-        needed = self.blocks_to_grow(chunks)
-        while needed > self.memory.num_available_blocks:
+    def schedule_running(self, request: Request, rows: list[tuple[Sequence, int]], plan: StepPlan) -> None:
+        chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens, rows)
+        growth = self.growth(chunks)
+        needed = sum(growth)  # a decode row needs a block once every block_size tokens: mostly 0
+        while needed and needed > self.memory.num_available_blocks:
             victim = self.running[-1]
             self.preempt(victim, plan)
             if victim is request:
                 return
-        self.grow(chunks)
+        self.grow(chunks, growth)
         plan.add(chunks)
 
     def admit_waiting(self, plan: StepPlan) -> None:
@@ -150,7 +152,8 @@ class Scheduler:
                 return  # an encoder larger than what is left runs in a step of its own (beside the decode rows)
             budget = self.config.max_step_tokens - plan.num_tokens - encoder
             chunks = self.chunks_for(request, max(1, budget) if encoder else budget)  # a start token at least
-            needed = self.memory.task_blocks_needed(request.task_tokens()) + self.blocks_to_grow(chunks)
+            growth = self.growth(chunks)
+            needed = self.memory.task_blocks_needed(request.task_tokens()) + sum(growth)
             if not chunks or needed > self.memory.num_available_blocks:
                 return
             if not self.adapters.can_hold(request.adapter_keys()):
@@ -165,20 +168,22 @@ class Scheduler:
                 if row.applies_adapter and row.task is not None and not row.is_finished:
                     self.adapters.hold(row.task.key)
                     row.holds_adapter = True
-            self.grow(chunks)
+            self.grow(chunks, growth)
             plan.add(chunks)
             plan.admitted.append(request)
 
-    def chunks_for(self, request: Request, budget: int) -> list[Chunk]:
-        """The request's rows' next tokens within `budget`. A mean ensemble's rows are sampled together, so they
-        reach their last token in the same step or none of them does."""
-        rows = [row for row in request.rows if not row.is_finished]
+    def chunks_for(self, request: Request, budget: int, rows: list[tuple[Sequence, int]] | None = None) -> list[Chunk]:
+        """The request's rows' next tokens within `budget` (`rows`: its unfinished rows and their remaining tokens,
+        when the caller has them). A mean ensemble's rows are sampled together, so they reach their last token in
+        the same step or none of them does."""
+        rows = unfinished(request) if rows is None else rows
         leave = 0
-        if request.is_lockstep and sum(row.num_remaining for row in rows) > budget:
+        if request.is_lockstep and sum(remaining for _, remaining in rows) > budget:
             leave = 1
+        whole = request.computes_rows_whole
         chunks = []
-        for row in rows:
-            num_tokens = row.num_remaining if request.computes_rows_whole else min(row.num_remaining - leave, budget)
+        for row, remaining in rows:
+            num_tokens = remaining if whole else min(remaining - leave, budget)
             if num_tokens > 0:
                 chunks.append(Chunk(row, num_tokens))
                 budget -= num_tokens
@@ -186,17 +191,19 @@ class Scheduler:
 
     # ---- memory
 
-    def blocks_to_grow(self, chunks: list[Chunk]) -> int:
-        return sum(self.row_blocks_to_grow(chunk) for chunk in chunks)
+    def growth(self, chunks: list[Chunk]) -> list[int]:
+        """Blocks each chunk's row must add to hold it (computed once: a step asks it of every running row)."""
+        return [self.row_blocks_to_grow(chunk) for chunk in chunks]
 
     def row_blocks_to_grow(self, chunk: Chunk) -> int:
         row = chunk.row
         slots = max(row.num_computed + chunk.num_tokens, row.encoder_length)
         return max(0, self.memory.blocks_for(slots) - len(row.block_ids))
 
-    def grow(self, chunks: list[Chunk]) -> None:
-        for chunk in chunks:
-            chunk.row.block_ids += self.memory.allocate(self.row_blocks_to_grow(chunk))
+    def grow(self, chunks: list[Chunk], growth: list[int]) -> None:
+        for chunk, num_blocks in zip(chunks, growth, strict=True):
+            if num_blocks:  # a decode row needs a block once every block_size tokens
+                chunk.row.block_ids += self.memory.allocate(num_blocks)
 
     def preempt(self, request: Request, plan: StepPlan) -> None:
         """Free the request's memory and put it back at the head of the queue, to be recomputed later."""
@@ -237,3 +244,8 @@ class Scheduler:
             if request.request_id == request_id:
                 return request
         return None
+
+
+def unfinished(request: Request) -> list[tuple[Sequence, int]]:
+    """The request's unfinished rows, each with its own tokens still to compute."""
+    return [(row, row.num_remaining) for row in request.rows if not row.is_finished]

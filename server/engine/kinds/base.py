@@ -96,12 +96,12 @@ class ModelKind(ABC):
 
     def num_own_tokens(self, row: Sequence) -> int:
         """Its virtual, input, fed candidate and output tokens."""
-        fed = len(row.fed_targets) + len(row.output_ids)
+        fed = row.num_fed_targets + len(row.output_ids)
         return row.num_embedded_tokens + row.request.num_input_tokens + fed
 
     def max_own_tokens(self, row: Sequence, max_new_tokens: int) -> int:
         """The most slots the row can need: embedded virtual, input and every new token."""
-        return row.num_embedded_tokens + row.request.num_input_tokens + len(row.fed_targets) + max_new_tokens
+        return row.num_embedded_tokens + row.request.num_input_tokens + row.num_fed_targets + max_new_tokens
 
     def own_token_ids(self, row: Sequence, start: int, num_tokens: int) -> list[int]:
         """Ids of the row's own tokens start..start+num_tokens (0 for embedded virtual tokens: the task supplies

@@ -47,11 +47,11 @@ class EncoderDecoder(ModelKind):
         return 0  # a prompt task goes to the encoder
 
     def num_own_tokens(self, row: Sequence) -> int:
-        return 1 + len(row.fed_targets) + len(row.output_ids)
+        return 1 + row.num_fed_targets + len(row.output_ids)
 
     def max_own_tokens(self, row: Sequence, max_new_tokens: int) -> int:
         """The longer of its encoder input and its decoder tokens."""
-        return max(self.encoder_length(row), 1 + len(row.fed_targets) + max_new_tokens)
+        return max(self.encoder_length(row), 1 + row.num_fed_targets + max_new_tokens)
 
     def own_token_ids(self, row: Sequence, start: int, num_tokens: int) -> list[int]:
         """The decoder's: the start token, then the candidate or the output."""
