@@ -380,6 +380,7 @@ class Engine:
             if request.status is not Status.FINISHED:
                 self.drop(request)
         self.tasks.adapters.drop_retired()  # LoRA / IA3 versions retired (a probe's) that no row holds any more
+        self.tasks.adapters.hooks.drop_stacks(self.tasks.adapters.slots.is_held)  # a task that left the batch
 
     def record_step(self, chunks: list[Chunk], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
         self.num_steps += 1

@@ -180,6 +180,7 @@ class TaskCache:
         """Read from other threads (metrics): each dict is copied in one C call, which holds the GIL throughout."""
         tasks, embeddings = list(self.memory.tasks.values()), list(self.embeddings.items())
         adapters, held = list(self.adapters.resident.values()), set(self.adapters.slots.holds)
+        adapter_bytes = sum(a.nbytes for a in adapters) + self.adapters.hooks.stacked_bytes  # stacks: running tasks'
         task_bytes = sum(len(task.block_ids) for task in tasks) * self.pool.block_bytes
         resident = {task.key for task in tasks if task.is_filled} | {key for key, _ in embeddings}
         resident |= {adapter.key for adapter in adapters}
@@ -187,12 +188,12 @@ class TaskCache:
             hits=self.num_hits,
             misses=self.num_misses,
             evictions=self.num_evictions + self.memory.num_evictions + self.adapters.num_evictions,
-            resident_bytes=nbytes(t for _, t in embeddings) + task_bytes + sum(a.nbytes for a in adapters),
+            resident_bytes=nbytes(t for _, t in embeddings) + task_bytes + adapter_bytes,
             num_entries=len(embeddings) + len(tasks) + len(adapters),
             num_pinned=sum(task.ref_count > 0 for task in tasks) + sum(a.key in held for a in adapters),
             resident_tasks=tuple(sorted(filter(is_user_task, resident))),
             max_resident_tasks=self.max_resident_tasks([len(task.block_ids) for task in tasks]) + len(embeddings),
-            adapter_bytes=sum(a.nbytes for a in adapters),
+            adapter_bytes=adapter_bytes,
             num_adapters=len(adapters),
             adapter_capacity_bytes=self.adapters.budget_bytes,
         )

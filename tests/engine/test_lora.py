@@ -112,6 +112,21 @@ def test_every_kind_mixed_in_one_batch_equals_each_alone(served: Harness, refere
     assert served.is_idle() and not served.engine.tasks.adapters.slots.holds
 
 
+def test_stacked_weights_count_in_the_pool_while_their_rows_run_and_go_with_them(served: Harness) -> None:
+    """A mixed step's stacked copies of its tasks' weights are in the pool's bytes while the rows run; once the rows
+    finish the pool holds the weights alone."""
+    for task in MODULE_TASKS:
+        served.engine.add(served.request(TEXTS[0], task, max_new_tokens=4))
+    cache, hooks = served.engine.tasks, served.engine.tasks.adapters.hooks
+    while not hooks.stacks:  # until a step mixes tasks (a chunked prefill takes one row at a time first)
+        served.step()
+    weights = sum(adapter.nbytes for adapter in cache.adapters.resident.values())
+    assert hooks.stacked_bytes > 0 and cache.stats().adapter_bytes == weights + hooks.stacked_bytes
+    served.run()
+    weights = sum(adapter.nbytes for adapter in cache.adapters.resident.values())
+    assert hooks.stacks == {} and cache.stats().adapter_bytes == weights
+
+
 def test_rows_joining_mid_flight_equal_peft(served: Harness, references: dict) -> None:
     first = [served.request(TEXTS[0], "lora-a", max_new_tokens=8), served.request(TEXTS[1], None, max_new_tokens=8)]
     later = {
