@@ -65,14 +65,15 @@ def reference_deltas(backbone: Backbone, task: TaskArtifact | None) -> Iterator[
     """Inside, the backbone's own forward applies the task's LoRA or IA3 weights to every token (hooks of the
     reference's own, removed on leaving); a task without modules changes nothing."""
     handles = []
+    dtype = torch.promote_types(backbone.dtype, torch.float32)  # PEFT's adapter weights in a bfloat16 model
     try:
         for weights in task.modules if task is not None else ():
             module = backbone.modules[weights.module]
             if isinstance(weights, LoraWeights):
-                a, b = (t.to(backbone.device, backbone.dtype) for t in (weights.lora_a, weights.lora_b))
+                a, b = (t.to(backbone.device, dtype) for t in (weights.lora_a, weights.lora_b))
                 handles.append(module.register_forward_hook(lora_hook(a, b, weights.scaling)))
             else:
-                scales = weights.scales.to(backbone.device, backbone.dtype)
+                scales = weights.scales.to(backbone.device, dtype)
                 hook = module.register_forward_pre_hook if weights.is_feedforward else module.register_forward_hook
                 handles.append(hook(ia3_hook(scales, weights.is_feedforward)))
         yield
@@ -82,13 +83,16 @@ def reference_deltas(backbone: Backbone, task: TaskArtifact | None) -> Iterator[
 
 
 def lora_hook(a: torch.Tensor, b: torch.Tensor, scaling: float) -> Any:
-    return lambda module, args, output: output + F.linear(F.linear(args[0], a), b) * scaling
+    """PEFT's LoRA forward: the delta in the weights' dtype, added to the output and rounded once to its dtype."""
+    return lambda module, args, output: (output + F.linear(F.linear(args[0].to(a.dtype), a), b) * scaling).to(
+        output.dtype
+    )
 
 
 def ia3_hook(scales: torch.Tensor, is_feedforward: bool) -> Any:
     if is_feedforward:
-        return lambda module, args: (args[0] * scales, *args[1:])
-    return lambda module, args, output: output * scales
+        return lambda module, args: ((args[0] * scales).to(args[0].dtype), *args[1:])
+    return lambda module, args, output: (output * scales).to(output.dtype)
 
 
 def warn_unservable(backbone: Backbone, unservable: dict[str, str]) -> None:
