@@ -105,7 +105,6 @@ class Grouping:
     shared by every hooked module of that call."""
 
     tasks: list[DeviceAdapter]  # the distinct tasks, in order of first appearance
-    keys: tuple[TaskKey, ...]  # theirs: what a module's stacks were built for
     num_tokens: int
     token_tasks: torch.Tensor  # [num_tokens] on the host: the token's place in `tasks`, -1 for none
     device: torch.device
@@ -133,7 +132,7 @@ class Grouping:
             torch.tensor(row_tasks, device=HOST), torch.tensor(lengths, device=HOST)
         )
         is_whole = len(tasks) == 1 and -1 not in row_tasks
-        return cls(tasks, tuple(places), sum(lengths), token_tasks, device, is_whole)
+        return cls(tasks, sum(lengths), token_tasks, device, is_whole)
 
     def segments_of(self, taken: tuple[int, ...]) -> Segments:
         """The tokens of the tasks `taken` (places in `tasks`, ascending), sorted by task; built once per call."""
@@ -176,7 +175,7 @@ class ModuleStacks:
     """One module's weights of the pass's tasks, stacked for grouped matmuls and table lookups: kept while the
     same tasks run (decode steps repeat them), rebuilt when they change."""
 
-    keys: tuple[TaskKey, ...]  # the pass's tasks (Grouping.keys) they were built for
+    tasks: list[DeviceAdapter]  # the pass's tasks (Grouping.tasks) they were built from (the same objects)
     lora_taken: tuple[int, ...]  # the places of the tasks with LoRA on this module
     lora_a: torch.Tensor | None  # [g, in, r]: each task's A^T, zero-padded to the largest rank r
     lora_b: torch.Tensor | None  # [g, r, out]: each task's scaling * B^T, zero-padded alike
@@ -193,13 +192,18 @@ class ModuleStacks:
             lora_a = pad_sequence([w.lora_a for _, w in loras], batch_first=True).transpose(1, 2)
             lora_b = pad_sequence([w.lora_b.T * w.scaling for _, w in loras], batch_first=True)
         return cls(
-            grouping.keys,
+            list(grouping.tasks),
             tuple(place for place, _ in loras),
             lora_a,
             lora_b,
             scale_table(weights, is_feedforward=True),
             scale_table(weights, is_feedforward=False),
         )
+
+    def is_for(self, tasks: list[DeviceAdapter]) -> bool:
+        """Built from these very weights (a key alone could name other weights: a task reloaded, the self-check's
+        task rebuilt with fewer modules)."""
+        return len(tasks) == len(self.tasks) and all(a is b for a, b in zip(tasks, self.tasks, strict=True))
 
     @property
     def nbytes(self) -> int:
@@ -296,13 +300,13 @@ class AdapterHooks:
 
     def stacks_of(self, name: str, grouping: Grouping) -> ModuleStacks:
         stacks = self.stacks.get(name)
-        if stacks is None or stacks.keys != grouping.keys:
+        if stacks is None or not stacks.is_for(grouping.tasks):
             stacks = self.stacks[name] = ModuleStacks.of(name, grouping)
         return stacks
 
     def drop_stacks(self, is_held: Callable[[TaskKey], bool]) -> None:
         """Stacks holding a task no running row holds go (their tasks changed, or the batch ended)."""
-        for name in [name for name, s in self.stacks.items() if not all(is_held(key) for key in s.keys)]:
+        for name in [name for name, s in self.stacks.items() if not all(is_held(task.key) for task in s.tasks)]:
             del self.stacks[name]
 
     @property

@@ -96,15 +96,23 @@ def test_grouped_deltas_equal_each_task_alone(layout: str, module: str):
 
 
 def test_grouped_deltas_are_repeated_with_the_stacks_kept_and_rebuilt():
-    """A second pass with the same tasks reuses the stacks (same answer); other tasks rebuild them."""
+    """A second pass with the same tasks reuses the stacks (same answer); other tasks rebuild them, and so does a
+    task of the same key with other weights (reloaded, or the self-check's task rebuilt)."""
     hooks, bases = hooked(torch.float32)
     tasks = adapters()
+    other_r2 = adapter("r2", {"proj": lora(2, torch.Generator().manual_seed(9))})
     x = torch.randn(4, IN, generator=torch.Generator().manual_seed(3))
-    for names in (["r2", "r8", None, "r2"], ["r2", "r8", None, "r2"], ["r8", "r5-proj", "r2", None]):
-        rows = [tasks[name] if name else None for name in names]
+    for names in (
+        ["r2", "r8", None, "r2"],
+        ["r2", "r8", None, "r2"],
+        ["r8", "r5-proj", "r2", None],
+        ["r8", "r5-proj", "other-r2", None],
+    ):
+        rows = [(other_r2 if name == "other-r2" else tasks[name]) if name else None for name in names]
         with torch.no_grad(), hooks.tokens(rows, [1] * 4, torch.device("cpu")):
             grouped = bases["proj"](x)
-        assert hooks.stacks["proj"].keys == tuple(tasks[n].key for n in dict.fromkeys(n for n in names if n))
+        distinct = {id(row): row for row in rows if row is not None}
+        assert hooks.stacks["proj"].is_for(list(distinct.values()))
         torch.testing.assert_close(grouped, reference("proj", bases["proj"], x, rows, [1] * 4), rtol=1e-5, atol=1e-5)
     assert hooks.stacked_bytes > 0
     hooks.drop_stacks(lambda key: key != ("r5-proj", 1))
