@@ -15,18 +15,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks import workload
 from benchmarks.hand_batch import HandBatch
 from benchmarks.workload import shuffled_workload
+from tests.benchmarks.tiny import write_tiny_backbone
 from tests.reference import peft_greedy
 
-TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
 def prompt_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[workload.TaskSpec]]:
     root = tmp_path_factory.mktemp("prompt-world")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(workload.PRESETS, "cpu", TINY_LLAMA)
-        backbone_dir = workload.write_backbone("cpu", root / "backbone")
+    backbone_dir = write_tiny_backbone("cpu", root / "backbone")
     short = workload.write_tasks(backbone_dir, root / "short", 2, num_virtual_tokens=3, prefix="short-")
     long = workload.write_tasks(backbone_dir, root / "long", 2, num_virtual_tokens=7, prefix="long-")
     return backbone_dir, [*short, *long]  # prompt and prefix tasks of 3 and of 7 virtual tokens

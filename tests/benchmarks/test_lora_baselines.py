@@ -15,18 +15,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from benchmarks import workload
 from benchmarks.peft_baseline import PeftServer
 from benchmarks.workload import LORA, kind_of_task, one_task_per_group, shuffled_workload
+from tests.benchmarks.tiny import write_tiny_backbone
 from tests.reference import peft_greedy
 
-TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
 def lora_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[workload.TaskSpec]]:
     root = tmp_path_factory.mktemp("lora-world")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(workload.PRESETS, "cpu", TINY_LLAMA)
-        backbone_dir = workload.write_backbone("cpu-lora", root / "backbone")
+    backbone_dir = write_tiny_backbone("cpu-lora", root / "backbone")
     return backbone_dir, workload.write_lora_tasks(backbone_dir, root / "tasks", 4, ranks=(2, 4))
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import lora, offline, workload
+from tests.benchmarks.tiny import TINY_LLAMA
 
-TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 FIGURES = (
     "lora_mixed_over_uniform",
     "lora_engine_over_peft",
