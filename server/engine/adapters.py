@@ -192,7 +192,7 @@ class ModuleStacks:
             lora_a = pad_sequence([w.lora_a for _, w in loras], batch_first=True).transpose(1, 2)
             lora_b = pad_sequence([w.lora_b.T * w.scaling for _, w in loras], batch_first=True)
         return cls(
-            list(grouping.tasks),
+            grouping.tasks,  # one list per pass, shared by its modules' stacks (drop_stacks asks it once)
             tuple(place for place, _ in loras),
             lora_a,
             lora_b,
@@ -305,9 +305,15 @@ class AdapterHooks:
         return stacks
 
     def drop_stacks(self, is_held: Callable[[TaskKey], bool]) -> None:
-        """Stacks holding a task no running row holds go (their tasks changed, or the batch ended)."""
-        for name in [name for name, s in self.stacks.items() if not all(is_held(task.key) for task in s.tasks)]:
-            del self.stacks[name]
+        """Stacks holding a task no running row holds go (their tasks changed, or the batch ended). Called every
+        step: each pass's task list, which all its modules' stacks share, is asked once."""
+        is_kept: dict[int, bool] = {}
+        for name, stacks in list(self.stacks.items()):
+            tasks = stacks.tasks
+            if id(tasks) not in is_kept:
+                is_kept[id(tasks)] = all(is_held(task.key) for task in tasks)
+            if not is_kept[id(tasks)]:
+                del self.stacks[name]
 
     @property
     def stacked_bytes(self) -> int:
