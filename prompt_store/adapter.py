@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -54,6 +55,8 @@ PEFT_TYPES = {
 # safetensors dtype codes of floating-point tensors; anything else cannot be a prompt.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _HEADER_LEN_BYTES = 8
+# torch.save's zip archive, and a pickle of protocol 2 or later (torch.save's legacy format)
+PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +151,13 @@ def parse_module_adapter(
     head_spec = fingerprint.head(task_type)
     expected = expected_tensors(config, method, targets, head_spec)
     optional = {MODULE_PREFIX + name for name, _ in head_spec.optional} if head_spec else set()
-    check_module_entries(read_safetensors_header(adapter_model), expected, optional, method)
+    header = read_safetensors_header(adapter_model)
+    check_module_shapes(header, expected_tensors(config, method, targets, None), config, fingerprint)
+    check_module_entries(header, expected, optional, method, config, fingerprint)
     tensors = load_tensors(adapter_model, None, check_header=False)
     head_names = {MODULE_PREFIX + name for name, _ in (head_spec.required + head_spec.optional)} if head_spec else set()
     head = {name.removeprefix(MODULE_PREFIX): tensors.pop(name) for name in sorted(head_names & tensors.keys())}
-    for name, tensor in sorted(tensors.items()):  # the target modules' tensors
-        if list(tensor.shape) != list(expected[name]):
-            raise InvalidTask(
-                f"{MODEL_NAME}: {name} must have shape {list(expected[name])}; found {list(tensor.shape)}"
-            )
+    for name, tensor in sorted(tensors.items()):  # the target modules' tensors, of the shapes their headers gave
         check_finite(name, tensor)
     modules = module_weights(config, method, targets, tensors)
     import torch  # where tensors are read (see above)
@@ -170,21 +171,58 @@ def parse_module_adapter(
     return AdapterContent(config, method, task_type, prompt, head, parse_labels(labels, num_labels), modules)
 
 
-def check_module_entries(header: dict[str, Any], expected: dict[str, Any], optional: set[str], method: Method) -> None:
+def check_module_shapes(
+    header: dict[str, Any], expected: dict[str, tuple[int, ...]], config: dict[str, Any], fp: BackboneFingerprint
+) -> None:
+    """Each target module's tensor the file holds in the shape the backbone's module gives it (from the header)."""
+    for name in sorted(expected.keys() & header.keys()):
+        entry = header[name]
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if shape != list(expected[name]):
+            raise InvalidTask(
+                f"{MODEL_NAME}: {name} must have shape {list(expected[name])}; found {shape}{other_base(config, fp)}"
+            )
+
+
+def check_module_entries(
+    header: dict[str, Any],
+    expected: dict[str, Any],
+    optional: set[str],
+    method: Method,
+    config: dict[str, Any],
+    fp: BackboneFingerprint,
+) -> None:
     """Exactly the tensors PEFT saves for the target modules (and a head's), each of a float dtype."""
     keys = {key for key in header if key != "__metadata__"}
     missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected) - optional)
     if missing or unexpected:
+        # whole layers missing or extra: the adapter was saved from a backbone of another depth
+        other_depth = layers_named(missing) - layers_named(keys) or layers_named(unexpected) - layers_named(expected)
         raise InvalidTask(
             f"{MODEL_NAME}: expected the {len(expected)} tensors PEFT saves for this {method.name} adapter's target "
             f"modules on the backbone; missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
-            f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+            f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}{other_base(config, fp) if other_depth else ''}"
         )
     for key in sorted(keys):
         entry = header[key]
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
         if dtype not in FLOAT_DTYPES:
             raise InvalidTask(f"{MODEL_NAME}: {key} must have a float dtype {FLOAT_DTYPES}; found {dtype!r}")
+
+
+def layers_named(names: Iterable[str]) -> set[int]:
+    """The layer indices tensor names sit in (their first numbered segment)."""
+    return {int(match.group(1)) for match in (re.search(r"\.(\d+)\.", name) for name in names) if match}
+
+
+def other_base(config: dict[str, Any], fp: BackboneFingerprint) -> str:
+    """The likely cause of tensors that fit the module names but not the backbone, said with both sides."""
+    base = config.get("base_model_name_or_path")
+    saved = f" ({base!r})" if isinstance(base, str) and base else ""
+    return (
+        f": an adapter of another base model{saved}? this {fp.model_type} backbone has {fp.num_layers} layers of "
+        f"hidden size {fp.hidden_size}"
+    )
 
 
 def check_sizes(config_bytes: int, model_bytes: int, limits: StoreLimits) -> None:
@@ -284,6 +322,12 @@ def read_safetensors_header(adapter_model: bytes) -> dict[str, Any]:
     if len(adapter_model) < _HEADER_LEN_BYTES:
         raise InvalidTask(f"{MODEL_NAME}: expected a safetensors file; found {len(adapter_model)} bytes")
     header_len = int.from_bytes(adapter_model[:_HEADER_LEN_BYTES], "little")
+    if header_len > len(adapter_model) - _HEADER_LEN_BYTES and adapter_model.startswith(PICKLE_MAGIC):
+        raise InvalidTask(
+            f"{MODEL_NAME}: expected a safetensors file (only safetensors is read, never pickle); found a PyTorch "
+            "pickle (as torch.save and save_pretrained(safe_serialization=False) write adapter_model.bin): save the "
+            "adapter with safe_serialization=True, PEFT's default"
+        )
     if header_len > len(adapter_model) - _HEADER_LEN_BYTES:
         raise InvalidTask(
             f"{MODEL_NAME}: expected a safetensors file (only safetensors is read, never pickle); found a header "

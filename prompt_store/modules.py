@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from prompt_store.errors import InvalidTask
-from prompt_store.targets import is_feedforward, pattern_value, targets_of
+from prompt_store.targets import is_feedforward, layer_index, pattern_value, targets_of
 from prompt_store.types import (
     CLASSIFICATION_TYPES,
     BackboneFingerprint,
@@ -126,6 +127,7 @@ def resolve_targets(config: dict[str, Any], method: Method, fingerprint: Backbon
     except re.error as exc:
         raise refuse("layers_pattern", f"a valid regular expression ({exc})", config.get("layers_pattern")) from None
     if not names:
+        check_layers_matched(config, by_name)
         raise refuse("target_modules", f"modules of the {fingerprint.model_type} backbone (none matched)",
                      config.get("target_modules"))  # fmt: skip
     for module in (by_name[name] for name in names):
@@ -149,6 +151,17 @@ def resolve_targets(config: dict[str, Any], method: Method, fingerprint: Backbon
     return [by_name[name] for name in names]
 
 
+def check_layers_matched(config: dict[str, Any], names: Iterable[str]) -> None:
+    """Target modules that exist, but in none of the layers `layers_to_transform` lists: the layers are the mistake."""
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return
+    in_any_layer = targets_of({**config, "layers_to_transform": None}, names)
+    indices = sorted({i for i in (layer_index(config, name) for name in in_any_layer) if i is not None})
+    if indices:
+        raise refuse("layers_to_transform", f"layers the target modules sit in ({indices})", layers)
+
+
 def expected_tensors(
     config: dict[str, Any], method: Method, targets: list[ModuleShape], head: HeadSpec | None
 ) -> dict[str, tuple[int, ...]]:
@@ -170,14 +183,18 @@ def expected_tensors(
 
 
 def check_rank(config: dict[str, Any], max_rank: int) -> None:
-    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
-    if not all(_is_int(r) and r > 0 for r in ranks):
-        raise refuse("r", "a positive integer (and so every rank_pattern value)", ranks)
-    if max(ranks) > max_rank:
-        raise InvalidTask(
-            f"{CONFIG_NAME}: r must be at most the server's max_lora_rank {max_rank} (PROMPTSERVE_MAX_LORA_RANK); "
-            f"found rank {max(ranks)}"
-        )
+    """`r` and every `rank_pattern` value within the server's maximum, the refusal naming the one above it."""
+    ranks = {"r": config.get("r", 8)} | {
+        f"rank_pattern[{key!r}]": r for key, r in (config.get("rank_pattern") or {}).items()
+    }
+    if not all(_is_int(r) and r > 0 for r in ranks.values()):
+        raise refuse("r", "a positive integer (and so every rank_pattern value)", list(ranks.values()))
+    for setting, rank in ranks.items():
+        if rank > max_rank:
+            raise InvalidTask(
+                f"{CONFIG_NAME}: {setting} must be at most the server's max_lora_rank {max_rank} "
+                f"(PROMPTSERVE_MAX_LORA_RANK); found rank {rank}"
+            )
     alphas = [config.get("lora_alpha", 8), *(config.get("alpha_pattern") or {}).values()]
     if not all(_is_number(a) for a in alphas):
         raise refuse("lora_alpha", "a finite number (and so every alpha_pattern value)", alphas)

@@ -173,7 +173,7 @@ def test_parse_adapter_refuses_pickle_without_unpickling(llama_fp, prompt_parts,
     for unpickler in ("pickle.loads", "pickle.load", "torch.load"):
         monkeypatch.setattr(unpickler, lambda *a, **k: pytest.fail("unpickled an upload"))
     message = refuse(llama_fp, config, pickled_bytes(tensor))
-    assert "safetensors" in message and "found" in message
+    assert "safetensors" in message and "found a PyTorch pickle" in message and "safe_serialization" in message
 
 
 @pytest.mark.parametrize("model", [b"", b"\x01\x02", b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!"])

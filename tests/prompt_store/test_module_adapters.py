@@ -14,7 +14,7 @@ from peft import get_peft_model
 from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification, LlamaConfig
 
 from prompt_store.adapter import StoreLimits, parse_adapter
 from prompt_store.errors import InvalidTask
@@ -194,6 +194,42 @@ def test_a_rank_above_the_servers_maximum_is_refused_with_both_numbers(
     directory = adapter(backbones, tmp_path, "llama", target_modules=["q_proj"], r=16)
     with pytest.raises(InvalidTask, match=r"max_lora_rank 8 .*found rank 16"):
         parse(directory, fingerprints["llama"], StoreLimits(max_lora_rank=8))
+
+
+def test_a_rank_pattern_above_the_servers_maximum_names_the_module_pattern(
+    backbones: dict[str, Path], fingerprints: dict[str, BackboneFingerprint], tmp_path: Path
+) -> None:
+    directory = adapter(backbones, tmp_path, "llama", target_modules=["q_proj", "v_proj"], r=4,
+                        rank_pattern={"v_proj": 16})  # fmt: skip
+    with pytest.raises(
+        InvalidTask, match=r"rank_pattern\['v_proj'\] must be at most .*max_lora_rank 8 .*found rank 16"
+    ):
+        parse(directory, fingerprints["llama"], StoreLimits(max_lora_rank=8))
+
+
+def test_layers_to_transform_past_the_backbones_layers_names_the_setting_and_the_layers(
+    backbones: dict[str, Path], fingerprints: dict[str, BackboneFingerprint], tmp_path: Path
+) -> None:
+    directory = adapter(backbones, tmp_path, "llama", target_modules=["q_proj"], layers_to_transform=[0])
+    with pytest.raises(InvalidTask, match=r"layers_to_transform must be .*\[0, 1\].*found \[5\]"):
+        parse(directory, fingerprints["llama"], layers_to_transform=[5])
+
+
+def test_an_adapter_of_another_base_model_says_so(
+    backbones: dict[str, Path], fingerprints: dict[str, BackboneFingerprint], tmp_path: Path
+) -> None:
+    """The same module names on a wider or deeper backbone: the shapes (or the layers) name the mismatch."""
+    wider_config = LlamaConfig(**{**tiny_llama_config().to_dict(), "hidden_size": 96})
+    wider = write_strong_backbone(wider_config, tmp_path / "wider", seed=6)
+    directory = write_module_adapter(wider, "lora", tmp_path / "wide-lora", seed=5, target_modules=["q_proj"])
+    message = r"must have shape \[4, 48\]; found \[4, 96\]: an adapter of another base model \('.*wider'\)\?"
+    with pytest.raises(InvalidTask, match=message):
+        parse(directory, fingerprints["llama"], r=4)
+    deeper_config = LlamaConfig(**{**tiny_llama_config().to_dict(), "num_hidden_layers": 3})
+    deeper = write_strong_backbone(deeper_config, tmp_path / "deeper", seed=7)
+    directory = write_module_adapter(deeper, "lora", tmp_path / "deep-lora", seed=5, target_modules=["q_proj"])
+    with pytest.raises(InvalidTask, match=r"unexpected \[.*layers\.2\..*another base model.*has 2 layers"):
+        parse(directory, fingerprints["llama"])
 
 
 def edited_tensors(directory: Path, edit: Any) -> bytes:
