@@ -245,11 +245,27 @@ def with_heads(backbone: Backbone, missing: set[str], loaded_type: str) -> Backb
 def outside_shared_pass(backbone: Backbone, heads: dict[str, Head]) -> tuple[ModuleShape, ...]:
     """The backbone's modules, those the engine runs apart from the shared pass marked HEAD (an adapter cannot reach
     them there): the output layer (it sees only the positions read out), a head and the pooler it reads through."""
-    output = backbone.model.get_output_embeddings()
-    names = {name for name, module in backbone.modules.items() if output is not None and module is output}
+    names = output_layer_names(backbone.modules, backbone.model.get_output_embeddings())
     names |= {name for head in heads.values() for name in (head.module_name, head.pooler_name) if name}
+    return marked_apart(backbone.fingerprint, names)
+
+
+def output_layer_names(modules: dict[str, torch.nn.Module], output: torch.nn.Module | None) -> set[str]:
+    return {name for name, module in modules.items() if output is not None and module is output}
+
+
+def marked_apart(fingerprint: BackboneFingerprint, names: set[str]) -> tuple[ModuleShape, ...]:
+    """The fingerprint's modules, those named (and the modules inside them) marked HEAD."""
     return tuple(
         replace(module, kind=ModuleKind.HEAD) if any(module.name == n or module.name.startswith(n + ".") for n in names)
         else module
-        for module in backbone.fingerprint.modules
+        for module in fingerprint.modules
     )  # fmt: skip
+
+
+def generation_fingerprint(model: PreTrainedModel) -> BackboneFingerprint:
+    """A causal LM's fingerprint as the server's store sees it (`with_heads`): its output layer runs apart from the
+    shared pass, so an adapter cannot target it; for what is checked before the server loads the model."""
+    fingerprint = fingerprint_of(model)
+    names = output_layer_names(dict(model.named_modules()), model.get_output_embeddings())
+    return replace(fingerprint, modules=marked_apart(fingerprint, names))

@@ -32,8 +32,17 @@ from transformers.utils import logging as transformers_logging
 
 from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, parse_adapter, validate_task_id
 from prompt_store.errors import InvalidTask, TaskTooLarge
+from prompt_store.modules import SERVED_KINDS
+from prompt_store.targets import targets_of
 from prompt_store.types import BackboneFingerprint
-from server.engine.backbone import eos_token_ids, fingerprint_of, max_positions_of, resolve_device, resolve_dtype
+from server.engine.backbone import (
+    eos_token_ids,
+    fingerprint_of,
+    generation_fingerprint,
+    max_positions_of,
+    resolve_device,
+    resolve_dtype,
+)
 from server.engine.default_backbone import ensure_default_backbone
 from server.train.data import DataError, Pair, encode, held_out_split, input_ids, output_ids, read_pairs
 from server.train.evaluate import SLACK, Score, exact_match
@@ -314,8 +323,8 @@ def prepare(args: argparse.Namespace, target: Target | None) -> Setup:
         check_same_backbone(backbone, target)
     method = METHODS[args.method]
     num_virtual = (args.num_virtual_tokens or method.num_virtual_tokens) if method.is_prompt_learning else 0
-    config, adapter = method_config(args, method, backbone, num_virtual)
-    fingerprint = fingerprint_of(backbone)  # LoRA and IA3 replace the backbone's layers in place
+    fingerprint = generation_fingerprint(backbone)  # before PEFT: LoRA and IA3 replace its layers in place
+    config, adapter = method_config(args, method, backbone, num_virtual, fingerprint)
     model = wrap(backbone, config, method, device)
     limits = target.limits if target else StoreLimits()
     with tempfile.TemporaryDirectory(prefix="promptserve-train-") as directory:
@@ -343,20 +352,25 @@ def check_flags(args: argparse.Namespace) -> None:
                 raise TrainRefused(f"expected {flag} with --method {wanted}; found --method {args.method}")
 
 
-def method_config(args: argparse.Namespace, method: Method, backbone: PreTrainedModel, num_virtual: int) -> Any:
+def method_config(
+    args: argparse.Namespace, method: Method, backbone: PreTrainedModel, num_virtual: int, fp: BackboneFingerprint
+) -> Any:
     """The method's PEFT configuration for this backbone, and what it trains, in words."""
     model_type = backbone.config.model_type
     if method.is_prompt_learning:
         hidden = backbone.config.get_text_config().hidden_size
         encoder_hidden = args.encoder_hidden_size or min(hidden, MAX_ENCODER_HIDDEN)
         return peft_config(method.name, num_virtual, encoder_hidden), f"{num_virtual} virtual tokens"
+    if args.target_modules and args.target_modules != (ALL_LINEAR,):
+        check_target_names(args.target_modules, fp)
     try:
         targets = args.target_modules or default_targets(method.name, model_type)
     except ValueError as error:
         raise TrainRefused(str(error)) from None
     where = targets if isinstance(targets, str) else ", ".join(targets)
-    if method.name == "ia3":
-        return ia3_config(model_type, args.target_modules), f"IA3 on {where}"
+    if method.name == "ia3":  # all-linear by the layers' names: PEFT checks feedforward_modules against them
+        named = linear_layer_names(fp) if args.target_modules == (ALL_LINEAR,) else args.target_modules
+        return ia3_config(model_type, named), f"IA3 on {where}"
     shape = LoraShape(
         rank=args.rank or LORA_DEFAULTS.rank,
         alpha=args.lora_alpha or LORA_DEFAULTS.alpha,
@@ -364,6 +378,23 @@ def method_config(args: argparse.Namespace, method: Method, backbone: PreTrained
         target_modules=args.target_modules,
     )
     return lora_config(model_type, shape), f"LoRA rank {shape.rank}, alpha {shape.alpha} on {where}"
+
+
+def check_target_names(targets: tuple[str, ...], fp: BackboneFingerprint) -> None:
+    """Every name given must name a module, as PEFT matches a list's names (PEFT itself asks it of one name only, and
+    silently trains the rest: a typo would drop a layer)."""
+    names = [module.name for module in fp.modules]
+    for key in targets:
+        if not targets_of({"target_modules": [key]}, names):
+            raise TrainRefused(
+                f"expected --target-modules naming modules of the {fp.model_type} backbone (its linear layers: "
+                f"{', '.join(linear_layer_names(fp))}; or {ALL_LINEAR}); found {key!r}, which names none"
+            )
+
+
+def linear_layer_names(fp: BackboneFingerprint) -> tuple[str, ...]:
+    """The last names of the backbone's linear layers an adapter may target (PEFT's all-linear), in model order."""
+    return tuple(dict.fromkeys(m.name.rsplit(".", 1)[-1] for m in fp.modules if m.kind in SERVED_KINDS))
 
 
 def checked_device(name: str) -> torch.device:

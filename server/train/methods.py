@@ -117,14 +117,15 @@ def peft_config(method: str, num_virtual_tokens: int, encoder_hidden_size: int) 
 def lora_config(model_type: str, shape: LoraShape) -> LoraConfig:
     """LoRA on the given target modules, or PEFT's default ones for the model type (every linear layer where PEFT
     has no default). B starts at zero, so the untrained adapter is the backbone (Hu et al.)."""
-    targets = shape.target_modules or default_targets("lora", model_type)
+    targets = peft_targets(shape.target_modules or default_targets("lora", model_type))
     return LoraConfig(
-        task_type="CAUSAL_LM",
-        r=shape.rank,
-        lora_alpha=shape.alpha,
-        lora_dropout=shape.dropout,
-        target_modules=targets if isinstance(targets, str) else list(targets),
+        task_type="CAUSAL_LM", r=shape.rank, lora_alpha=shape.alpha, lora_dropout=shape.dropout, target_modules=targets
     )
+
+
+def peft_targets(targets: tuple[str, ...] | str) -> list[str] | str:
+    """Target modules as PEFT takes them: all-linear only as the string itself (in a list it is a module's name)."""
+    return ALL_LINEAR if targets in (ALL_LINEAR, (ALL_LINEAR,)) else list(targets)
 
 
 def ia3_config(model_type: str, target_modules: tuple[str, ...] | None) -> IA3Config:

@@ -84,6 +84,19 @@ def test_lora_flags_shape_the_adapter(tiny_llama: TinyBackbone, data: Path, tmp_
     assert shapes["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"] == [48, 4]  # [hidden, r]
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3"])
+def test_all_linear_targets_every_linear_layer_but_the_output(
+    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, method: str
+) -> None:
+    output = tmp_path / "task"
+    assert train(tiny_llama, data, output, "--method", method, "--steps", "2", "--target-modules", "all-linear") == 0
+    config = json.loads((output / "adapter_config.json").read_text())
+    linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert sorted({name.rsplit(".", 1)[-1] for name in config["target_modules"]}) == linear
+    if method == "ia3":  # PEFT's feed-forward module for Llama, scaled at its input
+        assert config["feedforward_modules"] == ["down_proj"]
+
+
 def test_flags_that_do_not_fit_the_method_are_refused_before_training(
     tiny_llama: TinyBackbone, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -100,9 +113,14 @@ def test_flags_that_do_not_fit_the_method_are_refused_before_training(
     assert "expected --num-virtual-tokens with --method prompt or p-tuning or prefix; found --method lora" in refusal(
         capsys, tiny_llama, data, out, *lora, "--num-virtual-tokens", "4"
     )
-    assert "expected a backbone that takes --method lora; found llama" in refusal(
-        capsys, tiny_llama, data, out, *lora, "--target-modules", "no_such_proj"
-    )
+    for targets in ("no_such_proj", "q_proj,no_such_proj"):  # PEFT itself trains the second on q_proj alone
+        assert (
+            "expected --target-modules naming modules of the llama backbone (its linear layers: q_proj, "
+            in (error := refusal(capsys, tiny_llama, data, out, *lora, "--target-modules", targets))
+            and "found 'no_such_proj', which names none" in error
+        ), error
+    assert "lm_head (Linear)" in (error := refusal(capsys, tiny_llama, data, out, *lora, "--target-modules", "lm_head"))
+    assert "output layer" in error, error  # as the server refuses it, not by the embedding tensor PEFT saves beside
     assert "expected an adapter the server takes; this one would be refused" in refusal(
         capsys, tiny_llama, data, out, *lora, "--rank", "65"
     )  # above the store's max_lora_rank (64)
