@@ -73,7 +73,10 @@ CAUSAL_FAMILIES: tuple[Family, ...] = (
     Family("Qwen3", "Qwen3Config", {**GQA, "head_dim": 16}),
     Family("Mistral", "MistralConfig", {**GQA, "sliding_window": SLIDING_WINDOW}, note="sliding window"),
     Family(
-        "Mixtral", "MixtralConfig", {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2}, note="mixture of experts"
+        "Mixtral",
+        "MixtralConfig",
+        {**GQA, "num_local_experts": 4, "num_experts_per_tok": 2},
+        note="mixture of experts; LoRA and IA3 on its attention (the experts: refused)",
     ),
     Family("Gemma", "GemmaConfig", {**GQA, "head_dim": 16}),
     Family(
@@ -162,6 +165,9 @@ def write_family(family: Family, directory: Path, seed: int = 1234) -> Path:
 
 
 KIND_NAMES = {"prompt_tuning": "prompt tuning", "p_tuning_mlp": "P-tuning", "prefix": "prefix tuning"}
+# LoRA and IA3 on every causal family (tests/engine/test_architectures.py: every linear layer, a mixture's attention),
+# on the encoder-decoders and the encoders tests/engine/test_lora_kinds.py serves them on
+MODULE_KINDS = "LoRA, IA3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,21 +181,26 @@ class Listed:
 
 
 def seq2seq_rows() -> list[Listed]:
+    from tests.engine.test_lora_kinds import SEQ2SEQ_ADAPTERS
     from tests.seq2seq_fixtures import SEQ2SEQ_ADAPTER_KINDS, SEQ2SEQ_ARCHS, seq2seq_config
 
     kinds = kind_names(SEQ2SEQ_ADAPTER_KINDS) + " (decoder)"
     notes = {"t5": "relative position bias per row", "bart": "learned decoder positions per row"}
     names = {"t5": "T5", "mt5": "mT5", "bart": "BART", "mbart": "mBART"}
-    return [Listed(names[a], type(seq2seq_config(a)).__name__, kinds, notes.get(a.removeprefix("m"), ""))
+    return [Listed(names[a], type(seq2seq_config(a)).__name__,
+                   kinds + (f", {MODULE_KINDS}" if a in SEQ2SEQ_ADAPTERS else ""), notes.get(a.removeprefix("m"), ""))
             for a in SEQ2SEQ_ARCHS]  # fmt: skip
 
 
 def encoder_rows() -> list[Listed]:
+    from tests.engine.test_lora_kinds import LORA_ENCODERS
     from tests.nlu_fixtures import NLU_ARCHS, nlu_config, nlu_kinds
 
     names = {"bert": "BERT", "roberta": "RoBERTa", "electra": "ELECTRA", "deberta_v2": "DeBERTa-v2"}
     notes = {"deberta_v2": "its own attention: rows padded, no prefix tasks"}
-    rows = [Listed(names[a], type(nlu_config(a)).__name__, kind_names(nlu_kinds(a)) + "; sequence and token heads",
+    lora = f", {MODULE_KINDS} (sequence head)"
+    rows = [Listed(names[a], type(nlu_config(a)).__name__,
+                   kind_names(nlu_kinds(a)) + (lora if a in LORA_ENCODERS else "") + "; sequence and token heads",
                    notes.get(a, "")) for a in NLU_ARCHS]  # fmt: skip
     distilbert = "layers without a layer index: rows padded on SDPA; its sequence head adds layers of its own"
     return [*rows, Listed("DistilBERT", "DistilBertConfig", "prompt tuning, P-tuning; token heads", distilbert)]
@@ -208,7 +219,7 @@ def kind_names(kinds: tuple[str, ...]) -> str:
 
 def models_table() -> str:
     """The models page's table: every family the tests serve (exact against PEFT), then those refused."""
-    causal = [Listed(f.name, f.config_class, kind_names(f.kinds), f.note) for f in CAUSAL_FAMILIES]
+    causal = [Listed(f.name, f.config_class, f"{kind_names(f.kinds)}, {MODULE_KINDS}", f.note) for f in CAUSAL_FAMILIES]
     rows = [*causal, *seq2seq_rows(), *encoder_rows(), *REFUSED]
     lines = ["| family | config class | adapter kinds served | notes |", "|---|---|---|---|"]
     lines += [f"| {r.name} | `{r.config_class}` | {r.served} | {r.note} |" for r in rows]

@@ -170,6 +170,14 @@ def test_the_models_pages_table_is_the_matrix():
     assert listed_table(MODELS_PAGE.read_text()) == models_table(), "regenerate it: python -m tests.architectures"
 
 
+def test_the_models_pages_table_lists_lora_and_ia3_on_every_family_served_with_them():
+    """test_lora_and_ia3_on_every_linear_layer_mixed_equal_peft_forward runs on every causal family."""
+    rows = {line.split(" | ")[1]: line for line in listed_table(MODELS_PAGE.read_text()).splitlines()[2:]}
+    for family in CAUSAL_FAMILIES:
+        assert "LoRA, IA3" in rows[f"`{family.config_class}`"], family.name
+    assert all("LoRA, IA3" in rows[f"`{name}`"] for name in ("T5Config", "BartConfig", "BertConfig"))
+
+
 @pytest.mark.parametrize("listed", [r for r in REFUSED if r.config_class != "AlbertConfig"], ids=lambda r: r.name)
 def test_a_family_the_models_page_lists_as_refused_is_refused_at_load(listed: Listed, tmp_path: Path):
     """ALBERT's refusal is tested with the encoders (tests/engine/test_other_encoders.py)."""

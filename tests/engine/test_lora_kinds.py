@@ -88,7 +88,10 @@ def test_seq2seq_rows_of_every_kind_mixed_equal_peft(
     assert harness.is_idle() and not harness.engine.tasks.adapters.slots.holds
 
 
-@pytest.fixture(scope="module", params=["bert", "deberta_v2"])
+LORA_ENCODERS = ("bert", "deberta_v2")  # docs/models.md lists LoRA and IA3 on these (tests/architectures.py)
+
+
+@pytest.fixture(scope="module", params=LORA_ENCODERS)
 def encoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """BERT runs its rows packed through the engine's attention; DeBERTa-v2 right-padded into one batch."""
     root = tmp_path_factory.mktemp(f"lora-{request.param}")
