@@ -42,23 +42,15 @@ metric_list:
     aggregation: mean
     higher_is_better: true
 """
-CHOICE_TASK = """
-task: promptserve_upper_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "<s>{{{{input}}}}<s>"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
+
+OPENAI_PAGE = Path(__file__).resolve().parents[2] / "docs" / "openai.md"
+
+
+def documented_choice_task(data: Path) -> str:
+    """The multiple_choice task docs/openai.md shows, over the test's data: the page's YAML is the one that runs."""
+    page = OPENAI_PAGE.read_text()
+    block = page[page.index("```yaml\n", page.index("## Evaluation harnesses")) + len("```yaml\n") :]
+    return block[: block.index("```")].replace("test: upper.json", f"test: {data}")
 
 
 def upper_docs() -> list[dict[str, object]]:
@@ -77,7 +69,7 @@ def tasks_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = directory / "upper.json"
     data.write_text(json.dumps(upper_docs()))
     (directory / "upper_generate.yaml").write_text(GENERATE_TASK.format(data=data))
-    (directory / "upper_choice.yaml").write_text(CHOICE_TASK.format(data=data))
+    (directory / "upper_choice.yaml").write_text(documented_choice_task(data))
     return directory
 
 
