@@ -29,8 +29,7 @@ COMMANDS = ("tasks", "generate", "classify", "score", "health", "info")
 
 def tasks_add(client: Client, args: argparse.Namespace) -> None:
     record = client.register_task(args.task_id, args.adapter_dir, labels=split_names(args.labels))
-    print(f"registered {record.task_id} version {record.version} ({record.method}, "
-          f"{record.num_virtual_tokens} virtual tokens, {record.bytes} bytes)")  # fmt: skip
+    print(f"registered {record.task_id} version {record.version} ({size_of(record)}, {record.bytes} bytes)")
     if record.labels:
         print(f"labels: {', '.join(record.labels)}")
 
@@ -94,8 +93,15 @@ def info(client: Client, args: argparse.Namespace) -> None:
 # ---- formatting
 
 
+def size_of(r: TaskRecord) -> str:
+    """What the task adds to the backbone: a LoRA task's rank, IA3's scales, else its virtual tokens."""
+    if r.rank is not None:
+        return f"{r.method} rank {r.rank}"
+    return r.method if r.method == "ia3" else f"{r.method}, {r.num_virtual_tokens} virtual tokens"
+
+
 def format_table(records: Sequence[TaskRecord]) -> str:
-    header = ("TASK_ID", "VERSION", "METHOD", "TASK_TYPE", "VIRTUAL_TOKENS", "BYTES", "CREATED_AT")
+    header = ("TASK_ID", "VERSION", "METHOD", "TASK_TYPE", "VIRTUAL_TOKENS", "RANK", "BYTES", "CREATED_AT")
     rows = [header] + [table_row(r) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
@@ -103,7 +109,9 @@ def format_table(records: Sequence[TaskRecord]) -> str:
 
 def table_row(r: TaskRecord) -> tuple[str, ...]:
     created = r.created_at.isoformat()
-    return (r.task_id, str(r.version), r.method, r.task_type or "-", str(r.num_virtual_tokens), str(r.bytes), created)
+    rank = "-" if r.rank is None else str(r.rank)
+    return (r.task_id, str(r.version), r.method, r.task_type or "-", str(r.num_virtual_tokens), rank, str(r.bytes),
+            created)  # fmt: skip
 
 
 def format_details(details: Details) -> str:

@@ -35,6 +35,19 @@ def test_cli_tasks_ls_shows_each_task_type(client: Client, capsys: pytest.Captur
     assert lines[0].split()[3] == "TASK_TYPE" and lines[1].split()[3] == "CAUSAL_LM"
 
 
+def test_cli_tasks_ls_and_add_show_a_lora_tasks_rank(
+    canned_client: Client, canned: CannedServer, adapter_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lora = {**TASK_RECORD, "task_id": "summarise", "method": "lora", "num_virtual_tokens": 0, "rank": 16}
+    canned.answer({"tasks": [lora, TASK_RECORD]})
+    assert run(canned_client, "tasks", "ls") == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert (lines[0][5], lines[1][5], lines[2][5]) == ("RANK", "16", "-")
+    canned.answer(lora, status=201)
+    assert run(canned_client, "tasks", "add", "summarise", str(adapter_dir)) == 0
+    assert "registered summarise version 1 (lora rank 16, " in capsys.readouterr().out
+
+
 def test_cli_tasks_ls_json(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(client, "tasks", "ls", "--json") == 0
     assert [record["task_id"] for record in json.loads(capsys.readouterr().out)] == ["a", "b"]
