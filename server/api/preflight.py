@@ -1,7 +1,7 @@
 """What is checked before the model loads, so a wrong setting fails in seconds rather than after minutes of loading:
 the port (bound here and handed to the server), the store (reached, listed and written within its own timeouts)
-and the model (a directory that exists, or a Hugging Face id whose config resolves). Each failure is a
-StartupError: one line naming the setting, its value, what was expected and what was found.
+and the model (a directory that exists with a config and a tokenizer, or a Hugging Face id whose config resolves).
+Each failure is a StartupError: one line naming the setting, its value, what was expected and what was found.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from server.api.settings import Settings, SettingSpec
 
 logger = logging.getLogger(__name__)
 
+# what transformers' tokenizers load from (a fast tokenizer's file, a config naming the class, or a vocabulary)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt", "sentencepiece.bpe.model", "spm.model")  # fmt: skip
 PROBE_ATTEMPTS = 1  # the start-up probe tries once: a hung endpoint fails within its connect and read timeouts
 
 
@@ -76,6 +79,11 @@ def check_model(model: str | None) -> None:
             raise StartupError("model", model, f"expected a model directory or a Hugging Face id; found {found}")
         if not (path / "config.json").is_file():
             raise StartupError("model", model, "expected a model directory with config.json; found none in it")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise StartupError(
+                "model", model, "expected a tokenizer saved beside the model (tokenizer.json or tokenizer_config.json, "
+                "as tokenizer.save_pretrained writes them); found none in it"
+            )  # fmt: skip
         return
     resolve_hub_id(model)
 

@@ -105,6 +105,20 @@ def test_a_missing_model_directory_is_no_such_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_a_model_directory_without_a_tokenizer_is_one_line(tmp_path: Path) -> None:
+    """A model saved with save_pretrained alone (no tokenizer.save_pretrained beside it): named before it loads."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    result = serve(["--port", str(free_port()), "--store", str(tmp_path / "s"), "--model", str(model)], tmp_path)
+    assert result.returncode == 1
+    assert the_one_line(result) == (
+        f"promptserve serve: model={str(model)!r} (--model, PROMPTSERVE_MODEL): expected a tokenizer saved beside the "
+        "model (tokenizer.json or tokenizer_config.json, as tokenizer.save_pretrained writes them); found none in it"
+    )
+
+
+@pytest.mark.slow
 def test_the_checks_answer_before_torch_or_transformers_is_imported(tmp_path: Path) -> None:
     """Importing torch takes 2 s on an idle machine and 10 s on a busy one: the one line comes before it."""
     heavy = ("torch", "transformers", "safetensors.torch", "prompt_store.materialize")
