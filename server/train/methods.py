@@ -131,12 +131,15 @@ def peft_targets(targets: tuple[str, ...] | str) -> list[str] | str:
 def ia3_config(model_type: str, target_modules: tuple[str, ...] | None) -> IA3Config:
     """IA3 on the given target modules, or PEFT's defaults for the model type; a target is scaled at its input
     (a feed-forward module, by PEFT's mapping) or at its output (the others), as PEFT decides for the type."""
-    targets = target_modules or default_targets("ia3", model_type)
-    feedforward = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, [])
+    targets = list(target_modules or default_targets("ia3", model_type))
+    # PEFT's feed-forward modules among the targets, named as PEFT's mapping names them (GPT-2's `mlp.c_proj`, where
+    # a target `c_proj` is also the attention's): PEFT wants feedforward_modules among the target_modules' own names
+    mapped = TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.get(model_type, [])
+    feedforward = [name for name in mapped if name in targets or name.rsplit(".", 1)[-1] in targets]
     return IA3Config(
         task_type="CAUSAL_LM",
-        target_modules=list(targets),
-        feedforward_modules=[name for name in feedforward if name in targets],
+        target_modules=targets + [name for name in feedforward if name not in targets],
+        feedforward_modules=feedforward,
     )
 
 

@@ -84,17 +84,25 @@ def test_lora_flags_shape_the_adapter(tiny_llama: TinyBackbone, data: Path, tmp_
     assert shapes["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"] == [48, 4]  # [hidden, r]
 
 
+LINEAR = {"llama": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+          "gpt2": ["c_attn", "c_fc", "c_proj"]}  # fmt: skip
+FEEDFORWARD = {"llama": ["down_proj"], "gpt2": ["mlp.c_proj"]}  # PEFT's, for IA3: scaled at their input
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_all_linear_targets_every_linear_layer_but_the_output(
-    tiny_llama: TinyBackbone, data: Path, tmp_path: Path, method: str
+    tiny_backbone: TinyBackbone, data: Path, tmp_path: Path, method: str
 ) -> None:
     output = tmp_path / "task"
-    assert train(tiny_llama, data, output, "--method", method, "--steps", "2", "--target-modules", "all-linear") == 0
+    assert train(tiny_backbone, data, output, "--method", method, "--steps", "2", "--target-modules", "all-linear") == 0
     config = json.loads((output / "adapter_config.json").read_text())
-    linear = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-    assert sorted({name.rsplit(".", 1)[-1] for name in config["target_modules"]}) == linear
-    if method == "ia3":  # PEFT's feed-forward module for Llama, scaled at its input
-        assert config["feedforward_modules"] == ["down_proj"]
+    arch = AutoModelForCausalLM.from_pretrained(tiny_backbone.path).config.model_type
+    assert sorted({name.rsplit(".", 1)[-1] for name in config["target_modules"]}) == LINEAR[arch]
+    if method == "ia3":
+        assert config["feedforward_modules"] == FEEDFORWARD[arch]
+        scaled = {"gpt2": "transformer.h.0.mlp.c_proj", "llama": "model.layers.0.mlp.down_proj"}[arch]
+        scales = load_file(output / "adapter_model.safetensors")
+        assert scales[f"base_model.model.{scaled}.ia3_l"].shape[0] == 1  # [1, in]: the module's input scaled
 
 
 def test_flags_that_do_not_fit_the_method_are_refused_before_training(
