@@ -18,6 +18,7 @@ from prompt_store.modules import (
     MODULE_PREFIX,
     check_rank,
     check_settings,
+    check_targets_config,
     check_task_type_modules,
     expected_tensors,
     module_weights,
@@ -144,6 +145,7 @@ def parse_module_adapter(
 ) -> AdapterContent:
     """A LoRA or IA3 adapter: its settings, its target modules on this backbone and exactly their tensors."""
     check_settings(config, method)
+    check_targets_config(config)  # the shapes of the settings read below
     check_task_type_modules(config, task_type)
     if method is Method.LORA:
         check_rank(config, limits.max_lora_rank)

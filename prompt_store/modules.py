@@ -117,8 +117,8 @@ def _is_number(value: object) -> bool:
 
 
 def resolve_targets(config: dict[str, Any], method: Method, fingerprint: BackboneFingerprint) -> list[ModuleShape]:
-    """The backbone modules PEFT puts this adapter on; each must be a linear layer or GPT-2's Conv1D."""
-    check_targets_config(config)
+    """The backbone modules PEFT puts this adapter on (its target settings checked: check_targets_config); each must
+    be a linear layer or GPT-2's Conv1D."""
     if not fingerprint.modules:
         raise InvalidTask(f"{method.name} adapters: this store's backbone lists no modules to adapt")
     by_name = {module.name: module for module in fingerprint.modules}
@@ -187,8 +187,9 @@ def check_rank(config: dict[str, Any], max_rank: int) -> None:
     ranks = {"r": config.get("r", 8)} | {
         f"rank_pattern[{key!r}]": r for key, r in (config.get("rank_pattern") or {}).items()
     }
-    if not all(_is_int(r) and r > 0 for r in ranks.values()):
-        raise refuse("r", "a positive integer (and so every rank_pattern value)", list(ranks.values()))
+    for setting, rank in ranks.items():
+        if not (_is_int(rank) and rank > 0):
+            raise refuse(setting, "a positive integer", rank)
     for setting, rank in ranks.items():
         if rank > max_rank:
             raise InvalidTask(

@@ -175,6 +175,13 @@ REFUSALS = [
     ({"target_modules": "(unclosed"}, "regular expression"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"r": 0}, "positive integer"),
+    ({"rank_pattern": {"q_proj": 2.5}}, r"rank_pattern\['q_proj'\] must be a positive integer; found 2.5"),
+    ({"rank_pattern": [1]}, "rank_pattern must be an object"),  # each of these six was a 500
+    ({"rank_pattern": "x"}, "rank_pattern must be an object"),
+    ({"rank_pattern": 5}, "rank_pattern must be an object"),
+    ({"alpha_pattern": [1]}, "alpha_pattern must be an object"),
+    ({"alpha_pattern": "x"}, "alpha_pattern must be an object"),
+    ({"alpha_pattern": 5}, "alpha_pattern must be an object"),
 ]
 
 
