@@ -5,10 +5,12 @@ the client's exception types, retries, and the stream's framing."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -109,6 +111,18 @@ def test_models_lists_the_backbone_and_every_task_the_instant_they_change(client
     engine.delete_task("fresh")
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("fresh")
+
+
+def documented_card_fields() -> set[str]:
+    """The field names docs/api.md lists for a /v1/models card."""
+    contract = (Path(__file__).resolve().parents[2] / "docs" / "api.md").read_text()
+    listing = contract[contract.index("lists the backbone and every generation task, each as") :].split("}`", 1)[0]
+    return set(re.findall(r'"(\w+)"', listing))
+
+
+def test_a_model_card_answers_exactly_the_documented_fields(http: TestClient):
+    cards = http.get("/v1/models").json()["data"]
+    assert [set(card) for card in cards] == [documented_card_fields()] * 4
 
 
 def test_served_model_name_renames_the_backbone(engine: FakeEngine):
