@@ -9,18 +9,22 @@ the distinct tasks held stay within `max_loras`.
 The backbone's modules are never edited: a forward hook on each target module (a pre-hook for IA3's feedforward
 modules, which scale the input) applies each task's delta to its own tokens only. The runner sets which task each
 token uses around each model call; that mapping is sorted by task once per call (`Grouping`) and shared by every
-hooked module, as Punica's and S-LoRA's segmented kernels share theirs. Per module, one gather of the adapted tokens,
-two batched matmuls over the tasks' stacked weights (a decode step's few tokens per task padded to [tasks, most,
-in]; a prefill's uneven segments by `grouped_mm` with offsets), one scatter-add back; IA3 one multiply by a table of
-the tasks' vectors gathered per token (ones for tokens with none). One task on every token skips all of that. A
-per-task loop cost a gather, two matmuls and a scatter per task and module: with 16 tasks in a step that Python and
-per-op overhead outweighed the deltas' arithmetic on the CPU.
+hooked module, as Punica's and S-LoRA's segmented kernels share theirs. Per module, where the rows are short (a
+decode step's), one gather of the adapted tokens, two batched matmuls over the tasks' stacked weights (a few tokens
+per task padded to [tasks, most, in], or uneven segments by `grouped_mm` with offsets) and one scatter-add back; where
+they are long (a prefill's), a matmul pair per run of one task's tokens at its own rank, added into those rows of the
+output in place (no gather, scatter or padded rank: 1.5x cheaper there). IA3: one multiply by a table of the tasks'
+vectors gathered per token (ones for tokens with none). One task on every token skips all of that. A per-task loop
+cost a gather, two matmuls and a scatter per task and module: with 16 tasks in a decode step that Python and per-op
+overhead outweighed the deltas' arithmetic on the CPU.
 
-The stacks (`ModuleStacks`: A^T and scaling * B^T zero-padded to the largest rank, which adds exact zeros) are
-copies of the running tasks' weights, built when the step's set of tasks changes and kept while it does not (decode
-steps repeat it; building them per step cost more than the matmuls). They go at the end of the step in which one of
-their tasks is no longer held by any row, and their bytes count in the pool's (budget and gauges): a running task's
-weights are resident once more, padded, while its rows run; a resident task with no rows costs only its weights.
+The stacks (`LoraStack`: A and scaling * B^T zero-padded to the largest rank, which adds exact zeros) are copies of
+the running tasks' weights, one place per task: a task is copied in when a pass first runs it and keeps its place
+while any row holds it (a step whose tasks change copies the newcomers only; rebuilding every task's copy cost more
+than the matmuls). Its place is freed at the end of the step in which no row holds it any more, and a stack with no
+task left goes; IA3's tables (`ScaleTables`) are rebuilt when the pass's tasks change. Their bytes count in the
+pool's (budget and gauges): a running task's weights are resident once more, padded, while its rows run (and a
+stack's free places with them); a resident task with no rows costs only its weights.
 
 Tokens of rows with no such task (prompt, prefix and bare rows) pass untouched. The arithmetic is PEFT's: LoRA adds
 `lora_B(lora_A(x)) * scaling` to the module's output, IA3 multiplies the output (or a feedforward module's input) by
@@ -29,6 +33,7 @@ its vector, both in float32 and rounded once into a bfloat16 output, as PEFT's l
 
 from __future__ import annotations
 
+import operator
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,7 +42,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pad_sequence
 
 from prompt_store.types import IA3Weights, LoraWeights, TaskArtifact, TaskKey, nbytes
 from server.engine.adapter_slots import AdapterSlots
@@ -90,13 +94,24 @@ class DeviceAdapter:
 
 @dataclass(slots=True)
 class Segments:
-    """Some of the pass's tasks' tokens, sorted by task: the rows one grouped matmul takes. Where the tasks have
-    about as many tokens each (a decode step's), also a padded layout for one batched matmul: [tasks, most, ...]."""
+    """Some of the pass's tokens sorted by their group (a task's place in a module's stack): the rows one grouped
+    matmul takes. Where the groups have about as many tokens each (a decode step's), also a padded layout for one
+    batched matmul: [groups, most, ...]."""
 
-    index: torch.Tensor  # [n] the tokens' places in the flattened stream, task by task
-    offsets: torch.Tensor  # [g] int32: where each task's tokens end in `index`
+    index: torch.Tensor  # [n] the tokens' places in the flattened stream, group by group
+    offsets: torch.Tensor  # [g] int32: where each group's tokens end in `index` (a group may have none)
     padded: torch.Tensor | None  # [g * most] the token each padded row takes (a padding row repeats a real one)
     kept: torch.Tensor | None  # [n] the padded rows that are real, in `index`'s order (None: every row is)
+    padding: torch.Tensor | None  # the padded rows that are not (None: none is)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Consecutive tokens of the stream, [start, end), that take one group's weights."""
+
+    start: int
+    end: int
+    group: int
 
 
 @dataclass(slots=True)
@@ -109,7 +124,10 @@ class Grouping:
     token_tasks: torch.Tensor  # [num_tokens] on the host: the token's place in `tasks`, -1 for none
     device: torch.device
     is_whole: bool  # one task, every token
-    segments: dict[tuple[int, ...], Segments] = field(default_factory=dict)  # by the tasks taken (places in `tasks`)
+    row_tasks: list[int]  # each row's place in `tasks`, -1 for none
+    lengths: list[int]  # each row's tokens
+    segments: dict[tuple[int, ...], Segments] = field(default_factory=dict)  # by each task's group (-1: none)
+    runs: dict[tuple[int, ...], list[Run]] = field(default_factory=dict)  # alike
     table_rows: torch.Tensor | None = None  # [num_tokens] on the device: IA3's per-task tables' row of each token
 
     @classmethod
@@ -132,35 +150,59 @@ class Grouping:
             torch.tensor(row_tasks, device=HOST), torch.tensor(lengths, device=HOST)
         )
         is_whole = len(tasks) == 1 and -1 not in row_tasks
-        return cls(tasks, sum(lengths), token_tasks, device, is_whole)
+        return cls(tasks, sum(lengths), token_tasks, device, is_whole, row_tasks, lengths)
 
-    def segments_of(self, taken: tuple[int, ...]) -> Segments:
-        """The tokens of the tasks `taken` (places in `tasks`, ascending), sorted by task; built once per call."""
-        segments = self.segments.get(taken)
+    def long_runs_of(self, groups: tuple[int, ...]) -> list[Run]:
+        """The stretches of consecutive tokens of one group (rows of tasks with a group, neighbours of one task
+        merged) if they have LONG_RUN_TOKENS or more on average, else none; built once per call for every module
+        whose stack places the tasks alike."""
+        runs = self.runs.get(groups)
+        if runs is None:
+            runs, start = [], 0
+            for task, length in zip(self.row_tasks, self.lengths, strict=True):
+                group = groups[task] if task >= 0 else -1
+                if group >= 0 and length:
+                    if runs and runs[-1].group == group and runs[-1].end == start:
+                        runs[-1] = Run(runs[-1].start, start + length, group)
+                    else:
+                        runs.append(Run(start, start + length, group))
+                start += length
+            if sum(run.end - run.start for run in runs) < LONG_RUN_TOKENS * len(runs):
+                runs = []
+            self.runs[groups] = runs
+        return runs
+
+    def segments_of(self, groups: tuple[int, ...]) -> Segments:
+        """The tokens of the tasks with a group (groups[i]: task i's, -1 for none; groups 0 .. max), sorted by
+        group; built once per call for every module whose stack places the tasks alike."""
+        segments = self.segments.get(groups)
         if segments is None:
-            segments = self.segments[taken] = self.sort(taken)
+            segments = self.segments[groups] = self.sort(groups)
         return segments
 
-    def sort(self, taken: tuple[int, ...]) -> Segments:
-        num_taken = len(taken)
-        lookup = torch.full((len(self.tasks) + 1,), num_taken, device=HOST)  # the last entry: a token with none
-        lookup[list(taken)] = torch.arange(num_taken, device=HOST)
-        token_groups = lookup[self.token_tasks]  # [num_tokens]: the token's group, num_taken if not taken
-        counts = torch.bincount(token_groups, minlength=num_taken + 1)[:num_taken]
+    def sort(self, groups: tuple[int, ...]) -> Segments:
+        num_groups = max(groups) + 1
+        lookup = torch.tensor([num_groups if g < 0 else g for g in groups] + [num_groups], device=HOST)  # last: none
+        token_groups = lookup[self.token_tasks]  # [num_tokens]: the token's group, num_groups if none
+        counts = torch.bincount(token_groups, minlength=num_groups + 1)[:num_groups]
         num_rows, most = int(counts.sum()), int(counts.max())
         index = torch.argsort(token_groups, stable=True)[:num_rows]
         host = [index, counts.cumsum(0)]
-        if num_taken * most <= 2 * num_rows:  # padding at most doubles the rows: one batched matmul is cheaper
-            groups = token_groups[index]  # [n]
-            kept = groups * most + torch.arange(num_rows, device=HOST) - (host[1] - counts)[groups]
-            padded = index[:1].repeat(num_taken * most)
+        if num_groups * most <= 2 * num_rows:  # padding at most doubles the rows: one batched matmul is cheaper
+            sorted_groups = token_groups[index]  # [n]
+            kept = sorted_groups * most + torch.arange(num_rows, device=HOST) - (host[1] - counts)[sorted_groups]
+            padded = index[:1].repeat(num_groups * most)
             padded[kept] = index
-            host += [padded, kept]
+            is_padding = torch.ones(num_groups * most, dtype=torch.bool, device=HOST)
+            is_padding[kept] = False
+            host += [padded, kept, is_padding.nonzero().squeeze(1)]
         index, ends, *layout = to_device(host, self.device)
         if not layout:
-            return Segments(index, ends.to(torch.int32), None, None)
-        padded, kept = layout
-        return Segments(index, ends.to(torch.int32), padded, None if num_taken * most == num_rows else kept)
+            return Segments(index, ends.to(torch.int32), None, None, None)
+        padded, kept, padding = layout
+        if num_groups * most == num_rows:
+            return Segments(index, ends.to(torch.int32), padded, None, None)
+        return Segments(index, ends.to(torch.int32), padded, kept, padding)
 
     def table_rows_on_device(self) -> torch.Tensor:
         """[num_tokens]: each token's task place, len(tasks) (the tables' row of ones) for a token with none."""
@@ -170,44 +212,119 @@ class Grouping:
         return self.table_rows
 
 
+class LoraStack:
+    """One module's LoRA weights of the running tasks, stacked for batched and grouped matmuls: A [places, rank, in]
+    and scaling * B^T [places, rank, out], each zero-padded to the largest rank (zero rows of A and of B^T add exact
+    zeros). A task keeps its place while its rows run: a task joining is copied into a free place and one leaving
+    frees its own, so a step whose tasks change copies the newcomers' weights only (rebuilding every task's copy
+    whenever the step's tasks changed cost more than the matmuls). The places double when full and halve when at
+    most a quarter of them hold a task."""
+
+    def __init__(self, weights: DeviceLora, num_places: int, rank: int) -> None:
+        like = weights.lora_a
+        self.lora_a = like.new_zeros(num_places, rank, like.shape[1])  # [places, rank, in]
+        self.lora_b = like.new_zeros(num_places, rank, weights.lora_b.shape[0])  # [places, rank, out]
+        self.tasks: list[DeviceAdapter | None] = [None] * num_places  # by place (None: free); keeps them alive
+        self.ranks = [0] * num_places  # by place: the task's own rank (the rows past it are zeros)
+        self.places: dict[int, int] = {}  # id(task) -> its place: the very weights, not a key (see `place`)
+        self.last: tuple[list[DeviceAdapter], tuple[int, ...]] | None = None  # a pass's tasks and their groups
+
+    @property
+    def rank(self) -> int:
+        return self.lora_a.shape[1]
+
+    def place(self, name: str, task: DeviceAdapter) -> int:
+        """The task's place, its weights copied into a free one the first time (a key alone could name other
+        weights: a task reloaded, the self-check's task rebuilt with fewer modules)."""
+        place = self.places.get(id(task))
+        if place is not None:
+            return place
+        weights = task.modules[name]
+        assert isinstance(weights, DeviceLora)
+        rank = weights.lora_a.shape[0]
+        if rank > self.rank or None not in self.tasks:
+            self.resize(len(self.tasks) * (1 if None in self.tasks else 2), rank)
+        place = self.tasks.index(None)
+        self.lora_a[place, :rank] = weights.lora_a
+        self.lora_a[place, rank:] = 0
+        self.lora_b[place, :rank] = weights.lora_b.T * weights.scaling
+        self.lora_b[place, rank:] = 0
+        self.tasks[place], self.ranks[place] = task, rank
+        self.places[id(task)] = place
+        return place
+
+    def resize(self, num_places: int, rank: int) -> None:
+        """num_places places (the tasks' own moved to the first ones), padded to at least `rank`."""
+        self.last = None
+        kept = [task for task in self.tasks if task is not None]
+        order = torch.tensor([self.places[id(task)] for task in kept], device=self.lora_a.device, dtype=torch.long)
+        old_a, old_b, old_rank = self.lora_a, self.lora_b, self.rank
+        rank = max(old_rank, rank)
+        self.lora_a = old_a.new_zeros(num_places, rank, old_a.shape[2])
+        self.lora_b = old_b.new_zeros(num_places, rank, old_b.shape[2])
+        self.lora_a[: len(kept), :old_rank] = old_a.index_select(0, order)
+        self.lora_b[: len(kept), :old_rank] = old_b.index_select(0, order)
+        self.ranks = [self.ranks[place] for place in order.tolist()] + [0] * (num_places - len(kept))
+        self.tasks = [*kept, *[None] * (num_places - len(kept))]
+        self.places = {id(task): place for place, task in enumerate(kept)}
+
+    @torch.inference_mode()  # the stacks are the passes' (inference) tensors; the engine releases after its step
+    def release(self, is_held: Callable[[TaskKey], bool]) -> bool:
+        """Frees the places of tasks no running row holds, and moves the last tasks into them, so that the tasks
+        held fill the first places (a batched matmul over the first places reads no departed task's weights);
+        whether any task is left."""
+        for place, task in enumerate(self.tasks):
+            if task is not None and not is_held(task.key):
+                self.tasks[place], self.last = None, None
+                del self.places[id(task)]
+        num_held = len(self.places)
+        if num_held and 4 * num_held <= len(self.tasks):
+            self.resize(2 * num_held, self.rank)
+            return True
+        holes = [place for place in range(num_held) if self.tasks[place] is None]
+        movers = [place for place in range(num_held, len(self.tasks)) if self.tasks[place] is not None]
+        if holes:
+            to, of = (torch.tensor(places, device=self.lora_a.device) for places in (holes, movers))
+            self.lora_a[to] = self.lora_a[of]
+            self.lora_b[to] = self.lora_b[of]
+            for hole, mover in zip(holes, movers, strict=True):
+                task = self.tasks[mover]
+                assert task is not None
+                self.tasks[hole], self.ranks[hole], self.tasks[mover] = task, self.ranks[mover], None
+                self.places[id(task)] = hole
+        return bool(num_held)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes([self.lora_a, self.lora_b])
+
+
 @dataclass(frozen=True, slots=True)
-class ModuleStacks:
-    """One module's weights of the pass's tasks, stacked for grouped matmuls and table lookups: kept while the
+class ScaleTables:
+    """One module's IA3 vectors of the pass's tasks, by task place, for one table lookup per token: kept while the
     same tasks run (decode steps repeat them), rebuilt when they change."""
 
     tasks: list[DeviceAdapter]  # the pass's tasks (Grouping.tasks) they were built from (the same objects)
-    lora_taken: tuple[int, ...]  # the places of the tasks with LoRA on this module
-    lora_a: torch.Tensor | None  # [g, in, r]: each task's A^T, zero-padded to the largest rank r
-    lora_b: torch.Tensor | None  # [g, r, out]: each task's scaling * B^T, zero-padded alike
     input_scales: torch.Tensor | None  # [tasks + 1, in]: IA3 feedforward vectors by task place, ones for none
     output_scales: torch.Tensor | None  # [tasks + 1, out]: IA3 output vectors alike
 
     @classmethod
-    def of(cls, name: str, grouping: Grouping) -> ModuleStacks:
+    def of(cls, name: str, grouping: Grouping) -> ScaleTables:
         weights = [task.modules.get(name) for task in grouping.tasks]
-        loras = [(place, w) for place, w in enumerate(weights) if isinstance(w, DeviceLora)]
-        lora_a = lora_b = None
-        if loras:
-            # zero rows of A and zero columns of B add exact zeros: a lower rank padded up computes the same delta
-            lora_a = pad_sequence([w.lora_a for _, w in loras], batch_first=True).transpose(1, 2)
-            lora_b = pad_sequence([w.lora_b.T * w.scaling for _, w in loras], batch_first=True)
-        return cls(
-            grouping.tasks,  # one list per pass, shared by its modules' stacks (drop_stacks asks it once)
-            tuple(place for place, _ in loras),
-            lora_a,
-            lora_b,
-            scale_table(weights, is_feedforward=True),
-            scale_table(weights, is_feedforward=False),
-        )
+        return cls(grouping.tasks, scale_table(weights, is_feedforward=True), scale_table(weights, False))
 
     def is_for(self, tasks: list[DeviceAdapter]) -> bool:
-        """Built from these very weights (a key alone could name other weights: a task reloaded, the self-check's
-        task rebuilt with fewer modules)."""
-        return len(tasks) == len(self.tasks) and all(a is b for a, b in zip(tasks, self.tasks, strict=True))
+        """Built from these very weights, in this order."""
+        return are_same(tasks, self.tasks)
 
     @property
     def nbytes(self) -> int:
-        return nbytes(t for t in (self.lora_a, self.lora_b, self.input_scales, self.output_scales) if t is not None)
+        return nbytes(t for t in (self.input_scales, self.output_scales) if t is not None)
+
+
+def are_same(first: list[DeviceAdapter], second: list[DeviceAdapter]) -> bool:
+    """The very same task objects (a key alone could name other weights), in the same order."""
+    return len(first) == len(second) and all(map(operator.is_, first, second))
 
 
 def scale_table(weights: list[DeviceLora | DeviceIA3 | None], is_feedforward: bool) -> torch.Tensor | None:
@@ -257,7 +374,9 @@ class AdapterHooks:
         self.modules = modules  # by the names PEFT uses (before the engine wraps any attention layer)
         self.step = AdapterStep()
         self.handles: dict[tuple[str, str], Any] = {}  # by module and side
-        self.stacks: dict[str, ModuleStacks] = {}  # by module: for the tasks of the last pass that ran it
+        self.stacks: dict[str, LoraStack] = {}  # by module: the LoRA weights of the tasks running rows hold
+        self.tables: dict[str, ScaleTables] = {}  # by module: the IA3 vectors of the last pass that ran it
+        self.ia3_modules: set[str] = set()  # where some task loaded has IA3 (the others skip its tables)
         self.unservable: dict[str, str] = {}  # module -> why: found in a pass, refused at every later load
 
     def install(self, adapter: DeviceAdapter) -> None:
@@ -272,6 +391,8 @@ class AdapterHooks:
             module = self.modules[name]
             if (name, "output") not in self.handles:
                 self.handles[name, "output"] = module.register_forward_hook(partial_post(self, name))
+            if isinstance(weights, DeviceIA3):
+                self.ia3_modules.add(name)
             if isinstance(weights, DeviceIA3) and weights.is_feedforward and (name, "input") not in self.handles:
                 self.handles[name, "input"] = module.register_forward_pre_hook(partial_pre(self, name))
 
@@ -298,26 +419,55 @@ class AdapterHooks:
         finally:
             self.step.sources.pop(states.data_ptr(), None)
 
-    def stacks_of(self, name: str, grouping: Grouping) -> ModuleStacks:
-        stacks = self.stacks.get(name)
-        if stacks is None or not stacks.is_for(grouping.tasks):
-            stacks = self.stacks[name] = ModuleStacks.of(name, grouping)
-        return stacks
+    def lora_groups(self, name: str, grouping: Grouping) -> tuple[int, ...] | None:
+        """Each pass task's place in the module's LoRA stack (-1: no LoRA here), newcomers placed; None if none."""
+        stack = self.stacks.get(name)
+        if stack is not None and stack.last is not None and are_same(stack.last[0], grouping.tasks):
+            last = stack.last[1]  # the tasks of the pass before, in the same order (decode steps)
+            return last if max(last) >= 0 else None
+        groups = []
+        for task in grouping.tasks:
+            weights = task.modules.get(name)
+            if not isinstance(weights, DeviceLora):
+                groups.append(-1)
+                continue
+            if stack is None:  # room for every task of the pass that has LoRA here, at the largest rank
+                loras = [w for w in (task.modules.get(name) for task in grouping.tasks) if isinstance(w, DeviceLora)]
+                rank = max(w.lora_a.shape[0] for w in loras)
+                stack = self.stacks[name] = LoraStack(weights, len(loras), rank)
+            groups.append(stack.place(name, task))
+        if stack is None:
+            return None
+        stack.last = (grouping.tasks, tuple(groups))
+        return stack.last[1] if max(groups) >= 0 else None
+
+    def tables_of(self, name: str, grouping: Grouping) -> ScaleTables | None:
+        if name not in self.ia3_modules:
+            return None
+        tables = self.tables.get(name)
+        if tables is None or not tables.is_for(grouping.tasks):
+            tables = self.tables[name] = ScaleTables.of(name, grouping)
+        return tables
 
     def drop_stacks(self, is_held: Callable[[TaskKey], bool]) -> None:
-        """Stacks holding a task no running row holds go (their tasks changed, or the batch ended). Called every
-        step: each pass's task list, which all its modules' stacks share, is asked once."""
+        """Called every step: the stacks' places of tasks no running row holds are freed (a stack with none left
+        goes), and IA3 tables holding such a task go. A pass's task list, which all its modules' tables share, is
+        asked once."""
+        for name, stack in list(self.stacks.items()):
+            if not stack.release(is_held):
+                del self.stacks[name]
         is_kept: dict[int, bool] = {}
-        for name, stacks in list(self.stacks.items()):
-            tasks = stacks.tasks
+        for name, tables in list(self.tables.items()):
+            tasks = tables.tasks
             if id(tasks) not in is_kept:
                 is_kept[id(tasks)] = all(is_held(task.key) for task in tasks)
             if not is_kept[id(tasks)]:
-                del self.stacks[name]
+                del self.tables[name]
 
     @property
     def stacked_bytes(self) -> int:
-        return sum(stacks.nbytes for stacks in list(self.stacks.values()))
+        stacks = list(self.stacks.values())  # a copy: the gauges read it from another thread
+        return sum(stack.nbytes for stack in stacks) + sum(tables.nbytes for tables in list(self.tables.values()))
 
     def scale_input(self, name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         """IA3's feedforward modules: each token's input times its task's vector (as PEFT: in the vectors' dtype,
@@ -333,7 +483,8 @@ class AdapterHooks:
                 return None
             scaled = flat * weights.scales
         else:
-            table = self.stacks_of(name, grouping).input_scales
+            tables = self.tables_of(name, grouping)
+            table = None if tables is None else tables.input_scales
             if table is None:
                 return None
             scaled = flat * table.index_select(0, grouping.table_rows_on_device())
@@ -350,30 +501,62 @@ class AdapterHooks:
         out = output.view(-1, output.shape[-1])  # [tokens, out], in place: the module's own fresh output
         if grouping.is_whole:
             return add_whole(grouping.tasks[0].modules.get(name), inputs, output, out)
-        stacks = self.stacks_of(name, grouping)
-        if stacks.lora_a is not None and stacks.lora_b is not None:
-            segments = grouping.segments_of(stacks.lora_taken)
-            delta = lora_deltas(inputs, segments, stacks.lora_a, stacks.lora_b)  # [n, out], in `index`'s order
-            if delta.dtype == out.dtype:
-                out.index_add_(0, segments.index, delta)
+        groups = self.lora_groups(name, grouping)
+        if groups is not None:
+            stack = self.stacks[name]
+            runs = grouping.long_runs_of(groups)
+            if runs:
+                add_runs(inputs, out, runs, stack)
             else:
-                out.index_copy_(0, segments.index, (out.index_select(0, segments.index) + delta).to(out.dtype))
-        if stacks.output_scales is not None:
-            out.mul_(stacks.output_scales.index_select(0, grouping.table_rows_on_device()))
+                add_grouped(inputs, out, grouping.segments_of(groups), stack)
+        tables = self.tables_of(name, grouping)
+        if tables is not None and tables.output_scales is not None:
+            out.mul_(tables.output_scales.index_select(0, grouping.table_rows_on_device()))
         return output
 
 
-def lora_deltas(inputs: torch.Tensor, segments: Segments, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.Tensor:
-    """[n, out]: each token's lora_B(lora_A(x)) * scaling with its task's weights (a: [g, in, r], b: [g, r, out]),
-    in the weights' dtype: one batched matmul pair over the padded layout, or a grouped pair over the segments."""
+# Runs of at least this many tokens on average (a prefill's rows) take a matmul pair each at their task's own rank
+# and add into the output in place; shorter ones (a decode step's) are gathered into one batched or grouped pair
+# over the padded stack, whose per-call overhead beats a pair per run once runs are short.
+LONG_RUN_TOKENS = 8
+
+
+def add_runs(inputs: torch.Tensor, out: torch.Tensor, runs: list[Run], stack: LoraStack) -> None:
+    """Each run's delta, x A^T (scaling B^T) at its task's own rank, added into its own rows of the output: no
+    gather, no scatter, no padded rank; rounded once into a lower-precision output."""
+    dtype = stack.lora_a.dtype
+    for run in runs:
+        rank = stack.ranks[run.group]
+        lora_a, lora_b = stack.lora_a[run.group, :rank], stack.lora_b[run.group, :rank]  # [r, in], [r, out]
+        hidden = inputs[run.start : run.end].to(dtype) @ lora_a.T  # [t, r]
+        rows = out[run.start : run.end]
+        if rows.dtype == dtype:
+            rows.addmm_(hidden, lora_b)
+        else:
+            rows.copy_(torch.addmm(rows.to(dtype), hidden, lora_b))
+
+
+def add_grouped(inputs: torch.Tensor, out: torch.Tensor, segments: Segments, stack: LoraStack) -> None:
+    """Every token's delta, lora_B(lora_A(x)) * scaling with its group's weights, by one batched matmul pair over
+    the padded layout or a grouped pair over the segments, in the weights' dtype, scattered into the output."""
+    num_groups = len(segments.offsets)  # the places up to the last one the pass uses
+    lora_a, lora_b = stack.lora_a[:num_groups].transpose(1, 2), stack.lora_b[:num_groups]  # [g, in, r], [g, r, out]
     if segments.padded is None:
-        picked = inputs.index_select(0, segments.index).to(lora_a.dtype)  # [n, in], task by task
-        hidden = F.grouped_mm(picked, lora_a, offs=segments.offsets)  # [n, r]
-        return F.grouped_mm(hidden, lora_b, offs=segments.offsets)
-    num_tasks = lora_a.shape[0]
-    picked = inputs.index_select(0, segments.padded).to(lora_a.dtype).view(num_tasks, -1, inputs.shape[-1])
-    delta = torch.bmm(torch.bmm(picked, lora_a), lora_b).flatten(0, 1)  # [g * most, out]
-    return delta if segments.kept is None else delta.index_select(0, segments.kept)
+        index = segments.index
+        picked = inputs.index_select(0, index).to(lora_a.dtype)  # [n, in], group by group
+        delta = F.grouped_mm(F.grouped_mm(picked, lora_a, offs=segments.offsets), lora_b, offs=segments.offsets)
+    else:
+        index = segments.padded
+        picked = inputs.index_select(0, index).to(lora_a.dtype)  # [g * most, in]
+        if segments.padding is not None:  # zero inputs: a padding row adds exact zeros to the token it repeats
+            picked.index_fill_(0, segments.padding, 0)
+        delta = torch.bmm(torch.bmm(picked.view(num_groups, -1, inputs.shape[-1]), lora_a), lora_b).flatten(0, 1)
+    if delta.dtype == out.dtype:
+        out.index_add_(0, index, delta)
+        return
+    if segments.kept is not None:  # rounded once into the output: every token once, the padding rows dropped
+        delta, index = delta.index_select(0, segments.kept), segments.index
+    out.index_copy_(0, index, (out.index_select(0, index) + delta).to(out.dtype))
 
 
 def add_whole(

@@ -72,6 +72,8 @@ LAYOUTS = {
     "decode": (["r2", "r8", None, "ia3", "r5-proj", "r8", "r2", None, "r5-proj"], [1] * 9),
     # a prefill: rows of uneven length (the grouped matmul over segments)
     "prefill": (["r8", None, "r2", "ia3", "r5-proj", "r8"], [7, 3, 1, 4, 2, 1]),
+    # a long prefill: rows of 8 tokens or more (a matmul pair per run at the task's own rank; r2's two rows one run)
+    "long-prefill": (["r8", None, "r2", "r2", "ia3", "r5-proj", "r8"], [12, 3, 9, 8, 4, 10, 8]),
     # tasks with two tokens each except one (padded rows dropped)
     "uneven-decode": (["r2", "r8", "r5-proj", "r2"], [1, 1, 1, 1]),
     "one-task-every-token": (["r8", "r8", "r8"], [3, 1, 2]),
@@ -95,31 +97,62 @@ def test_grouped_deltas_equal_each_task_alone(layout: str, module: str):
     assert (grouped - bases[module](x)).abs().max() > 1, "the deltas are large enough to matter"
 
 
-def test_grouped_deltas_are_repeated_with_the_stacks_kept_and_rebuilt():
-    """A second pass with the same tasks reuses the stacks (same answer); other tasks rebuild them, and so does a
-    task of the same key with other weights (reloaded, or the self-check's task rebuilt)."""
+def test_a_task_keeps_its_stack_place_while_held_and_a_newcomer_takes_a_free_one():
+    """A pass repeating its tasks copies nothing; a new task is copied into a place of its own (the stack grows when
+    full), a task of the same key with other weights (reloaded, or the self-check's task rebuilt) too; a task no
+    row holds frees its place (the last task moves into it) for the next newcomer, and a stack with no task held
+    goes."""
     hooks, bases = hooked(torch.float32)
     tasks = adapters()
     other_r2 = adapter("r2", {"proj": lora(2, torch.Generator().manual_seed(9))})
+    newcomer = adapter("r3", {"proj": lora(3, torch.Generator().manual_seed(10))})
     x = torch.randn(4, IN, generator=torch.Generator().manual_seed(3))
-    for names in (
-        ["r2", "r8", None, "r2"],
-        ["r2", "r8", None, "r2"],
-        ["r8", "r5-proj", "r2", None],
-        ["r8", "r5-proj", "other-r2", None],
-    ):
-        rows = [(other_r2 if name == "other-r2" else tasks[name]) if name else None for name in names]
-        with torch.no_grad(), hooks.tokens(rows, [1] * 4, torch.device("cpu")):
+    named = {**tasks, "other-r2": other_r2, "r3": newcomer}
+
+    def run(names: list[str | None]) -> None:
+        rows = [named[name] if name else None for name in names]
+        with torch.inference_mode(), hooks.tokens(rows, [1] * 4, torch.device("cpu")):  # as the engine's passes
             grouped = bases["proj"](x)
-        distinct = {id(row): row for row in rows if row is not None}
-        assert hooks.stacks["proj"].is_for(list(distinct.values()))
         torch.testing.assert_close(grouped, reference("proj", bases["proj"], x, rows, [1] * 4), rtol=1e-5, atol=1e-5)
-    assert hooks.stacked_bytes > 0
+
+    run(["r2", "r8", None, "r2"])
+    stack = hooks.stacks["proj"]
+    weights = stack.lora_a.data_ptr()
+    run(["r8", "r2", None, "r2"])
+    assert stack.lora_a.data_ptr() == weights, "the same tasks in another order: nothing copied"
+    run(["r8", "r5-proj", "r2", None])
+    run(["r8", "r5-proj", "other-r2", None])
+    assert [task and task.key[0] for task in stack.tasks] == ["r2", "r8", "r5-proj", "r2"]
+    assert stack.tasks[3] is other_r2
     hooks.drop_stacks(lambda key: key != ("r5-proj", 1))
+    assert stack.tasks == [tasks["r2"], tasks["r8"], other_r2, None], "the last task moved into the freed place"
+    assert hooks.stacked_bytes == stack.nbytes > 0
+    weights = stack.lora_a.data_ptr()
+    run(["other-r2", "r8", None, "r3"])
+    assert stack.tasks[3] is newcomer and stack.lora_a.data_ptr() == weights, "the free place, no growth"
+    hooks.drop_stacks(lambda key: False)
     assert hooks.stacks == {} and hooks.stacked_bytes == 0
 
 
-@pytest.mark.parametrize("layout", ["decode", "prefill", "one-task-every-token", "one-ia3-task-every-token"])
+def test_a_stack_of_few_tasks_left_shrinks_and_keeps_their_weights():
+    hooks, bases = hooked(torch.float32)
+    g = torch.Generator().manual_seed(11)
+    many = [adapter(f"t{i}", {"proj": lora(4, g)}) for i in range(8)]
+    x = torch.randn(8, IN, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad(), hooks.tokens(list(many), [1] * 8, torch.device("cpu")):
+        bases["proj"](x)
+    stack = hooks.stacks["proj"]
+    hooks.drop_stacks(lambda key: key in {("t5", 1), ("t6", 1)})
+    assert len(stack.tasks) == 4 and stack.tasks[:2] == [many[5], many[6]]
+    rows = [many[6], None, many[5], many[6]]
+    with torch.no_grad(), hooks.tokens(rows, [2, 1, 3, 2], torch.device("cpu")):
+        grouped = bases["proj"](x)
+    torch.testing.assert_close(grouped, reference("proj", bases["proj"], x, rows, [2, 1, 3, 2]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout", ["decode", "prefill", "long-prefill", "one-task-every-token", "one-ia3-task-every-token"]
+)
 @pytest.mark.parametrize("module", MODULES)
 def test_a_bfloat16_output_gets_the_float32_delta_rounded_once(layout: str, module: str):
     """As PEFT in a bfloat16 model (adapter weights kept in float32): the output is rounded once, after the delta
@@ -142,8 +175,8 @@ def test_the_pass_is_sorted_once_per_set_of_tasks():
     rows = [tasks["r2"], None, tasks["r8"], tasks["r2"], tasks["r5-proj"]]
     grouping = Grouping.of(rows, [1, 1, 1, 1, 1], torch.device("cpu"))
     assert grouping is not None and not grouping.is_whole
-    segments = grouping.segments_of((0, 1))  # r2 (rows 0 and 3), r8 (row 2)
-    assert grouping.segments_of((0, 1)) is segments
+    segments = grouping.segments_of((0, 1, -1))  # r2 (rows 0 and 3) in group 0, r8 (row 2) in 1, r5-proj in none
+    assert grouping.segments_of((0, 1, -1)) is segments
     assert segments.index.tolist() == [0, 3, 2] and segments.offsets.tolist() == [2, 3]
     assert segments.padded is not None and segments.kept is not None
     assert segments.padded[segments.kept].tolist() == [0, 3, 2]
