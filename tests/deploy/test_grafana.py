@@ -67,6 +67,16 @@ def test_every_query_names_a_series_the_server_exports(exported: set[str]) -> No
         assert not unexported(names, exported), f"{query!r} names series the server does not export"
 
 
+@pytest.mark.slow
+def test_every_series_of_the_adapter_host_tier_is_on_the_dashboard(exported: set[str]) -> None:
+    """The CPU tier of LoRA and IA3 weights (max_cpu_loras): its hits, misses, entries, capacity and bytes."""
+    host_tier = {name for name in exported if name.startswith("promptserve_adapter_host_cache_")}
+    host_tier -= {name for name in host_tier if name.endswith("_created")}  # a counter's creation time
+    assert host_tier, "expected the server to export promptserve_adapter_host_cache_* series"
+    shown = {name for query in queries() for name in METRIC_NAME.findall(query)}
+    assert host_tier <= shown, f"not on the dashboard: {sorted(host_tier - shown)}"
+
+
 def test_a_family_name_without_its_sample_suffix_is_refused() -> None:  # so the check above can fail
     exposition = {"promptserve_requests_total", "promptserve_task_load_seconds_bucket"}
     assert unexported({"promptserve_requests", "promptserve_task_load_seconds"}, exposition) == {
@@ -98,7 +108,7 @@ def test_every_series_a_panel_reads_is_scoped_to_the_chosen_instances_and_replic
 def test_dashboard_has_the_promised_panels() -> None:
     titles = " | ".join(panel["title"] for panel in panels()).lower()
     for subject in ("request rate", "tokens/s", "latency", "first token", "queue", "batch size", "kv cache",
-                    "hit ratio", "resident", "evictions", "load time"):  # fmt: skip
+                    "hit ratio", "resident", "evictions", "load time", "host tier"):  # fmt: skip
         assert subject in titles, f"no panel about {subject}"
 
 
