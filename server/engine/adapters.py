@@ -346,6 +346,7 @@ class AdapterStep:
     num_tokens: int = 0
     width: int | None = None  # rows padded to this many tokens ([R, W]); None: one packed stream
     sources: dict[int, tuple[Grouping | None, int]] = field(default_factory=dict)  # another stream's (cross-attention)
+    scaled: dict[int, int] = field(default_factory=dict)  # an IA3-scaled copy of a source -> the source, for its call
 
     def grouping_for(self, x: torch.Tensor, name: str) -> Grouping | None:
         """The grouping of the stream x belongs to: an encoder output that a decoder's cross-attention projects has
@@ -418,6 +419,9 @@ class AdapterHooks:
             yield
         finally:
             self.step.sources.pop(states.data_ptr(), None)
+            for copy in [copy for copy, of in self.step.scaled.items() if of == states.data_ptr()]:  # a failed call's
+                del self.step.scaled[copy]
+                self.step.sources.pop(copy, None)
 
     def lora_groups(self, name: str, grouping: Grouping) -> tuple[int, ...] | None:
         """Each pass task's place in the module's LoRA stack (-1: no LoRA here), newcomers placed; None if none."""
@@ -488,13 +492,19 @@ class AdapterHooks:
             if table is None:
                 return None
             scaled = flat * table.index_select(0, grouping.table_rows_on_device())
-        return (scaled.to(x.dtype).view(x.shape), *args[1:])  # a new tensor: the caller's stays as it was
+        copy = scaled.to(x.dtype).view(x.shape)  # a new tensor: the caller's stays as it was
+        if (source := self.step.sources.get(x.data_ptr())) is not None:  # the module's output hook sees the copy
+            self.step.sources[copy.data_ptr()] = source
+            self.step.scaled[copy.data_ptr()] = x.data_ptr()
+        return (copy, *args[1:])
 
     def add_delta(self, name: str, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
         """LoRA: each token gains its task's lora_B(lora_A(x)) * scaling; IA3: its output times the task's vector.
         As PEFT: computed in the weights' dtype (float32 in a bfloat16 model) and rounded once into the output."""
         x = args[0]
         grouping = self.step.grouping_for(x, name)
+        if self.step.scaled.pop(x.data_ptr(), None) is not None:  # a source's scaled copy (scale_input): done with
+            self.step.sources.pop(x.data_ptr(), None)
         if grouping is None:
             return None
         inputs = x.reshape(-1, x.shape[-1])  # [tokens, in]

@@ -29,7 +29,12 @@ SEQ2SEQ_ADAPTERS = {
     },
     "bart": {
         "lora": {"method": "lora", "target_modules": ["q_proj", "v_proj", "fc2"], "r": 4},
-        "ia3": {"method": "ia3", "target_modules": ["k_proj", "v_proj", "fc2"], "feedforward_modules": ["fc2"]},
+        # v_proj scaled at its input: the cross-attention's is the encoder output (a scaled copy of another stream)
+        "ia3": {
+            "method": "ia3",
+            "target_modules": ["k_proj", "v_proj", "fc2"],
+            "feedforward_modules": ["fc2", "v_proj"],
+        },
     },
 }
 TEXTS = {"lora": "hello world", "ia3": "the quick brown fox", "prefix": "xy", "prompt_tuning": "a", None: "plain"}
