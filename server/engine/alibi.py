@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from server.engine.attention import ATTENTION_NAME, KV_KWARG, StepKV, attend_batches
+from server.engine.attention import ATTENTION_NAME, KV_KWARG, StepKV
 
 REFERENCE_ATTENTION = "eager"  # a reference forward's, for a family the engine does not wrap
 MPT_ALIBI_BIAS_MAX = 8  # transformers' MPT builds its bias with 8, whatever its attn_config says
@@ -33,13 +33,18 @@ class AlibiBias:
 
     def __call__(self, query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
         """query_positions [R, T] -> bias [1, heads, 1, num_keys] (key column = key position)."""
-        keys = torch.arange(num_keys, device=query_positions.device)
-        slopes = self.slopes.to(query_positions.device)
+        device = query_positions.device
+        heads = torch.arange(len(self.slopes), device=device)[:, None]  # [heads, 1]
+        return self.at(heads, query_positions, torch.arange(num_keys, device=device))[None, :, None, :]
+
+    def at(self, head: torch.Tensor, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        """slopes[head] x key position / divisor, elementwise (query_position unused: see the class)."""
+        slopes = self.slopes.to(key_position.device)
         if self.rounding is not None:
-            bias = (slopes.to(self.rounding)[:, None] * keys).float()  # [heads, L]
+            bias = (slopes.to(self.rounding)[head] * key_position).float()
         else:
-            bias = slopes[:, None] * keys
-        return (bias / self.divisor if self.divisor != 1.0 else bias)[None, :, None, :]
+            bias = slopes[head] * key_position
+        return bias / self.divisor if self.divisor != 1.0 else bias
 
 
 def bloom_slopes(num_heads: int) -> torch.Tensor:
@@ -279,8 +284,8 @@ class PooledAttention(torch.nn.Module):
             return self.layer(hidden_states, *args, **kwargs)
         qkv = self.family.project(self.layer, hidden_states, kwargs)
         kv.write(self.index, qkv.key, qkv.value)
-        attended, _ = attend_batches(qkv.query, qkv.key.shape[1], kv.keys[self.index], kv.values[self.index],
-                                     kv.batches, qkv.scaling, bias=self.alibi)  # fmt: skip
+        attended, _ = kv.backend.attend(qkv.query, qkv.key.shape[1], kv.keys[self.index], kv.values[self.index],
+                                        kv.batches, qkv.scaling, bias=self.alibi)  # fmt: skip
         return self.family.finish(self.layer, attended.flatten(2), args)  # [1, N, heads * d]
 
 

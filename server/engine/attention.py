@@ -4,7 +4,9 @@ The backbone loads with `attn_implementation=ATTENTION_NAME`, registered in tran
 The model is called on one packed stream of tokens (every row's new tokens, no padding) without a cache; each layer
 computes the stream's keys and values as usual and hands them to `attend`, which stores them in the engine's KV pool
 through the step's `StepKV` (passed down as the keyword argument `KV_KWARG`) and attends, row by row, over all the
-row holds. No transformers cache class is used, subclassed or reached into.
+row holds, through the step's `AttentionBackend`: `SDPA` here (each batch's keys gathered into padded tensors, with a
+boolean mask: the reference), or FlexAttention over the pool in place (paged_flex.py). No transformers cache class is
+used, subclassed or reached into.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class RowBatch:
     output_index: torch.Tensor  # [n]: where the batch's real tokens sit in [R * T], in the order of stream_index
     stream_index: torch.Tensor  # [n]: those tokens' places in the stream
     masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
+    views: dict[object, Any] = field(default_factory=dict)  # what a backend builds from the rows once a step, by key
     causal: bool = True  # False: cross-attention, every key of the row is visible
     num_index: ClassVar[int] = 6  # index tensors (`index`)
 
@@ -210,6 +213,28 @@ def packed_sizes(lengths: list[int], counts: list[int], limits: TileLimits) -> l
     return [*sizes, len(counts) - start]
 
 
+class AttentionBackend(Protocol):
+    """How a layer's queries attend over the rows' keys and values in the pool, batch by batch."""
+
+    name: str
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        num_kv_heads: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        batches: list[RowBatch],
+        scaling: float | None,
+        sliding_window: int | None = None,
+        bias: Bias | None = None,
+        softcap: float | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """query [1, heads, N, head_dim] (the packed stream), the pool's keys and values [num_slots, kv_heads,
+        head_dim]; returns [1, N, heads, head_dim]."""
+        ...
+
+
 @dataclass(slots=True)
 class StepKV:
     """One forward pass over the packed token stream: where its new keys and values go, and its row batches."""
@@ -221,6 +246,7 @@ class StepKV:
     num_layers_written: int = 0
     cross: CrossKV | None = None  # an encoder-decoder's step
     relative_bias: Bias | None = None  # T5's, for decoder self-attention
+    backend: AttentionBackend = field(default_factory=lambda: SDPA)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the stream's keys and values [1, kv_heads, N, head_dim] in the pool."""
@@ -270,9 +296,8 @@ def attend(
     if kv.cross is not None and module in kv.cross.modules:
         return cross_attention(layer, query, key, value, kv, kv.cross, scaling)
     kv.write(layer, key, value)
-    bias = kv.relative_bias
-    return attend_batches(query, key.shape[1], kv.keys[layer], kv.values[layer], kv.batches, scaling,
-                          kwargs.get("sliding_window"), bias, kwargs.get("softcap"))  # fmt: skip
+    return kv.backend.attend(query, key.shape[1], kv.keys[layer], kv.values[layer], kv.batches, scaling,
+                             kwargs.get("sliding_window"), kv.relative_bias, kwargs.get("softcap"))  # fmt: skip
 
 
 def attend_batches(
@@ -306,11 +331,26 @@ def attend_batches(
     return output[None], None
 
 
+class Sdpa:
+    """The reference backend: each batch's keys and values gathered into padded tensors, a boolean mask, SDPA."""
+
+    name = "sdpa"
+    attend = staticmethod(attend_batches)
+
+
+SDPA: AttentionBackend = Sdpa()
+
+
 class Bias(Protocol):
     """A per-head additive bias on the attention logits at the rows' positions (T5's relative bias, ALiBi)."""
 
     def __call__(self, query_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
         """query_positions [R, T] -> [R or 1, heads, T or 1, num_keys] (key column = key position)."""
+        ...
+
+    def at(self, head: torch.Tensor, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        """The same bias, elementwise over broadcastable head, query and key positions (a FlexAttention score_mod
+        calls it with scalars)."""
         ...
 
 
@@ -359,7 +399,7 @@ def cross_attention(
         kv.keys[pool_layer].index_copy_(0, cross.write_slots, key[0].transpose(0, 1))
         kv.values[pool_layer].index_copy_(0, cross.write_slots, value[0].transpose(0, 1))
     kv.num_layers_written += 1
-    return attend_batches(query, key.shape[1], kv.keys[pool_layer], kv.values[pool_layer], cross.batches, scaling)
+    return kv.backend.attend(query, key.shape[1], kv.keys[pool_layer], kv.values[pool_layer], cross.batches, scaling)
 
 
 def whole_sequence_attention(

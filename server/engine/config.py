@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from annotated_types import Ge, Gt, Le
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+AttentionBackendName = Literal["sdpa", "flex"]
 
 
 def setting(default: Any, help: str) -> Any:
@@ -73,6 +74,12 @@ class EngineConfig:
         "come out of that share",
     )
     kv_block_size: Annotated[int, Ge(1)] = setting(8, "tokens per KV block (a row wastes half a block on average)")
+    attention_backend: AttentionBackendName = setting(
+        "sdpa",
+        "sdpa (keys gathered per layer, a boolean mask: the reference) or flex (FlexAttention over the KV pool in "
+        "place; compiled on CUDA, where kv_block_size must be a multiple of 16; on CPU uncompiled and slower: for "
+        "checking only)",
+    )
     poll_interval_s: Annotated[float, Ge(0)] = setting(
         2.0, "how often tasks written by other processes are picked up (the store's change feed); 0: never"
     )

@@ -23,6 +23,7 @@ from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import HOST, KVPool, pool_blocks
 from server.engine.memory_profile import MemoryProbe, WorstStep, describe_pool, pool_budget, probe_for, profile_memory
 from server.engine.model_runner import ModelRunner, Prompts
+from server.engine.paged_flex import attention_backend
 from server.engine.readout import Classified, Readout
 from server.engine.request import RankedTarget, Request, Sequence, Status
 from server.engine.sampler import sample, score, suppress_eos
@@ -44,6 +45,7 @@ class Engine:
         self.backbone = backbone
         self.config = config
         fp, device, dtype, block_size = backbone.fingerprint, backbone.device, backbone.dtype, config.kv_block_size
+        attention = attention_backend(config.attention_backend, device, block_size)  # refused before any allocation
         layers = backbone.kind.num_pool_layers(fp)
         worst, probe = WorstStep.of(config, backbone), probe or probe_for(device)
         profile = profile_memory(backbone, worst, probe, layers, block_size) if probe is not None else None
@@ -55,7 +57,7 @@ class Engine:
         self.memory = KVMemory(num_blocks, config.kv_block_size)
         slots = AdapterSlots(config.max_loras)
         self.tasks = TaskCache(backbone, self.pool, self.memory, config.prompt_cache_bytes, slots, adapter_bytes)
-        self.runner = ModelRunner(backbone, self.pool, self.tasks, worst.limits)
+        self.runner = ModelRunner(backbone, self.pool, self.tasks, worst.limits, attention)
         step_tokens = config.max_batch_tokens or default_max_batch_tokens(device.type)
         scheduler_config = SchedulerConfig(config.max_batch_size, step_tokens, config.max_waiting)
         self.scheduler = Scheduler(scheduler_config, self.memory, slots)

@@ -22,7 +22,7 @@ import torch
 
 from prompt_store.types import TaskKey
 from server.engine.adapters import DeviceAdapter
-from server.engine.attention import UNBOUNDED, RowBatch, StepKV, TileLimits
+from server.engine.attention import SDPA, UNBOUNDED, AttentionBackend, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
 from server.engine.kv_pool import HOST, KVPool, block_slots, to_device
@@ -38,14 +38,23 @@ class ModelRunner:
     """The step's tensors and the pass through the model, which the backbone's kind (`kind.forward`) builds from the
     pieces here."""
 
-    def __init__(self, backbone: Backbone, pool: KVPool, tasks: TaskCache, limits: TileLimits = UNBOUNDED) -> None:
-        """`limits`: the most one attention call pads to (what the start-up memory profile measured)."""
+    def __init__(
+        self,
+        backbone: Backbone,
+        pool: KVPool,
+        tasks: TaskCache,
+        limits: TileLimits = UNBOUNDED,
+        attention: AttentionBackend = SDPA,
+    ) -> None:
+        """`limits`: the most one attention call pads to (what the start-up memory profile measured); `attention`:
+        how the layers attend over the pool."""
         self.backbone = backbone
         self.model = backbone.model
         self.device = backbone.device
         self.pool = pool
         self.tasks = tasks
         self.limits = limits
+        self.attention = attention
         self.embed_tokens = backbone.model.get_input_embeddings()
         self.prompts: Prompts = {}  # the current step's
 
@@ -97,7 +106,7 @@ class ModelRunner:
         positions, write_slots, *index = to_device(host, self.device)  # one copy to the device a step
         width = RowBatch.num_index
         batches = [batch.with_index(index[i * width : (i + 1) * width]) for i, batch in enumerate(layout.batches)]
-        kv = StepKV(self.pool.keys, self.pool.values, write_slots=write_slots, batches=batches)
+        kv = StepKV(self.pool.keys, self.pool.values, write_slots=write_slots, batches=batches, backend=self.attention)
         return replace(layout, positions=positions, write_slots=write_slots, batches=batches), kv
 
     def row_embeds(self, row: Sequence) -> torch.Tensor:

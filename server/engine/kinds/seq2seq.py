@@ -41,6 +41,10 @@ class RelativeBias:
         buckets = self.bucket(keys[None, None, :] - query_positions[:, :, None])  # [R, T, L]
         return self.table(buckets).permute(0, 3, 1, 2)
 
+    def at(self, head: torch.Tensor, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
+        """The same bias, elementwise (a FlexAttention score_mod calls it with scalars)."""
+        return self.table.weight[self.bucket(key_position - query_position), head]
+
     def bucket(self, relative: torch.Tensor) -> torch.Tensor:
         """Raffel et al.'s causal bucketing: exact distances up to half the buckets, then log-spaced."""
         distance = (-relative).clamp(min=0)
