@@ -5,7 +5,9 @@ Stages, each in its own process with its own time limit, so one that fails or ha
 2. self-check: the start-up self-check on the built-in backbone in bfloat16 and in float32;
 3. bench: `python -m benchmarks --quick` (engine over PEFT, over the hand-written mixed batch, mixed over uniform,
    continuous over static);
-4. http: `python -m benchmarks.http_compare`, promptserve against PEFT's per-task batches over HTTP.
+4. http: `python -m benchmarks.http_compare`, promptserve against PEFT's per-task batches over HTTP;
+5. attention: `python -m benchmarks.attention_backends`, one layer's attention over the pool, SDPA against
+   FlexAttention compiled (attention_backend=flex; the GPU-marked tests compare their tokens too).
 It writes one JSON and a one-screen summary (`gpu-check-<device>.json`, `.txt`) under benchmarks/results/ and exits
 non-zero if any stage failed. Without CUDA it says so in one line and exits 2; `--device cpu` is a dry run of the
 same stages at tiny sizes (the test suite runs it, so the script cannot rot before a GPU arrives).
@@ -55,7 +57,7 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     """On CUDA the real sizes (about 8 minutes on one H100); on a CPU a dry run of the same commands, tiny."""
     python = sys.executable
     dry = device == "cpu"
-    bench_json, http_json = scratch / "bench.json", scratch / "http.json"
+    bench_json, http_json, attention_json = scratch / "bench.json", scratch / "http.json", scratch / "attention.json"
     bench = [python, "-m", "benchmarks", "--quick", "--device", device, "--json", str(bench_json)]
     if dry:
         bench += ["--only", "mixed,hand", "--preset", "cpu-small", "--repeats", "1", "--new-tokens", "2"]
@@ -65,6 +67,9 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     if dry:
         http += ["--preset", "cpu-small", "--num-tasks", "2", "--num-requests", "2", "--max-new-tokens", "2",
                  "--repeats", "1"]  # fmt: skip
+    attention = [python, "-m", "benchmarks.attention_backends", "--device", device, "--json", str(attention_json)]
+    if dry:
+        attention += ["--size", "tiny", "--compile", "none", "--repeats", "1", "--layers", "1"]
     tests = [python, "-m", "pytest", "-q", "-m", "gpu", "tests/engine", "-p", "no:cacheprovider"]
     self_check = [python, "-m", "benchmarks.gpu_check", "--self-check-only", "--device", device]
     slack = 5 if dry else 1  # a CPU runs even the tiny sizes slower than a GPU runs the real ones
@@ -73,6 +78,7 @@ def stages(device: str, scratch: Path) -> list[Stage]:
         Stage("self-check", self_check, 90 * slack),
         Stage("bench", bench, 240 * slack, bench_json, needs_peft_generate=not dry),
         Stage("http", http, 180 * slack, http_json, needs_peft_generate=True),
+        Stage("attention", attention, 240 * slack, attention_json),
     ]
 
 
@@ -130,7 +136,19 @@ def figure_lines(result: StageResult) -> list[str]:
         return []
     if result.name == "http":
         return [f"promptserve_over_peft {result.figures['promptserve_over_peft']:.3f}"]
+    if result.name == "attention":
+        return attention_lines(result.figures["timings"])
     return [f"{name} {detail['ratio']:.3f}" for name, detail in result.figures.get("details", {}).items()]
+
+
+def attention_lines(timings: list[dict[str, Any]]) -> list[str]:
+    """Per FlexAttention variant: its time over SDPA's for each shape, and its first calls (compiles) together."""
+    lines = []
+    for backend in dict.fromkeys(t["backend"] for t in timings if t["backend"] != "sdpa"):
+        mine = [t for t in timings if t["backend"] == backend]
+        ratios = " ".join(f"{t['ratio_to_sdpa']:.2f}" for t in mine)
+        lines.append(f"{backend} / sdpa: {ratios}; first calls {sum(t['first_call_s'] for t in mine):.0f} s")
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -46,11 +46,17 @@ class PagedRows:
         return BlockMask.from_kv_blocks(
             self.kv_num_blocks,
             self.kv_indices,
+            *self.no_full_blocks(),
             BLOCK_SIZE=(Q_BLOCK, block_size),
             mask_mod=row_keys(batch, self.block_start, block_size, sliding_window),
             seq_lengths=(width, len(self.block_start) * block_size),
             compute_q_blocks=False,  # the backward pass's index: inference only
         )
+
+    def no_full_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """No block is marked wholly visible (which would skip the mask for a row's interior blocks; not done yet):
+        said with empty tables, which the compiled CPU kernel needs (it fails to build without them)."""
+        return torch.zeros_like(self.kv_num_blocks), torch.zeros_like(self.kv_indices)
 
 
 def paged_rows(batch: RowBatch, block_size: int, num_blocks: int, full_width: bool) -> PagedRows:

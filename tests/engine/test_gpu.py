@@ -120,6 +120,33 @@ def test_an_encoder_decoder_mixed_batch_equals_the_reference_on_cuda(tmp_path: P
         assert_served_as_reference(completion, seq2seq_teacher_forced(model, input_ids, token_ids(completion)), dtype)
 
 
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("max_batch_tokens", [4096, 5], ids=["whole", "chunked"])
+def test_flex_attention_mixed_batch_equals_the_reference_on_cuda(
+    tiny_llama: TinyBackbone, tmp_path: Path, dtype: str, max_batch_tokens: int
+):
+    """attention_backend=flex, compiled, over the pool in place: the same promise as SDPA's, whole and chunked."""
+    harness = Harness(tiny_llama, tmp_path / "store", device="cuda", dtype=dtype, attention_backend="flex",
+                      kv_block_size=16, max_batch_tokens=max_batch_tokens)  # fmt: skip
+    completions = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS))
+    assert_causal_rows_match(harness, completions, dtype)
+    assert harness.is_idle()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_flex_attention_encoder_decoder_equals_the_reference_on_cuda(tmp_path: Path, dtype: str):
+    """T5's relative bias as a score_mod, cross-attention over the rows' own blocks, compiled."""
+    seq2seq = build_tiny_seq2seq_backbone("t5", tmp_path / "t5")
+    harness = Harness(seq2seq, tmp_path / "store", device="cuda", dtype=dtype, attention_backend="flex",
+                      kv_block_size=16)  # fmt: skip
+    tasks = (*SEQ2SEQ_ADAPTER_KINDS, None)
+    completions = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in tasks))
+    for task, completion in zip(tasks, completions, strict=True):
+        model = on_cuda(load_seq2seq_peft(seq2seq.path, seq2seq.adapters[task] if task else None), dtype)
+        input_ids = list(harness.backbone.tokenizer(TEXTS[task])["input_ids"])
+        assert_served_as_reference(completion, seq2seq_teacher_forced(model, input_ids, token_ids(completion)), dtype)
+
+
 def test_seeded_sampling_same_alone_and_mixed_on_cuda(tiny_llama: TinyBackbone, tmp_path: Path):
     harness = Harness(tiny_llama, tmp_path / "store", device="cuda", dtype="float32")
     sampling = {"do_sample": True, "seed": 99, "max_new_tokens": 10, "top_p": 0.9, "top_k": 20, "temperature": 1.3}
