@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from server.engine.attention import SDPA, UNBOUNDED, AttentionBackend, RowBatch
+from server.engine.attention import SDPA, UNBOUNDED, AttentionBackend, RowBatch, Scoring
 from server.engine.paged_flex import FlexBackend
 
 
@@ -80,7 +80,7 @@ def time_backends(
         synchronize(keys.device)
         start = time.perf_counter()
         for _ in range(layers):
-            backend.attend(query, keys.shape[1], keys, values, batches, None)
+            backend.attend(query, keys.shape[1], keys, values, batches, Scoring())
         synchronize(keys.device)
         return (time.perf_counter() - start) / layers
 

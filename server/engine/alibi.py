@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
-from server.engine.attention import ATTENTION_NAME, KV_KWARG, StepKV
+from server.engine.attention import ATTENTION_NAME, KV_KWARG, Scoring, StepKV
 
 REFERENCE_ATTENTION = "eager"  # a reference forward's, for a family the engine does not wrap
 MPT_ALIBI_BIAS_MAX = 8  # transformers' MPT builds its bias with 8, whatever its attn_config says
@@ -39,7 +39,7 @@ class AlibiBias:
 
     def at(self, head: torch.Tensor, query_position: torch.Tensor, key_position: torch.Tensor) -> torch.Tensor:
         """slopes[head] x key position / divisor, elementwise (query_position unused: see the class)."""
-        slopes = self.slopes.to(key_position.device)
+        slopes = self.slopes if self.slopes.device == key_position.device else self.slopes.to(key_position.device)
         if self.rounding is not None:
             bias = (slopes.to(self.rounding)[head] * key_position).float()
         else:
@@ -276,7 +276,9 @@ class PooledAttention(torch.nn.Module):
         self.index = index
         self.family = family
         self.state = state
-        self.alibi = family.bias(layer)
+        bias = family.bias(layer)
+        device = next(layer.parameters()).device  # the slopes beside the keys: a compiled score_mod reads them there
+        self.alibi = bias if bias is None else replace(bias, slopes=bias.slopes.to(device))
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         kv = self.state.kv
@@ -284,8 +286,9 @@ class PooledAttention(torch.nn.Module):
             return self.layer(hidden_states, *args, **kwargs)
         qkv = self.family.project(self.layer, hidden_states, kwargs)
         kv.write(self.index, qkv.key, qkv.value)
-        attended, _ = kv.backend.attend(qkv.query, qkv.key.shape[1], kv.keys[self.index], kv.values[self.index],
-                                        kv.batches, qkv.scaling, bias=self.alibi)  # fmt: skip
+        keys, values = kv.keys[self.index], kv.values[self.index]
+        scoring = Scoring(qkv.scaling, bias=self.alibi)
+        attended, _ = kv.backend.attend(qkv.query, qkv.key.shape[1], keys, values, kv.batches, scoring)
         return self.family.finish(self.layer, attended.flatten(2), args)  # [1, N, heads * d]
 
 

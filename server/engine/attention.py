@@ -213,23 +213,26 @@ def packed_sizes(lengths: list[int], counts: list[int], limits: TileLimits) -> l
     return [*sizes, len(counts) - start]
 
 
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """How a layer turns a query-key product into a logit: its scale (None: 1/sqrt(head_dim)), a sliding window
+    (None: every key at or before the query), an additive bias at the positions, a softcap (tanh, before the bias)."""
+
+    scaling: float | None = None
+    sliding_window: int | None = None
+    bias: Bias | None = None
+    softcap: float | None = None
+
+
 class AttentionBackend(Protocol):
     """How a layer's queries attend over the rows' keys and values in the pool, batch by batch."""
 
     name: str
 
     def attend(
-        self,
-        query: torch.Tensor,
-        num_kv_heads: int,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        batches: list[RowBatch],
-        scaling: float | None,
-        sliding_window: int | None = None,
-        bias: Bias | None = None,
-        softcap: float | None = None,
-    ) -> tuple[torch.Tensor, None]:
+        self, query: torch.Tensor, num_kv_heads: int, keys: torch.Tensor, values: torch.Tensor,
+        batches: list[RowBatch], scoring: Scoring,
+    ) -> tuple[torch.Tensor, None]:  # fmt: skip
         """query [1, heads, N, head_dim] (the packed stream), the pool's keys and values [num_slots, kv_heads,
         head_dim]; returns [1, N, heads, head_dim]."""
         ...
@@ -296,8 +299,8 @@ def attend(
     if kv.cross is not None and module in kv.cross.modules:
         return cross_attention(layer, query, key, value, kv, kv.cross, scaling)
     kv.write(layer, key, value)
-    return kv.backend.attend(query, key.shape[1], kv.keys[layer], kv.values[layer], kv.batches, scaling,
-                             kwargs.get("sliding_window"), kv.relative_bias, kwargs.get("softcap"))  # fmt: skip
+    scoring = Scoring(scaling, kwargs.get("sliding_window"), kv.relative_bias, kwargs.get("softcap"))
+    return kv.backend.attend(query, key.shape[1], kv.keys[layer], kv.values[layer], kv.batches, scoring)
 
 
 def attend_batches(
@@ -306,26 +309,24 @@ def attend_batches(
     keys: torch.Tensor,
     values: torch.Tensor,
     batches: list[RowBatch],
-    scaling: float | None,
-    sliding_window: int | None = None,
-    bias: Bias | None = None,
-    softcap: float | None = None,
+    scoring: Scoring,
 ) -> tuple[torch.Tensor, None]:
     """Each batch of rows over its keys and values in the pool; returns [1, N, heads, head_dim]."""
     _, heads, num_tokens, head_dim = query.shape
     group = heads // num_kv_heads
     output = query.new_empty((num_tokens, heads, head_dim))
+    softcap = scoring.softcap
+    attention = scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
     for batch in batches:
-        mask = batch.mask(sliding_window, group)
-        if bias is not None:
-            mask = biased_mask(bias, batch, mask, num_kv_heads).to(query.dtype)
-        attention = scaled_dot_product_attention if softcap is None else partial(softcapped_attention, softcap=softcap)
+        mask = batch.mask(scoring.sliding_window, group)
+        if scoring.bias is not None:
+            mask = biased_mask(scoring.bias, batch, mask, num_kv_heads).to(query.dtype)
         attended = attention(
             batch.queries(query, num_kv_heads),
             batch.gather(keys),
             batch.gather(values),
             attn_mask=mask,
-            scale=scaling,
+            scale=scoring.scaling,
         )  # [R, kv_heads, group * T, head_dim]
         output.index_copy_(0, batch.stream_index, batch.outputs(attended, heads))
     return output[None], None
@@ -335,7 +336,9 @@ class Sdpa:
     """The reference backend: each batch's keys and values gathered into padded tensors, a boolean mask, SDPA."""
 
     name = "sdpa"
-    attend = staticmethod(attend_batches)
+
+    def attend(self, *args: Any) -> tuple[torch.Tensor, None]:
+        return attend_batches(*args)  # the module's function, looked up at the call (tests watch it)
 
 
 SDPA: AttentionBackend = Sdpa()
@@ -399,7 +402,8 @@ def cross_attention(
         kv.keys[pool_layer].index_copy_(0, cross.write_slots, key[0].transpose(0, 1))
         kv.values[pool_layer].index_copy_(0, cross.write_slots, value[0].transpose(0, 1))
     kv.num_layers_written += 1
-    return kv.backend.attend(query, key.shape[1], kv.keys[pool_layer], kv.values[pool_layer], cross.batches, scaling)
+    keys, values = kv.keys[pool_layer], kv.values[pool_layer]
+    return kv.backend.attend(query, key.shape[1], keys, values, cross.batches, Scoring(scaling))
 
 
 def whole_sequence_attention(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from server.engine.attention import SDPA, AttentionBackend, Bias, RowBatch
+from server.engine.attention import SDPA, AttentionBackend, Bias, RowBatch, Scoring
 from server.engine.config import SettingError
 
 logger = logging.getLogger(__name__)
@@ -155,17 +155,9 @@ class FlexBackend:
 
     @torch.inference_mode()  # a bias table is a parameter: no backward pass is asked for
     def attend(
-        self,
-        query: torch.Tensor,
-        num_kv_heads: int,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        batches: list[RowBatch],
-        scaling: float | None,
-        sliding_window: int | None = None,
-        bias: Bias | None = None,
-        softcap: float | None = None,
-    ) -> tuple[torch.Tensor, None]:
+        self, query: torch.Tensor, num_kv_heads: int, keys: torch.Tensor, values: torch.Tensor,
+        batches: list[RowBatch], scoring: Scoring,
+    ) -> tuple[torch.Tensor, None]:  # fmt: skip
         """Each batch of rows over the pool's keys and values as they lie; returns [1, N, heads, head_dim]."""
         _, heads, num_tokens, head_dim = query.shape
         output = query.new_empty((num_tokens, heads, head_dim))
@@ -176,9 +168,9 @@ class FlexBackend:
                 batch_queries(batch, query),
                 pool_keys,
                 pool_values,
-                score_mod=score_mod_of(batch, rows.block_start, self.block_size, bias, softcap),
-                block_mask=self.block_mask(batch, rows, sliding_window),
-                scale=scaling,
+                score_mod=score_mod_of(batch, rows.block_start, self.block_size, scoring.bias, scoring.softcap),
+                block_mask=self.block_mask(batch, rows, scoring.sliding_window),
+                scale=scoring.scaling,
                 enable_gqa=heads != num_kv_heads,
                 kernel_options=self.kernel_options(query),
             )  # [R, heads, T, d]

@@ -83,6 +83,16 @@ def assert_causal_rows_match(harness: Harness, completions: list[Completion], dt
             assert token_ids(completion) == expected, f"task {task}"
 
 
+def assert_seq2seq_rows_match(harness: Harness, seq2seq: TinyBackbone, dtype: str) -> None:
+    """A row of each seq2seq adapter kind and a plain row, mixed, each as the reference serves it."""
+    tasks = (*SEQ2SEQ_ADAPTER_KINDS, None)
+    completions = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in tasks))
+    for task, completion in zip(tasks, completions, strict=True):
+        model = on_cuda(load_seq2seq_peft(seq2seq.path, seq2seq.adapters[task] if task else None), dtype)
+        input_ids = list(harness.backbone.tokenizer(TEXTS[task])["input_ids"])
+        assert_served_as_reference(completion, seq2seq_teacher_forced(model, input_ids, token_ids(completion)), dtype)
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_a_mixed_batch_of_every_kind_equals_the_reference_on_cuda(tiny_llama: TinyBackbone, tmp_path: Path, dtype):
     harness = Harness(tiny_llama, tmp_path / "store", device="cuda", dtype=dtype)
@@ -112,12 +122,7 @@ def test_preempted_rows_equal_the_reference_on_cuda(tiny_llama: TinyBackbone, tm
 def test_an_encoder_decoder_mixed_batch_equals_the_reference_on_cuda(tmp_path: Path, dtype: str):
     seq2seq = build_tiny_seq2seq_backbone("t5", tmp_path / "t5")
     harness = Harness(seq2seq, tmp_path / "store", device="cuda", dtype=dtype, kv_cache_tokens=96, kv_block_size=4)
-    tasks = (*SEQ2SEQ_ADAPTER_KINDS, None)
-    completions = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in tasks))
-    for task, completion in zip(tasks, completions, strict=True):
-        model = on_cuda(load_seq2seq_peft(seq2seq.path, seq2seq.adapters[task] if task else None), dtype)
-        input_ids = list(harness.backbone.tokenizer(TEXTS[task])["input_ids"])
-        assert_served_as_reference(completion, seq2seq_teacher_forced(model, input_ids, token_ids(completion)), dtype)
+    assert_seq2seq_rows_match(harness, seq2seq, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -139,12 +144,7 @@ def test_flex_attention_encoder_decoder_equals_the_reference_on_cuda(tmp_path: P
     seq2seq = build_tiny_seq2seq_backbone("t5", tmp_path / "t5")
     harness = Harness(seq2seq, tmp_path / "store", device="cuda", dtype=dtype, attention_backend="flex",
                       kv_block_size=16)  # fmt: skip
-    tasks = (*SEQ2SEQ_ADAPTER_KINDS, None)
-    completions = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in tasks))
-    for task, completion in zip(tasks, completions, strict=True):
-        model = on_cuda(load_seq2seq_peft(seq2seq.path, seq2seq.adapters[task] if task else None), dtype)
-        input_ids = list(harness.backbone.tokenizer(TEXTS[task])["input_ids"])
-        assert_served_as_reference(completion, seq2seq_teacher_forced(model, input_ids, token_ids(completion)), dtype)
+    assert_seq2seq_rows_match(harness, seq2seq, dtype)
 
 
 def test_seeded_sampling_same_alone_and_mixed_on_cuda(tiny_llama: TinyBackbone, tmp_path: Path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from server.engine.alibi import AlibiBias, bloom_slopes
-from server.engine.attention import SDPA, Bias, RowBatch, TileLimits
+from server.engine.attention import SDPA, Bias, RowBatch, Scoring, TileLimits
 from server.engine.config import SettingError
 from server.engine.kinds.seq2seq import RelativeBias
 from server.engine.paged_flex import FlexBackend, attention_backend
@@ -92,9 +92,10 @@ def test_flex_equals_sdpa_over_a_random_pool(
     query = torch.randn(1, HEADS, 17, HEAD_DIM, generator=generator)
     chosen: Bias | None = BIASES[bias](generator)
     window = sliding_window if causal else None
-    expected, _ = SDPA.attend(query, KV_HEADS, keys, values, batches, 0.3, window, chosen, softcap)
+    scoring = Scoring(0.3, window, chosen, softcap)
+    expected, _ = SDPA.attend(query, KV_HEADS, keys, values, batches, scoring)
     flex = FlexBackend(BLOCK, compiled=False)
-    got, _ = flex.attend(query, KV_HEADS, keys, values, batches, 0.3, window, chosen, softcap)
+    got, _ = flex.attend(query, KV_HEADS, keys, values, batches, scoring)
     torch.testing.assert_close(got, expected, rtol=0, atol=ATOL)
 
 
@@ -107,11 +108,11 @@ def test_a_wrong_block_start_changes_the_output() -> None:
     (batch,) = RowBatch.tiles(*random_rows(generator, True), limits=TileLimits(2**62, 2**62))
     query = torch.randn(1, HEADS, 17, HEAD_DIM, generator=generator)
     flex = FlexBackend(BLOCK, compiled=False)
-    right, _ = flex.attend(query, KV_HEADS, keys, values, [batch], None)
+    right, _ = flex.attend(query, KV_HEADS, keys, values, [batch], Scoring())
     table = flex.paged_rows(batch, 40).block_start
     table[batch.gather_slots[0, 0] // BLOCK] += BLOCK
     batch.views = {flex.name: batch.views[flex.name]}  # the masks again, over the shifted table
-    wrong, _ = flex.attend(query, KV_HEADS, keys, values, [batch], None)
+    wrong, _ = flex.attend(query, KV_HEADS, keys, values, [batch], Scoring())
     assert (right - wrong).abs().max() > 0.01
 
 
