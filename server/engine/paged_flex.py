@@ -109,7 +109,7 @@ def row_keys(batch: RowBatch, block_start: torch.Tensor, block_size: int, slidin
     causal = batch.causal
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
-        position = block_start[kv // block_size] + kv % block_size
+        position = slot_position(block_start, block_size, kv)
         seen = (position < key_lengths[b]) & (slots[b, position.clamp(0, last_column)] == kv)
         if causal:
             seen = seen & (position <= query_positions[b, q])
@@ -118,6 +118,11 @@ def row_keys(batch: RowBatch, block_start: torch.Tensor, block_size: int, slidin
         return seen
 
     return mask_mod
+
+
+def slot_position(block_start: torch.Tensor, block_size: int, slot: torch.Tensor) -> torch.Tensor:
+    """The position a pool slot holds for the rows reading its block."""
+    return block_start[slot // block_size] + slot % block_size
 
 
 def score_mod_of(
@@ -135,7 +140,7 @@ def score_mod_of(
         if softcap is not None:
             score = torch.tanh(score / softcap) * softcap
         if bias is not None:
-            position = block_start[kv // block_size] + kv % block_size
+            position = slot_position(block_start, block_size, kv)
             score = score + bias.at(h, query_positions[b, q], position)
         return score
 
