@@ -148,7 +148,9 @@ class Engine:
                 )
                 if vectors is not None:
                     prompts[row.task.key] = vectors
-        return [chunk for chunk in chunks if not self.is_leaving(chunk.row.request)], prompts
+        return [
+            chunk for chunk in chunks if not self.is_leaving(chunk.row.request)
+        ] if self.leaving else chunks, prompts
 
     def start(self, requests: list[Request]) -> None:
         """Newly admitted (or resumed) requests: their tasks' keys and values into the pool, if not there yet."""
@@ -275,7 +277,7 @@ class Engine:
     def append_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Every sampled row's next token, from one sampling of the batch (request by request only if that fails);
         rows whose logits are not finite (a task's values overflow the backbone's dtype) fail their own request and
-        the rest of the batch goes on."""
+        the rest of the batch goes on. Each request's new tokens go to its caller in one output."""
         allowed = suppress_eos(logits, rows, self.backbone.eos_token_ids)  # rows short of their min_tokens
         states = generator_states(rows)
         parts = isolated(
@@ -283,36 +285,42 @@ class Engine:
             lambda items: sample(rows_of(allowed, items), [rows[i] for i in items]),
             "sampling the next token", self.fail, reset=partial(restore_generators, states),
         )  # fmt: skip
-        broken = {id(rows[i].request): rows[i] for items, sampled in parts
+        broken = {id(rows[i].request): rows[i] for items, sampled in parts if not all(sampled.is_finite)
                   for i, ok in zip(items, sampled.is_finite, strict=True) if not ok}  # fmt: skip
-        new: dict[int, list[RowToken]] = defaultdict(list)
+        new: dict[int, tuple[Request, list[RowToken]]] = {}  # by request, in the order of their first rows
         for items, sampled in parts:
             for i, token_id, logprob, top in zip(items, sampled.token_ids, sampled.logprobs, sampled.top, strict=True):
                 row = rows[i]
-                if id(row.request) in broken:
-                    continue
-                keep_probe_vector(row, logits, i)
-                self.append_token(row, token_id)
-                new[id(row.request)].append(RowToken(row.index, token_id, logprob, row.finish_reason, top))
-        for request in distinct_requests([rows[i] for items, _ in parts for i in items]):
-            if id(request) in broken:
-                self.fail(request, self.overflow(broken[id(request)]))
-            else:
-                self.deliver(request, EngineOutput(request.request_id, tuple(new[id(request)]), request.is_finished))
+                request_tokens = new.setdefault(id(row.request), (row.request, []))[1]
+                if not broken or id(row.request) not in broken:
+                    request_tokens.append(self.append_token(row, token_id, logprob, top, logits, i))
+        for key, (request, tokens) in new.items():
+            if key in broken:
+                self.fail(request, self.overflow(broken[key]))
+            else:  # the last token's row going on: the request goes on
+                finished = tokens[-1].finish_reason is not None and request.is_finished
+                self.deliver(request, EngineOutput(request.request_id, tuple(tokens), finished))
 
-    def append_token(self, row: Sequence, token_id: int) -> None:
-        """Token-level endings only: stop sequences are found on the text, off this thread (see output.py)."""
+    def append_token(
+        self, row: Sequence, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], logits: torch.Tensor,
+        i: int,
+    ) -> RowToken:  # fmt: skip
+        """The row's new token (its logits are row i of `logits`), and the token-level ending it reached: stop
+        sequences are found on the text, off this thread (see output.py)."""
         row.output_ids.append(token_id)
         if token_id in self.backbone.eos_token_ids and not row.request.sampling.ignore_eos:
             row.finish_reason = FinishReason.EOS
         elif len(row.output_ids) >= row.request.max_new_tokens:
             row.finish_reason = FinishReason.LENGTH
+        if row.request.keeps_probe_vectors:
+            keep_probe_vector(row, logits, i)
+        return RowToken(row.index, token_id, logprob, row.finish_reason, top)
 
     def postprocess_finished(self, rows: list[Sequence]) -> None:
-        for row in rows:
-            if row.is_finished:
-                self.scheduler.free_row(row)
-        for request in distinct_requests(rows):
+        finished = [row for row in rows if row.is_finished]
+        for row in finished:
+            self.scheduler.free_row(row)
+        for request in distinct_requests(finished):  # a request that finished in the step has a row that did
             if request.is_finished and request.status is not Status.FINISHED:
                 self.drop(request)  # its last output said `finished`
 
@@ -447,9 +455,9 @@ def describe(row: Sequence) -> str:
 
 
 def keep_probe_vector(row: Sequence, logits: torch.Tensor, i: int) -> None:
-    """A new task's probe judges its rows by their first logit vectors (logits [B, V], the row's is i; see
-    probe.py)."""
-    if row.request.keeps_probe_vectors and row.probe_vector is None:
+    """A probe's row (`keeps_probe_vectors`) keeps its first logit vector (logits [B, V], the row's is i): a new
+    task's probe judges its rows by them (see probe.py)."""
+    if row.probe_vector is None:
         row.probe_vector = logits[i].float().cpu()
 
 

@@ -25,10 +25,11 @@ from server.engine.adapters import DeviceAdapter
 from server.engine.attention import SDPA, UNBOUNDED, AttentionBackend, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
-from server.engine.kv_pool import HOST, KVPool, block_slots, to_device
+from server.engine.kv_pool import HOST, KVPool, to_device
 from server.engine.readout import Readout
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
+from server.engine.slot_table import SlotTable
 from server.engine.task_cache import TaskCache
 
 Prompts = dict[TaskKey, torch.Tensor]  # a step's prompt vectors [P, H], by task version, loaded before the pass
@@ -57,6 +58,7 @@ class ModelRunner:
         self.attention = attention
         self.embed_tokens = backbone.model.get_input_embeddings()
         self.prompts: Prompts = {}  # the current step's
+        self.slots = SlotTable(pool.block_size)  # the running rows' key slots, kept from step to step
 
     def prompt_rows(self, chunks: list[Chunk]) -> list[Sequence]:
         """The rows whose prompt task's vectors this step feeds as input embeddings (an encoder-decoder's: to its
@@ -101,7 +103,7 @@ class ModelRunner:
     def stream(self, chunks: list[Chunk], causal: bool = True) -> tuple[StreamLayout, StepKV]:
         """The packed stream's layout, and the pass's state over the pool (`causal` False: each row's tokens see
         all of its keys)."""
-        layout = StreamLayout.of(chunks, self.pool.block_size, causal, self.limits)
+        layout = StreamLayout.of(chunks, self.slots, causal, self.limits)
         host = [layout.positions, layout.write_slots, *(t for batch in layout.batches for t in batch.index())]
         positions, write_slots, *index = to_device(host, self.device)  # one copy to the device a step
         width = RowBatch.num_index
@@ -119,10 +121,19 @@ class ModelRunner:
 
     def input_embeds(self, chunks: list[Chunk], offsets: list[int]) -> torch.Tensor:
         """[N, H]: each chunk's own tokens embedded; an embedded-prompt row's virtual tokens from its task."""
-        token_ids = [token for chunk in chunks for token in own_token_ids(chunk.row, chunk.start, chunk.num_tokens)]
+        token_ids: list[int] = []
+        placed = []  # (chunk, offset) of the chunks with vectors of their own: a prompt task's, or given embeddings
+        for chunk, offset in zip(chunks, offsets, strict=False):
+            row = chunk.row
+            if chunk.num_tokens == 1 and row.output_ids and chunk.is_last:
+                token_ids.append(row.output_ids[-1])  # a decoding row: every kind's own tokens end with the output
+            else:
+                token_ids += own_token_ids(row, chunk.start, chunk.num_tokens)
+            if chunk.start < row.num_embedded_tokens or row.request.input_embeds is not None:
+                placed.append((chunk, offset))
         assert len(token_ids) == offsets[-1], "one id per token of the stream"
         embeds = self.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
-        for chunk, offset in zip(chunks, offsets, strict=False):
+        for chunk, offset in placed:
             row, end = chunk.row, min(chunk.start + chunk.num_tokens, chunk.row.num_embedded_tokens)
             if chunk.start < end and row.task is not None:
                 prompt = self.prompts[row.task.key]  # [P, H]
@@ -147,7 +158,8 @@ def place_given_embeds(embeds: torch.Tensor, chunk: Chunk, offset: int) -> None:
 @dataclass(frozen=True, slots=True)
 class StreamLayout:
     """Where every token of a step's packed stream lives: built on the host with a few tensor operations, whatever
-    the rows, and copied to the engine's device.
+    the rows (their key slots read from the runner's `SlotTable`, kept from step to step), and copied to the
+    engine's device.
 
     Row b computes its own tokens start_b .. start_b + n_b. Its keys, in position order, are its task's shared
     prefix (P_b tokens) and then its own tokens 0 .. start_b + n_b; position = P_b + own index = key column.
@@ -162,24 +174,23 @@ class StreamLayout:
 
     @classmethod
     def of(
-        cls, chunks: list[Chunk], block_size: int, causal: bool = True, limits: TileLimits = UNBOUNDED
+        cls, chunks: list[Chunk], slots: SlotTable, causal: bool = True, limits: TileLimits = UNBOUNDED
     ) -> StreamLayout:
-        rows = RowTensors(
-            num_new=torch.tensor([chunk.num_tokens for chunk in chunks], device=HOST),
-            starts=torch.tensor([chunk.start for chunk in chunks], device=HOST),
-            prefix=torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks], device=HOST),
-            own_slots=block_slots([chunk.row.block_ids for chunk in chunks], block_size),
-            prefix_slots=block_slots([task_block_ids(chunk.row) for chunk in chunks], block_size),
-        )
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=HOST), rows.num_new.cumsum(0)])
-        new = torch.arange(int(rows.num_new.max()), device=HOST)[None]  # [1, T_max]
-        is_new = new < rows.num_new[:, None]  # [B, T_max]
-        own_new = (rows.starts[:, None] + new).clamp(max=rows.own_slots.shape[1] - 1)
-        is_decode = rows.num_new == 1
+        num_new = torch.tensor([chunk.num_tokens for chunk in chunks], device=HOST)
+        starts = torch.tensor([chunk.start for chunk in chunks], device=HOST)
+        prefix = torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks], device=HOST)
+        key_lengths = prefix + starts + num_new
+        key_slots = slots.key_slots([chunk.row for chunk in chunks], int(key_lengths.max()))  # [B, L]
+        rows = RowTensors(num_new, starts, prefix, key_slots)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=HOST), num_new.cumsum(0)])
+        new = torch.arange(int(num_new.max()), device=HOST)[None]  # [1, T_max]
+        is_new = new < num_new[:, None]  # [B, T_max]
+        columns = (prefix + starts)[:, None] + new  # [B, T_max]: a new token's key column is its position
+        is_decode = num_new == 1
         return cls(
             offsets=offsets,
-            positions=(rows.prefix[:, None] + rows.starts[:, None] + new)[is_new],
-            write_slots=rows.own_slots.gather(1, own_new)[is_new],
+            positions=columns[is_new],
+            write_slots=key_slots.gather(1, columns.clamp(max=key_slots.shape[1] - 1))[is_new],
             batches=[
                 batch
                 for selected in (is_decode.nonzero().flatten(), (~is_decode).nonzero().flatten())
@@ -191,21 +202,19 @@ class StreamLayout:
 
 @dataclass(frozen=True, slots=True)
 class RowTensors:
-    """Per row of a step: new tokens, first new own token, shared-prefix length, and its slots."""
+    """Per row: new tokens, first new own token, shared-prefix length, and its key slots (prefix, then own)."""
 
     num_new: torch.Tensor  # [B]
     starts: torch.Tensor  # [B]
     prefix: torch.Tensor  # [B]
-    own_slots: torch.Tensor  # [B, own blocks * block_size]
-    prefix_slots: torch.Tensor  # [B, task blocks * block_size]
+    key_slots: torch.Tensor  # [B, L]
 
     def select(self, index: torch.Tensor) -> RowTensors:
         return RowTensors(
             num_new=self.num_new.index_select(0, index),
             starts=self.starts.index_select(0, index),
             prefix=self.prefix.index_select(0, index),
-            own_slots=self.own_slots.index_select(0, index),
-            prefix_slots=self.prefix_slots.index_select(0, index),
+            key_slots=self.key_slots.index_select(0, index),
         )
 
 
@@ -213,17 +222,7 @@ def row_batches(rows: RowTensors, offsets: torch.Tensor, limits: TileLimits, cau
     """The attention layout of these rows, whose new tokens start at `offsets` in the stream (`causal` False: an
     encoder's rows, each token seeing all of its row's keys), in batches within `limits`."""
     key_lengths = rows.prefix + rows.starts + rows.num_new
-    column = torch.arange(int(key_lengths.max()), device=HOST)[None]  # [1, L]
-    from_prefix = rows.prefix_slots.gather(
-        1, column.clamp(max=rows.prefix_slots.shape[1] - 1).expand(len(rows.num_new), -1)
-    )
-    from_own = rows.own_slots.gather(1, (column - rows.prefix[:, None]).clamp(0, rows.own_slots.shape[1] - 1))
-    key_slots = torch.where(column < rows.prefix[:, None], from_prefix, from_own)  # [R, L]
-    return RowBatch.tiles(key_slots, key_lengths, offsets, rows.num_new, rows.prefix + rows.starts, limits, causal)
-
-
-def task_block_ids(row: Sequence) -> list[int]:
-    return row.task_blocks.block_ids if row.task_blocks is not None else []
+    return RowBatch.tiles(rows.key_slots, key_lengths, offsets, rows.num_new, rows.prefix + rows.starts, limits, causal)
 
 
 def own_token_ids(row: Sequence, start: int, num_tokens: int) -> list[int]:

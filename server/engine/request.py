@@ -60,6 +60,19 @@ class Sequence:
     done: bool = False  # a CLASSIFY or SCORE row whose every token has been computed
     probe_vector: torch.Tensor | None = None  # a probe's row: its first logits [V], or its head's last input [H]
     holds_adapter: bool = False  # a LoRA / IA3 row admitted: it holds its task's weights in the adapter pool
+    # Counts fixed when the row is made (its task, input, candidate and kind never change), kept because every step
+    # reads them for every row (the kind's methods define them):
+    num_embedded_tokens: int = field(init=False, default=0)  # virtual tokens fed as input embeddings (not as KV)
+    num_prefix_tokens: int = field(init=False, default=0)  # positions before the own tokens: the task's shared KV
+    encoder_length: int = field(init=False, default=0)  # what an encoder pass computes when the row starts
+    num_fixed_tokens: int = field(init=False, default=0)  # own tokens but the output: own = fixed + len(output_ids)
+
+    def __post_init__(self) -> None:
+        kind = self.request.kind
+        self.num_embedded_tokens = kind.num_embedded_tokens(self)
+        self.num_prefix_tokens = self.num_virtual_tokens if self.has_kv_prefix else 0
+        self.encoder_length = kind.encoder_length(self)
+        self.num_fixed_tokens = kind.num_own_tokens(self) - len(self.output_ids)
 
     @property
     def fed_targets(self) -> list[int]:
@@ -87,31 +100,15 @@ class Sequence:
         return self.task is not None and not self.task.record.method.is_prompt_learning
 
     @property
-    def encoder_length(self) -> int:
-        """What an encoder pass computes for the row when it starts (an encoder-decoder's encoder input; else 0)."""
-        return self.request.kind.encoder_length(self)
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        """Positions before the row's own tokens: the task's shared keys and values."""
-        return self.num_virtual_tokens if self.has_kv_prefix else 0
-
-    @property
-    def num_embedded_tokens(self) -> int:
-        """Virtual tokens the row feeds itself as input embeddings (a prompt task not held as keys and values; an
-        encoder-decoder's prompt goes to its encoder)."""
-        return self.request.kind.num_embedded_tokens(self)
-
-    @property
     def num_own_tokens(self) -> int:
         """Tokens with keys and values in the row's own blocks: a causal row's virtual, input and output tokens;
         an encoder-decoder row's decoder tokens (the start token and the output)."""
-        return self.request.kind.num_own_tokens(self)
+        return self.num_fixed_tokens + len(self.output_ids)
 
     @property
     def num_remaining(self) -> int:
         """Own tokens still to compute before the row can be sampled."""
-        return self.num_own_tokens - self.num_computed
+        return self.num_fixed_tokens + len(self.output_ids) - self.num_computed
 
     @property
     def is_finished(self) -> bool:

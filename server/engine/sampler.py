@@ -44,8 +44,10 @@ class Decisions:
 
     @classmethod
     def of(cls, rows: list[Sequence]) -> Decisions:
-        if not any(row.request.is_lockstep for row in rows):
-            return cls([row.request.sampling for row in rows], [row.request.generator for row in rows], [], None)
+        requests = [row.request for row in rows]
+        if not any(request.is_lockstep for request in requests):
+            return cls([request.sampling for request in requests], [request.generator for request in requests], [],
+                       None)  # fmt: skip
         params: list[SamplingParams] = []
         generators: list[torch.Generator | None] = []
         ensembles: list[list[int]] = []
@@ -80,16 +82,21 @@ def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
     packed = torch.cat([tokens[:, None].double(), chosen.double(), is_finite.double(), top_ids.double(),
                         top_values.double()], dim=1)  # fmt: skip  # [B, 3 + 2k]
-    return unpack(packed.cpu().tolist(), wanted, k)  # the step's one transfer to the host
+    return unpack(packed.cpu(), wanted, k)  # the step's one transfer to the host
 
 
-def unpack(packed: list[list[float]], wanted: list[int], k: int) -> Sampled:
-    """Rows of (token, log-probability, is finite, k top ids, k top log-probabilities) -> Sampled."""
-    top = [
-        tuple(zip(map(int, row[3 : 3 + n]), row[3 + k : 3 + k + n], strict=True))
-        for row, n in zip(packed, wanted, strict=True)
-    ]
-    return Sampled([int(row[0]) for row in packed], [row[1] for row in packed], top, [row[2] == 1.0 for row in packed])
+def unpack(packed: torch.Tensor, wanted: list[int], k: int) -> Sampled:
+    """Rows of (token, log-probability, is finite, k top ids, k top log-probabilities) on the host -> Sampled, read
+    by column (a list per row would cost a Python list per row)."""
+    top: list[tuple[tuple[int, float], ...]] = [()] * len(wanted)
+    if k:
+        rows = packed.tolist()
+        top = [
+            tuple(zip(map(int, row[3 : 3 + n]), row[3 + k : 3 + k + n], strict=True)) if n else ()
+            for row, n in zip(rows, wanted, strict=True)
+        ]
+    token_ids = packed[:, 0].long().tolist()
+    return Sampled(token_ids, packed[:, 1].tolist(), top, (packed[:, 2] == 1.0).tolist())
 
 
 def ensemble_scores(

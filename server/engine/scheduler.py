@@ -29,19 +29,20 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class Chunk:
-    """`num_tokens` of a row's own tokens, from its first uncomputed one, computed in this step."""
+    """`num_tokens` of a row's own tokens, from its first uncomputed one (`start`, when the chunk is made), computed
+    in this step."""
 
     row: Sequence
     num_tokens: int
+    start: int = field(init=False)
 
-    @property
-    def start(self) -> int:
-        return self.row.num_computed
+    def __post_init__(self) -> None:
+        self.start = self.row.num_computed
 
     @property
     def is_last(self) -> bool:
         """The chunk reaches the row's last token: the row is sampled after this step."""
-        return self.row.num_computed + self.num_tokens == self.row.num_own_tokens
+        return self.start + self.num_tokens == self.row.num_fixed_tokens + len(self.row.output_ids)
 
 
 @dataclass(slots=True)
@@ -118,17 +119,38 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        # each running request's unfinished rows and their tokens still to compute, asked once a step
-        todo = [(request, unfinished(request)) for request in self.running]
-        prefilling = [(request, rows) for request, rows in todo if any(remaining > 1 for _, remaining in rows)]
-        # never more decode rows than the budget: each became one by a token of the step before
-        decoding = [(request, rows) for request, rows in todo if all(remaining <= 1 for _, remaining in rows)]
-        for request, rows in [*decoding, *prefilling]:
-            if request.status is Status.RUNNING:
-                self.schedule_running(request, rows, plan)
+        # each running request's unfinished rows and their tokens still to compute, asked once a step; decoding
+        # requests first (never more decode rows than the budget: each became one by a token of the step before)
+        decoding: list[tuple[Request, list[tuple[Sequence, int]]]] = []
+        prefilling: list[tuple[Request, list[tuple[Sequence, int]]]] = []
+        for request in self.running:
+            rows = unfinished(request)
+            (prefilling if any(remaining > 1 for _, remaining in rows) else decoding).append((request, rows))
+        if not self.schedule_decoding(decoding, plan):
+            self.schedule_each(decoding, plan)
+        self.schedule_each(prefilling, plan)
         if not plan.preempted:  # memory is short: admitting now would only preempt again
             self.admit_waiting(plan)
         return plan
+
+    def schedule_decoding(self, decoding: list[tuple[Request, list[tuple[Sequence, int]]]], plan: StepPlan) -> bool:
+        """Every decoding request's next tokens at once, when the budget and the available blocks hold them all (the
+        usual step): the plan `schedule_each` would make then, without its work per request. False: nothing done."""
+        chunks = [Chunk(row, remaining) for _, rows in decoding for row, remaining in rows if remaining > 0]
+        growth = self.growth(chunks)
+        needed = sum(growth)
+        if len(chunks) > self.config.max_step_tokens - plan.num_tokens:
+            return False  # a budget smaller than the decode rows: cut request by request
+        if needed and needed > self.memory.num_available_blocks:
+            return False  # someone is preempted: request by request, newest first
+        self.grow(chunks, growth)
+        plan.add(chunks)
+        return True
+
+    def schedule_each(self, todo: list[tuple[Request, list[tuple[Sequence, int]]]], plan: StepPlan) -> None:
+        for request, rows in todo:
+            if request.status is Status.RUNNING:  # not preempted by one before it
+                self.schedule_running(request, rows, plan)
 
     def schedule_running(self, request: Request, rows: list[tuple[Sequence, int]], plan: StepPlan) -> None:
         chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens, rows)
@@ -192,13 +214,13 @@ class Scheduler:
     # ---- memory
 
     def growth(self, chunks: list[Chunk]) -> list[int]:
-        """Blocks each chunk's row must add to hold it (computed once: a step asks it of every running row)."""
-        return [self.row_blocks_to_grow(chunk) for chunk in chunks]
-
-    def row_blocks_to_grow(self, chunk: Chunk) -> int:
-        row = chunk.row
-        slots = max(row.num_computed + chunk.num_tokens, row.encoder_length)
-        return max(0, self.memory.blocks_for(slots) - len(row.block_ids))
+        """Blocks each chunk's row must add to hold it (computed once: a step asks it of every running row): its
+        slots are its own tokens up to the chunk's last, or its encoder input if longer."""
+        size = self.memory.block_size
+        return [
+            max(0, -(-max(c.row.num_computed + c.num_tokens, c.row.encoder_length) // size) - len(c.row.block_ids))
+            for c in chunks
+        ]
 
     def grow(self, chunks: list[Chunk], growth: list[int]) -> None:
         for chunk, num_blocks in zip(chunks, growth, strict=True):

@@ -104,9 +104,11 @@ class RequestOutput:
         return self.completion is not None or self.error is not None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RowToken:
-    """A token the engine appended to row `row` of a request, and the token-level ending it reached, if any."""
+    """A token the engine appended to row `row` of a request, and the token-level ending it reached, if any. Not
+    frozen, as EngineOutput: one is made for every row every step, and a frozen record takes four times as long to
+    make; the engine thread makes it and the caller's loop only reads it."""
 
     row: int
     id: int
@@ -163,9 +165,10 @@ class RowResult:
     top: tuple[tuple[tuple[int, float], ...], ...] | None = None  # and each position's most likely (id, logprob)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EngineOutput:
-    """What the engine thread reports for a request after a step: token ids only (text is made elsewhere)."""
+    """What the engine thread reports for a request after a step: token ids only (text is made elsewhere). Not
+    frozen: one is made for every request every step (see RowToken); nobody changes it once it is handed over."""
 
     request_id: str
     tokens: tuple[RowToken, ...] = ()

@@ -231,3 +231,55 @@ def test_a_version_retired_before_its_request_arrives_is_freed_on_its_last_relea
     memory.hold_task(("t", 1), 4)
     memory.release_task(("t", 1))
     assert not memory.tasks and memory.num_free_blocks == 8
+
+
+def plan_summary(plan: StepPlan) -> list[tuple[str, int, int, int, list[int]]]:
+    return [(c.row.request.request_id, c.row.index, c.start, c.num_tokens, list(c.row.block_ids)) for c in plan.chunks]
+
+
+@pytest.mark.parametrize("num_blocks", [64, 14])
+def test_decode_rows_scheduled_at_once_plan_as_request_by_request(num_blocks, monkeypatch):
+    """The decoding requests' rows in one go (the usual step) make the plan the loop over requests makes: the same
+    chunks, blocks, admissions and preemptions (14 blocks: memory runs short and the newest are preempted)."""
+
+    def arrivals() -> list[Request]:
+        return [
+            request("a", num_input=6, max_new=9),
+            request("b", num_input=3, max_new=12, ensemble=EnsembleMode.MEAN, tasks=(None, None)),
+            request("c", num_input=9, max_new=7, tasks=(task("t"),)),
+            request("d", num_input=2, max_new=10, ensemble=EnsembleMode.VOTE, tasks=(None, None, None)),
+        ]
+
+    def run(at_once: bool) -> list[Any]:
+        s = scheduler(max_step_tokens=12, num_blocks=num_blocks)
+        at_once_steps.append(0)
+        decode_all = s.schedule_decoding
+
+        def counted(decoding: Any, plan: StepPlan) -> bool:
+            done = at_once and decode_all(decoding, plan)
+            at_once_steps[-1] += done
+            return done
+
+        monkeypatch.setattr(s, "schedule_decoding", counted)
+        waiting, plans = arrivals(), []
+        for step in range(24):
+            if step % 3 == 0 and waiting:
+                s.add(waiting.pop(0))
+            plan = s.schedule()
+            plans.append((plan_summary(plan), [r.request_id for r in plan.admitted],
+                          [r.request_id for r in plan.preempted]))  # fmt: skip
+            sample(plan)
+            for request_ in list(s.running):
+                for row in request_.rows:
+                    if len(row.output_ids) >= request_.max_new_tokens and not row.is_finished:
+                        row.finish_reason = FinishReason.LENGTH
+                        s.free_row(row)
+                if request_.is_finished:
+                    s.remove(request_)
+        return plans
+
+    at_once_steps: list[int] = []
+    at_once, each = run(True), run(False)
+    assert at_once == each
+    assert at_once_steps[0] >= 10 and at_once_steps[1] == 0  # most steps took the one go
+    assert any(preempted for _, _, preempted in each) == (num_blocks == 14)

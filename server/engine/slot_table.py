@@ -1,0 +1,96 @@
+"""The running rows' key slots, kept from step to step (as vLLM keeps its block table in a persistent batch): a row's
+slots are written when it first runs and as its blocks grow, so a step's key slots [R, L] are one `index_select` of
+the kept rows, not a rebuild from every row's block list.
+
+A row's keys, in position order, are its task's shared prefix (P tokens) and then its own tokens; its table row holds
+their slots: columns 0..P-1 the prefix's, then its own blocks' (block_size a block). The rows' block lists stay the
+scheduler's (one owner); the table is the step's copy of them on the host, checked for every row every step: a row
+whose block list is another list (freed by a preemption, then allocated again) or whose prefix is another task's
+blocks is written anew; one whose list grew gets the new blocks' slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.kv_memory import TaskBlocks
+from server.engine.kv_pool import HOST
+from server.engine.request import Sequence
+
+
+@dataclass(slots=True)
+class Kept:
+    """What a row's table row was written from."""
+
+    row: Sequence  # held, so that no other row can take its id while it is kept
+    index: int  # its row of the table
+    blocks: list[int]  # the row's block list (the same list while the row keeps its blocks; it only grows)
+    num_blocks: int  # how many of them the table row holds
+    prefix: TaskBlocks | None
+    num_prefix: int  # the prefix's slots: the columns before its own
+
+
+class SlotTable:
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.table = torch.zeros((0, block_size), dtype=torch.long, device=HOST)  # [capacity rows, columns]
+        self.kept: dict[int, Kept] = {}  # by id(row)
+        self.free: list[int] = []  # table rows no row holds
+
+    def key_slots(self, rows: list[Sequence], width: int) -> torch.Tensor:
+        """[R, width]: these rows' key slots, prefix then own (past a row's blocks, zeros or stale slots: the caller
+        reads a row's keys up to its length only). Rows kept before and not among these are dropped."""
+        for gone in self.kept.keys() - {id(row) for row in rows}:
+            self.free.append(self.kept.pop(gone).index)
+        placed: list[tuple[int, int, int]] = []  # (table row, column, block id) of blocks new to the table
+        indices = [self.index_of(row, placed) for row in rows]
+        self.place(placed, width)
+        return self.table[:, :width].index_select(0, torch.tensor(indices, dtype=torch.long, device=HOST))
+
+    def index_of(self, row: Sequence, placed: list[tuple[int, int, int]]) -> int:
+        """The row's table row; the blocks it lacks (all of them, for a row new to the table) go to `placed`."""
+        kept = self.kept.get(id(row))
+        if kept is None or kept.blocks is not row.block_ids or kept.prefix is not row.task_blocks:
+            index = kept.index if kept is not None else self.free.pop() if self.free else self.grow()
+            kept = self.kept[id(row)] = Kept(row, index, row.block_ids, 0, row.task_blocks, row.num_prefix_tokens)
+            prefix = row.task_blocks.block_ids if row.task_blocks is not None else []
+            placed += [(index, i * self.block_size, block) for i, block in enumerate(prefix)]
+        if len(row.block_ids) != kept.num_blocks:
+            first = kept.num_prefix + kept.num_blocks * self.block_size
+            new = row.block_ids[kept.num_blocks :]
+            placed += [(kept.index, first + i * self.block_size, block) for i, block in enumerate(new)]
+            kept.num_blocks = len(row.block_ids)
+        return kept.index
+
+    def place(self, placed: list[tuple[int, int, int]], width: int) -> None:
+        """Each block's slots into its table row from its column on, all in one write (the table widened first to
+        hold them and `width` columns)."""
+        if not placed:
+            if width > self.table.shape[1]:
+                self.widen(width)
+            return
+        index, column, block = torch.tensor(placed, dtype=torch.long, device=HOST).unbind(1)  # [K] each
+        offsets = torch.arange(self.block_size, device=HOST)
+        columns = column[:, None] + offsets  # [K, block_size]
+        self.widen(max(width, int(columns.max()) + 1))
+        self.table[index[:, None].expand_as(columns), columns] = block[:, None] * self.block_size + offsets
+
+    def grow(self) -> int:
+        """A new table row (the table doubles when full); its index."""
+        used = len(self.kept) + len(self.free)
+        if used == self.table.shape[0]:
+            wider = torch.zeros((max(8, 2 * used), self.table.shape[1]), dtype=torch.long, device=HOST)
+            wider[:used] = self.table
+            self.table = wider
+        self.free.extend(range(self.table.shape[0] - 1, used, -1))  # every new row but the one returned
+        return used
+
+    def widen(self, width: int) -> None:
+        """Room for `width` columns (doubling, so a growing row widens the table rarely)."""
+        if width <= self.table.shape[1]:
+            return
+        wider = torch.zeros((self.table.shape[0], max(width, 2 * self.table.shape[1])), dtype=torch.long, device=HOST)
+        wider[:, : self.table.shape[1]] = self.table
+        self.table = wider
