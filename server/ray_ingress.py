@@ -235,7 +235,8 @@ class Relay:
         try:
             if request.path == "/health":
                 try:
-                    first = await asyncio.wait_for(anext(batches), self.health_wait_s)
+                    async with asyncio.timeout(self.health_wait_s):  # not wait_for (3.11 loses cancellations)
+                        first = await anext(batches)
                 except TimeoutError:
                     raise NoReplicaAnswered from None
                 for message in first:

@@ -31,7 +31,8 @@ async def check_serving(state: AppState) -> str:
     assert engine is not None  # check_live saw it ready
     steps_before = engine.stats().num_steps
     try:
-        return await asyncio.wait_for(run_probe(engine), timeout_s)
+        async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can lose a cancellation
+            return await run_probe(engine)
     except QueueFull:
         return "the engine is busy: its queue is full"
     except TimeoutError:

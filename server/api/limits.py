@@ -79,7 +79,8 @@ def timed(receive: Receive, timeout_s: float) -> Receive:
         if body_done:
             return await receive()
         try:
-            message = await asyncio.wait_for(receive(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: on 3.11 it can lose a cancellation
+                message = await receive()
         except TimeoutError:
             raise BodyTimeout(timeout_s) from None
         body_done = message["type"] != "http.request" or not message.get("more_body", False)

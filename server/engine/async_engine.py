@@ -236,7 +236,8 @@ class AsyncEngine:
             if not events.empty():  # the common case, without a timer
                 return events.get_nowait()
             try:
-                return await asyncio.wait_for(events.get(), LIVENESS_CHECK_S)
+                async with asyncio.timeout(LIVENESS_CHECK_S):  # not wait_for: on 3.11 it loses a cancellation
+                    return await events.get()  # that comes with an output (the caller's abort never sent)
             except TimeoutError:
                 if not self.thread.is_alive() and events.empty():
                     raise EngineUnavailable("the engine stopped before it answered this request") from None

@@ -249,3 +249,25 @@ def test_an_output_for_a_closed_loop_raises_at_the_sink(engine: AsyncEngine):
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
         sink(EngineOutput("gone"))
+
+
+def test_a_caller_cancelled_as_its_output_arrives_is_cancelled(engine: AsyncEngine) -> None:
+    """The output and the caller's cancellation land in the same loop turn (a client leaves as a step delivers):
+    the caller must still see the cancellation, or its abort is never sent and it waits for outputs forever.
+    (Python 3.11's asyncio.wait_for returns the finished inner result and drops the cancellation.)"""
+
+    async def main() -> bool:
+        events: asyncio.Queue[EngineOutput] = asyncio.Queue()
+
+        async def caller() -> None:
+            while True:
+                await engine.next_event(events)
+
+        waiting = asyncio.ensure_future(caller())
+        await asyncio.sleep(0)  # it waits inside next_event
+        events.put_nowait(EngineOutput("r"))
+        waiting.cancel()
+        await asyncio.wait([waiting], timeout=2)
+        return waiting.cancelled()
+
+    assert asyncio.run(main())
