@@ -137,10 +137,10 @@ class Scheduler:
         """Every decoding request's next tokens at once, when the budget and the available blocks hold them all (the
         usual step): the plan `schedule_each` would make then, without its work per request. False: nothing done."""
         chunks = [Chunk(row, remaining) for _, rows in decoding for row, remaining in rows if remaining > 0]
-        growth = self.growth(chunks)
-        needed = sum(growth)
         if len(chunks) > self.config.max_step_tokens - plan.num_tokens:
             return False  # a budget smaller than the decode rows: cut request by request
+        growth = self.growth(chunks)
+        needed = sum(growth)
         if needed and needed > self.memory.num_available_blocks:
             return False  # someone is preempted: request by request, newest first
         self.grow(chunks, growth)
