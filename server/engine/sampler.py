@@ -78,23 +78,26 @@ def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
     chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
     is_finite = logits.amax(dim=-1, keepdim=True).isfinite()  # amax is NaN with any NaN, inf with any inf
     wanted = [row.request.sampling.top_logprobs or 0 for row in rows]
+    asking = [i for i, n in enumerate(wanted) if n]  # the rows that ask for top log-probabilities
     k = min(max(wanted, default=0), logprobs.shape[-1])
-    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (logprobs[:, :0], tokens[:, None][:, :0])
-    packed = torch.cat([tokens[:, None].double(), chosen.double(), is_finite.double(), top_ids.double(),
-                        top_values.double()], dim=1)  # fmt: skip  # [B, 3 + 2k]
-    return unpack(packed.cpu(), wanted, k)  # the step's one transfer to the host
-
-
-def unpack(packed: torch.Tensor, wanted: list[int], k: int) -> Sampled:
-    """Rows of (token, log-probability, is finite, k top ids, k top log-probabilities) on the host -> Sampled, read
-    by column (a list per row would cost a Python list per row)."""
-    top: list[tuple[tuple[int, float], ...]] = [()] * len(wanted)
+    packed = torch.cat([tokens[:, None].double(), chosen.double(), is_finite.double()], dim=1)  # [B, 3]
     if k:
-        rows = packed.tolist()
-        top = [
-            tuple(zip(map(int, row[3 : 3 + n]), row[3 + k : 3 + k + n], strict=True)) if n else ()
-            for row, n in zip(rows, wanted, strict=True)
-        ]
+        top_values, top_ids = logprobs.index_select(0, torch.tensor(asking, device=logits.device)).topk(k, dim=-1)
+        packed = torch.cat([packed.flatten(), top_ids.double().flatten(), top_values.double().flatten()])
+    host = packed.cpu()  # the step's one transfer to the host
+    return unpack(host, len(rows), [(i, wanted[i]) for i in asking], k)
+
+
+def unpack(packed: torch.Tensor, num_rows: int, asking: list[tuple[int, int]], k: int) -> Sampled:
+    """[B, 3] rows of (token, log-probability, is finite) on the host, and when rows ask for them (`asking`: each
+    one's row and how many it wants) flattened and followed by their k top ids and k top log-probabilities ->
+    Sampled, read by column (a list per row would cost a Python list per row)."""
+    top: list[tuple[tuple[int, float], ...]] = [()] * num_rows
+    if asking:
+        ids, values = packed[3 * num_rows :].view(2, len(asking), k).tolist()
+        for (row, n), row_ids, row_values in zip(asking, ids, values, strict=True):
+            top[row] = tuple(zip(map(int, row_ids[:n]), row_values[:n], strict=True))
+        packed = packed[: 3 * num_rows].view(num_rows, 3)
     token_ids = packed[:, 0].long().tolist()
     return Sampled(token_ids, packed[:, 1].tolist(), top, (packed[:, 2] == 1.0).tolist())
 
@@ -140,8 +143,14 @@ def choose(
 
 
 def exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """q ~ Exp(1) [S, V]: a seeded row's from its own generator, the rest from one draw of the device's."""
-    noise = torch.empty_like(probs).exponential_()
+    """q ~ Exp(1) [S, V]: a seeded row's from its own generator, the rest from one draw of the device's (for
+    those rows only)."""
+    noise = torch.empty_like(probs)
+    unseeded = [row for row, generator in enumerate(generators) if generator is None]
+    if len(unseeded) == len(generators):
+        noise.exponential_()
+    elif unseeded:
+        noise[torch.tensor(unseeded, device=probs.device)] = torch.empty_like(noise[: len(unseeded)]).exponential_()
     for row, generator in enumerate(generators):
         if generator is not None:
             noise[row].exponential_(generator=generator)
