@@ -392,7 +392,10 @@ class Outbox:
         def put(output: EngineOutput) -> None:
             if loop.is_closed():
                 raise RuntimeError("Event loop is closed")
-            self.pending.setdefault(loop, []).append((events, output))
+            deliveries = self.pending.get(loop)
+            if deliveries is None:  # not setdefault: its default would be made for every output
+                deliveries = self.pending[loop] = []
+            deliveries.append((events, output))
 
         return put
 

@@ -119,24 +119,35 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
-        # each running request's unfinished rows and their tokens still to compute, asked once a step; decoding
-        # requests first (never more decode rows than the budget: each became one by a token of the step before)
-        decoding: list[tuple[Request, list[tuple[Sequence, int]]]] = []
-        prefilling: list[tuple[Request, list[tuple[Sequence, int]]]] = []
+        # decoding requests first (never more decode rows than the budget: each became one by a token of the step
+        # before); their rows' next tokens are made in the pass that finds them, each row asked once a step
+        decoding: list[Request] = []
+        prefilling: list[Request] = []
+        decode_chunks: list[Chunk] = []
         for request in self.running:
-            rows = unfinished(request)
-            (prefilling if any(remaining > 1 for _, remaining in rows) else decoding).append((request, rows))
-        if not self.schedule_decoding(decoding, plan):
+            first = len(decode_chunks)
+            for row in request.rows:
+                if not row.is_finished:
+                    remaining = row.num_remaining
+                    if remaining > 1:  # still prefilling: its rows are cut within the budget below
+                        del decode_chunks[first:]
+                        prefilling.append(request)
+                        break
+                    if remaining:
+                        decode_chunks.append(Chunk(row, remaining))
+            else:
+                decoding.append(request)
+        if not self.schedule_decoding(decode_chunks, plan):
             self.schedule_each(decoding, plan)
         self.schedule_each(prefilling, plan)
         if not plan.preempted:  # memory is short: admitting now would only preempt again
             self.admit_waiting(plan)
         return plan
 
-    def schedule_decoding(self, decoding: list[tuple[Request, list[tuple[Sequence, int]]]], plan: StepPlan) -> bool:
-        """Every decoding request's next tokens at once, when the budget and the available blocks hold them all (the
-        usual step): the plan `schedule_each` would make then, without its work per request. False: nothing done."""
-        chunks = [Chunk(row, remaining) for _, rows in decoding for row, remaining in rows if remaining > 0]
+    def schedule_decoding(self, chunks: list[Chunk], plan: StepPlan) -> bool:
+        """Every decoding request's next tokens (`chunks`) at once, when the budget and the available blocks hold
+        them all (the usual step): the plan `schedule_each` would make then, without its work per request. False:
+        nothing done."""
         if len(chunks) > self.config.max_step_tokens - plan.num_tokens:
             return False  # a budget smaller than the decode rows: cut request by request
         growth = self.growth(chunks)
@@ -147,13 +158,13 @@ class Scheduler:
         plan.add(chunks)
         return True
 
-    def schedule_each(self, todo: list[tuple[Request, list[tuple[Sequence, int]]]], plan: StepPlan) -> None:
-        for request, rows in todo:
+    def schedule_each(self, todo: list[Request], plan: StepPlan) -> None:
+        for request in todo:
             if request.status is Status.RUNNING:  # not preempted by one before it
-                self.schedule_running(request, rows, plan)
+                self.schedule_running(request, plan)
 
-    def schedule_running(self, request: Request, rows: list[tuple[Sequence, int]], plan: StepPlan) -> None:
-        chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens, rows)
+    def schedule_running(self, request: Request, plan: StepPlan) -> None:
+        chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
         growth = self.growth(chunks)
         needed = sum(growth)  # a decode row needs a block once every block_size tokens: mostly 0
         while needed and needed > self.memory.num_available_blocks:
@@ -194,11 +205,10 @@ class Scheduler:
             plan.add(chunks)
             plan.admitted.append(request)
 
-    def chunks_for(self, request: Request, budget: int, rows: list[tuple[Sequence, int]] | None = None) -> list[Chunk]:
-        """The request's rows' next tokens within `budget` (`rows`: its unfinished rows and their remaining tokens,
-        when the caller has them). A mean ensemble's rows are sampled together, so they reach their last token in
-        the same step or none of them does."""
-        rows = unfinished(request) if rows is None else rows
+    def chunks_for(self, request: Request, budget: int) -> list[Chunk]:
+        """The request's rows' next tokens within `budget`. A mean ensemble's rows are sampled together, so they
+        reach their last token in the same step or none of them does."""
+        rows = unfinished(request)
         leave = 0
         if request.is_lockstep and sum(remaining for _, remaining in rows) > budget:
             leave = 1
