@@ -85,10 +85,16 @@ class RowBatch:
         at `offsets[r]` in the stream, at position `first_positions[r]`."""
         device = key_slots.device
         column = torch.arange(int(key_lengths.max()), device=device)[None]  # [1, L]
-        new = torch.arange(int(num_new.max()), device=device)[None]  # [1, T]
+        gather_slots = torch.where(column < key_lengths[:, None], key_slots[:, : column.shape[1]], 0)
+        width = int(num_new.max())
+        if width == 1:  # one new token a row (decode rows): every query is real, with no padding to point away
+            return cls(gather_slots=gather_slots, key_lengths=key_lengths, query_index=offsets[:, None],
+                       query_positions=first_positions[:, None], output_index=torch.arange(len(num_new), device=device),
+                       stream_index=offsets, causal=causal)  # fmt: skip
+        new = torch.arange(width, device=device)[None]  # [1, T]
         is_new = new < num_new[:, None]  # [R, T]
         return cls(
-            gather_slots=torch.where(column < key_lengths[:, None], key_slots[:, : column.shape[1]], 0),
+            gather_slots=gather_slots,
             key_lengths=key_lengths,
             query_index=torch.where(is_new, offsets[:, None] + new, 0),
             query_positions=torch.where(is_new, first_positions[:, None] + new, 0),

@@ -176,7 +176,10 @@ class StreamLayout:
     def of(
         cls, chunks: list[Chunk], slots: SlotTable, causal: bool = True, limits: TileLimits = UNBOUNDED
     ) -> StreamLayout:
-        num_new = torch.tensor([chunk.num_tokens for chunk in chunks], device=HOST)
+        counts = [chunk.num_tokens for chunk in chunks]
+        if sum(counts) == len(counts):
+            return cls.of_decode(chunks, slots, causal, limits)
+        num_new = torch.tensor(counts, device=HOST)
         starts = torch.tensor([chunk.start for chunk in chunks], device=HOST)
         prefix = torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks], device=HOST)
         key_lengths = prefix + starts + num_new
@@ -197,6 +200,22 @@ class StreamLayout:
                 if selected.numel()
                 for batch in row_batches(rows.select(selected), offsets[:-1][selected], limits, causal)
             ],
+        )
+
+    @classmethod
+    def of_decode(cls, chunks: list[Chunk], slots: SlotTable, causal: bool, limits: TileLimits) -> StreamLayout:
+        """`of` for a step whose rows each compute one new token (decode rows, the usual step): row b is the stream's
+        token b, at its position, the row's last key column; the same tensors with fewer operations."""
+        positions = torch.tensor([chunk.row.num_prefix_tokens + chunk.start for chunk in chunks], device=HOST)
+        key_lengths = positions + 1
+        key_slots = slots.key_slots([chunk.row for chunk in chunks], int(key_lengths.max()))  # [B, L]
+        offsets = torch.arange(len(chunks) + 1, device=HOST)
+        num_new = torch.ones_like(positions)
+        return cls(
+            offsets=offsets,
+            positions=positions,
+            write_slots=key_slots.gather(1, positions[:, None])[:, 0],
+            batches=RowBatch.tiles(key_slots, key_lengths, offsets[:-1], num_new, positions, limits, causal),
         )
 
 
