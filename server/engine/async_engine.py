@@ -376,14 +376,14 @@ def endpoints(backbone: Backbone) -> tuple[str, ...]:
     return (*backbone.kind.generation_routes, *classification)
 
 
-Delivery = tuple[asyncio.Queue[EngineOutput], EngineOutput]
+Deliveries = tuple[list[asyncio.Queue[EngineOutput]], list[EngineOutput]]  # each output's queue, and the output
 
 
 class Outbox:
     """The outputs the engine thread has for each event loop, handed over once per step (engine thread only)."""
 
     def __init__(self) -> None:
-        self.pending: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+        self.pending: dict[asyncio.AbstractEventLoop, Deliveries] = {}
 
     def sink(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[EngineOutput]) -> OutputSink:
         """A request's sink: its outputs wait for the step's hand-off; one whose loop has closed raises at once, so
@@ -394,23 +394,24 @@ class Outbox:
                 raise RuntimeError("Event loop is closed")
             deliveries = self.pending.get(loop)
             if deliveries is None:  # not setdefault: its default would be made for every output
-                deliveries = self.pending[loop] = []
-            deliveries.append((events, output))
+                deliveries = self.pending[loop] = ([], [])
+            deliveries[0].append(events)
+            deliveries[1].append(output)
 
         return put
 
     def flush(self) -> None:
         pending, self.pending = self.pending, {}
-        for loop, deliveries in pending.items():
+        for loop, (queues, outputs) in pending.items():
             try:
-                loop.call_soon_threadsafe(deliver_all, deliveries)
+                loop.call_soon_threadsafe(deliver_all, queues, outputs)
             except RuntimeError as error:  # closed since its requests' outputs were put: their callers are gone
-                logger.warning("%d outputs for a closed event loop dropped (%s)", len(deliveries), error)
+                logger.warning("%d outputs for a closed event loop dropped (%s)", len(outputs), error)
 
 
-def deliver_all(deliveries: list[Delivery]) -> None:
+def deliver_all(queues: list[asyncio.Queue[EngineOutput]], outputs: list[EngineOutput]) -> None:
     """On the callers' loop: each output into its request's queue."""
-    for events, output in deliveries:
+    for events, output in zip(queues, outputs, strict=True):
         events.put_nowait(output)
 
 

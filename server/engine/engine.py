@@ -287,21 +287,25 @@ class Engine:
         )  # fmt: skip
         broken = {id(rows[i].request): rows[i] for items, sampled in parts if not all(sampled.is_finite)
                   for i, ok in zip(items, sampled.is_finite, strict=True) if not ok}  # fmt: skip
-        new: dict[Request, list[RowToken]] = {}  # by request (hashed by identity), in the order of their first rows
+        for row in broken.values():
+            self.fail(row.request, self.overflow(row))
+        several: dict[Request, list[RowToken]] = {}  # the requests of several rows, in the order of their first rows
         for items, sampled in parts:
             for i, token_id, logprob, top in zip(items, sampled.token_ids, sampled.logprobs, sampled.top, strict=True):
                 row = rows[i]
-                request_tokens = new.get(row.request)
-                if request_tokens is None:  # not setdefault: its default would be made for every row
-                    request_tokens = new[row.request] = []
-                if not broken or id(row.request) not in broken:
-                    request_tokens.append(self.append_token(row, token_id, logprob, top, logits, i))
-        for request, tokens in new.items():
-            if broken and id(request) in broken:
-                self.fail(request, self.overflow(broken[id(request)]))
-            else:  # the last token's row going on: the request goes on
-                finished = tokens[-1].finish_reason is not None and request.is_finished
-                self.deliver(request, EngineOutput(request.request_id, tuple(tokens), finished))
+                request = row.request
+                if broken and id(request) in broken:
+                    continue
+                token = self.append_token(row, token_id, logprob, top, logits, i)
+                if len(request.rows) == 1:  # most requests: its output at once, the row's ending the request's
+                    self.deliver(request, EngineOutput(request.request_id, (token,), token.finish_reason is not None))
+                elif (tokens := several.get(request)) is None:  # by identity (eq=False); no default made per row
+                    several[request] = [token]
+                else:
+                    tokens.append(token)
+        for request, tokens in several.items():  # the last token's row going on: the request goes on
+            finished = tokens[-1].finish_reason is not None and request.is_finished
+            self.deliver(request, EngineOutput(request.request_id, tuple(tokens), finished))
 
     def append_token(
         self, row: Sequence, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], logits: torch.Tensor,
