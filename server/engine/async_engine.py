@@ -32,7 +32,7 @@ from server.engine.nlu import Results, plan_classify, plan_score, predictions, s
 from server.engine.output import OutputProcessor
 from server.engine.probe import Probe
 from server.engine.prompt_scoring import plan_prompt_score, prompt_tokens
-from server.engine.request import OutputSink, Request
+from server.engine.request import Request, TokenSink
 from server.engine.selfcheck import self_check
 from server.engine.task_cache import is_user_task
 from server.engine.types import (
@@ -41,10 +41,12 @@ from server.engine.types import (
     EngineInfo,
     EngineOutput,
     EngineStats,
+    FinishReason,
     GenerateInput,
     PromptScoreInput,
     PromptToken,
     RequestOutput,
+    RowToken,
     ScoreInput,
     Scores,
     StepStats,
@@ -376,7 +378,63 @@ def endpoints(backbone: Backbone) -> tuple[str, ...]:
     return (*backbone.kind.generation_routes, *classification)
 
 
-Deliveries = tuple[list[asyncio.Queue[EngineOutput]], list[EngineOutput]]  # each output's queue, and the output
+class Deliveries:
+    """What one event loop gets from a step, in the order the engine gave it: each output with its request's queue;
+    a one-row request's token comes as values (`put_token`'s, by column), made into its output on the loop."""
+
+    __slots__ = ("finish_reasons", "logprobs", "outputs", "queues", "request_ids", "rows", "token_ids", "tops")
+
+    def __init__(self) -> None:
+        self.queues: list[asyncio.Queue[EngineOutput]] = []
+        self.outputs: list[EngineOutput | None] = []  # None: the next token of the columns below
+        self.request_ids: list[str] = []
+        self.rows: list[int] = []
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reasons: list[FinishReason | None] = []
+        self.tops: list[tuple[tuple[int, float], ...]] = []
+
+    def __len__(self) -> int:
+        return len(self.queues)
+
+
+class QueueSink(TokenSink):
+    """A request's sink into its caller's queue: its outputs wait in the outbox for the step's hand-off. One whose
+    loop has closed raises at once, so the engine drops that request alone (its caller is gone)."""
+
+    __slots__ = ("events", "loop", "outbox")
+
+    def __init__(self, outbox: Outbox, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[EngineOutput]) -> None:
+        self.outbox = outbox
+        self.loop = loop
+        self.events = events
+
+    def __call__(self, output: EngineOutput) -> None:
+        deliveries = self.deliveries()
+        deliveries.queues.append(self.events)
+        deliveries.outputs.append(output)
+
+    def put_token(
+        self, request_id: str, row: int, token_id: int, logprob: float, finish_reason: FinishReason | None,
+        top: tuple[tuple[int, float], ...],
+    ) -> None:  # fmt: skip
+        deliveries = self.deliveries()
+        deliveries.queues.append(self.events)
+        deliveries.outputs.append(None)
+        deliveries.request_ids.append(request_id)
+        deliveries.rows.append(row)
+        deliveries.token_ids.append(token_id)
+        deliveries.logprobs.append(logprob)
+        deliveries.finish_reasons.append(finish_reason)
+        deliveries.tops.append(top)
+
+    def deliveries(self) -> Deliveries:
+        if self.loop.is_closed():
+            raise RuntimeError("Event loop is closed")
+        deliveries = self.outbox.pending.get(self.loop)
+        if deliveries is None:
+            deliveries = self.outbox.pending[self.loop] = Deliveries()
+        return deliveries
 
 
 class Outbox:
@@ -385,33 +443,28 @@ class Outbox:
     def __init__(self) -> None:
         self.pending: dict[asyncio.AbstractEventLoop, Deliveries] = {}
 
-    def sink(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[EngineOutput]) -> OutputSink:
-        """A request's sink: its outputs wait for the step's hand-off; one whose loop has closed raises at once, so
-        the engine drops that request alone (its caller is gone)."""
-
-        def put(output: EngineOutput) -> None:
-            if loop.is_closed():
-                raise RuntimeError("Event loop is closed")
-            deliveries = self.pending.get(loop)
-            if deliveries is None:  # not setdefault: its default would be made for every output
-                deliveries = self.pending[loop] = ([], [])
-            deliveries[0].append(events)
-            deliveries[1].append(output)
-
-        return put
+    def sink(self, loop: asyncio.AbstractEventLoop, events: asyncio.Queue[EngineOutput]) -> QueueSink:
+        return QueueSink(self, loop, events)
 
     def flush(self) -> None:
         pending, self.pending = self.pending, {}
-        for loop, (queues, outputs) in pending.items():
+        for loop, deliveries in pending.items():
             try:
-                loop.call_soon_threadsafe(deliver_all, queues, outputs)
+                loop.call_soon_threadsafe(deliver_all, deliveries)
             except RuntimeError as error:  # closed since its requests' outputs were put: their callers are gone
-                logger.warning("%d outputs for a closed event loop dropped (%s)", len(outputs), error)
+                logger.warning("%d outputs for a closed event loop dropped (%s)", len(deliveries), error)
 
 
-def deliver_all(queues: list[asyncio.Queue[EngineOutput]], outputs: list[EngineOutput]) -> None:
-    """On the callers' loop: each output into its request's queue."""
-    for events, output in zip(queues, outputs, strict=True):
+def deliver_all(deliveries: Deliveries) -> None:
+    """On the callers' loop: each output into its request's queue, a token given as values made into its output
+    here."""
+    tokens = zip(deliveries.request_ids, deliveries.rows, deliveries.token_ids, deliveries.logprobs,
+                 deliveries.finish_reasons, deliveries.tops, strict=True)  # fmt: skip
+    for events, output in zip(deliveries.queues, deliveries.outputs, strict=True):
+        if output is None:
+            request_id, row, token_id, logprob, finish_reason, top = next(tokens)
+            token = RowToken(row, token_id, logprob, finish_reason, top)
+            output = EngineOutput(request_id, (token,), finish_reason is not None)
         events.put_nowait(output)
 
 

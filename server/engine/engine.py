@@ -25,7 +25,7 @@ from server.engine.memory_profile import MemoryProbe, WorstStep, describe_pool, 
 from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.paged_flex import attention_backend
 from server.engine.readout import Classified, Readout
-from server.engine.request import RankedTarget, Request, Sequence, Status
+from server.engine.request import RankedTarget, Request, Sequence, Status, TokenSink
 from server.engine.sampler import sample, score, suppress_eos
 from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from server.engine.task_cache import TaskCache
@@ -296,10 +296,12 @@ class Engine:
                 request = row.request
                 if broken and id(request) in broken:
                     continue
-                token = self.append_token(row, token_id, logprob, top, logits, i)
+                finish_reason = self.append_token(row, token_id, logits, i)
                 if len(request.rows) == 1:  # most requests: its output at once, the row's ending the request's
-                    self.deliver(request, EngineOutput(request.request_id, (token,), token.finish_reason is not None))
-                elif (tokens := several.get(request)) is None:  # by identity (eq=False); no default made per row
+                    self.deliver_token(request, row.index, token_id, logprob, finish_reason, top)
+                    continue
+                token = RowToken(row.index, token_id, logprob, finish_reason, top)
+                if (tokens := several.get(request)) is None:  # by identity (eq=False); no default made per row
                     several[request] = [token]
                 else:
                     tokens.append(token)
@@ -307,11 +309,8 @@ class Engine:
             finished = tokens[-1].finish_reason is not None and request.is_finished
             self.deliver(request, EngineOutput(request.request_id, tuple(tokens), finished))
 
-    def append_token(
-        self, row: Sequence, token_id: int, logprob: float, top: tuple[tuple[int, float], ...], logits: torch.Tensor,
-        i: int,
-    ) -> RowToken:  # fmt: skip
-        """The row's new token (its logits are row i of `logits`), and the token-level ending it reached: stop
+    def append_token(self, row: Sequence, token_id: int, logits: torch.Tensor, i: int) -> FinishReason | None:
+        """The row's new token (its logits are row i of `logits`); returns the token-level ending it reached: stop
         sequences are found on the text, off this thread (see output.py)."""
         row.output_ids.append(token_id)
         if token_id in self.backbone.eos_token_ids and not row.request.sampling.ignore_eos:
@@ -320,7 +319,7 @@ class Engine:
             row.finish_reason = FinishReason.LENGTH
         if row.request.keeps_probe_vectors:
             keep_probe_vector(row, logits, i)
-        return RowToken(row.index, token_id, logprob, row.finish_reason, top)
+        return row.finish_reason
 
     def postprocess_finished(self, rows: list[Sequence]) -> None:
         finished = [row for row in rows if row.is_finished]
@@ -382,8 +381,27 @@ class Engine:
         try:
             request.sink(output)
         except Exception as error:
-            logger.warning("request %s: cannot reach its caller (%s); dropping it", request.request_id, error)
-            self.leaving.append(request)
+            self.unreachable(request, error)
+
+    def deliver_token(
+        self, request: Request, row: int, token_id: int, logprob: float, finish_reason: FinishReason | None,
+        top: tuple[tuple[int, float], ...],
+    ) -> None:  # fmt: skip
+        """A one-row request's new token, its whole output of the step (the row's ending is the request's): a
+        `TokenSink` takes it as values; any other sink gets its EngineOutput."""
+        sink = request.sink
+        if not isinstance(sink, TokenSink):
+            token = RowToken(row, token_id, logprob, finish_reason, top)
+            self.deliver(request, EngineOutput(request.request_id, (token,), finish_reason is not None))
+            return
+        try:
+            sink.put_token(request.request_id, row, token_id, logprob, finish_reason, top)
+        except Exception as error:
+            self.unreachable(request, error)
+
+    def unreachable(self, request: Request, error: Exception) -> None:
+        logger.warning("request %s: cannot reach its caller (%s); dropping it", request.request_id, error)
+        self.leaving.append(request)
 
     def fail(self, request: Request, error: Exception) -> None:
         """One request fails mid-step; it leaves the batch once the step is over."""

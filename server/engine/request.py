@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,25 @@ from server.engine.types import EngineOutput, EnsembleMode, FinishReason, Sampli
 
 OutputSink = Callable[[EngineOutput], None]  # called on the engine thread
 RankedTarget = tuple[int, tuple[tuple[int, float], ...]]  # a scored token's rank and the most likely (id, logprob)
+
+
+class TokenSink(ABC):
+    """An output sink that also takes a one-row request's new token as plain values, so that the engine thread
+    makes no objects for the most common output of a step (the async engine's: the output is made on the caller's
+    loop, see async_engine.Outbox). Called on the engine thread; raises if the caller cannot be reached."""
+
+    __slots__ = ()
+
+    @abstractmethod
+    def __call__(self, output: EngineOutput) -> None: ...
+
+    @abstractmethod
+    def put_token(
+        self, request_id: str, row: int, token_id: int, logprob: float, finish_reason: FinishReason | None,
+        top: tuple[tuple[int, float], ...],
+    ) -> None:  # fmt: skip
+        """The output EngineOutput(request_id, (RowToken(row, token_id, logprob, finish_reason, top),), finished)
+        with `finished` whether the row ended (the request's only row)."""
 
 
 class Job(enum.Enum):
