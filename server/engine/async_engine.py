@@ -8,6 +8,7 @@ hand-off (vLLM's output handler takes one batch per step), not one wake-up per r
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -98,6 +99,7 @@ class AsyncEngine:
         self.stopping.set()
         self.send(lambda: None)  # wake the loop
         self.thread.join(timeout=30)
+        gc.unfreeze()  # what start-up froze can be collected again (tests build engine after engine in one process)
 
     def send(self, action: Callable[[], None], *requests: Request) -> None:
         """Hand work to the engine thread; if it fails there, `requests` fail with it (their callers hear of it)."""
@@ -493,5 +495,16 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
         self_check(core)
     engine = AsyncEngine(core, store, config)
     engine.start()
+    freeze_startup_heap()
     logger.info("engine ready: %s, %d tasks registered", backbone.model_id, len(store))
     return engine
+
+
+def freeze_startup_heap() -> None:
+    """What start-up made and keeps (the model's modules, torch's and transformers' own objects: some 400,000 with
+    the built-in backbone) moves to the garbage collector's permanent generation, so that no full collection walks it
+    again while serving: one took 230 ms of the engine thread's time (the GIL held throughout) against 8 ms frozen.
+    Garbage is collected first, so none is kept (vLLM's freeze_gc_heap does the same); `AsyncEngine.shutdown` undoes
+    it."""
+    gc.collect()
+    gc.freeze()
