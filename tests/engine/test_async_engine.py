@@ -11,10 +11,18 @@ import pytest
 
 from prompt_store.errors import TaskNotFound
 from prompt_store.registry import TaskStore
-from server.engine.async_engine import AsyncEngine, build_engine, deliver_all
+from server.engine.async_engine import AsyncEngine, Outbox, build_engine, deliver_all
 from server.engine.config import EngineConfig
 from server.engine.errors import EngineUnavailable, GenerationFailed
-from server.engine.types import EngineOutput, GenerateInput, RequestOutput, SamplingParams, ScoreInput
+from server.engine.types import (
+    EngineOutput,
+    FinishReason,
+    GenerateInput,
+    RequestOutput,
+    RowToken,
+    SamplingParams,
+    ScoreInput,
+)
 from tests.fixtures import TinyBackbone
 
 
@@ -249,6 +257,33 @@ def test_an_output_for_a_closed_loop_raises_at_the_sink(engine: AsyncEngine):
     loop.close()
     with pytest.raises(RuntimeError, match="closed"):
         sink(EngineOutput("gone"))
+    with pytest.raises(RuntimeError, match="closed"):
+        sink.put_token("gone", 0, 5, -0.5, None, ())
+
+
+def test_a_token_given_as_values_arrives_as_the_output_a_plain_sink_gets_in_order():
+    """A one-row request's token reaches the outbox as values (the engine thread makes no output for it): the
+    caller's loop gets the EngineOutput the engine makes for any other sink, in the order the engine gave them."""
+    top = ((7, -0.25), (3, -1.5))
+
+    async def delivered() -> list[EngineOutput]:
+        outbox, events = Outbox(), asyncio.Queue[EngineOutput]()
+        sink = outbox.sink(asyncio.get_running_loop(), events)
+        sink(EngineOutput("r", (RowToken(0, 5, -0.5),)))
+        sink.put_token("r", 0, 7, -0.25, None, top)
+        sink.put_token("r", 0, 2, -0.75, FinishReason.EOS, ())
+        sink(EngineOutput("r", error=failure))
+        outbox.flush()
+        await asyncio.sleep(0)  # the hand-off runs on this loop
+        return [events.get_nowait() for _ in range(events.qsize())]
+
+    failure = RuntimeError("after the tokens")
+    assert asyncio.run(delivered()) == [
+        EngineOutput("r", (RowToken(0, 5, -0.5),)),
+        EngineOutput("r", (RowToken(0, 7, -0.25, None, top),), finished=False),
+        EngineOutput("r", (RowToken(0, 2, -0.75, FinishReason.EOS),), finished=True),
+        EngineOutput("r", error=failure),
+    ]
 
 
 def test_a_caller_cancelled_as_its_output_arrives_is_cancelled(engine: AsyncEngine) -> None:
