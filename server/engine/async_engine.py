@@ -484,7 +484,7 @@ def build_engine(config: EngineConfig) -> AsyncEngine:
     """Load the backbone, open the store, start the engine thread (blocking: call it off the event loop)."""
     if config.torch_threads is not None:
         torch.set_num_threads(config.torch_threads)
-    backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code)
+    backbone = load_backbone(config.model, config.device, config.dtype, config.trust_remote_code, config.cpu_linears)
     limits = StoreLimits(config.max_virtual_tokens, config.max_config_bytes, config.max_adapter_bytes,
                          config.max_lora_rank)  # fmt: skip
     timeouts = StoreTimeouts(config.store_connect_timeout_s, config.store_read_timeout_s)

@@ -19,7 +19,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from prompt_store.types import SEQ_CLS, TOKEN_CLS, BackboneFingerprint, ModuleKind, ModuleShape
-from server.engine import alibi, lm_head
+from server.engine import alibi, cpu_linears, lm_head
 from server.engine.attention import ATTENTION_NAME
 from server.engine.default_backbone import ensure_default_backbone
 from server.engine.errors import UnsupportedBackbone, first_line
@@ -132,9 +132,14 @@ def max_positions_of(model: PreTrainedModel) -> int | None:
 
 
 def load_backbone(
-    model_id: str | None, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+    model_id: str | None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    linears: cpu_linears.CpuLinears = "auto",
 ) -> Backbone:
-    """Load the backbone frozen and in eval mode; with no model id, the built-in default backbone."""
+    """Load the backbone frozen and in eval mode; with no model id, the built-in default backbone. `linears`: how a
+    float32 backbone's shared-pass linear layers run on the CPU (cpu_linears.py)."""
     source = model_id or str(ensure_default_backbone())
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
@@ -178,7 +183,10 @@ def load_backbone(
         modules=modules,
     )
     warn_unreadable_tokens(backbone)
-    return with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
+    backbone = with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
+    shared = [module.name for module in backbone.fingerprint.modules if module.kind is ModuleKind.LINEAR]
+    cpu_linears.install(cpu_linears.shared_linears(backbone.modules, shared), torch_device, linears)
+    return backbone
 
 
 def unreadable_token_ids(backbone: Backbone) -> list[int]:

@@ -10,6 +10,7 @@ from annotated_types import Ge, Gt, Le
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 AttentionBackendName = Literal["sdpa", "flex"]
+CpuLinears = Literal["auto", "onednn", "torch"]
 
 
 def setting(default: Any, help: str) -> Any:
@@ -79,6 +80,12 @@ class EngineConfig:
         "sdpa (keys gathered per layer, a boolean mask: the reference) or flex (FlexAttention over the KV pool in "
         "place; compiled on CUDA, where kv_block_size must be a multiple of 16; on CPU uncompiled and slower: for "
         "checking only)",
+    )
+    cpu_linears: CpuLinears = setting(
+        "auto",
+        "a float32 backbone on the CPU: its linear layers through oneDNN (a packed copy of their weights; faster "
+        "where torch's MKL matmul lacks AVX-512 kernels, e.g. AMD EPYC), or torch (torch's own matmul); auto: "
+        "oneDNN where one product timed at start runs 1.2x faster",
     )
     poll_interval_s: Annotated[float, Ge(0)] = setting(
         2.0, "how often tasks written by other processes are picked up (the store's change feed); 0: never"
