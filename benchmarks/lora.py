@@ -4,6 +4,7 @@ on the `cpu` Llama, every figure measured in one process, A B A B.
 lora_mixed_over_uniform      rows of 16 LoRA tasks mixed vs the same requests, each on the first task of its shape
 lora_engine_over_peft        the engine vs PEFT per adapter: set_adapter and one left-padded generate per task
 lora_engine_over_peft_mixed  the engine vs PEFT's own mixed batch: static left-padded batches, adapter_names= per row
+lora_engine_over_peft_onednn the engine vs PEFT per adapter, PEFT's base layers on the engine's oneDNN CPU kernels too
 kinds_mixed_over_uniform     LoRA, prompt-tuning and prefix-tuning rows mixed vs one task per kind
 lora_memory_over_tensor_bytes  the engine's device bytes per resident LoRA task over its tensors' bytes
 """
@@ -36,7 +37,7 @@ from benchmarks.workload import (
     write_tasks,
 )
 
-SECTIONS = ("mixed", "peft", "peft-mixed", "kinds", "memory")
+SECTIONS = ("mixed", "peft", "peft-mixed", "peft-onednn", "kinds", "memory")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +122,9 @@ def lora_mix(tasks: list[TaskSpec]) -> str:
 
 
 def engine_over_peft(
-    rig: EngineRig, peft: PeftServer, tasks: list[TaskSpec], plan: Plan, workload: Workload, mixed: bool
-) -> dict[str, Any]:
+    rig: EngineRig, peft: PeftServer, tasks: list[TaskSpec], plan: Plan, workload: Workload, mixed: bool,
+    kernels: str = "",
+) -> dict[str, Any]:  # fmt: skip
     rig.set_max_batch_size(plan.peft_max_batch_size)
     batch_size = plan.peft_max_batch_size
 
@@ -147,7 +149,7 @@ def engine_over_peft(
         "definition": (
             f"{len(workload.jobs)} requests over {len(tasks)} LoRA tasks ({plan.peft_requests_per_task} each, "
             f"shuffled); engine: max_batch_size {batch_size}, every request queued at t=0; PEFT: one PeftModel "
-            f"holding every task (load_adapter); {peft_way}"
+            f"holding every task (load_adapter); {peft_way}{kernels}"
         ),
         "match_note": "greedy tokens equal PEFT's wherever a row's rounding agrees; PEFT pads each batch on the left",
         "steps": step_notes(paired.runs_a),
@@ -177,14 +179,21 @@ def run(args: argparse.Namespace, sections: set[str], root: Path) -> int:
     if "mixed" in sections:
         log("lora_mixed_over_uniform")
         details["lora_mixed_over_uniform"] = mixed_over_uniform(rig, tasks, plan, rng, lora_mix(tasks))
+    if {"peft", "peft-mixed", "peft-onednn"} & sections:  # one workload for the three
+        workload = shuffled_workload(rng, tasks, plan.peft_requests_per_task, plan.input_chars, plan.new_tokens)
     if {"peft", "peft-mixed"} & sections:
         peft = PeftServer(backbone_dir, tasks, args.device, dtype)
-        workload = shuffled_workload(rng, tasks, plan.peft_requests_per_task, plan.input_chars, plan.new_tokens)
         for section, mixed in (("peft", False), ("peft-mixed", True)):
             if section in sections:
                 name = "lora_engine_over_peft_mixed" if mixed else "lora_engine_over_peft"
                 log(name)
                 details[name] = engine_over_peft(rig, peft, tasks, plan, workload, mixed)
+        del peft
+    if "peft-onednn" in sections:
+        log("lora_engine_over_peft_onednn")
+        peft = PeftServer(backbone_dir, tasks, args.device, dtype, linears="onednn")
+        kernels = "; its base model's linear layers through oneDNN, as the engine's (server/engine/cpu_linears.py)"
+        details["lora_engine_over_peft_onednn"] = engine_over_peft(rig, peft, tasks, plan, workload, False, kernels)
         del peft
     if "kinds" in sections:
         log("kinds_mixed_over_uniform")

@@ -22,6 +22,8 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from benchmarks.workload import LORA, PROMPT, TaskSpec, Workload
+from server.engine import cpu_linears
+from server.engine.config import CpuLinears
 from server.engine.default_backbone import PAD_ID
 from server.engine.reference import peft_generate_broken_reason
 
@@ -45,7 +47,11 @@ class PeftRun:
 
 
 class PeftServer:
-    def __init__(self, backbone_dir: Path, tasks: list[TaskSpec], device: str, dtype: str) -> None:
+    def __init__(
+        self, backbone_dir: Path, tasks: list[TaskSpec], device: str, dtype: str, linears: CpuLinears = "torch"
+    ) -> None:
+        """`linears`: how the base model's linear layers run on the CPU (torch: as PEFT users run them; onednn: on
+        the engine's CPU kernels, cpu_linears.py, the strongest PEFT)."""
         self.seq2seq = bool(getattr(AutoConfig.from_pretrained(backbone_dir), "is_encoder_decoder", False))
         broken = peft_generate_broken_reason()
         if self.seq2seq:
@@ -60,6 +66,9 @@ class PeftServer:
         self.tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
         auto = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         base = auto.from_pretrained(backbone_dir, dtype=DTYPES[dtype]).to(self.device).eval()
+        modules, head = dict(base.named_modules()), base.get_output_embeddings()
+        layers = cpu_linears.shared_linears(modules, [name for name, module in modules.items() if module is not head])
+        cpu_linears.install(layers, self.device, linears)  # before PEFT wraps them: its layers call these
         self.model_of = task_models(base, tasks, self.device)
 
     def run(self, workload: Workload) -> PeftRun:

@@ -63,7 +63,7 @@ def machine_info(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
 
 def backbone_summary(backbone: Backbone) -> dict[str, Any]:
     num_params = sum(p.numel() for p in backbone.model.parameters())
-    return {**asdict(backbone.fingerprint), "num_parameters": num_params}
+    return {**asdict(backbone.fingerprint), "num_parameters": num_params, "onednn_linears": backbone.onednn_linears}
 
 
 GOALS = {  # name -> (limit, goal, higher_is_better)
@@ -76,6 +76,7 @@ GOALS = {  # name -> (limit, goal, higher_is_better)
     "lora_mixed_over_uniform": (1.0, 0.9, True),  # a LoRA delta costs arithmetic per row, mixed or not
     "lora_engine_over_peft": (None, 2.5, True),  # on this CPU the arithmetic caps such ratios near 3
     "lora_engine_over_peft_mixed": (None, 1.3, True),
+    "lora_engine_over_peft_onednn": (None, 2.5, True),  # the strongest PEFT: its layers on the engine's CPU kernels
     "kinds_mixed_over_uniform": (1.0, 0.9, True),
     "lora_memory_over_tensor_bytes": (None, 1.1, False),
 }
@@ -152,6 +153,7 @@ RATIOS = (
     "lora_mixed_over_uniform",
     "lora_engine_over_peft",
     "lora_engine_over_peft_mixed",
+    "lora_engine_over_peft_onednn",
     "kinds_mixed_over_uniform",
 )
 ARCH_NAMES = {"llama": "Llama", "t5": "T5 v1.1", "bert": "BERT-shaped encoder"}

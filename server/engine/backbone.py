@@ -46,6 +46,7 @@ class Backbone:
     heads: dict[str, Head] = field(default_factory=dict)  # task type -> head (classification task types served)
     bare_head: BareHead | None = None  # the checkpoint's own trained head: classification with no task
     modules: dict[str, torch.nn.Module] = field(default_factory=dict)  # by the names PEFT adapts (LoRA, IA3 targets)
+    onednn_linears: int = 0  # shared-pass linear layers run through oneDNN on the CPU (cpu_linears.py)
 
     @property
     def num_token_ids(self) -> int:
@@ -185,8 +186,8 @@ def load_backbone(
     warn_unreadable_tokens(backbone)
     backbone = with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
     shared = [module.name for module in backbone.fingerprint.modules if module.kind is ModuleKind.LINEAR]
-    cpu_linears.install(cpu_linears.shared_linears(backbone.modules, shared), torch_device, linears)
-    return backbone
+    packed = cpu_linears.install(cpu_linears.shared_linears(backbone.modules, shared), torch_device, linears)
+    return replace(backbone, onednn_linears=packed)
 
 
 def unreadable_token_ids(backbone: Backbone) -> list[int]:

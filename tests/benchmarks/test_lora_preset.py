@@ -19,6 +19,7 @@ FIGURES = (
     "lora_mixed_over_uniform",
     "lora_engine_over_peft",
     "lora_engine_over_peft_mixed",
+    "lora_engine_over_peft_onednn",
     "kinds_mixed_over_uniform",
     "lora_memory_over_tensor_bytes",
 )
@@ -61,7 +62,9 @@ def test_the_lora_preset_measures_every_figure(tmp_path: Path, capsys: pytest.Ca
     assert set(result["goals"]) == set(FIGURES)
     for name in FIGURES:
         assert result[name] > 0
-    for name in ("lora_engine_over_peft", "lora_engine_over_peft_mixed"):
+    assert "through oneDNN" in result["details"]["lora_engine_over_peft_onednn"]["definition"]
+    assert result["config"]["backbone"]["onednn_linears"] == 0  # auto: a tiny model gains nothing, packs nothing
+    for name in ("lora_engine_over_peft", "lora_engine_over_peft_mixed", "lora_engine_over_peft_onednn"):
         assert result["details"][name]["match_rate"] == 1.0, result["details"][name]["match_rate_by_method"]
 
     # the tasks are what LoRA users bring: PEFT LORA adapters of two ranks on two sets of targets
