@@ -21,10 +21,11 @@ overhead outweighed the deltas' arithmetic on the CPU.
 The stacks (`LoraStack`: A and scaling * B^T zero-padded to the largest rank, which adds exact zeros) are copies of
 the running tasks' weights, one place per task: a task is copied in when a pass first runs it and keeps its place
 while any row holds it (a step whose tasks change copies the newcomers only; rebuilding every task's copy cost more
-than the matmuls). Its place is freed at the end of the step in which no row holds it any more, and a stack with no
-task left goes; IA3's tables (`ScaleTables`) are rebuilt when the pass's tasks change. Their bytes count in the
-pool's (budget and gauges): a running task's weights are resident once more, padded, while its rows run (and a
-stack's free places with them); a resident task with no rows costs only its weights.
+than the matmuls). Its place is freed once no row holds it any more, at the start of the next step after that
+step's rows are admitted (a batch that ends and the next one of the same tasks copy nothing), or when the engine is
+idle; a stack with no task left goes; IA3's tables (`ScaleTables`) are rebuilt when the pass's tasks change. Their
+bytes count in the pool's (budget and gauges): a running task's weights are resident once more, padded, while its
+rows run (and a stack's free places with them); a resident task with no rows costs only its weights.
 
 Tokens of rows with no such task (prompt, prefix and bare rows) pass untouched. The arithmetic is PEFT's: LoRA adds
 `lora_B(lora_A(x)) * scaling` to the module's output, IA3 multiplies the output (or a feedforward module's input) by
@@ -454,9 +455,9 @@ class AdapterHooks:
         return tables
 
     def drop_stacks(self, is_held: Callable[[TaskKey], bool]) -> None:
-        """Called every step: the stacks' places of tasks no running row holds are freed (a stack with none left
-        goes), and IA3 tables holding such a task go. A pass's task list, which all its modules' tables share, is
-        asked once."""
+        """Called at the start of every step, after admission, and when the engine is idle: the stacks' places of
+        tasks no running row holds are freed (a stack with none left goes), and IA3 tables holding such a task go.
+        A pass's task list, which all its modules' tables share, is asked once."""
         for name, stack in list(self.stacks.items()):
             if not stack.release(is_held):
                 del self.stacks[name]

@@ -12,6 +12,7 @@ from typing import TypeVar
 import torch
 
 from prompt_store.types import SEQ_CLS, TaskKey
+from server.engine import host_memory
 from server.engine.adapter_slots import AdapterSlots
 from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
@@ -46,6 +47,8 @@ class Engine:
         self.config = config
         fp, device, dtype, block_size = backbone.fingerprint, backbone.device, backbone.dtype, config.kv_block_size
         attention = attention_backend(config.attention_backend, device, block_size)  # refused before any allocation
+        if device.type == "cpu":
+            host_memory.keep_freed_memory()  # the steps' temporaries reuse freed memory, not fresh pages
         layers = backbone.kind.num_pool_layers(fp)
         worst, probe = WorstStep.of(config, backbone), probe or probe_for(device)
         profile = profile_memory(backbone, worst, probe, layers, block_size) if probe is not None else None
@@ -127,6 +130,7 @@ class Engine:
     def step(self) -> StepStats:
         started = time.perf_counter()
         plan = self.scheduler.schedule()
+        self.release_stacks()  # after admission: a task whose rows ended and whose next rows start keeps its place
         self.num_preemptions += len(plan.preempted)
         chunks, prompts = self.prepare(plan.admitted, plan.chunks)
         num_decode, num_prefill = decode_and_prefill_tokens(chunks)  # before the step appends tokens
@@ -414,7 +418,14 @@ class Engine:
             if request.status is not Status.FINISHED:
                 self.drop(request)
         self.tasks.adapters.drop_retired()  # LoRA / IA3 versions retired (a probe's) that no row holds any more
-        self.tasks.adapters.hooks.drop_stacks(self.tasks.adapters.slots.is_held)  # a task that left the batch
+        if not self.has_work():
+            self.release_stacks()
+
+    def release_stacks(self) -> None:
+        """The stacked LoRA / IA3 copies of tasks no running row holds go: at the start of each step, once the step's
+        rows are admitted (so a batch that ends and the next one, of the same tasks, do not copy them again), and
+        when the engine has nothing left to run."""
+        self.tasks.adapters.hooks.drop_stacks(self.tasks.adapters.slots.is_held)
 
     def record_step(self, chunks: list[Chunk], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
         self.num_steps += 1

@@ -215,3 +215,32 @@ def test_an_ensemble_of_more_lora_tasks_than_max_loras_is_refused(
     harness.engine.add(request)
     error = harness.outputs[request.request_id][-1].error
     assert error is not None and "applies 2 LoRA / IA3 tasks; max_loras is 1" in str(error)
+
+
+def test_a_batch_that_ends_as_the_next_of_the_same_tasks_starts_copies_their_weights_once(
+    tiny_backbone: TinyBackbone, tmp_path: Path, module_adapters: dict[str, Path], references: dict,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Two rows at a time: the first two requests end in the same step and the next two, of the same tasks, start
+    in the one after; the stacks' places are released after admission, so each task is copied into each of its
+    modules' stacks once (and the stacks go when the engine is idle)."""
+    from server.engine.adapters import LoraStack
+
+    copies: list[tuple[int, int]] = []
+    place = LoraStack.place
+
+    def counted(stack: LoraStack, name: str, task: Any) -> int:
+        if id(task) not in stack.places:
+            copies.append((id(stack), id(task)))
+        return place(stack, name, task)
+
+    monkeypatch.setattr(LoraStack, "place", counted)
+    harness = Harness(tiny_backbone, tmp_path / "store", max_batch_size=2)
+    for name, directory in module_adapters.items():
+        harness.store.register_dir(name, directory)
+    tasks = ["lora-a", "lora-b", "lora-a", "lora-b"]
+    completions = harness.run(*[harness.request(TEXTS[0], task, max_new_tokens=8) for task in tasks])
+    for task, completion in zip(tasks, completions, strict=True):
+        check(completion, references[(task, TEXTS[0])])
+    assert copies and len(copies) == len(set(copies)), "a task copied into a stack again"
+    assert harness.engine.tasks.adapters.hooks.stacks == {}
