@@ -55,7 +55,7 @@ class Packed:
         return cls(module.weight.detach().to_mkldnn(), bias, min_rows)
 
     def takes(self, x: torch.Tensor) -> bool:
-        return x.dtype == torch.float32 and x.numel() >= self.min_rows * x.shape[-1]
+        return x.dtype == torch.float32 and x.dim() >= 2 and x.numel() >= self.min_rows * x.shape[-1]
 
 
 def forward(packed: Packed, module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:

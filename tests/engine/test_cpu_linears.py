@@ -37,7 +37,7 @@ def test_a_large_call_takes_onednn_and_equals_torch_within_rounding() -> None:
     expected = functional.linear(x := torch.randn(32, 512), module.weight, module.bias)
     assert cpu_linears.install([module], CPU, "onednn") == 1
     packed: Packed = module.forward.args[0]  # type: ignore[attr-defined]
-    assert packed.takes(x) and not packed.takes(x[:2])
+    assert packed.takes(x) and not packed.takes(x[:2]) and not packed.takes(x.flatten())
     served = module(x)
     assert served.layout == torch.strided and served.shape == (32, 1376)
     torch.testing.assert_close(served, expected, rtol=1e-5, atol=1e-5)
