@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from prompt_store.registry import TaskStore
+from prompt_store.types import ModuleKind
+from server.engine import cpu_linears
 from server.engine.backbone import Backbone, load_backbone
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -110,6 +112,17 @@ class Harness:
 
     def is_idle(self) -> bool:
         return self.engine.is_idle() and self.engine.memory.num_task_refs() == 0
+
+    def through_onednn(self) -> int:
+        return through_onednn(self.backbone)
+
+
+def through_onednn(backbone: Backbone) -> int:
+    """Every shared-pass linear layer through oneDNN, every call however small (the tiny test models never reach
+    `auto`'s threshold); how many layers."""
+    shared = [module.name for module in backbone.fingerprint.modules if module.kind is ModuleKind.LINEAR]
+    linears = cpu_linears.shared_linears(backbone.modules, shared)
+    return cpu_linears.install(linears, backbone.device, "onednn", min_macs=0)
 
 
 def token_ids(completion: Completion) -> list[int]:

@@ -74,9 +74,24 @@ def family(request: pytest.FixtureRequest, built: Callable[[Family], TinyBackbon
     return request.param, built(request.param)
 
 
-def test_every_kind_mixed_in_one_batch_equals_peft_forward(family: tuple[Family, TinyBackbone], tmp_path: Path):
+@pytest.fixture(params=["torch", "onednn"])
+def linears(request: pytest.FixtureRequest) -> str:
+    """The shared pass's linear layers on torch's matmul, or all through oneDNN (server/engine/cpu_linears.py)."""
+    return str(request.param)
+
+
+def harness_on(tiny: TinyBackbone, store: Path, linears: str) -> Harness:
+    harness = Harness(tiny, store)
+    if linears == "onednn" and not harness.through_onednn():
+        pytest.skip("no nn.Linear in its shared pass (GPT-2's Conv1D layers)")
+    return harness
+
+
+def test_every_kind_mixed_in_one_batch_equals_peft_forward(
+    family: tuple[Family, TinyBackbone], linears: str, tmp_path: Path
+):
     chosen, tiny = family
-    harness = Harness(tiny, tmp_path / "store")
+    harness = harness_on(tiny, tmp_path / "store", linears)
     texts = texts_of(chosen)
     completions = harness.run(*(harness.request(text, kind, max_new_tokens=NEW_TOKENS) for kind, text in texts.items()))
     for (kind, text), completion in zip(texts.items(), completions, strict=True):
@@ -242,13 +257,13 @@ def test_mpts_clip_qkv_moves_the_logits(built: Callable[[Family], TinyBackbone])
 
 
 def test_lora_and_ia3_on_every_linear_layer_mixed_equal_peft_forward(
-    family: tuple[Family, TinyBackbone], tmp_path: Path
+    family: tuple[Family, TinyBackbone], linears: str, tmp_path: Path
 ):
     """A LoRA task on every linear layer but the output (PEFT's "all-linear"; a mixture's attention, its experts
     being parameters PEFT adapts otherwise), an IA3 task on the same layers, a prompt-learning row and a plain row in
     one batch: each equals PEFT's own forward for its adapter alone."""
     chosen, tiny = family
-    harness = Harness(tiny, tmp_path / "store")
+    harness = harness_on(tiny, tmp_path / "store", linears)
     targets: str | list[str] = "all-linear"
     if "num_local_experts" in chosen.quirk:  # PEFT adapts the fused experts as parameters: not served
         experts = write_module_adapter(tiny.path, "lora", tmp_path / "experts", seed=10, target_modules="all-linear")

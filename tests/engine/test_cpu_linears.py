@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch.nn import functional
 
-from prompt_store.types import ModuleKind
 from server.engine import cpu_linears
 from server.engine.cpu_linears import Packed
 from tests.engine.harness import Harness
@@ -101,10 +100,7 @@ def test_the_engine_through_onednn_equals_peft_for_every_kind_mixed(tiny_llama: 
                                 target_modules=["q_proj", "v_proj", "up_proj", "down_proj"], r=4)  # fmt: skip
     harness.store.register_dir("lora", lora)
     backbone = harness.backbone
-    shared = [m.name for m in backbone.fingerprint.modules if m.kind is ModuleKind.LINEAR]
-    linears = cpu_linears.shared_linears(backbone.modules, shared)
-    assert len(linears) >= 7 * backbone.model.config.num_hidden_layers
-    assert cpu_linears.install(linears, CPU, "onednn", min_macs=0) == len(linears)
+    assert harness.through_onednn() >= 7 * backbone.model.config.num_hidden_layers
     assert not is_packed(backbone.model.get_output_embeddings())  # the output layer runs apart, as it was
 
     tasks: list[str | None] = [None, "prompt_tuning", "p_tuning_mlp", "prefix_projection", "lora"]

@@ -24,6 +24,7 @@ from server.engine.nlu import Results, plan_classify, plan_score, predictions, s
 from server.engine.request import Request
 from server.engine.selfcheck import SelfCheckFailed, self_check
 from server.engine.types import ClassifyInput, EngineOutput, EnsembleMode, ScoreInput, StepStats, TokenLabel
+from tests.engine.harness import through_onednn
 from tests.fixtures import TinyBackbone
 from tests.nlu_fixtures import (
     NLU_ARCHS,
@@ -105,7 +106,8 @@ def encoder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     for kind, adapter in adapters.items():
         store.register_dir(kind, adapter)
     reference = {kind: nlu_reference(backbone_dir, adapters.get(kind), list(TEXTS), head) for kind in (None, *adapters)}
-    return {"arch": arch, "head": head, "backbone": backbone, "store": store, "reference": reference}
+    return {"arch": arch, "head": head, "backbone": backbone, "store": store, "reference": reference,
+            "dir": backbone_dir}  # fmt: skip
 
 
 def test_every_kind_mixed_in_shared_steps_equals_peft(encoder: dict[str, Any]) -> None:
@@ -120,6 +122,20 @@ def test_every_kind_mixed_in_shared_steps_equals_peft(encoder: dict[str, Any]) -
         expected = reference[kind][TEXTS.index(text)]
         got = answer()
         if encoder["head"] == "token":  # PEFT keeps a prompt's virtual rows first; the answer has input tokens only
+            expected = expected[-got.shape[0] :]
+        torch.testing.assert_close(got, expected, rtol=0, atol=ATOL, msg=f"{kind} on {text!r}")
+
+
+def test_every_kind_through_onednn_equals_peft(encoder: dict[str, Any]) -> None:
+    """Every linear layer of the encoder's shared pass through oneDNN (cpu_linears.py); its heads as they were."""
+    backbone, reference = load_backbone(str(encoder["dir"]), "cpu", "float32"), encoder["reference"]
+    assert through_onednn(backbone) > 0
+    driver = Driver(backbone, encoder["store"])
+    answers = {(kind, text): driver.classify_probs(text, kind) for kind in reference for text in TEXTS}
+    driver.run()
+    for (kind, text), answer in answers.items():
+        expected, got = reference[kind][TEXTS.index(text)], answer()
+        if encoder["head"] == "token":
             expected = expected[-got.shape[0] :]
         torch.testing.assert_close(got, expected, rtol=0, atol=ATOL, msg=f"{kind} on {text!r}")
 

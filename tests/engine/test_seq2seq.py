@@ -87,6 +87,18 @@ def test_a_mixed_batch_equals_the_reference_in_logprobs_too(harness: Harness, re
     assert harness.is_idle()
 
 
+def test_a_mixed_batch_through_onednn_equals_the_reference(seq2seq: TinyBackbone, tmp_path: Path, references):
+    """Every linear layer of the encoder, the decoder and its cross-attention through oneDNN (cpu_linears.py)."""
+    harness = Harness(seq2seq, tmp_path / "store", **VARIANTS["small-pool"])  # type: ignore[arg-type]
+    assert harness.through_onednn() > 0
+    mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS))
+    for task, completion in zip(TASKS, mixed, strict=True):
+        tokens, logprobs = references[task]
+        assert token_ids(completion) == tokens, task
+        served = torch.tensor([token.logprob for token in completion.tokens])
+        torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=1e-4, msg=str(task))
+
+
 def test_rows_joining_mid_flight_equal_the_reference(harness: Harness, expected):
     first = [harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS[:2]]
     later = {2: [harness.request(TEXTS[t], t, max_new_tokens=NEW_TOKENS) for t in TASKS[2:4]],
