@@ -78,12 +78,7 @@ def test_greedy_tokens_equal_the_reference_for_each_kind(harness: Harness, expec
 
 
 def test_a_mixed_batch_equals_the_reference_in_logprobs_too(harness: Harness, references):
-    mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS))
-    for task, completion in zip(TASKS, mixed, strict=True):
-        tokens, logprobs = references[task]
-        assert token_ids(completion) == tokens, task
-        served = torch.tensor([token.logprob for token in completion.tokens])
-        torch.testing.assert_close(served, torch.tensor(logprobs), rtol=0, atol=1e-4, msg=str(task))
+    check_mixed_batch(harness, references)
     assert harness.is_idle()
 
 
@@ -91,6 +86,11 @@ def test_a_mixed_batch_through_onednn_equals_the_reference(seq2seq: TinyBackbone
     """Every linear layer of the encoder, the decoder and its cross-attention through oneDNN (cpu_linears.py)."""
     harness = Harness(seq2seq, tmp_path / "store", **VARIANTS["small-pool"])  # type: ignore[arg-type]
     assert harness.through_onednn() > 0
+    check_mixed_batch(harness, references)
+
+
+def check_mixed_batch(harness: Harness, references: dict[str | None, tuple[list[int], list[float]]]) -> None:
+    """Every task's row in one batch: its tokens and log-probabilities equal its reference's."""
     mixed = harness.run(*(harness.request(TEXTS[task], task, max_new_tokens=NEW_TOKENS) for task in TASKS))
     for task, completion in zip(TASKS, mixed, strict=True):
         tokens, logprobs = references[task]
