@@ -13,7 +13,9 @@ under `MIN_MACS` multiply-adds (a few rows, a small model) takes torch's own mat
 apart from the shared pass and stay as they are.
 
 `auto` times one product of the backbone's largest linear layer both ways at start and packs only where oneDNN is at
-least `MIN_SPEEDUP` times faster (an Intel CPU's MKL is already at its peak: no copy for nothing). Both kernels give
+least `MIN_SPEEDUP` times faster (an Intel CPU's MKL is already at its peak: no copy for nothing), and only where the
+copy takes at most half the host memory left (a container's limit counted): a float32 7B model on the CPU would
+need 28 GiB more. Both kernels give
 float32 sums in their own order, as MKL's own kernels do from one batch size to another: a row's result moves by
 float32 rounding only (the exactness tests' tolerance), never by a batch mate's values.
 """
@@ -29,6 +31,7 @@ from functools import partial
 import torch
 from torch.nn import functional
 
+from server.engine import host_memory
 from server.engine.config import CpuLinears
 
 logger = logging.getLogger(__name__)
@@ -77,26 +80,48 @@ def install(
     choice: CpuLinears,
     speedup_of: Callable[[torch.nn.Linear], float] | None = None,
     min_macs: int = MIN_MACS,
+    available: int | None = None,
 ) -> int:
-    """Run these linear layers through oneDNN (`choice` onednn, or auto where it is faster), each call of at least
-    `min_macs` multiply-adds; returns how many layers."""
+    """Run these linear layers through oneDNN (`choice` onednn, or auto where it is faster and the copy fits), each
+    call of at least `min_macs` multiply-adds; returns how many layers. `available`: the host memory free (None:
+    measured)."""
     if choice == "torch" or device.type != "cpu" or not linears or not torch.backends.mkldnn.is_available():
         return 0
-    largest = max(linears, key=lambda m: m.in_features * m.out_features)
-    if choice == "auto":
-        if TIMED_ROWS * largest.in_features * largest.out_features < min_macs:
-            return 0  # no call of this model gains enough to pay for the copy
-        speedup = (speedup_of or timed_speedup)(largest)
-        shape = f"{TIMED_ROWS} x {largest.in_features} x {largest.out_features}"
-        if speedup < MIN_SPEEDUP:
-            logger.info("CPU linear layers: torch's matmul (oneDNN %.2fx on a %s product)", speedup, shape)
-            return 0
-        logger.info("CPU linear layers: oneDNN, %.2fx torch's matmul on a %s product", speedup, shape)
+    copied = sum(module.weight.numel() * module.weight.element_size() for module in linears)
+    if choice == "auto" and not is_worth_it(linears, copied, speedup_of or timed_speedup, min_macs, available):
+        return 0
     for module in linears:
         module.forward = partial(forward, Packed.of(module, min_macs), module)  # type: ignore[method-assign]
-    copied = sum(module.weight.numel() * module.weight.element_size() for module in linears)
     logger.info("CPU linear layers: %d through oneDNN, %.1f MiB of packed weights", len(linears), copied / 2**20)
     return len(linears)
+
+
+def is_worth_it(
+    linears: list[torch.nn.Linear],
+    copied: int,
+    speedup_of: Callable[[torch.nn.Linear], float],
+    min_macs: int,
+    available: int | None,
+) -> bool:
+    """`auto`'s choice: some call can gain, the packed copy takes at most half the host memory left, and oneDNN is
+    at least MIN_SPEEDUP times faster on the largest layer's product."""
+    largest = max(linears, key=lambda m: m.in_features * m.out_features)
+    if TIMED_ROWS * largest.in_features * largest.out_features < min_macs:
+        return False  # no call of this model gains enough to pay for the copy
+    room = host_memory.available_bytes() if available is None else available
+    if room is not None and 2 * copied > room:
+        logger.info(
+            "CPU linear layers: torch's matmul (a packed copy of %.2f GiB would take more than half of the %.2f GiB "
+            "of memory left; cpu_linears=onednn makes it anyway)", copied / 2**30, room / 2**30,
+        )  # fmt: skip
+        return False
+    speedup = speedup_of(largest)
+    shape = f"{TIMED_ROWS} x {largest.in_features} x {largest.out_features}"
+    if speedup < MIN_SPEEDUP:
+        logger.info("CPU linear layers: torch's matmul (oneDNN %.2fx on a %s product)", speedup, shape)
+        return False
+    logger.info("CPU linear layers: oneDNN, %.2fx torch's matmul on a %s product", speedup, shape)
+    return True
 
 
 @torch.inference_mode()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +22,12 @@ M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: blocks up to this come from the heap and are reused
 TRIM_THRESHOLD = 1 << 30
+MEMINFO = Path("/proc/meminfo")
+CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
+    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
+    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+)
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2^63
 
 
 def keep_freed_memory() -> bool:
@@ -34,3 +41,23 @@ def keep_freed_memory() -> bool:
     if not done:
         logger.warning("glibc's mallopt refused the mmap and trim thresholds: CPU steps may page-fault their memory")
     return done
+
+
+def available_bytes(meminfo: Path = MEMINFO, cgroups: tuple[tuple[Path, Path], ...] = CGROUP_FILES) -> int | None:
+    """Host memory this process can still take: the system's MemAvailable, or less where the container's cgroup
+    limit leaves less; None where neither can be read (not Linux)."""
+    found = []
+    try:
+        line = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:"))
+        found.append(int(line.split()[1]) * 1024)
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    for limit_file, usage_file in cgroups:
+        try:
+            limit, usage = limit_file.read_text().strip(), int(usage_file.read_text())
+        except (OSError, ValueError):
+            continue
+        if limit != "max" and int(limit) < UNLIMITED:
+            found.append(max(0, int(limit) - usage))
+        break
+    return min(found) if found else None

@@ -62,8 +62,17 @@ def test_auto_packs_only_where_the_timed_product_is_faster(speedup: float, packe
         timed.append(module)
         return speedup
 
-    assert cpu_linears.install(modules, CPU, "auto", speedup_of) == (2 if packed else 0)
+    assert cpu_linears.install(modules, CPU, "auto", speedup_of, available=1 << 40) == (2 if packed else 0)
     assert timed == [modules[0]] and [is_packed(m) for m in modules] == [packed, packed]
+
+
+def test_auto_leaves_the_layers_where_their_copy_would_take_over_half_the_memory_left() -> None:
+    modules = [linear(512, 1376)]  # 2.7 MiB of weights
+    copied = 512 * 1376 * 4
+    assert cpu_linears.install(modules, CPU, "auto", lambda _: 2.0, available=2 * copied - 1) == 0
+    assert not is_packed(modules[0])
+    assert cpu_linears.install(modules, CPU, "onednn", available=0) == 1  # asked for: made anyway
+    assert cpu_linears.install([linear(512, 1376)], CPU, "auto", lambda _: 2.0, available=2 * copied) == 1
 
 
 def test_auto_leaves_a_model_too_small_to_gain_without_timing_it() -> None:

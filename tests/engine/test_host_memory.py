@@ -58,3 +58,19 @@ def test_the_engine_keeps_freed_memory_on_the_cpu(
     monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(True) or True)
     Harness(tiny_llama, tmp_path / "store")
     assert calls == [True]
+
+
+def test_the_memory_left_is_the_systems_or_the_containers_when_less(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    usage.write_text("3000000000\n")
+    cgroup = ((limit, usage),)
+    assert host_memory.available_bytes(meminfo, ()) == 20000000 * 1024
+    limit.write_text("max\n")  # cgroup v2 with no limit
+    assert host_memory.available_bytes(meminfo, cgroup) == 20000000 * 1024
+    limit.write_text("8000000000\n")  # a container of 8 GB, 3 GB used
+    assert host_memory.available_bytes(meminfo, cgroup) == 5000000000
+    limit.write_text(f"{(1 << 63) - 4096}\n")  # cgroup v1's "no limit"
+    assert host_memory.available_bytes(meminfo, cgroup) == 20000000 * 1024
+    assert host_memory.available_bytes(tmp_path / "missing", ()) is None
