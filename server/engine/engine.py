@@ -113,6 +113,7 @@ class Engine:
         request = self.scheduler.find(request_id)
         if request is not None:
             self.drop(request)
+            self.release_unheld()  # no step may follow: an idle engine keeps no copy of the request's tasks
             logger.debug("aborted request %s", request_id)
 
     def retire_task(self, task_id: str, keep_version: int | None) -> None:
@@ -417,7 +418,12 @@ class Engine:
         for request in leaving:
             if request.status is not Status.FINISHED:
                 self.drop(request)
-        self.tasks.adapters.drop_retired()  # LoRA / IA3 versions retired (a probe's) that no row holds any more
+        self.release_unheld()
+
+    def release_unheld(self) -> None:
+        """After rows left: LoRA / IA3 versions retired (a probe's) that no row holds any more go, and, when the
+        engine has nothing left to run, the stacks."""
+        self.tasks.adapters.drop_retired()
         if not self.has_work():
             self.release_stacks()
 

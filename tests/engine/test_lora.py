@@ -244,3 +244,19 @@ def test_a_batch_that_ends_as_the_next_of_the_same_tasks_starts_copies_their_wei
         check(completion, references[(task, TEXTS[0])])
     assert copies and len(copies) == len(set(copies)), "a task copied into a stack again"
     assert harness.engine.tasks.adapters.hooks.stacks == {}
+
+
+def test_stacked_weights_go_when_the_last_rows_are_aborted(served: Harness) -> None:
+    """A client that leaves mid-generation aborts its request between steps; when that leaves the engine idle no
+    step follows, so the abort itself releases the stacks: the pool holds the weights alone."""
+    requests = [served.request(TEXTS[0], task, max_new_tokens=32) for task in MODULE_TASKS]
+    for request in requests:
+        served.engine.add(request)
+    cache, hooks = served.engine.tasks, served.engine.tasks.adapters.hooks
+    while not hooks.stacks:
+        served.step()
+    for request in requests:
+        served.engine.abort(request.request_id)
+    assert not served.engine.has_work()
+    weights = sum(adapter.nbytes for adapter in cache.adapters.resident.values())
+    assert hooks.stacks == {} and hooks.tables == {} and cache.stats().adapter_bytes == weights
