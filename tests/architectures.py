@@ -10,11 +10,13 @@ rewrites it) and a test fails when the two disagree.
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import transformers
+from packaging.version import Version
 from transformers import PretrainedConfig
 
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
@@ -37,6 +39,16 @@ class Family:
     sizes: dict[str, Any] = field(default_factory=dict)  # size fields under the family's own names
     peft: dict[str, Any] = field(default_factory=dict)  # what PEFT cannot read off the config (MPT's head count)
     alibi: bool = False  # positions from the keys' order (ALiBi), not from position ids
+    min_transformers: str = ""  # the first transformers whose layers take the engine's attention ("": the range's)
+
+    def skip_reason(self) -> str | None:
+        """Why this transformers cannot serve the family (None: it can)."""
+        installed = Version(importlib.metadata.version("transformers"))
+        if self.min_transformers and installed < Version(self.min_transformers):
+            return (
+                f"{self.name} takes the engine's attention from transformers {self.min_transformers} on ({installed})"
+            )
+        return None
 
     def config(self) -> PretrainedConfig:
         config_class = getattr(transformers, self.config_class)
@@ -124,7 +136,13 @@ CAUSAL_FAMILIES: tuple[Family, ...] = (
     Family(
         "Cohere", "CohereConfig", {**GQA, "logit_scale": 0.5, "use_qk_norm": False}, note="parallel block, logit scale"
     ),
-    Family("GPT-J", "GPTJConfig", {"rotary_dim": 8, "n_positions": 512}, note="partial RoPE, interleaved"),
+    Family(
+        "GPT-J",
+        "GPTJConfig",
+        {"rotary_dim": 8, "n_positions": 512},
+        note="partial RoPE, interleaved; transformers 5.24 or later",
+        min_transformers="5.24",
+    ),
     Family("GPT-2", "GPT2Config", {"n_positions": 512, "n_inner": 128}, note="learned positions, Conv1D"),
     Family("Bloom", "BloomConfig", note="ALiBi, in its own attention (wrapped)", alibi=True),
     Family(

@@ -35,6 +35,7 @@ from transformers import (
 
 from benchmarks.workload import encoder_tokenizer
 from server.engine.default_backbone import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID, seeded_model
+from server.engine.reference import cache_kwarg
 from tests.fixtures import peft_config, strengthen
 
 NLU_ARCHS = ("bert", "roberta", "electra", "deberta_v2")
@@ -136,7 +137,8 @@ def peft_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits
     batch = input_ids.shape[0]
     mask = torch.cat([torch.ones(batch, config.num_virtual_tokens, dtype=attention_mask.dtype), attention_mask], 1)
-    return model.base_model(input_ids=input_ids, attention_mask=mask, cache=model.get_prompt(batch)).logits
+    prefix = {cache_kwarg(model.base_model): model.get_prompt(batch)}  # the name this transformers takes
+    return model.base_model(input_ids=input_ids, attention_mask=mask, **prefix).logits
 
 
 @torch.no_grad()

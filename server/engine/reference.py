@@ -6,6 +6,7 @@ depends on how a cache reaches a model or on `generate`, so it cannot share a bu
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Collection
 from importlib.metadata import PackageNotFoundError, version
 
@@ -60,3 +61,9 @@ def peft_generate_broken_reason() -> str | None:
     if transformers >= Version("5.24") and peft <= Version("0.21.2"):
         return f"PEFT {peft}'s generate is wrong on transformers {transformers} (cache argument renamed)"
     return None
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The keyword a transformers model's forward takes its cache by: `cache` since transformers 5.24,
+    `past_key_values` before (the lock's range starts at 5.3)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -55,6 +55,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family], TinyBa
     cache: dict[str, TinyBackbone] = {}
 
     def build(chosen: Family) -> TinyBackbone:
+        if (reason := chosen.skip_reason()) is not None:
+            pytest.skip(reason)
         if chosen.name in cache:
             return cache[chosen.name]
         root = tmp_path_factory.mktemp(f"arch-{chosen.config_class}")

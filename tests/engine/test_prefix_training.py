@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from prompt_store.registry import TaskStore
 from server.engine.backbone import load_backbone
+from server.engine.reference import cache_kwarg
 from tests.engine.test_nlu import ATOL, Driver
 from tests.nlu_fixtures import write_nlu_backbone
 
@@ -36,7 +37,8 @@ def test_the_readme_prefix_recipe_trains_registers_and_serves_as_trained(tmp_pat
         size = batch["input_ids"].shape[0]
         prefix_mask = batch["attention_mask"].new_ones(size, config.num_virtual_tokens)
         mask = torch.cat([prefix_mask, batch["attention_mask"]], dim=1)  # [B, P + T]
-        return model.base_model(**{**batch, "attention_mask": mask}, cache=model.get_prompt(size), **kwargs)
+        prefix = {cache_kwarg(model.base_model): model.get_prompt(size)}
+        return model.base_model(**{**batch, "attention_mask": mask}, **prefix, **kwargs)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()

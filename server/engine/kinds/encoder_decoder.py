@@ -22,6 +22,7 @@ from server.engine.errors import InputTooLong
 from server.engine.kinds.base import DecoderPrefix, ModelKind, PrefixCheck, SelfChecks, StepResult
 from server.engine.kinds.seq2seq import Seq2Seq, encode
 from server.engine.kv_pool import HOST, block_slots, slots_of
+from server.engine.reference import cache_kwarg
 from server.engine.types import KindName
 
 if TYPE_CHECKING:
@@ -194,8 +195,8 @@ class EncoderDecoder(ModelKind):
         decoder = torch.tensor([[self.seq2seq.decoder_start_id, *new_ids[:-1]]], device=model.device)
         cache = prefix_cache(check.decoder_prefix) if check.decoder_prefix is not None else None
         with reference_attention(model):
-            logits = model(inputs_embeds=encoder_embeds, decoder_input_ids=decoder, cache=cache,  # type: ignore[operator]
-                           use_cache=cache is not None).logits  # fmt: skip
+            logits = model(inputs_embeds=encoder_embeds, decoder_input_ids=decoder, use_cache=cache is not None,
+                           **{cache_kwarg(model): cache}).logits  # type: ignore[operator]  # fmt: skip
         return torch.log_softmax(logits[0].float(), dim=-1)
 
 
