@@ -23,9 +23,10 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's largest on 64-bit: blocks up to this come from the heap and are reused
 TRIM_THRESHOLD = 1 << 30
 MEMINFO = Path("/proc/meminfo")
-CGROUP_FILES = (  # (limit, usage): cgroup v2, then v1
-    (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current")),
-    (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"), Path("/sys/fs/cgroup/memory/memory.usage_in_bytes")),
+V2, V1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/memory")
+CGROUP_FILES = (  # (limit, usage, stat, its key for page cache the kernel can drop): cgroup v2, then v1
+    (V2 / "memory.max", V2 / "memory.current", V2 / "memory.stat", "inactive_file"),
+    (V1 / "memory.limit_in_bytes", V1 / "memory.usage_in_bytes", V1 / "memory.stat", "total_inactive_file"),
 )
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2^63
 
@@ -43,21 +44,33 @@ def keep_freed_memory() -> bool:
     return done
 
 
-def available_bytes(meminfo: Path = MEMINFO, cgroups: tuple[tuple[Path, Path], ...] = CGROUP_FILES) -> int | None:
+def available_bytes(
+    meminfo: Path = MEMINFO, cgroups: tuple[tuple[Path, Path, Path, str], ...] = CGROUP_FILES
+) -> int | None:
     """Host memory this process can still take: the system's MemAvailable, or less where the container's cgroup
-    limit leaves less; None where neither can be read (not Linux)."""
+    limit leaves less (its usage less the page cache the kernel can drop, the working set `docker stats` and the
+    kubelet count: the model files just read are cache); None where neither can be read (not Linux)."""
     found = []
     try:
         line = next(line for line in meminfo.read_text().splitlines() if line.startswith("MemAvailable:"))
         found.append(int(line.split()[1]) * 1024)
     except (OSError, StopIteration, ValueError, IndexError):
         pass
-    for limit_file, usage_file in cgroups:
+    for limit_file, usage_file, stat_file, reclaimable in cgroups:
         try:
             limit, usage = limit_file.read_text().strip(), int(usage_file.read_text())
         except (OSError, ValueError):
             continue
         if limit != "max" and int(limit) < UNLIMITED:
-            found.append(max(0, int(limit) - usage))
+            found.append(max(0, int(limit) - usage + stat_value(stat_file, reclaimable)))
         break
     return min(found) if found else None
+
+
+def stat_value(stat_file: Path, key: str) -> int:
+    """A memory.stat entry (0 where it cannot be read)."""
+    try:
+        lines = stat_file.read_text().splitlines()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in lines if line.split()[:1] == [key]), 0)

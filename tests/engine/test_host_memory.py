@@ -63,14 +63,16 @@ def test_the_engine_keeps_freed_memory_on_the_cpu(
 def test_the_memory_left_is_the_systems_or_the_containers_when_less(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
     usage.write_text("3000000000\n")
-    cgroup = ((limit, usage),)
+    cgroup = ((limit, usage, stat, "inactive_file"),)
     assert host_memory.available_bytes(meminfo, ()) == 20000000 * 1024
     limit.write_text("max\n")  # cgroup v2 with no limit
     assert host_memory.available_bytes(meminfo, cgroup) == 20000000 * 1024
-    limit.write_text("8000000000\n")  # a container of 8 GB, 3 GB used
+    limit.write_text("8000000000\n")  # a container of 8 GB, 3 GB used (no memory.stat: all of it counted)
     assert host_memory.available_bytes(meminfo, cgroup) == 5000000000
+    stat.write_text("anon 1000000000\nactive_file 500000000\ninactive_file 1500000000\n")
+    assert host_memory.available_bytes(meminfo, cgroup) == 6500000000  # the droppable page cache is not in use
     limit.write_text(f"{(1 << 63) - 4096}\n")  # cgroup v1's "no limit"
     assert host_memory.available_bytes(meminfo, cgroup) == 20000000 * 1024
     assert host_memory.available_bytes(tmp_path / "missing", ()) is None
