@@ -185,9 +185,15 @@ def load_backbone(
     )
     warn_unreadable_tokens(backbone)
     backbone = with_heads(backbone, missing, TOKEN_CLS if auto is AutoModelForTokenClassification else SEQ_CLS)
-    shared = [module.name for module in backbone.fingerprint.modules if module.kind is ModuleKind.LINEAR]
-    packed = cpu_linears.install(cpu_linears.shared_linears(backbone.modules, shared), torch_device, linears)
+    packed = cpu_linears.install(shared_linear_layers(backbone), torch_device, linears)
     return replace(backbone, onednn_linears=packed)
+
+
+def shared_linear_layers(backbone: Backbone) -> list[torch.nn.Linear]:
+    """The plain float32 linear layers of the shared pass (heads and the output layer run apart): what
+    cpu_linears may run through oneDNN."""
+    shared = [module.name for module in backbone.fingerprint.modules if module.kind is ModuleKind.LINEAR]
+    return cpu_linears.shared_linears(backbone.modules, shared)
 
 
 def unreadable_token_ids(backbone: Backbone) -> list[int]:

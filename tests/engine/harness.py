@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from prompt_store.registry import TaskStore
-from prompt_store.types import ModuleKind
 from server.engine import cpu_linears
-from server.engine.backbone import Backbone, load_backbone
+from server.engine.backbone import Backbone, load_backbone, shared_linear_layers
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.intake import IntakeConfig, build_request
@@ -120,9 +119,7 @@ class Harness:
 def through_onednn(backbone: Backbone) -> int:
     """Every shared-pass linear layer through oneDNN, every call however small (the tiny test models never reach
     `auto`'s threshold); how many layers."""
-    shared = [module.name for module in backbone.fingerprint.modules if module.kind is ModuleKind.LINEAR]
-    linears = cpu_linears.shared_linears(backbone.modules, shared)
-    return cpu_linears.install(linears, backbone.device, "onednn", min_macs=0)
+    return cpu_linears.install(shared_linear_layers(backbone), backbone.device, "onednn", min_macs=0)
 
 
 def token_ids(completion: Completion) -> list[int]:
