@@ -27,7 +27,14 @@ from typing import Any
 
 import httpx
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as transformers_logging
 
 from prompt_store.adapter import CONFIG_NAME, MODEL_NAME, StoreLimits, parse_adapter, validate_task_id
@@ -44,6 +51,8 @@ from server.engine.backbone import (
     resolve_dtype,
 )
 from server.engine.default_backbone import ensure_default_backbone
+from server.engine.errors import first_line
+from server.engine.kinds import is_encoder, is_encoder_decoder
 from server.train.data import DataError, Pair, encode, held_out_split, input_ids, output_ids, read_pairs
 from server.train.evaluate import SLACK, Score, exact_match
 from server.train.loop import Batch, Diverged, Example, epoch_batches, make_deterministic, train_loop
@@ -410,14 +419,32 @@ def checked_device(name: str) -> torch.device:
 
 def load_frozen(source: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, PreTrainedModel]:
     try:
+        check_causal(source, AutoConfig.from_pretrained(source))
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError, KeyError) as error:
+    except TrainRefused:
+        raise
+    except (OSError, ValueError, KeyError) as error:  # transformers' may list every class it knows: its first line
         raise TrainRefused(
-            f"expected a causal LM (a directory or Hugging Face id) at {source}; found: {error}"
+            f"expected a causal LM (a directory or Hugging Face id) at {source}; found: {first_line(error)}"
         ) from None
     model.to(device)  # type: ignore[arg-type]
     return tokenizer, model.eval().requires_grad_(False)
+
+
+def check_causal(source: str, config: PretrainedConfig) -> None:
+    """An encoder-decoder or an encoder is served with tasks of other types, which PEFT trains with other heads:
+    AutoModelForCausalLM would load BERT or RoBERTa as a decoder and train a task no server of theirs takes."""
+    if is_encoder_decoder(config):
+        found, page = f"a {config.model_type} encoder-decoder", "docs/encoder-decoders.md"
+    elif is_encoder(config):
+        found, page = f"a {config.model_type} encoder", "docs/classification.md"
+    else:
+        return
+    raise TrainRefused(
+        f"expected a causal LM at {source} (promptserve train trains a causal LM's tasks); found {found}, served "
+        f"with tasks trained with PEFT itself ({page})"
+    )
 
 
 def check_same_backbone(backbone: PreTrainedModel, target: Target) -> None:

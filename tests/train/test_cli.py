@@ -26,7 +26,9 @@ from server.engine.backbone import fingerprint_of
 from server.train import cli as train_cli
 from tests.fixtures import TinyBackbone
 from tests.live_server import free_port, live_server
+from tests.nlu_fixtures import write_nlu_backbone
 from tests.reference import peft_greedy
+from tests.seq2seq_fixtures import write_seq2seq_backbone
 
 TOKEN = "train-test-token"
 
@@ -163,6 +165,29 @@ def test_refusals_come_before_training(
     assert not out.exists()
     monkeypatch.chdir(tmp_path)
     assert "found the working directory" in refusal(capsys, tiny_llama, data, Path("."))
+
+
+@pytest.mark.parametrize(
+    ("arch", "found"),
+    [("t5", "a t5 encoder-decoder"), ("bert", "a bert encoder"), ("roberta", "a roberta encoder")],
+)
+def test_a_backbone_served_with_other_task_types_is_refused_in_one_line(
+    data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    arch: str,
+    found: str,
+) -> None:
+    """AutoModelForCausalLM lists every class it knows for a T5 and loads BERT or RoBERTa as a decoder; either way
+    the task could never be served by their servers (SEQ_2_SEQ_LM, SEQ_CLS and TOKEN_CLS tasks only)."""
+    no_training(monkeypatch)
+    write = write_seq2seq_backbone if arch == "t5" else write_nlu_backbone
+    path = write(arch, tmp_path / arch)
+    err = refusal(capsys, TinyBackbone(arch, path), data, tmp_path / "task")
+    message = err.splitlines()[-1]  # the fixture's progress bars come first
+    assert message.startswith(f"promptserve train: expected a causal LM at {path}") and f"found {found}" in message
+    assert not (tmp_path / "task").exists()
 
 
 def served(tiny: TinyBackbone, tmp_path: Path, **overrides: Any) -> Any:
