@@ -54,14 +54,18 @@ class UnservableTarget(GenerationFailed):
     the registration probe refuses it (422)."""
 
     def __init__(self, module: str, keys: list[tuple[str, int]], found: str) -> None:
-        tasks = ", ".join(f"task {task_id!r} version {version}" for task_id, version in keys)
-        super().__init__(
-            f"expected LoRA / IA3 target modules the engine applies to each token; found {tasks} targeting "
-            f"{module!r}, {found}: not served"
-        )
         self.module = module
         self.keys = keys
         self.found = found
+        super().__init__(self.naming(", ".join(f"task {task_id!r} version {version}" for task_id, version in keys)))
+
+    def naming(self, tasks: str) -> str:
+        """The message with `tasks` as the ones targeting the module (a registration's probe ran its task under
+        another id: the refusal names the task as uploaded)."""
+        return (
+            f"expected LoRA / IA3 target modules the engine applies to each token; found {tasks} targeting "
+            f"{self.module!r}, {self.found}: not served"
+        )
 
 
 class EngineUnavailable(EngineError):

@@ -96,7 +96,7 @@ class Probe:
         if any(isinstance(error, NonFiniteOutput) for error in errors):
             raise overflow(artifact, backbone, "NaN or infinity in its logits")
         if unservable := [error for error in errors if isinstance(error, UnservableTarget)]:
-            raise InvalidTask(str(unservable[0]))
+            raise InvalidTask(unservable[0].naming(f"task {artifact.record.task_id!r}"))  # not '#probe' version -N
         if any(isinstance(error, InputTooLong) for error in errors):
             raise TaskTooLarge(f"expected a task whose virtual tokens fit the KV cache; found: {errors[0]}")
         if errors:

@@ -206,12 +206,14 @@ def test_more_lora_tasks_than_max_loras_wait_while_the_others_finish(
 def test_a_task_whose_target_also_sees_other_inputs_is_refused_at_registration(
     tiny_llama: TinyBackbone, tmp_path: Path, module_adapters: dict[str, Path]
 ) -> None:
-    """The registration probe runs the task: the pass finds the module, the upload is refused (422), not stored."""
+    """The registration probe runs the task: the pass finds the module, the upload is refused (422) in the task's
+    name, not stored."""
     engine = build_engine(EngineConfig(model=str(tiny_llama.path), store_dir=str(tmp_path / "store"),
                                        poll_interval_s=0, self_check=False))  # fmt: skip
     try:
         projecting_other_inputs(engine.engine.backbone, "model.layers.0.mlp.gate_proj")
-        with pytest.raises(InvalidTask, match=r"targeting 'model\.layers\.0\.mlp\.gate_proj', which the backbone also"):
+        module = r"'model\.layers\.0\.mlp\.gate_proj', which the backbone also"
+        with pytest.raises(InvalidTask, match=rf"found task 'positional' targeting {module}"):  # not the probe's id
             engine.register_task("positional", *upload_of(module_adapters["lora-c"]))
         assert "positional" not in {record.task_id for record in engine.list_tasks()}
         engine.register_task("elsewhere", *upload_of(module_adapters["lora-b"]))  # its targets see only tokens
