@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.api.app import create_app
 from server.api.settings import Settings
 from tests.api.conftest import upload
 from tests.api.fake_engine import FakeEngine
 from tests.api.helpers import Samples, metric_samples
+
+METRICS_PAGE = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
 
 def samples(client: TestClient) -> Samples:
@@ -72,6 +78,17 @@ def test_metrics_expose_the_serving_series(client: TestClient) -> None:
         "promptserve_adapter_host_cache_entries", "promptserve_adapter_host_cache_capacity_entries",
     }  # fmt: skip
     assert expected <= names(client)
+
+
+def test_every_series_exported_is_named_on_the_metrics_page(client: TestClient) -> None:
+    """docs/metrics.md names each promptserve_ family a server exports (a counter with its _total, as scraped), so
+    dashboards and alerts can be written from the page."""
+    client.post("/v1/generate", json={"inputs": "hello"})
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    scraped = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    exported = {name for name in scraped if name.startswith("promptserve_")}
+    named = set(re.findall(r"`(promptserve_\w+)`", METRICS_PAGE.read_text()))
+    assert len(exported) > 40 and sorted(exported - named) == []
 
 
 def test_metrics_count_requests_by_outcome(client: TestClient, engine: FakeEngine) -> None:
