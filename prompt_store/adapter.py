@@ -152,10 +152,9 @@ def parse_module_adapter(
     targets = resolve_targets(config, method, fingerprint)
     head_spec = fingerprint.head(task_type)
     expected = expected_tensors(config, method, targets, head_spec)
-    optional = {MODULE_PREFIX + name for name, _ in head_spec.optional} if head_spec else set()
     header = read_safetensors_header(adapter_model)
     check_module_shapes(header, expected_tensors(config, method, targets, None), config, fingerprint)
-    check_module_entries(header, expected, optional, method, config, fingerprint)
+    check_module_entries(header, expected, head_spec, method, config, fingerprint)
     tensors = load_tensors(adapter_model, None, check_header=False)
     head_names = {MODULE_PREFIX + name for name, _ in (head_spec.required + head_spec.optional)} if head_spec else set()
     head = {name.removeprefix(MODULE_PREFIX): tensors.pop(name) for name in sorted(head_names & tensors.keys())}
@@ -189,21 +188,24 @@ def check_module_shapes(
 def check_module_entries(
     header: dict[str, Any],
     expected: dict[str, Any],
-    optional: set[str],
+    head: HeadSpec | None,
     method: Method,
     config: dict[str, Any],
     fp: BackboneFingerprint,
 ) -> None:
     """Exactly the tensors PEFT saves for the target modules (and a head's), each of a float dtype."""
     keys = {key for key in header if key != "__metadata__"}
+    optional = {MODULE_PREFIX + name for name, _ in head.optional} if head else set()
     missing, unexpected = sorted(set(expected) - keys), sorted(keys - set(expected) - optional)
     if missing or unexpected:
         # whole layers missing or extra: the adapter was saved from a backbone of another depth
         other_depth = layers_named(missing) - layers_named(keys) or layers_named(unexpected) - layers_named(expected)
+        head_missing = head is not None and any(MODULE_PREFIX + name in missing for name, _ in head.required)
         raise InvalidTask(
             f"{MODEL_NAME}: expected the {len(expected)} tensors PEFT saves for this {method.name} adapter's target "
             f"modules on the backbone; missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected "
             f"{unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}{other_base(config, fp) if other_depth else ''}"
+            f"{head_hint(head) if head is not None and head_missing else ''}"
         )
     for key in sorted(keys):
         entry = header[key]
@@ -352,8 +354,7 @@ def check_header_entries(header: dict[str, Any], head: HeadSpec | None) -> None:
     if not set(expected) <= set(keys) or not set(keys) <= allowed:
         what = f"the tensors {sorted(expected)}" if head else f"exactly one tensor {TENSOR_KEY!r}"
         optional = f" (and optionally {sorted(allowed - set(expected))})" if allowed - set(expected) else ""
-        hint = "" if head is None else f"; PEFT saves a {head.task_type} task's head when it is in modules_to_save"
-        raise InvalidTask(f"{MODEL_NAME}: expected {what}{optional}; found {keys}{hint}")
+        raise InvalidTask(f"{MODEL_NAME}: expected {what}{optional}; found {keys}{head_hint(head) if head else ''}")
     for key in keys:
         entry = header[key]
         dtype = entry.get("dtype") if isinstance(entry, dict) else None
@@ -362,6 +363,14 @@ def check_header_entries(header: dict[str, Any], head: HeadSpec | None) -> None:
         shape = entry.get("shape")
         if key == TENSOR_KEY and (not isinstance(shape, list) or len(shape) != 2):
             raise InvalidTask(f"{MODEL_NAME}: {TENSOR_KEY} must be a 2-D tensor; found shape {shape!r}")
+
+
+def head_hint(head: HeadSpec) -> str:
+    """The modules_to_save that make PEFT save the head: with its pooler where the backbone's checkpoint has none
+    trained (a BERT or DeBERTa-v2 saved from its masked-LM model), as PEFT's default names the head alone."""
+    parts = [name.split(".") for name, _ in head.required]
+    modules = list(dict.fromkeys("pooler" if "pooler" in part else part[0] for part in parts))
+    return f"; PEFT saves a {head.task_type} task's head when modules_to_save names it: {modules}"
 
 
 def load_tensors(adapter_model: bytes, head: HeadSpec | None, check_header: bool = True) -> dict[str, torch.Tensor]:

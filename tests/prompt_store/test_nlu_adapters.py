@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
 
 from prompt_store.adapter import StoreLimits, parse_adapter
 from prompt_store.errors import InvalidTask
@@ -19,7 +20,10 @@ from prompt_store.registry import TaskStore
 from prompt_store.types import BackboneFingerprint
 from server.engine.backbone import load_backbone
 from tests.fixtures import TinyBackbone
+from tests.lora_fixtures import write_module_adapter
 from tests.nlu_fixtures import HIDDEN, NUM_LABELS, write_nlu_adapter, write_nlu_backbone
+
+MODULES_TO_SAVE = r"PEFT saves a SEQ_CLS task's head when modules_to_save names it: \['classifier', 'pooler'\]"
 
 
 @pytest.fixture(scope="module")
@@ -104,13 +108,25 @@ def test_a_pooler_the_backbone_never_trained_must_come_with_the_task(built: dict
     token classifier's) cannot reproduce a sequence task unless the adapter carries it (modules_to_save)."""
     fp = built["deberta_token"]
     assert not fp.takes_prefix  # its attention takes no past keys and values
-    with pytest.raises(InvalidTask, match=r"'base_model.pooler.dense.bias', 'base_model.pooler.dense.weight'"):
+    with pytest.raises(InvalidTask, match=r"'base_model.pooler.dense.bias', 'base_model.pooler.dense.weight'.*"
+                       + MODULES_TO_SAVE):  # fmt: skip
         parse(built["deberta_seq"], fp)
     tensors = load_file(built["deberta_seq"] / "adapter_model.safetensors")
     pooler = {
         f"base_model.pooler.dense.{n}": torch.zeros(s) for n, s in (("weight", (HIDDEN, HIDDEN)), ("bias", (HIDDEN,)))
     }
     assert set(parse(built["deberta_seq"], fp, tensors=tensors | pooler).head) >= {"pooler.dense.weight"}
+
+
+def test_a_lora_task_without_the_untrained_pooler_names_the_modules_to_save(
+    built: dict[str, Any], tmp_path: Path
+) -> None:
+    """PEFT's default modules_to_save for SEQ_CLS names the classifier alone: the refusal says to name the pooler."""
+    backbone = built["root"] / "deberta-token"
+    lora = write_module_adapter(backbone, "lora", tmp_path / "lora", seed=0, auto=AutoModelForSequenceClassification,
+                                task_type="SEQ_CLS", target_modules=["value_proj"])  # fmt: skip
+    with pytest.raises(InvalidTask, match=r"missing \['base_model.model.pooler.dense.bias', .*" + MODULES_TO_SAVE):
+        parse(lora, built["deberta_token"])
 
 
 def test_prefix_tuning_is_refused_where_attention_takes_no_prefix(built: dict[str, Any]) -> None:
