@@ -102,9 +102,9 @@ def plan_classify(
             f"found {request.top_k}"
         )
     plan = ClassifyPlan([], head_type, labels, [], [])
-    for text, sink in zip(request.inputs, sinks, strict=True):
+    for i, (text, sink) in enumerate(zip(request.inputs, sinks, strict=True)):
         input_ids = tokenize(backbone, text, limits)
-        check_positions(backbone, tasks, len(input_ids))
+        check_positions(backbone, tasks, len(input_ids), f"inputs[{i}]" if len(request.inputs) > 1 else "inputs")
         if head_type != SEQ_CLS:
             offsets, special = token_spans(backbone, text)
             plan.offsets.append(offsets)
@@ -134,14 +134,18 @@ def token_spans(backbone: Backbone, text: str) -> tuple[list[tuple[int, int]], l
     return [tuple(span) for span in encoding["offset_mapping"]], [bool(f) for f in encoding["special_tokens_mask"]]
 
 
-def check_positions(backbone: Backbone, tasks: list[TaskArtifact | None], num_tokens: int) -> None:
-    """Virtual and input (and scored) tokens must fit the backbone's positions (RoBERTa's start past padding_idx)."""
+def check_positions(backbone: Backbone, tasks: list[TaskArtifact | None], num_tokens: int, what: str) -> None:
+    """Virtual and input (and scored) tokens must fit the backbone's positions (RoBERTa's start past padding_idx);
+    `what` names the tokens (one of many inputs, an input with a candidate)."""
     room = backbone.position_room
     if room is None:
         return
     num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
     if num_virtual + num_tokens > room:
-        raise InputTooLong(f"{num_virtual} virtual + {num_tokens} tokens exceed the backbone's {room} positions")
+        raise InputTooLong(
+            f"{what}: expected at most {room - num_virtual} tokens (the backbone's {room} positions less "
+            f"{num_virtual} virtual tokens); found {num_tokens}"
+        )
 
 
 def predictions(plan: ClassifyPlan, texts: tuple[str, ...], results: list[Results], top_k: int | None) -> tuple:
@@ -210,10 +214,10 @@ def plan_score(
     input_ids = tokenize(backbone, request.inputs, limits)
     has_kv_prefix = backbone.kind.has_kv_prefix
     requests = []
-    for candidate, sink in zip(request.candidates, sinks, strict=True):
+    for i, (candidate, sink) in enumerate(zip(request.candidates, sinks, strict=True)):
         targets = candidate_ids(backbone, candidate)
         for num_tokens in backbone.kind.scored_lengths(len(input_ids), len(targets)):
-            check_positions(backbone, tasks, num_tokens)
+            check_positions(backbone, tasks, num_tokens, f"inputs with candidates[{i}]")
         result = Request(uuid.uuid4().hex, input_ids, request_sampling(), 0, sink, kind=backbone.kind, job=Job.SCORE)
         result.rows = [
             Sequence(result, task, i, has_kv_prefix(task, limits.prompts_as_kv), targets=targets)

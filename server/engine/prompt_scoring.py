@@ -26,7 +26,7 @@ def plan_prompt_score(
         raise InvalidPrompt(f"expected top_logprobs in [0, {MAX_TOP_LOGPROBS}]; found {request.top_logprobs}")
     token_ids = given_ids(backbone, request.token_ids, limits)
     tasks = generation_tasks((request.task_id,), backbone, store)
-    check_positions(backbone, tasks, len(token_ids))
+    check_positions(backbone, tasks, len(token_ids), "prompt")
     if len(token_ids) == 1:
         return None
     sampling = SamplingParams(max_new_tokens=1, top_logprobs=request.top_logprobs)

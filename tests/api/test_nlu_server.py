@@ -244,6 +244,17 @@ def test_classify_bad_inputs_get_one_clear_message(encoder: Served, body: dict[s
     assert response.status_code == 422 and response.json()["error"].startswith(message), response.json()
 
 
+def test_classify_an_input_past_the_positions_is_413_naming_which(encoder: Served) -> None:
+    """One input of a batch too long for the positions beside the task's 5 virtual tokens: the message names it and
+    the numbers; the task and the server go on."""
+    response = encoder.client.post("/v1/classify", json={"inputs": ["ok", "x" * 200], "task_id": "sentiment-soft"})
+    assert response.status_code == 413
+    assert response.json()["error"] == (
+        "inputs[1]: expected at most 123 tokens (the backbone's 128 positions less 5 virtual tokens); found 202"
+    )
+    assert encoder.client.post("/v1/classify", json={"inputs": "ok", "task_id": "sentiment-soft"}).status_code == 200
+
+
 @pytest.mark.parametrize("target", [{"task_id": "nope"}, {"task_ids": ["sentiment", "nope"]}])
 def test_classify_unknown_task_is_404(encoder: Served, target: dict[str, Any]) -> None:
     response = encoder.client.post("/v1/classify", json={"inputs": "hi", **target})
