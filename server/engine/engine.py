@@ -18,7 +18,7 @@ from server.engine.backbone import Backbone
 from server.engine.config import EngineConfig, default_max_batch_tokens
 from server.engine.errors import InputTooLong, NonFiniteOutput, QueueFull, UnknownToken, UnservableTarget
 from server.engine.intake import check_token_ids
-from server.engine.isolation import generator_states, guarded, isolated, restore_generators
+from server.engine.isolation import guarded, isolated
 from server.engine.kinds.base import StepResult
 from server.engine.kv_memory import KVMemory
 from server.engine.kv_pool import HOST, KVPool, pool_blocks
@@ -27,7 +27,7 @@ from server.engine.model_runner import ModelRunner, Prompts
 from server.engine.paged_flex import attention_backend
 from server.engine.readout import Classified, Readout
 from server.engine.request import RankedTarget, Request, Sequence, Status, TokenSink
-from server.engine.sampler import sample, score, suppress_eos
+from server.engine.sampler import draws, sample, score, suppress_eos
 from server.engine.scheduler import Chunk, Scheduler, SchedulerConfig
 from server.engine.task_cache import TaskCache
 from server.engine.types import EngineOutput, FinishReason, RowResult, RowToken, StepStats
@@ -284,11 +284,11 @@ class Engine:
         rows whose logits are not finite (a task's values overflow the backbone's dtype) fail their own request and
         the rest of the batch goes on. Each request's new tokens go to its caller in one output."""
         allowed = suppress_eos(logits, rows, self.backbone.eos_token_ids)  # rows short of their min_tokens
-        states = generator_states(rows)
+        uniforms = draws(rows)  # drawn once: a retry request by request samples with the same
         parts = isolated(
             len(rows), lambda i: rows[i].request,
-            lambda items: sample(rows_of(allowed, items), [rows[i] for i in items]),
-            "sampling the next token", self.fail, reset=partial(restore_generators, states),
+            lambda items: sample(rows_of(allowed, items), [rows[i] for i in items], uniforms[items]),
+            "sampling the next token", self.fail,
         )  # fmt: skip
         broken = {id(rows[i].request): rows[i] for items, sampled in parts if not all(sampled.is_finite)
                   for i, ok in zip(items, sampled.is_finite, strict=True) if not ok}  # fmt: skip

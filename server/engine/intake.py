@@ -6,6 +6,7 @@ Runs in the caller's thread (never the engine's), so a bad request fails before 
 from __future__ import annotations
 
 import math
+import random
 import uuid
 from dataclasses import dataclass
 
@@ -143,12 +144,12 @@ def capped_max_new_tokens(
     return min(asked, room)
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A seeded request's own generator on the engine's device (its draws never depend on its batch mates);
-    unseeded rows share the device's (vLLM keeps per-row generators for seeded rows only)."""
+def make_generator(params: SamplingParams) -> random.Random | None:
+    """A seeded request's own generator of the sampler's draws, on the host (its draws never depend on its batch
+    mates, nor on the device); unseeded rows share torch's (vLLM keeps per-row generators for seeded rows only)."""
     if not params.do_sample or params.seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(params.seed)
+    return random.Random(params.seed)
 
 
 def single_row_request(
@@ -191,7 +192,7 @@ def build_request(
         max_new_tokens=capped_max_new_tokens(backbone, request.sampling, len(input_ids), tasks),
         sink=sink,
         ensemble=request.ensemble,
-        generator=make_generator(request.sampling, backbone.device),
+        generator=make_generator(request.sampling),
         kind=backbone.kind,
         input_embeds=None if embeds is None else embeds.to(backbone.device, backbone.dtype),
     )

@@ -9,10 +9,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import TypeVar
 
-import torch
-
 from server.engine.errors import GenerationFailed
-from server.engine.request import Request, Sequence
+from server.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +33,16 @@ def guarded(request: Request, what: str, action: Callable[[], T], fail: Fail) ->
 
 
 def isolated(
-    count: int, request_of: Callable[[int], Request], action: Callable[[list[int]], T], what: str, fail: Fail,
-    reset: Callable[[], None] | None = None,
-) -> list[tuple[list[int], T]]:  # fmt: skip
-    """`action` over items 0..count-1 at once (the batched path); if that raises, again request by request, after
-    `reset`, so that the failure is charged to the request that caused it. Returns the parts that succeeded, each
-    (its items, its result). `action` must leave no trace when it raises."""
+    count: int, request_of: Callable[[int], Request], action: Callable[[list[int]], T], what: str, fail: Fail
+) -> list[tuple[list[int], T]]:
+    """`action` over items 0..count-1 at once (the batched path); if that raises, again request by request, so that
+    the failure is charged to the request that caused it. Returns the parts that succeeded, each (its items, its
+    result). `action` must leave no trace when it raises (the sampler's random draws are made before it)."""
     everything = list(range(count))
     try:
         return [(everything, action(everything))]
     except Exception as error:
         logger.warning("%s failed for the whole batch (%s); retrying request by request", what, error)
-    if reset is not None:
-        reset()
     parts = []
     for request, items in group_by_request(everything, request_of):
         result = guarded(request, what, partial(action, items), fail)
@@ -62,17 +57,3 @@ def group_by_request(items: list[int], request_of: Callable[[int], Request]) -> 
         request = request_of(i)
         groups.setdefault(id(request), (request, []))[1].append(i)
     return list(groups.values())
-
-
-GeneratorStates = list[tuple[torch.Generator, torch.Tensor]]
-
-
-def generator_states(rows: list[Sequence]) -> GeneratorStates:
-    """The seeded requests' generator states before a sampling, so that a retry draws what the batch would have."""
-    generators = {id(row.request.generator): row.request.generator for row in rows if row.request.generator}
-    return [(generator, generator.get_state()) for generator in generators.values() if generator is not None]
-
-
-def restore_generators(states: GeneratorStates) -> None:
-    for generator, state in states:
-        generator.set_state(state)

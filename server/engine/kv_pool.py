@@ -89,12 +89,13 @@ def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """Host-built int64 tensors (a step's index tensors) on `device` in one copy: packed into one buffer, pinned on
-    CUDA so the copy does not block the host, and viewed back into their shapes there. On the host: themselves."""
+    """Host-built tensors of one dtype (a step's int64 index tensors, the sampler's parameters) on `device` in one
+    copy: packed into one buffer, pinned on CUDA so the copy does not block the host, and viewed back into their
+    shapes there. On the host: themselves."""
     if device.type == HOST.type:
         return tensors
-    if any(tensor.dtype != torch.long for tensor in tensors):
-        raise TypeError(f"expected int64 index tensors; found {sorted({str(t.dtype) for t in tensors})}")
+    if len({tensor.dtype for tensor in tensors}) > 1:
+        raise TypeError(f"expected tensors of one dtype; found {sorted({str(t.dtype) for t in tensors})}")
     packed = torch.cat([tensor.reshape(-1) for tensor in tensors])  # [sum of numels]
     if device.type == "cuda":
         packed = packed.pin_memory()

@@ -5,9 +5,9 @@ took above the weights is kept free; the pool takes `kv_cache_memory_fraction` o
 The worst step: `max_batch_tokens` tokens as decode rows at the longest row's keys, one starting row with the
 largest encoder input (an encoder-decoder's encoder runs in the step that starts a row), and prefill chunks at the
 ends of rows as long as a row can be; every position read out as logits (the largest scoring readout) and hidden
-states, the rows sampled with top-k, top-p and top log-probabilities, every position scored. Attention pads its rows
-to at most the `TileLimits` this step reaches, so no later step's attention is larger than the one measured. The
-memory probe is injectable: CUDA's allocator statistics on a GPU, a fake in the CPU tests.
+states, the rows sampled with top-p over the whole vocabulary and top log-probabilities, every position scored.
+Attention pads its rows to at most the `TileLimits` this step reaches, so no later step's attention is larger than
+the one measured. The memory probe is injectable: CUDA's allocator statistics on a GPU, a fake in the CPU tests.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from server.engine.kv_pool import CPU_DEFAULT_BYTES, KVPool
 from server.engine.model_runner import ModelRunner
 from server.engine.readout import Readout
 from server.engine.request import Request, Sequence
-from server.engine.sampler import MAX_TOP_LOGPROBS, sample, score
+from server.engine.sampler import MAX_TOP_LOGPROBS, draws, sample, score
 from server.engine.scheduler import Chunk
 from server.engine.task_cache import TaskCache
 from server.engine.types import SamplingParams
@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 MAX_TILE_PAIRS = 1 << 24  # query-key pairs one attention call pads to, at most
 MAX_TILE_KEYS = 1 << 18  # key slots one attention call gathers, at most
 DUMMY_TOKEN = 0
-WORST_SAMPLING = SamplingParams(do_sample=True, temperature=0.7, top_k=50, top_p=0.9, top_logprobs=MAX_TOP_LOGPROBS)
+# top-p without top-k: the filter's widest path, the whole vocabulary ranked (a top-k ranks only its k best)
+WORST_SAMPLING = SamplingParams(do_sample=True, temperature=0.7, top_k=0, top_p=0.9, top_logprobs=MAX_TOP_LOGPROBS)
 
 
 class MemoryProbe(Protocol):
@@ -199,7 +200,7 @@ def run_worst_step(runner: ModelRunner, chunks: list[Chunk], backbone: Backbone)
     result = runner.run(chunks, readout, prompts={})
     if result.logits is not None:
         rows = [chunk.row for chunk in chunks]
-        sample(result.logits[: len(rows)], rows)
+        sample(result.logits[: len(rows)], rows, draws(rows))
         score(result.logits, [DUMMY_TOKEN] * num_tokens, [rows[0]] * num_tokens)
 
 

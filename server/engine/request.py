@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import random
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -160,7 +161,7 @@ class Request:
     ensemble: EnsembleMode | None = None
     rows: list[Sequence] = field(default_factory=list)
     status: Status = Status.WAITING
-    generator: torch.Generator | None = None  # a seeded request's, so batch mates never matter (unseeded: None)
+    generator: random.Random | None = None  # a seeded request's draws, so batch mates never matter (unseeded: None)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     jumps_queue: bool = False  # the engine's own (a new task's probe): first in line, outside the batch-size limit

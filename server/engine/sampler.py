@@ -1,11 +1,12 @@
 """Chooses each row's next token from its logits, with the row's own sampling parameters, as tensor operations over
-the whole batch (vLLM's sampler): temperature, top-k and top-p for every sampled row at once, and the draw as the
-exponential race argmax(p / q), q ~ Exp(1), which picks token i with probability p_i.
+the whole batch (vLLM's sampler): temperature, top-k and top-p for every sampled row at once, then the draw by
+inverting the row's cumulative distribution at its own uniform u (one random number a row, not one per token).
 
-Greedy rows take the argmax. A seeded request draws its q from its own generator, so its tokens never depend on its
-batch mates; unseeded rows share one draw from the device's generator. Rows of a `mean` ensemble decide together:
-one token from the average of the members' log-probabilities, fed to every member. The step's results come back to
-the host in one transfer.
+Greedy rows take the argmax. A seeded request draws its u from its own generator, so its tokens never depend on its
+batch mates; unseeded rows share one draw from torch's generator. The draws are made on the host before the
+sampling (`draws`), so a retry request by request uses the same ones, and reach the device with the sampled rows'
+parameters in one copy. Rows of a `mean` ensemble decide together: one token from the average of the members'
+log-probabilities, fed to every member. The step's results come back to the host in one transfer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.engine.kv_pool import HOST, to_device
 from server.engine.request import RankedTarget, Request, Sequence
 from server.engine.types import SamplingParams
 
@@ -38,7 +40,7 @@ class Decisions:
     """The batch's choices: one per row, but one per `mean` ensemble, whose rows all take its token."""
 
     params: list[SamplingParams]
-    generators: list[torch.Generator | None]
+    first_rows: list[int] | None  # each decision's first row, whose draw it takes; None: decision i is row i
     ensembles: list[list[int]]  # the rows of each `mean` ensemble
     decision_of_row: list[int] | None  # None: decision i is row i (no `mean` ensemble in the batch)
 
@@ -46,10 +48,9 @@ class Decisions:
     def of(cls, rows: list[Sequence]) -> Decisions:
         requests = [row.request for row in rows]
         if not any(request.is_lockstep for request in requests):
-            return cls([request.sampling for request in requests], [request.generator for request in requests], [],
-                       None)  # fmt: skip
+            return cls([request.sampling for request in requests], None, [], None)
         params: list[SamplingParams] = []
-        generators: list[torch.Generator | None] = []
+        first_rows: list[int] = []
         ensembles: list[list[int]] = []
         decision_of_row = [0] * len(rows)
         for request, indices in rows_by_request(rows):
@@ -58,21 +59,41 @@ class Decisions:
                 for i in member_rows:
                     decision_of_row[i] = len(params)
                 params.append(request.sampling)
-                generators.append(request.generator)
+                first_rows.append(member_rows[0])
             if request.is_lockstep:
                 ensembles.append(indices)
-        return cls(params, generators, ensembles, decision_of_row)
+        return cls(params, first_rows, ensembles, decision_of_row)
 
 
-def sample(logits: torch.Tensor, rows: list[Sequence]) -> Sampled:
-    """logits [B, V] (float32) -> one token per row. Log-probabilities are the model's own (before temperature,
-    top-k and top-p), as vLLM and OpenAI report them; a `mean` ensemble reports the members' average."""
+def draws(rows: list[Sequence]) -> torch.Tensor:
+    """u ~ U[0, 1) per row [B] on the host (float64; 0 for greedy rows): a seeded request's from its own generator,
+    its rows in order, so that they never depend on the batch; the other sampled rows' from one draw of torch's."""
+    uniforms = [0.0] * len(rows)
+    unseeded = []
+    for i, row in enumerate(rows):
+        request = row.request
+        if request.generator is not None:
+            uniforms[i] = request.generator.random()
+        elif request.sampling.do_sample:
+            unseeded.append(i)
+    if unseeded:
+        for i, u in zip(unseeded, torch.rand(len(unseeded), dtype=torch.float64, device=HOST).tolist(), strict=True):
+            uniforms[i] = u
+    return torch.tensor(uniforms, dtype=torch.float64, device=HOST)
+
+
+def sample(logits: torch.Tensor, rows: list[Sequence], uniforms: torch.Tensor) -> Sampled:
+    """logits [B, V] (float32), the rows' draws [B] (`draws`) -> one token per row. Log-probabilities are the
+    model's own (before temperature, top-k and top-p), as vLLM and OpenAI report them; a `mean` ensemble reports the
+    members' average."""
     decisions = Decisions.of(rows)
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     scores = logits
     if decisions.decision_of_row is not None:
         scores, logprobs = ensemble_scores(logits, logprobs, decisions)
-    tokens = choose(scores, decisions.params, decisions.generators)  # [D]
+    if decisions.first_rows is not None:
+        uniforms = uniforms[decisions.first_rows]
+    tokens = choose(scores, decisions.params, uniforms)  # [D]
     if decisions.decision_of_row is not None:
         tokens = tokens[torch.tensor(decisions.decision_of_row, device=logits.device)]  # [B]
     chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
@@ -107,9 +128,8 @@ def ensemble_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The decisions' scores [D, V] (a row's logits; an ensemble's mean log-probabilities) and the rows'
     log-probabilities [B, V], an ensemble's members reporting its mean."""
-    assert decisions.decision_of_row is not None
-    first_row = {decision: i for i, decision in reversed(list(enumerate(decisions.decision_of_row)))}
-    scores = logits[torch.tensor([first_row[d] for d in range(len(decisions.params))], device=logits.device)]
+    assert decisions.decision_of_row is not None and decisions.first_rows is not None
+    scores = logits[torch.tensor(decisions.first_rows, device=logits.device)]
     logprobs = logprobs.clone()
     for members in decisions.ensembles:
         index = torch.tensor(members, device=logits.device)
@@ -119,59 +139,55 @@ def ensemble_scores(
     return scores, logprobs
 
 
-def choose(
-    scores: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """scores [D, V] (logits or log-probabilities) -> token ids [D]: the argmax for greedy rows; for sampled rows a
-    draw after temperature, top-k and top-p."""
+def choose(scores: torch.Tensor, params: list[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """scores [D, V] (logits or log-probabilities), the decisions' draws [D] on the host -> token ids [D]: the
+    argmax for greedy rows; for sampled rows the token where the row's u falls in its cumulative distribution after
+    temperature, top-k and top-p (summed in float64, so that a token's share of [0, 1) is its probability to 1e-16
+    even over a large vocabulary)."""
     tokens = scores.argmax(dim=-1)
     sampled = [i for i, p in enumerate(params) if p.do_sample]
     if not sampled:
         return tokens
-    device = scores.device
-    index = torch.tensor(sampled, device=device)
-    chosen = [params[i] for i in sampled]
-    temperature = torch.tensor([max(p.temperature, MIN_TEMPERATURE) for p in chosen], device=device)
-    filtered = scores.index_select(0, index) / temperature[:, None]  # below MIN_TEMPERATURE this overflows to inf
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
-        top_k = torch.tensor([p.top_k for p in chosen], device=device)
-        top_p = torch.tensor([p.top_p for p in chosen], device=device)
-        filtered = top_k_top_p_filter(filtered, top_k, top_p)
-    probs = torch.softmax(filtered, dim=-1)
-    noise = exponential_noise(probs, [generators[i] for i in sampled])
-    return tokens.index_copy(0, index, (probs / noise).argmax(dim=-1))
-
-
-def exponential_noise(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """q ~ Exp(1) [S, V]: a seeded row's from its own generator, the rest from one draw of the device's (for
-    those rows only)."""
-    noise = torch.empty_like(probs)
-    unseeded = [row for row, generator in enumerate(generators) if generator is None]
-    if len(unseeded) == len(generators):
-        noise.exponential_()
-    elif unseeded:
-        noise[torch.tensor(unseeded, device=probs.device)] = torch.empty_like(noise[: len(unseeded)]).exponential_()
-    for row, generator in enumerate(generators):
-        if generator is not None:
-            noise[row].exponential_(generator=generator)
-    return noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a q of 0 would pick a token of probability 0
-
-
-def top_k_top_p_filter(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """scores [S, V], top_k [S] (0: none), top_p [S] (1: none) -> scores with the dropped tokens at -inf. Top-k keeps
-    the tokens scoring at least the k-th best; top-p then keeps the smallest set of the most likely tokens whose
-    probability reaches top_p (always at least one). One sort for the whole batch."""
     vocab = scores.shape[-1]
-    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)  # [S, V]
-    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
-    threshold = sorted_scores.gather(1, (k - 1)[:, None])  # [S, 1]
-    drop_sorted = sorted_scores < threshold
-    probs = torch.softmax(sorted_scores.masked_fill(drop_sorted, float("-inf")), dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)
-    drop_sorted[:, 0] = False  # the most likely token stays, even when top_p rounds to 0 in float32
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return scores.masked_fill(drop, float("-inf"))
+    chosen = [params[i] for i in sampled]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
+    top_p = [p.top_p for p in chosen]
+    temperature = [max(p.temperature, MIN_TEMPERATURE) for p in chosen]
+    host = torch.tensor([sampled, temperature, top_k, top_p], dtype=torch.float64, device=HOST)
+    (on_device,) = to_device([torch.cat([host, uniforms[sampled][None]])], scores.device)  # [5, S], one copy
+    index, temperatures, ks, ps, u = on_device
+    index = index.long()
+    filtered = scores.index_select(0, index) / temperatures[:, None].to(scores.dtype)  # [S, V]
+    weights = (filtered - filtered.amax(dim=-1, keepdim=True)).exp()  # [S, V], the best token's 1
+    width = max((k for k, p in zip(top_k, top_p, strict=True) if k < vocab or p < 1.0), default=0)
+    if width:  # some row has top-k or top-p
+        weights = weights.masked_fill(filtered < lowest_kept(filtered, ks, ps, width), 0.0)
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)  # [S, V]
+    total = cumulative[:, -1:]
+    point = (u[:, None] * total).minimum(total * (1 - 2**-52))  # below the total: never a token of no weight
+    picked = torch.searchsorted(cumulative, point, right=True).clamp_(max=vocab - 1)[:, 0]
+    return tokens.index_copy(0, index, picked)
+
+
+def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int) -> torch.Tensor:
+    """scores [S, V], top_k [S] (V: none), top_p [S] (1: none), `width`: at least every row's top-k, and V where a
+    row has top-p without top-k -> the lowest score each row keeps [S, 1]. Top-k keeps the tokens scoring at least
+    the k-th best; top-p then keeps the smallest run of the most likely tokens whose probability reaches top_p
+    (always at least one) and every token tied with the last of them, so no order among equal scores (which a sort
+    does not fix) decides. One `topk` of `width` for the whole batch, so no sort of the vocabulary where every row
+    has a top-k: the tokens tied with the k-th best but ranked beyond `width` are counted, so the mass before each
+    ranked token is exact."""
+    vocab = scores.shape[-1]
+    values = scores.topk(width, dim=-1).values  # [S, width], descending
+    kth = values.gather(1, (top_k.long().clamp(max=width) - 1)[:, None])  # [S, 1]
+    threshold = torch.where(top_k[:, None] < vocab, kth, float("-inf"))
+    best = values[:, :1]
+    weights = (values - best).exp().masked_fill(values < threshold, 0.0)  # [S, width]
+    unranked_ties = (scores == threshold).sum(dim=-1, keepdim=True) - (values == threshold).sum(dim=-1, keepdim=True)
+    total = weights.sum(dim=-1, keepdim=True) + unranked_ties * (threshold - best).exp()
+    mass_before = (weights.cumsum(dim=-1) - weights) / total  # of the tokens scoring higher (ties: any order)
+    last = (mass_before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1) - 1
+    return torch.where(top_p[:, None] < 1.0, values.gather(1, last).maximum(threshold), threshold)
 
 
 def suppress_eos(logits: torch.Tensor, rows: list[Sequence], eos_ids: frozenset[int]) -> torch.Tensor:

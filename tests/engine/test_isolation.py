@@ -90,14 +90,14 @@ def test_a_task_that_fails_to_load_fails_only_its_own_requests(harness: Harness,
 
 
 def test_a_failing_sampler_fails_only_its_own_request(harness: Harness, monkeypatch: pytest.MonkeyPatch):
-    """The batch's sampling fails; it is retried request by request, with every seeded generator where it was, so
-    a sampled mate draws what it draws alone."""
+    """The batch's sampling fails; it is retried request by request with the draws the batch made, so a sampled
+    mate draws what it draws alone."""
     real = engine_module.sample
     mates = Mates(harness)
     doomed = harness.request("doomed", "prefix", do_sample=True, seed=1, top_p=0.5)
 
-    def failing(logits: torch.Tensor, rows: list[Any]) -> Any:
-        result = real(logits, rows)  # draws first: the batch's generators move before the failure
+    def failing(logits: torch.Tensor, rows: list[Any], uniforms: torch.Tensor) -> Any:
+        result = real(logits, rows, uniforms)  # computes first: nothing it made may outlive the failure
         if any(row.request is doomed for row in rows):
             raise RuntimeError("invalid multinomial distribution (injected)")
         return result

@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 
 from server.engine import sampler
+from server.engine.intake import make_generator
 from server.engine.request import Request, Sequence
-from server.engine.sampler import choose, sample, score, suppress_eos, top_k_top_p_filter
+from server.engine.sampler import choose, draws, lowest_kept, sample, score, suppress_eos
 from server.engine.types import SamplingParams
 
 
-def kept(scores: list[float], top_k: int = 0, top_p: float = 1.0) -> list[bool]:
-    filtered = top_k_top_p_filter(torch.tensor([scores]), torch.tensor([top_k]), torch.tensor([top_p]))
-    return torch.isfinite(filtered[0]).tolist()
+def kept(scores: list[float], top_k: int = 0, top_p: float = 1.0, width: int | None = None) -> list[bool]:
+    vocab = len(scores)
+    k = top_k if 0 < top_k < vocab else vocab
+    row = torch.tensor([scores])
+    return (row >= lowest_kept(row, torch.tensor([k]), torch.tensor([top_p]), width or vocab))[0].tolist()
 
 
 def test_top_k_filter_keeps_k_best():
@@ -21,6 +24,7 @@ def test_top_k_filter_keeps_k_best():
 
 def test_top_k_filter_keeps_ties_with_the_kth_best():
     assert kept([1.0, 4.0, 3.0, 3.0], top_k=2) == [False, True, True, True]
+    assert kept([1.0, 4.0, 3.0, 3.0], top_k=2, width=2) == [False, True, True, True]  # the tie ranked beyond
 
 
 def test_top_k_zero_keeps_everything():
@@ -31,6 +35,14 @@ def test_top_p_filter_keeps_smallest_set_reaching_p():
     assert kept(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).tolist(), top_p=0.8) == [True, True, False, False]
 
 
+def test_top_p_filter_keeps_every_token_tied_with_the_last_kept():
+    """0.4 alone is short of 0.5, so a second token is needed: the two tied at 0.2 stay or go together, whatever
+    order a sort would put them in."""
+    probs = torch.log(torch.tensor([0.2, 0.4, 0.2, 0.1, 0.1])).tolist()
+    assert kept(probs, top_p=0.5) == [True, True, True, False, False]
+    assert kept(probs, top_k=2, top_p=0.9, width=2) == [True, True, True, False, False]
+
+
 def test_top_p_filter_always_keeps_the_best_token():
     assert kept(torch.log(torch.tensor([0.9, 0.1])).tolist(), top_p=0.01) == [True, False]
 
@@ -39,68 +51,104 @@ def test_top_p_applies_after_top_k():
     """Top-p measures the mass of what top-k kept: 0.5 / 0.8 of it is below 0.7, so the second token stays."""
     probs = torch.log(torch.tensor([0.5, 0.3, 0.2])).tolist()
     assert kept(probs, top_k=2, top_p=0.7) == [True, True, False]
-    assert kept(probs, top_p=0.5) == [True, False, False]
+    assert kept(probs, top_k=2, top_p=0.7, width=2) == [True, True, False]
+    assert kept(probs, top_p=0.45) == [True, False, False]
 
 
 def test_filters_take_each_rows_own_parameters():
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 3))
-    filtered = top_k_top_p_filter(scores, torch.tensor([1, 0, 0]), torch.tensor([1.0, 0.8, 1.0]))
-    assert torch.isfinite(filtered).tolist() == [
+    lowest = lowest_kept(scores, torch.tensor([1, 4, 4]), torch.tensor([1.0, 0.8, 1.0]), 4)
+    assert (scores >= lowest).tolist() == [
         [True, False, False, False],
         [True, True, False, False],
         [True, True, True, True],
     ]
 
 
-def draw(scores: torch.Tensor, params: SamplingParams, seed: int | None = 0) -> int:
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return int(choose(scores[None], [params], [generator])[0])
+def test_ranking_only_the_top_k_filters_as_ranking_everything():
+    """Rows whose filters all have a top-k rank only the widest k: the same tokens stay as with the whole vocabulary
+    ranked, ties at the cut included (scores rounded to make them common)."""
+    generator = torch.Generator().manual_seed(5)
+    scores = (torch.randn(64, 50, generator=generator) * 2).round() / 2
+    top_k = torch.randint(1, 12, (64,), generator=generator)
+    top_p = torch.rand(64, generator=generator).where(torch.rand(64, generator=generator) < 0.7, 1.0)
+    narrow = lowest_kept(scores, top_k, top_p, int(top_k.max()))
+    assert torch.equal(narrow, lowest_kept(scores, top_k, top_p, 50))
+    assert (scores >= narrow).sum() > (scores >= narrow).any(dim=-1).sum() + 64  # not one token a row
+
+
+def uniform_draws(count: int, seed: int | None) -> torch.Tensor:
+    return torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed or 0))
+
+
+def draw(scores: torch.Tensor, params: SamplingParams, u: float = 0.5) -> int:
+    return int(choose(scores[None], [params], torch.tensor([u], dtype=torch.float64))[0])
 
 
 def test_choose_greedy_is_argmax():
-    assert draw(torch.tensor([0.1, 2.0, 0.3]), SamplingParams(), None) == 1
+    assert draw(torch.tensor([0.1, 2.0, 0.3]), SamplingParams()) == 1
 
 
-def test_choose_with_same_seed_gives_same_draws():
-    scores = torch.randn(50)
-    params = SamplingParams(do_sample=True, temperature=1.5, top_k=20, top_p=0.9)
-    draws = [
-        [int(choose(scores[None], [params], [generator])[0]) for _ in range(20)]
-        for generator in (torch.Generator().manual_seed(7), torch.Generator().manual_seed(7))
-    ]
-    assert draws[0] == draws[1]
-    assert len(set(draws[0])) > 1  # it really samples
+def test_choose_picks_where_the_draw_falls_in_the_cumulative_distribution():
+    """Probabilities 0.5, 0.3, 0.15, 0.05 split [0, 1) at 0.5, 0.8 and 0.95; a token of probability 0 is never
+    picked, not even by a draw at the very top of [0, 1)."""
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]))
+    params = SamplingParams(do_sample=True)
+    picks = [draw(scores, params, u) for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.94, 0.96, 1 - 2**-53)]
+    assert picks == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_seeded_row_draws_the_same_alone_and_in_any_batch():
-    """A seeded row's draws come from its own generator: batch mates (greedy, unseeded, other seeds, other
-    filters) before or after it change nothing."""
+def test_seeded_requests_draw_the_same_alone_and_in_any_batch():
+    """A seeded request's draws come from its own generator: batch mates (greedy, unseeded, other seeds) before or
+    after it change nothing, nor does another request failing in the same step."""
+    alone = sampling_row(SamplingParams(do_sample=True, seed=11))
+    alone_draws = [float(draws([alone])[0]) for _ in range(5)]
+    mates = [SamplingParams(), SamplingParams(do_sample=True), SamplingParams(do_sample=True, seed=3)]
+    seeded = sampling_row(SamplingParams(do_sample=True, seed=11))
+    batch = [sampling_row(mates[0]), sampling_row(mates[1]), seeded, sampling_row(mates[1]), sampling_row(mates[2])]
+    in_batch = [draws(batch) for _ in range(5)]
+    assert [float(d[2]) for d in in_batch] == alone_draws
+    assert all(float(d[0]) == 0.0 for d in in_batch)  # greedy rows draw nothing
+    assert len({float(d[1]) for d in in_batch}) == 5  # unseeded rows draw afresh
+
+
+def test_seeded_row_draws_the_same_tokens_alone_and_in_any_batch():
     torch.manual_seed(0)
     scores = torch.randn(5, 64)
     seeded = SamplingParams(do_sample=True, temperature=1.2, top_k=30, top_p=0.95, seed=11)
     others = [SamplingParams(), SamplingParams(do_sample=True), SamplingParams(do_sample=True, top_p=0.5, seed=3)]
-    alone_generator = torch.Generator().manual_seed(11)
-    alone = [int(choose(scores[2:3], [seeded], [alone_generator])[0]) for _ in range(30)]
-    generators = [None, None, torch.Generator().manual_seed(11), None, torch.Generator().manual_seed(3)]
+    u = uniform_draws(30, seed=11)
+    alone = [int(choose(scores[2:3], [seeded], u[i : i + 1])[0]) for i in range(30)]
     params = [others[0], others[1], seeded, others[1], others[2]]
-    in_batch = [int(choose(scores, params, generators)[2]) for _ in range(30)]
+    in_batch = [int(choose(scores, params, torch.rand(5, dtype=torch.float64).index_fill(0, torch.tensor(2), u[i]))[2])
+                for i in range(30)]  # fmt: skip
     assert in_batch == alone
+    assert len(set(alone)) > 1  # it really samples
 
 
 def test_choose_draws_in_proportion_to_the_probabilities():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     params = SamplingParams(do_sample=True)
-    generator = torch.Generator().manual_seed(0)
-    draws = choose(probs.log().expand(4000, 4), [params] * 4000, [generator] + [None] * 3999)
-    frequencies = torch.bincount(draws, minlength=4) / 4000
+    picks = choose(probs.log().expand(4000, 4), [params] * 4000, uniform_draws(4000, seed=0))
+    frequencies = torch.bincount(picks, minlength=4) / 4000
     assert torch.allclose(frequencies, probs, atol=0.03), frequencies
+
+
+def test_choose_draws_in_proportion_after_temperature_top_k_and_top_p():
+    """Temperature 0.5 squares the probabilities (0.4, 0.3, 0.2, 0.1 -> 16:9:4:1 of 30); top-k 3 drops the last;
+    top-p 0.95 of the 29 left keeps all three (16 + 9 = 25 is short of 27.55)."""
+    probs = torch.tensor([0.3, 0.4, 0.1, 0.2])
+    params = SamplingParams(do_sample=True, temperature=0.5, top_k=3, top_p=0.95)
+    picks = choose(probs.log().expand(20000, 4), [params] * 20000, uniform_draws(20000, seed=1))
+    frequencies = torch.bincount(picks, minlength=4) / 20000
+    assert torch.allclose(frequencies, torch.tensor([9.0, 16.0, 0.0, 4.0]) / 29, atol=0.015), frequencies
 
 
 def test_choose_never_draws_a_filtered_token():
     scores = torch.tensor([5.0, 4.0, -1.0, -2.0])
     params = SamplingParams(do_sample=True, top_k=2)
-    generator = torch.Generator().manual_seed(0)
-    assert {int(choose(scores[None], [params], [generator])[0]) for _ in range(200)} <= {0, 1}
+    picks = choose(scores.expand(200, 4), [params] * 200, uniform_draws(200, seed=0))
+    assert set(picks.tolist()) <= {0, 1}
 
 
 def test_extreme_parameters_still_draw_the_best_token():
@@ -111,11 +159,11 @@ def test_extreme_parameters_still_draw_the_best_token():
         SamplingParams(do_sample=True, top_p=1e-300),
         SamplingParams(do_sample=True, temperature=1e-300, top_p=1e-300),
     ):
-        assert draw(scores, params) == 1
+        assert draw(scores, params, 0.99) == 1
 
 
 def sampling_row(sampling: SamplingParams) -> Sequence:
-    request = Request("r", [1], sampling, 8, lambda output: None)
+    request = Request("r", [1], sampling, 8, lambda output: None, generator=make_generator(sampling))
     request.rows = [Sequence(request, None)]
     return request.rows[0]
 
@@ -127,7 +175,7 @@ def test_sample_reports_log_probabilities_top_tokens_and_non_finite_rows():
         sampling_row(SamplingParams()),
         sampling_row(SamplingParams()),
     ]
-    sampled = sample(logits, rows)
+    sampled = sample(logits, rows, draws(rows))
     logprobs = torch.log_softmax(logits, dim=-1)
     assert sampled.token_ids[0] == 1 and sampled.token_ids[2] == 0
     assert sampled.logprobs[0] == float(logprobs[0, 1]) and sampled.logprobs[2] == float(logprobs[2, 0])
