@@ -16,6 +16,9 @@ from typing import Any, Literal
 from promptserve_client import cli as client_cli
 from server.api.settings import ConfigurationError, Settings, SettingSpec, load_settings, setting_specs
 
+if typing.TYPE_CHECKING:
+    from server.api.metrics import Metrics  # imports the engine's types: not before the start-up checks
+
 Run = Callable[[list[str]], int]
 FLAG_ALIASES = {"store_dir": ("--store",)}  # the short names the first flags had
 
@@ -90,9 +93,31 @@ def serve(argv: list[str]) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_engine_failure=stop)
+    try:
+        serve_metrics_port(app.state.promptserve.metrics, settings)
+    except StartupError as error:
+        print(f"promptserve serve: {error}", file=sys.stderr)
+        return 1
     server = build_server(app, settings)
     server.run(sockets=[listening])
     return 1 if app.state.promptserve.engine_error is not None else 0
+
+
+def serve_metrics_port(metrics: Metrics, settings: Settings) -> None:
+    """--metrics-port: /metrics alone on a port of its own too, as each Ray replica serves it; bound before the model
+    loads, so a port in use stops the start in one line."""
+    from server.api.preflight import StartupError
+
+    if settings.metrics_port is None:
+        return
+    try:
+        port = metrics.serve(settings.host, settings.metrics_port)
+    except OSError as error:
+        raise StartupError(
+            "metrics_port", settings.metrics_port,
+            f"expected a port free to listen on; found {settings.host}:{settings.metrics_port}: {error.strerror}",
+        ) from error  # fmt: skip
+    logging.getLogger(__name__).info("/metrics also on port %d", port)
 
 
 def configure_logging(level: str) -> None:

@@ -12,7 +12,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.live_server import free_port
 
@@ -81,6 +83,51 @@ def test_port_in_use_fails_before_anything_loads(tmp_path: Path) -> None:
     assert line.startswith(f"promptserve serve: port={port} (--port, PROMPTSERVE_PORT): expected an address and port")
     assert "Address already in use" in line
     assert not (tmp_path / "store").exists(), "the store was opened after the port failed"
+
+
+@pytest.mark.slow
+def test_a_metrics_port_in_use_fails_before_the_model_loads(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = serve(
+            ["--port", str(free_port()), "--metrics-port", str(port), "--store", str(tmp_path / "s")], tmp_path
+        )
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(
+        f"promptserve serve: metrics_port={port} (--metrics-port, PROMPTSERVE_METRICS_PORT): expected"
+    )
+    assert "Address already in use" in line and "loading backbone" not in result.stderr
+
+
+@pytest.mark.slow
+def test_the_metrics_port_serves_the_metrics_beside_the_server(tmp_path: Path) -> None:
+    """Outside Ray too: --metrics-port was ignored there, so a scrape of the port found nothing listening."""
+    port, metrics_port = free_port(), free_port()
+    args = ["--port", str(port), "--metrics-port", str(metrics_port), "--store", str(tmp_path / "s"), "--no-self-check"]
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("PROMPTSERVE_")}
+    command = [sys.executable, "-m", "server.cli", "serve", *args]
+    process = subprocess.Popen(command, cwd=tmp_path, env={**environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + START_S
+        while not is_healthy(f"http://127.0.0.1:{port}/health"):
+            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.2)
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        families = {family.name for family in text_string_to_metric_families(text)}
+        assert {"promptserve_ready", "promptserve_info", "promptserve_requests"} <= families
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def is_healthy(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.mark.slow
