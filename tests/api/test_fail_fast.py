@@ -71,13 +71,19 @@ def s3_env(endpoint: str) -> dict[str, str]:
     return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "x"}
 
 
-@pytest.mark.slow
-def test_port_in_use_fails_before_anything_loads(tmp_path: Path) -> None:
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port another socket listens on."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
-        port = taken.getsockname()[1]
-        result = serve(["--port", str(port), "--store", str(tmp_path / "store")], tmp_path)
+        yield taken.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_port_in_use_fails_before_anything_loads(tmp_path: Path, taken_port: int) -> None:
+    port = taken_port
+    result = serve(["--port", str(port), "--store", str(tmp_path / "store")], tmp_path)
     assert result.returncode == 1
     line = the_one_line(result)
     assert line.startswith(f"promptserve serve: port={port} (--port, PROMPTSERVE_PORT): expected an address and port")
@@ -86,19 +92,13 @@ def test_port_in_use_fails_before_anything_loads(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_metrics_port_in_use_fails_before_the_model_loads(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        result = serve(
-            ["--port", str(free_port()), "--metrics-port", str(port), "--store", str(tmp_path / "s")], tmp_path
-        )
+def test_a_metrics_port_in_use_fails_before_the_model_loads(tmp_path: Path, taken_port: int) -> None:
+    port = taken_port
+    result = serve(["--port", str(free_port()), "--metrics-port", str(port), "--store", str(tmp_path / "s")], tmp_path)
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith(
-        f"promptserve serve: metrics_port={port} (--metrics-port, PROMPTSERVE_METRICS_PORT): expected"
-    )
+    flags = "(--metrics-port, PROMPTSERVE_METRICS_PORT)"
+    assert line.startswith(f"promptserve serve: metrics_port={port} {flags}: expected a port free to listen on")
     assert "Address already in use" in line and "loading backbone" not in result.stderr
 
 
