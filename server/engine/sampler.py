@@ -103,7 +103,8 @@ def sample(logits: torch.Tensor, rows: list[Sequence], uniforms: torch.Tensor) -
     k = min(max(wanted, default=0), logprobs.shape[-1])
     packed = torch.cat([tokens[:, None].double(), chosen.double(), is_finite.double()], dim=1)  # [B, 3]
     if k:
-        top_values, top_ids = logprobs.index_select(0, torch.tensor(asking, device=logits.device)).topk(k, dim=-1)
+        (rows_asking,) = to_device([torch.tensor(asking, device=HOST)], logits.device)  # a copy that does not block
+        top_values, top_ids = logprobs.index_select(0, rows_asking).topk(k, dim=-1)
         packed = torch.cat([packed.flatten(), top_ids.double().flatten(), top_values.double().flatten()])
     host = packed.cpu()  # the step's one transfer to the host
     return unpack(host, len(rows), [(i, wanted[i]) for i in asking], k)

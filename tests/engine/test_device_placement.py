@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prompt_store.registry import TaskStore
@@ -15,7 +16,8 @@ from server.engine import model_runner
 from server.engine.attention import TileLimits
 from server.engine.backbone import load_backbone
 from server.engine.kv_pool import HOST, to_device
-from server.engine.types import ClassifyInput, ScoreInput
+from server.engine.sampler import choose
+from server.engine.types import ClassifyInput, SamplingParams, ScoreInput
 from tests.engine.device_guard import DeviceGuard
 from tests.engine.harness import Harness
 from tests.engine.test_nlu import Driver
@@ -100,3 +102,49 @@ def test_a_steps_index_tensors_reach_the_device_in_one_copy():
     assert [(t.shape, t.device.type) for t in moved] == [(t.shape, "meta") for t in host]
     with pytest.raises(TypeError, match=r"expected tensors of one dtype; found \['torch.float32', 'torch.int64'\]"):
         to_device([torch.zeros(2), torch.arange(2)], torch.device("meta"))
+
+
+class Transfers(TorchDispatchMode):
+    """The copies between devices, (from, to) for each: the operations' own (`to`, `copy_`), and a tensor made from
+    host data straight on another device (`torch.tensor(data, device=...)`: a copy the dispatcher does not see)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default and result.device != args[0].device:
+            self.copies.append((args[0].device.type, result.device.type))
+        elif func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
+            self.copies.append((args[1].device.type, args[0].device.type))
+        return result
+
+
+class MadeFromData(TorchFunctionMode):
+    def __init__(self, transfers: Transfers) -> None:
+        super().__init__()
+        self.transfers = transfers
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type != "cpu":
+            self.transfers.copies.append(("cpu", torch.device(device).type))
+        return func(*args, **kwargs)
+
+
+def test_the_sampled_rows_parameters_and_draws_reach_the_device_in_one_copy():
+    params = [
+        SamplingParams(),
+        SamplingParams(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, seed=1),
+        SamplingParams(do_sample=True),
+        SamplingParams(do_sample=True, top_p=0.5),
+    ]
+    scores = torch.zeros(len(params), 50, device="meta")
+    uniforms = torch.rand(len(params), dtype=torch.float64, device=HOST)
+    with Transfers() as transfers, MadeFromData(transfers):
+        tokens = choose(scores, params, uniforms)
+    assert tokens.device.type == "meta"
+    assert transfers.copies == [("cpu", "meta")]
