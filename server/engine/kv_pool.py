@@ -7,6 +7,8 @@ profiled worst step leave (memory_profile.py).
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
 
@@ -86,6 +88,13 @@ def block_slots(block_ids: list[list[int]], block_size: int) -> torch.Tensor:
     flat = torch.tensor(list(chain.from_iterable(block_ids)), dtype=torch.long, device=HOST)  # [sum of blocks]
     table[torch.arange(width, device=HOST)[None] < lengths[:, None]] = flat
     return (table[:, :, None] * block_size + torch.arange(block_size, device=HOST)).flatten(1)
+
+
+def long_tensor(values: Iterable[int]) -> torch.Tensor:
+    """[n] int64 on the host, as `torch.tensor(values)` makes it but without its conversion element by element: the
+    values packed into an array and its buffer taken as it is (some 3 µs for 256 values against 12-24)."""
+    packed = array("q", values)
+    return torch.frombuffer(packed, dtype=torch.long) if packed else torch.empty(0, dtype=torch.long, device=HOST)
 
 
 def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

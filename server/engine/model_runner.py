@@ -25,7 +25,7 @@ from server.engine.adapters import DeviceAdapter
 from server.engine.attention import SDPA, UNBOUNDED, AttentionBackend, RowBatch, StepKV, TileLimits
 from server.engine.backbone import Backbone
 from server.engine.kinds.base import StepResult
-from server.engine.kv_pool import HOST, KVPool, to_device
+from server.engine.kv_pool import HOST, KVPool, long_tensor, to_device
 from server.engine.readout import Readout
 from server.engine.request import Sequence
 from server.engine.scheduler import Chunk
@@ -98,7 +98,7 @@ class ModelRunner:
 
     def index(self, positions: list[int]) -> torch.Tensor:
         """Stream positions (a readout's) as an index on the device."""
-        return torch.tensor(positions, dtype=torch.long, device=self.device)
+        return long_tensor(positions).to(self.device)
 
     def stream(self, chunks: list[Chunk], causal: bool = True) -> tuple[StreamLayout, StepKV]:
         """The packed stream's layout, and the pass's state over the pool (`causal` False: each row's tokens see
@@ -132,7 +132,7 @@ class ModelRunner:
             if chunk.start < row.num_embedded_tokens or row.request.input_embeds is not None:
                 placed.append((chunk, offset))
         assert len(token_ids) == offsets[-1], "one id per token of the stream"
-        embeds = self.embed_tokens(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+        embeds = self.embed_tokens(long_tensor(token_ids).to(self.device))
         for chunk, offset in placed:
             row, end = chunk.row, min(chunk.start + chunk.num_tokens, chunk.row.num_embedded_tokens)
             if chunk.start < end and row.task is not None:
@@ -179,9 +179,9 @@ class StreamLayout:
         counts = [chunk.num_tokens for chunk in chunks]
         if sum(counts) == len(counts):
             return cls.of_decode(chunks, slots, causal, limits)
-        num_new = torch.tensor(counts, device=HOST)
-        starts = torch.tensor([chunk.start for chunk in chunks], device=HOST)
-        prefix = torch.tensor([chunk.row.num_prefix_tokens for chunk in chunks], device=HOST)
+        num_new = long_tensor(counts)
+        starts = long_tensor([chunk.start for chunk in chunks])
+        prefix = long_tensor([chunk.row.num_prefix_tokens for chunk in chunks])
         key_lengths = prefix + starts + num_new
         key_slots = slots.key_slots([chunk.row for chunk in chunks], int(key_lengths.max()))  # [B, L]
         rows = RowTensors(num_new, starts, prefix, key_slots)
@@ -206,7 +206,7 @@ class StreamLayout:
     def of_decode(cls, chunks: list[Chunk], slots: SlotTable, causal: bool, limits: TileLimits) -> StreamLayout:
         """`of` for a step whose rows each compute one new token (decode rows, the usual step): row b is the stream's
         token b, at its position, the row's last key column; the same tensors with fewer operations."""
-        positions = torch.tensor([chunk.row.num_prefix_tokens + chunk.start for chunk in chunks], device=HOST)
+        positions = long_tensor([chunk.row.num_prefix_tokens + chunk.start for chunk in chunks])
         key_lengths = positions + 1
         key_slots = slots.key_slots([chunk.row for chunk in chunks], int(key_lengths.max()))  # [B, L]
         offsets = torch.arange(len(chunks) + 1, device=HOST)

@@ -6,7 +6,8 @@ A row's keys, in position order, are its task's shared prefix (P tokens) and the
 their slots: columns 0..P-1 the prefix's, then its own blocks' (block_size a block). The rows' block lists stay the
 scheduler's (one owner); the table is the step's copy of them on the host, checked for every row every step: a row
 whose block list is another list (freed by a preemption, then allocated again) or whose prefix is another task's
-blocks is written anew; one whose list grew gets the new blocks' slots.
+blocks is written anew; one whose list grew gets the new blocks' slots. A step of the same rows as the step before
+(the usual decode step) reads them through the index it kept, and only rows whose blocks changed are visited.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.kv_memory import TaskBlocks
-from server.engine.kv_pool import HOST
+from server.engine.kv_pool import HOST, long_tensor
 from server.engine.request import Sequence
 
 
@@ -38,31 +39,50 @@ class SlotTable:
         self.table = torch.zeros((0, block_size), dtype=torch.long, device=HOST)  # [capacity rows, columns]
         self.kept: dict[int, Kept] = {}  # by id(row)
         self.free: list[int] = []  # table rows no row holds
+        self.last_rows: list[Sequence] = []  # the last call's rows, in order,
+        self.last_kept: list[Kept] = []  # what the table keeps of each of them,
+        self.last_index = torch.empty(0, dtype=torch.long, device=HOST)  # and their table rows
 
     def key_slots(self, rows: list[Sequence], width: int) -> torch.Tensor:
         """[R, width]: these rows' key slots, prefix then own (past a row's blocks, zeros or stale slots: the caller
         reads a row's keys up to its length only). Rows kept before and not among these are dropped."""
-        for gone in self.kept.keys() - {id(row) for row in rows}:
-            self.free.append(self.kept.pop(gone).index)
         placed: list[tuple[int, int, int]] = []  # (table row, column, block id) of blocks new to the table
-        indices = [self.index_of(row, placed) for row in rows]
+        if rows == self.last_rows:  # by identity (eq=False): the same rows in the same order, none dropped
+            for row, kept in zip(rows, self.last_kept, strict=True):
+                changed = kept.blocks is not row.block_ids or kept.prefix is not row.task_blocks
+                if changed or kept.num_blocks != len(row.block_ids):
+                    self.index_of(row, placed)  # its table row stays the same
+        else:
+            for gone in self.kept.keys() - {id(row) for row in rows}:
+                self.free.append(self.kept.pop(gone).index)
+            indices = [self.index_of(row, placed) for row in rows]
+            self.last_rows, self.last_kept = list(rows), [self.kept[id(row)] for row in rows]
+            self.last_index = long_tensor(indices)
         self.place(placed, width)
-        return self.table[:, :width].index_select(0, torch.tensor(indices, dtype=torch.long, device=HOST))
+        return self.table[:, :width].index_select(0, self.last_index)
 
     def index_of(self, row: Sequence, placed: list[tuple[int, int, int]]) -> int:
         """The row's table row; the blocks it lacks (all of them, for a row new to the table) go to `placed`."""
         kept = self.kept.get(id(row))
-        if kept is None or kept.blocks is not row.block_ids or kept.prefix is not row.task_blocks:
-            index = kept.index if kept is not None else self.free.pop() if self.free else self.grow()
+        if kept is None:
+            index = self.free.pop() if self.free else self.grow()
             kept = self.kept[id(row)] = Kept(row, index, row.block_ids, 0, row.task_blocks, row.num_prefix_tokens)
-            prefix = row.task_blocks.block_ids if row.task_blocks is not None else []
-            placed += [(index, i * self.block_size, block) for i, block in enumerate(prefix)]
+            placed += self.prefix_blocks(kept)
+        elif kept.blocks is not row.block_ids or kept.prefix is not row.task_blocks:  # written anew, in its place
+            kept.blocks, kept.num_blocks = row.block_ids, 0
+            kept.prefix, kept.num_prefix = row.task_blocks, row.num_prefix_tokens
+            placed += self.prefix_blocks(kept)
         if len(row.block_ids) != kept.num_blocks:
             first = kept.num_prefix + kept.num_blocks * self.block_size
             new = row.block_ids[kept.num_blocks :]
             placed += [(kept.index, first + i * self.block_size, block) for i, block in enumerate(new)]
             kept.num_blocks = len(row.block_ids)
         return kept.index
+
+    def prefix_blocks(self, kept: Kept) -> list[tuple[int, int, int]]:
+        """(table row, column, block id) of the kept row's prefix blocks."""
+        prefix = kept.prefix.block_ids if kept.prefix is not None else []
+        return [(kept.index, i * self.block_size, block) for i, block in enumerate(prefix)]
 
     def place(self, placed: list[tuple[int, int, int]], width: int) -> None:
         """Each block's slots into its table row from its column on, all in one write (the table widened first to

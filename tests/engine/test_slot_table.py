@@ -69,3 +69,24 @@ def test_a_left_rows_table_row_is_reused_by_the_next_row():
     slots = table.key_slots([short], 3 * BLOCK_SIZE)  # as wide as the row before it held
     assert table.kept[id(short)].index == 0  # the same table row, freed when `long` left the step
     assert slots[0, :BLOCK_SIZE].tolist() == by_hand(short)
+
+
+def test_the_same_rows_step_after_step_read_their_blocks_slots_through_growth_and_new_lists():
+    """The usual decode step, the same rows as the step before, reads them through the kept index: rows whose blocks
+    grew, whose block list is a new one (preempted and resumed) or whose prefix is held anew still read theirs."""
+    rng = random.Random(1)
+    table, next_block = SlotTable(BLOCK_SIZE), iter(range(1, 10_000))
+    rows = [row(rng.choice([0, 3, 6])) for _ in range(12)]
+    for made in rows:
+        made.block_ids = [next(next_block)]
+    for _ in range(40):
+        for made in rows:
+            if rng.random() < 0.3:
+                made.block_ids += [next(next_block)]
+        if rng.random() < 0.3:
+            rng.choice(rows).block_ids = [next(next_block) for _ in range(rng.randint(1, 3))]
+        prefixed = [made for made in rows if made.task_blocks is not None]
+        if rng.random() < 0.3 and prefixed:
+            made = rng.choice(prefixed)
+            made.task_blocks = TaskBlocks(made.task_blocks.key, made.num_prefix_tokens, [next(next_block) for _ in "ab"])
+        check(table, rows)
