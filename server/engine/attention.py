@@ -80,11 +80,12 @@ class RowBatch:
         num_new: torch.Tensor,
         first_positions: torch.Tensor,
         causal: bool = True,
+        num_keys: int | None = None,
     ) -> RowBatch:
         """Rows whose keys are `key_slots[r, :key_lengths[r]]` ([R, >= L]) and whose `num_new[r]` new tokens start
-        at `offsets[r]` in the stream, at position `first_positions[r]`."""
+        at `offsets[r]` in the stream, at position `first_positions[r]` (`num_keys`: L, the longest, when known)."""
         device = key_slots.device
-        column = torch.arange(int(key_lengths.max()), device=device)[None]  # [1, L]
+        column = torch.arange(int(key_lengths.max()) if num_keys is None else num_keys, device=device)[None]  # [1, L]
         gather_slots = torch.where(column < key_lengths[:, None], key_slots[:, : column.shape[1]], 0)
         width = int(num_new.max())
         if width == 1:  # one new token a row (decode rows): every query is real, with no padding to point away

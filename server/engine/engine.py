@@ -435,10 +435,10 @@ class Engine:
 
     def record_step(self, chunks: list[Chunk], num_prefill: int, num_decode: int, seconds: float) -> StepStats:
         self.num_steps += 1
-        rows = [chunk.row for chunk in chunks]
+        tasks = {id(chunk.row.task): chunk.row.task for chunk in chunks}  # by identity first: no key made per row
         stats = StepStats(
-            batch_size=len(rows),
-            num_distinct_tasks=len({row.task.key for row in rows if row.task}),
+            batch_size=len(chunks),
+            num_distinct_tasks=len({task.key for task in tasks.values() if task is not None}),
             num_prefill_tokens=num_prefill,
             num_decode_tokens=num_decode,
             num_waiting=len(self.scheduler.waiting),

@@ -208,15 +208,15 @@ class StreamLayout:
         token b, at its position, the row's last key column; the same tensors with fewer operations."""
         positions = long_tensor([chunk.row.num_prefix_tokens + chunk.start for chunk in chunks])
         key_lengths = positions + 1
-        key_slots = slots.key_slots([chunk.row for chunk in chunks], int(key_lengths.max()))  # [B, L]
+        num_keys = int(key_lengths.max())
+        key_slots = slots.key_slots([chunk.row for chunk in chunks], num_keys)  # [B, L]
         offsets = torch.arange(len(chunks) + 1, device=HOST)
         num_new = torch.ones_like(positions)
-        return cls(
-            offsets=offsets,
-            positions=positions,
-            write_slots=key_slots.gather(1, positions[:, None])[:, 0],
-            batches=RowBatch.tiles(key_slots, key_lengths, offsets[:-1], num_new, positions, limits, causal),
-        )
+        if limits.fits(len(chunks), 1, num_keys):  # one batch, as `tiles` finds first (without its reductions)
+            batches = [RowBatch.of(key_slots, key_lengths, offsets[:-1], num_new, positions, causal, num_keys)]
+        else:
+            batches = RowBatch.tiles(key_slots, key_lengths, offsets[:-1], num_new, positions, limits, causal)
+        return cls(offsets, positions, key_slots.gather(1, positions[:, None])[:, 0], batches)
 
 
 @dataclass(frozen=True, slots=True)

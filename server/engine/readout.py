@@ -31,12 +31,16 @@ class Readout:
     def of(cls, chunks: list[Chunk]) -> Readout:
         readout, scored_index = cls(), []
         offset = 0
+        generate = Job.GENERATE  # most rows: their test first, once
         for chunk in chunks:
             row, job = chunk.row, chunk.row.request.job
-            if job is Job.GENERATE and chunk.is_last:
-                readout.sampled.append(row)
-                readout.logit_index.append(offset + chunk.num_tokens - 1)
-            elif job is Job.SCORE:
+            if job is generate:
+                if chunk.is_last:
+                    readout.sampled.append(row)
+                    readout.logit_index.append(offset + chunk.num_tokens - 1)
+                offset += chunk.num_tokens
+                continue
+            if job is Job.SCORE:
                 for token in range(chunk.start, chunk.start + chunk.num_tokens):
                     target = token - row.scored_from
                     if 0 <= target < len(row.targets):
@@ -46,7 +50,7 @@ class Readout:
                 own = classified_tokens(row)
                 readout.classified.append(Classified(row, len(readout.hidden_index), len(own)))
                 readout.hidden_index += [offset + token - chunk.start for token in own]
-            if job is not Job.GENERATE and chunk.is_last:
+            if chunk.is_last:
                 readout.completed.append(row)
             offset += chunk.num_tokens
         readout.logit_index += scored_index

@@ -27,22 +27,21 @@ class SchedulerConfig:
     max_waiting: int  # bounded waiting queue
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class Chunk:
     """`num_tokens` of a row's own tokens, from its first uncomputed one (`start`, when the chunk is made), computed
     in this step."""
 
     row: Sequence
     num_tokens: int
-    start: int = field(init=False)
+    start: int
+    is_last: bool  # the chunk reaches the row's last token: the row is sampled after this step
 
-    def __post_init__(self) -> None:
-        self.start = self.row.num_computed
-
-    @property
-    def is_last(self) -> bool:
-        """The chunk reaches the row's last token: the row is sampled after this step."""
-        return self.start + self.num_tokens == self.row.num_fixed_tokens + len(self.row.output_ids)
+    def __init__(self, row: Sequence, num_tokens: int) -> None:  # one call (a step makes one for every running row)
+        self.row = row
+        self.num_tokens = num_tokens
+        self.start = row.num_computed
+        self.is_last = self.start + num_tokens == row.num_fixed_tokens + len(row.output_ids)
 
 
 @dataclass(slots=True)
@@ -127,8 +126,8 @@ class Scheduler:
         for request in self.running:
             first = len(decode_chunks)
             for row in request.rows:
-                if not row.is_finished:
-                    remaining = row.num_remaining
+                if row.finish_reason is None and not row.done:  # not row.is_finished (inline: asked of every row)
+                    remaining = row.num_fixed_tokens + len(row.output_ids) - row.num_computed  # row.num_remaining
                     if remaining > 1:  # still prefilling: its rows are cut within the budget below
                         del decode_chunks[first:]
                         prefilling.append(request)
@@ -151,10 +150,10 @@ class Scheduler:
         if len(chunks) > self.config.max_step_tokens - plan.num_tokens:
             return False  # a budget smaller than the decode rows: cut request by request
         growth = self.growth(chunks)
-        needed = sum(growth)
+        needed = sum(num_blocks for _, num_blocks in growth)
         if needed and needed > self.memory.num_available_blocks:
             return False  # someone is preempted: request by request, newest first
-        self.grow(chunks, growth)
+        self.grow(growth)
         plan.add(chunks)
         return True
 
@@ -166,13 +165,13 @@ class Scheduler:
     def schedule_running(self, request: Request, plan: StepPlan) -> None:
         chunks = self.chunks_for(request, self.config.max_step_tokens - plan.num_tokens)
         growth = self.growth(chunks)
-        needed = sum(growth)  # a decode row needs a block once every block_size tokens: mostly 0
+        needed = sum(num_blocks for _, num_blocks in growth)  # a decode row needs a block once every block_size tokens
         while needed and needed > self.memory.num_available_blocks:
             victim = self.running[-1]
             self.preempt(victim, plan)
             if victim is request:
                 return
-        self.grow(chunks, growth)
+        self.grow(growth)
         plan.add(chunks)
 
     def admit_waiting(self, plan: StepPlan) -> None:
@@ -186,7 +185,7 @@ class Scheduler:
             budget = self.config.max_step_tokens - plan.num_tokens - encoder
             chunks = self.chunks_for(request, max(1, budget) if encoder else budget)  # a start token at least
             growth = self.growth(chunks)
-            needed = self.memory.task_blocks_needed(request.task_tokens()) + sum(growth)
+            needed = self.memory.task_blocks_needed(request.task_tokens()) + sum(num_blocks for _, num_blocks in growth)
             if not chunks or needed > self.memory.num_available_blocks:
                 return
             if not self.adapters.can_hold(request.adapter_keys()):
@@ -201,7 +200,7 @@ class Scheduler:
                 if row.applies_adapter and row.task is not None and not row.is_finished:
                     self.adapters.hold(row.task.key)
                     row.holds_adapter = True
-            self.grow(chunks, growth)
+            self.grow(growth)
             plan.add(chunks)
             plan.admitted.append(request)
 
@@ -223,19 +222,21 @@ class Scheduler:
 
     # ---- memory
 
-    def growth(self, chunks: list[Chunk]) -> list[int]:
-        """Blocks each chunk's row must add to hold it (computed once: a step asks it of every running row): its
-        slots are its own tokens up to the chunk's last, or its encoder input if longer."""
+    def growth(self, chunks: list[Chunk]) -> list[tuple[Sequence, int]]:
+        """The chunks' rows that must add blocks to hold them, in order, each with how many (a step asks it of every
+        running row; a decode row needs one once every block_size tokens, so the few that do are found first): a
+        row's slots are its own tokens up to the chunk's last, or its encoder input if longer."""
         size = self.memory.block_size
         return [
-            max(0, -(-max(c.row.num_computed + c.num_tokens, c.row.encoder_length) // size) - len(c.row.block_ids))
+            (c.row, -(-max(c.row.num_computed + c.num_tokens, c.row.encoder_length) // size) - len(c.row.block_ids))
             for c in chunks
+            if c.row.num_computed + c.num_tokens > len(c.row.block_ids) * size
+            or c.row.encoder_length > len(c.row.block_ids) * size
         ]
 
-    def grow(self, chunks: list[Chunk], growth: list[int]) -> None:
-        for chunk, num_blocks in zip(chunks, growth, strict=True):
-            if num_blocks:  # a decode row needs a block once every block_size tokens
-                chunk.row.block_ids += self.memory.allocate(num_blocks)
+    def grow(self, growth: list[tuple[Sequence, int]]) -> None:
+        for row, num_blocks in growth:
+            row.block_ids += self.memory.allocate(num_blocks)
 
     def preempt(self, request: Request, plan: StepPlan) -> None:
         """Free the request's memory and put it back at the head of the queue, to be recomputed later."""

@@ -37,6 +37,7 @@ class SlotTable:
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
         self.table = torch.zeros((0, block_size), dtype=torch.long, device=HOST)  # [capacity rows, columns]
+        self.offsets = torch.arange(block_size, device=HOST)  # a block's slots after its first
         self.kept: dict[int, Kept] = {}  # by id(row)
         self.free: list[int] = []  # table rows no row holds
         self.last_rows: list[Sequence] = []  # the last call's rows, in order,
@@ -91,11 +92,12 @@ class SlotTable:
             if width > self.table.shape[1]:
                 self.widen(width)
             return
-        index, column, block = torch.tensor(placed, dtype=torch.long, device=HOST).unbind(1)  # [K] each
-        offsets = torch.arange(self.block_size, device=HOST)
-        columns = column[:, None] + offsets  # [K, block_size]
-        self.widen(max(width, int(columns.max()) + 1))
-        self.table[index[:, None].expand_as(columns), columns] = block[:, None] * self.block_size + offsets
+        size = self.block_size
+        self.widen(max(width, max(column for _, column, _ in placed) + size))
+        stride = self.table.shape[1]
+        firsts = long_tensor([index * stride + column for index, column, _ in placed])  # [K]: each block's first
+        slots = long_tensor([block * size for _, _, block in placed])  # [K]: its first slot
+        self.table.view(-1)[(firsts[:, None] + self.offsets).flatten()] = (slots[:, None] + self.offsets).flatten()
 
     def grow(self) -> int:
         """A new table row (the table doubles when full); its index."""
