@@ -87,7 +87,7 @@ class ModelRunner:
         return self.tasks.adapters.hooks.tokens(self.row_adapters(rows), lengths, self.device, width)
 
     def row_adapters(self, rows: list[Sequence | None]) -> list[DeviceAdapter | None]:
-        return [self.adapter_of(row) for row in rows]
+        return [self.adapter_of(row) if row is not None and row.holds_adapter else None for row in rows]
 
     def adapter_of(self, row: Sequence | None) -> DeviceAdapter | None:
         if row is None or not row.holds_adapter or row.task is None:
@@ -126,9 +126,11 @@ class ModelRunner:
         for chunk, offset in zip(chunks, offsets, strict=False):
             row = chunk.row
             if chunk.num_tokens == 1 and row.output_ids and chunk.is_last:
-                token_ids.append(row.output_ids[-1])  # a decoding row: every kind's own tokens end with the output
-            else:
-                token_ids += own_token_ids(row, chunk.start, chunk.num_tokens)
+                # a decoding row: every kind's own tokens end with the output, past the prompt task's vectors and
+                # the given input embeddings, so its token is its last output and it has no vectors to place
+                token_ids.append(row.output_ids[-1])
+                continue
+            token_ids += own_token_ids(row, chunk.start, chunk.num_tokens)
             if chunk.start < row.num_embedded_tokens or row.request.input_embeds is not None:
                 placed.append((chunk, offset))
         assert len(token_ids) == offsets[-1], "one id per token of the stream"

@@ -59,7 +59,7 @@ class StepPlan:
 
     def add(self, chunks: list[Chunk]) -> None:
         self.chunks += chunks
-        self.num_chunk_tokens += sum(chunk.num_tokens for chunk in chunks)
+        self.num_chunk_tokens += sum([chunk.num_tokens for chunk in chunks])
 
     def drop(self, request: Request) -> None:
         """A preempted request's chunks leave the plan."""

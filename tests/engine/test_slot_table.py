@@ -88,5 +88,6 @@ def test_the_same_rows_step_after_step_read_their_blocks_slots_through_growth_an
         prefixed = [made for made in rows if made.task_blocks is not None]
         if rng.random() < 0.3 and prefixed:
             made = rng.choice(prefixed)
-            made.task_blocks = TaskBlocks(made.task_blocks.key, made.num_prefix_tokens, [next(next_block) for _ in "ab"])
+            again = [next(next_block), next(next_block)]  # the task's blocks held anew (resumed after a preemption)
+            made.task_blocks = TaskBlocks(made.task_blocks.key, made.num_prefix_tokens, again)
         check(table, rows)
