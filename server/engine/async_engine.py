@@ -420,7 +420,9 @@ class QueueSink(TokenSink):
         self, request_id: str, row: int, token_id: int, logprob: float, finish_reason: FinishReason | None,
         top: tuple[tuple[int, float], ...],
     ) -> None:  # fmt: skip
-        deliveries = self.deliveries()
+        deliveries = self.outbox.pending.get(self.loop)  # `deliveries()` inline: this is called for every token
+        if deliveries is None or self.loop.is_closed():
+            deliveries = self.deliveries()
         deliveries.queues.append(self.events)
         deliveries.outputs.append(None)
         deliveries.request_ids.append(request_id)

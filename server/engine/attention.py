@@ -81,13 +81,15 @@ class RowBatch:
         first_positions: torch.Tensor,
         causal: bool = True,
         num_keys: int | None = None,
+        width: int | None = None,
     ) -> RowBatch:
         """Rows whose keys are `key_slots[r, :key_lengths[r]]` ([R, >= L]) and whose `num_new[r]` new tokens start
-        at `offsets[r]` in the stream, at position `first_positions[r]` (`num_keys`: L, the longest, when known)."""
+        at `offsets[r]` in the stream, at position `first_positions[r]` (`num_keys` and `width`: L and the most new
+        tokens, when the caller knows them)."""
         device = key_slots.device
         column = torch.arange(int(key_lengths.max()) if num_keys is None else num_keys, device=device)[None]  # [1, L]
         gather_slots = torch.where(column < key_lengths[:, None], key_slots[:, : column.shape[1]], 0)
-        width = int(num_new.max())
+        width = int(num_new.max()) if width is None else width
         if width == 1:  # one new token a row (decode rows): every query is real, with no padding to point away
             return cls(gather_slots=gather_slots, key_lengths=key_lengths, query_index=offsets[:, None],
                        query_positions=first_positions[:, None], output_index=torch.arange(len(num_new), device=device),

@@ -215,7 +215,7 @@ class StreamLayout:
         offsets = torch.arange(len(chunks) + 1, device=HOST)
         num_new = torch.ones_like(positions)
         if limits.fits(len(chunks), 1, num_keys):  # one batch, as `tiles` finds first (without its reductions)
-            batches = [RowBatch.of(key_slots, key_lengths, offsets[:-1], num_new, positions, causal, num_keys)]
+            batches = [RowBatch.of(key_slots, key_lengths, offsets[:-1], num_new, positions, causal, num_keys, 1)]
         else:
             batches = RowBatch.tiles(key_slots, key_lengths, offsets[:-1], num_new, positions, limits, causal)
         return cls(offsets, positions, key_slots.gather(1, positions[:, None])[:, 0], batches)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import random
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,23 +20,24 @@ OutputSink = Callable[[EngineOutput], None]  # called on the engine thread
 RankedTarget = tuple[int, tuple[tuple[int, float], ...]]  # a scored token's rank and the most likely (id, logprob)
 
 
-class TokenSink(ABC):
+class TokenSink:
     """An output sink that also takes a one-row request's new token as plain values, so that the engine thread
     makes no objects for the most common output of a step (the async engine's: the output is made on the caller's
-    loop, see async_engine.Outbox). Called on the engine thread; raises if the caller cannot be reached."""
+    loop, see async_engine.Outbox). Called on the engine thread; raises if the caller cannot be reached. Not an ABC:
+    the engine asks every token's sink whether it is one, and an ABC answers through a Python call."""
 
     __slots__ = ()
 
-    @abstractmethod
-    def __call__(self, output: EngineOutput) -> None: ...
+    def __call__(self, output: EngineOutput) -> None:
+        raise NotImplementedError
 
-    @abstractmethod
     def put_token(
         self, request_id: str, row: int, token_id: int, logprob: float, finish_reason: FinishReason | None,
         top: tuple[tuple[int, float], ...],
     ) -> None:  # fmt: skip
         """The output EngineOutput(request_id, (RowToken(row, token_id, logprob, finish_reason, top),), finished)
         with `finished` whether the row ended (the request's only row)."""
+        raise NotImplementedError
 
 
 class Job(enum.Enum):

@@ -37,7 +37,7 @@ class Causal(ModelKind):
         logits, hidden = run_backbone(
             runner.model,
             kv,
-            runner.index(readout.hidden_index),
+            runner.index(readout.hidden_index) if readout.hidden_index else None,  # None: no hidden state read
             inputs_embeds=embeds,
             position_ids=layout.positions[None].to(runner.device),  # [1, N]
             logits_to_keep=runner.index(readout.logit_index),
