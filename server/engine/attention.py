@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
 from typing import Any, ClassVar, Protocol
+from weakref import WeakKeyDictionary
 
 import torch
 from torch.nn.functional import scaled_dot_product_attention
@@ -513,8 +514,15 @@ def unrouted_attention(model: torch.nn.Module, kv_heads: int | None = None) -> s
     return None
 
 
+LAYER_COUNTS: WeakKeyDictionary[torch.nn.Module, int] = WeakKeyDictionary()  # by model: every step checks it
+
+
 def num_layers(model: torch.nn.Module) -> int:
-    return int(model.config.get_text_config().num_hidden_layers)  # type: ignore[operator,union-attr]
+    """The model's layers, read from its config once (transformers 5's config attributes take several µs each)."""
+    count = LAYER_COUNTS.get(model)
+    if count is None:
+        count = LAYER_COUNTS[model] = int(model.config.get_text_config().num_hidden_layers)  # type: ignore[operator,union-attr]
+    return count
 
 
 def scratch_kv(model: torch.nn.Module, layers: int, kv_heads: int | None = None) -> StepKV:
