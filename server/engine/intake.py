@@ -144,12 +144,14 @@ def capped_max_new_tokens(
     return min(asked, room)
 
 
-def make_generator(params: SamplingParams) -> random.Random | None:
-    """A seeded request's own generator of the sampler's draws, on the host (its draws never depend on its batch
-    mates, nor on the device); unseeded rows share torch's (vLLM keeps per-row generators for seeded rows only)."""
+def make_generators(params: SamplingParams, num_rows: int) -> tuple[random.Random, ...]:
+    """A seeded request's generators of the sampler's draws, one a row, on the host: a row's draws never depend on
+    its batch mates, nor on the device, nor on the steps its siblings are sampled in (an ensemble member's prefill
+    may end a step before another's). Row 0 draws what random.Random(seed) does. Unseeded rows share torch's (vLLM
+    keeps per-row generators for seeded rows only)."""
     if not params.do_sample or params.seed is None:
-        return None
-    return random.Random(params.seed)
+        return ()
+    return tuple(random.Random(params.seed + (row << 64)) for row in range(num_rows))  # seeds are below 2**64
 
 
 def single_row_request(
@@ -192,7 +194,7 @@ def build_request(
         max_new_tokens=capped_max_new_tokens(backbone, request.sampling, len(input_ids), tasks),
         sink=sink,
         ensemble=request.ensemble,
-        generator=make_generator(request.sampling),
+        generators=make_generators(request.sampling, len(tasks)),
         kind=backbone.kind,
         input_embeds=None if embeds is None else embeds.to(backbone.device, backbone.dtype),
     )

@@ -161,7 +161,7 @@ class Request:
     ensemble: EnsembleMode | None = None
     rows: list[Sequence] = field(default_factory=list)
     status: Status = Status.WAITING
-    generator: random.Random | None = None  # a seeded request's draws, so batch mates never matter (unseeded: None)
+    generators: tuple[random.Random, ...] = ()  # a seeded request's draws, one a row (see intake.make_generators)
     arrival_time: float = field(default_factory=time.monotonic)
     first_scheduled_time: float | None = None
     jumps_queue: bool = False  # the engine's own (a new task's probe): first in line, outside the batch-size limit

@@ -2,8 +2,8 @@
 the whole batch (vLLM's sampler): temperature, top-k and top-p for every sampled row at once, then the draw by
 inverting the row's cumulative distribution at its own uniform u (one random number a row, not one per token).
 
-Greedy rows take the argmax. A seeded request draws its u from its own generator, so its tokens never depend on its
-batch mates; unseeded rows share one draw from torch's generator. The draws are made on the host before the
+Greedy rows take the argmax. A seeded request's row draws its u from its own generator, so its tokens never depend on
+its batch mates; unseeded rows share one draw from torch's generator. The draws are made on the host before the
 sampling (`draws`), so a retry request by request uses the same ones, and reach the device with the sampled rows'
 parameters in one copy. Rows of a `mean` ensemble decide together: one token from the average of the members'
 log-probabilities, fed to every member. The step's results come back to the host in one transfer.
@@ -66,14 +66,14 @@ class Decisions:
 
 
 def draws(rows: list[Sequence]) -> torch.Tensor:
-    """u ~ U[0, 1) per row [B] on the host (float64; 0 for greedy rows): a seeded request's from its own generator,
-    its rows in order, so that they never depend on the batch; the other sampled rows' from one draw of torch's."""
+    """u ~ U[0, 1) per row [B] on the host (float64; 0 for greedy rows): a seeded request's row's from the row's own
+    generator, so that they never depend on the batch; the other sampled rows' from one draw of torch's."""
     uniforms = [0.0] * len(rows)
     unseeded = []
     for i, row in enumerate(rows):
         request = row.request
-        if request.generator is not None:
-            uniforms[i] = request.generator.random()
+        if request.generators:
+            uniforms[i] = request.generators[row.index].random()
         elif request.sampling.do_sample:
             unseeded.append(i)
     if unseeded:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine.types import StepStats
+from server.engine.types import EnsembleMode, StepStats
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import ADAPTER_KINDS, TinyBackbone
 from tests.reference import PEFT_GENERATE_BROKEN, greedy_with_logprobs, peft_generate, peft_greedy, peft_model
@@ -88,6 +88,21 @@ def test_seeded_sampling_same_alone_and_mixed(harness: Harness):
     assert token_ids(mixed[3]) == alone
     again = token_ids(harness.alone("sample me", "prompt_tuning", **sampling))
     assert again == alone
+
+
+@pytest.mark.parametrize("mode", [EnsembleMode.VOTE, EnsembleMode.MEAN])
+def test_seeded_ensemble_members_same_alone_and_mixed(harness: Harness, mode: EnsembleMode):
+    """Each member draws from its own generator: a member whose prefill ends a step before another's (chunks share
+    the step's budget with the mates) must not take the draw its sibling takes alone."""
+    sampling = {"do_sample": True, "temperature": 1.5, "seed": 77, "max_new_tokens": 12}
+    members = ("prefix", "prompt_tuning", "p_tuning_mlp")
+    alone = harness.request("sample me", *members, ensemble=mode, **sampling)
+    harness.run(alone)
+    mates = [harness.request(TEXTS[task], task, do_sample=True, max_new_tokens=12) for task in TASKS]
+    mixed = harness.request("sample me", *members, ensemble=mode, **sampling)
+    harness.run(*mates[:3], mixed, *mates[3:])
+    assert [row.output_ids for row in mixed.rows] == [row.output_ids for row in alone.rows]
+    assert len(set(alone.rows[0].output_ids)) > 3  # it really samples
 
 
 def test_unseeded_sampling_varies(harness: Harness):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from server.engine import sampler
-from server.engine.intake import make_generator
+from server.engine.intake import make_generators
 from server.engine.request import Request, Sequence
 from server.engine.sampler import choose, draws, lowest_kept, sample, score, suppress_eos
 from server.engine.types import SamplingParams
@@ -163,7 +163,7 @@ def test_extreme_parameters_still_draw_the_best_token():
 
 
 def sampling_row(sampling: SamplingParams) -> Sequence:
-    request = Request("r", [1], sampling, 8, lambda output: None, generator=make_generator(sampling))
+    request = Request("r", [1], sampling, 8, lambda output: None, generators=make_generators(sampling, 1))
     request.rows = [Sequence(request, None)]
     return request.rows[0]
 
