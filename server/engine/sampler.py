@@ -177,16 +177,18 @@ def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     (always at least one) and every token tied with the last of them, so no order among equal scores (which a sort
     does not fix) decides. One `topk` of `width` for the whole batch, so no sort of the vocabulary where every row
     has a top-k: the tokens tied with the k-th best but ranked beyond `width` are counted, so the mass before each
-    ranked token is exact."""
+    ranked token is exact. The masses are summed in float64 (float32 has no digits left for a tail 1e-4 of the
+    whole) and the total is the running sum's last, so a row's cut does not move with the batch's `width`."""
     vocab = scores.shape[-1]
     values = scores.topk(width, dim=-1).values  # [S, width], descending
     kth = values.gather(1, (top_k.long().clamp(max=width) - 1)[:, None])  # [S, 1]
     threshold = torch.where(top_k[:, None] < vocab, kth, float("-inf"))
     best = values[:, :1]
     weights = (values - best).exp().masked_fill(values < threshold, 0.0)  # [S, width]
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)  # [S, width]
     unranked_ties = (scores == threshold).sum(dim=-1, keepdim=True) - (values == threshold).sum(dim=-1, keepdim=True)
-    total = weights.sum(dim=-1, keepdim=True) + unranked_ties * (threshold - best).exp()
-    mass_before = (weights.cumsum(dim=-1) - weights) / total  # of the tokens scoring higher (ties: any order)
+    total = cumulative[:, -1:] + unranked_ties * (threshold - best).exp().double()
+    mass_before = cumulative.sub_(weights).div_(total)  # of the tokens scoring higher (ties: any order)
     last = (mass_before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1) - 1
     return torch.where(top_p[:, None] < 1.0, values.gather(1, last).maximum(threshold), threshold)
 

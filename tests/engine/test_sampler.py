@@ -228,3 +228,45 @@ def test_scores_computed_a_few_positions_at_a_time_equal_the_whole(monkeypatch):
         order = logprobs[i].argsort(descending=True).tolist()
         assert rank == order.index(targets[i]) + 1
         assert [token for token, _ in top] == order[: rows[i].request.sampling.top_logprobs or 0]
+
+
+def reference_kept(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """docs/api.md's rule in float64 one row at a time, by a stable sort (a third party to `lowest_kept`): the tokens
+    scoring at least the k-th best, then the smallest run of the most likely whose probability reaches top_p, with
+    every token tied with the last of them."""
+    scores = scores.double()
+    ranked = scores.sort(descending=True, stable=True).values
+    kept = scores >= ranked[top_k - 1] if 0 < top_k < len(scores) else torch.ones_like(scores, dtype=torch.bool)
+    probs = torch.softmax(scores.masked_fill(~kept, float("-inf")), dim=-1).sort(descending=True, stable=True)
+    reached = int((probs.values.cumsum(dim=-1) >= top_p).nonzero()[0]) if top_p < 1.0 else int(kept.sum()) - 1
+    return kept & (scores >= scores[probs.indices[min(reached, int(kept.sum()) - 1)]])
+
+
+def test_filters_keep_what_the_documented_rule_keeps_computed_in_float64():
+    """Random rows, ties made common by rounding (to halves, to bfloat16), top-p close to 1 where float32 mass runs
+    out of digits (a token's share of 1e-4 of the tail is 1e-8 of the whole)."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randn(96, 4096, generator=generator) * 3
+    scores = torch.cat([scores[:32], (scores[32:64] * 2).round() / 2, scores[64:].bfloat16().float()])
+    top_k = torch.tensor([0, 7, 300, 4096] * 24)
+    top_p = torch.tensor([0.9999, 0.99999, 0.5, 0.999999, 1.0, 0.95] * 16, dtype=torch.float64)
+    ks = torch.where(top_k == 0, 4096, top_k)
+    kept = scores >= lowest_kept(scores, ks, top_p, 4096)
+    expected = torch.stack([reference_kept(s, int(k), float(p)) for s, k, p in zip(scores, top_k, top_p, strict=True)])
+    assert torch.equal(kept, expected), (kept != expected).any(dim=-1).nonzero()[:, 0].tolist()
+
+
+def test_top_p_cut_of_a_top_k_row_does_not_depend_on_the_widest_k_of_its_batch():
+    """A batch mate with a larger top-k (or top-p alone) widens the ranking; the row's cut must stay where it is
+    alone, even for a top_p at the very mass some prefix of its tokens sums to (in float32 or float64)."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        row = torch.randn(1, 4096, generator=generator) * 2
+        k = int(torch.randint(20, 200, (1,), generator=generator))
+        weights = (row.topk(k).values - row.max()).exp()  # [1, k]
+        prefixes = [weights.cumsum(dim=-1) / weights.sum(), weights.double().cumsum(dim=-1) / weights.double().sum()]
+        top_p = torch.cat([prefix[0].double() for prefix in prefixes])  # [2k]
+        scores = row.expand(len(top_p), -1)
+        ks = torch.full((len(top_p),), k)
+        alone, widened = lowest_kept(scores, ks, top_p, k), lowest_kept(scores, ks, top_p, 4096)
+        assert torch.equal(alone, widened), f"{int((alone != widened).sum())} of {len(top_p)} cuts move"
