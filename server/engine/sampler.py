@@ -11,11 +11,13 @@ log-probabilities, fed to every member. The step's results come back to the host
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
-from server.engine.kv_pool import HOST, to_device
+from server.engine.kv_pool import HOST, double_tensor, from_array, to_device
 from server.engine.request import RankedTarget, Request, Sequence
 from server.engine.types import SamplingParams
 
@@ -68,7 +70,7 @@ class Decisions:
 def draws(rows: list[Sequence]) -> torch.Tensor:
     """u ~ U[0, 1) per row [B] on the host (float64; 0 for greedy rows): a seeded request's row's from the row's own
     generator, so that they never depend on the batch; the other sampled rows' from one draw of torch's."""
-    uniforms = [0.0] * len(rows)
+    uniforms = array("d", bytes(8 * len(rows)))  # zeros
     unseeded = []
     for i, row in enumerate(rows):
         request = row.request
@@ -79,7 +81,7 @@ def draws(rows: list[Sequence]) -> torch.Tensor:
     if unseeded:
         for i, u in zip(unseeded, torch.rand(len(unseeded), dtype=torch.float64, device=HOST).tolist(), strict=True):
             uniforms[i] = u
-    return torch.tensor(uniforms, dtype=torch.float64, device=HOST)
+    return from_array(uniforms, torch.float64)
 
 
 def sample(logits: torch.Tensor, rows: list[Sequence], uniforms: torch.Tensor) -> Sampled:
@@ -154,7 +156,7 @@ def choose(scores: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
     top_p = [p.top_p for p in chosen]
     temperature = [max(p.temperature, MIN_TEMPERATURE) for p in chosen]
-    host = torch.tensor([sampled, temperature, top_k, top_p], dtype=torch.float64, device=HOST)
+    host = double_tensor(chain(sampled, temperature, top_k, top_p)).view(4, len(sampled))
     (on_device,) = to_device([torch.cat([host, uniforms[sampled][None]])], scores.device)  # [5, S], one copy
     index, temperatures, ks, ps, u = on_device
     index = index.long()
