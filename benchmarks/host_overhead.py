@@ -9,7 +9,9 @@ is measured in the engine thread's CPU time (so other processes' load does not c
 - host: the engine thread's step (schedule, tensors, sampling, hand-off to the callers' event loop) minus the
   model's forward;
 - attention Python: the engine's attention function minus the attention kernel (SDPA) inside it, summed over the
-  layers (on a CPU this includes its gathers' memory traffic too).
+  layers (on a CPU this includes its gathers' memory traffic too);
+- sampling: the part of host spent choosing the tokens (the draws and the sampler: on a CPU its tensor operations
+  over the vocabulary are the host's own work; on a GPU they are kernels the host only launches).
 Medians over the measured steps; per row = per step / R.
 """
 
@@ -36,6 +38,7 @@ from benchmarks.offline import quiet_libraries
 from server.demo import register_demo_tasks
 from server.demo.tasks import sample_input
 from server.engine import attention
+from server.engine import engine as engine_module
 from server.engine.async_engine import AsyncEngine, build_engine
 from server.engine.config import EngineConfig
 from server.engine.types import GenerateInput, SamplingParams
@@ -50,6 +53,7 @@ class StepSample:
     forward_s: float
     attention_s: float
     kernel_s: float  # SDPA inside the attention function
+    sampling_s: float
 
 
 @dataclass(slots=True)
@@ -59,6 +63,7 @@ class ThreadClock:
     forward_s: float = 0.0
     attention_s: float = 0.0
     kernel_s: float = 0.0
+    sampling_s: float = 0.0
     samples: list[StepSample] = field(default_factory=list)
 
     def timed(self, original: Callable[..., Any], slot: str) -> Callable[..., Any]:
@@ -73,7 +78,7 @@ class ThreadClock:
         return wrapper
 
     def reset(self) -> None:
-        self.forward_s = self.attention_s = self.kernel_s = 0.0
+        self.forward_s = self.attention_s = self.kernel_s = self.sampling_s = 0.0
 
 
 @contextlib.contextmanager
@@ -83,6 +88,7 @@ def clocked(engine: AsyncEngine, clock: ThreadClock, num_rows: int, num_samples:
     loop lags behind the steps cannot run the rows to their end before the loop sees the measurement is done."""
     model = engine.engine.runner.model
     step_once, sdpa = engine.step_once, attention.scaled_dot_product_attention
+    sample, draws = engine_module.sample, engine_module.draws
 
     def measured_step() -> bool:
         if len(clock.samples) >= num_samples:
@@ -93,11 +99,14 @@ def clocked(engine: AsyncEngine, clock: ThreadClock, num_rows: int, num_samples:
         step_s = time.thread_time() - started
         stats = engine.engine.last_step
         if stats is not None and stats.batch_size == num_rows and stats.num_prefill_tokens == 0:
-            clock.samples.append(StepSample(step_s, clock.forward_s, clock.attention_s, clock.kernel_s))
+            clock.samples.append(
+                StepSample(step_s, clock.forward_s, clock.attention_s, clock.kernel_s, clock.sampling_s)
+            )
         return computed
 
     engine.step_once = measured_step  # type: ignore[method-assign]
     model.forward = clock.timed(model.forward, "forward_s")
+    engine_module.sample, engine_module.draws = clock.timed(sample, "sampling_s"), clock.timed(draws, "sampling_s")
     attention.scaled_dot_product_attention = clock.timed(sdpa, "kernel_s")
     AttentionInterface.register(attention.ATTENTION_NAME, clock.timed(attention.attend, "attention_s"))
     try:
@@ -105,6 +114,7 @@ def clocked(engine: AsyncEngine, clock: ThreadClock, num_rows: int, num_samples:
     finally:
         AttentionInterface.register(attention.ATTENTION_NAME, attention.attend)
         attention.scaled_dot_product_attention = sdpa
+        engine_module.sample, engine_module.draws = sample, draws
         del model.forward
         engine.step_once = step_once  # type: ignore[method-assign]
 
@@ -163,6 +173,8 @@ class Measured:
     host_us_per_row: float
     attention_python_ms: float
     attention_python_us_per_row: float
+    sampling_ms: float
+    sampling_us_per_row: float
 
 
 def summarize(workload: str, num_rows: int, samples: list[StepSample]) -> Measured:
@@ -171,6 +183,7 @@ def summarize(workload: str, num_rows: int, samples: list[StepSample]) -> Measur
 
     host = median_ms([s.step_s - s.forward_s for s in samples])
     python = median_ms([s.attention_s - s.kernel_s for s in samples])
+    sampling = median_ms([s.sampling_s for s in samples])
     return Measured(
         workload=workload,
         num_rows=num_rows,
@@ -181,6 +194,8 @@ def summarize(workload: str, num_rows: int, samples: list[StepSample]) -> Measur
         host_us_per_row=1000 * host / num_rows,
         attention_python_ms=python,
         attention_python_us_per_row=1000 * python / num_rows,
+        sampling_ms=sampling,
+        sampling_us_per_row=1000 * sampling / num_rows,
     )
 
 
@@ -208,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             register_demo_tasks(engine)
             print(f"host work per decode step, built-in backbone on {args.device}, {args.threads} torch threads")
             print(f"  {'workload':8} {'rows':>5} {'step ms':>8} {'forward':>8} {'host ms':>8} {'host µs/row':>12} "
-                  f"{'attn Python ms':>15} {'µs/row':>7}")  # fmt: skip
+                  f"{'attn Python ms':>15} {'µs/row':>7} {'sampling ms':>12} {'µs/row':>7}")  # fmt: skip
             for workload in args.workloads:
                 for num_rows in args.rows:
                     samples = asyncio.run(run_rows(engine, num_rows, workload, args.steps, args.warmup))
@@ -216,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(m)
                     print(f"  {m.workload:8} {m.num_rows:5d} {m.step_ms:8.2f} {m.forward_ms:8.2f} {m.host_ms:8.2f} "
                           f"{m.host_us_per_row:12.1f} {m.attention_python_ms:15.2f} "
-                          f"{m.attention_python_us_per_row:7.1f}")  # fmt: skip
+                          f"{m.attention_python_us_per_row:7.1f} {m.sampling_ms:12.2f} "
+                          f"{m.sampling_us_per_row:7.1f}")  # fmt: skip
         finally:
             engine.shutdown()
     if args.json:

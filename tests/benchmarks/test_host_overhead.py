@@ -22,3 +22,4 @@ def test_host_overhead_measures_every_workload_at_every_row_count(tmp_path: Path
     assert [(r["workload"], r["num_rows"], r["num_steps"]) for r in results] == [
         (workload, rows, 2) for workload in host_overhead.WORKLOADS for rows in (4, 8)
     ]
+    assert all(0 < r["sampling_ms"] <= r["host_ms"] for r in results)  # the sampler is timed, as part of the host
