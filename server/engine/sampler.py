@@ -188,10 +188,12 @@ def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     best = values[:, :1]
     weights = (values - best).exp().masked_fill(values < threshold, 0.0)  # [S, width]
     cumulative = weights.cumsum(dim=-1, dtype=torch.float64)  # [S, width]
-    unranked_ties = (scores == threshold).sum(dim=-1, keepdim=True) - (values == threshold).sum(dim=-1, keepdim=True)
-    total = cumulative[:, -1:] + unranked_ties * (threshold - best).exp().double()
-    mass_before = cumulative.sub_(weights).div_(total)  # of the tokens scoring higher (ties: any order)
-    last = (mass_before < top_p[:, None]).sum(dim=-1, keepdim=True).clamp_(min=1) - 1
+    total = cumulative[:, -1:].clone()
+    if width < vocab:  # tokens tied with the k-th best may be ranked beyond `width`
+        ties = (scores == threshold).sum(dim=-1, keepdim=True) - (values == threshold).sum(dim=-1, keepdim=True)
+        total += ties * (threshold - best).exp().double()
+    mass_before = cumulative.sub_(weights)  # of the tokens scoring higher (ties: any order)
+    last = (mass_before < top_p[:, None] * total).sum(dim=-1, keepdim=True).clamp_(min=1) - 1
     return torch.where(top_p[:, None] < 1.0, values.gather(1, last).maximum(threshold), threshold)
 
 
