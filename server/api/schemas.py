@@ -36,10 +36,6 @@ _SAMPLING_DEFAULTS = SamplingParams()
 MAX_SEED = 2**53 - 1
 # Sampling colder than the sampler's floor would be greedy in disguise: the API says so instead of guessing.
 MIN_SAMPLING_TEMPERATURE = MIN_TEMPERATURE
-# The sampler compares float32 probability mass with top_p: a smaller top_p rounds to 0 and drops every token.
-# Every top_p in (0, this] keeps exactly the most likely token (its probability is at least 1/vocab), so
-# raising a smaller one to it changes nothing else.
-FLOAT32_TINY = 1.1754943508222875e-38
 
 
 def _is_none(value: object) -> bool:
@@ -122,7 +118,7 @@ class Parameters(BaseModel):
             do_sample=self.do_sample,
             temperature=temperature,
             top_k=_SAMPLING_DEFAULTS.top_k if self.top_k is None else self.top_k,
-            top_p=_SAMPLING_DEFAULTS.top_p if self.top_p is None else max(self.top_p, FLOAT32_TINY),
+            top_p=_SAMPLING_DEFAULTS.top_p if self.top_p is None else self.top_p,
             seed=self.seed,
             stop=tuple(self.stop or ()),
         )

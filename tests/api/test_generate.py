@@ -8,7 +8,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
-from server.api.schemas import FLOAT32_TINY
 from server.api.settings import Settings
 from server.engine.types import EnsembleMode, SamplingParams
 from tests.api.fake_engine import FakeEngine, answer_of
@@ -195,8 +194,7 @@ def test_generate_accepts_the_extreme_sampling_parameters_that_work(client: Test
     parameters = {"do_sample": True, "temperature": 1e-5, "top_p": 1e-300, "seed": 2**53 - 1}
     assert generate(client, parameters=parameters).status_code == 200
     sampling = engine.requests[-1].sampling
-    assert (sampling.temperature, sampling.seed) == (1e-5, 2**53 - 1)
-    assert sampling.top_p == FLOAT32_TINY  # a float32 0 would drop every token; this keeps the top one, as asked
+    assert (sampling.temperature, sampling.seed, sampling.top_p) == (1e-5, 2**53 - 1, 1e-300)  # float64 all through
 
 
 def test_generate_422_when_engine_rejects_parameters(client: TestClient, engine: FakeEngine) -> None:
