@@ -69,13 +69,14 @@ class Decisions:
 
 def draws(rows: list[Sequence]) -> torch.Tensor:
     """u ~ U[0, 1) per row [B] on the host (float64; 0 for greedy rows): a seeded request's row's from the row's own
-    generator, so that they never depend on the batch; the other sampled rows' from one draw of torch's."""
+    generator, so that they never depend on the batch (a `mean` ensemble's from its first: its rows decide together
+    with the draw of whichever comes first); the other sampled rows' from one draw of torch's."""
     uniforms = array("d", bytes(8 * len(rows)))  # zeros
     unseeded = []
     for i, row in enumerate(rows):
         request = row.request
         if request.generators:
-            uniforms[i] = request.generators[row.index].random()
+            uniforms[i] = request.generators[0 if request.is_lockstep else row.index].random()
         elif request.sampling.do_sample:
             unseeded.append(i)
     if unseeded:

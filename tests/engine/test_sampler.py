@@ -8,7 +8,7 @@ from server.engine import sampler
 from server.engine.intake import make_generators
 from server.engine.request import Request, Sequence
 from server.engine.sampler import choose, draws, lowest_kept, sample, score, suppress_eos
-from server.engine.types import SamplingParams
+from server.engine.types import EnsembleMode, SamplingParams
 
 
 def kept(scores: list[float], top_k: int = 0, top_p: float = 1.0, width: int | None = None) -> list[bool]:
@@ -166,6 +166,27 @@ def sampling_row(sampling: SamplingParams) -> Sequence:
     request = Request("r", [1], sampling, 8, lambda output: None, generators=make_generators(sampling, 1))
     request.rows = [Sequence(request, None)]
     return request.rows[0]
+
+
+def mean_ensemble_rows(sampling: SamplingParams, num_rows: int) -> list[Sequence]:
+    generators = make_generators(sampling, num_rows)
+    request = Request("r", [1], sampling, 8, lambda output: None, EnsembleMode.MEAN, generators=generators)
+    request.rows = [Sequence(request, None, i) for i in range(num_rows)]
+    return request.rows
+
+
+def test_mean_ensemble_token_does_not_depend_on_the_order_its_rows_reach_the_sampler():
+    """Its members decide together with one draw a step: whichever row comes first, the draw is the same."""
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).expand(3, 64)  # equal members
+    sampling = SamplingParams(do_sample=True, temperature=2.0, seed=5)
+    orders = ([0, 1, 2], [2, 0, 1], [1, 2, 0])
+    tokens = []
+    for order in orders:
+        rows = mean_ensemble_rows(sampling, 3)
+        batch = [rows[i] for i in order]
+        tokens.append([sample(logits, batch, draws(batch)).token_ids[0] for _ in range(20)])
+    assert tokens[1] == tokens[0] and tokens[2] == tokens[0]
+    assert len(set(tokens[0])) > 1  # it really samples
 
 
 def test_sample_reports_log_probabilities_top_tokens_and_non_finite_rows():
