@@ -15,6 +15,7 @@ from array import array
 from dataclasses import dataclass
 from itertools import chain
 
+import numpy as np
 import torch
 
 from server.engine.kv_pool import HOST, double_tensor, from_array, to_device
@@ -24,6 +25,7 @@ from server.engine.types import SamplingParams
 MIN_TEMPERATURE = 1e-5  # sampling this cold is greedy in all but name (vLLM's threshold too)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions' top_logprobs
 SCORE_CHUNK_ELEMENTS = 1 << 24  # log-probabilities [rows, V] a scoring computes at once (64 MiB in float32)
+WHOLE_SORT_MAX_VOCAB = 512  # up to here numpy sorts a row whole faster than it partitions it (~36 µs for 128 rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +150,7 @@ def choose(scores: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     argmax for greedy rows; for sampled rows the token where the row's u falls in its cumulative distribution after
     temperature, top-k and top-p (summed in float64, so that a token's share of [0, 1) is its probability to 1e-16
     even over a large vocabulary)."""
-    tokens = scores.argmax(dim=-1)
+    tokens = argmax(scores)
     sampled = [i for i, p in enumerate(params) if p.do_sample]
     if not sampled:
         return tokens
@@ -183,7 +185,7 @@ def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     ranked token is exact. The masses are summed in float64 (float32 has no digits left for a tail 1e-4 of the
     whole) and the total is the running sum's last, so a row's cut does not move with the batch's `width`."""
     vocab = scores.shape[-1]
-    values = scores.topk(width, dim=-1).values  # [S, width], descending
+    values = descending(scores, width)  # [S, width]
     kth = values.gather(1, (top_k.long().clamp(max=width) - 1)[:, None])  # [S, 1]
     threshold = torch.where(top_k[:, None] < vocab, kth, float("-inf"))
     best = values[:, :1]
@@ -196,6 +198,36 @@ def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     mass_before = cumulative.sub_(weights)  # of the tokens scoring higher (ties: any order)
     last = (mass_before < top_p[:, None] * total).sum(dim=-1, keepdim=True).clamp_(min=1) - 1
     return torch.where(top_p[:, None] < 1.0, values.gather(1, last).maximum(threshold), threshold)
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores [N, V] -> the index of each row's largest [N], the first of equals (NaN the largest), as torch's.
+    On the host numpy's, whose loop is vectorised: torch's CPU argmax takes 55 µs over [256, 259] and 4.6 ms over
+    [256, 32000], numpy's 6 µs and 1 ms."""
+    if not is_host_float(scores):
+        return scores.argmax(dim=-1)
+    return torch.from_numpy(scores.detach().numpy().argmax(axis=-1))
+
+
+def descending(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """scores [S, V] -> each row's `width` largest, largest first [S, width] (NaN the largest), as torch's `topk`.
+    On the host numpy's sorts, which use SIMD sorting networks where torch's CPU `topk` and `sort` run a scalar
+    nth-element per row: for 128 rows of V 259 and width 40, 36 µs against `topk`'s 330 (V 32,000: 3.7 against 5.8
+    ms; width V, top-p without top-k: 9.5 ms against `sort`'s hundreds)."""
+    if not is_host_float(scores):
+        return scores.topk(width, dim=-1).values
+    vocab = scores.shape[-1]
+    values = scores.detach().numpy()
+    if width == vocab or vocab <= WHOLE_SORT_MAX_VOCAB:
+        ranked = np.sort(values, axis=-1)[:, vocab - width :]
+    else:
+        ranked = np.partition(values, vocab - width, axis=-1)[:, vocab - width :]
+        ranked.sort(axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(ranked[:, ::-1]))
+
+
+def is_host_float(scores: torch.Tensor) -> bool:
+    return scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64)
 
 
 def suppress_eos(logits: torch.Tensor, rows: list[Sequence], eos_ids: frozenset[int]) -> torch.Tensor:

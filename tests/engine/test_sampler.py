@@ -77,6 +77,25 @@ def test_ranking_only_the_top_k_filters_as_ranking_everything():
     assert (scores >= narrow).sum() > (scores >= narrow).any(dim=-1).sum() + 64  # not one token a row
 
 
+
+def test_host_ranking_and_argmax_equal_torchs():
+    """On the host `descending` and `argmax` go through numpy (its sorts and argmax are vectorised, torch's CPU
+    `topk` and argmax are not): the same values and indices as torch's, with ties, signed zeros, infinities and NaN
+    (the largest, as torch ranks it), over a vocabulary numpy sorts whole and one it partitions first."""
+    generator = torch.Generator().manual_seed(3)
+    for vocab in (9, sampler.WHOLE_SORT_MAX_VOCAB + 88):
+        scores = (torch.randn(24, vocab, generator=generator) * 2).round() / 2
+        scores[1, :3] = torch.tensor([float("nan"), float("inf"), float("nan")])
+        scores[2] = float("-inf")
+        scores[3, ::2] = -0.0
+        scores[4, -1] = float("inf")
+        for dtype in (torch.float32, torch.float64):
+            rows = scores.to(dtype)
+            assert torch.equal(sampler.argmax(rows), rows.argmax(dim=-1))
+            for width in (1, 4, vocab // 3, vocab):
+                expected = rows.topk(width, dim=-1).values
+                assert torch.allclose(sampler.descending(rows, width), expected, rtol=0, atol=0, equal_nan=True)
+
 def uniform_draws(count: int, seed: int | None) -> torch.Tensor:
     return torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed or 0))
 
