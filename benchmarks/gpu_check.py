@@ -8,30 +8,45 @@ Stages, each in its own process with its own time limit, so one that fails or ha
 4. http: `python -m benchmarks.http_compare`, promptserve against PEFT's per-task batches over HTTP;
 5. attention: `python -m benchmarks.attention_backends`, one layer's attention over the pool, SDPA against
    FlexAttention compiled (attention_backend=flex; the GPU-marked tests compare their tokens too).
-It writes one JSON and a one-screen summary (`gpu-check-<device>.json`, `.txt`) under benchmarks/results/ and exits
-non-zero if any stage failed. Without CUDA it says so in one line and exits 2; `--device cpu` is a dry run of the
-same stages at tiny sizes (the test suite runs it, so the script cannot rot before a GPU arrives).
+The whole check keeps within `--budget-s` (8 minutes on CUDA). It writes one JSON and a one-screen summary
+(`gpu-check-<device>.json`, `.txt`) and each stage's whole output (`gpu-check-<device>-<stage>.log`) under
+benchmarks/results/, the JSON and the summary again after every stage, so a check cut short keeps what it measured;
+it exits non-zero if any stage failed. Without CUDA it says so in one line and exits 2; `--device cpu` is a dry run
+of the same stages at tiny sizes (the test suite runs it, so the script cannot rot before a GPU arrives).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.requirements import Requirement
 
 from server.engine.reference import peft_generate_broken_reason
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
 EXIT_NO_CUDA = 2
+BUDGET_S = {"cuda": 480, "cpu": 1500}  # the whole check: 8 minutes on a GPU; the CPU dry run is slower
+MIN_STAGE_S = 30  # kept for each later stage while a stage runs: one that hangs cannot take the others' time
+DETAIL_LINES = 8  # of a stage's output, in the JSON (the whole of it is in its log)
+GPU_TEST_FILES = ("tests/engine/test_gpu.py", "tests/prompt_store/test_peft_roundtrip.py")
+PYTEST_CLOSING = re.compile(r"\d+ (passed|failed|skipped|errors?|deselected)\b.* in [\d.]+s")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +56,7 @@ class Stage:
     timeout_s: int
     json_out: Path | None = None  # where the stage writes its figures
     needs_peft_generate: bool = False  # its baseline is PEFT's generate, wrong on some transformers releases
+    fails_on_skips: bool = False  # a test it skips is a promise it did not check (the GPU tests, on a GPU)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +67,7 @@ class StageResult:
     detail: str  # the last lines of its output
     figures: dict[str, Any] | None = None
     skipped: str | None = None  # why it did not run (it does not fail the check)
+    outcome: str = ""  # the line that says how it went (pytest's closing line, the self-check's results)
 
 
 def stages(device: str, scratch: Path) -> list[Stage]:
@@ -70,11 +87,12 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     attention = [python, "-m", "benchmarks.attention_backends", "--device", device, "--json", str(attention_json)]
     if dry:
         attention += ["--size", "tiny", "--compile", "none", "--repeats", "1", "--layers", "1"]
-    tests = [python, "-m", "pytest", "-q", "-m", "gpu", "tests/engine", "-p", "no:cacheprovider"]
+    # the GPU-marked tests' files alone: collecting every test would import what only the CPU suite needs
+    tests = [python, "-m", "pytest", "-q", "-rs", "-m", "gpu", *GPU_TEST_FILES, "-p", "no:cacheprovider"]
     self_check = [python, "-m", "benchmarks.gpu_check", "--self-check-only", "--device", device]
     slack = 5 if dry else 1  # a CPU runs even the tiny sizes slower than a GPU runs the real ones
     return [
-        Stage("tests", tests, 150 * slack),
+        Stage("tests", tests, 150 * slack, fails_on_skips=not dry),
         Stage("self-check", self_check, 90 * slack),
         Stage("bench", bench, 240 * slack, bench_json, needs_peft_generate=not dry),
         Stage("http", http, 180 * slack, http_json, needs_peft_generate=True),
@@ -82,22 +100,121 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     ]
 
 
-def run_stage(stage: Stage) -> StageResult:
+def run_stage(stage: Stage, limit_s: float, log: Path) -> StageResult:
+    """The stage's command in a process group of its own, its output in `log` as it runs; past `limit_s` the whole
+    group is killed (a compiler's worker processes too, which would hold a pipe open)."""
     broken = peft_generate_broken_reason() if stage.needs_peft_generate else None
     if broken is not None:  # make gpu-check and the image install transformers 5.23.0, where it is right
         return StageResult(stage.name, True, 0.0, "", skipped=f"{broken}; run it where transformers is 5.23.0")
     started = time.monotonic()
-    try:
-        done = subprocess.run(stage.command, capture_output=True, text=True, timeout=stage.timeout_s, check=False)
-        ok, output = done.returncode == 0, done.stdout + done.stderr
-        detail = output if ok else f"exit {done.returncode}\n{output}"
-    except subprocess.TimeoutExpired as timeout:
-        ok, detail = False, f"timed out after {stage.timeout_s} s\n{timeout.stdout or ''}"
+    with log.open("w") as output:
+        process = subprocess.Popen(stage.command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code: int | None = process.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            code = None
+    seconds = time.monotonic() - started
+    lines = log.read_text(errors="replace").strip().splitlines()
+    ok = code == 0
+    if code is None:
+        lines.append(f"timed out after {limit_s:.0f} s (killed)")
+    elif not ok:
+        lines.append(f"exit {code}")
+    closing = outcome(lines)
+    if ok and stage.fails_on_skips and re.search(r"\d+ skipped", closing):
+        ok = False
+        lines.append("expected every GPU test to run here; some were skipped (their reasons: the log, -rs)")
     figures = None
-    if ok and stage.json_out is not None and stage.json_out.is_file():
+    if stage.json_out is not None and stage.json_out.is_file():  # what it measured, even if it failed after
         figures = json.loads(stage.json_out.read_text())
-    tail = "\n".join(str(detail).strip().splitlines()[-6:])
-    return StageResult(stage.name, ok, time.monotonic() - started, tail, figures)
+    return StageResult(stage.name, ok, seconds, "\n".join(lines[-DETAIL_LINES:]), figures, outcome=closing)
+
+
+def outcome(lines: list[str]) -> str:
+    """The line that says how a stage went, where it prints one: pytest's closing line, the self-check's results."""
+    closing = [line for line in lines if PYTEST_CLOSING.search(line)]
+    if closing:
+        return closing[-1].strip("= ")
+    return "; ".join(line for line in lines if line.startswith("self-check passed"))
+
+
+def run_check(device: str, out: Path, stages: list[Stage], budget_s: float) -> list[StageResult]:
+    """Every stage within the check's `budget_s`, its result written (JSON and summary) as soon as it is known, so a
+    check cut short still leaves what it measured. A stage may run to its own limit but no further than leaves
+    `MIN_STAGE_S` to each stage after it; one left with less than half that is recorded as not run."""
+    deadline = time.monotonic() + budget_s
+    name = f"gpu-check-{device.replace(':', '')}"
+    out.mkdir(parents=True, exist_ok=True)
+    environment = describe_environment(device)
+    results: list[StageResult] = []
+    write_results(out / name, device, environment, budget_s, results, [stage.name for stage in stages])
+    for i, stage in enumerate(stages):
+        left = deadline - time.monotonic() - MIN_STAGE_S * (len(stages) - i - 1)
+        if left < MIN_STAGE_S / 2:  # what was kept for it, less what the stages before overran by
+            result = StageResult(stage.name, False, 0.0, f"not run: the check's {budget_s:.0f} s budget was spent")
+        else:
+            result = run_stage(stage, min(stage.timeout_s, left), out / f"{name}-{stage.name}.log")
+        results.append(result)
+        print(f"gpu-check: {stage.name} {status_of(result)}", file=sys.stderr, flush=True)
+        write_results(out / name, device, environment, budget_s, results, [s.name for s in stages[i + 1 :]])
+    return results
+
+
+def write_results(
+    path: Path, device: str, environment: dict[str, Any], budget_s: float, results: list[StageResult],
+    pending: list[str],
+) -> None:  # fmt: skip
+    """`path`.json and `path`.txt, replaced whole (written beside, then renamed) after each stage."""
+    stages = [asdict(result) for result in results]
+    document = {"device": device_line(device), "environment": environment, "budget_s": budget_s,
+                "complete": not pending, "pending": pending, "stages": stages}  # fmt: skip
+    text = summary(device, results, pending, environment)
+    for suffix, content in ((".json", json.dumps(document, indent=2) + "\n"), (".txt", text)):
+        partial = path.with_name(path.name + suffix + ".partial")
+        partial.write_text(content)
+        partial.replace(path.with_name(path.name + suffix))
+
+
+def describe_environment(device: str) -> dict[str, Any]:
+    """What the numbers ran on, and what the first GPU user needs to know at once: the versions, whether a C
+    compiler is there (Triton builds its launcher with one: torch.compile, attention_backend=flex) and which of the
+    project's requirements this interpreter lacks."""
+    versions = {name: installed_version(name) for name in ("torch", "transformers", "peft", "triton")}
+    environment: dict[str, Any] = {"python": platform.python_version(), "versions": versions,
+                                   "cuda": torch.version.cuda, "c_compiler": c_compiler(),
+                                   "missing": missing_requirements()}  # fmt: skip
+    if device.startswith("cuda"):
+        environment["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return environment
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def c_compiler() -> str | None:
+    compiler = os.environ.get("CC")
+    return compiler or shutil.which("gcc") or shutil.which("clang") or shutil.which("cc")
+
+
+def missing_requirements() -> list[str]:
+    """The project's requirements (pyproject's dependencies, the train extra and pytest) this interpreter does not
+    satisfy, as `name>=x (found y)` or `name (absent)`."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["train"], "pytest>=8", "pytest-timeout"]
+    missing = []
+    for requirement in map(Requirement, wanted):
+        found = installed_version(requirement.name)
+        if found is None:
+            missing.append(f"{requirement.name} (absent)")
+        elif not requirement.specifier.contains(found, prereleases=True):
+            missing.append(f"{requirement} (found {found})")
+    return missing
 
 
 def check_self(device: str) -> None:
@@ -119,15 +236,35 @@ def device_line(device: str) -> str:
     return f"{platform.processor() or platform.machine()} (dry run), torch {torch.__version__}"
 
 
-def summary(device: str, results: list[StageResult]) -> str:
+def summary(
+    device: str, results: list[StageResult], pending: list[str] | None = None, environment: dict[str, Any] | None = None
+) -> str:
     lines = [f"gpu-check on {device_line(device)}"]
+    if environment is not None:
+        lines += environment_lines(environment)
     for result in results:
-        status = "skipped" if result.skipped else "ok" if result.ok else "FAILED"
-        lines.append(f"  {result.name:11} {status:7} {result.seconds:6.1f} s {result.skipped or ''}".rstrip())
+        line = f"  {result.name:11} {status_of(result):7} {result.seconds:6.1f} s {result.skipped or ''}"
+        lines.append(line.rstrip())
+        if result.outcome and not result.skipped:
+            lines.append(f"      {result.outcome}")
         lines += [f"      {line}" for line in figure_lines(result)]
         if not result.ok:
-            lines += [f"      {line}" for line in result.detail.splitlines()]
+            lines += [f"      {line}" for line in result.detail.splitlines()[-4:] if line != result.outcome]
+    lines += [f"  {name:11} not run yet" for name in pending or []]
     return "\n".join(lines) + "\n"
+
+
+def environment_lines(environment: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{name} {found or '(absent)'}" for name, found in environment["versions"].items())
+    compiler = environment["c_compiler"] or "none (Triton, so torch.compile and attention_backend=flex, need one)"
+    lines = [f"  {versions}; C compiler: {compiler}"]
+    if environment["missing"]:
+        lines.append(f"  not installed as pyproject asks: {', '.join(environment['missing'])}")
+    return lines
+
+
+def status_of(result: StageResult) -> str:
+    return "skipped" if result.skipped else "ok" if result.ok else "FAILED"
 
 
 def figure_lines(result: StageResult) -> list[str]:
@@ -155,6 +292,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda | cuda:N; cpu: a dry run at tiny sizes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and the summary go")
+    parser.add_argument("--budget-s", type=float, help="the whole check's limit (default: 480 s on CUDA)")
     parser.add_argument("--self-check-only", action="store_true", help=argparse.SUPPRESS)  # stage 2's process
     return parser.parse_args(argv)
 
@@ -168,18 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.self_check_only:
         check_self(args.device)
         return 0
+    budget_s = args.budget_s or BUDGET_S["cpu" if args.device == "cpu" else "cuda"]
     with tempfile.TemporaryDirectory(prefix="promptserve-gpu-check-") as scratch:
-        results = []
-        for stage in stages(args.device, Path(scratch)):
-            results.append(run_stage(stage))
-            print(f"gpu-check: {stage.name} {'ok' if results[-1].ok else 'FAILED'}", file=sys.stderr, flush=True)
-    name = f"gpu-check-{args.device.replace(':', '')}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    document = {"device": device_line(args.device), "stages": [asdict(result) for result in results]}
-    (args.out / f"{name}.json").write_text(json.dumps(document, indent=2) + "\n")
-    text = summary(args.device, results)
-    (args.out / f"{name}.txt").write_text(text)
-    print(text, end="")
+        results = run_check(args.device, args.out, stages(args.device, Path(scratch)), budget_s)
+    print((args.out / f"gpu-check-{args.device.replace(':', '')}.txt").read_text(), end="")
     return 0 if all(result.ok for result in results) else 1
 
 
