@@ -38,6 +38,12 @@ RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
 FROM builder AS gpu-check
 # the benchmarks' baselines are PEFT's generate, right on transformers 5.23.0 (Makefile: BENCH_TRANSFORMERS)
 ARG BENCH_TRANSFORMERS=5.23.0
+# Triton (torch.compile: attention_backend=flex, its GPU tests and the attention stage) builds its CUDA launcher with a
+# C compiler at the first compiled call, against Python.h (the base image's); the slim base has no compiler.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 COPY tests tests
 COPY benchmarks benchmarks
 # hadolint ignore=DL3013
@@ -51,6 +57,7 @@ CMD ["python", "-m", "benchmarks.gpu_check"]
 # ---- runtime: the virtual environment, a non-root user, two volumes ----
 FROM ${PYTHON_IMAGE} AS runtime
 ARG PROMPTSERVE_UID=10001
+ARG TORCH_VARIANT=cpu
 LABEL org.opencontainers.image.title="promptserve" \
       org.opencontainers.image.description="One frozen causal LM serving many prompt-tuned tasks in one batch" \
       org.opencontainers.image.licenses="Apache-2.0"
@@ -59,6 +66,13 @@ RUN groupadd --system --gid "${PROMPTSERVE_UID}" promptserve \
        --home-dir /home/promptserve --shell /usr/sbin/nologin promptserve \
     && mkdir -p /data/store /data/hf \
     && chown -R "${PROMPTSERVE_UID}:${PROMPTSERVE_UID}" /data
+# A CUDA image compiles with Triton where attention_backend=flex, which needs a C compiler (see gpu-check above).
+# hadolint ignore=DL3008
+RUN if [ "${TORCH_VARIANT}" != cpu ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends gcc libc6-dev \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=builder /opt/venv /opt/venv
 # HF_HUB_OFFLINE=1 (set at run time) never touches the network: models must then already be in /data/hf
 # or be a mounted directory. The built-in default model ships inside the image and needs neither.

@@ -13,7 +13,7 @@ TORCH := torch==$(shell sed -n 's/^torch==//p' $(LOCK))
 # sdist built with poetry-core).
 BUILD_TOOLS := pip setuptools poetry-core
 
-.PHONY: helm serve test lint typecheck docs unit bench test-bench-venv gpu-check bench-guidellm clean test-newest lock newest-venv
+.PHONY: helm serve test lint typecheck docs unit bench test-bench-venv gpu-check gpu-wheels bench-guidellm clean test-newest lock newest-venv
 
 $(STAMP): pyproject.toml clients/pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -74,22 +74,23 @@ bench: $(BENCH)/.installed
 test-bench-venv: $(BENCH)/.installed
 	$(BENCH)/bin/python -m pytest -q tests/engine -m "not slow" $(ARGS)
 
-# The first GPU's checklist (benchmarks/gpu_check.py): a venv whose torch is the CUDA build of the interpreter that
-# makes it (PYTHON=...), everything else from the lock but transformers, which is .venv-bench's (its baselines are
-# PEFT's generate). Offline: the CUDA image's gpu-check stage (docs/docker.md).
-GPU_VENV := .venv-gpu
+# The first GPU's checklist (benchmarks/gpu_check.py), run by PYTHON, an interpreter whose torch is a CUDA build, with
+# its own packages as they are: what it lacks of the check's requirements goes into .gpu-site from the wheels in
+# .gpu-wheels (benchmarks/gpu_env.py), with no package index. `make gpu-wheels` fills that folder where the index is
+# reachable, for the GPU host's Python (GPU_PYTHON_VERSION): bring it to a host without a network; where the folder is
+# absent, gpu-check downloads it first. The Docker image's gpu-check stage is the other way (docs/docker.md).
+GPU_SITE := .gpu-site
+GPU_WHEELS := .gpu-wheels
+GPU_PYTHON_VERSION ?= 3.12
 
-$(GPU_VENV)/.installed: pyproject.toml clients/pyproject.toml $(LOCK)
+gpu-wheels:
+	$(PYTHON) -m benchmarks.gpu_env download $(GPU_WHEELS) --python-version $(GPU_PYTHON_VERSION) \
+		--transformers $(BENCH_TRANSFORMERS)
+
+gpu-check:
 	@$(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'gpu-check: expected a CUDA build of torch in $(PYTHON); found torch ' + torch.__version__ + ' without CUDA (make gpu-check PYTHON=...)')"
-	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	grep -v '^transformers==' $(LOCK) > $(GPU_VENV)/constraints.txt
-	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_VENV)/constraints.txt $(BUILD_TOOLS)
-	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_VENV)/constraints.txt --no-build-isolation -e ".[dev]" \
-		"transformers==$(BENCH_TRANSFORMERS)"
-	touch $@
-
-gpu-check: $(GPU_VENV)/.installed
-	$(GPU_VENV)/bin/python -m benchmarks.gpu_check $(ARGS)
+	$(PYTHON) -m benchmarks.gpu_env install $(GPU_SITE) --wheels $(GPU_WHEELS) --transformers $(BENCH_TRANSFORMERS)
+	PYTHONPATH=$(GPU_SITE) $(PYTHON) -m benchmarks.gpu_check $(ARGS)
 
 # guidellm 0.8.1 pins click~=8.4, which the lock's click does not satisfy: its own venv (CPU torch first, as above).
 # benchmarks/guidellm.py runs in the project's venv and calls this venv's `guidellm` CLI.
@@ -132,4 +133,4 @@ lock: newest-venv
 	@echo "$(LOCK) refreshed; review 'git diff $(LOCK)' and commit it"
 
 clean:
-	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) $(GPU_VENV) build site *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(NEWEST) $(BENCH) $(GUIDELLM) $(GPU_SITE) $(GPU_WHEELS) build site *.egg-info .pytest_cache .ruff_cache .mypy_cache

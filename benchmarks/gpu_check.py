@@ -18,6 +18,7 @@ of the same stages at tiny sizes (the test suite runs it, so the script cannot r
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -184,10 +185,21 @@ def describe_environment(device: str) -> dict[str, Any]:
     versions = {name: installed_version(name) for name in ("torch", "transformers", "peft", "triton")}
     environment: dict[str, Any] = {"python": platform.python_version(), "versions": versions,
                                    "cuda": torch.version.cuda, "c_compiler": c_compiler(),
-                                   "missing": missing_requirements()}  # fmt: skip
+                                   "missing": missing_requirements(), "torch_lacks": torch_lacks()}  # fmt: skip
     if device.startswith("cuda"):
         environment["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     return environment
+
+
+def torch_lacks() -> list[str]:
+    """The newer torch functions the engine calls that this torch lacks (pyproject allows torch from 2.5; the lock
+    and the suite are 2.13's): a LoRA / IA3 step without `grouped_mm`, FlexAttention without `compute_q_blocks`."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lacks = [] if hasattr(torch.nn.functional, "grouped_mm") else ["torch.nn.functional.grouped_mm"]
+    if "compute_q_blocks" not in inspect.signature(BlockMask.from_kv_blocks).parameters:
+        lacks.append("BlockMask.from_kv_blocks(compute_q_blocks=...)")
+    return lacks
 
 
 def installed_version(name: str) -> str | None:
@@ -260,6 +272,8 @@ def environment_lines(environment: dict[str, Any]) -> list[str]:
     lines = [f"  {versions}; C compiler: {compiler}"]
     if environment["missing"]:
         lines.append(f"  not installed as pyproject asks: {', '.join(environment['missing'])}")
+    if environment["torch_lacks"]:
+        lines.append(f"  this torch lacks what the engine calls: {', '.join(environment['torch_lacks'])}")
     return lines
 
 

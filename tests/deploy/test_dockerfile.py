@@ -118,3 +118,22 @@ def test_the_lock_pins_every_dependency_within_its_range() -> None:
         assert name in pins, f"{name} is a dependency but requirements.lock does not pin it"
         assert dependency.specifier.contains(pins[name], prereleases=True), f"{name}=={pins[name]} vs {dependency}"
     assert all("+" not in version for version in pins.values()), "local version labels (+cpu) break other variants"
+
+
+def stage_runs(name: str) -> list[str]:
+    """The RUN instructions of the build stage `name` (from its FROM to the next)."""
+    runs, current = [], None
+    for keyword, rest in instructions():
+        if keyword == "FROM":
+            current = rest.split()[-1]
+        elif keyword == "RUN" and current == name:
+            runs.append(rest)
+    return runs
+
+
+def test_the_gpu_images_have_the_c_compiler_triton_builds_its_launcher_with() -> None:
+    """torch.compile on CUDA (attention_backend=flex, the flex GPU tests, gpu-check's attention stage) fails at its
+    first call with 'Failed to find C compiler' on the slim base."""
+    assert any(re.search(r"apt-get install .*\bgcc\b", run) for run in stage_runs("gpu-check"))
+    cuda_only = [run for run in stage_runs("runtime") if "gcc" in run]
+    assert cuda_only and all('"${TORCH_VARIANT}" != cpu' in run for run in cuda_only), cuda_only
