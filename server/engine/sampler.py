@@ -7,6 +7,12 @@ its batch mates; unseeded rows share one draw from torch's generator. The draws 
 sampling (`draws`), so a retry request by request uses the same ones, and reach the device with the sampled rows'
 parameters in one copy. Rows of a `mean` ensemble decide together: one token from the average of the members'
 log-probabilities, fed to every member. The step's results come back to the host in one transfer.
+
+Sampled rows are filtered and drawn a few at a time, so no temporary grows with the batch times the vocabulary, and
+over a large vocabulary a draw is inverted in two steps (its block of tokens, then its token), so the float64
+running sum runs over the blocks and one block, not the vocabulary. On the host the ranking and the argmax are
+numpy's: vectorised, where torch's CPU `topk`, `sort` and argmax are scalar loops (`python -m benchmarks.sampler`
+times it all over real vocabularies).
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from server.engine.types import SamplingParams
 MIN_TEMPERATURE = 1e-5  # sampling this cold is greedy in all but name (vLLM's threshold too)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat completions' top_logprobs
 SCORE_CHUNK_ELEMENTS = 1 << 24  # log-probabilities [rows, V] a scoring computes at once (64 MiB in float32)
+SAMPLE_CHUNK_ELEMENTS = 1 << 24  # scores [rows, V] sampled at once on a GPU (64 MiB in float32; few launches)
+HOST_SAMPLE_CHUNK_ELEMENTS = 1 << 21  # on the host (8 MiB: temporaries that stay in the heap, not fresh pages)
+CDF_BLOCK = 1024  # tokens a block when a draw is inverted in two steps (`invert`)
 WHOLE_SORT_MAX_VOCAB = 512  # up to here numpy sorts a row whole faster than it partitions it (~36 µs for 128 rows)
 
 
@@ -161,18 +170,62 @@ def choose(scores: torch.Tensor, params: list[SamplingParams], uniforms: torch.T
     temperature = [max(p.temperature, MIN_TEMPERATURE) for p in chosen]
     host = double_tensor(chain(sampled, temperature, top_k, top_p)).view(4, len(sampled))
     (on_device,) = to_device([torch.cat([host, uniforms[sampled][None]])], scores.device)  # [5, S], one copy
-    index, temperatures, ks, ps, u = on_device
-    index = index.long()
-    filtered = scores.index_select(0, index) / temperatures[:, None].to(scores.dtype)  # [S, V]
-    weights = (filtered - filtered.amax(dim=-1, keepdim=True)).exp()  # [S, V], the best token's 1
     width = max((k for k, p in zip(top_k, top_p, strict=True) if k < vocab or p < 1.0), default=0)
-    if width:  # some row has top-k or top-p
-        weights = weights.masked_fill(filtered < lowest_kept(filtered, ks, ps, width), 0.0)
-    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)  # [S, V]
+    per_chunk = max(1, (HOST_SAMPLE_CHUNK_ELEMENTS if is_host_float(scores) else SAMPLE_CHUNK_ELEMENTS) // vocab)
+    chunks = [
+        pick(scores, on_device[:, first : first + per_chunk], width) for first in range(0, len(sampled), per_chunk)
+    ]
+    return tokens.index_copy(0, on_device[0].long(), torch.cat(chunks))
+
+
+def pick(scores: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """scores [D, V], some sampled rows' (index, temperature, top-k, top-p, u) [5, S], `width` (0: no row has top-k
+    or top-p; else as `lowest_kept`'s) -> their tokens [S]."""
+    index, temperatures, ks, ps, u = rows
+    filtered = scores.index_select(0, index.long()).div_(temperatures[:, None].to(scores.dtype))  # [S, V]
+    below = filtered < lowest_kept(filtered, ks, ps, width) if width else None
+    weights = filtered.sub_(filtered.amax(dim=-1, keepdim=True)).exp_()  # [S, V], the best token's 1
+    if below is not None:
+        weights.masked_fill_(below, 0.0)
+    return invert(weights, u[:, None])[:, 0]
+
+
+def invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [S, V] (each row's some positive), u [S, 1] in [0, 1) -> where u falls in each row's cumulative
+    distribution [S, 1]. Over a large vocabulary in two steps, so that no [S, V] float64 temporary is made (and
+    none cumulated in a scalar loop): the block of `CDF_BLOCK` tokens u falls in, from the blocks' sums, then the
+    token within that block, at u's share of the block."""
+    vocab = weights.shape[-1]
+    if vocab <= CDF_BLOCK:
+        return locate(weights, u)[0]
+    whole = vocab // CDF_BLOCK * CDF_BLOCK
+    sums = [weights[:, :whole].unflatten(1, (-1, CDF_BLOCK)).sum(dim=-1, dtype=torch.float64)]  # [S, V // block]
+    if whole < vocab:
+        sums.append(weights[:, whole:].sum(dim=-1, keepdim=True, dtype=torch.float64))
+    block, within = share(torch.cat(sums, dim=1), u)  # [S, 1] each
+    first = block * CDF_BLOCK
+    columns = first + torch.arange(CDF_BLOCK, device=weights.device)  # [S, CDF_BLOCK]
+    in_block = weights.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, 0.0)  # the last's
+    return first + locate(in_block, within)[0]
+
+
+def locate(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weights [S, N] (each row's some positive), u [S, 1] in [0, 1) -> the index where u's share of each row's total
+    falls [S, 1], that point [S, 1] and the cumulative weights [S, N]. Summed in float64, so that an index's share
+    of [0, 1) is its share of the total to 1e-16; the point is kept below the total, so an index of no weight is
+    never the one."""
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)  # [S, N]
     total = cumulative[:, -1:]
-    point = (u[:, None] * total).minimum(total * (1 - 2**-52))  # below the total: never a token of no weight
-    picked = torch.searchsorted(cumulative, point, right=True).clamp_(max=vocab - 1)[:, 0]
-    return tokens.index_copy(0, index, picked)
+    point = (u * total).minimum(total * (1 - 2**-52))
+    index = torch.searchsorted(cumulative, point, right=True).clamp_(max=weights.shape[-1] - 1)
+    return index, point, cumulative
+
+
+def share(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `locate`: the index, and how far into its weight the point falls, as a share of it in [0, 1) [S, 1]."""
+    index, point, cumulative = locate(weights, u)
+    weight = weights.gather(1, index).double()
+    return index, ((point - cumulative.gather(1, index) + weight) / weight).clamp_(0.0, 1 - 2**-53)
 
 
 def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, width: int) -> torch.Tensor:
@@ -193,11 +246,16 @@ def lowest_kept(scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     cumulative = weights.cumsum(dim=-1, dtype=torch.float64)  # [S, width]
     total = cumulative[:, -1:].clone()
     if width < vocab:  # tokens tied with the k-th best may be ranked beyond `width`
-        ties = (scores == threshold).sum(dim=-1, keepdim=True) - (values == threshold).sum(dim=-1, keepdim=True)
+        ties = count(scores == threshold) - count(values == threshold)  # [S, 1]
         total += ties * (threshold - best).exp().double()
     mass_before = cumulative.sub_(weights)  # of the tokens scoring higher (ties: any order)
     last = (mass_before < top_p[:, None] * total).sum(dim=-1, keepdim=True).clamp_(min=1) - 1
     return torch.where(top_p[:, None] < 1.0, values.gather(1, last).maximum(threshold), threshold)
+
+
+def count(mask: torch.Tensor) -> torch.Tensor:
+    """mask [S, N] (bool) -> the trues in each row [S, 1], counted as bytes (a bool sum converts to int64 first)."""
+    return mask.view(torch.uint8).sum(dim=-1, keepdim=True, dtype=torch.int32)
 
 
 def argmax(scores: torch.Tensor) -> torch.Tensor:

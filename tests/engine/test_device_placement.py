@@ -12,7 +12,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from prompt_store.registry import TaskStore
-from server.engine import model_runner
+from server.engine import model_runner, sampler
 from server.engine.attention import TileLimits
 from server.engine.backbone import load_backbone
 from server.engine.kv_pool import HOST, to_device
@@ -135,14 +135,17 @@ class MadeFromData(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def test_the_sampled_rows_parameters_and_draws_reach_the_device_in_one_copy():
+@pytest.mark.parametrize("vocab", [50, 3000])  # 3000: the draw inverted in two steps
+def test_the_sampled_rows_parameters_and_draws_reach_the_device_in_one_copy(vocab: int, monkeypatch):
+    """However many chunks the sampled rows are drawn in (two rows a chunk here)."""
+    monkeypatch.setattr(sampler, "SAMPLE_CHUNK_ELEMENTS", 2 * vocab)
     params = [
         SamplingParams(),
         SamplingParams(do_sample=True, temperature=0.7, top_k=5, top_p=0.9, seed=1),
         SamplingParams(do_sample=True),
         SamplingParams(do_sample=True, top_p=0.5),
     ]
-    scores = torch.zeros(len(params), 50, device="meta")
+    scores = torch.zeros(len(params), vocab, device="meta")
     uniforms = torch.rand(len(params), dtype=torch.float64, device=HOST)
     with Transfers() as transfers, MadeFromData(transfers):
         tokens = choose(scores, params, uniforms)

@@ -77,7 +77,6 @@ def test_ranking_only_the_top_k_filters_as_ranking_everything():
     assert (scores >= narrow).sum() > (scores >= narrow).any(dim=-1).sum() + 64  # not one token a row
 
 
-
 def test_host_ranking_and_argmax_equal_torchs():
     """On the host `descending` and `argmax` go through numpy (its sorts and argmax are vectorised, torch's CPU
     `topk` and argmax are not): the same values and indices as torch's, with ties, signed zeros, infinities and NaN
@@ -95,6 +94,7 @@ def test_host_ranking_and_argmax_equal_torchs():
             for width in (1, 4, vocab // 3, vocab):
                 expected = rows.topk(width, dim=-1).values
                 assert torch.allclose(sampler.descending(rows, width), expected, rtol=0, atol=0, equal_nan=True)
+
 
 def uniform_draws(count: int, seed: int | None) -> torch.Tensor:
     return torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed or 0))
@@ -115,6 +115,44 @@ def test_choose_picks_where_the_draw_falls_in_the_cumulative_distribution():
     params = SamplingParams(do_sample=True)
     picks = [draw(scores, params, u) for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.94, 0.96, 1 - 2**-53)]
     assert picks == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_two_step_inversion_picks_where_the_draw_falls_in_the_cumulative_distribution(monkeypatch):
+    """Over a vocabulary of several blocks the draw finds its block, then its token in the block: the token the
+    cumulative distribution of the whole row gives, a block of no weight and tokens of no weight at a block's ends
+    or in the last, partial block never picked (blocks of 3 here, so that 10 tokens make 4)."""
+    monkeypatch.setattr(sampler, "CDF_BLOCK", 3)
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.0, 0.0, 0.0, 0.15, 0.05, 0.0, 0.0])
+    params = SamplingParams(do_sample=True)
+    picks = [draw(probs.log(), params, u) for u in (0.0, 0.49, 0.51, 0.79, 0.81, 0.94, 0.96, 1 - 2**-53)]
+    assert picks == [0, 0, 1, 1, 6, 6, 7, 7]
+    generator = torch.Generator().manual_seed(2)
+    weights = torch.rand(400, 10, generator=generator).where(torch.rand(400, 10, generator=generator) < 0.6, 0.0)
+    weights[:, 0] += 1e-3  # each row's some positive
+    u = uniform_draws(400, seed=4)[:, None]
+    cumulative = weights.cumsum(dim=-1, dtype=torch.float64)
+    point = u * cumulative[:, -1:]
+    expected = torch.searchsorted(cumulative, point, right=True)
+    clear = ((cumulative - point).abs() > 1e-9).all(dim=-1)  # no boundary within rounding of the draw
+    assert torch.equal(sampler.invert(weights, u)[clear], expected[clear])
+    assert clear.sum() > 390
+    assert bool((weights.gather(1, sampler.invert(weights, u)) > 0).all())
+
+
+def test_sampling_a_few_rows_at_a_time_picks_as_all_at_once(monkeypatch):
+    """Sampled rows are filtered and drawn a few at a time (so that no temporary grows with the batch times the
+    vocabulary): the same tokens as all at once, for every kind of row in the batch."""
+    generator = torch.Generator().manual_seed(6)
+    scores = torch.randn(23, 40, generator=generator) * 3
+    kinds = [SamplingParams(), SamplingParams(do_sample=True, temperature=0.7)] + [
+        SamplingParams(do_sample=True, top_k=k, top_p=p) for k, p in ((5, 1.0), (0, 0.8), (12, 0.9))
+    ]
+    params = [kinds[i % len(kinds)] for i in range(23)]
+    u = uniform_draws(23, seed=8)
+    at_once = choose(scores, params, u)
+    monkeypatch.setattr(sampler, "HOST_SAMPLE_CHUNK_ELEMENTS", 3 * 40)
+    assert torch.equal(choose(scores, params, u), at_once)
+    assert len(set(at_once.tolist())) > 10
 
 
 def test_seeded_requests_draw_the_same_alone_and_in_any_batch():
