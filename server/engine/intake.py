@@ -88,7 +88,8 @@ def check_token_ids(backbone: Backbone, token_ids: list[int], what: str = "input
     if not token_ids or (min(token_ids) >= 0 and max(token_ids) < limit):  # at C speed: the engine thread checks too
         return
     unknown = next(token_id for token_id in token_ids if not 0 <= token_id < limit)
-    token = backbone.tokenizer.convert_ids_to_tokens(unknown) if unknown >= 0 else None
+    known = 0 <= unknown < len(backbone.tokenizer)  # the tokenizer's lookup overflows past 2**32
+    token = backbone.tokenizer.convert_ids_to_tokens(unknown) if known else None
     raise UnknownToken(
         f"{what}: expected token ids the model can read (below its embedding table's {limit} rows); found token "
         f"{unknown}{f' ({token!r})' if token is not None else ''}"

@@ -101,9 +101,10 @@ def test_tokenizer_info_names_the_special_tokens(url: str) -> None:
     assert info["model_max_length"] == 1024 and info["chat_template"] is None
 
 
-def test_detokenize_of_an_id_outside_the_vocabulary_is_400_naming_it(url: str) -> None:
-    response = post(url, "/detokenize", {"tokens": [104, 9999]})
-    assert response.status_code == 400 and "9999" in response.json()["error"]["message"]
+@pytest.mark.parametrize("bad", [9999, 2**40, 2**64 + 1])  # past what the tokenizer's own lookup takes (u32) too
+def test_detokenize_of_an_id_outside_the_vocabulary_is_400_naming_it(url: str, bad: int) -> None:
+    response = post(url, "/detokenize", {"tokens": [104, bad]})
+    assert response.status_code == 400 and f"found token {bad}" in response.json()["error"]["message"]
 
 
 # ---- token-id prompts
@@ -121,7 +122,7 @@ def test_token_id_prompts_in_a_list_answer_each(url: str) -> None:
     assert [c["text"] for c in answer["choices"]] == [PROMPT.upper(), "ABC"]
 
 
-@pytest.mark.parametrize("bad", [259, 100_000, -1])
+@pytest.mark.parametrize("bad", [259, 100_000, -1, 2**40, -(2**63) - 1])
 def test_token_id_outside_the_vocabulary_is_400_naming_it(url: str, bad: int) -> None:
     response = post(url, "/v1/completions", {"model": "upper", "prompt": [BOS_ID, bad], "max_tokens": 2})
     assert response.status_code == 400
