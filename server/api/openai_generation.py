@@ -92,18 +92,22 @@ def max_new_tokens(asked: int | None, param: str, settings: Settings) -> int:
     return asked
 
 
-def check_choices(num_prompts: int, n: int, num_members: int, settings: Settings) -> None:
-    limit = settings.engine.max_batch_size
-    if num_members > limit:
-        raise ApiError(422, "validation", f"task_ids: expected at most {limit} members (the server's batch size); "
-                       f"found {num_members}", param="task_ids")  # fmt: skip
-    if num_prompts * n > limit:
+def check_choices(num_prompts: int, n: int, num_members: int, scored: bool, settings: Settings) -> None:
+    """An ensemble's members run together, so they must fit one batch; the choices (n x prompts, and each prompt's
+    scoring) are engine requests of their own that queue for rows as vLLM's do, so they must fit the waiting queue."""
+    if num_members > settings.engine.max_batch_size:
+        raise ApiError(422, "validation", f"task_ids: expected at most {settings.engine.max_batch_size} members (the "
+                       f"server's batch size); found {num_members}", param="task_ids")  # fmt: skip
+    limit = settings.engine.max_waiting
+    if num_prompts * n + (num_prompts if scored else 0) > limit:
+        param = "n" if n > 1 else "prompt"
+        scorings = " and a scoring of each prompt" if scored else ""
         raise ApiError(
             422,
             "validation",
-            f"n: expected at most {limit} choices per request (n x prompts, the server's batch size); found {n} x "
-            f"{num_prompts}",
-            param="n" if n > 1 else "prompt",
+            f"{param}: expected at most {limit} engine requests per request (n x prompts{scorings}; the server's "
+            f"max_waiting); found {n} x {num_prompts}{f' + {num_prompts}' if scored else ''}",
+            param=param,
         )
 
 

@@ -170,6 +170,11 @@ class SamplingFields(LenientBody):
         )
 
     @property
+    def scores_prompt(self) -> bool:
+        """The prompt's own log-probabilities are computed (an engine request beside the choices')."""
+        return self.prompt_logprobs is not None
+
+    @property
     def names_max_tokens(self) -> bool:
         """A request that says how many tokens it wants gets them all or a 400, as OpenAI and vLLM answer."""
         return getattr(self, "max_tokens", None) is not None or getattr(self, "max_completion_tokens", None) is not None

@@ -105,6 +105,22 @@ def test_n_sampled_choices_are_seeded_and_reproducible(client):
     assert texts(seed=12) == [three[1]]  # choice i samples with seed + i
 
 
+def test_more_prompts_than_the_batch_size_queue_and_answer_each_as_alone(client):
+    """lm-evaluation-harness sends --batch_size prompts in one request (64 is common): the choices queue for rows, as
+    vLLM's do, and each answers what it answers alone (the server's batch size is 8)."""
+    prompts = [f"prompt number {i}" for i in range(12)]
+    for stream in (False, True):
+        together = client.completions.create(model="prefix", prompt=prompts, max_tokens=6, temperature=0,
+                                             stream=stream)  # fmt: skip
+        texts = [""] * len(prompts)
+        for chunk in together if stream else [together]:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+        alone = [client.completions.create(model="prefix", prompt=p, max_tokens=6, temperature=0).choices[0].text
+                 for p in prompts]  # fmt: skip
+        assert texts == alone
+
+
 def test_streaming_adds_up_to_the_answer_and_ends_with_usage(client):
     full = client.completions.create(model="prompt_tuning", prompt="stream", max_tokens=12, temperature=0)
     chunks = list(client.completions.create(

@@ -192,8 +192,9 @@ def test_an_ensemble_through_extra_body(client: openai.OpenAI, engine: FakeEngin
     [
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 100_000}, "max_tokens"),
-        ({"prompt": "x", "n": 9}, "n"),  # over the batch size (8)
-        ({"prompt": ["a", "b", "c"], "n": 3}, "n"),
+        ({"prompt": "x", "n": 1025}, "n"),  # past the waiting queue (1024)
+        ({"prompt": ["a", "b", "c"], "n": 342}, "n"),
+        ({"prompt": ["a"] * 600, "echo": True, "logprobs": 1}, "prompt"),  # and their scoring
         ({"prompt": "x", "logprobs": 6}, "logprobs"),
         ({"prompt": "x", "temperature": 2.5}, "temperature"),
         ({"prompt": []}, "prompt"),
@@ -207,7 +208,7 @@ def test_an_ensemble_through_extra_body(client: openai.OpenAI, engine: FakeEngin
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": "x", "stop": ["s"] * 17}, "stop"),
         ({"prompt": "x", "stop": "s" * 1025}, "stop"),
-        ({"prompt": ["a"] * 9}, "prompt"),
+        ({"prompt": ["a"] * 1025}, "prompt"),
         ({"prompt": "x", "task_ids": ["upper"] * 9, "model": BACKBONE}, "task_ids"),
         ("not json", None),
         ({}, "prompt"),

@@ -215,7 +215,7 @@ def choices_of(
         metrics, endpoint = tracked
         metrics.start_request(endpoint, (body.model,)).finish(error_type_of(error))
         raise
-    check_choices(len(inputs), body.n, len(task_ids), settings)
+    check_choices(len(inputs), body.n, len(task_ids), body.scores_prompt, settings)
 
     def build(prompt: str | tuple[int, ...] | bytes, j: int) -> GenerateInput:
         sampling = body.sampling(max(new_tokens, 1), j, top_logprobs)
