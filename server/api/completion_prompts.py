@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prompt_store.types import TaskRecord
 from server.api.errors import ApiError
-from server.api.openai_generation import Choice, gather_all
+from server.api.openai_generation import Choice, gather_all, naming_prompt
 from server.api.openai_schemas import CompletionLogprobs, CompletionRequest, PromptLogprobs, prompt_logprobs_of
 from server.api.settings import Settings
 from server.engine.interface import EngineClient
@@ -100,9 +100,10 @@ def scoring_task(choices: Sequence[Choice]) -> str | None:
 async def score_prompts(engine: EngineClient, prompts: list[Prompt], task_id: str | None, top: int) -> list[Scored]:
     """Each prompt's token log-probabilities, as engine requests running beside the completions."""
     works = []
-    for prompt in prompts:
+    for i, prompt in enumerate(prompts):
         assert prompt.token_ids is not None, "prepare_prompts tokenizes the prompts it scores"
-        works.append(engine.prompt_logprobs(PromptScoreInput(prompt.token_ids, task_id, top)))
+        works.append(naming_prompt(engine.prompt_logprobs(PromptScoreInput(prompt.token_ids, task_id, top)), i,
+                                   len(prompts)))  # fmt: skip
     return await gather_all(works)
 
 

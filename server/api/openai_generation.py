@@ -178,6 +178,17 @@ async def ensure_coroutine(work: Awaitable[T]) -> T:
     return await work
 
 
+async def naming_prompt(work: Awaitable[T], prompt_index: int, num_prompts: int) -> T:
+    """A refusal of one prompt of several names it ("prompt[2]: expected ..."), as /v1/classify names inputs[2]."""
+    try:
+        return await work
+    except (InputTooLong, InvalidPrompt) as exc:
+        message = str(exc)
+        if num_prompts == 1 or leading_field(message) not in (None, "prompt"):
+            raise
+        raise type(exc)(f"prompt[{prompt_index}]: {message.removeprefix('prompt: ')}") from None
+
+
 def first_error(group: BaseExceptionGroup) -> BaseException:
     error = group.exceptions[0]
     return first_error(error) if isinstance(error, BaseExceptionGroup) else error
@@ -191,10 +202,16 @@ async def complete_all(
 ) -> list[Completion]:
     """Every choice's completion; those `answered` already (by index: an echo with max_tokens 0) run nothing."""
     answered = answered or {}
+    num_prompts = num_prompts_of(choices)
     return await gather_all([
-        already(answered[c.index]) if c.index in answered else complete(engine, c.request, t)
+        already(answered[c.index]) if c.index in answered
+        else naming_prompt(complete(engine, c.request, t), c.prompt_index, num_prompts)
         for c, t in zip(choices, trackers, strict=True)
     ])  # fmt: skip
+
+
+def num_prompts_of(choices: Sequence[Choice]) -> int:
+    return choices[-1].prompt_index + 1 if choices else 0
 
 
 async def already(completion: Completion) -> Completion:
@@ -203,7 +220,11 @@ async def already(completion: Completion) -> Completion:
 
 async def start_all(engine: EngineClient, choices: list[Choice]) -> list[tuple[RequestOutput, Outputs]]:
     """Every choice's first output (so an early error still gets its status); on failure the others are closed."""
-    tasks = [asyncio.ensure_future(start_stream(engine, choice.request)) for choice in choices]
+    num_prompts = num_prompts_of(choices)
+    tasks = [
+        asyncio.ensure_future(naming_prompt(start_stream(engine, c.request), c.prompt_index, num_prompts))
+        for c in choices
+    ]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:

@@ -124,7 +124,10 @@ def given_embeds(backbone: Backbone, data: bytes, limits: IntakeConfig) -> torch
 
 def check_length(input_ids: list[int], limits: IntakeConfig) -> list[int]:
     if len(input_ids) > limits.max_input_tokens:
-        raise InputTooLong(f"inputs have {len(input_ids)} tokens; at most {limits.max_input_tokens} are accepted")
+        raise InputTooLong(
+            f"expected at most {limits.max_input_tokens} input tokens (the server's max_input_tokens); found "
+            f"{len(input_ids)}"
+        )
     return input_ids
 
 
@@ -140,7 +143,7 @@ def capped_max_new_tokens(
     if sampling.within_positions and asked > room:
         raise InputTooLong(
             f"expected at most {room} new tokens, what the backbone's {backbone.max_positions} positions leave after "
-            f"the {num_input} input tokens (and any task's virtual tokens); found max_tokens {asked}"
+            f"{backbone.kind.positions_taken(num_input, tasks)}; found max_tokens {asked}"
         )
     return min(asked, room)
 

@@ -266,7 +266,7 @@ class FakeEngine:
             if task_id is not None and task_id not in self.tasks:
                 raise TaskNotFound(task_id)
         if len(request.inputs) > self.max_input_chars:
-            raise InputTooLong(f"inputs have {len(request.inputs)} tokens; at most {self.max_input_chars} are accepted")
+            raise InputTooLong(f"expected at most {self.max_input_chars} input tokens; found {len(request.inputs)}")
         if self.queue_full:
             raise QueueFull(num_waiting=3, retry_after=2.5)
 

@@ -298,5 +298,24 @@ def test_max_tokens_past_the_positions_is_context_length_exceeded(url: str) -> N
     body = {"model": "upper", "prompt": "a" * 1010, "temperature": 0}
     refused = post(url, "/v1/completions", {**body, "max_tokens": 100}).json()["error"]
     assert refused["code"] == "context_length_exceeded" and refused["param"] == "prompt"
-    assert "expected at most 5 new tokens" in refused["message"]
+    assert refused["message"] == (
+        "expected at most 5 new tokens, what the backbone's 1024 positions leave after the 1011 input tokens and 8 "
+        "virtual tokens; found max_tokens 100"
+    )
     assert complete(url, **body, max_tokens=5)["usage"]["completion_tokens"] == 5
+
+
+@pytest.mark.parametrize("echo", [False, True])  # lm-eval's loglikelihood requests echo; its generations do not
+def test_a_prompt_of_several_past_the_positions_is_refused_naming_it(url: str, echo: bool) -> None:
+    """lm-eval sends --batch_size prompts in one request: the refusal says which, what fits and what came (upper's 8
+    virtual tokens and one new token leave 1015 of the 1024 positions; scored alone, 1016)."""
+    scoring = {"echo": True, "logprobs": 1} if echo else {}
+    body = {"model": "upper", "prompt": [PROMPT_IDS, [BOS_ID] + [97] * 1099], "max_tokens": 1, **scoring}
+    refused = post(url, "/v1/completions", body).json()["error"]
+    assert refused["code"] == "context_length_exceeded" and refused["param"] == "prompt"
+    assert refused["message"] in (
+        "prompt[1]: expected at most 1015 input tokens (the backbone's 1024 positions less 8 virtual tokens and 1 "
+        "new token); found 1100",
+        *(["prompt[1]: expected at most 1016 tokens (the backbone's 1024 positions less 8 virtual tokens); found 1100"]
+          if echo else []),
+    )  # fmt: skip

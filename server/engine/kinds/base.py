@@ -142,10 +142,15 @@ class ModelKind(ABC):
         room = max_positions - num_virtual - num_input
         if room < 1:
             raise InputTooLong(
-                f"{num_virtual} virtual + {num_input} input tokens leave no room in the backbone's {max_positions} "
-                "positions"
+                f"expected at most {max_positions - num_virtual - 1} input tokens (the backbone's {max_positions} "
+                f"positions less {num_virtual} virtual tokens and 1 new token); found {num_input}"
             )
         return room
+
+    def positions_taken(self, num_input: int, tasks: list[TaskArtifact | None]) -> str:
+        """What takes the positions before the new tokens, in words (for a refusal of more new tokens than fit)."""
+        num_virtual = max((task.record.num_virtual_tokens for task in tasks if task), default=0)
+        return f"the {num_input} input tokens and {num_virtual} virtual tokens"
 
     def scored_lengths(self, num_input: int, num_targets: int) -> tuple[int, ...]:
         """Tokens of a scoring row that must fit the positions: the input followed by the candidate."""

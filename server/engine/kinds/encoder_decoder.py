@@ -79,14 +79,19 @@ class EncoderDecoder(ModelKind):
         encoder = max(prompts, default=0) + num_input
         if encoder > max_positions:
             raise InputTooLong(
-                f"{encoder - num_input} virtual + {num_input} input tokens exceed the encoder's {max_positions} "
-                "positions"
+                f"expected at most {max_positions - encoder + num_input} input tokens (the encoder's {max_positions} "
+                f"positions less {encoder - num_input} virtual tokens); found {num_input}"
             )
         prefix = max((t.record.num_virtual_tokens for t in tasks if t and t.record.method.is_prefix), default=0)
         room = max_positions - prefix  # the start token sits at position P; the last new token is never fed back
         if room < 1:
             raise InputTooLong(f"{prefix} virtual tokens leave no room in the decoder's {max_positions} positions")
         return min(asked, room)
+
+    def positions_taken(self, num_input: int, tasks: list[TaskArtifact | None]) -> str:
+        """The decoder's positions hold a prefix task's virtual tokens, then the answer (the input is the encoder's)."""
+        prefix = max((t.record.num_virtual_tokens for t in tasks if t and t.record.method.is_prefix), default=0)
+        return f"the decoder's {prefix} virtual tokens"
 
     def scored_lengths(self, num_input: int, num_targets: int) -> tuple[int, ...]:
         """The encoder's input; the decoder's start token, then the candidate."""
