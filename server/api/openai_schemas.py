@@ -93,7 +93,7 @@ class SamplingFields(LenientBody):
     temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False, description="0: greedy")
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=-1, description="vLLM's extension; -1, 0 or null: no top-k filter")
-    n: int = Field(default=1, ge=1, description="completions per prompt; n x prompts is at most the batch size")
+    n: int = Field(default=1, ge=1, description="completions per prompt; n x prompts at most max_waiting")
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="choice i of a prompt samples with seed+i")
     stream: bool = False

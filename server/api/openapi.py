@@ -164,7 +164,7 @@ def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     task_ids["maxItems"] = settings.engine.max_batch_size
     for request in ("CompletionRequest", "ChatRequest"):
         properties = schemas[request]["properties"]
-        properties["n"]["maximum"] = settings.engine.max_batch_size
+        properties["n"]["maximum"] = settings.engine.max_waiting  # choices queue for rows (check_choices)
         properties["task_ids"]["anyOf"][0]["maxItems"] = settings.engine.max_batch_size
         for name in ("max_tokens", "max_completion_tokens"):
             if name in properties:
@@ -172,7 +172,7 @@ def state_limits(schemas: dict[str, Any], settings: Settings) -> None:
     for name in ("prompt", "prompt_embeds"):
         for option in schemas["CompletionRequest"]["properties"][name]["anyOf"]:
             if option.get("type") == "array" and option["items"].get("type") != "integer":  # a list of prompts
-                option["maxItems"] = settings.engine.max_batch_size
+                option["maxItems"] = settings.engine.max_waiting
 
 
 NULLS_ARE_DEFAULTS = ("CompletionRequest", "ChatRequest", "StreamOptions", "TokenizeRequest", "DetokenizeRequest")

@@ -104,6 +104,7 @@ def server_url(tiny_llama: TinyBackbone, tmp_path_factory: pytest.TempPathFactor
         max_new_tokens_limit=8,
         max_input_tokens=64,
         max_batch_size=4,
+        max_waiting=16,  # the most choices a completion may ask for: a few more than the batch's rows
         poll_interval_s=0,
         log_level="critical",
     )

@@ -74,7 +74,11 @@ def test_the_schema_states_the_servers_own_limits(client: TestClient, document: 
     max_new_tokens = document["components"]["schemas"]["Parameters"]["properties"]["max_new_tokens"]["anyOf"][0]
     assert max_new_tokens == {"type": "integer", "minimum": 1, "maximum": 2048}
     task_ids = document["components"]["schemas"]["GenerateRequest"]["properties"]["task_ids"]["anyOf"][0]
-    assert task_ids["maxItems"] == 32
+    assert task_ids["maxItems"] == 32  # an ensemble's members run together: the batch's rows
+    completion = document["components"]["schemas"]["CompletionRequest"]["properties"]
+    prompt_lists = [o for o in completion["prompt"]["anyOf"] if o.get("type") == "array" and "maxItems" in o]
+    assert completion["n"]["anyOf"][0]["maximum"] == 1024  # choices queue for rows: max_waiting
+    assert {o["maxItems"] for o in prompt_lists} == {1024}
 
 
 def test_an_integral_float_is_an_integer_as_json_schema_says(client: TestClient) -> None:
