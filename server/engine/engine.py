@@ -101,8 +101,8 @@ class Engine:
             self.add(request)
 
     def probe(self, request: Request) -> None:
-        """A request of the engine's own (a new task's probe): at the head of the queue, never refused for a full
-        queue, so a registration does not wait behind the load."""
+        """A request of the engine's own (a new task's probe, the start-up self-check's rows): at the head of the
+        queue, never refused for a full queue, so a registration does not wait behind the load."""
         reason = self.scheduler.why_never_fits(request)
         if reason is not None:
             self.emit_error(request, InputTooLong(reason))

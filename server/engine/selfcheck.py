@@ -185,13 +185,14 @@ def artifact(task_id: str, method: Method, prompt_embeddings: torch.Tensor) -> T
 
 
 def run_through_engine(engine: Engine, rows: list[CheckRow]) -> dict[str, list[EngineOutput]]:
-    """Every row at once, greedy, through the engine's own steps; each row's outputs."""
+    """Every row at once, greedy, through the engine's own steps; each row's outputs. The rows are the engine's own
+    requests, as a registration's probe is: a max_waiting smaller than their number does not refuse them."""
     outputs: dict[str, list[EngineOutput]] = {row.name: [] for row in rows}
     as_kv = engine.config.cache_prompt_kv
     for row in rows:
         sink = outputs[row.name].append
         request_id, kind = f"self-check-{row.name}", engine.backbone.kind
-        engine.add(single_row_request(request_id, row.input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink, kind))
+        engine.probe(single_row_request(request_id, row.input_ids, row.task, as_kv, NUM_NEW_TOKENS, sink, kind))
     while engine.has_work():
         engine.step()
     return outputs

@@ -26,6 +26,17 @@ def test_self_check_passes_and_leaves_nothing_behind(harness: Harness):
     assert harness.is_idle() and not harness.engine.memory.tasks and not harness.engine.tasks.embeddings
 
 
+@pytest.mark.parametrize("settings", [{"max_waiting": 1}, {"max_waiting": 1, "max_batch_size": 1}])
+def test_self_check_passes_with_a_waiting_queue_smaller_than_its_rows(
+    tiny_llama: TinyBackbone, tmp_path: Path, settings: dict[str, int]
+):
+    """Its rows are the engine's own: a max_waiting meant for clients (the server refused to start with 4, blaming
+    the installed versions) does not refuse them, and they still run within max_batch_size."""
+    harness = Harness(tiny_llama, tmp_path / "store", **settings)
+    assert self_check(harness.engine) > 0
+    assert harness.is_idle()
+
+
 def keys_and_values_never_written(self, blocks, artifact):
     """A task's shared keys and values are lost: its blocks read as zeros."""
     blocks.is_filled = True
