@@ -39,7 +39,7 @@ class EngineConfig:
         "tokens one step computes (every running row's next token, then prefill chunks); "
         "unset: 512 on CPU, 8192 on GPU",
     )
-    max_waiting: Annotated[int, Ge(0)] = setting(1024, "waiting requests before 429 (QueueFull)")
+    max_waiting: Annotated[int, Ge(1)] = setting(1024, "waiting requests before 429 (QueueFull)")  # 0 would refuse all
     max_input_tokens: Annotated[int, Ge(1)] = setting(2048, "input tokens per request, after tokenization")
     max_new_tokens_limit: Annotated[int, Ge(1)] = setting(2048, "the largest max_new_tokens accepted")
     max_virtual_tokens: Annotated[int, Ge(1)] = setting(256, "virtual tokens per task")

@@ -96,6 +96,7 @@ def test_the_clients_and_the_images_variables_are_not_refused(monkeypatch: pytes
     [
         ("MAX_BATCH_SIZE", "abc", "PROMPTSERVE_MAX_BATCH_SIZE: expected a valid integer; found 'abc'"),
         ("MAX_BATCH_SIZE", "0", "PROMPTSERVE_MAX_BATCH_SIZE: expected a value greater than or equal to 1; found '0'"),
+        ("MAX_WAITING", "0", "PROMPTSERVE_MAX_WAITING: expected a value greater than or equal to 1; found '0'"),
         ("DTYPE", "int3", "PROMPTSERVE_DTYPE: expected 'auto', 'float32', 'float16' or 'bfloat16'; found 'int3'"),
         ("PORT", "http", "PROMPTSERVE_PORT: expected a valid integer; found 'http'"),
         ("SELF_CHECK", "maybe", "PROMPTSERVE_SELF_CHECK: expected a valid boolean; found 'maybe'"),
@@ -112,7 +113,7 @@ def test_a_bad_value_names_its_variable_in_one_line(
 
 def test_a_bad_argument_names_its_flag_not_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTSERVE_MAX_WAITING", "5")
-    with pytest.raises(ConfigurationError, match=r"^--max-waiting: expected a value greater than or equal to 0"):
+    with pytest.raises(ConfigurationError, match=r"^--max-waiting: expected a value greater than or equal to 1"):
         load_settings({"max_waiting": "-1"}, as_flag)
 
 
