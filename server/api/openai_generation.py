@@ -105,8 +105,8 @@ def check_choices(num_prompts: int, n: int, num_members: int, scored: bool, sett
         raise ApiError(
             422,
             "validation",
-            f"{param}: expected at most {limit} engine requests per request (n x prompts{scorings}; the server's "
-            f"max_waiting); found {n} x {num_prompts}{f' + {num_prompts}' if scored else ''}",
+            f"{param}: expected at most {limit} choices per request (n x prompts{scorings}, which queue for rows: the "
+            f"server's max_waiting); found {n} x {num_prompts}{f' + {num_prompts}' if scored else ''}",
             param=param,
         )
 
