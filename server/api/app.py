@@ -122,6 +122,8 @@ def engine_lifespan(state: AppState, factory: EngineFactory, on_failure: Failure
             engine = state.stop_loading()
             if engine is not None:
                 await asyncio.to_thread(shutdown, engine)
+            elif state.engine_error is not None:  # it failed: only its clean-up is left (the failed engine freed)
+                await asyncio.to_thread(loader.join)
             elif loader.is_alive():
                 logger.warning("stopping while the engine is still loading: not waiting for it")
 

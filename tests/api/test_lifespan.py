@@ -73,6 +73,25 @@ def test_engine_failure_reported_by_health_and_hook() -> None:
     assert isinstance(failures[0], OSError)
 
 
+def test_a_failed_load_is_waited_for_before_the_process_exits() -> None:
+    """After a failed start the loader thread still drops what it built (a model's tensors, freed in torch's C++)
+    once the failure hook has stopped the server: the shutdown waits for it, or the interpreter's exit meets the
+    thread in C++ and the process aborts ('terminate called without an active exception', status 134, not 1)."""
+    cleaned = threading.Event()
+
+    def broken_factory(settings: Settings) -> FakeEngine:
+        raise OSError("no such model: /nowhere")
+
+    def stop_then_clean(error: BaseException) -> None:
+        time.sleep(0.3)  # the server's shutdown starts while the loader is still on its way out
+        cleaned.set()
+
+    app = create_app(Settings(demo_tasks=False), engine_factory=broken_factory, on_engine_failure=stop_then_clean)
+    with TestClient(app):
+        wait_until(lambda: app.state.promptserve.engine_error is not None)
+    assert cleaned.is_set()
+
+
 def test_built_engine_shut_down_at_exit() -> None:
     engine = ShutdownRecorder()
     with TestClient(create_app(Settings(demo_tasks=False), engine_factory=lambda settings: engine)) as client:
