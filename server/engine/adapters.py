@@ -104,6 +104,7 @@ class Segments:
     padded: torch.Tensor | None  # [g * most] the token each padded row takes (a padding row repeats a real one)
     kept: torch.Tensor | None  # [n] the padded rows that are real, in `index`'s order (None: every row is)
     padding: torch.Tensor | None  # the padded rows that are not (None: none is)
+    ends: list[int] = field(default_factory=list)  # `offsets` on the host
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,19 +198,20 @@ class Grouping:
             is_padding = torch.ones(num_groups * most, dtype=torch.bool, device=HOST)
             is_padding[kept] = False
             host += [padded, kept, is_padding.nonzero().squeeze(1)]
+        host_ends = host[1].tolist()  # (on the host)
         index, ends, *layout = to_device(host, self.device)
         if not layout:
-            return Segments(index, ends.to(torch.int32), None, None, None)
+            return Segments(index, ends.to(torch.int32), None, None, None, host_ends)
         padded, kept, padding = layout
         if num_groups * most == num_rows:
-            return Segments(index, ends.to(torch.int32), padded, None, None)
-        return Segments(index, ends.to(torch.int32), padded, kept, padding)
+            return Segments(index, ends.to(torch.int32), padded, None, None, host_ends)
+        return Segments(index, ends.to(torch.int32), padded, kept, padding, host_ends)
 
     def table_rows_on_device(self) -> torch.Tensor:
         """[num_tokens]: each token's task place, len(tasks) (the tables' row of ones) for a token with none."""
         if self.table_rows is None:
             rows = torch.where(self.token_tasks < 0, len(self.tasks), self.token_tasks)
-            self.table_rows = rows.to(self.device)
+            (self.table_rows,) = to_device([rows], self.device)  # pinned, without blocking the host
         return self.table_rows
 
 
@@ -258,14 +260,15 @@ class LoraStack:
         """num_places places (the tasks' own moved to the first ones), padded to at least `rank`."""
         self.last = None
         kept = [task for task in self.tasks if task is not None]
-        order = torch.tensor([self.places[id(task)] for task in kept], device=self.lora_a.device, dtype=torch.long)
+        places = [self.places[id(task)] for task in kept]
+        order = torch.tensor(places, device=self.lora_a.device, dtype=torch.long)
         old_a, old_b, old_rank = self.lora_a, self.lora_b, self.rank
         rank = max(old_rank, rank)
         self.lora_a = old_a.new_zeros(num_places, rank, old_a.shape[2])
         self.lora_b = old_b.new_zeros(num_places, rank, old_b.shape[2])
         self.lora_a[: len(kept), :old_rank] = old_a.index_select(0, order)
         self.lora_b[: len(kept), :old_rank] = old_b.index_select(0, order)
-        self.ranks = [self.ranks[place] for place in order.tolist()] + [0] * (num_places - len(kept))
+        self.ranks = [self.ranks[place] for place in places] + [0] * (num_places - len(kept))  # no read back
         self.tasks = [*kept, *[None] * (num_places - len(kept))]
         self.places = {id(task): place for place, task in enumerate(kept)}
 
@@ -555,7 +558,10 @@ def add_grouped(inputs: torch.Tensor, out: torch.Tensor, segments: Segments, sta
     if segments.padded is None:
         index = segments.index
         picked = inputs.index_select(0, index).to(lora_a.dtype)  # [n, in], group by group
-        delta = F.grouped_mm(F.grouped_mm(picked, lora_a, offs=segments.offsets), lora_b, offs=segments.offsets)
+        if has_grouped_mm(picked):
+            delta = F.grouped_mm(F.grouped_mm(picked, lora_a, offs=segments.offsets), lora_b, offs=segments.offsets)
+        else:
+            delta = mm_by_group(picked, lora_a, lora_b, segments.ends)
     else:
         index = segments.padded
         picked = inputs.index_select(0, index).to(lora_a.dtype)  # [g * most, in]
@@ -568,6 +574,27 @@ def add_grouped(inputs: torch.Tensor, out: torch.Tensor, segments: Segments, sta
     if segments.kept is not None:  # rounded once into the output: every token once, the padding rows dropped
         delta, index = delta.index_select(0, segments.kept), segments.index
     out.index_copy_(0, index, (out.index_select(0, index) + delta).to(out.dtype))
+
+
+def has_grouped_mm(inputs: torch.Tensor) -> bool:
+    """Whether `grouped_mm` runs as one kernel here: on the CPU, and on CUDA in bfloat16 on Hopper and Blackwell
+    (compute capability 9 and 10); elsewhere torch falls back to a matmul per group whose bounds it reads back from
+    the device, a synchronisation per call (two per LoRA module in every layer)."""
+    if inputs.device.type != "cuda":
+        return True
+    return inputs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(inputs.device)[0] in (9, 10)
+
+
+def mm_by_group(inputs: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, ends: list[int]) -> torch.Tensor:
+    """inputs [n, in] group by group (group g's rows end at ends[g]), lora_a [g, in, r], lora_b [g, r, out] -> the
+    groups' deltas [n, out]: `grouped_mm`'s pair as a matmul pair per group, at bounds known on the host."""
+    delta = inputs.new_empty(inputs.shape[0], lora_b.shape[-1])
+    start = 0
+    for group, end in enumerate(ends):
+        if end > start:
+            torch.mm(inputs[start:end] @ lora_a[group], lora_b[group], out=delta[start:end])
+        start = end
+    return delta
 
 
 def add_whole(

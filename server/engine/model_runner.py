@@ -97,19 +97,24 @@ class ModelRunner:
         return adapter
 
     def index(self, positions: list[int]) -> torch.Tensor:
-        """Stream positions (a readout's) as an index on the device."""
+        """Stream positions (a readout's) as an index on the device, in a copy of their own: for a pass outside the
+        pool (`stream` takes a step's in its one copy)."""
         return long_tensor(positions).to(self.device)
 
-    def stream(self, chunks: list[Chunk], causal: bool = True) -> tuple[StreamLayout, StepKV]:
+    def stream(
+        self, chunks: list[Chunk], causal: bool = True, extra: tuple[torch.Tensor, ...] = ()
+    ) -> tuple[StreamLayout, StepKV, list[torch.Tensor]]:
         """The packed stream's layout, and the pass's state over the pool (`causal` False: each row's tokens see
-        all of its keys)."""
+        all of its keys); `extra`, the kind's other host int64 tensors of the step (its tokens' ids, the positions
+        read out), come back on the device: all of them reach it in one copy, which does not block the host."""
         layout = StreamLayout.of(chunks, self.slots, causal, self.limits)
         host = [layout.positions, layout.write_slots, *(t for batch in layout.batches for t in batch.index())]
-        positions, write_slots, *index = to_device(host, self.device)  # one copy to the device a step
+        positions, write_slots, *index = to_device([*host, *extra], self.device)  # one copy to the device a step
+        index, on_device = index[: len(index) - len(extra)], index[len(index) - len(extra) :]
         width = RowBatch.num_index
         batches = [batch.with_index(index[i * width : (i + 1) * width]) for i, batch in enumerate(layout.batches)]
         kv = StepKV(self.pool.keys, self.pool.values, write_slots=write_slots, batches=batches, backend=self.attention)
-        return replace(layout, positions=positions, write_slots=write_slots, batches=batches), kv
+        return replace(layout, positions=positions, write_slots=write_slots, batches=batches), kv, on_device
 
     def row_embeds(self, row: Sequence) -> torch.Tensor:
         """[T, H]: a row's own tokens embedded, a prompt task's vectors first."""
@@ -119,22 +124,27 @@ class ModelRunner:
             embeds[: row.num_embedded_tokens] = self.prompts[row.task.key].to(embeds.dtype)
         return embeds
 
-    def input_embeds(self, chunks: list[Chunk], offsets: list[int]) -> torch.Tensor:
-        """[N, H]: each chunk's own tokens embedded; an embedded-prompt row's virtual tokens from its task."""
+    def stream_tokens(self, chunks: list[Chunk]) -> tuple[torch.Tensor, list[tuple[Chunk, int]]]:
+        """The stream's token ids [N] on the host, and (chunk, offset) of the chunks with vectors of their own to
+        place over theirs (`input_embeds`): a prompt task's, or given embeddings."""
         token_ids: list[int] = []
-        placed = []  # (chunk, offset) of the chunks with vectors of their own: a prompt task's, or given embeddings
-        for chunk, offset in zip(chunks, offsets, strict=False):
+        placed = []
+        for chunk in chunks:
             row = chunk.row
             if chunk.num_tokens == 1 and row.output_ids and chunk.is_last:
                 # a decoding row: every kind's own tokens end with the output, past the prompt task's vectors and
                 # the given input embeddings, so its token is its last output and it has no vectors to place
                 token_ids.append(row.output_ids[-1])
                 continue
-            token_ids += own_token_ids(row, chunk.start, chunk.num_tokens)
             if chunk.start < row.num_embedded_tokens or row.request.input_embeds is not None:
-                placed.append((chunk, offset))
-        assert len(token_ids) == offsets[-1], "one id per token of the stream"
-        embeds = self.embed_tokens(long_tensor(token_ids).to(self.device))
+                placed.append((chunk, len(token_ids)))
+            token_ids += own_token_ids(row, chunk.start, chunk.num_tokens)
+        return long_tensor(token_ids), placed
+
+    def input_embeds(self, token_ids: torch.Tensor, placed: list[tuple[Chunk, int]]) -> torch.Tensor:
+        """[N, H]: the stream's tokens (`stream_tokens`' ids, on the device) embedded; an embedded-prompt row's
+        virtual tokens from its task, a row given embeddings its own."""
+        embeds = self.embed_tokens(token_ids)
         for chunk, offset in placed:
             row, end = chunk.row, min(chunk.start + chunk.num_tokens, chunk.row.num_embedded_tokens)
             if chunk.start < end and row.task is not None:

@@ -4,6 +4,7 @@ top log-probabilities, scoring, classification, an encoder-decoder, an encoder, 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,15 +14,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from prompt_store.registry import TaskStore
 from server.engine import model_runner, sampler
+from server.engine.adapters import DeviceAdapter, DeviceIA3, DeviceLora, LoraStack
 from server.engine.attention import TileLimits
 from server.engine.backbone import load_backbone
 from server.engine.kv_pool import HOST, to_device
+from server.engine.model_runner import ModelRunner
+from server.engine.readout import Readout
 from server.engine.sampler import choose
 from server.engine.types import ClassifyInput, SamplingParams, ScoreInput
-from tests.engine.device_guard import DeviceGuard
+from tests.engine.device_guard import DeviceGuard, caller_in_engine
 from tests.engine.harness import Harness
 from tests.engine.test_nlu import Driver
 from tests.fixtures import ADAPTER_KINDS, TinyBackbone
+from tests.lora_fixtures import write_module_adapter
 from tests.nlu_fixtures import write_nlu_backbone
 from tests.seq2seq_fixtures import SEQ2SEQ_ADAPTER_KINDS, build_tiny_seq2seq_backbone
 
@@ -105,8 +110,9 @@ def test_a_steps_index_tensors_reach_the_device_in_one_copy():
 
 
 class Transfers(TorchDispatchMode):
-    """The copies between devices, (from, to) for each: the operations' own (`to`, `copy_`), and a tensor made from
-    host data straight on another device (`torch.tensor(data, device=...)`: a copy the dispatcher does not see)."""
+    """The copies between devices, (from, to) for each: the operations' own (`to`, which inference mode dispatches as
+    itself rather than `_to_copy`, and `copy_`), and a tensor made from host data straight on another device
+    (`torch.tensor(data, device=...)`: a copy the dispatcher does not see)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -115,7 +121,8 @@ class Transfers(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        if func is torch.ops.aten._to_copy.default and result.device != args[0].device:
+        moves = func is torch.ops.aten._to_copy.default or func.overloadpacket is torch.ops.aten.to  # (inference mode)
+        if moves and result.device != args[0].device:
             self.copies.append((args[0].device.type, result.device.type))
         elif func is torch.ops.aten.copy_.default and args[0].device != args[1].device:
             self.copies.append((args[1].device.type, args[0].device.type))
@@ -151,3 +158,114 @@ def test_the_sampled_rows_parameters_and_draws_reach_the_device_in_one_copy(voca
         tokens = choose(scores, params, uniforms)
     assert tokens.device.type == "meta"
     assert transfers.copies == [("cpu", "meta")]
+
+
+def on_meta(harness: Harness) -> ModelRunner:
+    """The harness's runner with its model and pool on the meta device, a device of its own on a CPU-only machine:
+    a copy from the host shows as one, and a read back to the host fails (a meta tensor has no values)."""
+    runner, meta = harness.engine.runner, torch.device("meta")
+    runner.model.to(meta)
+    for tensors in (runner.pool.keys, runner.pool.values):
+        tensors[:] = [tensor.to(meta) for tensor in tensors]
+    runner.backbone, runner.device = replace(runner.backbone, device=meta), meta
+    adapters = runner.tasks.adapters
+    for adapter in adapters.resident.values():  # LoRA / IA3 weights, which the task cache holds on the device
+        adapter.modules = {name: to_meta(weights) for name, weights in adapter.modules.items()}
+    for stack in adapters.hooks.stacks.values():
+        stack.lora_a, stack.lora_b = stack.lora_a.to(meta), stack.lora_b.to(meta)
+    adapters.hooks.tables.clear()  # rebuilt from the weights at the next pass
+    return runner
+
+
+def to_meta(weights: DeviceLora | DeviceIA3) -> DeviceLora | DeviceIA3:
+    if isinstance(weights, DeviceLora):
+        return replace(weights, lora_a=weights.lora_a.to("meta"), lora_b=weights.lora_b.to("meta"))
+    return replace(weights, scales=weights.scales.to("meta"))
+
+
+def transfers_of_step(harness: Harness, steps_before: int) -> tuple[list[tuple[str, str]], list[str]]:
+    """The copies between devices one step's pass makes, and where those that block the host are made (its rows'
+    tasks already loaded on the device, as the step loads them before the pass), `steps_before` steps after the
+    requests were added."""
+    for _ in range(steps_before):
+        harness.step()
+    plan = harness.engine.scheduler.schedule()
+    chunks, prompts = harness.engine.prepare(plan.admitted, plan.chunks)
+    runner = on_meta(harness)
+    prompts = {key: vectors.to(runner.device) for key, vectors in prompts.items()}
+    with Transfers() as transfers, MadeFromData(transfers), Blocking() as blocking:
+        result = runner.run(chunks, Readout.of(chunks), prompts)
+    assert result.logits is not None and result.logits.device.type == "meta"
+    return transfers.copies, blocking.copies
+
+
+@pytest.mark.parametrize("steps_before", [0, 1], ids=["prefill", "decode"])
+def test_a_causal_steps_pass_takes_its_host_tensors_to_the_device_in_one_copy(
+    tiny_llama: TinyBackbone, tmp_path: Path, steps_before: int
+):
+    """The layout's index tensors, the tokens' ids and the positions read out, for plain rows and prompt tasks held
+    as keys and values and fed as embeddings; no read back within the pass."""
+    harness = Harness(tiny_llama, tmp_path / "store", cache_prompt_kv=False)
+    for task in (None, "prompt_tuning", "prefix"):
+        harness.engine.add(harness.request("hello world " + str(task), task, max_new_tokens=4))
+    assert transfers_of_step(harness, steps_before) == ([("cpu", "meta")], [])
+
+
+@pytest.mark.parametrize("steps_before", [0, 1], ids=["prefill", "decode"])
+def test_an_encoder_decoder_steps_pass_takes_its_host_tensors_to_the_device_in_one_copy(
+    tmp_path: Path, steps_before: int
+):
+    harness = Harness(build_tiny_seq2seq_backbone("t5", tmp_path / "t5"), tmp_path / "store")
+    for task in (None, "prompt_tuning", "prefix"):
+        harness.engine.add(harness.request("hello world " + str(task), task, max_new_tokens=4))
+    assert transfers_of_step(harness, steps_before) == ([("cpu", "meta")], [])
+
+
+@pytest.mark.parametrize("steps_before", [0, 1], ids=["prefill", "decode"])
+def test_a_lora_and_ia3_steps_pass_makes_no_copy_that_blocks(tiny_llama: TinyBackbone, tmp_path: Path, steps_before):
+    """LoRA and IA3 rows beside plain ones: the tokens' task groups reach the device in copies of their own (they are
+    known once the pass reaches a LoRA module), each from pinned memory without blocking; none is read back."""
+    harness = Harness(tiny_llama, tmp_path / "store")
+    adapters = {name: write_module_adapter(tiny_llama.path, method, tmp_path / name, seed=seed, **settings)
+                for seed, (name, method, settings) in enumerate(MODULE_ADAPTERS)}  # fmt: skip
+    for name, directory in adapters.items():
+        harness.store.register_dir(name, directory)
+    for task in (None, *adapters, "lora-a"):
+        harness.engine.add(harness.request("hello world " + str(task), task, max_new_tokens=4))
+    copies, blocking = transfers_of_step(harness, steps_before)
+    assert copies and set(copies) == {("cpu", "meta")}
+    assert blocking == []
+
+
+MODULE_ADAPTERS = (
+    ("lora-a", "lora", {"target_modules": ["q_proj", "v_proj", "down_proj"], "r": 4}),
+    ("lora-b", "lora", {"target_modules": ["k_proj", "up_proj"], "r": 8}),
+    ("ia3", "ia3", {"target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
+)
+
+
+class Blocking(TorchFunctionMode):
+    """The copies to another device that block the host: `to` without non_blocking, from memory not pinned."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu":
+            device = next((a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (torch.device, str))), None)
+            if device is not None and torch.device(device).type != "cpu" and not kwargs.get("non_blocking"):
+                self.copies.append(caller_in_engine() or "outside the engine")
+        return func(*args, **kwargs)
+
+
+def test_a_lora_stack_resized_reads_nothing_back_from_the_device():
+    """Its places' order is known on the host (a meta tensor cannot be read: the resize would raise)."""
+    weights = DeviceLora(torch.zeros(4, 16, device="meta"), torch.zeros(8, 4, device="meta"), scaling=2.0)
+    tasks = [DeviceAdapter(("task", version), {"q_proj": weights}, nbytes=0) for version in range(3)]
+    stack = LoraStack(weights, num_places=2, rank=4)
+    for task in tasks:
+        stack.place("q_proj", task)  # the third doubles the places
+    stack.resize(8, rank=8)
+    assert stack.ranks == [4, 4, 4, 0, 0, 0, 0, 0] and stack.lora_a.shape == (8, 8, 16)

@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
+from torch.nn import functional as F
 from transformers import AutoModelForCausalLM
 
+from server.engine import adapters
+from server.engine.kv_pool import HOST
 from server.engine.types import EnsembleMode
 from tests.engine.harness import Harness, token_ids
 from tests.fixtures import EOS_ID, TinyBackbone
@@ -260,3 +263,35 @@ def test_stacked_weights_go_when_the_last_rows_are_aborted(served: Harness) -> N
     assert not served.engine.has_work()
     weights = sum(adapter.nbytes for adapter in cache.adapters.resident.values())
     assert hooks.stacks == {} and hooks.tables == {} and cache.stats().adapter_bytes == weights
+
+
+def test_a_matmul_pair_per_group_equals_grouped_mm() -> None:
+    """Where `grouped_mm` would read its group bounds back from a GPU (outside bfloat16 on Hopper and Blackwell), the
+    engine multiplies group by group at the bounds it knows on the host: the same deltas, an empty group too."""
+    generator = torch.Generator().manual_seed(0)
+    inputs, lora_a, lora_b = (torch.randn(*shape, generator=generator) for shape in ((9, 16), (3, 16, 4), (3, 4, 8)))
+    ends = [5, 5, 9]
+    offsets = torch.tensor(ends, dtype=torch.int32, device=HOST)
+    expected = F.grouped_mm(F.grouped_mm(inputs, lora_a, offs=offsets), lora_b, offs=offsets)
+    torch.testing.assert_close(adapters.mm_by_group(inputs, lora_a, lora_b, ends), expected)
+
+
+def test_rows_of_uneven_tasks_equal_peft_through_a_matmul_pair_per_group(
+    tiny_backbone: TinyBackbone, tmp_path: Path, references: dict, module_adapters: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Ten rows of one LoRA task and one of each of two others on the same modules (their decode tokens too uneven
+    to pad): through the matmuls per group a GPU without grouped_mm's one kernel takes, every row as PEFT's."""
+    calls = []
+    monkeypatch.setattr(adapters, "has_grouped_mm", lambda inputs: False)
+    monkeypatch.setattr(adapters, "mm_by_group", lambda *args: calls.append(1) or MM_BY_GROUP(*args))
+    served = Harness(tiny_backbone, tmp_path / "store", max_batch_size=12)
+    for name in ("lora-a", "lora-a2", "lora-a3"):  # the same weights as three tasks: PEFT's answers are lora-a's
+        served.store.register_dir(name, module_adapters["lora-a"])
+    rows = [("lora-a", TEXTS[i % len(TEXTS)]) for i in range(10)] + [("lora-a2", TEXTS[0]), ("lora-a3", TEXTS[3])]
+    for (_, text), completion in zip(rows, served.run(*(served.request(t, task) for task, t in rows)), strict=True):
+        check(completion, references[("lora-a", text)])
+    assert calls, "no step took the grouped path"
+
+
+MM_BY_GROUP = adapters.mm_by_group

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from server.engine.alibi import num_kv_heads, reference_attention
 from server.engine.attention import run_backbone, unrouted_attention
 from server.engine.kinds.base import ModelKind, SelfChecks, StepResult
+from server.engine.kv_pool import long_tensor
 from server.engine.types import KindName
 
 if TYPE_CHECKING:
@@ -32,15 +33,16 @@ class Causal(ModelKind):
         return unrouted_attention(model, num_kv_heads(model.config))
 
     def forward(self, runner: ModelRunner, chunks: list[Chunk], readout: Readout) -> StepResult:
-        layout, kv = runner.stream(chunks, causal=True)
-        embeds = runner.input_embeds(chunks, layout.offsets.tolist())[None]  # [1, N, H]
+        token_ids, placed = runner.stream_tokens(chunks)
+        read = (long_tensor(readout.logit_index), long_tensor(readout.hidden_index))
+        layout, kv, (token_ids, logit_index, hidden_index) = runner.stream(chunks, True, (token_ids, *read))
         logits, hidden = run_backbone(
             runner.model,
             kv,
-            runner.index(readout.hidden_index) if readout.hidden_index else None,  # None: no hidden state read
-            inputs_embeds=embeds,
-            position_ids=layout.positions[None].to(runner.device),  # [1, N]
-            logits_to_keep=runner.index(readout.logit_index),
+            hidden_index if readout.hidden_index else None,  # None: no hidden state read
+            inputs_embeds=runner.input_embeds(token_ids, placed)[None],  # [1, N, H]
+            position_ids=layout.positions[None],  # [1, N]
+            logits_to_keep=logit_index,
         )
         return StepResult(logits, hidden)
 

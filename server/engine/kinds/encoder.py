@@ -19,6 +19,7 @@ from server.engine.attention import Routing, attention_routing, run_encoder
 from server.engine.errors import UnsupportedBackbone, WrongKind
 from server.engine.heads import BareHead, Head, bare_head
 from server.engine.kinds.base import ModelKind, SelfChecks, StepResult
+from server.engine.kv_pool import long_tensor
 from server.engine.types import KindName
 
 if TYPE_CHECKING:
@@ -94,12 +95,13 @@ class Encoder(ModelKind):
     # ---- the step
 
     def forward(self, runner: ModelRunner, chunks: list[Chunk], readout: Readout) -> StepResult:
-        hidden_index = runner.index(readout.hidden_index)
         if not self.packed:
-            return StepResult(None, self.run_padded(runner, chunks)[hidden_index])
-        layout, kv = runner.stream(chunks, causal=False)
-        embeds = runner.input_embeds(chunks, layout.offsets.tolist())[None]  # [1, N, H]
-        positions = (layout.positions + self.first_position)[None].to(runner.device)
+            return StepResult(None, self.run_padded(runner, chunks)[runner.index(readout.hidden_index)])
+        token_ids, placed = runner.stream_tokens(chunks)
+        extra = (token_ids, long_tensor(readout.hidden_index))
+        layout, kv, (token_ids, hidden_index) = runner.stream(chunks, False, extra)
+        embeds = runner.input_embeds(token_ids, placed)[None]  # [1, N, H]
+        positions = (layout.positions + self.first_position)[None]  # [1, N]
         encoded = run_encoder(runner.model.base_model, kv, inputs_embeds=embeds, position_ids=positions)
         return StepResult(None, encoded[hidden_index])
 

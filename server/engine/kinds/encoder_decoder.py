@@ -8,6 +8,7 @@ cross-attention layers (see seq2seq.py for what transformers computes from the s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate, chain
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from server.engine.attention import CrossKV, RowBatch, StepKV, run_decoder
 from server.engine.errors import InputTooLong
 from server.engine.kinds.base import DecoderPrefix, ModelKind, PrefixCheck, SelfChecks, StepResult
 from server.engine.kinds.seq2seq import Seq2Seq, encode
-from server.engine.kv_pool import HOST, block_slots, slots_of
+from server.engine.kv_pool import HOST, block_slots, long_tensor, slots_of
 from server.engine.reference import cache_kwarg
 from server.engine.types import KindName
 
@@ -108,29 +109,48 @@ class EncoderDecoder(ModelKind):
         return [row for row in starting if row.task and not row.task.record.method.is_prefix]
 
     def forward(self, runner: ModelRunner, chunks: list[Chunk], readout: Readout) -> StepResult:
-        """The decoder pass stores the starting rows' cross-attention keys and values in their own slots."""
-        layout, kv = runner.stream(chunks, causal=True)
-        logits = self.decode(runner, chunks, layout, kv)  # [N, V]
-        return StepResult(logits[runner.index(readout.logit_index)], None)
-
-    def decode(self, runner: ModelRunner, chunks: list[Chunk], layout: StreamLayout, kv: StepKV) -> torch.Tensor:
-        seq2seq, device = self.seq2seq, runner.device
+        """The decoder pass stores the starting rows' cross-attention keys and values in their own slots. The step's
+        host tensors (the layout's and the cross-attention's indices, the encoder's and the decoder's token ids, the
+        positions read out) reach the device in the stream's one copy."""
         starting = [chunk.row for chunk in chunks if chunk.start == 0]
-        encoded = [self.encode_row(runner, row) for row in starting]  # each [S, H]
+        cross = self.cross_batches(chunks, runner)
+        slots = [slots_of(row.block_ids, self.encoder_length(row), runner.pool.block_size) for row in starting]
+        decoder_ids = long_tensor(t for chunk in chunks for t in self.own_token_ids(chunk.row, chunk.start,
+                                                                                   chunk.num_tokens))  # fmt: skip
+        extra = (
+            *(t for batch in cross for t in batch.index()),
+            torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=HOST),
+            long_tensor(chain.from_iterable(row.request.input_ids for row in starting)),
+            decoder_ids,
+            long_tensor(readout.logit_index),
+        )
+        layout, kv, on_device = runner.stream(chunks, True, extra)
+        *cross_index, cross_slots, encoder_ids, decoder_ids, logit_index = on_device
+        width = RowBatch.num_index
+        kv.cross = CrossKV(
+            first_layer=self.seq2seq.num_decoder_layers,
+            write_slots=cross_slots,
+            batches=[batch.with_index(cross_index[i * width : (i + 1) * width]) for i, batch in enumerate(cross)],
+            modules=self.seq2seq.cross_attentions,
+        )
+        inputs = encoder_ids.split([len(row.request.input_ids) for row in starting])
+        logits = self.decode(runner, starting, inputs, decoder_ids, layout, kv)  # [N, V]
+        return StepResult(logits[logit_index], None)
+
+    def decode(
+        self, runner: ModelRunner, starting: list[Sequence], inputs: tuple[torch.Tensor, ...],
+        decoder_ids: torch.Tensor, layout: StreamLayout, kv: StepKV,
+    ) -> torch.Tensor:  # fmt: skip
+        """The encoder over each starting row's input ids (`inputs`, on the device), then the decoder over the
+        stream's `decoder_ids`: every position's logits [N, V]."""
+        seq2seq, device = self.seq2seq, runner.device
+        encoded = [self.encode_row(runner, row, ids) for row, ids in zip(starting, inputs, strict=True)]  # [S, H]
         hidden_size = runner.backbone.fingerprint.hidden_size
         hidden = torch.cat(encoded) if encoded else torch.zeros(1, hidden_size, device=device)
         states = hidden.to(runner.backbone.dtype)[None]  # [1, sum S, H]: what the cross-attention projects
-        slots = [slots_of(row.block_ids, self.encoder_length(row), runner.pool.block_size) for row in starting]
-        kv.cross = CrossKV(
-            first_layer=seq2seq.num_decoder_layers,
-            write_slots=(torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long, device=HOST)).to(device),
-            batches=[batch.to(device) for batch in self.cross_batches(chunks, layout.offsets, runner)],
-            modules=seq2seq.cross_attentions,
-        )
         kv.relative_bias = seq2seq.relative_bias
-        token_ids = [t for chunk in chunks for t in self.own_token_ids(chunk.row, chunk.start, chunk.num_tokens)]
         if seq2seq.positions is not None:
-            seq2seq.positions.positions = layout.positions[None].to(device)
+            seq2seq.positions.positions = layout.positions[None]
         lengths = [len(e) for e in encoded] or [1]
         try:
             with runner.tasks.adapters.hooks.source(states, runner.row_adapters(list(starting) or [None]), lengths):
@@ -138,38 +158,39 @@ class EncoderDecoder(ModelKind):
                     runner.model,
                     kv,
                     seq2seq.num_decoder_layers,
-                    decoder_input_ids=torch.tensor([token_ids], device=device),
+                    decoder_input_ids=decoder_ids[None],  # [1, N]
                     encoder_outputs=BaseModelOutput(last_hidden_state=states),
                 )
         finally:
             if seq2seq.positions is not None:
                 seq2seq.positions.positions = None
 
-    def encode_row(self, runner: ModelRunner, row: Sequence) -> torch.Tensor:
-        """[S, H]: the row's encoder pass, alone, with its LoRA / IA3 task's deltas."""
-        embeds = self.encoder_input(runner, row)
+    def encode_row(self, runner: ModelRunner, row: Sequence, input_ids: torch.Tensor) -> torch.Tensor:
+        """[S, H]: the row's encoder pass over its input ids [T] (on the device), alone, with its LoRA / IA3 task's
+        deltas."""
+        embeds = self.encoder_input(runner, row, input_ids)
         with runner.adapted([row], [len(embeds)]):
             return encode(runner.model, embeds)
 
-    def encoder_input(self, runner: ModelRunner, row: Sequence) -> torch.Tensor:
+    def encoder_input(self, runner: ModelRunner, row: Sequence, input_ids: torch.Tensor) -> torch.Tensor:
         """[S, H]: a prompt task's virtual tokens (as PEFT puts them, before the input), then the input embedded."""
-        ids = torch.tensor(row.request.input_ids, dtype=torch.long, device=runner.device)
-        embeds = runner.embed_tokens(ids)
+        embeds = runner.embed_tokens(input_ids)
         if row.task is None or row.task.record.method.is_prefix:
             return embeds
         prompt = runner.prompts[row.task.key].to(embeds.dtype)  # [P, H]
         return torch.cat([prompt, embeds])
 
-    def cross_batches(self, chunks: list[Chunk], offsets: torch.Tensor, runner: ModelRunner) -> list[RowBatch]:
-        """Cross-attention for every row of the step: its new tokens see all of its encoder keys, slots 0..S-1 of its
-        own blocks in the cross-attention layers (in batches within the runner's limits)."""
+    def cross_batches(self, chunks: list[Chunk], runner: ModelRunner) -> list[RowBatch]:
+        """Cross-attention for every row of the step, on the host: its new tokens see all of its encoder keys, slots
+        0..S-1 of its own blocks in the cross-attention layers (in batches within the runner's limits)."""
         lengths = torch.tensor([self.encoder_length(chunk.row) for chunk in chunks], device=HOST)
         own_slots = block_slots([chunk.row.block_ids for chunk in chunks], runner.pool.block_size)
         column = torch.arange(int(lengths.max()), device=HOST)[None]  # [1, S]
         key_slots = own_slots.gather(1, column.clamp(max=own_slots.shape[1] - 1).expand(len(chunks), -1))
         num_new = torch.tensor([chunk.num_tokens for chunk in chunks], device=HOST)
+        starts = long_tensor(accumulate((chunk.num_tokens for chunk in chunks[:-1]), initial=0))  # in the stream
         first_positions = torch.zeros_like(num_new)
-        return RowBatch.tiles(key_slots, lengths, offsets[:-1], num_new, first_positions, runner.limits, causal=False)
+        return RowBatch.tiles(key_slots, lengths, starts, num_new, first_positions, runner.limits, causal=False)
 
     # ---- the self-check: the prompt before the encoder's input, a prefix in the decoder's self-attention
 
