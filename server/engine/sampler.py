@@ -24,7 +24,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from server.engine.kv_pool import HOST, double_tensor, from_array, to_device
+from server.engine.kv_pool import HOST, double_tensor, from_array, long_tensor, to_device
 from server.engine.request import RankedTarget, Request, Sequence
 from server.engine.types import SamplingParams
 
@@ -103,13 +103,16 @@ def sample(logits: torch.Tensor, rows: list[Sequence], uniforms: torch.Tensor) -
     decisions = Decisions.of(rows)
     logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
     scores = logits
-    if decisions.decision_of_row is not None:
-        scores, logprobs = ensemble_scores(logits, logprobs, decisions)
     if decisions.first_rows is not None:
         uniforms = uniforms[decisions.first_rows]
+    if decisions.decision_of_row is not None:
+        first_rows, decision_of_row, *members = to_device(  # one copy that does not block
+            [long_tensor(decisions.first_rows or []), long_tensor(decisions.decision_of_row),
+             *map(long_tensor, decisions.ensembles)], logits.device)  # fmt: skip
+        scores, logprobs = ensemble_scores(logits, logprobs, decisions, first_rows, members)
     tokens = choose(scores, decisions.params, uniforms)  # [D]
     if decisions.decision_of_row is not None:
-        tokens = tokens[torch.tensor(decisions.decision_of_row, device=logits.device)]  # [B]
+        tokens = tokens[decision_of_row]  # [B]
     chosen = logprobs.gather(1, tokens[:, None])  # [B, 1]
     is_finite = logits.amax(dim=-1, keepdim=True).isfinite()  # amax is NaN with any NaN, inf with any inf
     wanted = [row.request.sampling.top_logprobs or 0 for row in rows]
@@ -139,17 +142,18 @@ def unpack(packed: torch.Tensor, num_rows: int, asking: list[tuple[int, int]], k
 
 
 def ensemble_scores(
-    logits: torch.Tensor, logprobs: torch.Tensor, decisions: Decisions
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, logprobs: torch.Tensor, decisions: Decisions, first_rows: torch.Tensor,
+    members: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The decisions' scores [D, V] (a row's logits; an ensemble's mean log-probabilities) and the rows'
-    log-probabilities [B, V], an ensemble's members reporting its mean."""
-    assert decisions.decision_of_row is not None and decisions.first_rows is not None
-    scores = logits[torch.tensor(decisions.first_rows, device=logits.device)]
+    log-probabilities [B, V], an ensemble's members reporting its mean. `first_rows` and `members` (each ensemble's
+    rows): `decisions`' on the device."""
+    assert decisions.decision_of_row is not None
+    scores = logits.index_select(0, first_rows)
     logprobs = logprobs.clone()
-    for members in decisions.ensembles:
-        index = torch.tensor(members, device=logits.device)
+    for rows, index in zip(decisions.ensembles, members, strict=True):
         mean_logprobs = logprobs.index_select(0, index).mean(dim=0)  # [V]
-        scores[decisions.decision_of_row[members[0]]] = mean_logprobs
+        scores[decisions.decision_of_row[rows[0]]] = mean_logprobs
         logprobs[index] = mean_logprobs
     return scores, logprobs
 
@@ -296,9 +300,8 @@ def suppress_eos(logits: torch.Tensor, rows: list[Sequence], eos_ids: frozenset[
         return logits
     eos = [i for i in sorted(eos_ids) if i < logits.shape[-1]]
     masked = logits.clone()
-    masked[torch.tensor(short, device=logits.device)[:, None], torch.tensor(eos, device=logits.device)[None]] = float(
-        "-inf"
-    )
+    short_rows, eos_columns = to_device([long_tensor(short), long_tensor(eos)], logits.device)  # without blocking
+    masked[short_rows[:, None], eos_columns[None]] = float("-inf")
     return masked
 
 

@@ -17,11 +17,13 @@ from server.engine import model_runner, sampler
 from server.engine.adapters import DeviceAdapter, DeviceIA3, DeviceLora, LoraStack
 from server.engine.attention import TileLimits
 from server.engine.backbone import load_backbone
+from server.engine.intake import make_generators
 from server.engine.kv_pool import HOST, to_device
 from server.engine.model_runner import ModelRunner
 from server.engine.readout import Readout
-from server.engine.sampler import choose
-from server.engine.types import ClassifyInput, SamplingParams, ScoreInput
+from server.engine.request import Request, Sequence
+from server.engine.sampler import choose, draws, sample, suppress_eos
+from server.engine.types import ClassifyInput, EnsembleMode, SamplingParams, ScoreInput
 from tests.engine.device_guard import DeviceGuard, caller_in_engine
 from tests.engine.harness import Harness
 from tests.engine.test_nlu import Driver
@@ -245,7 +247,8 @@ MODULE_ADAPTERS = (
 
 
 class Blocking(TorchFunctionMode):
-    """The copies to another device that block the host: `to` without non_blocking, from memory not pinned."""
+    """The copies to another device that block the host, where promptserve makes them: `to` without non_blocking
+    (from memory not pinned), a tensor made from host data on the device (`torch.tensor(data, device=...)`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -257,6 +260,8 @@ class Blocking(TorchFunctionMode):
             device = next((a for a in (*args[1:], kwargs.get("device")) if isinstance(a, (torch.device, str))), None)
             if device is not None and torch.device(device).type != "cpu" and not kwargs.get("non_blocking"):
                 self.copies.append(caller_in_engine() or "outside the engine")
+        elif func in (torch.tensor, torch.as_tensor) and torch.device(kwargs.get("device") or "cpu").type != "cpu":
+            self.copies.append(caller_in_engine() or "outside the engine")
         return func(*args, **kwargs)
 
 
@@ -269,3 +274,18 @@ def test_a_lora_stack_resized_reads_nothing_back_from_the_device():
         stack.place("q_proj", task)  # the third doubles the places
     stack.resize(8, rank=8)
     assert stack.ranks == [4, 4, 4, 0, 0, 0, 0, 0] and stack.lora_a.shape == (8, 8, 16)
+
+
+def test_sampling_min_tokens_and_mean_ensembles_copies_nothing_that_blocks():
+    """Rows short of their min_tokens and a mean ensemble beside sampled and greedy rows: their index tensors reach
+    the device without blocking, up to the sampler's one read back (which a meta tensor cannot give)."""
+    ensemble = Request("e", [1], SamplingParams(do_sample=True, seed=4), 8, lambda output: None, EnsembleMode.MEAN,
+                       generators=make_generators(SamplingParams(do_sample=True, seed=4), 2))  # fmt: skip
+    ensemble.rows = [Sequence(ensemble, None, i) for i in range(2)]
+    short = Request("s", [1], SamplingParams(min_tokens=3, top_logprobs=2), 8, lambda output: None)
+    short.rows = [Sequence(short, None)]
+    rows = [short.rows[0], *ensemble.rows]
+    logits = torch.zeros(len(rows), 50, device="meta")
+    with Blocking() as blocking, pytest.raises(NotImplementedError, match="meta tensor"):
+        sample(suppress_eos(logits, rows, frozenset({2})), rows, draws(rows))
+    assert blocking.copies == []
