@@ -192,8 +192,9 @@ def describe_environment(device: str) -> dict[str, Any]:
 
 
 def torch_lacks() -> list[str]:
-    """The newer torch functions the engine calls that this torch lacks (pyproject allows torch from 2.5; the lock
-    and the suite are 2.13's): a LoRA / IA3 step without `grouped_mm`, FlexAttention without `compute_q_blocks`."""
+    """The newer torch functions the engine uses where this torch has them (pyproject allows torch from 2.5; the
+    lock and the suite are 2.13's): without `grouped_mm` LoRA rows take a matmul pair per task, without
+    `compute_q_blocks` FlexAttention builds the backward pass's index too; what the numbers ran on."""
     from torch.nn.attention.flex_attention import BlockMask
 
     lacks = [] if hasattr(torch.nn.functional, "grouped_mm") else ["torch.nn.functional.grouped_mm"]
@@ -273,7 +274,7 @@ def environment_lines(environment: dict[str, Any]) -> list[str]:
     if environment["missing"]:
         lines.append(f"  not installed as pyproject asks: {', '.join(environment['missing'])}")
     if environment["torch_lacks"]:
-        lines.append(f"  this torch lacks what the engine calls: {', '.join(environment['torch_lacks'])}")
+        lines.append(f"  this torch lacks (the engine does without): {', '.join(environment['torch_lacks'])}")
     return lines
 
 

@@ -579,7 +579,9 @@ def add_grouped(inputs: torch.Tensor, out: torch.Tensor, segments: Segments, sta
 def has_grouped_mm(inputs: torch.Tensor) -> bool:
     """Whether `grouped_mm` runs as one kernel here: on the CPU, and on CUDA in bfloat16 on Hopper and Blackwell
     (compute capability 9 and 10); elsewhere torch falls back to a matmul per group whose bounds it reads back from
-    the device, a synchronisation per call (two per LoRA module in every layer)."""
+    the device, a synchronisation per call (two per LoRA module in every layer). Before torch 2.9 it has none."""
+    if not hasattr(F, "grouped_mm"):
+        return False
     if inputs.device.type != "cuda":
         return True
     return inputs.dtype == torch.bfloat16 and torch.cuda.get_device_capability(inputs.device)[0] in (9, 10)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from inspect import signature
 from typing import Any
 
 import torch
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("sdpa", "flex")
 Q_BLOCK = 16  # queries per block of the mask: a decode row has one, a prefill chunk a few blocks
 MIN_CUDA_KV_BLOCK = 16  # Triton's smallest dot tile: the kernel's key block is the pool's block
+# the backward pass's index, which inference does not need: not built, where this torch lets it be skipped
+SKIPS_Q_BLOCKS = "compute_q_blocks" in signature(BlockMask.from_kv_blocks).parameters
+NO_Q_BLOCKS: dict[str, Any] = {"compute_q_blocks": False} if SKIPS_Q_BLOCKS else {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,7 @@ class PagedRows:
             BLOCK_SIZE=(Q_BLOCK, block_size),
             mask_mod=row_keys(batch, self.block_start, block_size, sliding_window),
             seq_lengths=(width, len(self.block_start) * block_size),
-            compute_q_blocks=False,  # the backward pass's index: inference only
+            **NO_Q_BLOCKS,
         )
 
     def no_full_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:

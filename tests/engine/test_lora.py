@@ -295,3 +295,10 @@ def test_rows_of_uneven_tasks_equal_peft_through_a_matmul_pair_per_group(
 
 
 MM_BY_GROUP = adapters.mm_by_group
+
+
+def test_a_torch_without_grouped_mm_multiplies_group_by_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyproject allows torch from 2.5; grouped_mm came in 2.9."""
+    assert adapters.has_grouped_mm(torch.zeros(2, 4))  # on the CPU, where this torch has it
+    monkeypatch.delattr(F, "grouped_mm")
+    assert not adapters.has_grouped_mm(torch.zeros(2, 4))
