@@ -285,7 +285,7 @@ def descending(scores: torch.Tensor, width: int) -> torch.Tensor:
     else:
         ranked = np.partition(values, vocab - width, axis=-1)[:, vocab - width :]
         ranked.sort(axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(ranked[:, ::-1]))
+    return torch.from_numpy(ranked[:, ::-1].copy())  # a copy's strides are positive (one element: not so in place)
 
 
 def is_host_float(scores: torch.Tensor) -> bool:

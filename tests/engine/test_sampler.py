@@ -96,6 +96,17 @@ def test_host_ranking_and_argmax_equal_torchs():
                 assert torch.allclose(sampler.descending(rows, width), expected, rtol=0, atol=0, equal_nan=True)
 
 
+def test_a_lone_sampled_row_with_top_k_1_draws_its_best_token(monkeypatch):
+    """A ranking of one row and one token reversed by numpy keeps its negative stride (an array of one element
+    counts as contiguous whatever its strides), which torch refuses: a lone sampled row with top_k 1 raised, and so
+    did a batch of such rows whose last chunk held one (chunks of 4 rows here, 17 rows)."""
+    scores = torch.randn(17, 600, generator=torch.Generator().manual_seed(1))
+    params = SamplingParams(do_sample=True, top_k=1)
+    assert draw(scores[0], params, 0.7) == int(scores[0].argmax())
+    monkeypatch.setattr(sampler, "HOST_SAMPLE_CHUNK_ELEMENTS", 4 * 600)
+    assert torch.equal(choose(scores, [params] * 17, uniform_draws(17, seed=3)), scores.argmax(dim=-1))
+
+
 def uniform_draws(count: int, seed: int | None) -> torch.Tensor:
     return torch.rand(count, dtype=torch.float64, generator=torch.Generator().manual_seed(seed or 0))
 
