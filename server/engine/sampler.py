@@ -198,7 +198,8 @@ def invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """weights [S, V] (each row's some positive), u [S, 1] in [0, 1) -> where u falls in each row's cumulative
     distribution [S, 1]. Over a large vocabulary in two steps, so that no [S, V] float64 temporary is made (and
     none cumulated in a scalar loop): the block of `CDF_BLOCK` tokens u falls in, from the blocks' sums, then the
-    token within that block, at u's share of the block."""
+    token within that block, at u's share of the block. A row of NaN weights (its logits not finite) gets some
+    token of the vocabulary, as `locate` gives it one."""
     vocab = weights.shape[-1]
     if vocab <= CDF_BLOCK:
         return locate(weights, u)[0]
@@ -210,7 +211,7 @@ def invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     first = block * CDF_BLOCK
     columns = first + torch.arange(CDF_BLOCK, device=weights.device)  # [S, CDF_BLOCK]
     in_block = weights.gather(1, columns.clamp(max=vocab - 1)).masked_fill_(columns >= vocab, 0.0)  # the last's
-    return first + locate(in_block, within)[0]
+    return (first + locate(in_block, within)[0]).clamp_(max=vocab - 1)  # NaN weights find no token: some token
 
 
 def locate(weights: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -257,6 +257,24 @@ def test_mean_ensemble_token_does_not_depend_on_the_order_its_rows_reach_the_sam
     assert len(set(tokens[0])) > 1  # it really samples
 
 
+def test_rows_of_non_finite_logits_get_a_token_within_the_vocabulary():
+    """A row with a NaN or an infinity has NaN weights: over several blocks its draw found no token and took the
+    last of its last block, beyond a vocabulary that ends within it (3,071 of 3,000), and gathering its
+    log-probability raised for the whole batch (on a GPU: a device-side assert, which ends the process). Its token
+    must be some token of the vocabulary, so that the engine fails that request alone, by `is_finite`."""
+    for vocab in (3000, 2048):
+        logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab)) * 3
+        logits[1, 7] = float("nan")
+        logits[2, 9] = float("inf")
+        logits[3] = float("-inf")
+        rows = [sampling_row(SamplingParams(do_sample=True, top_p=p, seed=i)) for i, p in enumerate((1.0, 0.9) * 2)]
+        sampled = sample(logits, rows, draws(rows))
+        assert all(0 <= token < vocab for token in sampled.token_ids), sampled.token_ids
+        assert sampled.is_finite == [True, False, False, False]
+        alone = [sampling_row(SamplingParams(do_sample=True, seed=0))]
+        assert sampled.token_ids[0] == sample(logits[:1], alone, draws(alone)).token_ids[0]
+
+
 def test_sample_reports_log_probabilities_top_tokens_and_non_finite_rows():
     logits = torch.tensor([[0.0, 2.0, 1.0], [0.0, float("nan"), 1.0], [3.0, 0.0, 1.0]])
     rows = [
