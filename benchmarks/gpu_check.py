@@ -7,7 +7,9 @@ Stages, each in its own process with its own time limit, so one that fails or ha
    continuous over static);
 4. http: `python -m benchmarks.http_compare`, promptserve against PEFT's per-task batches over HTTP;
 5. attention: `python -m benchmarks.attention_backends`, one layer's attention over the pool, SDPA against
-   FlexAttention compiled (attention_backend=flex; the GPU-marked tests compare their tokens too).
+   FlexAttention compiled (attention_backend=flex; the GPU-marked tests compare their tokens too);
+6. sampler: `python -m benchmarks.sampler`, the sampler's time for 256 rows over vocabularies of 259, 32,000 and
+   128,256 tokens.
 The whole check keeps within `--budget-s` (8 minutes on CUDA). It writes one JSON and a one-screen summary
 (`gpu-check-<device>.json`, `.txt`) and each stage's whole output (`gpu-check-<device>-<stage>.log`) under
 benchmarks/results/, the JSON and the summary again after every stage, so a check cut short keeps what it measured;
@@ -76,6 +78,7 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     python = sys.executable
     dry = device == "cpu"
     bench_json, http_json, attention_json = scratch / "bench.json", scratch / "http.json", scratch / "attention.json"
+    sampler_json = scratch / "sampler.json"
     bench = [python, "-m", "benchmarks", "--quick", "--device", device, "--json", str(bench_json)]
     if dry:
         bench += ["--only", "mixed,hand", "--preset", "cpu-small", "--repeats", "1", "--new-tokens", "2"]
@@ -88,6 +91,9 @@ def stages(device: str, scratch: Path) -> list[Stage]:
     attention = [python, "-m", "benchmarks.attention_backends", "--device", device, "--json", str(attention_json)]
     if dry:
         attention += ["--size", "tiny", "--compile", "none", "--repeats", "1", "--layers", "1"]
+    sampler = [python, "-m", "benchmarks.sampler", "--device", device, "--json", str(sampler_json)]
+    if dry:
+        sampler += ["--rows", "8", "--vocab", "300", "2000", "--repeats", "1"]
     # the GPU-marked tests' files alone: collecting every test would import what only the CPU suite needs
     tests = [python, "-m", "pytest", "-q", "-rs", "-m", "gpu", *GPU_TEST_FILES, "-p", "no:cacheprovider"]
     self_check = [python, "-m", "benchmarks.gpu_check", "--self-check-only", "--device", device]
@@ -98,6 +104,7 @@ def stages(device: str, scratch: Path) -> list[Stage]:
         Stage("bench", bench, 240 * slack, bench_json, needs_peft_generate=not dry),
         Stage("http", http, 180 * slack, http_json, needs_peft_generate=True),
         Stage("attention", attention, 240 * slack, attention_json),
+        Stage("sampler", sampler, 60 * slack, sampler_json),
     ]
 
 
@@ -290,6 +297,8 @@ def figure_lines(result: StageResult) -> list[str]:
         return [f"promptserve_over_peft {result.figures['promptserve_over_peft']:.3f}"]
     if result.name == "attention":
         return attention_lines(result.figures["timings"])
+    if result.name == "sampler":
+        return sampler_lines(result.figures["results"])
     return [f"{name} {detail['ratio']:.3f}" for name, detail in result.figures.get("details", {}).items()]
 
 
@@ -300,6 +309,15 @@ def attention_lines(timings: list[dict[str, Any]]) -> list[str]:
         mine = [t for t in timings if t["backend"] == backend]
         ratios = " ".join(f"{t['ratio_to_sdpa']:.2f}" for t in mine)
         lines.append(f"{backend} / sdpa: {ratios}; first calls {sum(t['first_call_s'] for t in mine):.0f} s")
+    return lines
+
+
+def sampler_lines(timings: list[dict[str, Any]]) -> list[str]:
+    """Per vocabulary: the sampler's milliseconds a step for each kind of row."""
+    lines = []
+    for vocab in dict.fromkeys(t["vocab"] for t in timings):
+        mine = " ".join(f"{t['kind']} {t['ms']:.2f}" for t in timings if t["vocab"] == vocab)
+        lines.append(f"choose() ms, {timings[0]['num_rows']} rows of {vocab} tokens: {mine}")
     return lines
 
 

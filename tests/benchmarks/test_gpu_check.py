@@ -29,7 +29,7 @@ def test_the_cpu_dry_run_passes_every_stage_and_writes_its_results(tmp_path: Pat
     assert gpu_check.main(["--device", "cpu", "--out", str(tmp_path)]) == 0
     document = json.loads((tmp_path / "gpu-check-cpu.json").read_text())
     stages = {stage["name"]: stage for stage in document["stages"]}
-    assert list(stages) == ["tests", "self-check", "bench", "http", "attention"]
+    assert list(stages) == ["tests", "self-check", "bench", "http", "attention", "sampler"]
     assert all(stage["ok"] for stage in stages.values()), stages
     assert {"mixed_over_uniform", "engine_over_hand_batch"} <= set(stages["bench"]["figures"]["details"])
     if peft_generate_broken_reason() is None:
@@ -37,6 +37,7 @@ def test_the_cpu_dry_run_passes_every_stage_and_writes_its_results(tmp_path: Pat
     else:  # PEFT's generate, the baseline, is wrong on this transformers (.venv-bench and make gpu-check pin 5.23.0)
         assert "transformers" in stages["http"]["skipped"]
     assert {t["backend"] for t in stages["attention"]["figures"]["timings"]} == {"sdpa", "flex (uncompiled)"}
+    assert {(t["vocab"], t["kind"]) for t in stages["sampler"]["figures"]["results"]} >= {(2000, "top-k+top-p")}
     summary = (tmp_path / "gpu-check-cpu.txt").read_text()
     assert summary.startswith("gpu-check on") and len(summary.splitlines()) <= 24
 
