@@ -8,11 +8,12 @@ sampling (`draws`), so a retry request by request uses the same ones, and reach 
 parameters in one copy. Rows of a `mean` ensemble decide together: one token from the average of the members'
 log-probabilities, fed to every member. The step's results come back to the host in one transfer.
 
-Sampled rows are filtered and drawn a few at a time, so no temporary grows with the batch times the vocabulary, and
-over a large vocabulary a draw is inverted in two steps (its block of tokens, then its token), so the float64
-running sum runs over the blocks and one block, not the vocabulary. On the host the ranking and the argmax are
-numpy's: vectorised, where torch's CPU `topk`, `sort` and argmax are scalar loops (`python -m benchmarks.sampler`
-times it all over real vocabularies).
+Sampled rows are filtered and drawn a few at a time, so the filters' and the draw's temporaries do not grow with the
+batch times the vocabulary (the step's log-probabilities [B, V] do: the KV pool's sizing profiles them), and over a
+large vocabulary a draw is inverted in two steps (its block of tokens, then its token), so the float64 running sum
+runs over the blocks and one block, not the vocabulary. On the host the ranking and the argmax are numpy's:
+vectorised, where torch's CPU `topk`, `sort` and argmax are scalar loops (`python -m benchmarks.sampler` times it all
+over real vocabularies).
 """
 
 from __future__ import annotations
