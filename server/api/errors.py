@@ -230,11 +230,17 @@ def field_name(loc: Sequence[Any]) -> str:
 
 
 def found_text(value: Any) -> str:
+    """The value as JSON, cut short past 80 characters; a cut string or list says how long it is, which the cut hides
+    (a stop string past its 1024 characters)."""
     try:
         text = json.dumps(value)
     except (TypeError, ValueError):
         text = repr(value)
-    return text if len(text) <= _FOUND_MAX_CHARS else text[: _FOUND_MAX_CHARS - 3] + "..."
+    if len(text) <= _FOUND_MAX_CHARS:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    size = f" ({len(value)} items)" if isinstance(value, list) else size
+    return text[: _FOUND_MAX_CHARS - 3] + "..." + size
 
 
 def validation_status(errors: Sequence[dict[str, Any]]) -> int:

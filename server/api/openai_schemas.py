@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from prompt_store.types import TaskRecord
-from server.api.schemas import MAX_SEED, TaskId, absent_when_none, encodable
+from server.api.schemas import MAX_SEED, TaskId, absent_when_none, encodable, one_of_shapes
 from server.engine.sampler import MAX_TOP_LOGPROBS, MIN_TEMPERATURE
 from server.engine.types import Completion, EnsembleMode, FinishReason, PromptToken, SamplingParams, Token
 
@@ -36,6 +36,10 @@ MAX_STOPS, MAX_STOP_CHARS = 16, 1024  # a streamed choice checks its held-back t
 OWNER = "promptserve"
 Stop = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_CHARS)]
 Text = Annotated[str, AfterValidator(encodable)]
+Stops = Annotated[
+    Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)],
+    one_of_shapes(f"a string of 1 to {MAX_STOP_CHARS} characters or a list of at most {MAX_STOPS} of them"),
+]
 
 
 def unsupported(value: Any, expected: str) -> ValueError:
@@ -94,7 +98,7 @@ class SamplingFields(LenientBody):
     top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(default=None, ge=-1, description="vLLM's extension; -1, 0 or null: no top-k filter")
     n: int = Field(default=1, ge=1, description="completions per prompt; n x prompts at most max_waiting")
-    stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
+    stop: Stops | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="choice i of a prompt samples with seed+i")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -186,6 +190,14 @@ class SamplingFields(LenientBody):
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
 PromptIn = str | list[int]  # one prompt: text, or token ids
+Prompts = Annotated[
+    Text | list[Text] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)],
+    one_of_shapes("a string, a list of strings, a list of token ids or a list of lists of token ids (no list empty)"),
+]
+Embeds = Annotated[
+    str | Annotated[list[str], Field(min_length=1)],
+    one_of_shapes("a base64 string or a non-empty list of them"),
+]
 
 
 def not_null(name: str) -> JsonDict:
@@ -206,12 +218,12 @@ COMPLETION_RULES: JsonDict = {  # the cross-field rules below, as JSON Schema sa
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra=COMPLETION_RULES)
 
-    prompt_embeds: str | Annotated[list[str], Field(min_length=1)] | None = Field(
+    prompt_embeds: Embeds | None = Field(
         default=None,
         description="vLLM's: base64 of a torch.save'd float tensor [tokens, hidden] (with --enable-prompt-embeds), "
         "or a list of them; instead of prompt",
     )
-    prompt: Text | list[Text] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)] | None = Field(
+    prompt: Prompts | None = Field(
         default=None,
         validate_default=True,
         description="a string, a list of strings, token ids, or a list of token-id lists (one choice set per "
@@ -241,6 +253,8 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _prompt_or_embeds(cls, value: Any, info: ValidationInfo) -> Any:
+        if "prompt_embeds" not in info.data:  # refused: its own error says so
+            return value
         has_embeds = info.data.get("prompt_embeds") is not None
         if value is None and not has_embeds:
             raise ValueError("expected a prompt (or prompt_embeds); found none")
@@ -306,11 +320,19 @@ class TextPart(BaseModel):
     text: Text
 
 
+Content = Annotated[
+    Text | list[TextPart],
+    one_of_shapes(
+        'a string, null or a list of text parts {"type": "text", "text": <string>} (this server reads text only)'
+    ),
+]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Text | list[TextPart] | None = None
+    content: Content | None = None
     name: Text | None = None
 
     def for_template(self) -> dict[str, str]:

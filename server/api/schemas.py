@@ -10,11 +10,15 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
 from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from prompt_store.types import TaskRecord
 from server.engine.sampler import MIN_TEMPERATURE
@@ -52,6 +56,28 @@ def encodable(value: str) -> str:
             "(a JSON \\ud800-\\udfff escape that is not half of a pair)"
         ) from None
     return value
+
+
+def one_of_shapes(expected: str) -> WrapValidator:
+    """A union field's refusal as one error, `Input should be <expected>` (the shapes it takes), where pydantic
+    would give one per member of the union, each named by its type. An error our own validators raised in a member
+    (a `value_error`, which says what was expected and found: a lone surrogate in a string) is kept as it is, its
+    place in the value kept and the member's name left out."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as error:
+            own: list[InitErrorDetails] = [
+                {"type": e["type"], "loc": e["loc"][1:], "input": e["input"], "ctx": e.get("ctx", {})}
+                for e in error.errors()
+                if e["type"] == "value_error"  # loc[0] is the union member's name
+            ]
+            if own:
+                raise ValidationError.from_exception_data(error.title, own) from None
+            raise PydanticCustomError("union_shape", "Input should be {expected}", {"expected": expected}) from None
+
+    return WrapValidator(validate)
 
 
 def absent_when_none() -> Any:

@@ -411,6 +411,56 @@ def test_a_lone_surrogate_is_400_not_500(http: TestClient, path: str, body: str,
     assert "surrogate" in response.json()["error"]["message"]
 
 
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids (no list empty)"
+STOP_SHAPES = "a string of 1 to 1024 characters or a list of at most 16 of them"
+CONTENT_SHAPES = (
+    'a string, null or a list of text parts {"type": "text", "text": <string>} (this server reads text only)'
+)
+HI = [{"role": "user", "content": "hi"}]
+FIFTEEN_STOPS = '"s", ' * 15
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "message"),
+    [
+        ("/v1/completions", {"prompt": [[]]}, f"prompt: expected {PROMPT_SHAPES}; found [[]]"),
+        ("/v1/completions", {"prompt": [1, "a"]}, f'prompt: expected {PROMPT_SHAPES}; found [1, "a"]'),
+        ("/v1/completions", {"prompt": [[1], [2, "x"]]}, f'prompt: expected {PROMPT_SHAPES}; found [[1], [2, "x"]]'),
+        ("/v1/completions", {"prompt": 5}, f"prompt: expected {PROMPT_SHAPES}; found 5"),
+        ("/v1/completions", {"prompt": "x", "stop": ""}, f'stop: expected {STOP_SHAPES}; found ""'),
+        ("/v1/completions", {"prompt": "x", "stop": [1]}, f"stop: expected {STOP_SHAPES}; found [1]"),
+        ("/v1/completions", {"prompt": "x", "stop": "s" * 1025},
+         f'stop: expected {STOP_SHAPES}; found "{"s" * 76}... (1025 characters)'),
+        ("/v1/completions", {"prompt": "x", "stop": ["s"] * 17},
+         f"stop: expected {STOP_SHAPES}; found [{FIFTEEN_STOPS}\"... (17 items)"),
+        ("/v1/chat/completions", {"messages": HI, "stop": ""}, f'stop: expected {STOP_SHAPES}; found ""'),
+        ("/v1/completions", {"prompt_embeds": []}, "prompt_embeds: expected a base64 string or a non-empty list of "
+         "them; found []"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+         f'messages.0.content: expected {CONTENT_SHAPES}; found [{{"type": "image_url", "image_url": "x"}}]'),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]},
+         f"messages.0.content: expected {CONTENT_SHAPES}; found 3"),
+        ("/tokenize", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         f'messages.0.content: expected {CONTENT_SHAPES}; found [{{"type": "text"}}]'),
+        # the more specific refusals stay as they were
+        ("/v1/completions", {"prompt": []}, "prompt: expected a string, token ids, or a non-empty list of either; "
+         "found []"),
+        ("/v1/completions", {"prompt": ["a", "b\ud800"]}, "prompt.1: expected valid Unicode text; found a lone "
+         "surrogate '\\ud800' at character 1 (a JSON \\ud800-\\udfff escape that is not half of a pair)"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]},
+         "messages.0.content.0.text: expected valid Unicode text; found a lone surrogate '\\ud800' at character 0 "
+         "(a JSON \\ud800-\\udfff escape that is not half of a pair)"),
+    ],
+)  # fmt: skip
+def test_a_field_of_several_shapes_refuses_in_one_message(http: TestClient, path: str, body: dict, message: str):
+    """One message naming the shapes the field takes, not one per member of its union with pydantic's names."""
+    body = {"model": "upper", **body}  # json.dumps escapes a lone surrogate as JSON may (\ud800)
+    response = http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == message
+    assert response.json()["error"]["param"] == message.split(":")[0].split(".")[0]
+
+
 def test_max_completion_tokens_wins_over_max_tokens(client: openai.OpenAI, engine: FakeEngine):
     client.chat.completions.create(model="upper", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                    max_completion_tokens=5)  # fmt: skip
