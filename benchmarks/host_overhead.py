@@ -205,10 +205,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     parser.add_argument("--steps", type=int, default=20, help="decode steps measured per row count")
     parser.add_argument("--warmup", type=int, default=3, help="all-decode steps skipped first")
+    add_run_options(parser)
+    return parser.parse_args(argv)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time the engine's own work in a thread (this one, `benchmarks.sampler`)."""
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: thread CPU time is all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    return parser.parse_args(argv)
+
+
+def write_results(args: argparse.Namespace, results: list[Any]) -> None:
+    """--json: the run's options and its results (dataclasses), where asked."""
+    if args.json:
+        document = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
+                    "results": [asdict(result) for result in results]}  # fmt: skip
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{m.sampling_us_per_row:7.1f}")  # fmt: skip
         finally:
             engine.shutdown()
-    if args.json:
-        document = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
-                    "results": [asdict(m) for m in results]}  # fmt: skip
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    write_results(args, results)
     return 0
 
 

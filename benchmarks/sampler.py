@@ -11,15 +11,14 @@ over the repeats. The process keeps freed memory as the engine does on a CPU (`h
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
+from benchmarks.host_overhead import add_run_options, write_results
 from benchmarks.offline import quiet_libraries
 from server.engine import host_memory
 from server.engine.sampler import choose
@@ -71,9 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, nargs="+", default=[259, 32000, 128256])
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: thread CPU time is all)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_run_options(parser)
     return parser.parse_args(argv)
 
 
@@ -93,10 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 timing = time_choose(vocab, kind, args.rows, args.repeats, device)
                 results.append(timing)
                 print(f"  {vocab:7d} {kind:12} {timing.ms:9.2f} {timing.us_per_row:9.1f}", flush=True)
-    if args.json:
-        document = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
-                    "results": [asdict(t) for t in results]}  # fmt: skip
-        args.json.write_text(json.dumps(document, indent=2) + "\n")
+    write_results(args, results)
     return 0
 
 
