@@ -121,7 +121,7 @@ def sample(logits: torch.Tensor, rows: list[Sequence], uniforms: torch.Tensor) -
     k = min(max(wanted, default=0), logprobs.shape[-1])
     packed = torch.cat([tokens[:, None].double(), chosen.double(), is_finite.double()], dim=1)  # [B, 3]
     if k:
-        (rows_asking,) = to_device([torch.tensor(asking, device=HOST)], logits.device)  # a copy that does not block
+        (rows_asking,) = to_device([long_tensor(asking)], logits.device)  # a copy that does not block
         top_values, top_ids = logprobs.index_select(0, rows_asking).topk(k, dim=-1)
         packed = torch.cat([packed.flatten(), top_ids.double().flatten(), top_values.double().flatten()])
     host = packed.cpu()  # the step's one transfer to the host
@@ -197,10 +197,10 @@ def pick(scores: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
 
 def invert(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """weights [S, V] (each row's some positive), u [S, 1] in [0, 1) -> where u falls in each row's cumulative
-    distribution [S, 1]. Over a large vocabulary in two steps, so that no [S, V] float64 temporary is made (and
-    none cumulated in a scalar loop): the block of `CDF_BLOCK` tokens u falls in, from the blocks' sums, then the
-    token within that block, at u's share of the block. A row of NaN weights (its logits not finite) gets some
-    token of the vocabulary, as `locate` gives it one."""
+    distribution [S, 1]. Over a large vocabulary in two steps, so that no float64 running sum runs over [S, V] (on
+    the host a scalar loop, and a temporary of the whole): the block of `CDF_BLOCK` tokens u falls in, from the
+    blocks' float64 sums, then the token within that block, at u's share of the block. A row of NaN weights (its
+    logits not finite) gets some token of the vocabulary, as `locate` gives it one."""
     vocab = weights.shape[-1]
     if vocab <= CDF_BLOCK:
         return locate(weights, u)[0]
